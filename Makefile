@@ -1,0 +1,35 @@
+# The two commands a user needs: `make run` and `make test`. Both set the machine up first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup run test unit lint bench doctor clean go
+
+setup:
+	@bash scripts/bootstrap.sh
+
+run: setup
+	$(VENV)/bin/kspan run $(ARGS)
+
+doctor: setup
+	$(VENV)/bin/kspan doctor
+
+go: setup
+	@bash scripts/install-go.sh
+
+test: setup go
+	$(VENV)/bin/ruff check tracer correlator exporters tests bench
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -rs tests
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check tracer correlator exporters tests bench
+
+bench: setup go
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,119 @@
+/* kspan records: the only contract between the kernel programs and user space.
+ * tracer/records.py mirrors every struct here with ctypes; change both together.
+ * Fixed-size arrays keep each record one bpf_ringbuf_output() copy from a map value (the BPF
+ * stack is 512 bytes, an exchange is larger). */
+#ifndef KSPAN_H
+#define KSPAN_H
+
+#define KSPAN_REQ_HEAD 512   /* request line + headers: enough for method, path, Host, traceparent */
+#define KSPAN_RESP_HEAD 256  /* status line + the framing headers (Content-Length, Transfer-Encoding) */
+#define KSPAN_TAIL 8         /* last bytes of the response: a chunked body ends "0\r\n\r\n" */
+
+enum kspan_record_type {
+    KSPAN_REC_EXCHANGE = 1,  /* struct kspan_exchange */
+    KSPAN_REC_PROC = 2,      /* struct kspan_proc: exec or exit of a process */
+    KSPAN_REC_TCP = 3,       /* struct kspan_tcp: retransmit, reset, failed connect, rtt */
+};
+
+/* Which end of the exchange this process is: it wrote the request (client) or read it (server). */
+enum kspan_role { KSPAN_ROLE_CLIENT = 1, KSPAN_ROLE_SERVER = 2 };
+
+/* Why the kernel emitted the exchange. */
+enum kspan_end {
+    KSPAN_END_COMPLETE = 1,      /* response framing (Content-Length, chunked end, no-body status) satisfied */
+    KSPAN_END_NEXT_REQUEST = 2,  /* next request on the same connection began (keep-alive, unknown framing) */
+    KSPAN_END_CLOSED = 3,        /* connection closed; if resp_start_ns == 0 no response was seen */
+    KSPAN_END_TIMEOUT = 4,       /* user-space sweep: no progress within the response timeout */
+    KSPAN_END_EVICTED = 5,       /* state pushed out (LRU) or process exited */
+};
+
+/* Where the bytes came from. */
+enum kspan_source { KSPAN_SRC_SOCKET = 0, KSPAN_SRC_OPENSSL = 1, KSPAN_SRC_GO = 2 };
+
+/* How the parent hint was found (see correlator/linker.py). */
+enum kspan_parent_kind {
+    KSPAN_PARENT_NONE = 0,
+    KSPAN_PARENT_THREAD = 1,   /* client request started on a thread that is serving a request */
+    KSPAN_PARENT_PROCESS = 2,  /* client request started while exactly one request was in flight in the process */
+    KSPAN_PARENT_PEER = 3,     /* server request whose peer socket is a traced local client connection */
+    KSPAN_PARENT_GOROUTINE = 4,/* Go: client call from a goroutine descended from the serving goroutine */
+};
+
+#define KSPAN_FLAG_TLS 0x1            /* plaintext came from a TLS library, not the socket */
+#define KSPAN_FLAG_REQ_HEAD_FULL 0x2  /* req_head is truncated at KSPAN_REQ_HEAD */
+#define KSPAN_FLAG_RESP_HEAD_FULL 0x4 /* resp_head is truncated at KSPAN_RESP_HEAD */
+#define KSPAN_FLAG_TUPLE_KNOWN 0x8    /* the addresses and ports below are valid */
+#define KSPAN_FLAG_INTERIM 0x10       /* a 1xx interim response preceded the final one */
+
+/* An exchange is identified by (conn_id, req_start_ns): conn_id is the kernel's struct sock
+ * address (unique among live sockets, host-wide), so a PEER hint from another process names it. */
+struct kspan_exchange {
+    __u32 type;              /* KSPAN_REC_EXCHANGE */
+    __u32 pid;               /* tgid */
+    __u32 tid;
+    __u8  role;              /* enum kspan_role */
+    __u8  end_reason;        /* enum kspan_end */
+    __u8  source;            /* enum kspan_source */
+    __u8  parent_kind;       /* enum kspan_parent_kind */
+    __u32 flags;             /* KSPAN_FLAG_* */
+    __u16 family;            /* AF_INET (2) or AF_INET6 (10); 0 if unknown */
+    __u16 local_port;        /* host byte order */
+    __u16 remote_port;       /* host byte order */
+    __u16 status;            /* final response status parsed in the kernel, 0 if none */
+    __u8  local_addr[16];    /* IPv4: first 4 bytes; IPv6: all 16 */
+    __u8  remote_addr[16];
+    __u32 _pad0;
+    __u64 conn_id;
+    __u64 req_start_ns;      /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u64 req_end_ns;
+    __u64 resp_start_ns;     /* 0 if no response seen */
+    __u64 resp_end_ns;
+    __u64 req_bytes;
+    __u64 resp_bytes;
+    __u64 parent_conn_id;    /* identity of the parent exchange (parent_kind != NONE) */
+    __u64 parent_req_start_ns;
+    __u32 parent_pid;
+    __u16 req_head_len;      /* valid bytes in req_head */
+    __u16 resp_head_len;
+    __u8  resp_tail_len;
+    __u8  _pad[7];
+    char  req_head[KSPAN_REQ_HEAD];
+    char  resp_head[KSPAN_RESP_HEAD];
+    char  resp_tail[KSPAN_TAIL];
+};
+
+enum kspan_proc_event { KSPAN_PROC_EXEC = 1, KSPAN_PROC_EXIT = 2 };
+
+struct kspan_proc {
+    __u32 type;              /* KSPAN_REC_PROC */
+    __u32 pid;
+    __u32 event;             /* enum kspan_proc_event */
+    __u32 _pad;
+    __u64 ts_ns;
+    char  comm[16];
+};
+
+enum kspan_tcp_event {
+    KSPAN_TCP_RETRANSMIT = 1,
+    KSPAN_TCP_RESET_SENT = 2,
+    KSPAN_TCP_RESET_RECEIVED = 3,
+    KSPAN_TCP_CONNECT_FAILED = 4,
+    KSPAN_TCP_RTT = 5,
+};
+
+struct kspan_tcp {
+    __u32 type;              /* KSPAN_REC_TCP */
+    __u32 pid;               /* 0 when the event fired outside process context */
+    __u32 event;             /* enum kspan_tcp_event */
+    __u32 value;             /* RTT in microseconds for KSPAN_TCP_RTT */
+    __u64 ts_ns;
+    __u64 conn_id;
+    __u16 family;
+    __u16 local_port;
+    __u16 remote_port;
+    __u16 _pad;
+    __u8  local_addr[16];
+    __u8  remote_addr[16];
+};
+
+#endif

@@ -1,0 +1,86 @@
+"""What the correlator consumes: one finished (or abandoned) HTTP exchange seen by the kernel.
+
+tracer/records.py decodes the kernel's `struct kspan_exchange` (bpf/kspan.h) into these values.
+Times are the kernel's CLOCK_MONOTONIC nanoseconds; correlator/clock.py maps them to wall time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class Role(IntEnum):
+    CLIENT = 1  # this process wrote the request
+    SERVER = 2  # this process read the request
+
+
+class EndReason(IntEnum):
+    COMPLETE = 1
+    NEXT_REQUEST = 2
+    CLOSED = 3
+    TIMEOUT = 4
+    EVICTED = 5
+
+
+class Source(IntEnum):
+    SOCKET = 0
+    OPENSSL = 1
+    GO = 2
+
+
+class ParentKind(IntEnum):
+    NONE = 0
+    THREAD = 1
+    PROCESS = 2
+    PEER = 3
+    GOROUTINE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeId:
+    """Host-wide identity of an exchange: the connection (kernel socket address) and its request start."""
+
+    conn_id: int
+    req_start_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParentHint:
+    kind: ParentKind
+    pid: int
+    exchange: ExchangeId
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    pid: int
+    tid: int
+    role: Role
+    end: EndReason
+    source: Source
+    tls: bool
+    conn_id: int
+    family: int  # 2 = IPv4, 10 = IPv6, 0 = unknown tuple
+    local_addr: str  # "" when unknown
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    req_start_ns: int
+    req_end_ns: int
+    resp_start_ns: int  # 0: no response seen
+    resp_end_ns: int
+    req_bytes: int
+    resp_bytes: int
+    status: int  # parsed by the kernel; the correlator re-parses resp_head and trusts its own parse
+    parent: ParentHint | None
+    req_head: bytes
+    resp_head: bytes
+    resp_tail: bytes
+    req_head_truncated: bool = False
+    resp_head_truncated: bool = False
+    interim_response: bool = False
+
+    @property
+    def id(self) -> ExchangeId:
+        return ExchangeId(self.conn_id, self.req_start_ns)
