@@ -84,3 +84,27 @@ class Exchange:
     @property
     def id(self) -> ExchangeId:
         return ExchangeId(self.conn_id, self.req_start_ns)
+
+
+class TcpEventKind(IntEnum):
+    RETRANSMIT = 1
+    RESET_SENT = 2
+    RESET_RECEIVED = 3
+    CONNECT_FAILED = 4
+    RTT = 5
+
+
+@dataclass(frozen=True, slots=True)
+class TcpEvent:
+    """A TCP-level event from the kernel's tcp:/sock: tracepoints (network metrics)."""
+
+    kind: TcpEventKind
+    pid: int  # 0 when it fired outside any process context
+    ts_ns: int
+    conn_id: int
+    family: int
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    value: int  # RTT in microseconds for RTT

@@ -38,6 +38,10 @@ class Span:
     status: StatusCode = StatusCode.UNSET
     status_message: str = ""
     trace_state: str = ""
+    # The pid of the local process at the other end of this call when kspan linked both ends
+    # (a server span's client, a client span's server); 0 when the peer is not a traced process.
+    # exporters/ use it for the service graph without re-deriving links.
+    peer_pid: int = 0
 
 
 @dataclass(slots=True)
