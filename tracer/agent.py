@@ -1,0 +1,373 @@
+"""The agent's main loop: capture -> decode -> correlate -> export, plus record and replay.
+
+Data flows one way; this module only wires the stages and owns time (the correlator never reads
+a clock itself, so a recording replays to the same spans).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from correlator.clock import WallClock
+from correlator.correlator import Correlator, CorrelatorConfig
+
+from correlator.records import Exchange, TcpEvent
+from correlator.spans import ProcessInfo, Span
+from tracer import records
+from tracer.processes import ProcessTable
+from tracer.recording import RecordingMeta, RecordingWriter, read_recording
+
+log = logging.getLogger("kspan")
+
+SWEEP_INTERVAL_S = 1.0
+STATS_INTERVAL_S = 60.0
+
+
+@dataclass
+class RunOptions:
+    backend: str = "auto"
+    pids: set[int] = field(default_factory=set)
+    exes: set[str] = field(default_factory=set)
+    ports: set[int] = field(default_factory=set)
+    duration_s: float | None = None
+    response_timeout_s: float = 30.0
+    max_hold_s: float = 30.0
+    query: str = "redact"
+    routes: list[str] = field(default_factory=list)
+    ringbuf_pages: int = 2048
+    otlp_endpoint: str | None = None
+    otlp_protocol: str | None = None
+    output: str | None = None
+    console: bool = True
+    metrics: bool = True
+    metrics_interval_s: float = 15.0
+    tls: bool = True
+    go: bool = True
+    network_events: bool = True
+    kubernetes: bool = True
+
+
+def host_id_salt() -> bytes:
+    """Span ids are hashes of kernel socket addresses, which repeat across hosts: salt them with
+    this boot's id so two hosts never mint the same ids, while one host stays deterministic."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname().encode()
+
+
+class _Stopper:
+    def __init__(self) -> None:
+        self.stop = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.stop = True
+
+
+def _correlator_config(opts: RunOptions, salt: bytes) -> CorrelatorConfig:
+    return CorrelatorConfig(id_salt=salt, max_hold_s=opts.max_hold_s, query=opts.query, routes=list(opts.routes))
+
+
+class SpanOutput:
+    """Correlated spans and TCP events out: the export pipeline and the metrics recorder."""
+
+    def __init__(self, opts: RunOptions, processes: ProcessTable, env: dict[str, str]) -> None:
+        from exporters.config import build_exporters, load_config
+        from exporters.pipeline import ExportPipeline
+
+        self.cfg = load_config(env, endpoint=opts.otlp_endpoint, protocol=opts.otlp_protocol, output=opts.output)
+        exporters = build_exporters(self.cfg)
+        if not opts.console:
+            exporters = [e for e in exporters if type(e).__name__ != "ConsoleExporter"]
+        self.pipeline = ExportPipeline(exporters)
+        self.processes = processes
+        self.metrics = None
+        if opts.metrics:
+            from exporters.metrics import MetricsRecorder
+
+            self.metrics = MetricsRecorder(self.cfg, interval_s=opts.metrics_interval_s)
+
+    def spans(self, spans: list[Span]) -> None:
+        if not spans:
+            return
+        procs = self.processes.snapshot({s.pid for s in spans} | {s.peer_pid for s in spans if s.peer_pid})
+        self.pipeline.submit(spans, procs)
+        if self.metrics is not None:
+            self.metrics.record_spans(spans, procs)
+
+    def tcp(self, events: list[TcpEvent]) -> None:
+        if self.metrics is not None and events:
+            procs = self.processes.snapshot({e.pid for e in events if e.pid})
+            self.metrics.record_tcp(events, procs)
+
+    def register_health(self, name: str, cb: Callable[[], int]) -> None:
+        if self.metrics is not None:
+            self.metrics.register_health(name, cb)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.pipeline.stats())
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self.pipeline.shutdown(timeout_s)
+        if self.metrics is not None:
+            self.metrics.shutdown()
+
+
+def _kubernetes_provider(enabled: bool) -> Callable[[int], tuple[str | None, dict[str, Any]]] | None:
+    if not enabled:
+        return None
+    try:
+        from tracer.kubernetes import KubernetesMetadata
+    except ImportError:
+        return None
+    meta = KubernetesMetadata.from_environment()
+    if meta is None or not meta.enabled:
+        return None
+    meta.start()
+    return lambda pid: (meta.service_name_for_pid(pid), meta.attributes_for_pid(pid))
+
+
+class Agent:
+    """`kspan run` and `kspan record`: the live loop on the real kernel."""
+
+    def __init__(self, opts: RunOptions, env: dict[str, str] | None = None, record_to: str | None = None) -> None:
+        self.opts = opts
+        self.env = dict(os.environ if env is None else env)
+        self.record_to = record_to
+        self.stopper = _Stopper()
+
+    def run(self) -> int:
+        from tracer.capabilities import probe
+        from tracer.loader import Capture, CaptureConfig, CaptureError
+
+        opts = self.opts
+        self.stopper.install()
+        caps = probe()
+        processes = ProcessTable(
+            service_name_override=self.env.get("OTEL_SERVICE_NAME") or None,
+            extra=_kubernetes_provider(opts.kubernetes),
+        )
+        extra_modules = self._extra_modules()
+        cfg = CaptureConfig(
+            backend=opts.backend,
+            pids=set(opts.pids),
+            exe_names=set(opts.exes),
+            ports=set(opts.ports),
+            self_pid=os.getpid(),
+            ringbuf_pages=opts.ringbuf_pages,
+            response_timeout_s=opts.response_timeout_s,
+            extra_modules=extra_modules,
+            network_events=opts.network_events,
+        )
+        capture = Capture(cfg, caps)
+        try:
+            capture.start()
+        except CaptureError as e:
+            print(f"kspan: {e}", file=sys.stderr)
+            print("kspan: run `kspan doctor` to see what this kernel offers", file=sys.stderr)
+            return 2
+        attachers = self._start_attachers(capture)
+        salt = host_id_salt()
+        clock = WallClock.now()
+        writer: RecordingWriter | None = None
+        out: SpanOutput | None = None
+        correlator: Correlator | None = None
+        record_file = None
+        try:
+            if self.record_to:
+                record_file = open(self.record_to, "wb")  # noqa: SIM115 - closed in finally
+                writer = RecordingWriter(
+                    record_file,
+                    RecordingMeta(clock.offset_ns, salt.hex(), socket.gethostname(), records.EXCHANGE_SIZE),
+                )
+            else:
+                # Exporters start after the probes are attached, so the kernel sees the agent's
+                # own export connections being made and can exclude them at both ends.
+                out = SpanOutput(opts, processes, self.env)
+                correlator = Correlator(clock, _correlator_config(opts, salt))
+                self._register_health(out, capture, correlator, processes)
+            print(f"kspan: ready ({capture.probes_attached} probes, {capture.backend} backend)", file=sys.stderr)
+            sys.stderr.flush()
+            self._loop(capture, processes, correlator, out, writer, attachers)
+        finally:
+            capture.close()
+            if correlator is not None and out is not None:
+                out.spans(correlator.flush())
+                out.shutdown()
+                self._print_summary(capture, correlator, out)
+            if writer is not None and record_file is not None:
+                writer.flush()
+                record_file.close()
+                print(f"kspan: recorded {writer.records} records to {self.record_to}", file=sys.stderr)
+        return 0
+
+    def _extra_modules(self) -> list[str]:
+        mods: list[str] = []
+        bpf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
+        if self.opts.tls and os.path.exists(os.path.join(bpf_dir, "openssl.c")):
+            mods.append("openssl.c")
+        if self.opts.go and os.path.exists(os.path.join(bpf_dir, "go_tls.c")):
+            mods.append("go_tls.c")
+        return mods
+
+    def _start_attachers(self, capture: Any) -> list[Any]:
+        attachers: list[Any] = []
+        pids = self.opts.pids or None
+        if self.opts.tls and "openssl.c" in capture.config.extra_modules:
+            from tracer.ssl_libs import SslAttacher
+
+            attachers.append(SslAttacher(capture.bpf))
+        if self.opts.go and "go_tls.c" in capture.config.extra_modules:
+            from tracer.uprobes import GoAttacher
+
+            attachers.append(GoAttacher(capture.bpf))
+        for a in attachers:
+            try:
+                a.scan_existing(pids)
+            except Exception as e:  # noqa: BLE001 - a library we cannot probe must not stop the agent
+                log.warning("kspan: %s could not scan running processes: %s", type(a).__name__, e)
+        return attachers
+
+    def _register_health(self, out: SpanOutput, capture: Any, correlator: Correlator, processes: ProcessTable) -> None:
+        out.register_health("kspan.probes.attached", lambda: int(capture.probes_attached))
+        out.register_health("kspan.records.lost", lambda: int(capture.counters().get("ringbuf_lost", 0)))
+        out.register_health("kspan.bytes.unparsed", lambda: int(correlator.stats.as_dict().get("unparsed_bytes", 0)))
+        out.register_health("kspan.spans.dropped", lambda: int(out.stats().get("dropped_queue_full", 0)))
+        out.register_health("kspan.processes.traced", lambda: len(processes._cache))
+
+    def _loop(
+        self,
+        capture: Any,
+        processes: ProcessTable,
+        correlator: Correlator | None,
+        out: SpanOutput | None,
+        writer: RecordingWriter | None,
+        attachers: list[Any],
+    ) -> None:
+        deadline = None if self.opts.duration_s is None else time.monotonic() + self.opts.duration_s
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        while not self.stopper.stop:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            raw = capture.poll(100)
+            if now >= next_sweep:
+                raw = raw + capture.sweep(time.monotonic_ns())
+                next_sweep = now + SWEEP_INTERVAL_S
+            self._dispatch(raw, processes, correlator, out, writer, attachers)
+            if correlator is not None and out is not None:
+                out.spans(correlator.advance(time.monotonic_ns()))
+
+    def _dispatch(
+        self,
+        raw: Iterable[bytes],
+        processes: ProcessTable,
+        correlator: Correlator | None,
+        out: SpanOutput | None,
+        writer: RecordingWriter | None,
+        attachers: list[Any],
+    ) -> None:
+        spans: list[Span] = []
+        tcp: list[Any] = []
+        for data in raw:
+            kind = records.record_type(data)
+            if kind == records.REC_PROC:
+                proc = records.decode_proc(data)
+                if proc.event == records.PROC_EXEC:
+                    processes.forget(proc.pid)
+                    for a in attachers:
+                        try:
+                            a.on_exec(proc.pid)
+                        except Exception as e:  # noqa: BLE001 - keep tracing the rest of the host
+                            log.warning("kspan: cannot attach to pid %d: %s", proc.pid, e)
+                if writer is not None:
+                    writer.record(data)
+                continue
+            if writer is not None:
+                if kind == records.REC_EXCHANGE:
+                    writer.process(processes.get(int.from_bytes(data[4:8], "little")))
+                writer.record(data)
+                continue
+            if kind == records.REC_EXCHANGE and correlator is not None:
+                try:
+                    ex: Exchange = records.decode_exchange(data)
+                except ValueError as e:
+                    log.debug("kspan: undecodable record: %s", e)
+                    continue
+                processes.get(ex.pid)  # read /proc while the process is alive
+                spans.extend(correlator.feed(ex))
+            elif kind == records.REC_TCP:
+                tcp.append(records.decode_tcp(data))
+        if out is not None:
+            out.spans(spans)
+            out.tcp(tcp)
+
+    def _print_summary(self, capture: Any, correlator: Correlator, out: SpanOutput) -> None:
+        kc = capture.counters()
+        cs = correlator.stats.as_dict()
+        ps = out.stats()
+        print(
+            "kspan: stopped; "
+            + ", ".join(f"{k}={v}" for k, v in {**kc, **cs, **ps}.items() if v),
+            file=sys.stderr,
+        )
+
+
+def replay(path: str, opts: RunOptions, env: dict[str, str] | None = None) -> int:
+    """Feed a recording through the correlator and exporters. Stream time (the records' own
+    timestamps) drives the correlator's timeouts, so a replay gives the same spans every time."""
+    env = dict(os.environ if env is None else env)
+    processes = ProcessTable(service_name_override=env.get("OTEL_SERVICE_NAME") or None)
+    with open(path, "rb") as f:
+        meta, frames = read_recording(f)
+        if meta.exchange_size != records.EXCHANGE_SIZE:
+            print(
+                f"kspan: recording has {meta.exchange_size}-byte exchange records, this kspan reads "
+                f"{records.EXCHANGE_SIZE}: record it again with this version",
+                file=sys.stderr,
+            )
+            return 2
+        out = SpanOutput(opts, processes, env)
+        correlator = Correlator(WallClock(meta.clock_offset_ns), _correlator_config(opts, bytes.fromhex(meta.id_salt)))
+        stream_now = 0
+        undecodable = 0
+        for kind, payload in frames:
+            if kind == "process":
+                assert isinstance(payload, ProcessInfo)
+                processes.put(payload)
+                continue
+            assert isinstance(payload, bytes)
+            rtype = records.record_type(payload)
+            if rtype == records.REC_EXCHANGE:
+                try:
+                    ex = records.decode_exchange(payload)
+                except ValueError:
+                    undecodable += 1
+                    continue
+                stream_now = max(stream_now, ex.resp_end_ns, ex.req_end_ns)
+                out.spans(correlator.feed(ex))
+                out.spans(correlator.advance(stream_now))
+            elif rtype == records.REC_TCP:
+                out.tcp([records.decode_tcp(payload)])
+        out.spans(correlator.flush())
+        out.shutdown()
+    stats = correlator.stats.as_dict()
+    print(
+        f"kspan: replayed {stats.get('exchanges', 0)} exchanges into {stats.get('spans', 0)} spans"
+        + (f"; {undecodable} undecodable records skipped" if undecodable else ""),
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,180 @@
+"""The `kspan` command: run, record, replay, doctor, topology."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+
+QUERY_MODES = ("keep", "redact", "drop")
+BACKENDS = ("auto", "tracepoints", "kprobes")
+PROTOCOLS = ("grpc", "http/protobuf")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"kspan: {message} (see `kspan {self.prog.split()[-1]} --help`)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port {v} is outside 1-65535")
+    return v
+
+
+def _pid(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"pid {text!r} is not a number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"pid {v} must be positive")
+    return v
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{v} must be greater than 0")
+    return v
+
+
+def _add_capture_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to trace (default: every process on the host except kspan)")
+    g.add_argument("--pid", type=_pid, action="append", default=[], help="trace this process (repeatable)")
+    g.add_argument("--exe", action="append", default=[], metavar="NAME",
+                   help="trace processes whose executable (or script) is NAME, running or started later (repeatable)")
+    g.add_argument("--port", type=_port, action="append", default=[],
+                   help="trace only connections with this local or remote port (repeatable)")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="socket capture: kprobes where the kernel has them, else tracepoints (default: auto)")
+    g.add_argument("--no-tls", action="store_true", help="do not attach OpenSSL uprobes")
+    g.add_argument("--no-go", action="store_true", help="do not attach Go uprobes")
+    g.add_argument("--ringbuf-pages", type=int, default=2048, help="ring buffer size in pages (power of two)")
+    g.add_argument("--duration", type=_positive, metavar="SECONDS", help="stop by itself after SECONDS")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output (default with no endpoint: console tree + OTLP-JSON file)")
+    g.add_argument("--otlp-endpoint", metavar="URL",
+                   help="OTLP endpoint (overrides OTEL_EXPORTER_OTLP_ENDPOINT), e.g. http://localhost:4317")
+    g.add_argument("--otlp-protocol", choices=PROTOCOLS, help="overrides OTEL_EXPORTER_OTLP_PROTOCOL")
+    g.add_argument("--output", metavar="FILE", help="OTLP-JSON lines file (default kspan-traces.jsonl)")
+    g.add_argument("--quiet", action="store_true", help="no console span tree")
+    g.add_argument("--no-metrics", action="store_true", help="do not export metrics")
+    g.add_argument("--metrics-interval", type=_positive, default=15.0, metavar="SECONDS")
+    g = p.add_argument_group("correlation")
+    g.add_argument("--query", choices=QUERY_MODES, default="redact",
+                   help="url.query: keep, redact values of sensitive keys (default), or drop")
+    g.add_argument("--route", action="append", default=[], metavar="TEMPLATE",
+                   help="a route template such as /users/{id}; server spans matching it are named 'GET /users/{id}'")
+    g.add_argument("--response-timeout", type=_positive, default=30.0, metavar="SECONDS",
+                   help="a request with no response for this long ends as an error span")
+    g.add_argument("--max-hold", type=_positive, default=30.0, metavar="SECONDS",
+                   help="longest a span waits for its parent before it is exported as an orphan")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kspan", description="Zero-code OpenTelemetry tracing from the kernel (eBPF).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="trace and export spans and metrics until Ctrl-C")
+    _add_capture_args(run)
+    _add_output_args(run)
+    rec = sub.add_parser("record", help="save the raw kernel records to FILE (replay them later)")
+    rec.add_argument("file")
+    _add_capture_args(rec)
+    rep = sub.add_parser("replay", help="feed a recording through the correlator and exporters")
+    rep.add_argument("file")
+    _add_output_args(rep)
+    sub.add_parser("doctor", help="explain what this kernel offers and which backend `run` will use")
+    topo = sub.add_parser("topology", help="print and draw the observed service graph")
+    try:
+        from exporters.topology import add_topology_arguments
+
+        add_topology_arguments(topo)
+    except ImportError:
+        pass
+    return parser
+
+
+def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps doctor cheap)
+    from tracer.agent import RunOptions
+
+    opts = RunOptions()
+    for name, attr in (("pid", "pids"), ("exe", "exes"), ("port", "ports")):
+        if hasattr(args, name):
+            setattr(opts, attr, set(getattr(args, name)))
+    for name, attr in (
+        ("backend", "backend"), ("duration", "duration_s"), ("ringbuf_pages", "ringbuf_pages"),
+        ("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"), ("output", "output"),
+        ("query", "query"), ("route", "routes"), ("response_timeout", "response_timeout_s"),
+        ("max_hold", "max_hold_s"), ("metrics_interval", "metrics_interval_s"),
+    ):
+        if hasattr(args, name):
+            setattr(opts, attr, getattr(args, name))
+    opts.tls = not getattr(args, "no_tls", False)
+    opts.go = not getattr(args, "no_go", False)
+    opts.console = not getattr(args, "quiet", False)
+    opts.metrics = not getattr(args, "no_metrics", False)
+    pages = opts.ringbuf_pages
+    if pages <= 0 or pages & (pages - 1):
+        raise SystemExit(f"kspan: --ringbuf-pages {pages} must be a power of two (e.g. 1024, 2048)")
+    return opts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if args.command == "doctor":
+        from tracer.doctor import run_doctor
+
+        return run_doctor()
+    if args.command == "topology":
+        from exporters.topology import run_topology
+
+        return run_topology(args)
+    if args.command in ("run", "record") and os.geteuid() != 0:
+        print("kspan: must run as root (it loads eBPF programs); try `sudo kspan ...` or `kspan doctor`",
+              file=sys.stderr)
+        return 2
+    from exporters.config import ConfigError
+
+    opts = _options(args)
+    try:
+        if args.command == "run":
+            from tracer.agent import Agent
+
+            return Agent(opts).run()
+        if args.command == "record":
+            from tracer.agent import Agent
+
+            return Agent(opts, record_to=args.file).run()
+        if args.command == "replay":
+            from tracer.agent import replay
+            from tracer.recording import RecordingError
+
+            try:
+                return replay(args.file, opts)
+            except (RecordingError, OSError) as e:
+                print(f"kspan: cannot replay {args.file}: {e}", file=sys.stderr)
+                return 2
+    except ConfigError as e:
+        print(f"kspan: configuration error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
