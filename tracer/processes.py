@@ -24,7 +24,7 @@ def service_name_from_cmdline(exe_name: str, argv: list[str]) -> str:
     """Script name for interpreters, executable name otherwise."""
     base = exe_name or (os.path.basename(argv[0]) if argv else "")
     if not any(base.startswith(i) for i in _INTERPRETERS):
-        return base or "unknown"
+        return base
     args = argv[1:]
     i = 0
     while i < len(args):

@@ -1,0 +1,45 @@
+import pytest
+
+from tracer.cli import build_parser, main
+
+
+def _exit_code_and_err(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return int(e.value.code or 0), capsys.readouterr().err
+
+
+def test_unknown_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _exit_code_and_err(capsys, ["run", "--no-such-flag"])
+    assert code == 2
+    assert "unrecognized arguments: --no-such-flag" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--port", "70000"], "outside 1-65535"),
+        (["run", "--port", "http"], "is not a number"),
+        (["run", "--pid", "-3"], "must be positive"),
+        (["run", "--duration", "0"], "greater than 0"),
+        (["run", "--otlp-protocol", "thrift"], "invalid choice"),
+        (["run", "--query", "maybe"], "invalid choice"),
+    ],
+)
+def test_invalid_values_get_clear_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    code, err = _exit_code_and_err(capsys, argv)
+    assert code == 2
+    assert message in err
+
+
+def test_repeatable_filters_parse() -> None:
+    args = build_parser().parse_args(["run", "--pid", "1", "--pid", "2", "--exe", "nginx", "--port", "80"])
+    assert args.pid == [1, 2] and args.exe == ["nginx"] and args.port == [80]
+
+
+def test_ringbuf_pages_must_be_a_power_of_two() -> None:
+    from tracer.cli import _options
+
+    args = build_parser().parse_args(["run", "--ringbuf-pages", "1000"])
+    with pytest.raises(SystemExit, match="power of two"):
+        _options(args)
