@@ -1,0 +1,287 @@
+"""tracer/kubernetes.py with the real `kubernetes` client against a real local API endpoint
+(tests/support/k8s_api.py), and PIDs mapped to pods through a fake /proc root."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.k8s_api import FakeKubernetesApi, container_id, fake_kubernetes_api, make_pod, pod_uid
+from tracer.kubernetes import KubernetesMetadata
+
+REPO = Path(__file__).resolve().parents[2]
+ENV_VARS = ("KUBERNETES_SERVICE_HOST", "KSPAN_KUBERNETES_API", "KSPAN_KUBECONFIG", "NODE_NAME", "KSPAN_NODE_NAME")
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def systemd_cgroup(pod: str, container: str, runtime: str = "cri-containerd") -> str:
+    uid = pod_uid(pod).replace("-", "_")
+    return (f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/"
+            f"{runtime}-{container_id(pod + '/' + container)}.scope\n")
+
+
+def cgroupfs_cgroup(pod: str, container: str, prefix: str = "") -> str:
+    cid = container_id(pod + "/" + container)
+    return "".join(f"{h}:/kubepods/besteffort/pod{pod_uid(pod)}/{prefix}{cid}\n"
+                   for h in ("12:memory", "11:cpu,cpuacct", "1:name=systemd"))
+
+
+class ProcRoot:
+    """A fake /proc holding only <pid>/cgroup files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def add(self, pid: int, cgroup_text: str) -> int:
+        (self.root / str(pid)).mkdir(exist_ok=True)
+        (self.root / str(pid) / "cgroup").write_text(cgroup_text)
+        return pid
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubernetesApi]:
+    with fake_kubernetes_api(watch_hold_s=0.1) as server:
+        yield server
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> ProcRoot:
+    return ProcRoot(tmp_path)
+
+
+@pytest.fixture
+def metadata(api: FakeKubernetesApi, proc: ProcRoot, clean_env: None) -> Iterator[KubernetesMetadata]:
+    md = KubernetesMetadata(api_url=api.url, node_name="node-a", proc_root=str(proc.root), rewatch_pause_s=0.05)
+    assert md.start()
+    try:
+        assert md.wait_synced(15)
+        yield md
+    finally:
+        md.stop()
+
+
+def test_off_cluster_is_off_silently_and_imports_nothing(clean_env: None, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="kspan")
+    md = KubernetesMetadata()
+    assert not md.enabled
+    assert md.start() is False
+    assert md.attributes_for_pid(1) == {}
+    assert md.service_name_for_pid(1) is None
+    assert md.name_for_ip("10.0.0.1") is None
+    assert caplog.records == []
+    # A fresh interpreter: constructing and starting it off the cluster must not import the client.
+    code = ("import sys; from tracer.kubernetes import KubernetesMetadata as K; k = K(); k.start(); "
+            "print(k.enabled, 'kubernetes' in sys.modules)")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+    assert out.stderr == ""
+
+
+def test_in_cluster_without_node_name_warns_and_stays_off(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    with caplog.at_level(logging.WARNING, logger="kspan.kubernetes"):
+        md = KubernetesMetadata()
+    assert not md.enabled
+    assert any("NODE_NAME" in r.getMessage() for r in caplog.records)
+
+
+def test_node_name_from_downward_api_env(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("NODE_NAME", "worker-7")
+    md = KubernetesMetadata()
+    assert md.enabled and md.node_name == "worker-7"
+    monkeypatch.setenv("KSPAN_NODE_NAME", "worker-8")  # kspan's own name wins
+    assert KubernetesMetadata().node_name == "worker-8"
+
+
+def test_pod_container_attributes(metadata: KubernetesMetadata, proc: ProcRoot, api: FakeKubernetesApi) -> None:
+    pod = "checkout-7d9f8b6c5d-x2k4p"
+    pid = proc.add(101, systemd_cgroup(pod, "checkout"))
+    assert metadata.attributes_for_pid(pid) == {
+        "k8s.namespace.name": "shop",
+        "k8s.pod.name": pod,
+        "k8s.pod.uid": pod_uid(pod),
+        "k8s.node.name": "node-a",
+        "k8s.container.name": "checkout",
+        "container.id": container_id(pod + "/checkout"),
+        "k8s.replicaset.name": "checkout-7d9f8b6c5d",
+        "k8s.deployment.name": "checkout",
+    }
+    # The sidecar and the init container of the same pod: same pod, their own container name.
+    assert metadata.attributes_for_pid(proc.add(102, systemd_cgroup(pod, "envoy")))["k8s.container.name"] == "envoy"
+    assert metadata.attributes_for_pid(proc.add(103, systemd_cgroup(pod, "migrate")))["k8s.container.name"] == "migrate"
+    # The only call to the API per lookup-free pod event: the ReplicaSet, read once for its Deployment.
+    assert sum("/replicasets/checkout-7d9f8b6c5d" in r for r in api.requests) == 1
+    assert metadata.service_name_for_pid(pid) == "checkout"
+
+
+def test_other_runtimes_and_owners(metadata: KubernetesMetadata, proc: ProcRoot) -> None:
+    cart = metadata.attributes_for_pid(proc.add(201, systemd_cgroup("cart-0", "app", runtime="crio")))
+    assert cart["k8s.statefulset.name"] == "cart"
+    assert cart["container.id"] == container_id("cart-0/app")
+    job = metadata.attributes_for_pid(proc.add(202, cgroupfs_cgroup("migrate-db-zx9yq", "app")))  # docker
+    assert job["k8s.job.name"] == "migrate-db" and "k8s.cronjob.name" not in job
+    cron = metadata.attributes_for_pid(proc.add(203, cgroupfs_cgroup("report-28911520-abcde", "app", "crio-")))
+    assert (cron["k8s.job.name"], cron["k8s.cronjob.name"]) == ("report-28911520", "report")
+    daemon = metadata.attributes_for_pid(proc.add(204, systemd_cgroup("frontend-agent-h5j6k", "app")))
+    assert (daemon["k8s.namespace.name"], daemon["k8s.daemonset.name"]) == ("edge", "frontend-agent")
+    bare = metadata.attributes_for_pid(proc.add(205, systemd_cgroup("debug-shell", "app", runtime="crio")))
+    assert not any(k.endswith(("deployment.name", "replicaset.name", "job.name", "set.name")) for k in bare)
+
+
+@pytest.mark.parametrize(
+    ("pod", "expected"),
+    [
+        ("payments-5c6d7e8f9a-q8w7e", "payments-api"),  # annotation beats labels and owner
+        ("cart-0", "cart-eu"),  # app.kubernetes.io/instance beats app.kubernetes.io/name
+        ("frontend-agent-h5j6k", "frontend"),  # app.kubernetes.io/name beats the owner
+        ("checkout-7d9f8b6c5d-x2k4p", "checkout"),  # Deployment, not its ReplicaSet
+        ("report-28911520-abcde", "report"),  # CronJob beats Job
+        ("migrate-db-zx9yq", "migrate-db"),  # Job
+        ("debug-shell", "debug-shell"),  # no owner: the pod name
+    ],
+)
+def test_service_name_precedence(metadata: KubernetesMetadata, proc: ProcRoot, pod: str, expected: str) -> None:
+    pid = proc.add(300, systemd_cgroup(pod, "checkout" if pod.startswith("checkout") else "app"))
+    assert metadata.service_name_for_pid(pid) == expected
+
+
+def test_only_this_nodes_pods(metadata: KubernetesMetadata, proc: ProcRoot, api: FakeKubernetesApi) -> None:
+    assert any("fieldSelector=spec.nodeName%3Dnode-a" in r for r in api.requests)
+    other = proc.add(400, systemd_cgroup("inventory-6b7c8d9e0f-r4t5y", "app"))
+    attrs = metadata.attributes_for_pid(other)
+    # Not this node's pod: only what the cgroup path proves, never another pod's identity.
+    assert attrs == {
+        "container.id": container_id("inventory-6b7c8d9e0f-r4t5y/app"),
+        "k8s.pod.uid": pod_uid("inventory-6b7c8d9e0f-r4t5y"),
+        "k8s.node.name": "node-a",
+    }
+    assert metadata.stats()["pods"] == 8
+
+
+def test_host_process_and_vanished_pid(metadata: KubernetesMetadata, proc: ProcRoot) -> None:
+    assert metadata.attributes_for_pid(proc.add(500, "0::/system.slice/sshd.service\n")) == {}
+    assert metadata.attributes_for_pid(99999) == {}
+    assert metadata.service_name_for_pid(99999) is None
+
+
+def test_real_process_maps_to_its_pod(metadata: KubernetesMetadata, proc: ProcRoot) -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        proc.add(child.pid, systemd_cgroup("payments-5c6d7e8f9a-q8w7e", "app"))
+        attrs = metadata.attributes_for_pid(child.pid)
+        assert attrs["k8s.pod.name"] == "payments-5c6d7e8f9a-q8w7e"
+        assert attrs["k8s.deployment.name"] == "payments"
+        assert metadata.service_name_for_pid(child.pid) == "payments-api"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_watch_events_add_modify_delete(metadata: KubernetesMetadata, proc: ProcRoot, api: FakeKubernetesApi) -> None:
+    new = make_pod("search-0", namespace="shop", ip="10.244.1.40", owner=("StatefulSet", "search"),
+                   labels={"app.kubernetes.io/name": "search"})
+    pid = proc.add(600, systemd_cgroup("search-0", "app"))
+    assert "k8s.pod.name" not in metadata.attributes_for_pid(pid)
+    api.push_event("pods", "ADDED", new)
+    wait_for(lambda: metadata.attributes_for_pid(pid).get("k8s.pod.name") == "search-0")
+    assert metadata.name_for_ip("10.244.1.40") == "search"
+    # The container restarts with a new id: the MODIFIED status replaces the old one.
+    restarted = make_pod("search-0", namespace="shop", ip="10.244.1.40", owner=("StatefulSet", "search"),
+                         labels={"app.kubernetes.io/name": "search"})
+    restarted["status"]["containerStatuses"][0]["containerID"] = "containerd://" + container_id("restart")
+    api.push_event("pods", "MODIFIED", restarted)
+    pid2 = proc.add(601, systemd_cgroup("search-0", "app").replace(container_id("search-0/app"),
+                                                                      container_id("restart")))
+    wait_for(lambda: metadata.attributes_for_pid(pid2).get("k8s.container.name") == "app")
+    api.push_event("pods", "DELETED", restarted)
+    wait_for(lambda: "k8s.pod.name" not in metadata.attributes_for_pid(pid2))
+    assert metadata.name_for_ip("10.244.1.40") is None
+    assert metadata.stats()["watch_events"] >= 3
+
+
+def test_name_for_ip(metadata: KubernetesMetadata, api: FakeKubernetesApi) -> None:
+    wait_for(lambda: metadata.stats()["endpointslices"] == 1 and metadata.stats()["services"] == 3)
+    assert metadata.name_for_ip("10.244.1.12") == "payments-api"  # a pod on this node: its service.name
+    assert metadata.name_for_ip("::ffff:10.244.1.11") == "checkout"  # IPv4-mapped spelling
+    assert metadata.name_for_ip("10.96.12.34") == "payments"  # a Service's cluster IP
+    assert metadata.name_for_ip("10.244.2.17") == "inventory"  # a pod on another node, behind a Service
+    assert metadata.name_for_ip("192.168.10.11") is None  # host-network pod: the node's IP
+    assert metadata.name_for_ip("8.8.8.8") is None
+    assert metadata.name_for_ip("not an ip") is None
+    api.push_event("services", "DELETED", api.services[0])
+    wait_for(lambda: metadata.name_for_ip("10.96.12.34") is None)
+
+
+def test_api_down_is_counted_and_logged(
+    proc: ProcRoot, clean_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="kspan.kubernetes")
+    md = KubernetesMetadata(api_url=f"http://127.0.0.1:{port}", node_name="node-a", proc_root=str(proc.root),
+                            max_backoff_s=0.2, request_timeout_s=2)
+    assert md.start()
+    try:
+        wait_for(lambda: md.stats()["api_errors"] >= 3)
+        assert not md.wait_synced(0)
+        pid = proc.add(700, systemd_cgroup("debug-shell", "app"))
+        # No crash, and the lookup still returns what the cgroup path proves.
+        assert md.attributes_for_pid(pid)["container.id"] == container_id("debug-shell/app")
+        assert md.service_name_for_pid(pid) is None
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any(f"127.0.0.1:{port}" in w and "pods" in w for w in warnings)
+        # Logged once per resource, not once per retry.
+        assert len(warnings) <= 3
+    finally:
+        md.stop()
+
+
+def test_rbac_forbidden_is_actionable_and_pods_still_work(
+    proc: ProcRoot, clean_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="kspan.kubernetes")
+    with fake_kubernetes_api(watch_hold_s=0.1) as api:
+        api.forbidden = {"services", "replicasets"}
+        md = KubernetesMetadata(api_url=api.url, node_name="node-a", proc_root=str(proc.root),
+                                rewatch_pause_s=0.05, max_backoff_s=0.2)
+        md.start()
+        try:
+            assert md.wait_synced(15)
+            pid = proc.add(800, systemd_cgroup("checkout-7d9f8b6c5d-x2k4p", "checkout"))
+            attrs = md.attributes_for_pid(pid)
+            # The ReplicaSet is unreadable: the Deployment comes from the pod-template-hash naming rule.
+            assert attrs["k8s.deployment.name"] == "checkout"
+            wait_for(lambda: any("rbac" in r.getMessage() and "services" in r.getMessage()
+                                 for r in caplog.records))
+            assert md.stats()["owner_lookup_errors"] >= 1
+            assert md.name_for_ip("10.244.2.17") == "inventory"  # EndpointSlices still allowed
+        finally:
+            md.stop()
