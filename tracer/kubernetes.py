@@ -14,7 +14,7 @@ list and watch, read-only:
 Owners one level up (ReplicaSet -> Deployment, Job -> CronJob) are read once per owner and cached.
 Lookups never block on the API: they read in-memory indexes the watch threads keep current.
 
-RBAC this needs (deploy/kubernetes/rbac.yaml): get/list/watch pods; list/watch services;
+RBAC this needs (deploy/kubernetes/01-rbac.yaml): get/list/watch pods; list/watch services;
 list/watch endpointslices (discovery.k8s.io); get replicasets (apps); get jobs (batch).
 """
 
@@ -134,6 +134,7 @@ class KubernetesMetadata:
         rewatch_pause_s: float = 1.0,
         max_backoff_s: float = 30.0,
         request_timeout_s: float = 10.0,
+        in_cluster: bool | None = None,
     ) -> None:
         self.api_url = api_url or os.environ.get("KSPAN_KUBERNETES_API") or None
         self.kubeconfig = kubeconfig or os.environ.get("KSPAN_KUBECONFIG") or None
@@ -144,7 +145,7 @@ class KubernetesMetadata:
         self.rewatch_pause_s = rewatch_pause_s
         self.max_backoff_s = max_backoff_s
         self.request_timeout_s = request_timeout_s
-        self.enabled = bool(self.api_url or self.kubeconfig or _in_cluster())
+        self.enabled = bool(self.api_url or self.kubeconfig or (_in_cluster() if in_cluster is None else in_cluster))
         if self.enabled and not self.node_name:
             # Without the node name the pod watch would cover the whole cluster: refuse rather
             # than load every pod of a large cluster into every agent.
@@ -177,6 +178,25 @@ class KubernetesMetadata:
         self._threads: list[threading.Thread] = []
         self._failing: set[str] = set()
         self._api_client: Any = None
+
+    @classmethod
+    def from_environment(cls, env: dict[str, str] | None = None) -> KubernetesMetadata | None:
+        """The agent's constructor: None off a cluster (a dictionary lookup, nothing imported),
+        else an instance configured from `KSPAN_KUBERNETES_API`, `KSPAN_KUBECONFIG`,
+        `KSPAN_NODE_NAME`/`NODE_NAME` and `KSPAN_PROC_ROOT` (the DaemonSet mounts the host's
+        /proc at /host/proc)."""
+        env = os.environ if env is None else env
+        api_url = env.get("KSPAN_KUBERNETES_API") or None
+        kubeconfig = env.get("KSPAN_KUBECONFIG") or None
+        if not (api_url or kubeconfig or env.get("KUBERNETES_SERVICE_HOST")):
+            return None
+        return cls(
+            api_url=api_url,
+            kubeconfig=kubeconfig,
+            node_name=env.get("KSPAN_NODE_NAME") or env.get("NODE_NAME") or None,
+            proc_root=env.get("KSPAN_PROC_ROOT") or "/proc",
+            in_cluster=bool(env.get("KUBERNETES_SERVICE_HOST")),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -325,7 +345,7 @@ class KubernetesMetadata:
         self._count("api_errors")
         status = getattr(exc, "status", None)
         if status in (401, 403):
-            hint = (f"the ServiceAccount may not list/watch {resource}: apply deploy/kubernetes/rbac.yaml")
+            hint = (f"the ServiceAccount may not list/watch {resource}: apply deploy/kubernetes/01-rbac.yaml")
         else:
             hint = "retrying with backoff"
         if resource not in self._failing:

@@ -87,6 +87,7 @@ def test_off_cluster_is_off_silently_and_imports_nothing(clean_env: None, caplog
     assert md.start() is False
     assert md.attributes_for_pid(1) == {}
     assert md.service_name_for_pid(1) is None
+    assert KubernetesMetadata.from_environment() is None
     assert md.name_for_ip("10.0.0.1") is None
     assert caplog.records == []
     # A fresh interpreter: constructing and starting it off the cluster must not import the client.
@@ -116,6 +117,10 @@ def test_node_name_from_downward_api_env(clean_env: None, monkeypatch: pytest.Mo
     assert md.enabled and md.node_name == "worker-7"
     monkeypatch.setenv("KSPAN_NODE_NAME", "worker-8")  # kspan's own name wins
     assert KubernetesMetadata().node_name == "worker-8"
+    from_env = KubernetesMetadata.from_environment(
+        {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "NODE_NAME": "worker-9", "KSPAN_PROC_ROOT": "/host/proc"})
+    assert from_env is not None and from_env.enabled
+    assert (from_env.node_name, from_env.proc_root) == ("worker-9", "/host/proc")
 
 
 def test_pod_container_attributes(metadata: KubernetesMetadata, proc: ProcRoot, api: FakeKubernetesApi) -> None:
