@@ -1,0 +1,100 @@
+// chain: a stdlib-only HTTP(S) service for kspan's Go tests.
+//
+// It serves GET /work. With -downstream URL it calls that URL from a NEW goroutine (the case
+// goroutine parentage must link) and answers with the downstream status; without it, it answers
+// 200 "leaf". With -client URL it instead acts as a client: it makes -n requests and exits.
+package main
+
+import (
+	"crypto/tls"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"time"
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:0", "address to serve on")
+	cert := flag.String("cert", "", "TLS certificate (serve HTTPS when set)")
+	key := flag.String("key", "", "TLS key")
+	downstream := flag.String("downstream", "", "URL to call from a new goroutine per request")
+	client := flag.String("client", "", "act as a client: GET this URL -n times and exit")
+	n := flag.Int("n", 1, "client requests")
+	flag.Parse()
+
+	// Test certificates are self-signed: the chain must not fail on verification.
+	tr := &http.Transport{
+		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
+		ForceAttemptHTTP2: false,
+		TLSNextProto:      map[string]func(string, *tls.Conn) http.RoundTripper{},
+	}
+	hc := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+
+	if *client != "" {
+		for i := 0; i < *n; i++ {
+			resp, err := hc.Get(*client)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "client:", err)
+				os.Exit(1)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			fmt.Printf("%d %s\n", resp.StatusCode, body)
+		}
+		return
+	}
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("/work", func(w http.ResponseWriter, r *http.Request) {
+		if *downstream == "" {
+			w.WriteHeader(200)
+			io.WriteString(w, "leaf")
+			return
+		}
+		type result struct {
+			code int
+			err  error
+		}
+		done := make(chan result, 1)
+		go func() {
+			resp, err := hc.Get(*downstream)
+			if err != nil {
+				done <- result{0, err}
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			done <- result{resp.StatusCode, nil}
+		}()
+		res := <-done
+		if res.err != nil {
+			w.WriteHeader(502)
+			io.WriteString(w, res.err.Error())
+			return
+		}
+		w.WriteHeader(res.code)
+		io.WriteString(w, "via downstream")
+	})
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "listen:", err)
+		os.Exit(1)
+	}
+	srv := &http.Server{
+		Handler:      mux,
+		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
+	}
+	// The test reads the port from this line.
+	fmt.Printf("listening %s\n", ln.Addr().String())
+	os.Stdout.Sync()
+	if *cert != "" {
+		err = srv.ServeTLS(ln, *cert, *key)
+	} else {
+		err = srv.Serve(ln)
+	}
+	fmt.Fprintln(os.Stderr, "serve:", err)
+	os.Exit(1)
+}
