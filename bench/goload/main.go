@@ -55,6 +55,7 @@ func main() {
 	conns := flag.Int("conns", 32, "keep-alive connections")
 	maxLag := flag.Duration("max-lag", time.Second, "a request later than this is not sent (counted late)")
 	timeout := flag.Duration("timeout", 5*time.Second, "per-request I/O timeout")
+	closeEach := flag.Bool("close", false, "one connection per request (Connection: close)")
 	flag.Parse()
 
 	var sent, ok, non2xx, errs, late atomic.Int64
@@ -92,7 +93,11 @@ func main() {
 				buf = strconv.AppendInt(buf, j.seq, 10)
 				buf = append(buf, " HTTP/1.1\r\nHost: "...)
 				buf = append(buf, *addr...)
-				buf = append(buf, "\r\nUser-Agent: kspan-goload\r\n\r\n"...)
+				buf = append(buf, "\r\nUser-Agent: kspan-goload\r\n"...)
+				if *closeEach {
+					buf = append(buf, "Connection: close\r\n"...)
+				}
+				buf = append(buf, "\r\n"...)
 				_ = c.SetDeadline(time.Now().Add(*timeout))
 				sent.Add(1)
 				_, err := c.Write(buf)
@@ -117,7 +122,7 @@ func main() {
 				} else {
 					non2xx.Add(1)
 				}
-				if resp.Close {
+				if resp.Close || *closeEach {
 					c.Close()
 					c = nil
 				}

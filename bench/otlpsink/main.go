@@ -42,6 +42,8 @@ type phaseStats struct {
 	Client    int64 `json:"client"`
 	Unique    int64 `json:"unique_server"`
 	Duplicate int64 `json:"duplicate_server"`
+	// FirstUnixNano is when the sink received this phase's first span.
+	FirstUnixNano int64 `json:"first_span_unix_ns"`
 	seen      map[int64]struct{}
 }
 
@@ -239,7 +241,7 @@ func (s *sink) ingest(req []byte) error {
 		}
 		ps := s.Phases[phase]
 		if ps == nil {
-			ps = &phaseStats{seen: map[int64]struct{}{}}
+			ps = &phaseStats{seen: map[int64]struct{}{}, FirstUnixNano: now}
 			s.Phases[phase] = ps
 		}
 		switch si.kind {

@@ -1,0 +1,306 @@
+"""The benchmark's arithmetic and presentation: ratios, per-request cost, capacity, targets, and
+the table, JSON, Markdown and PNG chart. Pure except for the writers at the bottom."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# The targets of issue 5, for this 2-core machine with agent, server and load generator sharing it.
+TARGET_THROUGHPUT_RATIO = 0.90
+TARGET_CPU_US_PER_REQUEST = 25.0
+TARGET_LOSSLESS_RPS = 10_000
+TARGET_LOSSLESS_S = 60.0
+TARGET_RSS_MB = 150.0
+TARGET_READY_S = 3.0
+
+PASS, MISS, NOT_MEASURED = "PASS", "MISS", "N/A"
+
+
+def mean(xs: Iterable[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def summarize_overhead(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean throughput and latency per mode over the alternated runs, and traced/untraced ratios.
+    Latency ratios above 1 mean tracing made requests slower."""
+    out: dict[str, Any] = {}
+    for mode in ("untraced", "traced"):
+        rs = [r for r in runs if r["mode"] == mode]
+        out[mode] = {k: mean(r.get(k) for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
+        out[mode]["runs"] = len(rs)
+    out["ratio"] = {
+        "throughput": ratio(out["traced"]["rps"], out["untraced"]["rps"]),
+        "p50": ratio(out["traced"]["p50_ms"], out["untraced"]["p50_ms"]),
+        "p99": ratio(out["traced"]["p99_ms"], out["untraced"]["p99_ms"]),
+    }
+    traced = [r for r in runs if r["mode"] == "traced" and r.get("requests")]
+    out["span_coverage"] = ratio(sum(r.get("spans", 0) for r in traced), sum(r["requests"] for r in traced))
+    return out
+
+
+def cpu_us_per_request(cpu_s: float | None, requests: int | None) -> float | None:
+    """Agent CPU time (user + system) over a window divided by the requests traced in it."""
+    if cpu_s is None or not requests:
+        return None
+    return cpu_s * 1e6 / requests
+
+
+def step_outcome(load: dict[str, Any], phase: dict[str, Any]) -> dict[str, Any]:
+    """One fixed-rate step: was the rate sustained, and did every answered request become exactly
+    one server span? `load` is goload's JSON, `phase` the sink's counters for the step."""
+    answered = int(load.get("ok", 0)) + int(load.get("non_2xx", 0))
+    unique = int(phase.get("unique_server", 0))
+    dup = int(phase.get("duplicate_server", 0))
+    lost = max(0, answered - unique)
+    sustained = int(load.get("late", 0)) == 0 and int(load.get("errors", 0)) == 0
+    return {
+        "rate": load.get("rate"),
+        "achieved_rps": load.get("achieved_rps"),
+        "sent": int(load.get("sent", 0)),
+        "answered": answered,
+        "late": int(load.get("late", 0)),
+        "errors": int(load.get("errors", 0)),
+        "server_spans": int(phase.get("server", 0)),
+        "unique_server_spans": unique,
+        "duplicate_spans": dup,
+        "lost": lost,
+        "loss_rate": (lost / answered) if answered else None,
+        "sustained": sustained,
+        "exact": answered > 0 and unique == answered and dup == 0,
+        "p50_ms": load.get("p50_ms"),
+        "p99_ms": load.get("p99_ms"),
+    }
+
+
+def capacity(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The highest rate that was both sustained and exact (one span per request), and what
+    happened at the lowest rate above it: span loss, or a load the machine could not sustain."""
+    good = [s for s in steps if s["sustained"] and s["exact"]]
+    best = max((s["rate"] for s in good), default=None)
+    above = sorted((s for s in steps if best is None or s["rate"] > best), key=lambda s: s["rate"])
+    first_bad = above[0] if above else None
+    limit = None
+    if first_bad is not None:
+        limit = "spans lost" if not first_bad["exact"] else "load not sustained"
+    return {
+        "capacity_rps": best,
+        "above": None if first_bad is None else {
+            "rate": first_bad["rate"],
+            "loss_rate": first_bad["loss_rate"],
+            "lost": first_bad["lost"],
+            "duplicates": first_bad["duplicate_spans"],
+            "sustained": first_bad["sustained"],
+            "limit": limit,
+        },
+    }
+
+
+def _status(ok: bool | None) -> str:
+    return NOT_MEASURED if ok is None else (PASS if ok else MISS)
+
+
+def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured value and PASS / MISS (N/A when it could not be measured)."""
+    rows: list[dict[str, Any]] = []
+    for server, ov in (r.get("overhead") or {}).items():
+        v = ov["summary"]["ratio"]["throughput"]
+        rows.append({"target": f"traced/untraced throughput, {server}", "limit": f">= {TARGET_THROUGHPUT_RATIO:.2f}",
+                     "measured": None if v is None else f"{v:.3f}",
+                     "status": _status(None if v is None else v >= TARGET_THROUGHPUT_RATIO)})
+    for c in r.get("cost") or []:
+        v = c.get("cpu_us_per_request")
+        rows.append({"target": f"agent CPU per traced request at {c['rate']:,.0f} req/s",
+                     "limit": f"<= {TARGET_CPU_US_PER_REQUEST:.0f} us",
+                     "measured": None if v is None else f"{v:.1f} us",
+                     "status": _status(None if v is None else v <= TARGET_CPU_US_PER_REQUEST)})
+    cap = r.get("capacity") or {}
+    lossless = next((s for s in cap.get("steps", []) if s.get("target_step")), None)
+    if lossless is not None:
+        dur = lossless.get("duration_s", 0)
+        measured = f"{lossless['lost']} lost, {lossless['duplicate_spans']} dup of {lossless['answered']:,}"
+        if not lossless["sustained"]:
+            measured += f"; load not sustained ({lossless['late']} late, {lossless['errors']} errors)"
+        name = f"no request lost at {TARGET_LOSSLESS_RPS:,} req/s for {dur:.0f} s"
+        if dur < TARGET_LOSSLESS_S:
+            name += f" (target {TARGET_LOSSLESS_S:.0f} s: --full)"
+        rows.append({"target": name, "limit": "0 lost", "measured": measured,
+                     "status": _status(lossless["exact"] and lossless["sustained"])})
+    else:
+        rows.append({"target": f"no request lost at {TARGET_LOSSLESS_RPS:,} req/s", "limit": "0 lost",
+                     "measured": None, "status": NOT_MEASURED})
+    hwm = r.get("memory", {}).get("peak_hwm_mb")
+    rows.append({"target": "agent resident memory (peak VmHWM)", "limit": f"< {TARGET_RSS_MB:.0f} MB",
+                 "measured": None if hwm is None else f"{hwm:.1f} MB",
+                 "status": _status(None if hwm is None else hwm < TARGET_RSS_MB)})
+    ready = r.get("startup", {}).get("ready_s") or []
+    worst = max(ready) if ready else None
+    rows.append({"target": "launch to `kspan: ready` (worst launch)", "limit": f"<= {TARGET_READY_S:.0f} s",
+                 "measured": None if worst is None else f"{worst:.2f} s",
+                 "status": _status(None if worst is None else worst <= TARGET_READY_S)})
+    return rows
+
+
+def _f(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> list[str]:
+    if markdown:
+        return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+                *("| " + " | ".join(row) + " |" for row in rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*row) for row in rows)]
+
+
+def render(r: dict[str, Any], markdown: bool = False) -> str:
+    """The whole report as aligned text (terminal) or Markdown (bench/LATEST.md)."""
+    h = (lambda s: f"\n### {s}\n") if markdown else (lambda s: f"\n== {s} ==")
+    out: list[str] = []
+    ov = r.get("overhead") or {}
+    if ov:
+        out.append(h("Overhead at saturation (wrk, alternated untraced / traced)"))
+        rows = []
+        for server, o in ov.items():
+            s = o["summary"]
+            for mode in ("untraced", "traced"):
+                m = s[mode]
+                rows.append([server, mode, str(m["runs"]), _f(m["rps"], "{:,.0f}"), _f(m["p50_ms"], "{:.3f}"),
+                             _f(m["p99_ms"], "{:.3f}"), "" if mode == "untraced" else _f(s["span_coverage"], "{:.4f}")])
+            rows.append([server, "ratio", "", _f(s["ratio"]["throughput"], "{:.3f}"), _f(s["ratio"]["p50"], "{:.3f}"),
+                         _f(s["ratio"]["p99"], "{:.3f}"), ""])
+        out += _table(["server", "mode", "runs", "req/s", "p50 ms", "p99 ms", "spans/req"], rows, markdown)
+    cost = r.get("cost") or []
+    if cost:
+        out.append(h("Agent cost per request (goload at fixed rates, server traced)"))
+        rows = [[f"{c['rate']:,.0f}", _f(c.get("achieved_rps"), "{:,.0f}"), f"{c.get('requests', 0):,}",
+                 f"{c.get('server_spans', 0):,}", _f(c.get("cpu_s"), "{:.2f}"),
+                 _f(c.get("cpu_us_per_request"), "{:.1f}"), _f(c.get("cpu_pct"), "{:.1f}"),
+                 _f(c.get("rss_mb"), "{:.1f}"), _f(c.get("hwm_mb"), "{:.1f}")]
+                for c in cost]
+        out += _table(["rate", "achieved", "requests", "spans", "agent CPU s", "us/request", "CPU %", "RSS MB",
+                       "HWM MB"], rows, markdown)
+    cap = r.get("capacity") or {}
+    if cap.get("steps"):
+        out.append(h("Capacity (goload at fixed rates, both ends traced, server spans counted)"))
+        rows = [[f"{s['rate']:,.0f}", f"{s.get('duration_s', 0):.0f}", _f(s["achieved_rps"], "{:,.0f}"),
+                 f"{s['answered']:,}", f"{s['unique_server_spans']:,}", str(s["duplicate_spans"]), f"{s['lost']:,}",
+                 _f(s["loss_rate"], "{:.4%}"), f"{s['late']}/{s['errors']}",
+                 "yes" if s["exact"] and s["sustained"] else "no"] for s in cap["steps"]]
+        out += _table(["rate", "s", "achieved", "answered", "spans", "dup", "lost", "loss", "late/err", "exact"],
+                      rows, markdown)
+        c = cap.get("result") or {}
+        line = f"capacity: {_f(c.get('capacity_rps'), '{:,.0f}')} req/s with every request exactly one span"
+        above = c.get("above")
+        if above:
+            line += (f"; at {above['rate']:,.0f} req/s: {above['limit']}, loss {_f(above['loss_rate'], '{:.3%}')}")
+        out.append(("\n" if markdown else "") + line)
+        if cap.get("kspan_counters"):
+            kc = ", ".join(f"{k}={v}" for k, v in sorted(cap["kspan_counters"].items()))
+            out.append(("\n" if markdown else "") + f"kspan's own counters over the capacity run: {kc}")
+    st = r.get("startup") or {}
+    if st.get("ready_s"):
+        out.append(h("Start-up"))
+        rows = [["launch -> `kspan: ready`", f"{len(st['ready_s'])} launches",
+                 f"median {statistics.median(st['ready_s']):.2f} s, max {max(st['ready_s']):.2f} s"],
+                ["launch -> first span at the endpoint", "1 launch", _f(st.get("first_span_s"), "{:.2f} s")]]
+        out += _table(["interval", "samples", "measured"], rows, markdown)
+    out.append(h("Targets"))
+    rows = [[t["status"], t["target"], t["limit"], t["measured"] or "not measured"] for t in r.get("targets", [])]
+    out += _table(["", "target", "limit", "measured"], rows, markdown)
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+def write_json(r: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(r, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def write_chart(r: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    m = r.get("machine", {})
+    fig.suptitle(f"kspan make bench: {m.get('nproc', '?')} cores, Linux {m.get('kernel', '?')}, {m.get('date', '')}",
+                 fontsize=12)
+    ov = r.get("overhead") or {}
+    ax = axes[0][0]
+    servers = list(ov)
+    if servers:
+        xs = range(len(servers))
+        unt = [ov[s]["summary"]["untraced"]["rps"] or 0 for s in servers]
+        tr = [ov[s]["summary"]["traced"]["rps"] or 0 for s in servers]
+        ax.bar([x - 0.2 for x in xs], unt, 0.4, label="untraced", color="#888")
+        ax.bar([x + 0.2 for x in xs], tr, 0.4, label="traced", color="#d62728")
+        for x, s in zip(xs, servers, strict=True):
+            rt = ov[s]["summary"]["ratio"]["throughput"]
+            ax.annotate(f"x{rt:.2f}" if rt else "", (x + 0.2, tr[x]), ha="center", va="bottom")
+        ax.set_xticks(list(xs), servers)
+        ax.legend()
+    ax.set_title(f"Throughput at saturation (wrk), target traced >= {TARGET_THROUGHPUT_RATIO:.2f}x")
+    ax.set_ylabel("requests/s")
+
+    ax = axes[0][1]
+    if servers:
+        labels, vals, colors = [], [], []
+        for s in servers:
+            for q in ("p50_ms", "p99_ms"):
+                for mode, col in (("untraced", "#888"), ("traced", "#d62728")):
+                    labels.append(f"{s}\n{q[:3]} {mode[0]}")
+                    vals.append(ov[s]["summary"][mode][q] or 0)
+                    colors.append(col)
+        ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)), labels, fontsize=7)
+    ax.set_title("Latency at saturation (u = untraced, t = traced)")
+    ax.set_ylabel("ms")
+
+    ax = axes[1][0]
+    cost = r.get("cost") or []
+    if cost:
+        labels = [f"{c['rate'] / 1000:g}k" for c in cost]
+        ax.bar(labels, [c.get("cpu_us_per_request") or 0 for c in cost], color="#1f77b4", label="agent CPU us/request")
+        ax.axhline(TARGET_CPU_US_PER_REQUEST, color="k", ls="--", lw=1,
+                   label=f"target {TARGET_CPU_US_PER_REQUEST:.0f} us")
+        ax2 = ax.twinx()
+        ax2.plot(labels, [c.get("hwm_mb") or 0 for c in cost], "o-", color="#2ca02c", label="peak RSS MB")
+        ax2.set_ylabel("MB")
+        ax2.set_ylim(bottom=0)
+        ax2.legend(loc="upper right")
+        ax.legend(loc="upper left")
+    ax.set_title("Agent cost at fixed request rates")
+    ax.set_ylabel("CPU us per traced request")
+    ax.set_xlabel("offered rate (req/s)")
+
+    ax = axes[1][1]
+    steps = sorted((r.get("capacity") or {}).get("steps", []), key=lambda s: s["rate"])
+    if steps:
+        rates = [s["rate"] for s in steps]
+        delivered = [(s["unique_server_spans"] / s["answered"]) if s["answered"] else 0 for s in steps]
+        achieved = [(s["achieved_rps"] or 0) / s["rate"] for s in steps]
+        ax.plot(rates, delivered, "o-", color="#d62728", label="server spans / answered requests")
+        ax.plot(rates, achieved, "s--", color="#888", label="achieved / offered rate")
+        ax.axhline(1.0, color="k", lw=0.8)
+        cap = ((r.get("capacity") or {}).get("result") or {}).get("capacity_rps")
+        if cap:
+            ax.axvline(cap, color="#2ca02c", ls=":", label=f"capacity {cap:,.0f} req/s")
+        ax.legend(loc="lower left", fontsize=8)
+        ax.set_ylim(0, 1.1)
+    ax.set_title("Capacity: every request exactly one span")
+    ax.set_xlabel("offered rate (req/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

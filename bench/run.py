@@ -1,0 +1,377 @@
+"""`make bench` (python -m bench.run): overhead, cost per request, capacity and start-up of kspan.
+
+Every process it starts is on 127.0.0.1, bounded in time, and stopped by pid when it ends (also on
+Ctrl-C). Results: a table on stdout, bench/results/<UTC time>.{json,png,log}, copies as
+bench/results/latest.{json,png}, and bench/LATEST.md + bench/LATEST.png to commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bench import report
+from bench.agent import Agent, kspan_binary
+from bench.gobuild import REPO, build
+from bench.load import run_goload, start_goload
+from bench.nginx import Nginx
+from bench.processes import Managed, stop_all
+from bench.sink import Sink
+from bench.wrk import run_wrk
+
+BENCH_DIR = os.path.join(REPO, "bench")
+
+
+def _rates(text: str) -> list[int]:
+    try:
+        return [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got {text!r}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="make bench ARGS=...", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true",
+                   help="the 10,000 req/s no-loss step runs 60 s (the target's duration) instead of --lossless-s")
+    p.add_argument("--phases", default="overhead,cost,capacity",
+                   help="comma-separated subset of overhead,cost,capacity (start-up is measured in each)")
+    p.add_argument("--servers", default="go,nginx", help="servers for the overhead phase: go,nginx")
+    p.add_argument("--untraced-only", action="store_true", help="never start the agent (harness check)")
+    p.add_argument("--rounds", type=int, default=2, help="untraced/traced pairs per server at saturation")
+    p.add_argument("--wrk-s", type=float, default=5.0, help="seconds per wrk run")
+    p.add_argument("--wrk-connections", type=int, default=16)
+    p.add_argument("--rates", type=_rates, default=[1000, 5000, 10000], help="fixed rates for the cost phase")
+    p.add_argument("--window-s", type=float, default=10.0, help="seconds per fixed-rate cost window")
+    p.add_argument("--lossless-s", type=float, default=10.0, help="seconds of the 10,000 req/s capacity step")
+    p.add_argument("--step-s", type=float, default=5.0, help="seconds per other capacity step")
+    p.add_argument("--ladder-up", type=_rates, default=[15000, 20000, 30000, 40000])
+    p.add_argument("--ladder-down", type=_rates, default=[7500, 5000, 2500, 1000])
+    p.add_argument("--conns", type=int, default=32, help="goload keep-alive connections")
+    p.add_argument("--nginx-workers", type=int, default=1)
+    p.add_argument("--protocol", choices=["http/protobuf", "grpc"], default="http/protobuf",
+                   help="OTLP protocol from the agent to the bench's span sink")
+    p.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for `kspan run` (repeatable), e.g. --agent-arg=--no-metrics")
+    p.add_argument("--quiet-s", type=float, default=6.0,
+                   help="a span count unchanged this long means the agent has exported all it will")
+    p.add_argument("--out", default=os.path.join(BENCH_DIR, "results"))
+    p.add_argument("--no-latest", action="store_true", help="do not update latest.* and bench/LATEST.md")
+    return p
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "nproc": os.cpu_count(),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "loadavg_at_start": list(os.getloadavg()),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+    }
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, kspan: str | None, log_path: str) -> None:
+        self.args = args
+        self.kspan = kspan
+        self.log = log_path
+        self.sink: Sink | None = None
+        self.agents: list[Agent] = []
+        self.startup: dict[str, Any] = {"ready_s": [], "first_span_s": None}
+
+    def say(self, msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    # --- the agent -----------------------------------------------------------------------------
+    def launch_agent(self, targets: Sequence[str]) -> Agent:
+        assert self.kspan is not None and self.sink is not None
+        agent = Agent(self.kspan, targets, self.sink.endpoint, self.args.protocol, self.args.agent_arg, self.log)
+        self.agents.append(agent)
+        ready = agent.wait_ready()
+        self.startup["ready_s"].append(ready)
+        self.say(f"kspan ready in {ready:.2f} s ({' '.join(targets)})")
+        return agent
+
+    def stop_agent(self, agent: Agent) -> dict[str, int]:
+        counters = agent.stop()
+        if agent.exit_code != 0:
+            self.say(f"kspan exited with {agent.exit_code}: {agent.proc.output('err')[-1500:]}")
+        return counters
+
+    def go_server(self) -> tuple[Managed, str]:
+        srv = Managed("goserver", [build("goserver"), "-addr", "127.0.0.1:0"], log_path=self.log)
+        got = srv.wait_line(r"listening on (127\.0\.0\.1:\d+)", 10)
+        if got is None:
+            srv.stop()
+            raise RuntimeError("goserver did not start: " + srv.output())
+        return srv, got[1].group(1)
+
+    # --- overhead at saturation ----------------------------------------------------------------
+    def overhead(self, server: str) -> dict[str, Any]:
+        a = self.args
+        nginx: Nginx | None = None
+        gosrv: Managed | None = None
+        if server == "go":
+            gosrv, addr = self.go_server()
+            pids = [gosrv.pid]
+        elif server == "nginx":
+            port = _free_port()
+            nginx = Nginx(port, os.path.join(a.out, "nginx-tmp"), a.nginx_workers, self.log)
+            nginx.start()
+            addr = f"127.0.0.1:{port}"
+            pids = nginx.pids()
+        else:
+            raise ValueError(f"unknown server {server!r}")
+        runs: list[dict[str, Any]] = []
+        try:
+            run_wrk(f"http://{addr}/b/warmup-{server}/0", 1, a.wrk_connections)
+            modes = ["untraced", "traced"] if self.kspan else ["untraced"]
+            pid_args = [x for p in pids for x in ("--pid", str(p))]
+            for rnd in range(1, a.rounds + 1):
+                for mode in modes:
+                    phase = f"ovh-{server}-{rnd}"
+                    agent = self.launch_agent(pid_args) if mode == "traced" else None
+                    try:
+                        w = run_wrk(f"http://{addr}/b/{phase}/0", a.wrk_s, a.wrk_connections)
+                        run: dict[str, Any] = {"mode": mode, "round": rnd, **w.as_dict()}
+                        if agent is not None:
+                            assert self.sink is not None
+                            run["spans"] = self.sink.wait_phase(phase, w.requests, a.quiet_s, 60)["server"]
+                    finally:
+                        if agent is not None:
+                            run["kspan_counters"] = self.stop_agent(agent)
+                    runs.append(run)
+                    self.say(f"{server} {mode} round {rnd}: {w.rps:,.0f} req/s, p50 {w.p50_ms:.3f} ms, "
+                             f"p99 {w.p99_ms:.3f} ms" + (f", {run['spans']:,} spans" if "spans" in run else ""))
+        finally:
+            if gosrv is not None:
+                gosrv.stop()
+            if nginx is not None:
+                nginx.stop()
+        return {"addr": addr, "runs": runs, "summary": report.summarize_overhead(runs)}
+
+    # --- cost per request and start-up -----------------------------------------------------------
+    def cost(self) -> list[dict[str, Any]]:
+        a = self.args
+        assert self.sink is not None
+        srv, addr = self.go_server()
+        out: list[dict[str, Any]] = []
+        try:
+            # A trickle of new connections while the agent starts, to time the first exported span.
+            trickle = start_goload(addr, "startup", 200, 60, conns=4, close_each=True, log_path=self.log)
+            try:
+                agent = self.launch_agent(["--pid", str(srv.pid)])
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    first = self.sink.phase("startup")["first_span_unix_ns"]
+                    if first:
+                        self.startup["first_span_s"] = first / 1e9 - agent.proc.launched_wall_s
+                        self.say(f"first span at the endpoint {self.startup['first_span_s']:.2f} s after launch")
+                        break
+                    time.sleep(0.02)
+                else:
+                    self.say("no span at the endpoint within 30 s of launch")
+            finally:
+                trickle.stop(signal.SIGKILL)
+            try:
+                time.sleep(1)
+                for rate in a.rates:
+                    phase = f"cost-{rate}"
+                    s0 = agent.sample()
+                    load = run_goload(addr, phase, rate, a.window_s, a.conns, self.log)
+                    answered = load["ok"] + load["non_2xx"]
+                    ph = self.sink.wait_phase(phase, answered, a.quiet_s, 60)
+                    s1 = agent.sample()
+                    if s0 is None or s1 is None:
+                        raise RuntimeError("kspan exited during the cost phase: " + agent.proc.output("err")[-2000:])
+                    cpu = s1.cpu_s - s0.cpu_s
+                    entry = {
+                        "rate": rate, "achieved_rps": load["achieved_rps"], "requests": answered,
+                        "server_spans": ph["server"], "window_s": s1.monotonic_s - s0.monotonic_s, "cpu_s": cpu,
+                        "cpu_us_per_request": report.cpu_us_per_request(cpu, answered),
+                        "cpu_pct": 100 * cpu / (s1.monotonic_s - s0.monotonic_s),
+                        "rss_mb": (s1.rss_kb or 0) / 1024, "hwm_mb": (s1.hwm_kb or 0) / 1024,
+                        "outcome": report.step_outcome(load, ph),
+                    }
+                    out.append(entry)
+                    self.say(f"cost at {rate:,} req/s: {entry['cpu_us_per_request'] or 0:.1f} us/request, "
+                             f"{entry['cpu_pct']:.0f}% CPU, RSS {entry['rss_mb']:.0f} MB, "
+                             f"{ph['server']:,}/{answered:,} spans")
+            finally:
+                self.stop_agent(agent)
+        finally:
+            srv.stop()
+        return out
+
+    # --- capacity ------------------------------------------------------------------------------------
+    def capacity(self) -> dict[str, Any]:
+        a = self.args
+        assert self.sink is not None
+        srv, addr = self.go_server()
+        steps: list[dict[str, Any]] = []
+        health_before: dict[str, float] = {}
+        try:
+            # Both ends traced: the server by pid, every goload (a new process per step) by name.
+            agent = self.launch_agent(["--pid", str(srv.pid), "--exe", "goload"])
+            health_before = dict(self.sink.stats().get("health") or {})
+            try:
+                def step(rate: int, duration: float, target: bool = False) -> dict[str, Any]:
+                    assert self.sink is not None
+                    phase = f"cap-{rate}" + ("-target" if target else "")
+                    load = run_goload(addr, phase, rate, duration, a.conns, self.log)
+                    ph = self.sink.wait_phase(phase, load["ok"] + load["non_2xx"], a.quiet_s, 90)
+                    s = {**report.step_outcome(load, ph), "duration_s": duration, "target_step": target,
+                         "client_spans": ph["client"]}
+                    steps.append(s)
+                    self.say(f"capacity step {rate:,} req/s x {duration:.0f} s: achieved {s['achieved_rps']:,.0f}, "
+                             f"{s['unique_server_spans']:,}/{s['answered']:,} spans, {s['duplicate_spans']} dup, "
+                             f"{s['late']} late, {s['errors']} errors")
+                    return s
+
+                first = step(report.TARGET_LOSSLESS_RPS, 60.0 if a.full else a.lossless_s, target=True)
+                good = first["exact"] and first["sustained"]
+                for rate in (a.ladder_up if good else a.ladder_down):
+                    s = step(rate, a.step_s)
+                    if (s["exact"] and s["sustained"]) != good:
+                        break
+            finally:
+                counters = self.stop_agent(agent)
+        finally:
+            srv.stop()
+        health_after = dict(self.sink.stats().get("health") or {})
+        return {
+            "steps": steps,
+            "result": report.capacity(steps),
+            "kspan_counters": counters,
+            "kspan_health_metrics": {"before": health_before, "after": health_after},
+        }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _kspan_usable(kspan: str | None) -> tuple[str | None, str]:
+    if kspan is None:
+        return None, "no `kspan` in .venv/bin or on PATH"
+    try:
+        r = subprocess.run([kspan, "run", "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"`kspan run --help` failed: {e}"
+    if r.returncode != 0:
+        return None, f"`kspan run --help` exited {r.returncode}: {r.stderr.strip()[-500:]}"
+    return kspan, ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.geteuid() != 0 and not args.untraced_only:
+        print("bench: the agent needs root (eBPF); run as root or with --untraced-only", file=sys.stderr)
+        return 2
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    unknown = phases - {"overhead", "cost", "capacity"}
+    if unknown:
+        print(f"bench: unknown phase(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = os.path.join(args.out, stamp)
+    kspan, why = (None, "--untraced-only") if args.untraced_only else _kspan_usable(kspan_binary())
+    results: dict[str, Any] = {"machine": machine(), "config": {**vars(args), "kspan": kspan}}
+    if kspan is None:
+        print(f"bench: traced runs skipped: {why}", file=sys.stderr)
+        results["traced_skipped"] = why
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"bench: `{tool}` not found: run `make setup` (Debian packages wrk, nginx-light)", file=sys.stderr)
+            return 2
+    for name in ("goserver", "goload", "otlpsink"):
+        build(name)
+
+    b = Bench(args, kspan, base + ".log")
+    started = time.monotonic()
+    try:
+        b.sink = Sink(base + ".log")
+        if "overhead" in phases:
+            results["overhead"] = {s: b.overhead(s) for s in args.servers.split(",") if s}
+        if kspan is not None and "cost" in phases:
+            results["cost"] = b.cost()
+        if kspan is not None and "capacity" in phases:
+            results["capacity"] = b.capacity()
+    except KeyboardInterrupt:
+        print("bench: interrupted; reporting what was measured", file=sys.stderr)
+        results["interrupted"] = True
+    finally:
+        for agent in b.agents:
+            if agent.proc.proc.poll() is None:
+                agent.stop()
+        if b.sink is not None:
+            results["sink"] = {k: v for k, v in b.sink.stats().items() if k != "phases"}
+            b.sink.stop()
+        stop_all()
+    results["elapsed_s"] = time.monotonic() - started
+    results["startup"] = b.startup
+    hwms = [a.last.hwm_kb / 1024 for a in b.agents if a.last is not None and a.last.hwm_kb]
+    rss = [a.last.rss_kb / 1024 for a in b.agents if a.last is not None and a.last.rss_kb]
+    results["memory"] = {"peak_hwm_mb": max(hwms) if hwms else None, "last_rss_mb": max(rss) if rss else None}
+    results["targets"] = report.evaluate_targets(results)
+
+    m = results["machine"]
+    print(f"\nkspan bench: {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, {m['date']}, "
+          f"load average at start {m['loadavg_at_start'][0]:.2f}, {results['elapsed_s']:.0f} s")
+    print(report.render(results))
+    report.write_json(results, base + ".json")
+    report.write_chart(results, base + ".png")
+    print(f"bench: wrote {base}.json, {base}.png, {base}.log")
+    if not args.no_latest:
+        shutil.copyfile(base + ".json", os.path.join(args.out, "latest.json"))
+        shutil.copyfile(base + ".png", os.path.join(args.out, "latest.png"))
+        if kspan is not None:
+            shutil.copyfile(base + ".png", os.path.join(BENCH_DIR, "LATEST.png"))
+            with open(os.path.join(BENCH_DIR, "LATEST.md"), "w") as f:
+                f.write(latest_markdown(results))
+            print("bench: updated bench/LATEST.md and bench/LATEST.png")
+    return 0
+
+
+def latest_markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    return (
+        "# Latest `make bench`\n\n"
+        f"Measured {m['date']} on {m['nproc']} cores ({m['cpu']}, {m['memory_gb']} GiB), Linux {m['kernel']}, "
+        f"kspan commit `{m['commit']}`; load average {m['loadavg_at_start'][0]:.2f} at the start. "
+        "Agent, servers, load generators and the span sink all share the machine. "
+        "See [README](README.md) for what each figure means.\n\n"
+        "![latest bench chart](LATEST.png)\n"
+        + report.render(r, markdown=True)
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
