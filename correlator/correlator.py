@@ -1,0 +1,372 @@
+"""The correlator's public API: kernel exchanges in, finished spans out.
+
+Pure and deterministic: no I/O, no clock reads (time comes in with the records and advance()),
+ids from a keyed hash of each exchange's identity. The same feed/advance sequence always yields
+the same spans, which is what makes `kspan replay` and recorded-stream tests exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from correlator import http1, semconv
+from correlator.clock import WallClock
+from correlator.linker import Linker, make_linker
+from correlator.records import EndReason, Exchange, ParentKind, Role
+from correlator.spans import Span, SpanKind, StatusCode
+from correlator.tracecontext import clean_tracestate, parse_traceparent
+
+_SERVER = SpanKind.SERVER
+_CLIENT = SpanKind.CLIENT
+_CLOSED = EndReason.CLOSED
+_TIMEOUT = EndReason.TIMEOUT
+_EVICTED = EndReason.EVICTED
+_ABORTED_ERR = {_CLOSED: semconv.ERR_CLOSED, _TIMEOUT: semconv.ERR_TIMEOUT, _EVICTED: semconv.ERR_EVICTED}
+
+
+@dataclass
+class CorrelatorConfig:
+    id_salt: bytes = b""  # keys the id hash: ids are unguessable across hosts/runs, stable in a replay
+    max_hold_s: float = 30.0  # how long a span waits for its parent before it goes out as an orphan
+    max_held_spans: int = 100_000  # cap on waiting spans; the oldest go out as orphans beyond it
+    query: str = "redact"  # url.query: "keep", "redact" (credential values -> REDACTED) or "drop"
+    routes: list[str] = field(default_factory=list)  # server route templates, e.g. "/users/{id}"
+    max_resolved: int = 100_000  # identities remembered after release, so late children still link
+    max_pipelined: int = 16  # requests taken from one captured head
+
+    def validate(self) -> None:
+        if not isinstance(self.id_salt, bytes):
+            raise ValueError("id_salt must be bytes")
+        if self.query not in semconv.QUERY_MODES:
+            raise ValueError(f"query mode {self.query!r} is not one of {', '.join(semconv.QUERY_MODES)}")
+        if not self.max_hold_s > 0:
+            raise ValueError(f"max_hold_s must be > 0 seconds, got {self.max_hold_s!r}")
+        for name in ("max_held_spans", "max_resolved", "max_pipelined"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        semconv.RouteTable(self.routes)
+
+
+@dataclass
+class CorrelatorStats:
+    exchanges: int = 0  # records fed
+    spans: int = 0  # spans released (feed, advance, flush)
+    unparsed_exchanges: int = 0  # request head not HTTP/1.x: no span
+    unparsed_bytes: int = 0  # request + response bytes of those exchanges
+    unparsed_responses: int = 0  # response bytes seen but no status line parsed (span kept)
+    orphaned_spans: int = 0  # released without their parent (it never came within max_hold, or flush)
+    held_dropped: int = 0  # released early as orphans because max_held_spans was reached
+    truncated_heads: int = 0  # a request or response head cut by the capture limits (span kept)
+    pipelined_splits: int = 0  # extra spans from pipelined requests in one captured head
+    timeouts: int = 0  # exchanges the kernel ended by timeout
+    closed_no_response: int = 0  # connection closed before any response
+    responses_incomplete: int = 0  # connection closed mid-response
+    evicted: int = 0  # exchanges the kernel gave up on (state evicted, process exit)
+    no_response: int = 0  # next request began with no response seen (no error set: pipelining)
+    traceparents: int = 0  # valid W3C traceparent headers honoured
+    traceparents_invalid: int = 0  # traceparent headers ignored as invalid
+    late_links: int = 0  # children linked to a parent released before they arrived
+    duplicate_ids: int = 0  # an identity seen twice: the repeat went out unlinked
+    self_hints: int = 0  # a parent hint naming the exchange itself (ignored)
+    internal_errors: int = 0  # bug guard: a record that raised inside the correlator (span lost)
+    held: int = 0  # gauge: spans waiting for their parent now
+    resolved_remembered: int = 0  # gauge: identities remembered for late children
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Correlator:
+    def __init__(self, clock: WallClock, config: CorrelatorConfig | None = None) -> None:
+        cfg = config if config is not None else CorrelatorConfig()
+        cfg.validate()
+        self.config = cfg
+        self.clock = clock
+        self._offset = clock.offset_ns
+        self._stats = CorrelatorStats()
+        self._linker: Linker = make_linker(cfg.id_salt, cfg.max_hold_s, cfg.max_held_spans, cfg.max_resolved)
+        self._routes = semconv.RouteTable(cfg.routes)
+        self._query = cfg.query
+        self._max_pipelined = cfg.max_pipelined
+        self.last_error = ""  # repr of the last internal error, for `kspan doctor`/logs
+
+    # public API -------------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> CorrelatorStats:
+        st = self._stats
+        c = self._linker.c
+        st.spans = c.spans
+        st.orphaned_spans = c.orphaned_spans
+        st.held_dropped = c.held_dropped
+        st.late_links = c.late_links
+        st.duplicate_ids = c.duplicate_ids
+        st.self_hints = c.self_hints
+        st.held = self._linker.held_count
+        st.resolved_remembered = self._linker.resolved_count
+        return st
+
+    def feed(self, ex: Exchange) -> list[Span]:
+        self._stats.exchanges += 1
+        try:
+            return self._feed(ex)
+        except Exception as e:  # noqa: BLE001 - bad input must never stop the agent: count it
+            self._stats.internal_errors += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            return []
+
+    def advance(self, mono_now_ns: int) -> list[Span]:
+        return self._linker.expire(mono_now_ns)
+
+    def flush(self) -> list[Span]:
+        return self._linker.drain()
+
+    # internals --------------------------------------------------------------------------------
+
+    def _feed(self, ex: Exchange) -> list[Span]:
+        st = self._stats
+        end_ns = max(ex.resp_end_ns, ex.resp_start_ns, ex.req_end_ns, ex.req_start_ns)
+        key = (ex.conn_id, ex.req_start_ns)
+        reqs = http1.parse_requests(ex.req_head, self._max_pipelined)
+        if not reqs:
+            st.unparsed_exchanges += 1
+            st.unparsed_bytes += (ex.req_bytes + ex.resp_bytes) or len(ex.req_head)
+            return self._linker.add(key, [], ex.parent, ex.pid, None, end_ns)
+        n = len(reqs)
+        if n > 1:
+            st.pipelined_splits += n - 1
+        end = ex.end
+        if end == _TIMEOUT:
+            st.timeouts += 1
+        elif end == _EVICTED:
+            st.evicted += 1
+        if n == 1:
+            resp = http1.parse_final_response(ex.resp_head) if ex.resp_head else None
+            resps = [resp] if resp is not None else []
+        else:
+            resps = http1.parse_responses(ex.resp_head, [r.method for r in reqs])
+        if not reqs[-1].complete or (resps and not resps[-1].complete) or (not resps and ex.resp_head_truncated):
+            st.truncated_heads += 1
+        if not resps and ex.resp_start_ns and ex.resp_head:
+            st.unparsed_responses += 1
+
+        tp = None
+        first = reqs[0]
+        if first.traceparent is not None:
+            tp = parse_traceparent(first.traceparent)
+            if tp is None:
+                st.traceparents_invalid += 1
+            else:
+                st.traceparents += 1
+
+        linker = self._linker
+        sid, root_trace = linker.ids(ex.conn_id, ex.req_start_ns)
+        if n == 1:
+            span = self._span(ex, first, resps[0] if resps else None, 0, 1, len(resps), end_ns)
+            span.span_id = sid
+            spans = [span]
+        else:
+            spans = []
+            for i in range(n):
+                span = self._span(ex, reqs[i], resps[i] if i < len(resps) else None, i, n, len(resps), end_ns)
+                span.span_id = sid if i == 0 else linker.span_id(ex.conn_id, ex.req_start_ns, i)
+                spans.append(span)
+        if tp is not None:
+            spans[0].trace_state = clean_tracestate(first.tracestate)
+        return linker.add(key, spans, ex.parent, ex.pid, tp, end_ns, root_trace)
+
+    def _span(
+        self,
+        ex: Exchange,
+        req: http1.RequestHead,
+        resp: http1.ResponseHead | None,
+        index: int,
+        n: int,
+        n_resps: int,
+        end_ns: int,
+    ) -> Span:
+        st = self._stats
+        server = ex.role == Role.SERVER
+        kind = _SERVER if server else _CLIENT
+        method, original = semconv.normalize_method(req.method)
+        scheme = "https" if ex.tls else "http"
+
+        # Request target (RFC 9112 3.2): origin-form "/p?q", absolute-form "http://h/p?q"
+        # (proxies), authority-form (CONNECT), asterisk-form (OPTIONS *).
+        target = req.target
+        authority: bytes | None = None
+        if target[0] == 0x2F:
+            q = target.find(b"?")
+            path_b = target if q < 0 else target[:q]
+            query_b = None if q < 0 else target[q + 1 :]
+        elif req.method == b"CONNECT":
+            authority, path_b, query_b = target, b"", None
+        elif target == b"*":
+            path_b, query_b = b"*", None
+        else:
+            rest = target[target.find(b"://") + 3 :]
+            s = len(rest)
+            for sep in (b"/", b"?"):
+                j = rest.find(sep)
+                if 0 <= j < s:
+                    s = j
+            authority = rest[:s]
+            at = authority.rfind(b"@")
+            if at >= 0:
+                authority = authority[at + 1 :]  # userinfo is a credential: never exported
+            pq = rest[s:]
+            q = pq.find(b"?")
+            path_b = (pq if q < 0 else pq[:q]) or b"/"
+            query_b = None if q < 0 else pq[q + 1 :]
+        path = path_b.decode("utf-8", "replace")
+        query: str | None = None
+        if query_b is not None and self._query != "drop":
+            query = query_b.decode("utf-8", "replace")
+            if self._query == "redact":
+                query = semconv.redact_query(query)
+
+        hostport = None
+        hb = authority if authority is not None else req.host
+        if hb:
+            hostport = semconv.split_host_port(hb.decode("utf-8", "replace"))
+
+        fam = ex.family
+        if fam:
+            peer_addr = ex.remote_addr
+            if peer_addr.startswith("::ffff:") and "." in peer_addr:
+                peer_addr = peer_addr[7:]
+            peer_port = ex.remote_port
+        else:
+            peer_addr, peer_port = "", 0
+
+        # Outcome: status code, and a transport failure when the response never came or was cut.
+        code: int | None = None
+        terr: str | None = None
+        end = ex.end
+        if resp is not None:
+            code = resp.status
+            if end in _ABORTED_ERR and index == n - 1 and index == n_resps - 1:
+                fc = http1.framing_complete(req.method, resp, ex.resp_bytes, ex.resp_tail)
+                if end == _CLOSED:
+                    if fc is False:
+                        terr = semconv.ERR_INCOMPLETE
+                        st.responses_incomplete += 1
+                elif fc is not True:
+                    terr = _ABORTED_ERR[end]
+        elif index == 0 or not ex.resp_start_ns:
+            if not ex.resp_start_ns:
+                terr = _ABORTED_ERR.get(end)
+                if end == _CLOSED:
+                    st.closed_no_response += 1
+                elif terr is None and index == 0:
+                    st.no_response += 1
+            else:
+                # Response bytes came but no status line parsed: fall back to the kernel's status.
+                if 100 <= ex.status <= 599:
+                    code = ex.status
+                if end == _CLOSED:
+                    if code is None:
+                        terr = semconv.ERR_INCOMPLETE
+                        st.responses_incomplete += 1
+                elif end in _ABORTED_ERR:
+                    terr = _ABORTED_ERR[end]
+        status, error_type = semconv.span_status(kind, code, terr)
+
+        a: dict[str, str | int | float | bool] = {"http.request.method": method}
+        if original is not None:
+            a["http.request.method_original"] = original
+        route = None
+        if server:
+            a["url.scheme"] = scheme
+            if path_b:
+                a["url.path"] = path
+                if not self._routes.empty and path_b[0] == 0x2F:
+                    route = self._routes.match(path)
+                    if route is not None:
+                        a["http.route"] = route
+            if query is not None:
+                a["url.query"] = query
+            if hostport is not None:
+                a["server.address"] = hostport[0]
+                a["server.port"] = hostport[1] if hostport[1] is not None else semconv.default_port(scheme)
+            elif fam and ex.local_addr:
+                local = ex.local_addr
+                if local.startswith("::ffff:") and "." in local:
+                    local = local[7:]
+                a["server.address"] = local
+                a["server.port"] = ex.local_port
+            if peer_addr:
+                a["client.address"] = peer_addr
+        else:
+            if hostport is not None:
+                host = hostport[0]
+                port = hostport[1]
+                if port is None:
+                    port = semconv.default_port(scheme)
+            elif peer_addr:
+                host, port = peer_addr, peer_port
+            else:
+                host, port = "", 0
+            if host:
+                a["server.address"] = host
+                a["server.port"] = port
+                hp = semconv.url_host(host)
+                if port != semconv.default_port(scheme):
+                    hp = f"{hp}:{port}"
+                if path_b and path_b != b"*":
+                    full = f"{scheme}://{hp}{path}"
+                else:
+                    full = f"{scheme}://{hp}"
+                if query is not None:
+                    full = f"{full}?{query}"
+                a["url.full"] = full
+        if peer_addr:
+            a["network.peer.address"] = peer_addr
+            a["network.peer.port"] = peer_port
+        version = req.version or (resp.version if resp is not None else "")
+        if version:
+            a["network.protocol.version"] = version
+        if req.user_agent:
+            a["user_agent.original"] = req.user_agent.decode("utf-8", "replace")
+        if code is not None:
+            a["http.response.status_code"] = code
+        if error_type is not None:
+            a["error.type"] = error_type
+
+        # Body sizes: from Content-Length, else from the byte counts when one exchange is one
+        # request and its head was fully captured (chunked sizes include the chunk framing).
+        if req.content_length is not None:
+            a["http.request.body.size"] = req.content_length
+        elif req.chunked and req.complete and n == 1 and ex.req_bytes > req.head_len:
+            a["http.request.body.size"] = ex.req_bytes - req.head_len
+        if resp is not None and not http1.has_no_body(req.method, resp.status):
+            got = ex.resp_bytes - resp.head_end if (resp.head_end >= 0 and n == 1) else -1
+            if resp.content_length is not None:
+                a["http.response.body.size"] = min(resp.content_length, got) if got >= 0 else resp.content_length
+            elif got >= 0:
+                a["http.response.body.size"] = got
+
+        if method == semconv.OTHER_METHOD:
+            name = "HTTP" if route is None else f"HTTP {route}"
+        else:
+            name = method if route is None else f"{method} {route}"
+        off = self._offset
+        start = ex.req_start_ns + off
+        end_w = end_ns + off
+        span = Span(
+            b"",
+            b"",
+            None,
+            name,
+            kind,
+            start,
+            end_w if end_w > start else start,
+            ex.pid,
+            a,
+            status,
+            semconv.STATUS_MESSAGES[terr] if terr is not None and status == StatusCode.ERROR else "",
+        )
+        if server and ex.parent is not None and ex.parent.kind == ParentKind.PEER:
+            span.peer_pid = ex.parent.pid
+        return span

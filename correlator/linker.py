@@ -1,0 +1,331 @@
+"""Parent/child linking: deterministic ids, and holding spans until their trace id is known.
+
+Identity of an exchange: (conn_id, req_start_ns). span_id = H(salt, identity)[:8], so a parent
+hint (which names the parent's identity) gives the parent's span id without any lookup. The
+trace id is only known once the root of the tree is known, and in the kernel's order the root
+finishes last (curl -> A -> B emits B-server, A-client, A-server, curl-client), so a span with a
+hint is held until its parent is resolved; resolving a span releases its held descendants.
+
+Rules (the issue was silent on some; these are the choices):
+- Root (no hint): trace id from the span's own valid traceparent (incoming for a server span,
+  outgoing for a client span of an instrumented app), its parent = the traceparent's parent id
+  and trace_state from tracestate. Without one, the trace id of the first traceparent found in
+  its held subtree (breadth first), so an instrumented app's outgoing trace id wins for the whole
+  tree; else H(salt, "trace", identity).
+- Hint and traceparent both: the parent is always the hinted (kspan-seen) span and the trace id
+  is the parent's; a traceparent only decides the trace of the tree it roots (see above).
+- Hint naming an exchange that was not HTTP (no span): it is resolved as a pass-through node;
+  its children link to its own parent (or become roots of its trace).
+- Held past max_hold (advance) or over the cap: the topmost held ancestor of the oldest held
+  span is released as an orphan: parent_span_id stays the hinted parent's id, trace id from the
+  subtree's traceparent if any, else H(salt, "trace", hinted identity) so siblings stay together.
+- Resolved identities are remembered (bounded, for max_hold) so a child that arrives after its
+  parent still links to it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict, deque
+from hashlib import blake2b
+
+from correlator.records import ParentHint, ParentKind
+from correlator.spans import Span
+
+Key = tuple[int, int]  # (conn_id, req_start_ns)
+
+_M64 = (1 << 64) - 1
+_pack2 = struct.Struct("<QQ").pack
+_pack3 = struct.Struct("<QQI").pack
+_Z8 = b"\0" * 8
+_Z7_1 = b"\0" * 7 + b"\1"
+_Z16 = b"\0" * 16
+_Z15_1 = b"\0" * 15 + b"\1"
+
+
+class _Node:
+    __slots__ = ("key", "spans", "parent_key", "hint_kind", "pid", "tp_trace", "tp_parent", "since")
+
+    def __init__(
+        self,
+        key: Key,
+        spans: list[Span],
+        parent_key: Key | None,
+        hint_kind: int,
+        pid: int,
+        tp_trace: bytes | None,
+        tp_parent: bytes | None,
+    ) -> None:
+        self.key = key
+        self.spans = spans
+        self.parent_key = parent_key
+        self.hint_kind = hint_kind
+        self.pid = pid
+        self.tp_trace = tp_trace
+        self.tp_parent = tp_parent
+        self.since = 0
+
+
+class LinkerCounters:
+    """Counters the linker updates; the correlator exposes them in CorrelatorStats."""
+
+    __slots__ = ("spans", "orphaned_spans", "held_dropped", "late_links", "duplicate_ids", "self_hints")
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self.orphaned_spans = 0
+        self.held_dropped = 0
+        self.late_links = 0
+        self.duplicate_ids = 0
+        self.self_hints = 0
+
+
+class Linker:
+    def __init__(self, salt: bytes, max_hold_ns: int, max_held: int, max_resolved: int) -> None:
+        # blake2b keys are at most 64 bytes: a longer salt is hashed down once.
+        self._salt = salt if len(salt) <= 64 else blake2b(salt, digest_size=64).digest()
+        self.max_hold_ns = max_hold_ns
+        self.max_held = max(1, max_held)
+        self.max_resolved = max(1, max_resolved)
+        self._h24 = blake2b(digest_size=24, key=self._salt)
+        self.c = LinkerCounters()
+        self._held: OrderedDict[Key, _Node] = OrderedDict()  # oldest first (since is monotonic)
+        self._waiting: dict[Key, list[Key]] = {}  # parent identity -> held children, in arrival order
+        # identity -> (trace_id, id children link to, pid, resolved at); oldest first
+        self._resolved: OrderedDict[Key, tuple[bytes, bytes | None, int, int]] = OrderedDict()
+        self._now = 0  # stream time: the latest time seen in a record or advance()
+
+    # ids -------------------------------------------------------------------------------------
+
+    def ids(self, conn_id: int, req_start_ns: int) -> tuple[bytes, bytes]:
+        """(span_id, trace_id if this exchange roots a trace without a traceparent): one hash."""
+        h = self._h24.copy()
+        h.update(_pack2(conn_id & _M64, req_start_ns & _M64))
+        d = h.digest()
+        sid = d[:8]
+        tid = d[8:]
+        if sid == _Z8:
+            sid = _Z7_1
+        if tid == _Z16:
+            tid = _Z15_1
+        return sid, tid
+
+    def span_id(self, conn_id: int, req_start_ns: int, index: int = 0) -> bytes:
+        if index == 0:
+            return self.ids(conn_id, req_start_ns)[0]
+        # Pipelined requests after the first share its identity: the index tells them apart.
+        h = self._h24.copy()
+        h.update(_pack3(conn_id & _M64, req_start_ns & _M64, index & 0xFFFFFFFF))
+        sid = h.digest()[:8]
+        return sid if sid != _Z8 else _Z7_1
+
+    def trace_id(self, key: Key) -> bytes:
+        return self.ids(key[0], key[1])[1]
+
+    # state -----------------------------------------------------------------------------------
+
+    @property
+    def held_count(self) -> int:
+        return len(self._held)
+
+    @property
+    def resolved_count(self) -> int:
+        return len(self._resolved)
+
+    def add(
+        self,
+        key: Key,
+        spans: list[Span],
+        hint: ParentHint | None,
+        pid: int,
+        tp: tuple[bytes, bytes] | None,
+        at_ns: int,
+        root_trace: bytes | None = None,
+    ) -> list[Span]:
+        """Take the spans of one exchange (several when pipelined, none when it was not HTTP) and
+        return every span whose trace id became known. root_trace: ids(key)[1] if the caller has
+        it already (saves a hash)."""
+        if at_ns > self._now:
+            self._now = at_ns
+        out: list[Span] = []
+        if key in self._held or key in self._resolved:
+            # The kernel names an exchange once; a repeat (replayed or corrupt record) must not
+            # steal the first one's children. Its spans go out unlinked as their own trace.
+            self.c.duplicate_ids += 1
+            self._emit_detached(key, spans, tp, out)
+            return out
+        parent_key: Key | None = None
+        kind = 0
+        if hint is not None:
+            parent_key = (hint.exchange.conn_id, hint.exchange.req_start_ns)
+            kind = int(hint.kind)
+            if parent_key == key:
+                self.c.self_hints += 1
+                parent_key = None
+        node = _Node(key, spans, parent_key, kind, pid, tp[0] if tp else None, tp[1] if tp else None)
+        node.since = self._now
+        kids = self._waiting.get(key)
+        if kids and spans:
+            # A client span whose server end (PEER child) is already here: record the peer.
+            for ck in kids:
+                c = self._held.get(ck)
+                if c is not None and c.hint_kind == ParentKind.PEER:
+                    for s in spans:
+                        if not s.peer_pid:
+                            s.peer_pid = c.pid
+                    break
+        if parent_key is None:
+            self._release_root(node, out, root_trace)
+            return out
+        r = self._resolved.get(parent_key)
+        if r is not None:
+            self.c.late_links += 1
+            self._release(node, r[0], r[1], out)
+            return out
+        p = self._held.get(parent_key)
+        if p is not None and kind == ParentKind.PEER:
+            for s in p.spans:
+                if not s.peer_pid:
+                    s.peer_pid = pid
+        self._held[key] = node
+        self._waiting.setdefault(parent_key, []).append(key)
+        while len(self._held) > self.max_held:
+            _, oldest = next(iter(self._held.items()))
+            n = self._orphan(oldest, out)
+            self.c.held_dropped += n
+        return out
+
+    def expire(self, now_ns: int) -> list[Span]:
+        """Release as orphans the held spans whose parent did not come within max_hold."""
+        if now_ns > self._now:
+            self._now = now_ns
+        out: list[Span] = []
+        deadline = self._now - self.max_hold_ns
+        held = self._held
+        while held:
+            _, oldest = next(iter(held.items()))
+            if oldest.since > deadline:
+                break
+            self.c.orphaned_spans += self._orphan(oldest, out)
+        resolved = self._resolved
+        while resolved:
+            k, r = next(iter(resolved.items()))
+            if r[3] > deadline:
+                break
+            del resolved[k]
+        return out
+
+    def drain(self) -> list[Span]:
+        """Shutdown: release every held span (as orphans: their parents never came)."""
+        out: list[Span] = []
+        while self._held:
+            _, oldest = next(iter(self._held.items()))
+            self.c.orphaned_spans += self._orphan(oldest, out)
+        return out
+
+    # internals -------------------------------------------------------------------------------
+
+    def _emit_detached(self, key: Key, spans: list[Span], tp: tuple[bytes, bytes] | None, out: list[Span]) -> None:
+        trace = tp[0] if tp else self.trace_id((key[0] ^ 0x5A5A, key[1]))
+        for s in spans:
+            s.trace_id = trace
+            s.parent_span_id = tp[1] if tp else None
+        out.extend(spans)
+        self.c.spans += len(spans)
+
+    def _subtree_traceparent(self, key: Key) -> bytes | None:
+        """First traceparent trace id among the held descendants of key, breadth first."""
+        kids = self._waiting.get(key)
+        if not kids:
+            return None
+        q = deque(kids)
+        seen: set[Key] = {key}
+        held = self._held
+        while q:
+            k = q.popleft()
+            if k in seen:
+                continue
+            seen.add(k)
+            n = held.get(k)
+            if n is None:
+                continue
+            if n.tp_trace is not None:
+                return n.tp_trace
+            more = self._waiting.get(k)
+            if more:
+                q.extend(more)
+        return None
+
+    def _release_root(self, node: _Node, out: list[Span], root_trace: bytes | None) -> None:
+        if node.tp_trace is not None:
+            self._release(node, node.tp_trace, node.tp_parent, out)
+        else:
+            trace = self._subtree_traceparent(node.key) or root_trace or self.trace_id(node.key)
+            self._release(node, trace, None, out)
+
+    def _orphan(self, node: _Node, out: list[Span]) -> int:
+        """Release the topmost held ancestor of node (whose own parent never came) and its subtree.
+        Returns the number of spans of that ancestor (the orphans proper)."""
+        top = node
+        seen = {node.key}
+        while top.parent_key is not None:
+            p = self._held.get(top.parent_key)
+            if p is None or p.key in seen:
+                break
+            seen.add(p.key)
+            top = p
+        del self._held[top.key]
+        pk = top.parent_key
+        assert pk is not None  # only hinted nodes are held
+        sibs = self._waiting.get(pk)
+        if sibs is not None:
+            try:
+                sibs.remove(top.key)
+            except ValueError:
+                pass
+            if not sibs:
+                del self._waiting[pk]
+        trace = top.tp_trace or self._subtree_traceparent(top.key) or self.trace_id(pk)
+        self._release(top, trace, self.span_id(pk[0], pk[1]), out)
+        return len(top.spans)
+
+    def _release(self, node: _Node, trace: bytes, parent_link: bytes | None, out: list[Span]) -> None:
+        """Give node its trace and parent, emit it, then its held descendants (breadth first)."""
+        resolved = self._resolved
+        waiting = self._waiting
+        now = self._now
+        c = self.c
+        q: deque[tuple[_Node, bytes | None]] | None = None
+        n, pl = node, parent_link
+        while True:
+            spans = n.spans
+            if spans:
+                for s in spans:
+                    s.trace_id = trace
+                    s.parent_span_id = pl
+                out.extend(spans)
+                c.spans += len(spans)
+                link = spans[0].span_id
+            else:
+                link = pl  # not HTTP: its children hang on its own parent
+            resolved[n.key] = (trace, link, n.pid, now)
+            if waiting:
+                kids = waiting.pop(n.key, None)
+                if kids:
+                    if q is None:
+                        q = deque()
+                    held = self._held
+                    for ck in kids:
+                        ch = held.pop(ck, None)
+                        if ch is not None:
+                            q.append((ch, link))
+            if not q:
+                break
+            n, pl = q.popleft()
+        if len(resolved) > self.max_resolved:
+            while len(resolved) > self.max_resolved:
+                resolved.popitem(last=False)
+
+
+def make_linker(salt: bytes, max_hold_s: float, max_held: int, max_resolved: int) -> Linker:
+    return Linker(salt, int(max_hold_s * 1e9), max_held, max_resolved)

@@ -1,0 +1,45 @@
+"""W3C Trace Context (traceparent / tracestate) as seen in a captured request head."""
+
+from __future__ import annotations
+
+_HEX = b"0123456789abcdef"
+_ZERO_TRACE = b"\0" * 16
+_ZERO_SPAN = b"\0" * 8
+_MAX_TRACESTATE = 512  # W3C: 32 list members; vendors keep it short. Longer is dropped, not cut.
+
+
+def parse_traceparent(value: bytes) -> tuple[bytes, bytes] | None:
+    """(trace_id, parent_span_id) from a traceparent value, or None if it is not valid.
+
+    Version 00 must be exactly 55 characters; a later version (not ff) is read by its first 55
+    characters as the W3C spec asks. Upper-case hex and all-zero ids are invalid."""
+    n = len(value)
+    if n < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
+        return None
+    ver = value[:2]
+    if ver == b"00":
+        if n != 55:
+            return None
+    elif ver == b"ff" or (n > 55 and value[55:56] != b"-"):
+        return None
+    if value[:55].translate(None, _HEX + b"-") or value.count(b"-", 0, 55) != 3:
+        return None
+    try:
+        trace = bytes.fromhex(value[3:35].decode("ascii"))
+        parent = bytes.fromhex(value[36:52].decode("ascii"))
+    except ValueError:
+        return None
+    if trace == _ZERO_TRACE or parent == _ZERO_SPAN:
+        return None
+    return trace, parent
+
+
+def clean_tracestate(value: bytes | None) -> str:
+    """The tracestate to carry on the span, or "" when absent or not plain printable ASCII."""
+    if not value or len(value) > _MAX_TRACESTATE:
+        return ""
+    try:
+        s = value.decode("ascii")
+    except UnicodeDecodeError:
+        return ""
+    return s if s.isprintable() else ""
