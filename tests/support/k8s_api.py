@@ -6,6 +6,7 @@ It serves the read paths kspan's tracer/kubernetes.py uses, from realistic fixtu
   GET /apis/discovery.k8s.io/v1/endpointslices          (list / watch)
   GET /apis/apps/v1/namespaces/{ns}/replicasets/{name}
   GET /apis/batch/v1/namespaces/{ns}/jobs/{name}
+  POST <any collection>   (recorded in `created` and echoed back: manifests via create_from_yaml)
 A watch sends the events queued with push_event() as JSON lines, holds the stream open briefly
 and ends, as a real API server does when a watch's timeoutSeconds runs out.
 """
@@ -208,6 +209,8 @@ class FakeKubernetesApi:
         self.endpointslices = default_endpointslices()
         self.watch_hold_s = watch_hold_s
         self.requests: list[str] = []
+        # (path, object) of every create (POST), as `kubectl apply` / create_from_yaml send them.
+        self.created: list[tuple[str, Obj]] = []
         # Resources answered with 403 Forbidden, as when the ServiceAccount lacks the RBAC rule.
         self.forbidden: set[str] = set()
         self._events: dict[str, list[Obj]] = {"pods": [], "services": [], "endpointslices": []}
@@ -239,6 +242,9 @@ class FakeKubernetesApi:
 
             def do_GET(self) -> None:  # noqa: N802 - stdlib name
                 api._handle(self)
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib name
+                api._create(self)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
@@ -283,6 +289,18 @@ class FakeKubernetesApi:
             if (group, resource) == ("batch", "jobs"):
                 return self._get_one(req, self.jobs, namespace, name, resource)
         self._send_status(req, 404, "NotFound", f"the server could not find the requested resource {parts.path}")
+
+    def _create(self, req: BaseHTTPRequestHandler) -> None:
+        """Accept any create and echo the object back, as the API server does for `dryRun=All`."""
+        length = int(req.headers.get("Content-Length") or 0)
+        try:
+            obj = json.loads(req.rfile.read(length) or b"{}")
+        except ValueError:
+            return self._send_status(req, 400, "BadRequest", "body is not JSON")
+        with self._lock:
+            self.requests.append(req.path)
+            self.created.append((urlsplit(req.path).path, obj))
+        self._send_json(req, 201, obj)
 
     @staticmethod
     def _filter_pods(pods: list[Obj], selector: str) -> list[Obj]:
