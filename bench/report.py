@@ -35,7 +35,7 @@ def summarize_overhead(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Latency ratios above 1 mean tracing made requests slower."""
     out: dict[str, Any] = {}
     for mode in ("untraced", "traced"):
-        rs = [r for r in runs if r["mode"] == mode]
+        rs = [r for r in runs if r["mode"] == mode and r.get("rps") is not None]
         out[mode] = {k: mean(r.get(k) for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
         out[mode]["runs"] = len(rs)
     out["ratio"] = {
@@ -215,6 +215,16 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
                  f"median {statistics.median(st['ready_s']):.2f} s, max {max(st['ready_s']):.2f} s"],
                 ["launch -> first span at the endpoint", "1 launch", _f(st.get("first_span_s"), "{:.2f} s")]]
         out += _table(["interval", "samples", "measured"], rows, markdown)
+    errors = dict(r.get("errors") or {})
+    for server, o in (r.get("overhead") or {}).items():
+        for run in o.get("runs", []):
+            if run.get("error"):
+                errors[f"overhead-{server} {run['mode']} round {run['round']}"] = run["error"]
+    if errors:
+        out.append(h("Errors"))
+        for name, err in errors.items():
+            last = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or [""]
+            out.append(f"- {name}: {last[0][:300]}" if markdown else f"{name}: {last[0][:300]}")
     out.append(h("Targets"))
     rows = [[t["status"], t["target"], t["limit"], t["measured"] or "not measured"] for t in r.get("targets", [])]
     out += _table(["", "target", "limit", "measured"], rows, markdown)

@@ -152,7 +152,14 @@ class Bench:
             for rnd in range(1, a.rounds + 1):
                 for mode in modes:
                     phase = f"ovh-{server}-{rnd}"
-                    agent = self.launch_agent(pid_args) if mode == "traced" else None
+                    agent = None
+                    if mode == "traced":
+                        try:
+                            agent = self.launch_agent(pid_args)
+                        except RuntimeError as e:
+                            runs.append({"mode": mode, "round": rnd, "error": str(e)[-2000:]})
+                            self.say(f"{server} traced round {rnd}: {str(e)[-1500:]}")
+                            continue
                     try:
                         w = run_wrk(f"http://{addr}/b/{phase}/0", a.wrk_s, a.wrk_connections)
                         run: dict[str, Any] = {"mode": mode, "round": rnd, **w.as_dict()}
@@ -318,12 +325,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         b.sink = Sink(base + ".log")
+        errors: dict[str, str] = {}
+        results["errors"] = errors
+
+        def attempt(name: str, fn: Any) -> Any:
+            # One phase failing (the agent not starting, say) must not lose the others' figures.
+            try:
+                return fn()
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
+                errors[name] = f"{type(e).__name__}: {e}"
+                b.say(f"{name} failed: {errors[name][:2000]}")
+                return None
+
         if "overhead" in phases:
-            results["overhead"] = {s: b.overhead(s) for s in args.servers.split(",") if s}
+            ov = {s: attempt(f"overhead-{s}", lambda s=s: b.overhead(s)) for s in args.servers.split(",") if s}
+            results["overhead"] = {s: v for s, v in ov.items() if v is not None}
         if kspan is not None and "cost" in phases:
-            results["cost"] = b.cost()
+            results["cost"] = attempt("cost", b.cost) or []
         if kspan is not None and "capacity" in phases:
-            results["capacity"] = b.capacity()
+            results["capacity"] = attempt("capacity", b.capacity) or {}
     except KeyboardInterrupt:
         print("bench: interrupted; reporting what was measured", file=sys.stderr)
         results["interrupted"] = True

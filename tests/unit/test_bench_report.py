@@ -1,0 +1,197 @@
+"""The benchmark's arithmetic: ratios, per-request cost, step outcomes, capacity, targets, and the
+parsers of wrk and /proc output it relies on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import report
+from bench.agent import parse_summary
+from bench.procstat import parse_stat_ticks, parse_status_kb
+from bench.wrk import parse_wrk
+
+WRK_OUT = """Running 5s test @ http://127.0.0.1:41234/b/ovh-go-1/0
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   486.09us    1.52ms  34.41ms   97.81%
+    Req/Sec    43.51k     3.20k   47.77k    80.00%
+  Latency Distribution
+     50%  301.00us
+     75%  398.00us
+     90%  537.00us
+     99%    7.25ms
+  216389 requests in 5.00s, 24.35MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:  43277.80
+Transfer/sec:      4.87MB
+"""
+
+
+def test_parse_wrk_converts_units_and_counts() -> None:
+    w = parse_wrk(WRK_OUT)
+    assert w.requests == 216389
+    assert w.duration_s == pytest.approx(5.0)
+    assert w.rps == pytest.approx(43277.80)
+    assert w.p50_ms == pytest.approx(0.301)
+    assert w.p99_ms == pytest.approx(7.25)
+    assert w.non_2xx == 3
+    assert w.socket_errors == 0
+
+
+def test_parse_wrk_seconds_and_socket_errors() -> None:
+    out = WRK_OUT.replace("7.25ms", "1.20s").replace(
+        "  Non-2xx or 3xx responses: 3\n", "  Socket errors: connect 1, read 2, write 0, timeout 4\n")
+    w = parse_wrk(out)
+    assert w.p99_ms == pytest.approx(1200.0)
+    assert w.socket_errors == 7
+    assert w.non_2xx == 0
+
+
+def test_parse_wrk_rejects_a_report_without_latency() -> None:
+    with pytest.raises(ValueError):
+        parse_wrk("Running 5s test\nRequests/sec: 10\n")
+
+
+def test_parse_stat_counts_user_and_system_ticks_past_a_tricky_comm() -> None:
+    # comm may contain spaces and ')' : fields are counted from the last ')'.
+    fields = ["S", "1", "2", "3", "0", "-1", "4194304", "100", "0", "0", "0", "1234", "567", "0", "0"]
+    stat = "4321 (py (x) y) " + " ".join(fields) + " 20 0 3 0 12345"
+    assert parse_stat_ticks(stat) == 1234 + 567
+
+
+def test_parse_status_kb() -> None:
+    status = "Name:\tkspan\nVmHWM:\t  120400 kB\nVmRSS:\t   98304 kB\n"
+    assert parse_status_kb(status, "VmRSS") == 98304
+    assert parse_status_kb(status, "VmHWM") == 120400
+    assert parse_status_kb(status, "VmSwap") is None
+
+
+def test_parse_summary_takes_the_last_stopped_line() -> None:
+    err = ("kspan: ready (40 probes, tracepoints backend)\n"
+           "kspan: stopped; ringbuf_lost=3, exchanges=100\n"
+           "kspan: stopped; ringbuf_lost=12, exchanges=20000, dropped_queue_full=5\n")
+    assert parse_summary(err) == {"ringbuf_lost": 12, "exchanges": 20000, "dropped_queue_full": 5}
+    assert parse_summary("kspan: ready\n") == {}
+
+
+def test_ratio_and_mean_skip_missing_values() -> None:
+    assert report.ratio(45.0, 50.0) == pytest.approx(0.9)
+    assert report.ratio(1.0, 0) is None
+    assert report.ratio(None, 3.0) is None
+    assert report.mean([1.0, None, 3.0]) == pytest.approx(2.0)
+    assert report.mean([None]) is None
+
+
+def test_summarize_overhead_averages_alternated_runs() -> None:
+    runs = [
+        {"mode": "untraced", "round": 1, "rps": 50_000.0, "p50_ms": 0.30, "p99_ms": 5.0, "requests": 250_000},
+        {"mode": "traced", "round": 1, "rps": 44_000.0, "p50_ms": 0.36, "p99_ms": 6.0, "requests": 220_000,
+         "spans": 219_000},
+        {"mode": "untraced", "round": 2, "rps": 48_000.0, "p50_ms": 0.32, "p99_ms": 7.0, "requests": 240_000},
+        {"mode": "traced", "round": 2, "rps": 42_000.0, "p50_ms": 0.40, "p99_ms": 8.0, "requests": 210_000,
+         "spans": 211_000},
+        {"mode": "traced", "round": 3, "error": "kspan did not start"},
+    ]
+    s = report.summarize_overhead(runs)
+    assert s["untraced"]["rps"] == pytest.approx(49_000.0)
+    assert s["traced"]["rps"] == pytest.approx(43_000.0)
+    assert s["traced"]["runs"] == 2
+    assert s["ratio"]["throughput"] == pytest.approx(43_000 / 49_000)
+    assert s["ratio"]["p50"] == pytest.approx(0.38 / 0.31)
+    assert s["ratio"]["p99"] == pytest.approx(7.0 / 6.0)
+    assert s["span_coverage"] == pytest.approx(430_000 / 430_000)
+
+
+def test_cpu_us_per_request() -> None:
+    assert report.cpu_us_per_request(1.5, 100_000) == pytest.approx(15.0)
+    assert report.cpu_us_per_request(1.5, 0) is None
+    assert report.cpu_us_per_request(None, 10) is None
+
+
+def _load(rate: int, ok: int, late: int = 0, errors: int = 0, non2xx: int = 0) -> dict:
+    return {"rate": rate, "achieved_rps": ok / 5, "sent": ok + errors + non2xx, "ok": ok, "non_2xx": non2xx,
+            "errors": errors, "late": late, "p50_ms": 1.0, "p99_ms": 3.0}
+
+
+def _phase(unique: int, dup: int = 0) -> dict:
+    return {"server": unique + dup, "unique_server": unique, "duplicate_server": dup}
+
+
+def test_step_outcome_exact_lossy_and_duplicated() -> None:
+    exact = report.step_outcome(_load(10_000, 50_000), _phase(50_000))
+    assert exact["exact"] and exact["sustained"] and exact["lost"] == 0 and exact["loss_rate"] == 0
+    lossy = report.step_outcome(_load(20_000, 100_000), _phase(99_000))
+    assert not lossy["exact"] and lossy["lost"] == 1_000 and lossy["loss_rate"] == pytest.approx(0.01)
+    # A duplicate never hides a loss: both are counted against exactness.
+    dup = report.step_outcome(_load(10_000, 50_000), _phase(50_000, dup=2))
+    assert not dup["exact"] and dup["duplicate_spans"] == 2
+    late = report.step_outcome(_load(40_000, 150_000, late=50_000), _phase(150_000))
+    assert late["exact"] and not late["sustained"]
+    # Non-2xx answers are still requests that must become spans.
+    assert report.step_outcome(_load(1_000, 4_990, non2xx=10), _phase(5_000))["exact"]
+
+
+def test_capacity_is_the_highest_sustained_exact_rate() -> None:
+    steps = [
+        report.step_outcome(_load(10_000, 50_000), _phase(50_000)),
+        report.step_outcome(_load(15_000, 75_000), _phase(75_000)),
+        report.step_outcome(_load(20_000, 100_000), _phase(97_000)),
+    ]
+    c = report.capacity(steps)
+    assert c["capacity_rps"] == 15_000
+    assert c["above"]["rate"] == 20_000
+    assert c["above"]["limit"] == "spans lost"
+    assert c["above"]["loss_rate"] == pytest.approx(0.03)
+
+
+def test_capacity_limited_by_the_load_and_none_when_all_lossy() -> None:
+    steps = [report.step_outcome(_load(10_000, 50_000), _phase(50_000)),
+             report.step_outcome(_load(15_000, 60_000, late=15_000), _phase(60_000))]
+    c = report.capacity(steps)
+    assert c["capacity_rps"] == 10_000 and c["above"]["limit"] == "load not sustained"
+    none = report.capacity([report.step_outcome(_load(10_000, 50_000), _phase(40_000)),
+                            report.step_outcome(_load(1_000, 5_000), _phase(4_999))])
+    assert none["capacity_rps"] is None and none["above"]["rate"] == 1_000
+
+
+def _results(ratio_go: float, us: float, lost: int, hwm: float, ready: list[float]) -> dict:
+    ov_runs = [{"mode": "untraced", "round": 1, "rps": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "requests": 500},
+               {"mode": "traced", "round": 1, "rps": 100.0 * ratio_go, "p50_ms": 1.0, "p99_ms": 2.0,
+                "requests": 500, "spans": 500}]
+    step = {**report.step_outcome(_load(10_000, 100_000), _phase(100_000 - lost)), "duration_s": 10.0,
+            "target_step": True}
+    return {
+        "overhead": {"go": {"runs": ov_runs, "summary": report.summarize_overhead(ov_runs)}},
+        "cost": [{"rate": 10_000, "cpu_us_per_request": us, "requests": 100_000}],
+        "capacity": {"steps": [step], "result": report.capacity([step])},
+        "memory": {"peak_hwm_mb": hwm},
+        "startup": {"ready_s": ready, "first_span_s": 1.0},
+    }
+
+
+def test_targets_pass_and_miss_on_the_limits() -> None:
+    ok = {t["target"]: t for t in report.evaluate_targets(_results(0.95, 20.0, 0, 120.0, [1.0, 2.5]))}
+    assert all(t["status"] == report.PASS for t in ok.values()), ok
+    assert any("target 60 s: --full" in name for name in ok)
+    bad = {t["target"]: t for t in report.evaluate_targets(_results(0.85, 30.0, 7, 160.0, [1.0, 3.5]))}
+    assert all(t["status"] == report.MISS for t in bad.values()), bad
+    assert bad["traced/untraced throughput, go"]["measured"] == "0.850"
+    assert bad["launch to `kspan: ready` (worst launch)"]["measured"] == "3.50 s"
+
+
+def test_targets_not_measured_without_the_agent() -> None:
+    rows = report.evaluate_targets({"overhead": {}, "startup": {"ready_s": []}, "memory": {}})
+    assert {t["status"] for t in rows} == {report.NOT_MEASURED}
+
+
+def test_render_and_json_round_trip(tmp_path) -> None:
+    r = _results(0.95, 20.0, 0, 120.0, [1.0])
+    r["targets"] = report.evaluate_targets(r)
+    text = report.render(r)
+    assert "PASS" in text and "Targets" in text
+    md = report.render(r, markdown=True)
+    assert "| server | mode |" in md
+    report.write_json(r, str(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text())["targets"] == r["targets"]
