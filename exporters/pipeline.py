@@ -1,0 +1,324 @@
+"""Batching, bounded queueing and retry between the capture loop and the span exporters.
+
+The capture loop must never wait on a collector: submit() only appends to bounded in-memory queues
+(one lane per exporter, each with its own thread, so a collector outage does not stall the console
+or the file) and counts what does not fit. While an exporter fails, its queued spans are retried
+with capped exponential backoff; when the queue is full, incoming traces are dropped whole and
+counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from correlator.spans import ProcessInfo, Span
+from exporters.base import SpanExporter
+
+log = logging.getLogger("kspan.exporters")
+
+
+def _describe(exporter: SpanExporter) -> str:
+    d = getattr(exporter, "describe", None)
+    return d() if callable(d) else type(exporter).__name__
+
+
+class _Lane:
+    """One exporter's queue and worker thread."""
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        max_queue_spans: int,
+        max_batch: int,
+        max_delay_s: float,
+        backoff_initial_s: float,
+        backoff_max_s: float,
+    ) -> None:
+        self.exporter = exporter
+        self.name = _describe(exporter)
+        self.max_queue = max_queue_spans
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.cond = threading.Condition()
+        self.queue: deque[Span] = deque()
+        # ProcessInfo of every pid referenced by queued spans, kept until those spans leave: a
+        # process may exit (and the agent forget it) before its spans are exported.
+        self.processes: dict[int, ProcessInfo] = {}
+        self.pid_refs: Counter[int] = Counter()
+        self.oldest_enqueued = 0.0
+        self.stopping = False
+        self.deadline = float("inf")
+        self.exported = 0
+        self.batches = 0
+        self.dropped_queue_full = 0
+        self.dropped_rejected = 0
+        self.dropped_shutdown = 0
+        self.export_failures = 0
+        self.export_seconds = 0.0
+        self.outage_since: float | None = None
+        self.outage_failures = 0
+        self.thread = threading.Thread(target=self._run, name=f"kspan-export-{self.name}", daemon=True)
+
+    # --- producer side (capture loop) ---
+
+    def offer(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
+        with self.cond:
+            if self.stopping:
+                self.dropped_shutdown += len(spans)
+                return
+            room = self.max_queue - len(self.queue)
+            accepted: Sequence[Span] = spans
+            if len(spans) > room:
+                accepted = self._fit_whole_traces(spans, room)
+                self.dropped_queue_full += len(spans) - len(accepted)
+                if not accepted:
+                    return
+            was_empty = not self.queue
+            self.queue.extend(accepted)
+            for s in accepted:
+                pid = s.pid
+                self.pid_refs[pid] += 1
+                if pid not in self.processes:
+                    info = processes.get(pid)
+                    if info is not None:
+                        self.processes[pid] = info
+            if was_empty:
+                self.oldest_enqueued = time.monotonic()
+                self.cond.notify()
+            elif len(self.queue) >= self.max_batch:
+                self.cond.notify()
+
+    @staticmethod
+    def _fit_whole_traces(spans: Sequence[Span], room: int) -> list[Span]:
+        # Drop whole traces, not arbitrary spans: a half trace misleads more than a missing one.
+        if room <= 0:
+            return []
+        by_trace: dict[bytes, list[Span]] = {}
+        for s in spans:
+            by_trace.setdefault(s.trace_id, []).append(s)
+        out: list[Span] = []
+        for group in by_trace.values():
+            if len(out) + len(group) <= room:
+                out.extend(group)
+        return out
+
+    # --- consumer side (worker thread) ---
+
+    def _take_batch(self) -> tuple[list[Span], dict[int, ProcessInfo]] | None:
+        """Wait for a batch worth sending; None when stopping with nothing left (or past the deadline)."""
+        with self.cond:
+            while True:
+                if self.stopping and (not self.queue or time.monotonic() >= self.deadline):
+                    return None
+                if self.queue:
+                    if self.stopping or len(self.queue) >= self.max_batch:
+                        break
+                    wait = self.oldest_enqueued + self.max_delay_s - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self.cond.wait(wait)
+                else:
+                    self.cond.wait()
+            n = min(self.max_batch, len(self.queue))
+            # Peek, do not pop: on failure the same spans stay at the head of the queue.
+            batch = [self.queue[i] for i in range(n)]
+            procs = {s.pid: self.processes[s.pid] for s in batch if s.pid in self.processes}
+            return batch, procs
+
+    def _release(self, n: int) -> None:
+        with self.cond:
+            for _ in range(min(n, len(self.queue))):  # shutdown may have cleared the queue meanwhile
+                s = self.queue.popleft()
+                pid = s.pid
+                left = self.pid_refs[pid] - 1
+                if left <= 0:
+                    del self.pid_refs[pid]
+                    self.processes.pop(pid, None)
+                else:
+                    self.pid_refs[pid] = left
+            if self.queue:
+                self.oldest_enqueued = time.monotonic()
+
+    def _sleep(self, seconds: float) -> None:
+        """Back off; a shutdown starting meanwhile ends the wait early (one prompt last try), and
+        during shutdown the wait never passes the shutdown deadline."""
+        with self.cond:
+            was_stopping = self.stopping
+            end = min(time.monotonic() + seconds, self.deadline)
+            while self.stopping == was_stopping:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
+
+    def _run(self) -> None:
+        backoff = self.backoff_initial_s
+        while True:
+            item = self._take_batch()
+            if item is None:
+                return
+            batch, procs = item
+            t0 = time.perf_counter()
+            try:
+                ok = bool(self.exporter.export(batch, procs))
+            except Exception as e:  # the contract says never raise; a bug must not end exporting
+                log.exception("kspan: bug: %s raised while exporting", self.name)
+                setattr_safe(self.exporter, "last_error", repr(e))
+                ok = False
+            self.export_seconds += time.perf_counter() - t0
+            if ok:
+                self.exported += len(batch)
+                self.batches += 1
+                self._release(len(batch))
+                if self.outage_since is not None:
+                    log.warning(
+                        "kspan: export to %s resumed after %.1f s (%d failed attempts); %d spans still queued",
+                        self.name, time.monotonic() - self.outage_since, self.outage_failures, len(self.queue),
+                    )
+                    self.outage_since = None
+                    self.outage_failures = 0
+                backoff = self.backoff_initial_s
+                continue
+            self.export_failures += 1
+            reason = getattr(self.exporter, "last_error", "") or "export failed"
+            if getattr(self.exporter, "last_failure_permanent", False):
+                # The endpoint refused these spans for good: retrying would block the queue forever.
+                self.dropped_rejected += len(batch)
+                self._release(len(batch))
+                log.warning("kspan: %s rejected %d spans, dropped: %s", self.name, len(batch), reason)
+                continue
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                hint = getattr(self.exporter, "outage_hint", "") or "check the exporter's configuration"
+                log.warning(
+                    "kspan: cannot reach %s: %s; spans are queued (%d, at most %d) and the excess "
+                    "dropped; %s",
+                    self.name, reason, len(self.queue), self.max_queue, hint,
+                )
+            self.outage_failures += 1
+            self._sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, self.backoff_max_s)
+
+    def stats(self) -> dict[str, Any]:
+        with self.cond:
+            return {
+                "exporter": self.name,
+                "exported": self.exported,
+                "batches": self.batches,
+                "queued": len(self.queue),
+                "dropped_queue_full": self.dropped_queue_full,
+                "dropped_rejected": self.dropped_rejected,
+                "dropped_shutdown": self.dropped_shutdown,
+                "export_failures": self.export_failures,
+                "export_seconds": self.export_seconds,
+                "failing": self.outage_since is not None,
+                "last_error": getattr(self.exporter, "last_error", ""),
+            }
+
+
+def setattr_safe(obj: object, name: str, value: object) -> None:
+    try:
+        setattr(obj, name, value)
+    except (AttributeError, TypeError):
+        pass
+
+
+class ExportPipeline:
+    """submit() never blocks and never raises; stats() counts everything; shutdown() flushes within a
+    deadline and reports what it could not deliver."""
+
+    def __init__(
+        self,
+        exporters: Sequence[SpanExporter],
+        max_queue_spans: int = 20000,
+        max_batch: int = 512,
+        max_delay_s: float = 1.0,
+        backoff_initial_s: float = 0.25,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self._lanes = [
+            _Lane(e, max_queue_spans, max_batch, max_delay_s, backoff_initial_s, backoff_max_s)
+            for e in exporters
+        ]
+        self.submitted = 0
+        self.submit_errors = 0
+        self._closed = False
+        for lane in self._lanes:
+            lane.thread.start()
+
+    def submit(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
+        if not spans:
+            return
+        try:
+            self.submitted += len(spans)
+            for lane in self._lanes:
+                lane.offer(spans, processes)
+        except Exception:  # never let export trouble reach the capture loop
+            self.submit_errors += 1
+            log.exception("kspan: bug: submitting %d spans failed", len(spans))
+
+    def stats(self) -> dict[str, Any]:
+        """Totals over exporters (with N exporters each span counts N times in exported/dropped) plus
+        one entry per exporter under "exporters"."""
+        lanes = [lane.stats() for lane in self._lanes]
+        total: dict[str, Any] = {"submitted": self.submitted, "submit_errors": self.submit_errors}
+        for key in ("exported", "batches", "queued", "dropped_queue_full", "dropped_rejected",
+                    "dropped_shutdown", "export_failures", "export_seconds"):
+            total[key] = sum(s[key] for s in lanes)
+        total["dropped"] = total["dropped_queue_full"] + total["dropped_rejected"] + total["dropped_shutdown"]
+        total["exporters"] = lanes
+        return total
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every queue is empty (True) or the timeout passes (False); exports continue."""
+        end = time.monotonic() + timeout_s
+        for lane in self._lanes:
+            with lane.cond:
+                lane.oldest_enqueued = 0.0  # make the worker send what it has now
+                lane.cond.notify_all()
+        while time.monotonic() < end:
+            if all(lane.stats()["queued"] == 0 for lane in self._lanes):
+                return True
+            time.sleep(0.01)
+        return all(lane.stats()["queued"] == 0 for lane in self._lanes)
+
+    def shutdown(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """Export what can be exported before the deadline, then stop; returns stats() with
+        "dropped_shutdown" counting spans that were still queued."""
+        if self._closed:
+            return self.stats()
+        self._closed = True
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        for lane in self._lanes:
+            with lane.cond:
+                lane.stopping = True
+                lane.deadline = deadline
+                lane.cond.notify_all()
+        for lane in self._lanes:
+            lane.thread.join(max(0.0, deadline - time.monotonic()) + 0.5)
+        for lane in self._lanes:
+            with lane.cond:
+                left = len(lane.queue)
+                if left:
+                    lane.dropped_shutdown += left
+                    lane.queue.clear()
+                    lane.processes.clear()
+                    lane.pid_refs.clear()
+            if left:
+                log.warning(
+                    "kspan: shutdown: %d spans could not be exported to %s within %.1f s (%s)",
+                    left, lane.name, timeout_s, getattr(lane.exporter, "last_error", "") or "timed out",
+                )
+            try:
+                lane.exporter.shutdown()
+            except Exception:
+                log.exception("kspan: %s failed to shut down cleanly", lane.name)
+        return self.stats()

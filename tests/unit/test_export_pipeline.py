@@ -1,0 +1,239 @@
+"""ExportPipeline: batching, bounded queue, retry, collector down then back, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+import pytest
+
+from correlator.spans import ProcessInfo, Span
+from exporters.config import build_exporters, load_config
+from exporters.pipeline import ExportPipeline
+from tests.support.otlp_receiver import OtlpReceiver, unused_port
+from tests.support.sample_spans import chain_trace, many_traces, processes
+
+
+class RecordingExporter:
+    """A real in-process exporter (no network) that records batches and can be told to fail."""
+
+    def __init__(self, fail: bool = False, permanent: bool = False, delay_s: float = 0.0) -> None:
+        self.batches: list[tuple[list[Span], dict[int, ProcessInfo]]] = []
+        self.fail = fail
+        self.permanent = permanent
+        self.delay_s = delay_s
+        self.last_error = ""
+        self.last_failure_permanent = False
+        self.calls = 0
+        self.shut = False
+
+    def export(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> bool:
+        self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail:
+            self.last_error = "told to fail"
+            self.last_failure_permanent = self.permanent
+            return False
+        self.batches.append((list(spans), dict(processes)))
+        return True
+
+    def shutdown(self) -> None:
+        self.shut = True
+
+    @property
+    def spans(self) -> list[Span]:
+        return [s for b, _ in self.batches for s in b]
+
+
+def _wait(cond, timeout_s: float = 5.0) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def test_batches_by_size_and_by_delay() -> None:
+    exp = RecordingExporter()
+    p = ExportPipeline([exp], max_batch=6, max_delay_s=0.2)
+    try:
+        p.submit(many_traces(4), processes())  # 12 spans: two full batches at once
+        _wait(lambda: len(exp.spans) == 12, 1.0)
+        assert [len(b) for b, _ in exp.batches] == [6, 6]
+        t0 = time.monotonic()
+        p.submit(chain_trace("late"), processes())  # 3 spans: sent when max_delay_s passes
+        _wait(lambda: len(exp.spans) == 15, 2.0)
+        assert time.monotonic() - t0 >= 0.15
+    finally:
+        stats = p.shutdown(2)
+    assert stats["exported"] == 15 and stats["submitted"] == 15 and stats["dropped"] == 0
+    assert exp.shut
+
+
+def test_each_batch_carries_the_processes_of_its_spans_even_after_they_exit() -> None:
+    exp = RecordingExporter(fail=True)
+    p = ExportPipeline([exp], max_delay_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.05)
+    try:
+        procs = processes()
+        p.submit(chain_trace(), procs)
+        procs.clear()  # the processes exited and the agent forgot them
+        _wait(lambda: exp.calls >= 2)
+        exp.fail = False
+        _wait(lambda: len(exp.spans) == 3)
+        (_, batch_procs) = exp.batches[0]
+        assert set(batch_procs) == {101, 202}
+        assert batch_procs[202].service_name == "backend"
+        assert p.stats()["queued"] == 0
+        assert p._lanes[0].processes == {}  # released once exported
+    finally:
+        p.shutdown(1)
+
+
+def test_full_queue_drops_whole_traces_and_counts_them() -> None:
+    exp = RecordingExporter(fail=True)
+    p = ExportPipeline([exp], max_queue_spans=10, max_batch=100, max_delay_s=0.05,
+                       backoff_initial_s=0.05, backoff_max_s=0.05)
+    try:
+        p.submit(many_traces(3, "a"), processes())  # 9 spans fit
+        p.submit(many_traces(2, "b"), processes())  # 6 more: no whole trace fits
+        s = p.stats()
+        assert s["queued"] == 9 and s["dropped_queue_full"] == 6
+        exp.fail = False
+        _wait(lambda: len(exp.spans) == 9)
+        assert {sp.trace_id for sp in exp.spans} == {sp.trace_id for sp in many_traces(3, "a")}
+    finally:
+        p.shutdown(1)
+
+
+def test_permanent_rejection_is_dropped_and_counted_not_retried_forever() -> None:
+    exp = RecordingExporter(fail=True, permanent=True)
+    p = ExportPipeline([exp], max_delay_s=0.01)
+    try:
+        p.submit(chain_trace(), processes())
+        _wait(lambda: p.stats()["dropped_rejected"] == 3)
+        assert p.stats()["queued"] == 0
+        assert exp.calls == 1
+    finally:
+        p.shutdown(1)
+
+
+def test_slow_exporter_never_blocks_submit_and_other_exporters_keep_going() -> None:
+    slow, fast = RecordingExporter(delay_s=0.5), RecordingExporter()
+    p = ExportPipeline([slow, fast], max_batch=3, max_delay_s=0.01)
+    try:
+        t0 = time.perf_counter()
+        for i in range(200):
+            p.submit(chain_trace(f"s{i}"), processes())
+        per_submit = (time.perf_counter() - t0) / 200
+        assert per_submit < 0.005
+        _wait(lambda: len(fast.spans) == 600, 5.0)
+        assert len(slow.spans) < 600  # still busy: its lane did not hold up the other
+    finally:
+        p.shutdown(0.2)
+
+
+def test_an_exporter_that_raises_is_contained() -> None:
+    class Broken(RecordingExporter):
+        def export(self, spans, processes):  # type: ignore[override]
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("bug")
+            return super().export(spans, processes)
+
+    exp = Broken()
+    p = ExportPipeline([exp], max_delay_s=0.01, backoff_initial_s=0.01)
+    try:
+        p.submit(chain_trace(), processes())
+        _wait(lambda: len(exp.spans) == 3)
+        assert p.stats()["export_failures"] == 1
+    finally:
+        p.shutdown(1)
+
+
+def test_shutdown_reports_what_it_could_not_deliver(caplog: pytest.LogCaptureFixture) -> None:
+    exp = RecordingExporter(fail=True)
+    p = ExportPipeline([exp], max_delay_s=0.01, backoff_initial_s=0.05)
+    p.submit(chain_trace(), processes())
+    with caplog.at_level(logging.WARNING, logger="kspan.exporters"):
+        t0 = time.monotonic()
+        stats = p.shutdown(0.3)
+        took = time.monotonic() - t0
+    assert took < 1.5
+    assert stats["dropped_shutdown"] == 3 and stats["queued"] == 0
+    assert any("could not be exported" in r.getMessage() for r in caplog.records)
+    p.submit(chain_trace("after"), processes())  # after shutdown: counted, not raised
+    assert p.stats()["dropped_shutdown"] == 6
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_collector_down_then_back(protocol: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 5: spans queue in a bounded buffer, the excess is dropped and counted, nothing blocks
+    capture, export resumes once the collector is back."""
+    grpc_port, http_port = unused_port(), unused_port()
+    port = grpc_port if protocol == "grpc" else http_port
+    cfg = load_config({"OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}, endpoint=f"http://127.0.0.1:{port}",
+                      protocol=protocol)
+    (exporter,) = build_exporters(cfg)
+    p = ExportPipeline([exporter], max_queue_spans=300, max_batch=50, max_delay_s=0.05,
+                       backoff_initial_s=0.05, backoff_max_s=0.3)
+    rx: OtlpReceiver | None = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="kspan.exporters"):
+            worst = 0.0
+            for i in range(150):  # 450 spans while nobody listens
+                t0 = time.perf_counter()
+                p.submit(chain_trace(f"down{i}"), processes())
+                worst = max(worst, time.perf_counter() - t0)
+            assert worst < 0.05, f"submit blocked for {worst:.3f} s"
+            _wait(lambda: p.stats()["export_failures"] >= 2)
+            s = p.stats()
+            assert s["exported"] == 0
+            assert s["queued"] == 300
+            assert s["dropped_queue_full"] == 150
+            down_logs = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+            assert len(down_logs) == 1, down_logs  # once per outage, not once per attempt
+            assert f"127.0.0.1:{port}" in down_logs[0] and "--otlp-endpoint" in down_logs[0]
+
+            rx = OtlpReceiver(grpc_port=grpc_port, http_port=http_port).start()
+            rx.wait_for_spans(lambda ss: len(ss) == 300, timeout_s=15)
+            _wait(lambda: p.stats()["queued"] == 0)
+            assert any("resumed" in r.getMessage() for r in caplog.records)
+
+            p.submit(chain_trace("after"), processes())
+            got = rx.wait_for_spans(lambda ss: len(ss) == 303, timeout_s=5)
+        # Nothing was duplicated or half-sent: whole traces, each span once.
+        ids = [s["span_id"] for s in got]
+        assert len(ids) == len(set(ids))
+        per_trace: dict[str, int] = {}
+        for s in got:
+            per_trace[s["trace_id"]] = per_trace.get(s["trace_id"], 0) + 1
+        assert set(per_trace.values()) == {3}
+        final = p.shutdown(2)
+        assert final["exported"] == 303 and final["dropped_queue_full"] == 150 and final["dropped_shutdown"] == 0
+    finally:
+        p.shutdown(0.5)
+        if rx is not None:
+            rx.stop()
+
+
+def test_submit_is_thread_safe_under_concurrent_producers() -> None:
+    exp = RecordingExporter()
+    p = ExportPipeline([exp], max_batch=64, max_delay_s=0.01)
+    try:
+        def produce(k: int) -> None:
+            for i in range(100):
+                p.submit(chain_trace(f"p{k}-{i}"), processes())
+
+        threads = [threading.Thread(target=produce, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert p.flush(5)
+        assert len(exp.spans) == 1200 and len({s.span_id for s in exp.spans}) == 1200
+    finally:
+        p.shutdown(1)
