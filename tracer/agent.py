@@ -85,14 +85,21 @@ class SpanOutput:
     """Correlated spans and TCP events out: the export pipeline and the metrics recorder."""
 
     def __init__(self, opts: RunOptions, processes: ProcessTable, env: dict[str, str]) -> None:
-        from exporters.config import build_exporters, load_config
+        from exporters.config import build_exporters, describe, load_config
         from exporters.pipeline import ExportPipeline
 
-        self.cfg = load_config(env, endpoint=opts.otlp_endpoint, protocol=opts.otlp_protocol, output=opts.output)
-        exporters = build_exporters(self.cfg)
-        if not opts.console:
-            exporters = [e for e in exporters if type(e).__name__ != "ConsoleExporter"]
-        self.pipeline = ExportPipeline(exporters)
+        self.cfg = load_config(
+            env,
+            endpoint=opts.otlp_endpoint,
+            protocol=opts.otlp_protocol,
+            output=opts.output,
+            console=False if not opts.console else None,
+            metrics_interval_s=opts.metrics_interval_s,
+        )
+        print(f"kspan: {describe(self.cfg)}", file=sys.stderr)
+        for note in self.cfg.notes:
+            print(f"kspan: {note}", file=sys.stderr)
+        self.pipeline = ExportPipeline(build_exporters(self.cfg))
         self.processes = processes
         self.metrics = None
         if opts.metrics:
