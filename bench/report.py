@@ -282,13 +282,16 @@ def write_chart(r: dict[str, Any], path: str) -> None:
     cost = r.get("cost") or []
     if cost:
         labels = [f"{c['rate'] / 1000:g}k" for c in cost]
-        ax.bar(labels, [c.get("cpu_us_per_request") or 0 for c in cost], color="#1f77b4", label="agent CPU us/request")
+        us = [c.get("cpu_us_per_request") or 0 for c in cost]
+        ax.bar(labels, us, color="#1f77b4", label="agent CPU us/request")
+        ax.set_ylim(0, max([*us, TARGET_CPU_US_PER_REQUEST]) * 1.4)
         ax.axhline(TARGET_CPU_US_PER_REQUEST, color="k", ls="--", lw=1,
                    label=f"target {TARGET_CPU_US_PER_REQUEST:.0f} us")
         ax2 = ax.twinx()
-        ax2.plot(labels, [c.get("hwm_mb") or 0 for c in cost], "o-", color="#2ca02c", label="peak RSS MB")
+        hwm = [c.get("hwm_mb") or 0 for c in cost]
+        ax2.plot(labels, hwm, "o-", color="#2ca02c", label="peak RSS MB")
         ax2.set_ylabel("MB")
-        ax2.set_ylim(bottom=0)
+        ax2.set_ylim(0, max([*hwm, 1.0]) * 1.4)
         ax2.legend(loc="upper right")
         ax.legend(loc="upper left")
     ax.set_title("Agent cost at fixed request rates")
@@ -308,7 +311,7 @@ def write_chart(r: dict[str, Any], path: str) -> None:
         if cap:
             ax.axvline(cap, color="#2ca02c", ls=":", label=f"capacity {cap:,.0f} req/s")
         ax.legend(loc="lower left", fontsize=8)
-        ax.set_ylim(0, 1.1)
+        ax.set_ylim(min([0.9, *delivered, *achieved]) - 0.05, 1.05)
     ax.set_title("Capacity: every request exactly one span")
     ax.set_xlabel("offered rate (req/s)")
     fig.tight_layout()
