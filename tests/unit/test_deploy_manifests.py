@@ -147,6 +147,10 @@ def test_configmap_feeds_the_agent() -> None:
     assert re.match(r"^https?://[a-z0-9.-]+:43(17|18)$", data["OTEL_EXPORTER_OTLP_ENDPOINT"])
     assert data["OTEL_EXPORTER_OTLP_PROTOCOL"] in ("grpc", "http/protobuf")
     assert data["KSPAN_PROC_ROOT"] == "/host/proc"
+    # OTEL_SERVICE_NAME in the agent's environment would name EVERY traced process (the spec
+    # ranks it above all detected names): each pod's own service.name must win.
+    env_names = {e["name"] for e in container["env"]} | set(data)
+    assert "OTEL_SERVICE_NAME" not in env_names
 
 
 # What tracer/kubernetes.py asks the API for: (api group, resource, verb).

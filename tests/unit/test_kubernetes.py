@@ -290,3 +290,37 @@ def test_rbac_forbidden_is_actionable_and_pods_still_work(
             assert md.name_for_ip("10.244.2.17") == "inventory"  # EndpointSlices still allowed
         finally:
             md.stop()
+
+
+def test_a_span_from_a_process_in_a_pod_carries_the_pods_resource(
+    metadata: KubernetesMetadata, proc: ProcRoot
+) -> None:
+    """The agent's glue end to end: ProcessTable asks KubernetesMetadata for the pid of a real
+    process (its cgroup file in the fake proc root), and the OTLP resource of a span from that
+    pid carries the pod's identity and its service.name."""
+    from correlator.spans import Span, SpanKind
+    from exporters.jsonfile import JsonRequestBuilder
+    from exporters.otlp_proto import ResourceOverrides
+    from tracer.processes import ProcessTable
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        proc.add(child.pid, systemd_cgroup("checkout-7d9f8b6c5d-x2k4p", "checkout"))
+        table = ProcessTable(extra=lambda pid: (metadata.service_name_for_pid(pid), metadata.attributes_for_pid(pid)))
+        info = table.get(child.pid)
+        span = Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, parent_span_id=None, name="GET /cart",
+                    kind=SpanKind.SERVER, start_ns=1, end_ns=2, pid=child.pid)
+        request = JsonRequestBuilder(ResourceOverrides()).request([span], {child.pid: info})
+    finally:
+        child.kill()
+        child.wait()
+    (resource_spans,) = request["resourceSpans"]
+    resource = {kv["key"]: next(iter(kv["value"].values())) for kv in resource_spans["resource"]["attributes"]}
+    assert resource["service.name"] == "checkout"
+    assert resource["process.executable.name"] == "sleep"
+    assert resource["k8s.pod.name"] == "checkout-7d9f8b6c5d-x2k4p"
+    assert resource["k8s.namespace.name"] == "shop"
+    assert resource["k8s.deployment.name"] == "checkout"
+    assert resource["k8s.container.name"] == "checkout"
+    assert resource["k8s.node.name"] == "node-a"
+    assert resource["container.id"] == container_id("checkout-7d9f8b6c5d-x2k4p/checkout")
