@@ -1,0 +1,643 @@
+"""Metrics from spans and TCP events: RED histograms, the service graph, network counters, self-health.
+
+Aggregation is kspan's own (plain dicts and bucket arrays), exported as the OpenTelemetry SDK's
+metric data model through the SDK's OTLP metric exporters (or as OTLP-JSON lines for the embedded
+default). Why not the SDK's instruments: one Histogram.record() costs ~9 us here and every traced
+request needs four or five of them; aggregating in place costs ~1-2 us per span, which matters to
+an agent whose budget is a few tens of microseconds per request.
+
+Resources: RED metrics belong to the traced service (one resource per service, never per pid: the
+pid, command line and executable are left out to bound cardinality). The service graph, network and
+health metrics describe edges or kspan itself and carry kspan's own resource (service.name "kspan").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Gauge,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from correlator.records import TcpEvent, TcpEventKind
+from correlator.spans import AttrValue, ProcessInfo, Span, SpanKind, StatusCode
+from exporters.config import ExporterConfig, OtlpTarget
+from exporters.otlp_proto import KSPAN_VERSION, SCOPE_NAME, SDK_ATTRIBUTES, ResourceOverrides, resource_attributes
+
+log = logging.getLogger("kspan.exporters")
+
+# Stable HTTP semantic conventions: http.*.request.duration buckets (seconds).
+DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+# Loopback and LAN round trips are micro- to milliseconds; the HTTP buckets would put them all in one.
+RTT_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                  0.25, 0.5, 1.0)
+# Streams per metric per resource, as the SDK's default cardinality limit; the excess folds into one
+# stream marked otel.metric.overflow=true (the SDK's convention) instead of growing without bound.
+CARDINALITY_LIMIT = 2000
+_OVERFLOW_KEY: tuple[tuple[str, AttrValue], ...] = (("otel.metric.overflow", True),)
+
+_KNOWN_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"})
+# Resource attributes that identify a process rather than a service: left out of metric resources.
+_PER_PROCESS_KEYS = frozenset({"process.pid", "process.command_line", "process.executable.name",
+                               "process.parent_pid", "process.executable.path"})
+UNKNOWN_SERVICE = "unknown_service"
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: these are few, fixed, and hashed on every record
+class MetricDef:
+    name: str
+    unit: str
+    description: str
+    kind: str  # "histogram" | "counter"
+    bounds: tuple[float, ...] = ()
+
+
+SERVER_DURATION = MetricDef("http.server.request.duration", "s", "Duration of HTTP server requests.",
+                            "histogram", DURATION_BUCKETS)
+CLIENT_DURATION = MetricDef("http.client.request.duration", "s", "Duration of HTTP client requests.",
+                            "histogram", DURATION_BUCKETS)
+SG_TOTAL = MetricDef("traces_service_graph_request_total", "{request}",
+                     "Requests between two services, from the client/server span pairs kspan linked.", "counter")
+SG_FAILED = MetricDef("traces_service_graph_request_failed_total", "{request}",
+                      "Failed requests between two services (either side's span is an error).", "counter")
+SG_SERVER = MetricDef("traces_service_graph_request_server_seconds", "s",
+                      "Server-side duration of requests between two services.", "histogram", DURATION_BUCKETS)
+SG_CLIENT = MetricDef("traces_service_graph_request_client_seconds", "s",
+                      "Client-side duration of requests between two services.", "histogram", DURATION_BUCKETS)
+TCP_RETRANSMITS = MetricDef("kspan.network.tcp.retransmits", "{segment}", "TCP segments retransmitted.", "counter")
+TCP_RESETS = MetricDef("kspan.network.tcp.resets", "{reset}", "TCP resets sent or received.", "counter")
+TCP_CONNECT_FAILURES = MetricDef("kspan.network.tcp.connect_failures", "{connection}",
+                                 "TCP connection attempts that failed.", "counter")
+TCP_RTT = MetricDef("kspan.network.tcp.rtt", "s", "Smoothed TCP round-trip time samples.", "histogram", RTT_BUCKETS)
+
+
+class _Hist:
+    __slots__ = ("counts", "total", "n", "lo", "hi", "start_ns")
+
+    def __init__(self, nbuckets: int, start_ns: int) -> None:
+        self.counts = [0] * nbuckets
+        self.total = 0.0
+        self.n = 0
+        self.lo = float("inf")
+        self.hi = float("-inf")
+        self.start_ns = start_ns
+
+
+class _Counter:
+    __slots__ = ("value", "start_ns")
+
+    def __init__(self, start_ns: int) -> None:
+        self.value = 0
+        self.start_ns = start_ns
+
+
+AttrKey = tuple[tuple[str, AttrValue], ...]
+ResourceKey = tuple[tuple[str, AttrValue], ...]
+
+
+@dataclass
+class _Health:
+    name: str
+    callback: Callable[[], float | int]
+    unit: str
+    description: str
+    monotonic: bool
+    start_ns: int
+
+
+class _Pending:
+    __slots__ = ("client", "server", "seconds", "failed", "t")
+
+    def __init__(self, client: str, server: str, seconds: float, failed: bool, t: float) -> None:
+        self.client = client
+        self.server = server
+        self.seconds = seconds
+        self.failed = failed
+        self.t = t
+
+
+class MetricsAggregator:
+    """Cumulative aggregation of every kspan metric; pure (no I/O), thread-safe."""
+
+    def __init__(self, overrides: ResourceOverrides | None = None, pair_timeout_s: float = 10.0,
+                 max_pending: int = 10000) -> None:
+        self._overrides = overrides or ResourceOverrides()
+        self._lock = threading.Lock()
+        # (resource, metric, attribute set) -> cumulative state. Resource keys are interned tuples, so
+        # dict lookups mostly compare by identity.
+        self._streams: dict[tuple[int, MetricDef, AttrKey], _Hist | _Counter] = {}
+        self._stream_counts: dict[tuple[int, MetricDef], int] = {}
+        self._resource_ids: dict[ResourceKey, int] = {}
+        self._resources: list[ResourceKey] = []
+        self._service_res: dict[int, tuple[ProcessInfo | None, int, str]] = {}
+        agent: dict[str, AttrValue] = {"service.name": "kspan", "service.version": KSPAN_VERSION,
+                                       "host.name": socket.gethostname()}
+        agent.update(SDK_ATTRIBUTES)
+        # The user's resource attributes (environment, cluster...) describe kspan's host too; the
+        # service name they gave names the traced services, not the agent.
+        agent.update({k: v for k, v in self._overrides.attributes.items() if k != "service.name"})
+        self.agent_resource_attributes: ResourceKey = tuple(sorted(agent.items()))
+        self.agent_resource = self._resource_id(self.agent_resource_attributes)
+        self._pending_clients: dict[bytes, _Pending] = {}
+        self._pending_servers: dict[bytes, _Pending] = {}
+        self._pair_timeout_s = pair_timeout_s
+        self._max_pending = max_pending
+        self._last_sweep = time.monotonic()
+        # Where traced services listen, learned from spans, to name the far end of a TCP event.
+        self._endpoint_service: dict[tuple[str, int], str] = {}
+        self._listen_ports: dict[str, set[int]] = {}
+        self._health: list[_Health] = []
+        self.overflowed = 0
+        self.health_errors = 0
+        self.unpaired_edges = 0
+
+    # --- resources ---
+
+    def _resource_id(self, key: ResourceKey) -> int:
+        # Streams are keyed by a small int, not the attribute tuple: tuples re-hash on every lookup.
+        rid = self._resource_ids.get(key)
+        if rid is None:
+            rid = self._resource_ids[key] = len(self._resources)
+            self._resources.append(key)
+        return rid
+
+    def _service(self, pid: int, info: ProcessInfo | None) -> tuple[int, str]:
+        hit = self._service_res.get(pid)
+        if hit is not None and hit[0] is info:
+            return hit[1], hit[2]
+        attrs = resource_attributes(pid, info, self._overrides)
+        key = self._resource_id(tuple(sorted((k, v) for k, v in attrs.items() if k not in _PER_PROCESS_KEYS)))
+        name = str(attrs.get("service.name", UNKNOWN_SERVICE))
+        if len(self._service_res) >= 8192:
+            self._service_res.clear()
+        self._service_res[pid] = (info, key, name)
+        return key, name
+
+    def _service_name(self, pid: int, processes: Mapping[int, ProcessInfo]) -> str:
+        if pid == 0:
+            return UNKNOWN_SERVICE
+        info = processes.get(pid)
+        if info is None and pid not in self._service_res:
+            return UNKNOWN_SERVICE
+        return self._service(pid, info)[1]
+
+    # --- recording primitives (lock held) ---
+
+    def _state(self, res: int, m: MetricDef, attrs: AttrKey, now_ns: int) -> _Hist | _Counter:
+        key = (res, m, attrs)
+        st = self._streams.get(key)
+        if st is None:
+            n = self._stream_counts.get((res, m), 0)
+            if n >= CARDINALITY_LIMIT:
+                self.overflowed += 1
+                key = (res, m, _OVERFLOW_KEY)
+                st = self._streams.get(key)
+            if st is None:
+                st = _Hist(len(m.bounds) + 1, now_ns) if m.kind == "histogram" else _Counter(now_ns)
+                self._streams[key] = st
+                self._stream_counts[(res, m)] = n + 1
+        return st
+
+    def _observe(self, res: int, m: MetricDef, attrs: AttrKey, value: float, now_ns: int) -> None:
+        h = self._streams.get((res, m, attrs))
+        if h is None:
+            h = self._state(res, m, attrs, now_ns)
+        # OTLP explicit buckets are upper-inclusive: bucket i holds (bounds[i-1], bounds[i]].
+        h.counts[bisect_left(m.bounds, value)] += 1  # type: ignore[union-attr]
+        h.total += value  # type: ignore[union-attr]
+        h.n += 1  # type: ignore[union-attr]
+        if value < h.lo:  # type: ignore[union-attr]
+            h.lo = value  # type: ignore[union-attr]
+        if value > h.hi:  # type: ignore[union-attr]
+            h.hi = value  # type: ignore[union-attr]
+
+    def _add(self, res: int, m: MetricDef, attrs: AttrKey, n: int, now_ns: int) -> None:
+        c = self._streams.get((res, m, attrs))
+        if c is None:
+            c = self._state(res, m, attrs, now_ns)
+        c.value += n  # type: ignore[union-attr]
+
+    # --- spans ---
+
+    @staticmethod
+    def _red_attrs(span: Span) -> AttrKey:
+        a = span.attributes
+        out: list[tuple[str, AttrValue]] = []
+        method = a.get("http.request.method")
+        if method is not None:
+            # Semconv: an unknown method is "_OTHER", so a fuzzer's verbs cannot explode cardinality.
+            m = str(method)
+            out.append(("http.request.method", m if m in _KNOWN_METHODS else "_OTHER"))
+        status = a.get("http.response.status_code")
+        if status is not None:
+            out.append(("http.response.status_code", status))
+        err = a.get("error.type")
+        if err is None and isinstance(status, int):
+            # Semconv: a failing status code is the error type (5xx on servers, 4xx and 5xx on clients).
+            if status >= 500 or (status >= 400 and span.kind == SpanKind.CLIENT):
+                err = str(status)
+        if err is None and span.status == StatusCode.ERROR:
+            err = "_OTHER"
+        if err is not None:
+            out.append(("error.type", err))
+        if span.kind == SpanKind.SERVER:
+            route = a.get("http.route")
+            if route:
+                out.append(("http.route", route))
+        else:
+            for k in ("server.address", "server.port"):
+                v = a.get(k)
+                if v is not None:
+                    out.append((k, v))
+        for k in ("url.scheme", "network.protocol.version"):
+            v = a.get(k)
+            if v is not None:
+                out.append((k, v))
+        # No sort needed: the order above is fixed, so equal attribute sets give equal tuples.
+        return tuple(out)
+
+    def record_spans(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
+        now_ns = time.time_ns()
+        now = time.monotonic()
+        with self._lock:
+            for s in spans:
+                res, service = self._service(s.pid, processes.get(s.pid))
+                seconds = max(0, s.end_ns - s.start_ns) / 1e9
+                server = s.kind == SpanKind.SERVER
+                self._observe(res, SERVER_DURATION if server else CLIENT_DURATION, self._red_attrs(s),
+                              seconds, now_ns)
+                self._learn_endpoints(s, service, processes)
+                self._graph(s, service, seconds, processes, now, now_ns)
+            if now - self._last_sweep >= 1.0:
+                self._last_sweep = now
+                self._expire(now - self._pair_timeout_s, now_ns)
+
+    def _learn_endpoints(self, s: Span, service: str, processes: Mapping[int, ProcessInfo]) -> None:
+        a = s.attributes
+        if s.kind == SpanKind.SERVER:
+            port = a.get("server.port")
+            if isinstance(port, int):
+                ports = self._listen_ports.setdefault(service, set())
+                if len(ports) < 64:
+                    ports.add(port)
+        elif s.peer_pid:
+            addr = a.get("network.peer.address") or a.get("server.address")
+            port = a.get("network.peer.port") or a.get("server.port")
+            if isinstance(addr, str) and isinstance(port, int) and len(self._endpoint_service) < 4096:
+                self._endpoint_service[(addr, port)] = self._service_name(s.peer_pid, processes)
+
+    def _graph(self, s: Span, service: str, seconds: float, processes: Mapping[int, ProcessInfo],
+               now: float, now_ns: int) -> None:
+        failed = s.status == StatusCode.ERROR
+        if s.kind == SpanKind.CLIENT:
+            if not s.peer_pid:
+                # The far end is not traced: a virtual node named by the address the client called.
+                a = s.attributes
+                peer = a.get("server.address") or a.get("network.peer.address") or UNKNOWN_SERVICE
+                self._edge(service, str(peer), "virtual_node", failed, None, seconds, now_ns)
+                return
+            match = self._pending_servers.pop(s.span_id, None)
+            if match is not None:
+                self._edge(service, match.server, "", failed or match.failed, match.seconds, seconds, now_ns)
+                return
+            self._pending_clients[s.span_id] = _Pending(service, self._service_name(s.peer_pid, processes),
+                                                        seconds, failed, now)
+        else:
+            if not s.peer_pid:
+                # No traced caller: a root span was called by a user (the collector's servicegraph
+                # connector names it "user"); otherwise by an untraced process at client.address.
+                client = "user" if not s.parent_span_id else str(s.attributes.get("client.address")
+                                                                   or UNKNOWN_SERVICE)
+                self._edge(client, service, "virtual_node", failed, seconds, None, now_ns)
+                return
+            parent = s.parent_span_id or b""
+            match = self._pending_clients.pop(parent, None)
+            if match is not None:
+                self._edge(match.client, service, "", failed or match.failed, seconds, match.seconds, now_ns)
+                return
+            self._pending_servers[parent] = _Pending(self._service_name(s.peer_pid, processes), service,
+                                                     seconds, failed, now)
+        if len(self._pending_clients) + len(self._pending_servers) > self._max_pending:
+            self._expire(float("inf"), now_ns)
+
+    def _expire(self, older_than: float, now_ns: int) -> None:
+        # The other half never came (dropped, or its process is not traced after all): count the edge
+        # from the side that was seen, so no request disappears from the graph.
+        for pending, is_client in ((self._pending_clients, True), (self._pending_servers, False)):
+            for key in [k for k, p in pending.items() if p.t <= older_than]:
+                p = pending.pop(key)
+                self.unpaired_edges += 1
+                if is_client:
+                    self._edge(p.client, p.server, "", p.failed, None, p.seconds, now_ns)
+                else:
+                    self._edge(p.client, p.server, "", p.failed, p.seconds, None, now_ns)
+
+    def _edge(self, client: str, server: str, connection_type: str, failed: bool,
+              server_s: float | None, client_s: float | None, now_ns: int) -> None:
+        attrs: AttrKey = (("client", client), ("connection_type", connection_type), ("server", server))
+        res = self.agent_resource
+        self._add(res, SG_TOTAL, attrs, 1, now_ns)
+        if failed:
+            self._add(res, SG_FAILED, attrs, 1, now_ns)
+        else:
+            self._state(res, SG_FAILED, attrs, now_ns)  # a zero series, so failure ratios have a denominator
+        if server_s is not None:
+            self._observe(res, SG_SERVER, attrs, server_s, now_ns)
+        if client_s is not None:
+            self._observe(res, SG_CLIENT, attrs, client_s, now_ns)
+
+    # --- TCP ---
+
+    def _far_end(self, e: TcpEvent, service: str) -> str:
+        known = self._endpoint_service.get((e.remote_addr, e.remote_port))
+        if known is not None:
+            return known
+        if not e.remote_addr:
+            return UNKNOWN_SERVICE
+        if e.local_port in self._listen_ports.get(service, ()):
+            # We are the server: the far end's port is ephemeral and would explode cardinality.
+            return e.remote_addr
+        return f"{e.remote_addr}:{e.remote_port}"
+
+    def record_tcp(self, events: Iterable[TcpEvent], processes: Mapping[int, ProcessInfo]) -> None:
+        now_ns = time.time_ns()
+        res = self.agent_resource
+        with self._lock:
+            for e in events:
+                service = self._service_name(e.pid, processes)
+                attrs: AttrKey = (("destination", self._far_end(e, service)), ("source", service))
+                k = e.kind
+                if k == TcpEventKind.RETRANSMIT:
+                    self._add(res, TCP_RETRANSMITS, attrs, 1, now_ns)
+                elif k == TcpEventKind.RESET_SENT:
+                    self._add(res, TCP_RESETS, (("direction", "sent"), *attrs), 1, now_ns)
+                elif k == TcpEventKind.RESET_RECEIVED:
+                    self._add(res, TCP_RESETS, (("direction", "received"), *attrs), 1, now_ns)
+                elif k == TcpEventKind.CONNECT_FAILED:
+                    self._add(res, TCP_CONNECT_FAILURES, attrs, 1, now_ns)
+                elif k == TcpEventKind.RTT:
+                    self._observe(res, TCP_RTT, attrs, e.value / 1e6, now_ns)
+
+    # --- health ---
+
+    def register_health(self, name: str, callback: Callable[[], float | int], unit: str = "1",
+                        description: str = "", monotonic: bool = False) -> None:
+        with self._lock:
+            self._health = [h for h in self._health if h.name != name]
+            self._health.append(_Health(name, callback, unit, description, monotonic, time.time_ns()))
+
+    # --- collection ---
+
+    def collect(self) -> MetricsData:
+        """A cumulative snapshot in the SDK's data model (what its OTLP metric exporters take)."""
+        now_ns = time.time_ns()
+        with self._lock:
+            grouped: dict[int, dict[MetricDef, list[tuple[AttrKey, _Hist | _Counter]]]] = {}
+            for (res, m, attrs), st in self._streams.items():
+                grouped.setdefault(res, {}).setdefault(m, []).append((attrs, st))
+            snap: dict[int, list[Metric]] = {
+                res: [_to_metric(m, streams, now_ns) for m, streams in by_metric.items()]
+                for res, by_metric in grouped.items()
+            }
+            health = list(self._health)
+        health_metrics: list[Metric] = []
+        for h in health:
+            try:
+                value = h.callback()
+            except Exception:  # a broken callback loses its own point, not the export
+                self.health_errors += 1
+                log.exception("kspan: health metric %s callback failed", h.name)
+                continue
+            point = NumberDataPoint(attributes={}, start_time_unix_nano=h.start_ns, time_unix_nano=now_ns,
+                                    value=value)
+            if h.monotonic:
+                d: Sum | Gauge = Sum(data_points=[point], aggregation_temporality=AggregationTemporality.CUMULATIVE,
+                                     is_monotonic=True)
+            else:
+                d = Gauge(data_points=[point])
+            health_metrics.append(Metric(name=h.name, description=h.description, unit=h.unit, data=d))
+        if health_metrics:
+            snap.setdefault(self.agent_resource, []).extend(health_metrics)
+        scope = InstrumentationScope(SCOPE_NAME, KSPAN_VERSION)
+        return MetricsData(resource_metrics=[
+            ResourceMetrics(resource=Resource(dict(self._resources[res])),
+                            scope_metrics=[ScopeMetrics(scope=scope, metrics=metrics, schema_url="")],
+                            schema_url="")
+            for res, metrics in snap.items() if metrics
+        ])
+
+
+def _to_metric(m: MetricDef, streams: list[tuple[AttrKey, _Hist | _Counter]], now_ns: int) -> Metric:
+    if m.kind == "histogram":
+        points = []
+        for attrs, h in streams:
+            assert isinstance(h, _Hist)
+            points.append(HistogramDataPoint(
+                attributes=dict(attrs), start_time_unix_nano=h.start_ns, time_unix_nano=now_ns,
+                count=h.n, sum=h.total, bucket_counts=list(h.counts), explicit_bounds=list(m.bounds),
+                min=h.lo if h.n else 0.0, max=h.hi if h.n else 0.0,
+            ))
+        return Metric(name=m.name, description=m.description, unit=m.unit,
+                      data=Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE))
+    cpoints = []
+    for attrs, c in streams:
+        assert isinstance(c, _Counter)
+        cpoints.append(NumberDataPoint(attributes=dict(attrs), start_time_unix_nano=c.start_ns,
+                                       time_unix_nano=now_ns, value=c.value))
+    return Metric(name=m.name, description=m.description, unit=m.unit,
+                  data=Sum(data_points=cpoints, aggregation_temporality=AggregationTemporality.CUMULATIVE,
+                           is_monotonic=True))
+
+
+class JsonLinesMetricExporter(MetricExporter):
+    """The embedded default for metrics: one ExportMetricsServiceRequest per line in OTLP/JSON, the
+    format the collector's otlpjsonfile receiver reads."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(preferred_temporality={}, preferred_aggregation={})
+        from exporters.jsonfile import open_output
+
+        self.path = path
+        self._f: IO[str] | None = open_output(path)
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        from google.protobuf.json_format import MessageToDict
+        from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+        if self._f is None:
+            return MetricExportResult.FAILURE
+        doc = MessageToDict(encode_metrics(metrics_data), use_integers_for_enums=True)
+        try:
+            self._f.write(json.dumps(doc, separators=(",", ":"), ensure_ascii=False) + "\n")
+            self._f.flush()
+        except OSError as e:
+            log.warning("kspan: cannot write metrics to %s: %s", self.path, e)
+            return MetricExportResult.FAILURE
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def otlp_metric_exporter(target: OtlpTarget) -> MetricExporter:
+    """The SDK's OTLP metric exporter for a target, configured only from kspan's own configuration."""
+    if target.protocol == "grpc":
+        import grpc
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+        creds = None
+        if not target.insecure:
+            root = None
+            if target.certificate:
+                with open(target.certificate, "rb") as f:
+                    root = f.read()
+            creds = grpc.ssl_channel_credentials(root_certificates=root)
+        return GrpcExporter(
+            endpoint=target.endpoint if "://" in target.endpoint else target.grpc_target,
+            insecure=target.insecure, credentials=creds, headers=tuple(target.headers) or None,
+            timeout=target.timeout_s,
+            compression=grpc.Compression.Gzip if target.compression == "gzip" else grpc.Compression.NoCompression,
+        )
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+    return HttpExporter(
+        endpoint=target.endpoint, certificate_file=target.certificate, headers=dict(target.headers) or None,
+        timeout=target.timeout_s,
+        compression=Compression.Gzip if target.compression == "gzip" else Compression.NoCompression,
+    )
+
+
+class MetricsRecorder:
+    """Records spans and TCP events into metrics and exports them every interval_s on its own thread.
+
+    record_spans()/record_tcp() are cheap and never raise (the capture path calls them)."""
+
+    def __init__(self, cfg: ExporterConfig, interval_s: float | None = None,
+                 exporter: MetricExporter | None = None) -> None:
+        self.interval_s = interval_s if interval_s is not None else cfg.metrics_interval_s
+        self.aggregator = MetricsAggregator(cfg.resource)
+        self.destination = "nowhere"
+        if exporter is None:
+            if cfg.metrics is not None:
+                exporter = otlp_metric_exporter(cfg.metrics)
+                self.destination = f"OTLP {cfg.metrics.protocol} {cfg.metrics.endpoint}"
+            elif cfg.metrics_output:
+                exporter = JsonLinesMetricExporter(cfg.metrics_output)
+                self.destination = f"file {cfg.metrics_output}"
+        self._exporter = exporter
+        self.exports = 0
+        self.export_failures = 0
+        self.record_errors = 0
+        self._failing = False
+        self._stop = threading.Event()
+        self._export_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        if exporter is not None:
+            self._thread = threading.Thread(target=self._run, name="kspan-metrics", daemon=True)
+            self._thread.start()
+
+    def record_spans(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
+        try:
+            self.aggregator.record_spans(spans, processes)
+        except Exception:
+            self.record_errors += 1
+            log.exception("kspan: bug: recording metrics for %d spans failed", len(spans))
+
+    def record_tcp(self, events: Iterable[TcpEvent], processes: Mapping[int, ProcessInfo]) -> None:
+        try:
+            self.aggregator.record_tcp(events, processes)
+        except Exception:
+            self.record_errors += 1
+            log.exception("kspan: bug: recording TCP metrics failed")
+
+    def register_health(self, name: str, callback: Callable[[], float | int], unit: str = "1",
+                        description: str = "", monotonic: bool = False) -> None:
+        """A self-health metric read at each export: monotonic=True for running totals (records lost,
+        spans dropped), False for current values (probes attached, traced processes)."""
+        self.aggregator.register_health(name, callback, unit, description, monotonic)
+
+    def export_now(self, timeout_s: float = 10.0) -> bool:
+        if self._exporter is None:
+            return False
+        with self._export_lock:
+            data = self.aggregator.collect()
+            if not data.resource_metrics:
+                return True
+            try:
+                result = self._exporter.export(data, timeout_millis=timeout_s * 1000)
+            except Exception as e:
+                result = MetricExportResult.FAILURE
+                log.debug("kspan: metric export raised %r", e)
+            ok = result == MetricExportResult.SUCCESS
+            if ok:
+                self.exports += 1
+                if self._failing:
+                    log.warning("kspan: metric export to %s resumed", self.destination)
+                self._failing = False
+            else:
+                self.export_failures += 1
+                if not self._failing:
+                    # Cumulative metrics lose nothing while the endpoint is down: the next export
+                    # carries the totals.
+                    log.warning("kspan: cannot export metrics to %s; will retry every %.0f s "
+                                "(check --otlp-endpoint / that the collector is running)",
+                                self.destination, self.interval_s)
+                self._failing = True
+            return ok
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.export_now(timeout_s=max(1.0, min(10.0, self.interval_s)))
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Export once more (the last interval's data), then stop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._exporter is not None:
+            self.export_now(timeout_s=timeout_s)
+            try:
+                self._exporter.shutdown(timeout_millis=timeout_s * 1000)
+            except Exception:
+                log.exception("kspan: metric exporter failed to shut down cleanly")
+
+
+def register_pipeline_health(recorder: MetricsRecorder, pipeline: Any) -> None:
+    """kspan.export.* health metrics from an ExportPipeline's counters."""
+    def stat(key: str) -> Callable[[], int]:
+        return lambda: int(pipeline.stats()[key])
+
+    recorder.register_health("kspan.export.spans.exported", stat("exported"), "{span}",
+                             "Spans delivered to exporters.", monotonic=True)
+    recorder.register_health("kspan.export.spans.dropped", stat("dropped"), "{span}",
+                             "Spans dropped on export (queue full, rejected, or left at shutdown).",
+                             monotonic=True)
+    recorder.register_health("kspan.export.spans.queued", stat("queued"), "{span}",
+                             "Spans waiting in the export queue.")
