@@ -135,6 +135,7 @@ class KubernetesMetadata:
         max_backoff_s: float = 30.0,
         request_timeout_s: float = 10.0,
         in_cluster: bool | None = None,
+        watch_peers: bool = True,
     ) -> None:
         self.api_url = api_url or os.environ.get("KSPAN_KUBERNETES_API") or None
         self.kubeconfig = kubeconfig or os.environ.get("KSPAN_KUBECONFIG") or None
@@ -145,6 +146,10 @@ class KubernetesMetadata:
         self.rewatch_pause_s = rewatch_pause_s
         self.max_backoff_s = max_backoff_s
         self.request_timeout_s = request_timeout_s
+        # The cluster-wide Services/EndpointSlices watches behind name_for_ip: on a very large
+        # or very busy cluster (EndpointSlices change with every pod's readiness) they can be
+        # turned off, leaving only the node's own pods (env KSPAN_KUBERNETES_PEERS=false).
+        self.watch_peers = watch_peers
         self.enabled = bool(self.api_url or self.kubeconfig or (_in_cluster() if in_cluster is None else in_cluster))
         if self.enabled and not self.node_name:
             # Without the node name the pod watch would cover the whole cluster: refuse rather
@@ -183,8 +188,8 @@ class KubernetesMetadata:
     def from_environment(cls, env: dict[str, str] | None = None) -> KubernetesMetadata | None:
         """The agent's constructor: None off a cluster (a dictionary lookup, nothing imported),
         else an instance configured from `KSPAN_KUBERNETES_API`, `KSPAN_KUBECONFIG`,
-        `KSPAN_NODE_NAME`/`NODE_NAME` and `KSPAN_PROC_ROOT` (the DaemonSet mounts the host's
-        /proc at /host/proc)."""
+        `KSPAN_NODE_NAME`/`NODE_NAME`, `KSPAN_PROC_ROOT` (the DaemonSet mounts the host's /proc at
+        /host/proc) and `KSPAN_KUBERNETES_PEERS` (false: no cluster-wide watches)."""
         env = os.environ if env is None else env
         api_url = env.get("KSPAN_KUBERNETES_API") or None
         kubeconfig = env.get("KSPAN_KUBECONFIG") or None
@@ -196,6 +201,8 @@ class KubernetesMetadata:
             node_name=env.get("KSPAN_NODE_NAME") or env.get("NODE_NAME") or None,
             proc_root=env.get("KSPAN_PROC_ROOT") or "/proc",
             in_cluster=bool(env.get("KUBERNETES_SERVICE_HOST")),
+            watch_peers=(env.get("KSPAN_KUBERNETES_PEERS") or "true").strip().lower()
+            not in ("0", "false", "no", "off"),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -223,6 +230,8 @@ class KubernetesMetadata:
             ("endpointslices", discovery.list_endpoint_slice_for_all_namespaces, {},
              self._on_slice_event, self._on_slice_list),
         ]
+        if not self.watch_peers:
+            watches = watches[:1]
         for name, list_fn, kwargs, on_event, on_list in watches:
             thread = threading.Thread(
                 target=self._list_and_watch, args=(name, list_fn, kwargs, on_event, on_list),

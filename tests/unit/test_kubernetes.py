@@ -121,6 +121,10 @@ def test_node_name_from_downward_api_env(clean_env: None, monkeypatch: pytest.Mo
         {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "NODE_NAME": "worker-9", "KSPAN_PROC_ROOT": "/host/proc"})
     assert from_env is not None and from_env.enabled
     assert (from_env.node_name, from_env.proc_root) == ("worker-9", "/host/proc")
+    assert from_env.watch_peers
+    no_peers = KubernetesMetadata.from_environment(
+        {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "NODE_NAME": "w", "KSPAN_KUBERNETES_PEERS": "false"})
+    assert no_peers is not None and not no_peers.watch_peers
 
 
 def test_pod_container_attributes(metadata: KubernetesMetadata, proc: ProcRoot, api: FakeKubernetesApi) -> None:
@@ -324,3 +328,16 @@ def test_a_span_from_a_process_in_a_pod_carries_the_pods_resource(
     assert resource["k8s.container.name"] == "checkout"
     assert resource["k8s.node.name"] == "node-a"
     assert resource["container.id"] == container_id("checkout-7d9f8b6c5d-x2k4p/checkout")
+
+
+def test_peer_watches_can_be_turned_off(api: FakeKubernetesApi, proc: ProcRoot, clean_env: None) -> None:
+    md = KubernetesMetadata(api_url=api.url, node_name="node-a", proc_root=str(proc.root), rewatch_pause_s=0.05,
+                            watch_peers=False)
+    md.start()
+    try:
+        assert md.wait_synced(15)
+        assert md.name_for_ip("10.244.1.12") == "payments-api"  # this node's pods still resolve
+        assert md.name_for_ip("10.96.12.34") is None
+    finally:
+        md.stop()
+    assert not any("services" in r or "endpointslices" in r for r in api.requests)
