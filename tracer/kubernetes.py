@@ -367,7 +367,7 @@ class KubernetesMetadata:
     def _report_recovery(self, resource: str) -> None:
         if resource in self._failing:
             self._failing.discard(resource)
-            log.warning("kspan: Kubernetes API answers again for %s", resource)
+            log.info("kspan: Kubernetes API answers again for %s", resource)
 
     def _host(self) -> str:
         try:
