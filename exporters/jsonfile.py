@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
 from correlator.spans import AttrValue, ProcessInfo, Span
@@ -25,6 +25,9 @@ from exporters.otlp_proto import (
 )
 
 log = logging.getLogger("kspan.exporters")
+
+# The C string encoder json.dumps uses (ensure_ascii=False flavour): quotes and escapes one string.
+_jstr: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 def json_any_value(value: AttrValue) -> dict[str, Any]:
@@ -73,6 +76,9 @@ class JsonRequestBuilder:
         self._overrides = overrides
         self._resources: dict[int, tuple[ProcessInfo | None, dict[str, Any]]] = {}
         self._scope = {"name": SCOPE_NAME, "version": KSPAN_VERSION}
+        self._scope_text = json.dumps(self._scope, separators=(",", ":"))
+        self._resource_text: dict[int, tuple[ProcessInfo | None, str]] = {}
+        self._attr_cache: dict[tuple[str, type, AttrValue], str] = {}
 
     def _resource(self, pid: int, info: ProcessInfo | None) -> dict[str, Any]:
         hit = self._resources.get(pid)
@@ -96,7 +102,51 @@ class JsonRequestBuilder:
         }
 
     def line(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> str:
-        return json.dumps(self.request(spans, processes), separators=(",", ":"), ensure_ascii=False) + "\n"
+        """request() as one JSON line, written as text directly: json.dumps of the dict tree costs
+        ~4x more per span, and this file is the default output."""
+        out = []
+        for pid, group in group_by_pid(spans).items():
+            info = processes.get(pid)
+            hit = self._resource_text.get(pid)
+            if hit is None or hit[0] is not info:
+                text = json.dumps(self._resource(pid, info), separators=(",", ":"), ensure_ascii=False)
+                if len(self._resource_text) >= 4096:
+                    self._resource_text.clear()
+                self._resource_text[pid] = hit = (info, text)
+            span_text = ",".join([self._span_text(s) for s in group])
+            out.append(f'{{"resource":{hit[1]},"scopeSpans":[{{"scope":{self._scope_text},"spans":[{span_text}]}}]}}')
+        return '{"resourceSpans":[' + ",".join(out) + "]}\n"
+
+    def _attr_text(self, key: str, value: AttrValue) -> str:
+        ck = (key, type(value), value)
+        t = self._attr_cache.get(ck)
+        if t is None:
+            t = json.dumps({"key": key, "value": json_any_value(value)}, separators=(",", ":"), ensure_ascii=False)
+            if len(self._attr_cache) >= 16384:
+                self._attr_cache.clear()
+            self._attr_cache[ck] = t
+        return t
+
+    def _span_text(self, s: Span) -> str:
+        parts = ['{"traceId":"', s.trace_id.hex(), '","spanId":"', s.span_id.hex(), '"']
+        if s.trace_state:
+            parts.append(',"traceState":' + _jstr(s.trace_state))
+        if s.parent_span_id:
+            parts.append(',"parentSpanId":"' + s.parent_span_id.hex() + '"')
+        parts.append(f',"flags":{_SPAN_FLAGS_SAMPLED},"name":{_jstr(s.name)},"kind":{int(s.kind)},'
+                     f'"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}"')
+        if s.attributes:
+            attr = self._attr_text
+            parts.append(',"attributes":[' + ",".join([attr(k, v) for k, v in s.attributes.items()]) + "]")
+        if s.status or s.status_message:
+            st = []
+            if s.status_message:
+                st.append('"message":' + _jstr(s.status_message))
+            if s.status:
+                st.append(f'"code":{int(s.status)}')
+            parts.append(',"status":{' + ",".join(st) + "}")
+        parts.append("}")
+        return "".join(parts)
 
 
 def open_output(path: str) -> IO[str]:

@@ -93,3 +93,17 @@ def test_file_appends_across_runs(tmp_path) -> None:
         exp.shutdown()
     assert len(path.read_text().splitlines()) == 2
     assert exp.export(chain_trace("c"), processes()) is False  # closed: reported, not raised
+
+
+def test_fast_text_line_equals_the_reference_dict_encoding() -> None:
+    from exporters.jsonfile import JsonRequestBuilder
+
+    spans = many_traces(3)
+    spans.append(Span(trace_id=b"\x10" * 16, span_id=b"\x20" * 8, parent_span_id=b"\x30" * 8,
+                      name='GET /"quoted"\\path\n\t\x01', kind=SpanKind.SERVER, start_ns=10, end_ns=20, pid=101,
+                      attributes={"user_agent.original": 'a "b" \\ c', "x": 1.0, "y": False, "z": 2**63 - 1},
+                      status=StatusCode.ERROR, status_message="bad\nthing", trace_state="k=v"))
+    b = JsonRequestBuilder(ResourceOverrides(service_name="svc"))
+    line = b.line(spans, processes())
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    assert json.loads(line) == b.request(spans, processes())
