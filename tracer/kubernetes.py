@@ -38,7 +38,9 @@ log = logging.getLogger("kspan.kubernetes")
 
 Obj = dict[str, Any]
 
-SERVICE_NAME_ANNOTATION = "resource.opentelemetry.io/service.name"
+RESOURCE_ANNOTATION_PREFIX = "resource.opentelemetry.io/"
+SERVICE_NAME_ANNOTATION = RESOURCE_ANNOTATION_PREFIX + "service.name"
+LABEL_VERSION = "app.kubernetes.io/version"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_NAME = "app.kubernetes.io/name"
 # OpenTelemetry's order for deriving service.name from a workload once annotation and labels are
@@ -317,6 +319,8 @@ class KubernetesMetadata:
             container_name = next(iter(pod.containers.values()))
         if container_name:
             attributes["k8s.container.name"] = container_name
+            # Unique per container instance and stable across agent restarts.
+            attributes.setdefault("service.instance.id", f"{pod.namespace}.{pod.name}.{container_name}")
         return attributes
 
     def service_name_for_pid(self, pid: int) -> str | None:
@@ -521,10 +525,20 @@ class KubernetesMetadata:
             ips = tuple(_normalise_ip(ip) for ip in raw_ips if ip)
         labels = meta.get("labels") or {}
         annotations = meta.get("annotations") or {}
+        service_name = service_name_for_pod(labels, annotations, attributes)
+        # OpenTelemetry's Kubernetes conventions: every `resource.opentelemetry.io/<key>`
+        # annotation is the resource attribute <key>; service.namespace defaults to the
+        # namespace and service.version to the well-known version label.
+        resource = {"service.namespace": namespace}
+        if labels.get(LABEL_VERSION):
+            resource["service.version"] = labels[LABEL_VERSION]
+        for key, value in annotations.items():
+            if key.startswith(RESOURCE_ANNOTATION_PREFIX) and key != SERVICE_NAME_ANNOTATION and value:
+                resource[key[len(RESOURCE_ANNOTATION_PREFIX):]] = str(value)
+        attributes = {**resource, **attributes}  # never let an annotation overwrite k8s.* facts
         return PodInfo(
             uid=uid, namespace=namespace, name=name, attributes=attributes,
-            service_name=service_name_for_pod(labels, annotations, attributes),
-            containers=containers, ips=ips,
+            service_name=service_name, containers=containers, ips=ips,
         )
 
     def _grand_owner(self, resource: str, namespace: str, name: str, kind: str) -> str | None:

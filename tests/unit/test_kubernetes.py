@@ -139,6 +139,8 @@ def test_pod_container_attributes(metadata: KubernetesMetadata, proc: ProcRoot, 
         "container.id": container_id(pod + "/checkout"),
         "k8s.replicaset.name": "checkout-7d9f8b6c5d",
         "k8s.deployment.name": "checkout",
+        "service.namespace": "shop",
+        "service.instance.id": f"shop.{pod}.checkout",
     }
     # The sidecar and the init container of the same pod: same pod, their own container name.
     assert metadata.attributes_for_pid(proc.add(102, systemd_cgroup(pod, "envoy")))["k8s.container.name"] == "envoy"
@@ -146,6 +148,23 @@ def test_pod_container_attributes(metadata: KubernetesMetadata, proc: ProcRoot, 
     # The only call to the API per lookup-free pod event: the ReplicaSet, read once for its Deployment.
     assert sum("/replicasets/checkout-7d9f8b6c5d" in r for r in api.requests) == 1
     assert metadata.service_name_for_pid(pid) == "checkout"
+
+
+def test_resource_annotations_and_version_label(metadata: KubernetesMetadata, proc: ProcRoot,
+                                                 api: FakeKubernetesApi) -> None:
+    pod = make_pod("billing-0", ip="10.244.1.50", owner=("StatefulSet", "billing"),
+                   labels={"app.kubernetes.io/version": "2.3.1"},
+                   annotations={"resource.opentelemetry.io/service.namespace": "payments-team",
+                                "resource.opentelemetry.io/deployment.environment.name": "staging",
+                                "resource.opentelemetry.io/k8s.pod.name": "spoofed"})
+    api.push_event("pods", "ADDED", pod)
+    pid = proc.add(150, systemd_cgroup("billing-0", "app"))
+    wait_for(lambda: "k8s.pod.name" in metadata.attributes_for_pid(pid))
+    attrs = metadata.attributes_for_pid(pid)
+    assert attrs["service.namespace"] == "payments-team"
+    assert attrs["service.version"] == "2.3.1"
+    assert attrs["deployment.environment.name"] == "staging"
+    assert attrs["k8s.pod.name"] == "billing-0"  # the API's facts win over an annotation
 
 
 def test_other_runtimes_and_owners(metadata: KubernetesMetadata, proc: ProcRoot) -> None:
