@@ -360,3 +360,32 @@ def test_peer_watches_can_be_turned_off(api: FakeKubernetesApi, proc: ProcRoot, 
     finally:
         md.stop()
     assert not any("services" in r or "endpointslices" in r for r in api.requests)
+
+
+def test_explicit_kubeconfig(api: FakeKubernetesApi, proc: ProcRoot, clean_env: None, tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(f"""
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: {api.url}
+users:
+- name: dev
+  user:
+    token: not-checked-by-the-fake-api
+contexts:
+- name: local
+  context: {{cluster: local, user: dev}}
+current-context: local
+""")
+    md = KubernetesMetadata(kubeconfig=str(kubeconfig), node_name="node-a", proc_root=str(proc.root),
+                            rewatch_pause_s=0.05)
+    assert md.enabled and md.start()
+    try:
+        assert md.wait_synced(15)
+        pid = proc.add(900, systemd_cgroup("cart-0", "app", runtime="crio"))
+        assert md.service_name_for_pid(pid) == "cart-eu"
+    finally:
+        md.stop()
