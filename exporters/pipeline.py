@@ -250,6 +250,7 @@ class ExportPipeline:
         ]
         self.submitted = 0
         self.submit_errors = 0
+        self._count_lock = threading.Lock()  # submit() may be called from several threads
         self._closed = False
         for lane in self._lanes:
             lane.thread.start()
@@ -258,7 +259,8 @@ class ExportPipeline:
         if not spans:
             return
         try:
-            self.submitted += len(spans)
+            with self._count_lock:
+                self.submitted += len(spans)
             for lane in self._lanes:
                 lane.offer(spans, processes)
         except Exception:  # never let export trouble reach the capture loop
@@ -274,6 +276,8 @@ class ExportPipeline:
                     "dropped_shutdown", "export_failures", "export_seconds"):
             total[key] = sum(s[key] for s in lanes)
         total["dropped"] = total["dropped_queue_full"] + total["dropped_rejected"] + total["dropped_shutdown"]
+        # Spans an endpoint accepted the request for but reported as rejected (OTLP partial success).
+        total["rejected_by_endpoint"] = sum(int(getattr(lane.exporter, "rejected_spans", 0)) for lane in self._lanes)
         total["exporters"] = lanes
         return total
 

@@ -115,7 +115,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         if code is not None:
             context.abort(code, "rejected by the test receiver")
         self.rx._add_traces(request, "grpc", dict(context.invocation_metadata()))
-        return trace_service_pb2.ExportTraceServiceResponse()
+        return self.rx._trace_response()
 
 
 class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
@@ -184,7 +184,7 @@ def _make_http_handler(rx: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
                 if path == "/v1/traces":
                     req = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
                     rx._add_traces(req, "http", headers)
-                    resp = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                    resp = rx._trace_response().SerializeToString()
                 else:
                     mreq = metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
                     rx._add_metrics(mreq, "http", headers)
@@ -203,6 +203,10 @@ class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
+class _HttpServer6(_HttpServer):
+    address_family = socket.AF_INET6
+
+
 class OtlpReceiver:
     """Collects everything received, thread-safe. Set reject_http_status / reject_grpc_code to make it
     answer every export with that error."""
@@ -218,6 +222,8 @@ class OtlpReceiver:
         self.metric_requests: list[tuple[str, metrics_service_pb2.ExportMetricsServiceRequest, dict[str, str]]] = []
         self.reject_http_status: int | None = None
         self.reject_grpc_code: grpc.StatusCode | None = None
+        # Answer trace exports with an OTLP partial success rejecting this many spans (0: full success).
+        self.partial_rejected_spans = 0
         self.decode_errors = 0
         self._grpc: grpc.Server | None = None
         self._http: ThreadingHTTPServer | None = None
@@ -233,13 +239,14 @@ class OtlpReceiver:
                              options=[("grpc.so_reuseport", 0)])
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
-        port = server.add_insecure_port(f"{self._host}:{self._want_grpc_port}")
+        port = server.add_insecure_port(f"{self._url_host}:{self._want_grpc_port}")
         if port == 0:
             raise OSError(f"OtlpReceiver: cannot bind gRPC on {self._host}:{self._want_grpc_port}")
         server.start()
         self._grpc, self.grpc_port = server, port
 
-        httpd = _HttpServer((self._host, self._want_http_port), _make_http_handler(self))
+        server_cls = _HttpServer6 if ":" in self._host else _HttpServer
+        httpd = server_cls((self._host, self._want_http_port), _make_http_handler(self))
         self._http, self.http_port = httpd, httpd.server_address[1]
         self._http_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                              name="otlp-receiver-http", daemon=True)
@@ -274,15 +281,26 @@ class OtlpReceiver:
         self.stop()
 
     @property
+    def _url_host(self) -> str:
+        return f"[{self._host}]" if ":" in self._host else self._host
+
+    @property
     def grpc_endpoint(self) -> str:
-        return f"http://{self._host}:{self.grpc_port}"
+        return f"http://{self._url_host}:{self.grpc_port}"
 
     @property
     def http_endpoint(self) -> str:
         """Base URL (OTEL_EXPORTER_OTLP_ENDPOINT style); POSTs go to /v1/traces and /v1/metrics."""
-        return f"http://{self._host}:{self.http_port}"
+        return f"http://{self._url_host}:{self.http_port}"
 
     # --- collection ---
+
+    def _trace_response(self) -> trace_service_pb2.ExportTraceServiceResponse:
+        resp = trace_service_pb2.ExportTraceServiceResponse()
+        if self.partial_rejected_spans:
+            resp.partial_success.rejected_spans = self.partial_rejected_spans
+            resp.partial_success.error_message = "test receiver: spans rejected"
+        return resp
 
     def _add_traces(self, req: Any, transport: str, headers: dict[str, str]) -> None:
         flat = flatten_spans(req, transport)

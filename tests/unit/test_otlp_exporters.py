@@ -149,3 +149,30 @@ def test_http_reconnects_after_the_server_restarts() -> None:
     finally:
         exp.shutdown()
         rx.stop()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_ipv6_loopback_endpoint(protocol: str) -> None:
+    with OtlpReceiver(host="::1") as rx6:
+        assert "[::1]" in rx6.grpc_endpoint
+        exp = _exporter(rx6, protocol)
+        try:
+            assert exp.export(chain_trace(), processes()), exp.last_error
+        finally:
+            exp.shutdown()
+        assert len(rx6.spans()) == 3
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_partial_success_is_delivered_but_counted_and_logged(
+    rx: OtlpReceiver, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rx.partial_rejected_spans = 2
+    exp = _exporter(rx, protocol)
+    try:
+        with caplog.at_level("WARNING", logger="kspan.exporters"):
+            assert exp.export(chain_trace(), processes()) is True  # not retryable, per the spec
+    finally:
+        exp.shutdown()
+    assert exp.rejected_spans == 2
+    assert any("rejected 2 spans: test receiver" in r.getMessage() for r in caplog.records)
