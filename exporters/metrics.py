@@ -42,7 +42,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from correlator.records import TcpEvent, TcpEventKind
 from correlator.spans import AttrValue, ProcessInfo, Span, SpanKind, StatusCode
-from exporters.config import ExporterConfig, OtlpTarget
+from exporters.config import ConfigError, ExporterConfig, OtlpTarget
 from exporters.otlp_proto import KSPAN_VERSION, SCOPE_NAME, SDK_ATTRIBUTES, ResourceOverrides, resource_attributes
 
 log = logging.getLogger("kspan.exporters")
@@ -534,6 +534,32 @@ def otlp_metric_exporter(target: OtlpTarget) -> MetricExporter:
     )
 
 
+_SDK_EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+)
+
+
+class _LastMessage(logging.Filter):
+    """Keeps the SDK exporters' per-attempt error lines out of the console (they repeat every interval
+    during an outage) and remembers the last one, so kspan's single outage line can say why."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.last = record.getMessage()[:300]
+            return False
+        return True
+
+
+_SDK_ERRORS = _LastMessage()
+for _name in _SDK_EXPORTER_LOGGERS:
+    logging.getLogger(_name).addFilter(_SDK_ERRORS)
+
+
 class MetricsRecorder:
     """Records spans and TCP events into metrics and exports them every interval_s on its own thread.
 
@@ -549,7 +575,11 @@ class MetricsRecorder:
                 exporter = otlp_metric_exporter(cfg.metrics)
                 self.destination = f"OTLP {cfg.metrics.protocol} {cfg.metrics.endpoint}"
             elif cfg.metrics_output:
-                exporter = JsonLinesMetricExporter(cfg.metrics_output)
+                try:
+                    exporter = JsonLinesMetricExporter(cfg.metrics_output)
+                except OSError as e:
+                    raise ConfigError(f"metrics file {cfg.metrics_output}: cannot open for writing "
+                                      f"({e.strerror or e}); choose a writable path") from None
                 self.destination = f"file {cfg.metrics_output}"
         self._exporter = exporter
         self.exports = 0
@@ -606,9 +636,9 @@ class MetricsRecorder:
                 if not self._failing:
                     # Cumulative metrics lose nothing while the endpoint is down: the next export
                     # carries the totals.
-                    log.warning("kspan: cannot export metrics to %s; will retry every %.0f s "
-                                "(check --otlp-endpoint / that the collector is running)",
-                                self.destination, self.interval_s)
+                    log.warning("kspan: cannot export metrics to %s: %s; will retry every %.3g s, totals "
+                                "are kept (check --otlp-endpoint / that the collector is running)",
+                                self.destination, _SDK_ERRORS.last or "export failed", self.interval_s)
                 self._failing = True
             return ok
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -234,12 +235,13 @@ def test_metrics_arrive_at_the_otlp_endpoint(protocol: str) -> None:
         assert rec.exports >= 1 and rec.export_failures == 0
 
 
-def test_metrics_survive_a_collector_outage() -> None:
+def test_metrics_survive_a_collector_outage(caplog: pytest.LogCaptureFixture) -> None:
     grpc_port = unused_port()
     cfg = load_config({"OTEL_EXPORTER_OTLP_TIMEOUT": "500"}, endpoint=f"http://127.0.0.1:{grpc_port}",
                       protocol="grpc")
     rec = MetricsRecorder(cfg, interval_s=0.3)
     rx = None
+    caplog.set_level(logging.WARNING)
     try:
         rec.record_spans(chain_trace("a"), processes())
         deadline = time.monotonic() + 10
@@ -252,10 +254,18 @@ def test_metrics_survive_a_collector_outage() -> None:
         rx.wait_for_metrics(lambda ms: any(m["name"] == "traces_service_graph_request_total"
                                            and m["attributes"].get("server") == "backend" and m["value"] == 2
                                            for m in ms), timeout_s=15)
+        deadline = time.monotonic() + 5
+        while not any("resumed" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         rec.shutdown(2)
         if rx is not None:
             rx.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    # One actionable line per outage (the SDK's per-attempt errors are folded into it), one on recovery.
+    assert len([m for m in messages if "cannot export metrics" in m]) == 1, messages
+    assert any("metric export to" in m and "resumed" in m for m in messages)
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry.exporter")]
 
 
 def test_embedded_default_writes_otlp_json_metric_lines(tmp_path) -> None:
@@ -287,3 +297,13 @@ def test_recording_cost_per_span_is_small() -> None:
         agg.record_spans(spans, processes())
         best = min(best, (time.perf_counter() - t0) / len(spans))
     assert best < 40e-6, f"{best * 1e6:.1f} us per span"  # ~4 us idle here; generous for a loaded CI core
+
+
+def test_unwritable_metrics_file_is_a_config_error(tmp_path) -> None:
+    from exporters.config import ConfigError
+
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    cfg = load_config({}, metrics_output=str(blocker / "sub" / "m.jsonl"))
+    with pytest.raises(ConfigError, match="cannot open for writing"):
+        MetricsRecorder(cfg)
