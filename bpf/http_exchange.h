@@ -1,0 +1,911 @@
+/* HTTP/1.x exchange tracking shared by every probe family (sockets, OpenSSL, Go).
+ *
+ * A probe hands each transfer of bytes to kspan_on_data(); this file keeps one state per
+ * connection (conn_id = struct sock address), recognises a request and its response, parses the
+ * response framing in the kernel and emits ONE struct kspan_exchange per finished exchange, so the
+ * ring buffer carries one record per request instead of one per syscall.
+ *
+ * Settings come as -D from tracer/loader.py: KSPAN_SELF_PID, KSPAN_FILTER_PIDS, KSPAN_FILTER_PORTS,
+ * KSPAN_MAX_CONNS, KSPAN_RINGBUF_PAGES, KSPAN_SKC_* (struct sock_common offsets read from the
+ * running kernel's BTF; never from headers, which may belong to another kernel).
+ */
+#ifndef KSPAN_HTTP_EXCHANGE_H
+#define KSPAN_HTTP_EXCHANGE_H
+
+#include "kspan.h"
+
+#ifndef KSPAN_SELF_PID
+#define KSPAN_SELF_PID 0
+#endif
+#ifndef KSPAN_MAX_CONNS
+#define KSPAN_MAX_CONNS 65536
+#endif
+#ifndef KSPAN_RINGBUF_PAGES
+#define KSPAN_RINGBUF_PAGES 2048
+#endif
+
+#define KSPAN_AF_INET 2
+#define KSPAN_AF_INET6 10
+#define KSPAN_IPPROTO_TCP 6
+
+#define KSPAN_DIR_EGRESS 1  /* the process wrote these bytes */
+#define KSPAN_DIR_INGRESS 2 /* the process read these bytes */
+
+/* Bytes of one transfer scanned for response headers; headers beyond it in a single transfer
+ * leave the framing unknown (the exchange then ends on the next request, close or timeout). */
+#define KSPAN_SCAN 512
+
+/* One transfer of bytes, as a probe saw it. */
+struct kspan_data_args {
+    __u64 conn_id;
+    __u32 pid;
+    __u32 tid;
+    __u8 dir;             /* KSPAN_DIR_* */
+    __u8 source;          /* enum kspan_source */
+    __u16 _pad;
+    __u32 flags;          /* KSPAN_FLAG_* to set on the exchange (e.g. KSPAN_FLAG_TLS) */
+    const char *buf;      /* user memory; NULL: bytes are counted, not read (sendfile) */
+    __u32 len;            /* bytes actually transferred */
+    __u64 start_ns;       /* write: call entry; read: when the data arrived */
+    __u64 end_ns;         /* write: return; read: when the data arrived */
+    /* Optional, for scattered buffers (writev, sendmsg); zero means "buf holds all len bytes". */
+    __u32 buf_len;        /* contiguous readable bytes at buf */
+    __u32 tail_n;         /* > 0: tail holds the last tail_n (<= 8) bytes, newest in the low byte */
+    __u64 tail;
+};
+
+/* An OpenSSL call in progress on a thread (filled by the TLS uprobes). */
+struct kspan_ssl_call {
+    __u64 ssl;
+    __u64 sk;             /* set by the socket path when the call reaches the socket */
+    const char *buf;
+    __u64 start_ns;
+};
+
+/* A socket's addresses, from sock:inet_sock_set_state or struct sock_common. */
+struct kspan_tuple {
+    __u16 family;
+    __u16 local_port;     /* host byte order */
+    __u16 remote_port;
+    __u16 _pad;
+    __u32 pid;            /* process last seen on the socket; 0 if unknown */
+    __u32 _pad2;
+    __u8 local_addr[16];
+    __u8 remote_addr[16];
+};
+
+/* Addresses in IPv6 form (IPv4 as ::ffff:a.b.c.d), so that a dual-stack socket's end matches an
+ * IPv4 socket's end of the same connection. */
+struct kspan_endpoint {
+    __u8 addr[16];
+    __u16 port;
+    __u16 _pad;
+};
+
+struct kspan_conn_key {
+    __u8 local_addr[16];
+    __u8 remote_addr[16];
+    __u16 local_port;
+    __u16 remote_port;
+};
+
+struct kspan_exchange_ref {
+    __u64 conn_id;
+    __u64 req_start_ns;
+    __u32 pid;
+    __u32 _pad;
+};
+
+struct kspan_inflight {
+    __s64 count;          /* server exchanges in flight in the process */
+    __u64 conn_id;        /* the last one started */
+    __u64 req_start_ns;
+};
+
+enum kspan_phase {
+    KSPAN_PH_IDLE = 0,       /* between exchanges (keep-alive) */
+    KSPAN_PH_REQ = 1,        /* request seen, no response yet */
+    KSPAN_PH_RESP = 2,       /* response in progress */
+    KSPAN_PH_WAIT_FINAL = 3, /* a 1xx interim response ended; the final one is still to come */
+};
+
+enum kspan_hdr_state {
+    KSPAN_HS_STATUS = 0, KSPAN_HS_LINE = 1, KSPAN_HS_NAME = 2, KSPAN_HS_CL = 3, KSPAN_HS_TE = 4,
+    KSPAN_HS_SKIP = 5, KSPAN_HS_CR = 6, KSPAN_HS_DONE = 7, KSPAN_HS_GAVE_UP = 8,
+};
+
+enum kspan_framing {
+    KSPAN_FR_UNKNOWN = 0, KSPAN_FR_LENGTH = 1, KSPAN_FR_CHUNKED = 2, KSPAN_FR_NONE = 3,
+    KSPAN_FR_CLOSE = 4,
+};
+
+/* "\r\n0\r\n\r\n": the last-chunk marker as the newest 7 bytes of the tail register. */
+#define KSPAN_CHUNKED_END 0x0d0a300d0a0d0aULL
+#define KSPAN_CHUNKED_END_MASK 0x00ffffffffffffffULL
+
+#define KSPAN_METHOD_HEAD 4
+
+/* The map value embeds the whole record so bpf_ringbuf_output copies it straight from the map
+ * (the stack is 512 bytes). `spare` is the header-scan buffer and also the room that lets the
+ * verifier accept variable-offset copies into req_head/resp_head. */
+struct kspan_conn {
+    struct kspan_exchange ex;
+    __u64 last_ns;          /* last progress, for the user-space timeout sweep */
+    __u64 resp_head_end;    /* response bytes up to the end of the headers (valid when HS_DONE) */
+    __u64 content_length;
+    __u64 tail;             /* newest response bytes, newest in the low byte */
+    __u32 cl_pos;           /* scan results kept in the map value, not in registers: a register */
+    __u32 te_pos;           /* later used as an index would make the verifier tell loop states apart */
+    __u32 scan_n;           /* bytes read into spare by the last scan */
+    __u32 scan_end;
+    __u32 te_end;
+    __u32 _pad_scan;
+    __u8 phase;
+    __u8 req_dir;
+    __u8 method;
+    __u8 hdr_state;
+    __u8 framing;
+    __u8 tail_n;
+    __u8 has_length;
+    __u8 chunked;
+    char spare[1024 + 64];  /* 1023 (masked offset) + 32 zeroed bytes fit */
+};
+
+/* Counters, readable from user space by name (tracer/loader.py COUNTER_NAMES, same order). */
+enum kspan_counter {
+    KSPAN_CNT_RECORDS = 0,          /* exchange records emitted */
+    KSPAN_CNT_LOST = 1,             /* ring buffer full: records lost */
+    KSPAN_CNT_REQUESTS = 2,         /* requests recognised */
+    KSPAN_CNT_NON_HTTP_SEGMENTS = 3,/* transfers on untracked connections that do not start a request */
+    KSPAN_CNT_UNPARSED_BYTES = 4,   /* their bytes, and bytes seen out of protocol order */
+    KSPAN_CNT_STATE_FULL = 5,       /* connection state could not be created */
+    KSPAN_CNT_NEXT_REQUEST = 6,     /* exchanges ended by the next request (framing unknown) */
+    KSPAN_CNT_HEAD_GAVE_UP = 7,     /* response headers longer than the scan window */
+    KSPAN_CNT_NO_SYSCALL_ARGS = 8,  /* socket transfer outside a traced syscall (io_uring, ...) */
+    KSPAN_CNT_TLS_SKIPPED = 9,      /* encrypted transfers left to the TLS probes */
+    KSPAN_CNT_FILTERED = 10,        /* requests dropped by --port or the agent's own endpoints */
+    KSPAN_CNT_PROC_RECORDS = 11,
+    KSPAN_CNT_TCP_RECORDS = 12,
+    KSPAN_CNT_SELF_SKIPPED = 13,    /* transfers by the agent itself */
+    KSPAN_CNT_TUPLE_UNKNOWN = 14,   /* requests on sockets whose addresses are unknown */
+    KSPAN_CNT_ORPHAN_RESPONSE = 15, /* responses with no request seen (connection older than the agent) */
+    KSPAN_CNT_CLOSED = 16,          /* exchanges ended by close */
+    KSPAN_CNT_MAX = 17,
+};
+
+BPF_RINGBUF_OUTPUT(events, KSPAN_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(counters, __u64, KSPAN_CNT_MAX);
+
+BPF_TABLE("lru_hash", __u64, struct kspan_conn, conns, KSPAN_MAX_CONNS);
+BPF_PERCPU_ARRAY(kspan_zero, struct kspan_conn, 1); /* never written: the initial value */
+BPF_TABLE("lru_hash", __u64, struct kspan_tuple, tuples, KSPAN_MAX_CONNS);
+
+/* Shared with the TLS/Go uprobes (names are a contract). */
+BPF_TABLE("lru_hash", __u64, __u64, fd_sk, KSPAN_MAX_CONNS);   /* tgid<<32|fd -> sk */
+BPF_TABLE("lru_hash", __u64, __u8, tls_conns, KSPAN_MAX_CONNS); /* sk -> 1: plaintext comes from a TLS probe */
+BPF_HASH(ssl_active, __u64, struct kspan_ssl_call, 16384);     /* pid_tgid -> SSL call in progress */
+
+/* Parent hints. */
+BPF_TABLE("lru_hash", __u64, struct kspan_exchange_ref, thread_ctx, 16384);     /* pid_tgid -> serving exchange */
+BPF_TABLE("lru_hash", __u32, struct kspan_inflight, proc_inflight, 16384);     /* tgid -> server exchanges in flight */
+BPF_TABLE("lru_hash", struct kspan_conn_key, struct kspan_exchange_ref, client_conns, KSPAN_MAX_CONNS);
+
+/* Filters. */
+BPF_HASH(allowed_pids, __u32, __u8, 65536);
+BPF_HASH(allowed_ports, __u16, __u8, 1024);
+BPF_TABLE("lru_hash", struct kspan_endpoint, __u8, self_endpoints, 4096); /* where the agent sends from */
+
+static __always_inline void kspan_count(__u32 idx, __u64 n)
+{
+    __u64 *v = counters.lookup(&idx);
+    if (v)
+        *v += n;
+}
+
+static __always_inline void kspan_norm_addr(__u8 *dst, __u16 family, const __u8 *src)
+{
+    if (family == KSPAN_AF_INET) {
+#pragma unroll
+        for (int i = 0; i < 10; i++)
+            dst[i] = 0;
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            dst[12 + i] = src[i];
+    } else {
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+            dst[i] = src[i];
+    }
+}
+
+/* A socket older than the agent has no inet_sock_set_state event: read its addresses from
+ * struct sock_common, at offsets the loader took from this kernel's BTF. */
+static __always_inline struct kspan_tuple *kspan_tuple_of(__u64 sk)
+{
+    struct kspan_tuple *t = tuples.lookup(&sk);
+    if (t)
+        return t;
+#ifdef KSPAN_SKC_FAMILY
+    struct kspan_tuple nt = {};
+    const char *s = (const char *)sk;
+    __u16 family = 0, dport = 0, num = 0;
+    bpf_probe_read_kernel(&family, sizeof(family), s + KSPAN_SKC_FAMILY);
+    bpf_probe_read_kernel(&dport, sizeof(dport), s + KSPAN_SKC_DPORT);
+    bpf_probe_read_kernel(&num, sizeof(num), s + KSPAN_SKC_NUM);
+    if (family == KSPAN_AF_INET) {
+        bpf_probe_read_kernel(nt.local_addr, 4, s + KSPAN_SKC_RCV_SADDR);
+        bpf_probe_read_kernel(nt.remote_addr, 4, s + KSPAN_SKC_DADDR);
+    } else if (family == KSPAN_AF_INET6) {
+        bpf_probe_read_kernel(nt.local_addr, 16, s + KSPAN_SKC_V6_RCV_SADDR);
+        bpf_probe_read_kernel(nt.remote_addr, 16, s + KSPAN_SKC_V6_DADDR);
+    } else {
+        return 0;
+    }
+    nt.family = family;
+    nt.local_port = num;                           /* skc_num is host order */
+    nt.remote_port = (dport >> 8) | (dport << 8);  /* skc_dport is network order */
+    tuples.update(&sk, &nt);
+    return tuples.lookup(&sk);
+#else
+    return 0;
+#endif
+}
+
+static __always_inline void kspan_conn_key_of(struct kspan_conn_key *k, struct kspan_tuple *t, int reversed)
+{
+    if (!reversed) {
+        kspan_norm_addr(k->local_addr, t->family, t->local_addr);
+        kspan_norm_addr(k->remote_addr, t->family, t->remote_addr);
+        k->local_port = t->local_port;
+        k->remote_port = t->remote_port;
+    } else {
+        kspan_norm_addr(k->local_addr, t->family, t->remote_addr);
+        kspan_norm_addr(k->remote_addr, t->family, t->local_addr);
+        k->local_port = t->remote_port;
+        k->remote_port = t->local_port;
+    }
+}
+
+/* The agent's own sends: remember the local end, so the receiving end (a collector on this host)
+ * is not traced either: that would be spans about receiving spans. */
+static __always_inline void kspan_note_self(__u64 sk)
+{
+    kspan_count(KSPAN_CNT_SELF_SKIPPED, 1);
+    struct kspan_tuple *t = tuples.lookup(&sk);
+    if (!t)
+        return;
+    struct kspan_endpoint ep = {};
+    kspan_norm_addr(ep.addr, t->family, t->local_addr);
+    ep.port = t->local_port;
+    if (!self_endpoints.lookup(&ep)) {
+        __u8 one = 1;
+        self_endpoints.update(&ep, &one);
+    }
+}
+
+/* Method token followed by a space at the start of the data; returns a method id or 0. */
+static __always_inline __u8 kspan_method(const __u8 *p, __u32 n)
+{
+    if (n >= 4 && p[3] == ' ') {
+        if (p[0] == 'G' && p[1] == 'E' && p[2] == 'T') return 1;
+        if (p[0] == 'P' && p[1] == 'U' && p[2] == 'T') return 3;
+    }
+    if (n >= 5 && p[4] == ' ') {
+        if (p[0] == 'P' && p[1] == 'O' && p[2] == 'S' && p[3] == 'T') return 2;
+        if (p[0] == 'H' && p[1] == 'E' && p[2] == 'A' && p[3] == 'D') return KSPAN_METHOD_HEAD;
+    }
+    if (n >= 6 && p[5] == ' ') {
+        if (p[0] == 'P' && p[1] == 'A' && p[2] == 'T' && p[3] == 'C' && p[4] == 'H') return 5;
+        if (p[0] == 'T' && p[1] == 'R' && p[2] == 'A' && p[3] == 'C' && p[4] == 'E') return 6;
+    }
+    if (n >= 7 && p[6] == ' ' && p[0] == 'D' && p[1] == 'E' && p[2] == 'L' && p[3] == 'E' &&
+        p[4] == 'T' && p[5] == 'E')
+        return 7;
+    if (n >= 8 && p[7] == ' ') {
+        if (p[0] == 'O' && p[1] == 'P' && p[2] == 'T' && p[3] == 'I' && p[4] == 'O' && p[5] == 'N' &&
+            p[6] == 'S')
+            return 8;
+        if (p[0] == 'C' && p[1] == 'O' && p[2] == 'N' && p[3] == 'N' && p[4] == 'E' && p[5] == 'C' &&
+            p[6] == 'T')
+            return 9;
+    }
+    return 0;
+}
+
+static __always_inline int kspan_is_response(const __u8 *p, __u32 n)
+{
+    return n >= 7 && p[0] == 'H' && p[1] == 'T' && p[2] == 'T' && p[3] == 'P' && p[4] == '/' &&
+           p[5] == '1' && p[6] == '.';
+}
+
+/* Bytes readable at a->buf. */
+static __always_inline __u32 kspan_readable(struct kspan_data_args *a)
+{
+    if (!a->buf)
+        return 0;
+    if (a->buf_len && a->buf_len < a->len)
+        return a->buf_len;
+    return a->len;
+}
+
+/* Append up to `room` bytes of user data to a head buffer at a variable offset. The asm barrier
+ * stops clang from folding the mask away, so the verifier sees a bound (`spare` gives the room). */
+#define KSPAN_APPEND(field, cap, lenfield, src, avail, flag)                       \
+    do {                                                                          \
+        __u32 _off = st->ex.lenfield;                                             \
+        if (_off < (cap)) {                                                       \
+            __u32 _n = (avail);                                                   \
+            __u32 _room = (cap) - _off;                                           \
+            if (_n > _room)                                                       \
+                _n = _room;                                                       \
+            asm volatile("" : "+r"(_n));                                          \
+            _n &= 1023;                                                           \
+            _off &= ((cap) - 1);                                                  \
+            if (_n > 0 && bpf_probe_read_user(&st->ex.field[_off], _n, (src)) == 0) \
+                st->ex.lenfield = _off + _n;                                      \
+            if (st->ex.lenfield >= (cap))                                         \
+                st->ex.flags |= (flag);                                           \
+        }                                                                         \
+    } while (0)
+
+static __always_inline void kspan_release_hints(struct kspan_conn *st)
+{
+    if (st->ex.role == KSPAN_ROLE_SERVER) {
+        __u64 key = ((__u64)st->ex.pid << 32) | st->ex.tid;
+        struct kspan_exchange_ref *t = thread_ctx.lookup(&key);
+        if (t && t->conn_id == st->ex.conn_id && t->req_start_ns == st->ex.req_start_ns)
+            thread_ctx.delete(&key);
+        __u32 pid = st->ex.pid;
+        struct kspan_inflight *f = proc_inflight.lookup(&pid);
+        if (f && f->count > 0)
+            __sync_fetch_and_add(&f->count, -1);
+    } else if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
+        struct kspan_tuple t = {};
+        t.family = st->ex.family;
+        t.local_port = st->ex.local_port;
+        t.remote_port = st->ex.remote_port;
+        __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
+        __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
+        struct kspan_conn_key k = {};
+        kspan_conn_key_of(&k, &t, 0);
+        struct kspan_exchange_ref *r = client_conns.lookup(&k);
+        if (r && r->conn_id == st->ex.conn_id && r->req_start_ns == st->ex.req_start_ns)
+            client_conns.delete(&k);
+    }
+}
+
+static __always_inline void kspan_emit(struct kspan_conn *st, __u8 reason)
+{
+    st->ex.end_reason = reason;
+    __u64 total = st->ex.resp_bytes;
+    __u8 n = st->tail_n;
+    if (total < n)
+        n = total;
+    st->ex.resp_tail_len = n;
+    __u64 tail = st->tail;
+    /* oldest byte first */
+#pragma unroll
+    for (int i = 0; i < KSPAN_TAIL; i++) {
+        if (i < n)
+            st->ex.resp_tail[i] = (tail >> (8 * (n - 1 - i))) & 0xff;
+        else
+            st->ex.resp_tail[i] = 0;
+    }
+    if (events.ringbuf_output(&st->ex, sizeof(st->ex), 0) == 0)
+        kspan_count(KSPAN_CNT_RECORDS, 1);
+    else
+        kspan_count(KSPAN_CNT_LOST, 1);
+    if (reason == KSPAN_END_NEXT_REQUEST)
+        kspan_count(KSPAN_CNT_NEXT_REQUEST, 1);
+    if (reason == KSPAN_END_CLOSED)
+        kspan_count(KSPAN_CNT_CLOSED, 1);
+    kspan_release_hints(st);
+    st->phase = KSPAN_PH_IDLE;
+}
+
+/* Start a request on a connection state (new, idle, or replacing an unfinished exchange). */
+static __always_inline void kspan_begin_request(struct kspan_conn *st, struct kspan_data_args *a, __u8 method)
+{
+    kspan_count(KSPAN_CNT_REQUESTS, 1);
+    st->phase = KSPAN_PH_REQ;
+    st->req_dir = a->dir;
+    st->method = method;
+    st->hdr_state = KSPAN_HS_STATUS;
+    st->framing = KSPAN_FR_UNKNOWN;
+    st->has_length = 0;
+    st->chunked = 0;
+    st->content_length = 0;
+    st->resp_head_end = 0;
+    st->tail = 0;
+    st->tail_n = 0;
+    st->last_ns = a->end_ns;
+
+    st->ex.type = KSPAN_REC_EXCHANGE;
+    st->ex.pid = a->pid;
+    st->ex.tid = a->tid;
+    st->ex.role = a->dir == KSPAN_DIR_EGRESS ? KSPAN_ROLE_CLIENT : KSPAN_ROLE_SERVER;
+    st->ex.end_reason = 0;
+    st->ex.source = a->source;
+    st->ex.parent_kind = KSPAN_PARENT_NONE;
+    st->ex.flags = (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) | a->flags;
+    st->ex.status = 0;
+    st->ex.req_start_ns = a->start_ns;
+    st->ex.req_end_ns = a->end_ns;
+    st->ex.resp_start_ns = 0;
+    st->ex.resp_end_ns = 0;
+    st->ex.req_bytes = a->len;
+    st->ex.resp_bytes = 0;
+    st->ex.parent_conn_id = 0;
+    st->ex.parent_req_start_ns = 0;
+    st->ex.parent_pid = 0;
+    st->ex.req_head_len = 0;
+    st->ex.resp_head_len = 0;
+    st->ex.resp_tail_len = 0;
+    KSPAN_APPEND(req_head, KSPAN_REQ_HEAD, req_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_REQ_HEAD_FULL);
+
+    __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
+    if (st->ex.role == KSPAN_ROLE_SERVER) {
+        struct kspan_exchange_ref me = {};
+        me.conn_id = st->ex.conn_id;
+        me.req_start_ns = st->ex.req_start_ns;
+        me.pid = a->pid;
+        thread_ctx.update(&pid_tgid, &me);
+        __u32 pid = a->pid;
+        struct kspan_inflight *f = proc_inflight.lookup(&pid);
+        if (f) {
+            __sync_fetch_and_add(&f->count, 1);
+            f->conn_id = me.conn_id;
+            f->req_start_ns = me.req_start_ns;
+        } else {
+            struct kspan_inflight nf = {};
+            nf.count = 1;
+            nf.conn_id = me.conn_id;
+            nf.req_start_ns = me.req_start_ns;
+            proc_inflight.update(&pid, &nf);
+        }
+        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
+            struct kspan_tuple t = {};
+            t.family = st->ex.family;
+            t.local_port = st->ex.local_port;
+            t.remote_port = st->ex.remote_port;
+            __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
+            __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
+            struct kspan_conn_key k = {};
+            kspan_conn_key_of(&k, &t, 1);
+            struct kspan_exchange_ref *peer = client_conns.lookup(&k);
+            if (peer) {
+                st->ex.parent_kind = KSPAN_PARENT_PEER;
+                st->ex.parent_conn_id = peer->conn_id;
+                st->ex.parent_req_start_ns = peer->req_start_ns;
+                st->ex.parent_pid = peer->pid;
+            }
+        }
+    } else {
+        struct kspan_exchange_ref *t = thread_ctx.lookup(&pid_tgid);
+        if (t) {
+            st->ex.parent_kind = KSPAN_PARENT_THREAD;
+            st->ex.parent_conn_id = t->conn_id;
+            st->ex.parent_req_start_ns = t->req_start_ns;
+            st->ex.parent_pid = a->pid;
+        } else {
+            __u32 pid = a->pid;
+            struct kspan_inflight *f = proc_inflight.lookup(&pid);
+            if (f && f->count == 1) {
+                st->ex.parent_kind = KSPAN_PARENT_PROCESS;
+                st->ex.parent_conn_id = f->conn_id;
+                st->ex.parent_req_start_ns = f->req_start_ns;
+                st->ex.parent_pid = a->pid;
+            }
+        }
+        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
+            struct kspan_tuple t = {};
+            t.family = st->ex.family;
+            t.local_port = st->ex.local_port;
+            t.remote_port = st->ex.remote_port;
+            __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
+            __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
+            struct kspan_conn_key k = {};
+            kspan_conn_key_of(&k, &t, 0);
+            struct kspan_exchange_ref me = {};
+            me.conn_id = st->ex.conn_id;
+            me.req_start_ns = st->ex.req_start_ns;
+            me.pid = a->pid;
+            client_conns.update(&k, &me);
+        }
+    }
+}
+
+/* Shift the newest bytes of this transfer into the tail register. */
+static __always_inline void kspan_update_tail(struct kspan_conn *st, struct kspan_data_args *a)
+{
+    __u64 v = 0;
+    __u32 k = 0;
+    if (a->tail_n) {
+        k = a->tail_n > 8 ? 8 : a->tail_n;
+        v = a->tail;
+    } else if (a->buf && (a->buf_len == 0 || a->buf_len >= a->len)) {
+        __u8 b[16] = {};
+        k = a->len > 8 ? 8 : a->len;
+        asm volatile("" : "+r"(k));
+        k &= 15;
+        if (k == 0 || bpf_probe_read_user(b, k, a->buf + a->len - k) != 0) {
+            st->tail = 0;
+            st->tail_n = 0;
+            return;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            if (i < k)
+                v = (v << 8) | b[i];
+        }
+    } else {
+        st->tail = 0;
+        st->tail_n = 0;
+        return;
+    }
+    if (k >= 8) {
+        st->tail = v;
+        st->tail_n = 8;
+    } else {
+        st->tail = (st->tail << (8 * k)) | v;
+        __u32 n = st->tail_n + k;
+        st->tail_n = n > 8 ? 8 : n;
+    }
+}
+
+/* Header names are matched 8 bytes at a time, lower-cased by OR-ing 0x20 (harmless on '-', ':'). */
+#define KSPAN_W_CONTENT_ 0x2d746e65746e6f63ULL  /* "content-" */
+#define KSPAN_W_LENGTH_ 0x003a6874676e656cULL   /* "length:" (7 bytes) */
+#define KSPAN_W_TRANSFER 0x726566736e617274ULL  /* "transfer" */
+#define KSPAN_W__ENCODIN 0x6e69646f636e652dULL  /* "-encodin" */
+#define KSPAN_W_G_ 0x3a67ULL                    /* "g:" (2 bytes) */
+#define KSPAN_W_CHUNKED 0x0064656b6e756863ULL   /* "chunked" (7 bytes) */
+#define KSPAN_LOWER 0x2020202020202020ULL
+
+static __always_inline __u64 kspan_word(struct kspan_conn *st, __u32 pos)
+{
+    __u64 w = 0;
+    __builtin_memcpy(&w, &st->spare[pos & 1023], 8);
+    return w;
+}
+
+/* Look at the header line starting at spare[j]: end of headers, or a framing header. Returns the
+ * end-of-headers offset (after the blank line) or 0. Bytes past the transfer are zero (see
+ * kspan_scan_headers), so no comparison with the length is needed here: each such comparison
+ * would refine the length's range differently per iteration and multiply the verifier's states. */
+static __always_inline __u32 kspan_header_line(struct kspan_conn *st, __u32 j)
+{
+    __u8 c = st->spare[j & 1023];
+    if (c == '\n')
+        return j + 1;
+    if (c == '\r')
+        return j + 2;
+    __u64 w = kspan_word(st, j) | KSPAN_LOWER;
+    if (w == KSPAN_W_CONTENT_) {
+        __u64 w2 = (kspan_word(st, j + 8) | KSPAN_LOWER) & 0x00ffffffffffffffULL;
+        if (w2 == KSPAN_W_LENGTH_)
+            st->cl_pos = j + 15;
+    } else if (w == KSPAN_W_TRANSFER) {
+        __u64 w2 = kspan_word(st, j + 8) | KSPAN_LOWER;
+        __u64 w3 = (kspan_word(st, j + 16) | KSPAN_LOWER) & 0xffffULL;
+        if (w2 == KSPAN_W__ENCODIN && w3 == KSPAN_W_G_)
+            st->te_pos = j + 18;
+    }
+    return 0;
+}
+
+/* Find the end of the response headers in this transfer, and Content-Length / chunked on the way.
+ * Only line starts are examined (one branch per byte otherwise), and results go to the map value
+ * rather than registers: the verifier walks every iteration, and registers whose values differ
+ * between paths keep it from merging them. */
+static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct kspan_data_args *a, __u64 before)
+{
+    __u32 n = kspan_readable(a);
+    if (n > KSPAN_SCAN)
+        n = KSPAN_SCAN;
+    asm volatile("" : "+r"(n));
+    n &= 1023;
+    if (n == 0 || bpf_probe_read_user(st->spare, n, a->buf) != 0) {
+        st->hdr_state = KSPAN_HS_GAVE_UP;
+        kspan_count(KSPAN_CNT_HEAD_GAVE_UP, 1);
+        return;
+    }
+    __builtin_memset(&st->spare[n & 1023], 0, 32);
+    st->scan_n = n;
+    st->cl_pos = 0;
+    st->te_pos = 0;
+    st->scan_end = 0;
+    if (st->hdr_state == KSPAN_HS_LINE)
+        st->scan_end = kspan_header_line(st, 0);
+    if (!st->scan_end) {
+#pragma clang loop unroll(disable)
+        for (__u32 i = 0; i < KSPAN_SCAN; i++) {
+            if (i + 1 >= n)
+                break;
+            if (st->spare[i] != '\n')
+                continue;
+            __u32 e = kspan_header_line(st, i + 1);
+            if (e) {
+                st->scan_end = e;
+                break;
+            }
+        }
+    }
+    /* reload from memory: the loop's exit paths must look alike to the verifier */
+    asm volatile("" ::: "memory");
+    __u32 clpos = st->cl_pos, tepos = st->te_pos;
+    if (clpos) {
+        __u64 cl = 0;
+        __u8 digits = 0;
+#pragma clang loop unroll(disable)
+        for (__u32 k = 0; k < 24; k++) {
+            __u8 c = st->spare[(clpos + k) & 1023];
+            if (c >= '0' && c <= '9') {
+                cl = cl * 10 + (c - '0');
+                digits = 1;
+            } else if (digits || (c != ' ' && c != '\t')) {
+                break;
+            }
+        }
+        if (digits) {
+            st->content_length = cl;
+            st->has_length = 1;
+        }
+    }
+    if (tepos) {
+        /* chunked must be the last coding: find the line end, skip trailing blanks, compare */
+        st->te_end = 0;
+#pragma clang loop unroll(disable)
+        for (__u32 k = 0; k < 48; k++) {
+            __u8 c = st->spare[(tepos + k) & 1023];
+            if (c == '\r' || c == '\n' || c == 0) {
+                st->te_end = tepos + k;
+                break;
+            }
+        }
+        asm volatile("" ::: "memory");
+        __u32 e = st->te_end;
+#pragma clang loop unroll(disable)
+        for (int k = 0; k < 4; k++) {
+            if (e > tepos && (st->spare[(e - 1) & 1023] == ' ' || st->spare[(e - 1) & 1023] == '\t'))
+                e--;
+        }
+        if (e >= tepos + 7) {
+            __u64 w = (kspan_word(st, e - 7) | KSPAN_LOWER) & 0x00ffffffffffffffULL;
+            if (w == KSPAN_W_CHUNKED)
+                st->chunked = 1;
+        }
+    }
+    asm volatile("" ::: "memory");
+    __u32 end = st->scan_end;
+    __u32 sn = st->scan_n;
+    if (end) {
+        st->hdr_state = KSPAN_HS_DONE;
+        st->resp_head_end = before + end;
+    } else if (sn < a->len) {
+        /* header bytes beyond what we could read: framing unknown */
+        st->hdr_state = KSPAN_HS_GAVE_UP;
+        kspan_count(KSPAN_CNT_HEAD_GAVE_UP, 1);
+    } else {
+        st->hdr_state = st->spare[(sn - 1) & 1023] == '\n' ? KSPAN_HS_LINE : KSPAN_HS_STATUS;
+    }
+}
+
+static __always_inline void kspan_parse_status(struct kspan_conn *st)
+{
+    if (st->ex.status || st->ex.resp_head_len < 12)
+        return;
+    __u8 d0 = st->ex.resp_head[9], d1 = st->ex.resp_head[10], d2 = st->ex.resp_head[11];
+    if (d0 < '0' || d0 > '9' || d1 < '0' || d1 > '9' || d2 < '0' || d2 > '9')
+        return;
+    st->ex.status = (d0 - '0') * 100 + (d1 - '0') * 10 + (d2 - '0');
+}
+
+static __always_inline void kspan_begin_response(struct kspan_conn *st, struct kspan_data_args *a)
+{
+    st->phase = KSPAN_PH_RESP;
+    st->ex.resp_start_ns = a->start_ns;
+    st->ex.resp_bytes = 0;
+    st->ex.resp_head_len = 0;
+    st->ex.status = 0;
+    st->hdr_state = KSPAN_HS_STATUS;
+    st->framing = KSPAN_FR_UNKNOWN;
+    st->has_length = 0;
+    st->chunked = 0;
+    st->content_length = 0;
+    st->resp_head_end = 0;
+    st->tail = 0;
+    st->tail_n = 0;
+    st->ex.flags &= ~KSPAN_FLAG_RESP_HEAD_FULL;
+}
+
+/* Response bytes on a response in progress: count, keep the head and tail, check completion. */
+static __always_inline void kspan_response_data(struct kspan_conn *st, struct kspan_data_args *a)
+{
+    __u64 before = st->ex.resp_bytes;
+    st->ex.resp_bytes = before + a->len;
+    st->ex.resp_end_ns = a->end_ns;
+    KSPAN_APPEND(resp_head, KSPAN_RESP_HEAD, resp_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_RESP_HEAD_FULL);
+    kspan_parse_status(st);
+    kspan_update_tail(st, a);
+
+    if (st->hdr_state < KSPAN_HS_DONE) {
+        kspan_scan_headers(st, a, before);
+        if (st->hdr_state == KSPAN_HS_DONE) {
+            kspan_parse_status(st);
+            __u16 status = st->ex.status;
+            if (status >= 100 && status < 200 && status != 101) {
+                /* interim: the final response is still to come */
+                st->ex.flags |= KSPAN_FLAG_INTERIM;
+                st->phase = KSPAN_PH_WAIT_FINAL;
+                return;
+            }
+            if (st->method == KSPAN_METHOD_HEAD || status == 204 || status == 304 || status == 101)
+                st->framing = KSPAN_FR_NONE;
+            else if (st->chunked)
+                st->framing = KSPAN_FR_CHUNKED;
+            else if (st->has_length)
+                st->framing = KSPAN_FR_LENGTH;
+            else
+                st->framing = KSPAN_FR_CLOSE;
+        }
+    }
+    if (st->hdr_state != KSPAN_HS_DONE)
+        return;
+    int done = 0;
+    if (st->framing == KSPAN_FR_NONE)
+        done = 1;
+    else if (st->framing == KSPAN_FR_LENGTH)
+        done = st->ex.resp_bytes >= st->resp_head_end + st->content_length;
+    else if (st->framing == KSPAN_FR_CHUNKED)
+        done = st->tail_n >= 7 && (st->tail & KSPAN_CHUNKED_END_MASK) == KSPAN_CHUNKED_END;
+    if (done)
+        kspan_emit(st, KSPAN_END_COMPLETE);
+}
+
+/* A new connection state for a transfer that starts a request, after the filters. */
+static __always_inline struct kspan_conn *kspan_new_conn(struct kspan_data_args *a)
+{
+    struct kspan_tuple *t = kspan_tuple_of(a->conn_id);
+    if (t) {
+        if (a->pid && t->pid != a->pid)
+            t->pid = a->pid;
+        struct kspan_endpoint ep = {};
+        kspan_norm_addr(ep.addr, t->family, t->remote_addr);
+        ep.port = t->remote_port;
+        if (self_endpoints.lookup(&ep)) {
+            kspan_count(KSPAN_CNT_FILTERED, 1);
+            return 0;
+        }
+    }
+#ifdef KSPAN_FILTER_PORTS
+    if (!t) {
+        kspan_count(KSPAN_CNT_FILTERED, 1);
+        return 0;
+    }
+    __u16 lp = t->local_port, rp = t->remote_port;
+    if (!allowed_ports.lookup(&lp) && !allowed_ports.lookup(&rp)) {
+        kspan_count(KSPAN_CNT_FILTERED, 1);
+        return 0;
+    }
+#endif
+    int z = 0;
+    struct kspan_conn *zero = kspan_zero.lookup(&z);
+    if (!zero)
+        return 0;
+    struct kspan_conn *st = conns.lookup_or_try_init(&a->conn_id, zero);
+    if (!st) {
+        kspan_count(KSPAN_CNT_STATE_FULL, 1);
+        return 0;
+    }
+    st->ex.conn_id = a->conn_id;
+    if (t) {
+        st->ex.family = t->family;
+        st->ex.local_port = t->local_port;
+        st->ex.remote_port = t->remote_port;
+        __builtin_memcpy(st->ex.local_addr, t->local_addr, 16);
+        __builtin_memcpy(st->ex.remote_addr, t->remote_addr, 16);
+        st->ex.flags |= KSPAN_FLAG_TUPLE_KNOWN;
+    } else {
+        kspan_count(KSPAN_CNT_TUPLE_UNKNOWN, 1);
+    }
+    return st;
+}
+
+static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *a)
+{
+    if (a->pid == KSPAN_SELF_PID) {
+        if (a->dir == KSPAN_DIR_EGRESS)
+            kspan_note_self(a->conn_id);
+        return;
+    }
+#ifdef KSPAN_FILTER_PIDS
+    {
+        __u32 pid = a->pid;
+        if (!allowed_pids.lookup(&pid))
+            return;
+    }
+#endif
+    if (a->len == 0)
+        return;
+    __u8 p[16] = {};
+    __u32 pn = kspan_readable(a);
+    if (pn > 8)
+        pn = 8;
+    asm volatile("" : "+r"(pn));
+    pn &= 15;
+    if (pn && bpf_probe_read_user(p, pn, a->buf) != 0)
+        pn = 0;
+
+    struct kspan_conn *st = conns.lookup(&a->conn_id);
+    if (!st) {
+        __u8 m = kspan_method(p, pn);
+        if (!m) {
+            kspan_count(kspan_is_response(p, pn) ? KSPAN_CNT_ORPHAN_RESPONSE : KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
+            kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
+            return;
+        }
+        st = kspan_new_conn(a);
+        if (!st)
+            return;
+        kspan_begin_request(st, a, m);
+        return;
+    }
+
+    st->last_ns = a->end_ns;
+    if (st->phase == KSPAN_PH_IDLE) {
+        __u8 m = kspan_method(p, pn);
+        if (m) {
+            kspan_begin_request(st, a, m);
+        } else {
+            kspan_count(KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
+            kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
+        }
+        return;
+    }
+    if (a->dir == st->req_dir) {
+        if (st->phase == KSPAN_PH_RESP) {
+            __u8 m = kspan_method(p, pn);
+            if (m) {
+                kspan_emit(st, KSPAN_END_NEXT_REQUEST);
+                kspan_begin_request(st, a, m);
+                return;
+            }
+            st->ex.req_bytes += a->len;  /* body sent while the response runs: count only */
+            return;
+        }
+        /* PH_REQ: more of the request (or pipelined requests); PH_WAIT_FINAL: body after 100-continue */
+        st->ex.req_bytes += a->len;
+        st->ex.req_end_ns = a->end_ns;
+        KSPAN_APPEND(req_head, KSPAN_REQ_HEAD, req_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_REQ_HEAD_FULL);
+        return;
+    }
+    /* response direction */
+    if (st->phase == KSPAN_PH_REQ || st->phase == KSPAN_PH_WAIT_FINAL) {
+        if (!kspan_is_response(p, pn)) {
+            kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
+            return;
+        }
+        kspan_begin_response(st, a);
+    }
+    kspan_response_data(st, a);
+}
+
+static __always_inline void kspan_on_close(void *ctx, __u64 conn_id)
+{
+    struct kspan_conn *st = conns.lookup(&conn_id);
+    if (!st)
+        return;
+    if (st->phase != KSPAN_PH_IDLE) {
+        /* a response delimited by the close is complete; anything else was cut short */
+        if (st->phase == KSPAN_PH_RESP && st->hdr_state == KSPAN_HS_DONE && st->framing == KSPAN_FR_CLOSE)
+            kspan_emit(st, KSPAN_END_COMPLETE);
+        else
+            kspan_emit(st, KSPAN_END_CLOSED);
+    }
+    conns.delete(&conn_id);
+}
+
+#endif

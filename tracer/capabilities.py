@@ -1,0 +1,290 @@
+"""What this kernel offers to kspan: probed cheaply at start-up and by `kspan doctor`.
+
+Each check reads a file or makes one tiny, real attempt: configuration files can lie (a kprobe
+program loads where kprobes cannot attach; fentry is configured but refused), so where it matters
+the answer comes from the kernel itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+# Tracepoints the tracepoints backend attaches to.
+REQUIRED_TRACEPOINTS = (
+    "syscalls/sys_enter_write",
+    "syscalls/sys_enter_read",
+    "sock/sock_send_length",
+    "sock/sock_recv_length",
+    "sock/inet_sock_set_state",
+)
+
+
+@dataclass
+class Capabilities:
+    kernel: str = ""
+    root: bool = False
+    cap_bpf: bool = False  # CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN
+    btf: bool = False
+    tracefs: str = ""  # mount point, "" when not mounted
+    tracepoints: bool = False  # the socket tracepoints the tracepoints backend needs
+    missing_tracepoints: list[str] = field(default_factory=list)
+    kprobes_config: bool | None = None  # CONFIG_KPROBES, None when the config is unreadable
+    kprobe_events: bool = False  # <tracefs>/kprobe_events exists
+    kprobes: bool = False
+    fentry: bool = False
+    fentry_detail: str = ""
+    uprobes: bool = False
+    ringbuf: bool = False
+    ringbuf_detail: str = ""
+    lockdown: str = ""  # none / integrity / confidentiality, "" when unknown
+    headers: str = "none"  # "exact", "closest", "none"
+    headers_path: str = ""
+    headers_version: str = ""  # the kernel version the headers belong to
+    bcc_version: str = ""
+    bcc_error: str = ""
+    kernel_config_source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _kernel_version_tuple(release: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else (0,)
+
+
+def _effective_caps() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _tracefs() -> str:
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        mounts = []
+    mounted = {line.split()[1] for line in mounts if len(line.split()) > 2 and line.split()[2] == "tracefs"}
+    for cand in TRACEFS_CANDIDATES:
+        if str(cand) in mounted or (cand / "events").is_dir():
+            return str(cand)
+    return ""
+
+
+def kernel_config(release: str) -> tuple[dict[str, str], str]:
+    """The running kernel's build configuration and where it came from."""
+    sources = [Path("/proc/config.gz"), Path(f"/boot/config-{release}")]
+    for src in sources:
+        try:
+            raw = gzip.decompress(src.read_bytes()) if src.suffix == ".gz" else src.read_bytes()
+        except (OSError, EOFError, gzip.BadGzipFile):
+            continue
+        conf: dict[str, str] = {}
+        for line in raw.decode(errors="replace").splitlines():
+            if line.startswith("CONFIG_") and "=" in line:
+                k, v = line.split("=", 1)
+                conf[k] = v
+            elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+                conf[line[2:].split()[0]] = "n"
+        return conf, str(src)
+    return {}, ""
+
+
+def _headers(release: str) -> tuple[str, str, str]:
+    """("exact"|"closest"|"none", path, version the headers are for)."""
+    build = Path(f"/lib/modules/{release}/build")
+    if (build / "include").is_dir() or (build / "Makefile").is_file():
+        target = os.path.realpath(build)
+        m = re.search(r"linux-headers-(\d+\.\d+[^/]*)", target)
+        version = m.group(1) if m else release
+        if version.startswith(release) or release.startswith(version.split("-")[0] + "." ) and version == release:
+            return "exact", target, version
+        if _kernel_version_tuple(version)[:2] == _kernel_version_tuple(release)[:2] and version.startswith(
+            release.split("-")[0]
+        ):
+            return "exact", target, version
+        return "closest", target, version
+    return "none", "", ""
+
+
+def _lockdown() -> str:
+    try:
+        text = Path("/sys/kernel/security/lockdown").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else text.strip()
+
+
+def _bcc() -> tuple[str, str]:
+    try:
+        import bcc  # noqa: PLC0415 - lazy: doctor runs without bcc
+    except Exception as exc:  # ImportError, or a broken libbcc
+        return "", f"{type(exc).__name__}: {exc}"
+    return str(getattr(bcc, "__version__", "unknown")), ""
+
+
+def _bpf_prog_load_attempt(prog_type: int, expected_attach_type: int = 0) -> int:
+    """Load a two-instruction program (r0 = 0; exit) of `prog_type`; 0 or the errno."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    insns = (ctypes.c_uint64 * 2)(0x00000000000000B7, 0x0000000000000095)  # mov r0,0 ; exit
+    license_ = ctypes.create_string_buffer(b"GPL")
+
+    class Attr(ctypes.Structure):
+        _fields_ = [
+            ("prog_type", ctypes.c_uint32),
+            ("insn_cnt", ctypes.c_uint32),
+            ("insns", ctypes.c_uint64),
+            ("license", ctypes.c_uint64),
+            ("log_level", ctypes.c_uint32),
+            ("log_size", ctypes.c_uint32),
+            ("log_buf", ctypes.c_uint64),
+            ("kern_version", ctypes.c_uint32),
+            ("prog_flags", ctypes.c_uint32),
+            ("prog_name", ctypes.c_char * 16),
+            ("prog_ifindex", ctypes.c_uint32),
+            ("expected_attach_type", ctypes.c_uint32),
+            ("_rest", ctypes.c_uint8 * 64),
+        ]
+
+    attr = Attr()
+    attr.prog_type = prog_type
+    attr.insn_cnt = 2
+    attr.insns = ctypes.addressof(insns)
+    attr.license = ctypes.addressof(license_)
+    attr.expected_attach_type = expected_attach_type
+    sys_bpf = 321 if platform.machine() == "x86_64" else 280  # __NR_bpf (x86_64, arm64)
+    fd = libc.syscall(sys_bpf, 5, ctypes.byref(attr), ctypes.sizeof(attr))  # BPF_PROG_LOAD
+    if fd < 0:
+        return ctypes.get_errno() or errno.EINVAL
+    os.close(fd)
+    return 0
+
+
+def _ringbuf_attempt() -> int:
+    """Create a BPF_MAP_TYPE_RINGBUF (27) of one page; 0 or the errno."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Attr(ctypes.Structure):
+        _fields_ = [
+            ("map_type", ctypes.c_uint32),
+            ("key_size", ctypes.c_uint32),
+            ("value_size", ctypes.c_uint32),
+            ("max_entries", ctypes.c_uint32),
+            ("_rest", ctypes.c_uint8 * 64),
+        ]
+
+    attr = Attr(27, 0, 0, 4096)
+    sys_bpf = 321 if platform.machine() == "x86_64" else 280
+    fd = libc.syscall(sys_bpf, 0, ctypes.byref(attr), ctypes.sizeof(attr))  # BPF_MAP_CREATE
+    if fd < 0:
+        return ctypes.get_errno() or errno.EINVAL
+    os.close(fd)
+    return 0
+
+
+def _fentry_attempt() -> tuple[bool, str]:
+    """bcc's own check (it loads a tiny fentry program against a kernel function)."""
+    try:
+        from bcc import BPF  # noqa: PLC0415
+
+        ok = bool(BPF.support_kfunc())
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return ok, "" if ok else "the kernel refused a test fentry program (BPF trampoline)"
+
+
+def probe(try_loads: bool = True) -> Capabilities:
+    """Probe the kernel. `try_loads` makes the real (tiny) load attempts; they need root."""
+    caps = Capabilities()
+    release = platform.release()
+    caps.kernel = release
+    caps.root = os.geteuid() == 0
+    eff = _effective_caps()
+    caps.cap_bpf = bool(eff & (1 << CAP_SYS_ADMIN)) or (bool(eff & (1 << CAP_BPF)) and bool(eff & (1 << CAP_PERFMON)))
+    caps.btf = Path("/sys/kernel/btf/vmlinux").is_file()
+    caps.tracefs = _tracefs()
+    if caps.tracefs:
+        events = Path(caps.tracefs) / "events"
+        caps.missing_tracepoints = [tp for tp in REQUIRED_TRACEPOINTS if not (events / tp).is_dir()]
+        caps.tracepoints = not caps.missing_tracepoints
+        caps.kprobe_events = (Path(caps.tracefs) / "kprobe_events").exists()
+        caps.uprobes = (Path(caps.tracefs) / "uprobe_events").exists()
+    conf, caps.kernel_config_source = kernel_config(release)
+    if conf:
+        caps.kprobes_config = conf.get("CONFIG_KPROBES") == "y"
+        if not caps.tracefs:
+            caps.uprobes = conf.get("CONFIG_UPROBE_EVENTS") == "y"
+    caps.kprobes = bool(caps.kprobe_events) and caps.kprobes_config is not False
+    caps.lockdown = _lockdown()
+    caps.headers, caps.headers_path, caps.headers_version = _headers(release)
+    caps.bcc_version, caps.bcc_error = _bcc()
+    if _kernel_version_tuple(release) < (5, 8):
+        caps.ringbuf, caps.ringbuf_detail = False, "kernel older than 5.8"
+    elif try_loads and caps.cap_bpf:
+        err = _ringbuf_attempt()
+        caps.ringbuf = err == 0
+        caps.ringbuf_detail = "" if err == 0 else f"map create failed: {os.strerror(err)}"
+    else:
+        caps.ringbuf_detail = "not tried (needs root)"
+    if try_loads and caps.cap_bpf and caps.bcc_version and caps.btf:
+        caps.fentry, caps.fentry_detail = _fentry_attempt()
+    elif not caps.btf:
+        caps.fentry_detail = "needs kernel BTF"
+    else:
+        caps.fentry_detail = "not tried (needs root and bcc)"
+    return caps
+
+
+def choose_backend(caps: Capabilities, wanted: str = "auto") -> tuple[str, str]:
+    """The socket backend to use and why; ("", reason) when none can work."""
+    if wanted not in ("auto", "tracepoints", "kprobes"):
+        return "", f"unknown backend {wanted!r}: use auto, tracepoints or kprobes"
+    kprobes_ok = caps.kprobes and caps.headers != "none"
+    tp_ok = caps.tracepoints
+    if wanted == "kprobes":
+        if kprobes_ok:
+            return "kprobes", "requested with --backend kprobes"
+        why = "kprobes are not available" if not caps.kprobes else "no kernel headers for the kprobe programs"
+        return "", f"--backend kprobes: {why}; use --backend tracepoints or auto"
+    if wanted == "tracepoints":
+        if tp_ok:
+            return "tracepoints", "requested with --backend tracepoints"
+        return "", _tracepoint_problem(caps)
+    if kprobes_ok and caps.headers == "exact":
+        return "kprobes", "kprobes available and kernel headers match the running kernel"
+    if tp_ok:
+        if not caps.kprobes:
+            return "tracepoints", "no kprobes on this kernel (CONFIG_KPROBES unset or kprobe_events missing)"
+        return "tracepoints", (
+            f"kprobes exist but the kernel headers are {caps.headers} ({caps.headers_version or 'none'}), "
+            "so the stable tracepoints are safer"
+        )
+    if kprobes_ok:
+        return "kprobes", "socket tracepoints missing; kprobes with the closest kernel headers"
+    return "", _tracepoint_problem(caps)
+
+
+def _tracepoint_problem(caps: Capabilities) -> str:
+    if not caps.tracefs:
+        return "tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing"
+    if caps.missing_tracepoints:
+        return "tracepoints missing on this kernel: " + ", ".join(caps.missing_tracepoints)
+    return "no socket backend available"

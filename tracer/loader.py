@@ -1,0 +1,372 @@
+"""Compile, attach and read the kernel side: one bcc BPF object for every probe family.
+
+Capture assembles bpf/*.c into one program text (so every family shares the maps of
+bpf/http_exchange.h), attaches it, fills the filter maps, and hands raw records (bytes) to the
+caller in batches. bcc is imported lazily: `kspan replay` and `kspan doctor` work without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tracer import sweeper
+from tracer.btf import BtfError, sock_common_defines
+from tracer.capabilities import Capabilities, choose_backend
+from tracer.records import REC_PROC, RawProc, record_type
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+BACKEND_FILES = {"tracepoints": "sockets_tracepoints.c", "kprobes": "sockets_kprobes.c"}
+
+# enum kspan_counter in bpf/http_exchange.h, same order.
+COUNTER_NAMES = [
+    "records_emitted",
+    "records_lost",
+    "requests_seen",
+    "non_http_segments",
+    "unparsed_bytes",
+    "state_table_full",
+    "ended_by_next_request",
+    "response_head_too_long",
+    "transfers_outside_syscall",
+    "tls_transfers_skipped",
+    "requests_filtered",
+    "proc_records",
+    "tcp_records",
+    "self_transfers_skipped",
+    "tuple_unknown",
+    "orphan_responses",
+    "ended_by_close",
+]
+
+PROC_EXEC = 1
+
+# Probe functions of the kprobes backend: (function in sockets_kprobes.c, kernel symbol, is_return).
+KPROBES = [
+    ("kspan_tcp_sendmsg", "tcp_sendmsg", False),
+    ("kspan_tcp_sendmsg_ret", "tcp_sendmsg", True),
+    ("kspan_tcp_recvmsg", "tcp_recvmsg", False),
+    ("kspan_tcp_recvmsg_ret", "tcp_recvmsg", True),
+    ("kspan_tcp_close", "tcp_close", False),
+]
+
+
+class CaptureError(Exception):
+    """Capture could not start; the message says what to do."""
+
+
+@dataclass
+class CaptureConfig:
+    backend: str = "auto"  # "auto" | "tracepoints" | "kprobes"
+    pids: set[int] = field(default_factory=set)
+    exe_names: set[str] = field(default_factory=set)
+    ports: set[int] = field(default_factory=set)
+    self_pid: int = field(default_factory=os.getpid)
+    ringbuf_pages: int = 2048
+    max_connections: int = 65536
+    response_timeout_s: float = 30.0
+    extra_modules: list[str] = field(default_factory=list)
+    network_events: bool = True
+
+
+def program_text(backend: str, extra_modules: list[str] | None = None) -> str:
+    """The one C text compiled by bcc: shared header, backend, process and TCP families, extras."""
+    files = [BACKEND_FILES[backend], "process.c", "tcp_events.c", *(extra_modules or [])]
+    # http_exchange.h is pasted, not #included: bcc rewrites map calls (`conns.lookup(...)`) only in
+    # the main file, and its include guard makes a module's own #include of it a no-op.
+    parts = ['#include "kspan.h"', "/* ---- http_exchange.h ---- */", (BPF_DIR / "http_exchange.h").read_text()]
+    for name in files:
+        path = BPF_DIR / name
+        if not path.is_file():
+            raise CaptureError(f"probe source {path} is missing (extra module {name!r}?)")
+        parts.append(f"/* ---- {name} ---- */")
+        parts.append(path.read_text())
+    return "\n".join(parts) + "\n"
+
+
+def cflags_for(config: CaptureConfig, with_btf_offsets: bool = True, tracefs: str = "") -> list[str]:
+    pages = config.ringbuf_pages
+    if pages <= 0 or pages & (pages - 1):
+        raise CaptureError(f"ring buffer pages must be a power of two, got {pages}")
+    flags = [
+        f"-I{BPF_DIR}",
+        f"-DKSPAN_SELF_PID={int(config.self_pid)}",
+        f"-DKSPAN_RINGBUF_PAGES={pages}",
+        f"-DKSPAN_MAX_CONNS={int(config.max_connections)}",
+    ]
+    if config.pids or config.exe_names:
+        flags.append("-DKSPAN_FILTER_PIDS")
+    if config.exe_names:
+        flags.append("-DKSPAN_FILTER_EXE")
+    if config.ports:
+        flags.append("-DKSPAN_FILTER_PORTS")
+    if config.network_events:
+        flags.append("-DKSPAN_NETWORK_EVENTS")
+        flags += _send_reset_defines(tracefs)
+    if with_btf_offsets:
+        try:
+            flags += [f"-D{k}={v}" for k, v in sock_common_defines().items()]
+        except BtfError as exc:
+            # Without offsets, connections older than the agent have no addresses (counted).
+            log.warning("kspan: no kernel BTF offsets (%s); pre-existing connections get no 4-tuple", exc)
+    return flags
+
+
+def tracepoint_field_offsets(tracefs: str, event: str) -> dict[str, int]:
+    """Field name -> offset in a tracepoint's record, from <tracefs>/events/<event>/format."""
+    out: dict[str, int] = {}
+    try:
+        text = (Path(tracefs or "/sys/kernel/tracing") / "events" / event / "format").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("field:"):
+            continue
+        parts = dict(p.strip().split(":", 1) for p in line.split(";") if ":" in p)
+        decl = parts.get("field", "").strip()
+        name = decl.split()[-1].split("[")[0] if decl else ""
+        try:
+            out[name] = int(parts.get("offset", ""))
+        except ValueError:
+            continue
+    return out
+
+
+def _send_reset_defines(tracefs: str) -> list[str]:
+    off = tracepoint_field_offsets(tracefs, "tcp/tcp_send_reset")
+    if not all(k in off for k in ("skaddr", "saddr", "daddr")):
+        return []
+    return [
+        f"-DKSPAN_TP_SEND_RESET_SKADDR={off['skaddr']}",
+        f"-DKSPAN_TP_SEND_RESET_SADDR={off['saddr']}",
+        f"-DKSPAN_TP_SEND_RESET_DADDR={off['daddr']}",
+    ]
+
+
+def _exe_matches(pid: int, names: set[str]) -> bool:
+    try:
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        exe = ""
+    if exe in names or exe.removesuffix(" (deleted)") in names:
+        return True
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    return comm in names or any(n[:15] == comm for n in names)
+
+
+def _descendants_of(pids: set[int]) -> set[int]:
+    """Processes whose parent chain reaches one of `pids` (children forked before the agent)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            parent[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out: set[int] = set()
+    for pid in parent:
+        seen, p = 0, pid
+        while p and seen < 64:
+            if p in pids:
+                out.add(pid)
+                break
+            p = parent.get(p, 0)
+            seen += 1
+    return out
+
+
+class Capture:
+    def __init__(self, config: CaptureConfig, caps: Capabilities) -> None:
+        self.config = config
+        self.caps = caps
+        self.bpf: Any = None
+        self.backend = ""
+        self.backend_reason = ""
+        self.probes_attached = 0
+        self._batch: list[bytes] = []
+        self._closed = False
+        self._sweep_evicted = 0
+        self._exe_added = 0
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        backend, reason = choose_backend(self.caps, self.config.backend)
+        if not backend:
+            raise CaptureError(reason)
+        self.backend, self.backend_reason = backend, reason
+        try:
+            from bcc import BPF  # noqa: F401 - lazy: only capture needs bcc
+        except ImportError as exc:
+            raise CaptureError(
+                "bcc is not importable: install Debian's python3-bpfcc and use a venv made with "
+                "--system-site-packages (make setup does both)"
+            ) from exc
+        text = program_text(backend, self.config.extra_modules)
+        cflags = cflags_for(self.config, tracefs=self.caps.tracefs)
+        try:
+            self.bpf = BPF(text=text, cflags=cflags)
+        except Exception as exc:  # bcc raises bare Exception on compile/load/attach failure
+            raise CaptureError(
+                f"loading the {backend} probes failed: {exc}. Run `kspan doctor` to see what this kernel "
+                "offers; compile errors usually mean missing kernel headers (linux-headers-*)."
+            ) from exc
+        try:
+            if backend == "kprobes":
+                for fn, sym, is_ret in KPROBES:
+                    if is_ret:
+                        self.bpf.attach_kretprobe(event=sym, fn_name=fn)
+                    else:
+                        self.bpf.attach_kprobe(event=sym, fn_name=fn)
+            if any(f.startswith("-DKSPAN_TP_SEND_RESET_SKADDR") for f in cflags):
+                self.bpf.attach_tracepoint(tp="tcp:tcp_send_reset", fn_name="kspan_tcp_send_reset")
+            self._fill_filters()
+            self.bpf["events"].open_ring_buffer(self._on_record)
+        except Exception as exc:
+            self.close()
+            raise CaptureError(f"attaching the {backend} probes failed: {exc}. Run `kspan doctor`.") from exc
+        self.probes_attached = self._count_probes()
+
+    def _count_probes(self) -> int:
+        b = self.bpf
+        return int(b.num_open_tracepoints() + b.num_open_kprobes() + b.num_open_uprobes())
+
+    def _fill_filters(self) -> None:
+        b = self.bpf
+        one = ctypes.c_uint8(1)
+        if self.config.ports:
+            ports = b["allowed_ports"]
+            for port in self.config.ports:
+                ports[ports.Key(port)] = one
+        if self.config.exe_names:
+            comms = b["allowed_comms"]
+            for name in self.config.exe_names:
+                key = comms.Key()
+                raw = name.encode()[:15]
+                ctypes.memmove(ctypes.addressof(key), raw, len(raw))
+                comms[key] = one
+        if self.config.pids or self.config.exe_names:
+            allowed = set(self.config.pids)
+            if self.config.exe_names:
+                for entry in os.listdir("/proc"):
+                    if entry.isdigit() and _exe_matches(int(entry), self.config.exe_names):
+                        allowed.add(int(entry))
+            allowed |= _descendants_of(allowed)
+            allowed.discard(self.config.self_pid)
+            table = b["allowed_pids"]
+            for pid in allowed:
+                table[table.Key(pid)] = one
+
+    def allow_pid(self, pid: int) -> None:
+        """Trace `pid` from now on (filtering by --pid/--exe only)."""
+        if self.bpf is None or pid == self.config.self_pid:
+            return
+        table = self.bpf["allowed_pids"]
+        table[table.Key(pid)] = ctypes.c_uint8(1)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
+        self._batch.append(ctypes.string_at(data, size))
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """Every record available now (waiting up to timeout_ms for the first)."""
+        if self.bpf is None:
+            return []
+        self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
+        batch, self._batch = self._batch, []
+        if self.config.exe_names:
+            for rec in batch:
+                if record_type(rec) == REC_PROC and len(rec) >= ctypes.sizeof(RawProc):
+                    proc = RawProc.from_buffer_copy(rec)
+                    if proc.event == PROC_EXEC and _exe_matches(proc.pid, self.config.exe_names):
+                        self.allow_pid(proc.pid)
+                        self._exe_added += 1
+        return batch
+
+    def sweep(self, now_mono_ns: int | None = None) -> list[bytes]:
+        """Take out exchanges with no progress within the response timeout, as TIMEOUT records."""
+        if self.bpf is None:
+            return []
+        now = time.monotonic_ns() if now_mono_ns is None else now_mono_ns
+        timeout_ns = int(self.config.response_timeout_s * 1e9)
+        conns = self.bpf["conns"]
+        out: list[bytes] = []
+        for key, value in list(conns.items()):
+            raw = sweeper.raw_bytes(value)
+            stale = sweeper.stale_record(key.value, raw, now, timeout_ns)
+            if stale is None:
+                continue
+            try:
+                del conns[key]
+            except KeyError:
+                continue  # closed meanwhile: the kernel emitted it
+            self._release_hints(value)
+            out.append(stale.record)
+        self._sweep_evicted += len(out)
+        return out
+
+    def _release_hints(self, value: Any) -> None:
+        ex = value.ex
+        if ex.role != 2:  # KSPAN_ROLE_SERVER
+            return
+        b = self.bpf
+        tctx = b["thread_ctx"]
+        key = tctx.Key((ex.pid << 32) | ex.tid)
+        try:
+            ref = tctx[key]
+            if ref.conn_id == ex.conn_id and ref.req_start_ns == ex.req_start_ns:
+                del tctx[key]
+        except KeyError:
+            pass
+        inflight = b["proc_inflight"]
+        pkey = inflight.Key(ex.pid)
+        try:
+            f = inflight[pkey]
+            if f.count > 0:
+                f.count -= 1
+                inflight[pkey] = f
+        except KeyError:
+            pass
+
+    def counters(self) -> dict[str, int]:
+        out = dict.fromkeys(COUNTER_NAMES, 0)
+        if self.bpf is not None:
+            table = self.bpf["counters"]
+            for i, name in enumerate(COUNTER_NAMES):
+                out[name] = int(sum(table[table.Key(i)]))
+        out["timeouts_swept"] = self._sweep_evicted
+        out["exe_matches"] = self._exe_added
+        out["probes_attached"] = self.probes_attached
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            finally:
+                self.bpf = None
+                self.probes_attached = 0
+
+    def __enter__(self) -> Capture:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
