@@ -144,8 +144,7 @@ class _Lane:
                     self.processes.pop(pid, None)
                 else:
                     self.pid_refs[pid] = left
-            if self.queue:
-                self.oldest_enqueued = time.monotonic()
+            # oldest_enqueued stays: what remains is no older than it, so at worst it leaves early.
 
     def _sleep(self, seconds: float) -> None:
         """Back off; a shutdown starting meanwhile ends the wait early (one prompt last try), and
