@@ -209,6 +209,8 @@ def test_cli_from_kspan_jsonl_file(tmp_path: Path, capsys: pytest.CaptureFixture
     text = svg.read_text()
     assert text.lstrip().startswith("<?xml") and "<svg" in text
     assert RED.lower() in text.lower() and YELLOW.lower() in text.lower()
+    for name in [*PIDS, "postgres:5432", "user"]:  # labels stay text, not glyph outlines
+        assert f">{name}<" in text, name
 
 
 def test_cli_thresholds_change_the_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
