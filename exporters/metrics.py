@@ -560,6 +560,15 @@ for _name in _SDK_EXPORTER_LOGGERS:
     logging.getLogger(_name).addFilter(_SDK_ERRORS)
 
 
+_CUMULATIVE_WORDS = frozenset({"lost", "dropped", "unparsed", "exported", "failures", "errors", "evicted",
+                               "retries", "rejected", "submitted", "received", "count"})
+
+
+def _looks_cumulative(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return last.endswith("_total") or last in _CUMULATIVE_WORDS
+
+
 class MetricsRecorder:
     """Records spans and TCP events into metrics and exports them every interval_s on its own thread.
 
@@ -608,9 +617,13 @@ class MetricsRecorder:
             log.exception("kspan: bug: recording TCP metrics failed")
 
     def register_health(self, name: str, callback: Callable[[], float | int], unit: str = "1",
-                        description: str = "", monotonic: bool = False) -> None:
+                        description: str = "", monotonic: bool | None = None) -> None:
         """A self-health metric read at each export: monotonic=True for running totals (records lost,
-        spans dropped), False for current values (probes attached, traced processes)."""
+        spans dropped: a cumulative Sum, so backends can take rates), False for current values (probes
+        attached, traced processes: a Gauge). None infers it from the name: a last component such as
+        lost, dropped, unparsed, exported, failures, errors or *_total means a running total."""
+        if monotonic is None:
+            monotonic = _looks_cumulative(name)
         self.aggregator.register_health(name, callback, unit, description, monotonic)
 
     def export_now(self, timeout_s: float = 10.0) -> bool:

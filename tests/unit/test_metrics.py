@@ -307,3 +307,11 @@ def test_unwritable_metrics_file_is_a_config_error(tmp_path) -> None:
     cfg = load_config({}, metrics_output=str(blocker / "sub" / "m.jsonl"))
     with pytest.raises(ConfigError, match="cannot open for writing"):
         MetricsRecorder(cfg)
+
+
+def test_health_kind_is_inferred_from_the_name_when_not_given() -> None:
+    from exporters.metrics import _looks_cumulative
+
+    assert _looks_cumulative("kspan.records.lost") and _looks_cumulative("kspan.bytes.unparsed")
+    assert _looks_cumulative("kspan.spans.dropped") and _looks_cumulative("x.requests_total")
+    assert not _looks_cumulative("kspan.probes.attached") and not _looks_cumulative("kspan.processes.traced")
