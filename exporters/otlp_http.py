@@ -67,6 +67,7 @@ class OtlpHttpSpanExporter:
         self.last_failure_permanent = False
         self.outage_hint = "check --otlp-endpoint / that the collector is running"
         self.rejected_spans = 0  # partial-success rejections reported by the endpoint
+        self.retry_after_s = 0.0  # the endpoint's Retry-After on the last failure (0: none)
 
     def describe(self) -> str:
         return f"OTLP/HTTP endpoint {self.url}"
@@ -91,6 +92,7 @@ class OtlpHttpSpanExporter:
 
     def export_bytes(self, body: bytes, n_spans: int) -> bool:
         self.last_failure_permanent = False
+        self.retry_after_s = 0.0
         if self.target.compression == "gzip":
             body = gzip.compress(body, compresslevel=5)
         # One retry on a fresh connection: a keep-alive connection the server closed while idle fails
@@ -102,6 +104,7 @@ class OtlpHttpSpanExporter:
                 resp = conn.getresponse()
                 data = resp.read()
                 status = resp.status
+                retry_after = resp.getheader("Retry-After", "")
                 if resp.getheader("Connection", "").lower() == "close":
                     self._close()
             except (OSError, http.client.HTTPException) as e:
@@ -118,6 +121,8 @@ class OtlpHttpSpanExporter:
             return True
         msg = _rpc_status_message(data)
         self.last_error = f"HTTP {status}" + (f": {msg}" if msg else "")
+        # The OTLP/HTTP spec: honour Retry-After (delay-seconds form) on 429 and 503.
+        self.retry_after_s = float(retry_after) if retry_after.strip().isdigit() else 0.0
         if status not in RETRYABLE_STATUS:
             self.last_failure_permanent = True
             hint = ""

@@ -22,6 +22,8 @@ from exporters.base import SpanExporter
 
 log = logging.getLogger("kspan.exporters")
 
+MAX_RETRY_AFTER_S = 60.0
+
 
 def _describe(exporter: SpanExporter) -> str:
     d = getattr(exporter, "describe", None)
@@ -203,7 +205,9 @@ class _Lane:
                     self.name, reason, len(self.queue), self.max_queue, hint,
                 )
             self.outage_failures += 1
-            self._sleep(backoff * random.uniform(0.8, 1.2))
+            # An endpoint that says when to come back (HTTP Retry-After) is obeyed, within reason.
+            asked = min(float(getattr(self.exporter, "retry_after_s", 0.0) or 0.0), MAX_RETRY_AFTER_S)
+            self._sleep(max(backoff * random.uniform(0.8, 1.2), asked))
             backoff = min(backoff * 2, self.backoff_max_s)
 
     def stats(self) -> dict[str, Any]:

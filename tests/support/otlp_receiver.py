@@ -165,7 +165,14 @@ def _make_http_handler(rx: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
                 self._reply(404, b"unknown path", "text/plain")
                 return
             if rx.reject_http_status is not None:
-                self._reply(rx.reject_http_status, b"rejected by the test receiver", "text/plain")
+                self.send_response(rx.reject_http_status)
+                body = b"rejected by the test receiver"
+                if rx.retry_after_s is not None:
+                    self.send_header("Retry-After", str(rx.retry_after_s))
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
                 return
             enc = (self.headers.get("Content-Encoding") or "").lower()
             try:
@@ -222,6 +229,7 @@ class OtlpReceiver:
         self.metric_requests: list[tuple[str, metrics_service_pb2.ExportMetricsServiceRequest, dict[str, str]]] = []
         self.reject_http_status: int | None = None
         self.reject_grpc_code: grpc.StatusCode | None = None
+        self.retry_after_s: int | None = None  # sent as Retry-After with reject_http_status
         # Answer trace exports with an OTLP partial success rejecting this many spans (0: full success).
         self.partial_rejected_spans = 0
         self.decode_errors = 0

@@ -237,3 +237,23 @@ def test_submit_is_thread_safe_under_concurrent_producers() -> None:
         assert len(exp.spans) == 1200 and len({s.span_id for s in exp.spans}) == 1200
     finally:
         p.shutdown(1)
+
+
+def test_retry_after_from_the_endpoint_is_obeyed() -> None:
+    class Throttled(RecordingExporter):
+        def export(self, spans, processes):  # type: ignore[override]
+            self.times.append(time.monotonic())
+            self.retry_after_s = 0.4 if len(self.times) == 1 else 0.0
+            self.fail = len(self.times) == 1
+            return super().export(spans, processes)
+
+    exp = Throttled()
+    exp.times = []  # type: ignore[attr-defined]
+    p = ExportPipeline([exp], max_delay_s=0.01, backoff_initial_s=0.01, backoff_max_s=0.02)
+    try:
+        p.submit(chain_trace(), processes())
+        _wait(lambda: len(exp.spans) == 3)
+        gap = exp.times[1] - exp.times[0]  # type: ignore[attr-defined]
+        assert gap >= 0.35, gap
+    finally:
+        p.shutdown(1)

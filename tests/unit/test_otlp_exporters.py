@@ -107,8 +107,11 @@ def test_http_retryable_and_permanent_statuses(rx: OtlpReceiver) -> None:
     assert isinstance(exp, OtlpHttpSpanExporter)
     try:
         rx.reject_http_status = 503
+        rx.retry_after_s = 7
         assert exp.export(chain_trace(), processes()) is False
         assert exp.last_failure_permanent is False and "503" in exp.last_error
+        assert exp.retry_after_s == 7.0
+        rx.retry_after_s = None
         rx.reject_http_status = 401
         assert exp.export(chain_trace(), processes()) is False
         assert exp.last_failure_permanent is True and "OTEL_EXPORTER_OTLP_HEADERS" in exp.last_error
