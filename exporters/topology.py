@@ -445,11 +445,21 @@ def layered_layout(graph: ServiceGraph) -> dict[str, tuple[int, float]]:
 # ---------------------------------------------------------------------------------------- drawing
 
 
+def _short(name: str, limit: int = 25) -> str:
+    """A name that fits its box: long host names keep their start and their port (the table below
+    the picture has them in full)."""
+    if len(name) <= limit:
+        return name
+    tail = max(6, min(10, len(name) - name.rfind(":"))) if ":" in name else 8
+    return name[: limit - tail - 1] + "…" + name[-tail:]
+
+
 def _node_label(node: Node, graph: ServiceGraph) -> str:
     st = node.served
+    name = _short(node.name)
     if st.requests == 0:
-        return node.name
-    return (f"{node.name}\n{st.requests} req · {st.error_rate * 100:.0f}% err\n"
+        return name
+    return (f"{name}\n{st.requests} req · {st.error_rate * 100:.0f}% err\n"
             f"avg {_fmt_ms(st.avg_ms)} ms · p95 {_fmt_ms(st.p95_ms)} ms")
 
 

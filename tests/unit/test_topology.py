@@ -237,3 +237,18 @@ def test_cli_missing_or_empty_input(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_cli_rejects_a_bad_threshold() -> None:
     with pytest.raises(SystemExit):
         _args(["--error-rate", "150"])
+
+
+def test_long_names_are_shortened_in_the_picture_only(tmp_path: Path) -> None:
+    long_host = "ip-10-0-1-17.eu-west-1.compute.internal"
+    spans = [{"trace_id": "t", "span_id": "c", "service": "api", "kind": "CLIENT", "start_ns": 0, "end_ns": MS,
+              "attributes": {"server.address": long_host, "server.port": 443}}]
+    graph = build_graph(spans)
+    assert f"{long_host}:443" in graph.nodes  # the table keeps the full name
+    assert f"{long_host}:443" in render_table(graph, Rules())
+    svg = tmp_path / "g.svg"
+    from exporters.topology import draw
+
+    draw(graph, Rules(), svg_path=str(svg))
+    text = svg.read_text()
+    assert f">{long_host}:443<" not in text and ":443<" in text and ">ip-10-0-1-17" in text
