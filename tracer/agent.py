@@ -18,7 +18,6 @@ from typing import Any
 
 from correlator.clock import WallClock
 from correlator.correlator import Correlator, CorrelatorConfig
-
 from correlator.records import Exchange, TcpEvent
 from correlator.spans import ProcessInfo, Span
 from tracer import records
@@ -292,7 +291,10 @@ class Agent:
         for data in raw:
             kind = records.record_type(data)
             if kind == records.REC_PROC:
-                proc = records.decode_proc(data)
+                try:
+                    proc = records.decode_proc(data)
+                except ValueError:
+                    continue
                 if proc.event == records.PROC_EXEC:
                     processes.forget(proc.pid)
                     for a in attachers:
@@ -317,7 +319,10 @@ class Agent:
                 processes.get(ex.pid)  # read /proc while the process is alive
                 spans.extend(correlator.feed(ex))
             elif kind == records.REC_TCP:
-                tcp.append(records.decode_tcp(data))
+                try:
+                    tcp.append(records.decode_tcp(data))
+                except ValueError:
+                    continue
         if out is not None:
             out.spans(spans)
             out.tcp(tcp)
@@ -326,11 +331,8 @@ class Agent:
         kc = capture.counters()
         cs = correlator.stats.as_dict()
         ps = out.stats()
-        print(
-            "kspan: stopped; "
-            + ", ".join(f"{k}={v}" for k, v in {**kc, **cs, **ps}.items() if v),
-            file=sys.stderr,
-        )
+        counts = {k: v for k, v in {**kc, **cs, **ps}.items() if isinstance(v, int) and v}
+        print("kspan: stopped; " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())), file=sys.stderr)
 
 
 def replay(path: str, opts: RunOptions, env: dict[str, str] | None = None) -> int:

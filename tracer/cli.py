@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-
 QUERY_MODES = ("keep", "redact", "drop")
 BACKENDS = ("auto", "tracepoints", "kprobes")
 PROTOCOLS = ("grpc", "http/protobuf")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import socket
+from dataclasses import dataclass
 
 from correlator.records import (
     EndReason,
@@ -16,6 +17,8 @@ from correlator.records import (
     ParentKind,
     Role,
     Source,
+    TcpEvent,
+    TcpEventKind,
 )
 
 REQ_HEAD = 512
@@ -160,4 +163,41 @@ def decode_exchange(data: bytes) -> Exchange:
         req_head_truncated=bool(r.flags & FLAG_REQ_HEAD_FULL),
         resp_head_truncated=bool(r.flags & FLAG_RESP_HEAD_FULL),
         interim_response=bool(r.flags & FLAG_INTERIM),
+    )
+
+
+PROC_EXEC = 1
+PROC_EXIT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ProcEvent:
+    pid: int
+    event: int  # PROC_EXEC or PROC_EXIT
+    ts_ns: int
+    comm: str
+
+
+def decode_proc(data: bytes) -> ProcEvent:
+    if len(data) < ctypes.sizeof(RawProc):
+        raise ValueError(f"proc record is {len(data)} bytes, expected {ctypes.sizeof(RawProc)}")
+    r = RawProc.from_buffer_copy(data[: ctypes.sizeof(RawProc)])
+    return ProcEvent(r.pid, r.event, r.ts_ns, r.comm.decode("utf-8", "replace"))
+
+
+def decode_tcp(data: bytes) -> TcpEvent:
+    if len(data) < ctypes.sizeof(RawTcp):
+        raise ValueError(f"tcp record is {len(data)} bytes, expected {ctypes.sizeof(RawTcp)}")
+    r = RawTcp.from_buffer_copy(data[: ctypes.sizeof(RawTcp)])
+    return TcpEvent(
+        kind=TcpEventKind(r.event),
+        pid=r.pid,
+        ts_ns=r.ts_ns,
+        conn_id=r.conn_id,
+        family=r.family,
+        local_addr=format_addr(r.family, bytes(r.local_addr)),
+        local_port=r.local_port,
+        remote_addr=format_addr(r.family, bytes(r.remote_addr)),
+        remote_port=r.remote_port,
+        value=r.value,
     )
