@@ -12,7 +12,7 @@ from bench.processes import Managed
 from bench.procstat import ProcSample, sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 120.0
 
 
 def kspan_binary() -> str | None:
@@ -58,7 +58,13 @@ class Agent:
         self.ready_s = got[0] - self.proc.launched_s
         return self.ready_s
 
+    def alive(self) -> bool:
+        return self.proc.proc.poll() is None
+
     def sample(self) -> ProcSample | None:
+        """None once the agent has exited (a zombie's /proc entry would read as zero)."""
+        if not self.alive():
+            return None
         s = sample(self.proc.pid)
         if s is not None:
             self.last = s

@@ -162,7 +162,13 @@ class Bench:
                             continue
                     try:
                         w = run_wrk(f"http://{addr}/b/{phase}/0", a.wrk_s, a.wrk_connections)
-                        run: dict[str, Any] = {"mode": mode, "round": rnd, **w.as_dict()}
+                        run: dict[str, Any] = {"mode": mode, "round": rnd, **w.as_dict(),
+                                               "loadavg_1m": os.getloadavg()[0]}
+                        if agent is not None and not agent.alive():
+                            err = f"kspan exited during the run: {agent.proc.output('err')[-1500:]}"
+                            runs.append({"mode": mode, "round": rnd, "error": err})
+                            self.say(f"{server} traced round {rnd}: {err}")
+                            continue
                         if agent is not None:
                             assert self.sink is not None
                             run["spans"] = self.sink.wait_phase(phase, w.requests, a.quiet_s, 60)["server"]

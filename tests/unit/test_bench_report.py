@@ -164,7 +164,7 @@ def _results(ratio_go: float, us: float, lost: int, hwm: float, ready: list[floa
             "target_step": True}
     return {
         "overhead": {"go": {"runs": ov_runs, "summary": report.summarize_overhead(ov_runs)}},
-        "cost": [{"rate": 10_000, "cpu_us_per_request": us, "requests": 100_000}],
+        "cost": [{"rate": 10_000, "cpu_us_per_request": us, "requests": 100_000, "server_spans": 100_000}],
         "capacity": {"steps": [step], "result": report.capacity([step])},
         "memory": {"peak_hwm_mb": hwm},
         "startup": {"ready_s": ready, "first_span_s": 1.0},
@@ -179,6 +179,14 @@ def test_targets_pass_and_miss_on_the_limits() -> None:
     assert all(t["status"] == report.MISS for t in bad.values()), bad
     assert bad["traced/untraced throughput, go"]["measured"] == "0.850"
     assert bad["launch to `kspan: ready` (worst launch)"]["measured"] == "3.50 s"
+
+
+def test_cost_without_spans_is_not_a_pass() -> None:
+    r = _results(0.95, 2.0, 0, 120.0, [1.0])
+    r["cost"][0]["server_spans"] = 50_000
+    row = next(t for t in report.evaluate_targets(r) if t["target"].startswith("agent CPU"))
+    assert row["status"] == report.MISS
+    assert "50.0% of requests became spans" in row["measured"]
 
 
 def test_targets_not_measured_without_the_agent() -> None:
