@@ -839,9 +839,12 @@ static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *a)
     if (pn && bpf_probe_read_user(p, pn, a->buf) != 0)
         pn = 0;
 
+    /* Every path that starts a request ends at the one kspan_begin_request() call below: each
+     * inlined copy of it costs compile time and verifier work. */
+    __u8 m = 0;
     struct kspan_conn *st = conns.lookup(&a->conn_id);
     if (!st) {
-        __u8 m = kspan_method(p, pn);
+        m = kspan_method(p, pn);
         if (!m) {
             kspan_count(kspan_is_response(p, pn) ? KSPAN_CNT_ORPHAN_RESPONSE : KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
             kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
@@ -850,47 +853,43 @@ static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *a)
         st = kspan_new_conn(a);
         if (!st)
             return;
-        kspan_begin_request(st, a, m);
-        return;
-    }
-
-    st->last_ns = a->end_ns;
-    if (st->phase == KSPAN_PH_IDLE) {
-        __u8 m = kspan_method(p, pn);
-        if (m) {
-            kspan_begin_request(st, a, m);
-        } else {
+    } else if (st->phase == KSPAN_PH_IDLE) {
+        m = kspan_method(p, pn);
+        if (!m) {
             kspan_count(KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
             kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
+            return;
         }
-        return;
-    }
-    if (a->dir == st->req_dir) {
+    } else if (a->dir == st->req_dir) {
+        st->last_ns = a->end_ns;
         if (st->phase == KSPAN_PH_RESP) {
-            __u8 m = kspan_method(p, pn);
-            if (m) {
-                kspan_emit(st, KSPAN_END_NEXT_REQUEST);
-                kspan_begin_request(st, a, m);
+            m = kspan_method(p, pn);
+            if (!m) {
+                st->ex.req_bytes += a->len;  /* body sent while the response runs: count only */
                 return;
             }
-            st->ex.req_bytes += a->len;  /* body sent while the response runs: count only */
+            kspan_emit(st, KSPAN_END_NEXT_REQUEST);
+        } else {
+            /* PH_REQ: more of the request (or pipelined requests); PH_WAIT_FINAL: body after 100-continue */
+            st->ex.req_bytes += a->len;
+            st->ex.req_end_ns = a->end_ns;
+            KSPAN_APPEND(req_head, KSPAN_REQ_HEAD, req_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_REQ_HEAD_FULL);
             return;
         }
-        /* PH_REQ: more of the request (or pipelined requests); PH_WAIT_FINAL: body after 100-continue */
-        st->ex.req_bytes += a->len;
-        st->ex.req_end_ns = a->end_ns;
-        KSPAN_APPEND(req_head, KSPAN_REQ_HEAD, req_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_REQ_HEAD_FULL);
+    } else {
+        /* response direction */
+        st->last_ns = a->end_ns;
+        if (st->phase == KSPAN_PH_REQ || st->phase == KSPAN_PH_WAIT_FINAL) {
+            if (!kspan_is_response(p, pn)) {
+                kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
+                return;
+            }
+            kspan_begin_response(st, a);
+        }
+        kspan_response_data(st, a);
         return;
     }
-    /* response direction */
-    if (st->phase == KSPAN_PH_REQ || st->phase == KSPAN_PH_WAIT_FINAL) {
-        if (!kspan_is_response(p, pn)) {
-            kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
-            return;
-        }
-        kspan_begin_response(st, a);
-    }
-    kspan_response_data(st, a);
+    kspan_begin_request(st, a, m);
 }
 
 static __always_inline void kspan_on_close(void *ctx, __u64 conn_id)
@@ -907,5 +906,103 @@ static __always_inline void kspan_on_close(void *ctx, __u64 conn_id)
     }
     conns.delete(&conn_id);
 }
+
+/* ---- helpers for socket probe families ---- */
+
+#define KSPAN_MSG_PEEK 2
+#define KSPAN_MAX_IOV 8
+
+struct kspan_iovec {
+    __u64 base;
+    __u64 len;
+};
+
+/* TLS sockets: inside SSL_read/SSL_write (ssl_active has the thread) the socket bytes are
+ * ciphertext; the TLS probe reports the plaintext. Returns 1 when the socket path must skip. */
+static __always_inline int kspan_tls_socket(__u64 pid_tgid, __u64 sk)
+{
+    struct kspan_ssl_call *sc = ssl_active.lookup(&pid_tgid);
+    if (sc) {
+        sc->sk = sk;
+        __u8 one = 1;
+        if (!tls_conns.lookup(&sk))
+            tls_conns.update(&sk, &one);
+        kspan_count(KSPAN_CNT_TLS_SKIPPED, 1);
+        return 1;
+    }
+    if (tls_conns.lookup(&sk)) {
+        kspan_count(KSPAN_CNT_TLS_SKIPPED, 1);
+        return 1;
+    }
+    return 0;
+}
+
+/* Read k (<= 8) bytes ending at `end` and shift them into v (newest in the low byte). */
+static __always_inline __u64 kspan_shift_in(__u64 v, __u64 end, __u32 k)
+{
+    __u8 b[16] = {};
+    asm volatile("" : "+r"(k));
+    k &= 15;
+    if (k == 0 || bpf_probe_read_user(b, k, (const void *)(end - k)) != 0)
+        return v;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (i < k)
+            v = (v << 8) | b[i];
+    }
+    return v;
+}
+
+/* Scattered buffers: the first non-empty segment is what the state machine reads; the tail
+ * register gets the last bytes of the last two segments. */
+static __always_inline void kspan_iov_args(struct kspan_data_args *a, __u64 iov, __u32 vlen, __u64 skip,
+                                           __u32 ret)
+{
+    __u64 remaining = ret;
+    __u64 last_end = 0, last_used = 0, prev_end = 0, prev_used = 0;
+#pragma unroll
+    for (int j = 0; j < KSPAN_MAX_IOV; j++) {
+        if (j >= vlen || remaining == 0)
+            break;
+        struct kspan_iovec v = {};
+        if (bpf_probe_read_user(&v, sizeof(v), (const void *)(iov + j * sizeof(v))) != 0)
+            break;
+        if (j == 0 && skip < v.len) {
+            v.base += skip;  /* part of the first segment already consumed (kernel iov_offset) */
+            v.len -= skip;
+        }
+        __u64 used = v.len < remaining ? v.len : remaining;
+        if (used) {
+            if (!a->buf) {
+                a->buf = (const char *)v.base;
+                a->buf_len = used;
+            }
+            prev_end = last_end;
+            prev_used = last_used;
+            last_end = v.base + used;
+            last_used = used;
+        }
+        remaining -= used;
+    }
+    if (!a->buf) {
+        a->buf_len = 0;
+        return;
+    }
+    if (a->buf_len == 0)
+        a->buf_len = 1;  /* 0 would mean "the whole transfer is readable at buf" */
+    if (remaining)
+        return;          /* more segments than we walk: tail unknown */
+    __u32 k1 = last_used > 8 ? 8 : last_used;
+    __u32 k2 = 0;
+    if (k1 < 8 && prev_used)
+        k2 = prev_used > (8 - k1) ? (8 - k1) : prev_used;
+    __u64 v = 0;
+    if (k2)
+        v = kspan_shift_in(v, prev_end, k2);
+    v = kspan_shift_in(v, last_end, k1);
+    a->tail = v;
+    a->tail_n = k1 + k2;
+}
+
 
 #endif

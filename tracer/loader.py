@@ -52,11 +52,16 @@ PROC_EXEC = 1
 # Probe functions of the kprobes backend: (function in sockets_kprobes.c, kernel symbol, is_return).
 KPROBES = [
     ("kspan_tcp_sendmsg", "tcp_sendmsg", False),
-    ("kspan_tcp_sendmsg_ret", "tcp_sendmsg", True),
+    ("kspan_tcp_xfer_ret", "tcp_sendmsg", True),
     ("kspan_tcp_recvmsg", "tcp_recvmsg", False),
-    ("kspan_tcp_recvmsg_ret", "tcp_recvmsg", True),
+    ("kspan_tcp_xfer_ret", "tcp_recvmsg", True),
     ("kspan_tcp_close", "tcp_close", False),
 ]
+
+# sock:sock_send_length and sock:sock_recv_length share one program (struct kspan_sock_msg_length in
+# bpf/sockets_tracepoints.c); their record layout must be this one.
+SOCK_LENGTH_EVENTS = ("sock/sock_send_length", "sock/sock_recv_length")
+SOCK_LENGTH_LAYOUT = {"sk": 8, "family": 16, "protocol": 18, "ret": 20, "flags": 24}
 
 
 class CaptureError(Exception):
@@ -92,7 +97,9 @@ def program_text(backend: str, extra_modules: list[str] | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
-def cflags_for(config: CaptureConfig, with_btf_offsets: bool = True, tracefs: str = "") -> list[str]:
+def cflags_for(
+    config: CaptureConfig, with_btf_offsets: bool = True, tracefs: str = "", backend: str = "tracepoints"
+) -> list[str]:
     pages = config.ringbuf_pages
     if pages <= 0 or pages & (pages - 1):
         raise CaptureError(f"ring buffer pages must be a power of two, got {pages}")
@@ -111,6 +118,8 @@ def cflags_for(config: CaptureConfig, with_btf_offsets: bool = True, tracefs: st
     if config.network_events:
         flags.append("-DKSPAN_NETWORK_EVENTS")
         flags += _send_reset_defines(tracefs)
+    if backend == "tracepoints":
+        flags += _sock_length_defines(tracefs)
     if with_btf_offsets:
         try:
             flags += [f"-D{k}={v}" for k, v in sock_common_defines().items()]
@@ -150,6 +159,17 @@ def _send_reset_defines(tracefs: str) -> list[str]:
         f"-DKSPAN_TP_SEND_RESET_SADDR={off['saddr']}",
         f"-DKSPAN_TP_SEND_RESET_DADDR={off['daddr']}",
     ]
+
+
+def _sock_length_defines(tracefs: str) -> list[str]:
+    for event in SOCK_LENGTH_EVENTS:
+        off = tracepoint_field_offsets(tracefs, event)
+        if any(off.get(k) != v for k, v in SOCK_LENGTH_LAYOUT.items()):
+            raise CaptureError(
+                f"tracepoint {event} has layout {off}, expected {SOCK_LENGTH_LAYOUT}: this kernel needs "
+                "--backend kprobes (or a kspan update)"
+            )
+    return []
 
 
 def _exe_matches(pid: int, names: set[str]) -> bool:
@@ -216,7 +236,7 @@ class Capture:
                 "--system-site-packages (make setup does both)"
             ) from exc
         text = program_text(backend, self.config.extra_modules)
-        cflags = cflags_for(self.config, tracefs=self.caps.tracefs)
+        cflags = cflags_for(self.config, tracefs=self.caps.tracefs, backend=backend)
         try:
             self.bpf = BPF(text=text, cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception on compile/load/attach failure
@@ -225,6 +245,9 @@ class Capture:
                 "offers; compile errors usually mean missing kernel headers (linux-headers-*)."
             ) from exc
         try:
+            if backend == "tracepoints":
+                for event in SOCK_LENGTH_EVENTS:
+                    self.bpf.attach_tracepoint(tp=event.replace("/", ":"), fn_name="kspan_sock_length")
             if backend == "kprobes":
                 for fn, sym, is_ret in KPROBES:
                     if is_ret:
