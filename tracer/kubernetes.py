@@ -166,6 +166,7 @@ class KubernetesMetadata:
             "api_errors": 0,
             "lists": 0,
             "watch_events": 0,
+            "bad_watch_events": 0,
             "owner_lookup_errors": 0,
             "lookups": 0,
             "lookup_hits": 0,
@@ -390,7 +391,6 @@ class KubernetesMetadata:
         """List, then watch from the list's resourceVersion; relist on 410 Gone, on every
         `resync_s` (a safety net against missed events) and after errors, with capped exponential
         backoff and jitter so a fleet of agents does not stampede a recovering API server."""
-        from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
 
         backoff = 0.5
@@ -406,23 +406,13 @@ class KubernetesMetadata:
                 listed_at = time.monotonic()
                 while not self._stop.is_set() and time.monotonic() - listed_at < self.resync_s:
                     watch_started = time.monotonic()
-                    watcher = watch.Watch()
-                    for event in watcher.stream(
-                        list_fn, **kwargs, resource_version=version, timeout_seconds=self.watch_timeout_s,
-                        allow_watch_bookmarks=True, deserialize=False,
-                        _request_timeout=(self.request_timeout_s, self.watch_timeout_s + 30),
-                    ):
-                        obj = event.get("object") or {}
-                        version = (obj.get("metadata") or {}).get("resourceVersion") or version
-                        if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
-                            self._count("watch_events")
-                            on_event(event["type"], obj)
-                        if self._stop.is_set():
-                            watcher.stop()
+                    version = self._watch_once(list_fn, kwargs, version, on_event)
                     if time.monotonic() - watch_started < self.rewatch_pause_s:
                         self._stop.wait(self.rewatch_pause_s)
+            except _ResourceExpired:
+                continue  # our resourceVersion is too old (etcd compacted it): relist, no backoff
             except ApiException as exc:
-                if exc.status == 410:  # our resourceVersion is too old: relist, no backoff
+                if exc.status == 410:
                     continue
                 self._report_failure(resource, exc)
             except Exception as exc:  # network errors, bad JSON: count, log once, back off
@@ -431,6 +421,46 @@ class KubernetesMetadata:
                 continue
             self._stop.wait(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _watch_once(
+        self, list_fn: Callable[..., Any], kwargs: dict[str, Any], version: str,
+        on_event: Callable[[str, Obj], None],
+    ) -> str:
+        """One watch request, read to its end (the server closes it after timeoutSeconds). Returns
+        the last resourceVersion seen. Events are parsed here rather than by kubernetes.watch.Watch,
+        whose raw (deserialize=False) mode cannot read an ERROR event."""
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.watch.watch import iter_resp_lines
+
+        response = list_fn(
+            **kwargs, watch=True, resource_version=version, timeout_seconds=self.watch_timeout_s,
+            allow_watch_bookmarks=True, _preload_content=False,
+            _request_timeout=(self.request_timeout_s, self.watch_timeout_s + 30),
+        )
+        try:
+            for line in iter_resp_lines(response):
+                if self._stop.is_set():
+                    break
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                    event_type, obj = event["type"], event.get("object") or {}
+                except (ValueError, KeyError, TypeError):
+                    self._count("bad_watch_events")
+                    continue
+                if event_type == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _ResourceExpired()
+                    raise ApiException(status=obj.get("code"), reason=str(obj.get("message") or "watch error"))
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                if event_type in ("ADDED", "MODIFIED", "DELETED"):
+                    self._count("watch_events")
+                    on_event(event_type, obj)
+        finally:
+            response.close()
+            response.release_conn()
+        return version
 
     # ------------------------------------------------------------------ pods
 
@@ -631,6 +661,10 @@ class KubernetesMetadata:
                 self._slices[key] = (service, ips)
                 for ip in ips:
                     self._slice_ip[ip] = service
+
+
+class _ResourceExpired(Exception):
+    """A watch's resourceVersion is older than the API server keeps: list again."""
 
 
 def _short_error(exc: BaseException) -> str:

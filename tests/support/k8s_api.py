@@ -233,6 +233,11 @@ class FakeKubernetesApi:
             obj["metadata"]["resourceVersion"] = str(self.resource_version)
             self._events[resource].append({"type": event_type, "object": obj})
 
+    def push_raw_watch_line(self, resource: str, line: bytes) -> None:
+        """Queue a line that is not a valid watch event (a proxy's garbage, a truncated write)."""
+        with self._lock:
+            self._events[resource].append({"raw": line.decode()})
+
     def start(self) -> str:
         api = self
 
@@ -320,14 +325,16 @@ class FakeKubernetesApi:
         with self._lock:
             events, self._events[resource] = self._events[resource], []
         if resource == "pods" and query.get("fieldSelector"):
-            node_pods = self._filter_pods([e["object"] for e in events], query["fieldSelector"])
-            events = [e for e in events if e["object"] in node_pods]
+            node_pods = self._filter_pods([e["object"] for e in events if "object" in e and "spec" in e["object"]],
+                                          query["fieldSelector"])
+            events = [e for e in events if "raw" in e or e["object"] in node_pods or e["type"] == "ERROR"]
         req.send_response(200)
         req.send_header("Content-Type", "application/json")
         req.send_header("Connection", "close")
         req.end_headers()
         for event in events:
-            req.wfile.write(json.dumps(event).encode() + b"\n")
+            data = event["raw"].encode() if "raw" in event else json.dumps(event).encode()
+            req.wfile.write(data + b"\n")
             req.wfile.flush()
         timeout = float(query.get("timeoutSeconds", "1"))
         time.sleep(min(self.watch_hold_s, timeout))

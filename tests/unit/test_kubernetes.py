@@ -389,3 +389,25 @@ current-context: local
         assert md.service_name_for_pid(pid) == "cart-eu"
     finally:
         md.stop()
+
+
+def test_watch_expiry_relists_without_an_error(metadata: KubernetesMetadata, api: FakeKubernetesApi,
+                                               proc: ProcRoot, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="kspan.kubernetes")
+    lists = metadata.stats()["lists"]
+    # What the API server says when the watched resourceVersion was compacted away.
+    api.push_event("pods", "ERROR", {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                     "message": "too old resource version: 1001 (2001)", "reason": "Expired",
+                                     "code": 410})
+    api.pods.append(make_pod("late-0", ip="10.244.1.60"))  # only a relist can find it
+    wait_for(lambda: metadata.stats()["lists"] > lists)
+    wait_for(lambda: "k8s.pod.name" in metadata.attributes_for_pid(proc.add(950, systemd_cgroup("late-0", "app"))))
+    assert metadata.stats()["api_errors"] == 0
+    assert caplog.records == []
+
+
+def test_malformed_watch_lines_are_counted(metadata: KubernetesMetadata, api: FakeKubernetesApi) -> None:
+    api.push_raw_watch_line("pods", b"{not json")
+    api.push_event("pods", "ADDED", make_pod("after-garbage-0", ip="10.244.1.61"))
+    wait_for(lambda: metadata.name_for_ip("10.244.1.61") == "after-garbage-0")
+    assert metadata.stats()["bad_watch_events"] == 1
