@@ -188,7 +188,9 @@ def test_collector_down_then_back(protocol: str, caplog: pytest.LogCaptureFixtur
                 t0 = time.perf_counter()
                 p.submit(chain_trace(f"down{i}"), processes())
                 worst = max(worst, time.perf_counter() - t0)
-            assert worst < 0.05, f"submit blocked for {worst:.3f} s"
+            # A submit that waited on the network would take the export timeout (2 s) or a backoff;
+            # the bound leaves room for a loaded CI core descheduling this thread.
+            assert worst < 0.5, f"submit blocked for {worst:.3f} s"
             _wait(lambda: p.stats()["export_failures"] >= 2)
             s = p.stats()
             assert s["exported"] == 0
