@@ -23,6 +23,7 @@ from exporters.base import SpanExporter
 log = logging.getLogger("kspan.exporters")
 
 MAX_RETRY_AFTER_S = 60.0
+REJECT_LOG_INTERVAL_S = 60.0
 
 
 def _describe(exporter: SpanExporter) -> str:
@@ -66,6 +67,7 @@ class _Lane:
         self.export_failures = 0
         self.export_seconds = 0.0
         self.outage_since: float | None = None
+        self.last_reject_log = float("-inf")
         self.outage_failures = 0
         self.thread = threading.Thread(target=self._run, name=f"kspan-export-{self.name}", daemon=True)
 
@@ -194,7 +196,12 @@ class _Lane:
                 # The endpoint refused these spans for good: retrying would block the queue forever.
                 self.dropped_rejected += len(batch)
                 self._release(len(batch))
-                log.warning("kspan: %s rejected %d spans, dropped: %s", self.name, len(batch), reason)
+                now = time.monotonic()
+                # Rate-limited: a closed stdout or a misconfigured endpoint rejects every batch.
+                if now - self.last_reject_log >= REJECT_LOG_INTERVAL_S:
+                    self.last_reject_log = now
+                    log.warning("kspan: %s rejected %d spans, dropped (%d so far): %s",
+                                self.name, len(batch), self.dropped_rejected, reason)
                 continue
             if self.outage_since is None:
                 self.outage_since = time.monotonic()

@@ -109,14 +109,19 @@ def test_full_queue_drops_whole_traces_and_counts_them() -> None:
         p.shutdown(1)
 
 
-def test_permanent_rejection_is_dropped_and_counted_not_retried_forever() -> None:
+def test_permanent_rejection_is_dropped_and_counted_not_retried_forever(caplog: pytest.LogCaptureFixture) -> None:
     exp = RecordingExporter(fail=True, permanent=True)
     p = ExportPipeline([exp], max_delay_s=0.01)
     try:
-        p.submit(chain_trace(), processes())
-        _wait(lambda: p.stats()["dropped_rejected"] == 3)
-        assert p.stats()["queued"] == 0
-        assert exp.calls == 1
+        with caplog.at_level(logging.WARNING, logger="kspan.exporters"):
+            p.submit(chain_trace("a"), processes())
+            _wait(lambda: p.stats()["dropped_rejected"] == 3)
+            assert p.stats()["queued"] == 0
+            assert exp.calls == 1
+            p.submit(chain_trace("b"), processes())
+            _wait(lambda: p.stats()["dropped_rejected"] == 6)
+        rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
+        assert len(rejected) == 1 and "told to fail" in rejected[0].getMessage()  # rate-limited
     finally:
         p.shutdown(1)
 
