@@ -86,6 +86,10 @@ def _parse_headers(text: str, what: str) -> tuple[tuple[str, str], ...]:
         key = k.lower()
         if any(c in key for c in " \t\r\n:") or any(c in v for c in "\r\n"):
             raise ConfigError(f"{what}: header {k!r} has characters a header cannot carry; fix its name/value")
+        if not (key.isascii() and v.isascii()):
+            # gRPC metadata (non -bin keys) and HTTP/1.1 header values are ASCII on the wire.
+            raise ConfigError(f"{what}: header {k!r} is not ASCII after percent-decoding; "
+                              f"encode binary credentials (e.g. base64) first")
         out.append((key, v))
     return tuple(out)
 

@@ -98,6 +98,7 @@ def test_service_name_and_resource_attributes() -> None:
         ({}, {"endpoint": "http://c:4318", "protocol": "http/json"}, "unknown OTLP protocol"),
         ({"OTEL_EXPORTER_OTLP_HEADERS": "novalue"}, {"endpoint": "http://c:4318"}, "OTEL_EXPORTER_OTLP_HEADERS"),
         ({"OTEL_EXPORTER_OTLP_HEADERS": "=v"}, {"endpoint": "http://c:4318"}, "malformed entry"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "k=caf%C3%A9"}, {"endpoint": "http://c:4318"}, "not ASCII"),
         ({}, {"endpoint": "ftp://c:4318"}, "unsupported scheme"),
         ({}, {"endpoint": "http://c:notaport"}, "malformed endpoint"),
         ({}, {"endpoint": "http://:4318"}, "no host"),
