@@ -261,12 +261,16 @@ class WireEncoder:
 
     def span_bytes(self, s: Span) -> bytes:
         attr_field = self._attrs.field
-        parts = [b"\x0a\x10", s.trace_id, b"\x12\x08", s.span_id]
+        tid, sid, pid = s.trace_id, s.span_id, s.parent_span_id
+        # Lengths are written from the values, not assumed: a malformed id must cost one span's
+        # validity at the collector, not corrupt the framing of the whole request.
+        parts = [b"\x0a", _varint(len(tid)), tid, b"\x12", _varint(len(sid)), sid]
         if s.trace_state:
             parts.append(_len_field(b"\x1a", s.trace_state.encode()))
-        if s.parent_span_id:
-            parts.append(b"\x22\x08")
-            parts.append(s.parent_span_id)
+        if pid:
+            parts.append(b"\x22")
+            parts.append(_varint(len(pid)))
+            parts.append(pid)
         name = s.name.encode("utf-8", "surrogateescape")
         parts.append(b"\x2a")
         parts.append(_varint(len(name)))

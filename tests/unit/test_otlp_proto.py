@@ -82,6 +82,9 @@ def test_wire_encoder_parses_to_exactly_the_message_build_request_makes() -> Non
                       name="POST /ü", kind=SpanKind.SERVER, start_ns=2**62, end_ns=2**63 - 1, pid=7,
                       attributes={"b": False, "big": 2**40, "neg": -(2**40), "f": -1.25, "e": ""},
                       status=StatusCode.OK, status_message="", trace_state="a=b"))
+    # A malformed (short) id from an upstream bug stays one bad span, not a corrupt request.
+    spans.append(Span(trace_id=b"\x05" * 4, span_id=b"\x06" * 3, parent_span_id=b"\x07", name="x",
+                      kind=SpanKind.CLIENT, start_ns=1, end_ns=2, pid=7))
     procs = processes()
     ov = ResourceOverrides(service_name=None, attributes={"deployment.environment": "test"})
     expected = build_request(spans, procs, ResourceCache(ov))
