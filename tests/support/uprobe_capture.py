@@ -1,0 +1,141 @@
+"""The agent's kernel side with its uprobe attachers, in the test process (TLS and Go e2e tests).
+
+Real pieces only: tracer.loader.Capture compiles and attaches the socket backend plus the TLS/Go
+modules, tracer.ssl_libs.SslAttacher and tracer.uprobes.GoAttacher attach to running and newly
+started processes (fed by the kernel's exec records, as the agent does), records are decoded by
+tracer.records and turned into spans by correlator.Correlator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from correlator.clock import WallClock
+from correlator.correlator import Correlator, CorrelatorConfig
+from correlator.records import Exchange
+from correlator.spans import Span
+from tracer import records
+
+CI = os.environ.get("CI") == "true"
+MODULES = ("openssl.c", "go_tls.c", "go_http.c")
+
+
+def unavailable(reason: str) -> None:
+    """With CI=true an eBPF test that cannot load or attach fails; elsewhere it is skipped."""
+    if CI:
+        pytest.fail(f"eBPF unavailable (CI=true): {reason}")
+    pytest.skip(f"eBPF unavailable: {reason}")
+
+
+class Traced:
+    def __init__(self, modules: tuple[str, ...] = MODULES, pids: set[int] | None = None) -> None:
+        self.modules = modules
+        self.pids = pids or set()
+        self.capture: Any = None
+        self.ssl: Any = None
+        self.go: Any = None
+        self.raw: list[bytes] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Traced:
+        if os.geteuid() != 0:
+            unavailable("needs root")
+        from tracer.capabilities import probe
+        from tracer.loader import Capture, CaptureConfig, CaptureError
+        from tracer.ssl_libs import SslAttacher
+        from tracer.uprobes import GoAttacher
+
+        cap = Capture(CaptureConfig(extra_modules=list(self.modules), pids=set(self.pids)), probe())
+        try:
+            cap.start()
+        except CaptureError as e:
+            unavailable(str(e))
+        self.capture = cap
+        try:
+            if "openssl.c" in self.modules:
+                self.ssl = SslAttacher(cap.bpf, strict=CI)
+                self.ssl.scan_existing(self.pids or None)
+            if "go_tls.c" in self.modules:
+                self.go = GoAttacher(cap.bpf, strict=CI)
+                self.go.scan_existing(self.pids or None)
+        except RuntimeError as e:
+            self.close()
+            unavailable(str(e))
+        self._thread = threading.Thread(target=self._loop, name="kspan-test-poll", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self.capture.poll(50)
+            for data in batch:
+                kind = records.record_type(data)
+                if kind == records.REC_PROC and len(data) >= ctypes.sizeof(records.RawProc):
+                    proc = records.RawProc.from_buffer_copy(data)
+                    try:
+                        if proc.event == 1:  # exec
+                            if self.ssl is not None:
+                                self.ssl.on_exec(proc.pid)
+                            if self.go is not None:
+                                self.go.on_exec(proc.pid)
+                        elif proc.event == 2 and self.go is not None:
+                            self.go.on_exit(proc.pid)
+                    except Exception as e:  # noqa: BLE001 - record it, the test asserts on it
+                        self.errors.append(f"pid {proc.pid}: {e}")
+                elif kind == records.REC_EXCHANGE:
+                    with self._lock:
+                        self.raw.append(data)
+            if self.ssl is not None:
+                self.ssl.rescan_pending()
+
+    def exchanges(self) -> list[Exchange]:
+        with self._lock:
+            raw = list(self.raw)
+        return [records.decode_exchange(r) for r in raw]
+
+    def wait_for(self, pred: Callable[[list[Exchange]], bool], timeout: float = 10.0) -> list[Exchange]:
+        deadline = time.monotonic() + timeout
+        while True:
+            exs = self.exchanges()
+            if pred(exs) or time.monotonic() > deadline:
+                return exs
+            time.sleep(0.05)
+
+    def wait_go_traced(self, pid: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while pid not in self.go.traced_pids:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Go pid {pid} not traced after {timeout}s: {self.go.errors} {self.errors}")
+            time.sleep(0.05)
+
+    def spans(self, exchanges: list[Exchange]) -> list[Span]:
+        c = Correlator(WallClock.now(), CorrelatorConfig())
+        out: list[Span] = []
+        for ex in exchanges:
+            out.extend(c.feed(ex))
+        out.extend(c.flush())
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+
+    def __enter__(self) -> Traced:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
