@@ -602,7 +602,14 @@ class MetricsRecorder:
             self._thread = threading.Thread(target=self._run, name="kspan-metrics", daemon=True)
             self._thread.start()
 
+    @property
+    def enabled(self) -> bool:
+        """False when metrics go nowhere (traces to OTLP, no metrics endpoint): recording is skipped."""
+        return self._exporter is not None
+
     def record_spans(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
+        if self._exporter is None:
+            return
         try:
             self.aggregator.record_spans(spans, processes)
         except Exception:
@@ -610,6 +617,8 @@ class MetricsRecorder:
             log.exception("kspan: bug: recording metrics for %d spans failed", len(spans))
 
     def record_tcp(self, events: Iterable[TcpEvent], processes: Mapping[int, ProcessInfo]) -> None:
+        if self._exporter is None:
+            return
         try:
             self.aggregator.record_tcp(events, processes)
         except Exception:

@@ -315,3 +315,14 @@ def test_health_kind_is_inferred_from_the_name_when_not_given() -> None:
     assert _looks_cumulative("kspan.records.lost") and _looks_cumulative("kspan.bytes.unparsed")
     assert _looks_cumulative("kspan.spans.dropped") and _looks_cumulative("x.requests_total")
     assert not _looks_cumulative("kspan.probes.attached") and not _looks_cumulative("kspan.processes.traced")
+
+
+def test_no_metrics_destination_means_no_recording_cost() -> None:
+    cfg = load_config({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4317"})
+    assert cfg.metrics is None and cfg.metrics_output is None
+    assert any("metrics are not exported" in n for n in cfg.notes)
+    rec = MetricsRecorder(cfg)
+    assert not rec.enabled
+    rec.record_spans(chain_trace(), processes())
+    assert rec.aggregator.collect().resource_metrics == []
+    rec.shutdown()
