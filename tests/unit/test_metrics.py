@@ -326,3 +326,34 @@ def test_no_metrics_destination_means_no_recording_cost() -> None:
     rec.record_spans(chain_trace(), processes())
     assert rec.aggregator.collect().resource_metrics == []
     rec.shutdown()
+
+
+def test_pipeline_health_metrics(tmp_path) -> None:
+    from exporters.metrics import register_pipeline_health
+    from exporters.pipeline import ExportPipeline
+
+    class Refusing:
+        last_error = "no"
+        last_failure_permanent = True
+
+        def export(self, spans, processes) -> bool:  # type: ignore[no-untyped-def]
+            return False
+
+        def shutdown(self) -> None:
+            pass
+
+    pipe = ExportPipeline([Refusing()], max_delay_s=0.01)
+    rec = MetricsRecorder(load_config({}, metrics_output=str(tmp_path / "m.jsonl")), interval_s=60)
+    try:
+        register_pipeline_health(rec, pipe)
+        pipe.submit(chain_trace(), processes())
+        deadline = time.monotonic() + 5
+        while pipe.stats()["dropped"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pts = _points(rec.aggregator)
+        dropped = _one(pts, "kspan.export.spans.dropped")
+        assert dropped["value"] == 3 and dropped["type"] == "sum"
+        assert _one(pts, "kspan.export.spans.queued")["type"] == "gauge"
+    finally:
+        pipe.shutdown(1)
+        rec.shutdown()
