@@ -296,7 +296,7 @@ class Agent:
                 except ValueError:
                     continue
                 if proc.event == records.PROC_EXEC:
-                    processes.forget(proc.pid)
+                    processes.note_exec(proc.pid, proc.comm)
                     for a in attachers:
                         try:
                             a.on_exec(proc.pid)

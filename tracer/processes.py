@@ -66,6 +66,9 @@ class ProcessTable:
         self._extra = extra
         self._host = socket.gethostname()
         self._cache: OrderedDict[int, ProcessInfo] = OrderedDict()
+        # comm from the kernel's exec event: the only name left for a process (curl, a cron job)
+        # that exits before its first exchange reaches user space and /proc is read.
+        self._comms: OrderedDict[int, str] = OrderedDict()
 
     def get(self, pid: int) -> ProcessInfo:
         info = self._cache.get(pid)
@@ -81,6 +84,16 @@ class ProcessTable:
     def forget(self, pid: int) -> None:
         """On exec (the pid's image changed) or when a pid is known to be reused."""
         self._cache.pop(pid, None)
+
+    def note_exec(self, pid: int, comm: str) -> None:
+        """A process image changed (exec): forget the old resource, remember the kernel's name,
+        and read /proc now while the process is most likely still alive."""
+        self._cache.pop(pid, None)
+        self._comms[pid] = comm
+        self._comms.move_to_end(pid)
+        if len(self._comms) > self._max:
+            self._comms.popitem(last=False)
+        self.get(pid)
 
     def put(self, info: ProcessInfo) -> None:
         """Replay: processes come from the recording, not /proc."""
@@ -107,7 +120,7 @@ class ProcessTable:
                 with open(f"{base}/comm") as f:
                     exe_name = f.read().strip()
             except OSError:
-                exe_name = ""
+                exe_name = self._comms.get(pid, "")
         attrs: dict[str, AttrValue] = {"host.name": self._host}
         if exe_path:
             attrs["process.executable.path"] = exe_path

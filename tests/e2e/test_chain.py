@@ -186,7 +186,8 @@ def test_status_rules_and_ipv6(tmp_path: Path, receiver: OtlpReceiver) -> None:
     shutil.copy(CHAIN_SERVER, tmp_path / "svc_v6.py")
     py = shutil.which("python3") or "python3"
     with service([py, str(tmp_path / "svc_v6.py"), str(port), "", "6"]):
-        args = ["run", "--otlp-endpoint", receiver.grpc_endpoint, "--quiet", "--port", str(port)]
+        args = ["run", "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
+                "--port", str(port)]
         with running_agent(args, tmp_path):
             assert _get("::1", port, "/status/503")[0] == 503
             assert _get("::1", port, "/status/404")[0] == 404

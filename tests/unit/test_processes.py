@@ -55,3 +55,11 @@ def test_process_table_is_bounded_and_forgets(tmp_path: Path) -> None:
     assert table.get(10).service_name == "pid-10"
     table.forget(10)
     assert 10 not in table._cache
+
+
+def test_a_process_gone_before_its_first_span_keeps_its_exec_name(tmp_path: Path) -> None:
+    table = ProcessTable(proc_root=str(tmp_path))
+    table.note_exec(777, "curl")  # /proc/777 does not exist: the process already exited
+    info = table.get(777)
+    assert info.service_name == "curl"
+    assert info.executable_name == "curl"
