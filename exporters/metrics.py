@@ -527,9 +527,22 @@ def otlp_metric_exporter(target: OtlpTarget) -> MetricExporter:
     from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
+    session = None
+    if target.certificate:
+        import requests
+
+        class _CaSession(requests.Session):
+            # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment override a session's
+            # own CA bundle (psf/requests#3829), which would silently ignore
+            # OTEL_EXPORTER_OTLP_CERTIFICATE on hosts that set them; the configured CA must win.
+            def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+                return super().merge_environment_settings(url, proxies, stream,
+                                                          self.verify if verify is None else verify, cert)
+
+        session = _CaSession()
     return HttpExporter(
         endpoint=target.endpoint, certificate_file=target.certificate, headers=dict(target.headers) or None,
-        timeout=target.timeout_s,
+        timeout=target.timeout_s, session=session,
         compression=Compression.Gzip if target.compression == "gzip" else Compression.NoCompression,
     )
 

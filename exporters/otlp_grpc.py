@@ -87,8 +87,11 @@ class OtlpGrpcSpanExporter:
             )
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-            details = e.details() if hasattr(e, "details") else str(e)
+            details = (e.details() if hasattr(e, "details") else str(e)) or ""
             self.last_error = f"{code.name}: {details}"
+            if not self.target.insecure and any(w in details.lower() for w in ("ssl", "handshake", "certificate")):
+                self.last_error += (" (for a private CA set OTEL_EXPORTER_OTLP_CERTIFICATE to its PEM file; "
+                                    "use http:// if the collector does not speak TLS)")
             if code not in RETRYABLE_CODES:
                 self.last_failure_permanent = True
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

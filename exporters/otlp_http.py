@@ -20,6 +20,8 @@ log = logging.getLogger("kspan.exporters")
 
 # The OTLP/HTTP spec: only these answers mean "try the same request again later".
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+_TLS_HINT = (" (for a private CA set OTEL_EXPORTER_OTLP_CERTIFICATE to its PEM file; "
+             "use http:// if the collector does not speak TLS)")
 
 
 def _rpc_status_message(body: bytes) -> str:
@@ -113,6 +115,8 @@ class OtlpHttpSpanExporter:
                                                    ConnectionResetError)):
                     continue
                 self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if isinstance(e, ssl.SSLError):
+                    self.last_error += _TLS_HINT
                 return False
             break
         if 200 <= status < 300:

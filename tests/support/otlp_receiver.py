@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gzip
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import zlib
@@ -218,8 +220,11 @@ class OtlpReceiver:
     """Collects everything received, thread-safe. Set reject_http_status / reject_grpc_code to make it
     answer every export with that error."""
 
-    def __init__(self, grpc_port: int = 0, http_port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, grpc_port: int = 0, http_port: int = 0, host: str = "127.0.0.1",
+                 tls: tuple[str, str] | None = None) -> None:
+        """tls=(cert_file, key_file) serves both endpoints over TLS (https:// endpoints)."""
         self._host = host
+        self._tls = tls
         self._want_grpc_port = grpc_port
         self._want_http_port = http_port
         self._cond = threading.Condition()
@@ -247,7 +252,15 @@ class OtlpReceiver:
                              options=[("grpc.so_reuseport", 0)])
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
-        port = server.add_insecure_port(f"{self._url_host}:{self._want_grpc_port}")
+        addr = f"{self._url_host}:{self._want_grpc_port}"
+        if self._tls:
+            with open(self._tls[0], "rb") as f:
+                cert = f.read()
+            with open(self._tls[1], "rb") as f:
+                key = f.read()
+            port = server.add_secure_port(addr, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(addr)
         if port == 0:
             raise OSError(f"OtlpReceiver: cannot bind gRPC on {self._host}:{self._want_grpc_port}")
         server.start()
@@ -255,6 +268,10 @@ class OtlpReceiver:
 
         server_cls = _HttpServer6 if ":" in self._host else _HttpServer
         httpd = server_cls((self._host, self._want_http_port), _make_http_handler(self))
+        if self._tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(self._tls[0], self._tls[1])
+            httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
         self._http, self.http_port = httpd, httpd.server_address[1]
         self._http_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                              name="otlp-receiver-http", daemon=True)
@@ -289,17 +306,21 @@ class OtlpReceiver:
         self.stop()
 
     @property
+    def _scheme(self) -> str:
+        return "https" if self._tls else "http"
+
+    @property
     def _url_host(self) -> str:
         return f"[{self._host}]" if ":" in self._host else self._host
 
     @property
     def grpc_endpoint(self) -> str:
-        return f"http://{self._url_host}:{self.grpc_port}"
+        return f"{self._scheme}://{self._url_host}:{self.grpc_port}"
 
     @property
     def http_endpoint(self) -> str:
         """Base URL (OTEL_EXPORTER_OTLP_ENDPOINT style); POSTs go to /v1/traces and /v1/metrics."""
-        return f"http://{self._url_host}:{self.http_port}"
+        return f"{self._scheme}://{self._url_host}:{self.http_port}"
 
     # --- collection ---
 
@@ -376,6 +397,18 @@ def unused_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def self_signed_cert(directory: str, host: str = "127.0.0.1") -> tuple[str, str]:
+    """A throwaway certificate for `host` (also the CA to trust), made with the openssl CLI."""
+    cert, key = f"{directory}/otlp-cert.pem", f"{directory}/otlp-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=kspan-test",
+         "-addext", f"subjectAltName=IP:{host},DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
 def span_tree(spans: list[SpanDict]) -> dict[str, list[SpanDict]]:
     """Children by parent span id (hex), for asserting trace shapes."""
     tree: dict[str, list[SpanDict]] = {}
@@ -384,4 +417,4 @@ def span_tree(spans: list[SpanDict]) -> dict[str, list[SpanDict]]:
     return tree
 
 
-__all__ = ["OtlpReceiver", "flatten_metrics", "flatten_spans", "span_tree", "unused_port"]
+__all__ = ["OtlpReceiver", "flatten_metrics", "flatten_spans", "self_signed_cert", "span_tree", "unused_port"]

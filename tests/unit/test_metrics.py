@@ -357,3 +357,18 @@ def test_pipeline_health_metrics(tmp_path) -> None:
     finally:
         pipe.shutdown(1)
         rec.shutdown()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_metrics_over_tls_with_a_custom_ca(tmp_path, protocol: str) -> None:
+    from tests.support.otlp_receiver import self_signed_cert
+
+    cert, key = self_signed_cert(str(tmp_path))
+    with OtlpReceiver(tls=(cert, key)) as rx:
+        ep = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
+        rec = MetricsRecorder(load_config({"OTEL_EXPORTER_OTLP_CERTIFICATE": cert}, endpoint=ep, protocol=protocol),
+                              interval_s=60)
+        rec.record_spans(chain_trace(), processes())
+        assert rec.export_now(timeout_s=5)
+        rec.shutdown()
+        assert any(m["name"] == "http.server.request.duration" for m in rx.metrics())

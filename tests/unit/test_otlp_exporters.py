@@ -10,7 +10,7 @@ import pytest
 from exporters.config import build_exporters, load_config
 from exporters.otlp_grpc import OtlpGrpcSpanExporter
 from exporters.otlp_http import OtlpHttpSpanExporter
-from tests.support.otlp_receiver import OtlpReceiver, span_tree, unused_port
+from tests.support.otlp_receiver import OtlpReceiver, self_signed_cert, span_tree, unused_port
 from tests.support.sample_spans import chain_trace, processes
 
 PROTOCOLS = ["grpc", "http/protobuf"]
@@ -179,3 +179,26 @@ def test_partial_success_is_delivered_but_counted_and_logged(
         exp.shutdown()
     assert exp.rejected_spans == 2
     assert any("rejected 2 spans: test receiver" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_tls_endpoint_with_a_custom_ca(tmp_path, protocol: str) -> None:
+    cert, key = self_signed_cert(str(tmp_path))
+    with OtlpReceiver(tls=(cert, key)) as rx_tls:
+        ep = rx_tls.grpc_endpoint if protocol == "grpc" else rx_tls.http_endpoint
+        assert ep.startswith("https://")
+        # Without trusting the CA the handshake fails: reported, retryable, never raised.
+        (untrusted,) = build_exporters(load_config({}, endpoint=ep, protocol=protocol))
+        try:
+            assert untrusted.export(chain_trace(), processes()) is False
+            assert "OTEL_EXPORTER_OTLP_CERTIFICATE" in untrusted.last_error, untrusted.last_error
+        finally:
+            untrusted.shutdown()
+        cfg = load_config({"OTEL_EXPORTER_OTLP_CERTIFICATE": cert}, endpoint=ep, protocol=protocol)
+        assert cfg.traces.insecure is False
+        (exp,) = build_exporters(cfg)
+        try:
+            assert exp.export(chain_trace(), processes()), exp.last_error
+        finally:
+            exp.shutdown()
+        assert len(rx_tls.spans()) == 3
