@@ -209,6 +209,47 @@ def _descendants_of(pids: set[int]) -> set[int]:
     return out
 
 
+# Functions attached by name (not by bcc's tracepoint__ auto-attach), with their program type.
+NAMED_TRACEPOINT_FUNCS = ("kspan_sock_length", "kspan_tcp_send_reset")
+
+
+def verify_programs(backend: str, config: CaptureConfig | None = None, tracefs: str = "") -> list[str]:
+    """Compile `backend`'s object and load every program through the verifier without attaching
+    anything (kprobe programs load where kprobes cannot attach). Returns the programs loaded;
+    raises CaptureError naming the program the verifier rejected."""
+    from bcc import BPF, lib
+
+    class _NoAutoAttach(BPF):  # type: ignore[misc]
+        def _trace_autoload(self) -> None:
+            return None
+
+    config = config or CaptureConfig(network_events=True)
+    kprobe_funcs = {fn for fn, _sym, _ret in KPROBES}
+    try:
+        b = _NoAutoAttach(text=program_text(backend, config.extra_modules).encode(),
+                          cflags=cflags_for(config, tracefs=tracefs, backend=backend))
+    except Exception as exc:
+        raise CaptureError(f"compiling the {backend} probes failed: {exc}") from exc
+    loaded: list[str] = []
+    try:
+        for i in range(lib.bpf_num_functions(b.module)):
+            name = lib.bpf_function_name(b.module, i).decode()
+            if name.startswith("tracepoint__") or name in NAMED_TRACEPOINT_FUNCS:
+                kind = BPF.TRACEPOINT
+            elif name in kprobe_funcs:
+                kind = BPF.KPROBE
+            else:
+                continue
+            try:
+                b.load_func(name.encode(), kind)
+            except Exception as exc:
+                raise CaptureError(f"the verifier rejected {name} ({backend} backend): {exc}") from exc
+            loaded.append(name)
+    finally:
+        b.cleanup()
+    return loaded
+
+
 class Capture:
     def __init__(self, config: CaptureConfig, caps: Capabilities) -> None:
         self.config = config
@@ -238,7 +279,7 @@ class Capture:
         text = program_text(backend, self.config.extra_modules)
         cflags = cflags_for(self.config, tracefs=self.caps.tracefs, backend=backend)
         try:
-            self.bpf = BPF(text=text, cflags=cflags)
+            self.bpf = BPF(text=text.encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception on compile/load/attach failure
             raise CaptureError(
                 f"loading the {backend} probes failed: {exc}. Run `kspan doctor` to see what this kernel "
@@ -247,17 +288,17 @@ class Capture:
         try:
             if backend == "tracepoints":
                 for event in SOCK_LENGTH_EVENTS:
-                    self.bpf.attach_tracepoint(tp=event.replace("/", ":"), fn_name="kspan_sock_length")
+                    self.bpf.attach_tracepoint(tp=event.replace("/", ":").encode(), fn_name=b"kspan_sock_length")
             if backend == "kprobes":
                 for fn, sym, is_ret in KPROBES:
                     if is_ret:
-                        self.bpf.attach_kretprobe(event=sym, fn_name=fn)
+                        self.bpf.attach_kretprobe(event=sym.encode(), fn_name=fn.encode())
                     else:
-                        self.bpf.attach_kprobe(event=sym, fn_name=fn)
+                        self.bpf.attach_kprobe(event=sym.encode(), fn_name=fn.encode())
             if any(f.startswith("-DKSPAN_TP_SEND_RESET_SKADDR") for f in cflags):
-                self.bpf.attach_tracepoint(tp="tcp:tcp_send_reset", fn_name="kspan_tcp_send_reset")
+                self.bpf.attach_tracepoint(tp=b"tcp:tcp_send_reset", fn_name=b"kspan_tcp_send_reset")
             self._fill_filters()
-            self.bpf["events"].open_ring_buffer(self._on_record)
+            self.bpf[b"events"].open_ring_buffer(self._on_record)
         except Exception as exc:
             self.close()
             raise CaptureError(f"attaching the {backend} probes failed: {exc}. Run `kspan doctor`.") from exc
@@ -271,11 +312,11 @@ class Capture:
         b = self.bpf
         one = ctypes.c_uint8(1)
         if self.config.ports:
-            ports = b["allowed_ports"]
+            ports = b[b"allowed_ports"]
             for port in self.config.ports:
                 ports[ports.Key(port)] = one
         if self.config.exe_names:
-            comms = b["allowed_comms"]
+            comms = b[b"allowed_comms"]
             for name in self.config.exe_names:
                 key = comms.Key()
                 raw = name.encode()[:15]
@@ -289,7 +330,7 @@ class Capture:
                         allowed.add(int(entry))
             allowed |= _descendants_of(allowed)
             allowed.discard(self.config.self_pid)
-            table = b["allowed_pids"]
+            table = b[b"allowed_pids"]
             for pid in allowed:
                 table[table.Key(pid)] = one
 
@@ -297,7 +338,7 @@ class Capture:
         """Trace `pid` from now on (filtering by --pid/--exe only)."""
         if self.bpf is None or pid == self.config.self_pid:
             return
-        table = self.bpf["allowed_pids"]
+        table = self.bpf[b"allowed_pids"]
         table[table.Key(pid)] = ctypes.c_uint8(1)
 
     # -- reading -----------------------------------------------------------------------------
@@ -326,14 +367,17 @@ class Capture:
             return []
         now = time.monotonic_ns() if now_mono_ns is None else now_mono_ns
         timeout_ns = int(self.config.response_timeout_s * 1e9)
-        conns = self.bpf["conns"]
+        conns = self.bpf[b"conns"]
+        layout = sweeper.ConnLayout.of(conns.Leaf)
         out: list[bytes] = []
         for key, value in list(conns.items()):
             raw = sweeper.raw_bytes(value)
-            stale = sweeper.stale_record(key.value, raw, now, timeout_ns)
+            stale = sweeper.stale_record(key.value, raw, now, timeout_ns, layout)
             if stale is None:
                 continue
             try:
+                if conns[key].last_ns != value.last_ns:
+                    continue  # progress since we read it
                 del conns[key]
             except KeyError:
                 continue  # closed meanwhile: the kernel emitted it
@@ -347,7 +391,7 @@ class Capture:
         if ex.role != 2:  # KSPAN_ROLE_SERVER
             return
         b = self.bpf
-        tctx = b["thread_ctx"]
+        tctx = b[b"thread_ctx"]
         key = tctx.Key((ex.pid << 32) | ex.tid)
         try:
             ref = tctx[key]
@@ -355,7 +399,7 @@ class Capture:
                 del tctx[key]
         except KeyError:
             pass
-        inflight = b["proc_inflight"]
+        inflight = b[b"proc_inflight"]
         pkey = inflight.Key(ex.pid)
         try:
             f = inflight[pkey]
@@ -368,7 +412,7 @@ class Capture:
     def counters(self) -> dict[str, int]:
         out = dict.fromkeys(COUNTER_NAMES, 0)
         if self.bpf is not None:
-            table = self.bpf["counters"]
+            table = self.bpf[b"counters"]
             for i, name in enumerate(COUNTER_NAMES):
                 out[name] = int(sum(table[table.Key(i)]))
         out["timeouts_swept"] = self._sweep_evicted

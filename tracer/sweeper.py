@@ -15,13 +15,24 @@ from tracer.records import EXCHANGE_SIZE, REC_EXCHANGE, RawExchange
 
 END_TIMEOUT = 4
 
-# struct kspan_conn (bpf/http_exchange.h): the exchange, then these fields.
-_LAST_NS_OFFSET = EXCHANGE_SIZE
-_PHASE_OFFSET = EXCHANGE_SIZE + 8 * 4 + 4 * 2
 PHASE_IDLE = 0
 
 _END_REASON_OFFSET = RawExchange.end_reason.offset
 _TYPE_OFFSET = RawExchange.type.offset
+
+
+@dataclass(frozen=True, slots=True)
+class ConnLayout:
+    """Where struct kspan_conn (bpf/http_exchange.h) keeps its sweep fields; the loader reads the
+    offsets from bcc's ctypes type of the map value, so C and Python cannot drift apart."""
+
+    last_ns: int
+    phase: int
+    size: int
+
+    @classmethod
+    def of(cls, leaf: type[ctypes.Structure]) -> ConnLayout:
+        return cls(leaf.last_ns.offset, leaf.phase.offset, ctypes.sizeof(leaf))  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,21 +42,15 @@ class StaleState:
     record: bytes  # a struct kspan_exchange with end_reason TIMEOUT
 
 
-def conn_phase(value: bytes) -> int:
-    return value[_PHASE_OFFSET] if len(value) > _PHASE_OFFSET else PHASE_IDLE
-
-
-def conn_last_ns(value: bytes) -> int:
-    return int.from_bytes(value[_LAST_NS_OFFSET : _LAST_NS_OFFSET + 8], "little")
-
-
-def stale_record(conn_id: int, value: bytes, now_mono_ns: int, timeout_ns: int) -> StaleState | None:
+def stale_record(
+    conn_id: int, value: bytes, now_mono_ns: int, timeout_ns: int, layout: ConnLayout
+) -> StaleState | None:
     """The TIMEOUT record for one connection state, or None if it is idle or still making progress."""
-    if len(value) < EXCHANGE_SIZE + 48:
+    if len(value) < layout.size or len(value) < EXCHANGE_SIZE:
         return None
-    if conn_phase(value) == PHASE_IDLE:
+    if value[layout.phase] == PHASE_IDLE:
         return None
-    last = conn_last_ns(value)
+    last = int.from_bytes(value[layout.last_ns : layout.last_ns + 8], "little")
     if last == 0 or now_mono_ns - last < timeout_ns:
         return None
     rec = bytearray(value[:EXCHANGE_SIZE])

@@ -1,0 +1,444 @@
+"""The kernel capture end to end: a real Capture on this kernel, real servers and real clients
+(curl, Python http.client), the records read back and checked field by field."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from correlator.records import EndReason, Exchange, ParentKind, Role
+from tests.support.ebpf import on_load_error, require_ebpf
+from tracer.capabilities import probe
+from tracer.loader import Capture, CaptureConfig, CaptureError
+from tracer.records import REC_EXCHANGE, decode_exchange, record_type
+
+pytestmark = pytest.mark.ebpf
+
+BODY = b"x" * 1500
+
+SERVER = textwrap.dedent(
+    '''
+    import socket, sys, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    BODY = b"x" * 1500
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+
+        def do_POST(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            data = self.rfile.read(n)
+            self.send_response(201)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.startswith("/chunked"):
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for part in (b"hello ", b"chunked ", b"world"):
+                    self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(part), part))
+                    self.wfile.flush()
+                    time.sleep(0.01)
+                self.wfile.write(b"0\\r\\n\\r\\n")
+            elif self.path.startswith("/close-mid"):
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                self.wfile.write(b"partial body")
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+            elif self.path.startswith("/hang"):
+                time.sleep(30)
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(BODY)))
+                self.end_headers()
+                self.wfile.write(BODY)
+
+    class S(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+
+    srv = S((sys.argv[1], 0), H)
+    print(srv.server_address[1], flush=True)
+    srv.serve_forever()
+    '''
+)
+
+CLIENT = textwrap.dedent(
+    '''
+    import http.client, sys
+    host, port, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    for p in paths:
+        method, _, path = p.partition(" ")
+        body = b"payload-" * 100 if method == "POST" else None
+        conn.request(method, path, body=body)
+        r = conn.getresponse()
+        r.read()
+        print(r.status, flush=True)
+    conn.close()
+    '''
+)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def url(self, path: str) -> str:
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{h}:{self.port}{path}"
+
+
+def _start_server(tmp: Path, host: str) -> Server:
+    script = tmp / "capture_server.py"
+    script.write_text(SERVER)
+    proc = subprocess.Popen([sys.executable, str(script), host], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        pytest.fail(f"test server on {host} did not start")
+    return Server(proc, host, int(line))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("capture")
+
+
+def _start_capture(config: CaptureConfig) -> Capture:
+    require_ebpf()
+    cap = Capture(config, probe())
+    try:
+        cap.start()
+    except CaptureError as exc:
+        cap.close()
+        on_load_error(exc, "capture")
+    return cap
+
+
+@pytest.fixture(scope="module")
+def rec() -> Iterator[Recorder]:
+    r = Recorder(_start_capture(CaptureConfig(response_timeout_s=1.0)))
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def server4(tmp_module: Path, rec: Recorder) -> Iterator[Server]:
+    srv = _start_server(tmp_module, "127.0.0.1")
+    rec.watch(srv.port)
+    try:
+        yield srv
+    finally:
+        _stop(srv.proc)
+
+
+@pytest.fixture(scope="module")
+def server6(tmp_module: Path, rec: Recorder) -> Iterator[Server]:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    srv = _start_server(tmp_module, "::1")
+    rec.watch(srv.port)
+    try:
+        yield srv
+    finally:
+        _stop(srv.proc)
+
+
+class Recorder:
+    """Drains a capture continuously in a thread (other work on this host may fill the ring
+    buffer quickly) and keeps the exchanges that touch the test servers' ports."""
+
+    def __init__(self, cap: Capture) -> None:
+        self.cap = cap
+        self.ports: set[int] = set()
+        self.exchanges: list[Exchange] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self.cap.poll(20)
+            kept = []
+            for raw in batch:
+                if record_type(raw) != REC_EXCHANGE:
+                    continue
+                ex = decode_exchange(raw)
+                if ex.local_port in self.ports or ex.remote_port in self.ports:
+                    kept.append(ex)
+            if kept:
+                with self._lock:
+                    self.exchanges.extend(kept)
+
+    def watch(self, port: int) -> None:
+        self.ports.add(port)
+
+    def take(self, done: Callable[[list[Exchange]], bool], pids: set[int] | None = None,
+             timeout_s: float = 5.0) -> list[Exchange]:
+        """Wait until `done(exchanges of pids)`, then remove and return those exchanges."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                mine = [e for e in self.exchanges if pids is None or e.pid in pids]
+            if done(mine) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        with self._lock:
+            self.exchanges = [e for e in self.exchanges if e not in mine]
+        return mine
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.cap.close()
+
+
+def run_curl(*urls: str, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    """curl in the background so its pid is known; returns (pid, stdout)."""
+    outputs = [arg for url in urls for arg in ("-o", "/dev/null", url)]
+    proc = subprocess.Popen(["curl", "-sS", "-w", "%{http_code} ", *extra, *outputs],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return proc.pid, out
+
+
+def run_client(tmp: Path, server: Server, *requests: str) -> tuple[int, list[int]]:
+    script = tmp / "capture_client.py"
+    script.write_text(CLIENT)
+    proc = subprocess.Popen([sys.executable, str(script), server.host, str(server.port), *requests],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return proc.pid, [int(x) for x in out.split()]
+
+
+def by_role(exs: list[Exchange], role: Role) -> list[Exchange]:
+    return [e for e in exs if e.role == role]
+
+
+def check_pair(client: Exchange, server: Exchange) -> None:
+    """The two ends of one exchange on one TCP connection."""
+    for ex in (client, server):
+        assert ex.req_start_ns <= ex.req_end_ns <= ex.resp_start_ns <= ex.resp_end_ns, ex
+        assert ex.family in (socket.AF_INET, socket.AF_INET6)
+    assert client.req_bytes == server.req_bytes > 0
+    assert client.resp_bytes == server.resp_bytes > 0
+    assert client.req_head == server.req_head
+    # the 4-tuples mirror each other
+    assert (client.local_addr, client.local_port) == (server.remote_addr, server.remote_port)
+    assert (client.remote_addr, client.remote_port) == (server.local_addr, server.local_port)
+    assert client.conn_id != server.conn_id  # each end has its own socket
+    # the server names the client's exchange as its peer parent
+    assert server.parent is not None and server.parent.kind == ParentKind.PEER
+    assert server.parent.pid == client.pid
+    assert server.parent.exchange == client.id
+    # the server read the request after the client began writing it, and answered before it was read
+    assert client.req_start_ns <= server.req_start_ns
+    assert server.resp_start_ns <= client.resp_end_ns
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_curl_get_seen_at_both_ends(rec: Recorder, request: pytest.FixtureRequest, family: str) -> None:
+    server: Server = request.getfixturevalue("server4" if family == "ipv4" else "server6")
+    pid, out = run_curl(server.url("/cl?q=1"))
+    assert out.split() == ["200"]
+    exs = rec.take(lambda g: len(g) >= 2, pids={pid, server.pid})
+    clients = [e for e in by_role(exs, Role.CLIENT) if e.pid == pid]
+    servers = [e for e in by_role(exs, Role.SERVER) if e.pid == server.pid]
+    assert len(clients) == 1 and len(servers) == 1, exs
+    c, s = clients[0], servers[0]
+    for ex in (c, s):
+        assert ex.end == EndReason.COMPLETE
+        assert ex.status == 200
+        assert ex.req_head.startswith(b"GET /cl?q=1 HTTP/1.1\r\n")
+        assert ex.resp_head.startswith(b"HTTP/1.1 200 ")
+        assert ex.resp_tail == BODY[-8:]
+        assert ex.family == (socket.AF_INET if family == "ipv4" else socket.AF_INET6)
+    assert c.remote_port == server.port and s.local_port == server.port
+    assert c.remote_addr == server.host
+    assert c.resp_bytes == len(c.resp_head.split(b"\r\n\r\n")[0]) + 4 + len(BODY)
+    check_pair(c, s)
+
+
+def test_keep_alive_one_record_per_request(rec: Recorder, server4: Server, tmp_module: Path) -> None:
+    pid, statuses = run_client(tmp_module, server4, "GET /a", "POST /b", "GET /chunked", "HEAD /d", "GET /e")
+    assert statuses == [200, 201, 200, 200, 200]
+    exs = rec.take(lambda g: len(g) >= 10, pids={pid, server4.pid})
+    clients = sorted(by_role([e for e in exs if e.pid == pid], Role.CLIENT), key=lambda e: e.req_start_ns)
+    servers = sorted(by_role([e for e in exs if e.pid == server4.pid], Role.SERVER), key=lambda e: e.req_start_ns)
+    assert [e.req_head.split(b" ")[:2] for e in clients] == [
+        [b"GET", b"/a"], [b"POST", b"/b"], [b"GET", b"/chunked"], [b"HEAD", b"/d"], [b"GET", b"/e"]]
+    assert all(e.end == EndReason.COMPLETE for e in clients + servers), [(e.req_head[:12], e.end) for e in exs]
+    assert len({e.conn_id for e in clients}) == 1, "one connection, kept alive"
+    assert [e.status for e in clients] == [200, 201, 200, 200, 200]
+    for c, s in zip(clients, servers, strict=True):
+        check_pair(c, s)
+    post = clients[1]
+    head_len = post.req_head.index(b"\r\n\r\n") + 4
+    assert post.req_bytes == head_len + 800  # the body is counted, not copied past the head
+    assert post.resp_bytes > 800 and post.resp_tail == b"payload-"
+    chunked = clients[2]
+    assert chunked.resp_tail.endswith(b"0\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in chunked.resp_head
+    head = clients[3]
+    assert head.resp_bytes == len(head.resp_head)  # headers only
+    # the records of one connection follow each other in time
+    for a, b in zip(clients, clients[1:], strict=False):
+        assert a.resp_end_ns <= b.req_start_ns
+
+
+def test_curl_keep_alive_reuses_connection(rec: Recorder, server4: Server) -> None:
+    pid, out = run_curl(server4.url("/one"), server4.url("/chunked"), server4.url("/three"))
+    assert out.split() == ["200", "200", "200"]
+    exs = rec.take(lambda g: len(g) >= 6, pids={pid, server4.pid})
+    clients = [e for e in by_role(exs, Role.CLIENT) if e.pid == pid]
+    assert len(clients) == 3 and len({e.conn_id for e in clients}) == 1
+    assert len(by_role(exs, Role.SERVER)) == 3
+    assert all(e.end == EndReason.COMPLETE for e in exs)
+
+
+def test_head_request_completes_at_end_of_headers(rec: Recorder, server4: Server) -> None:
+    pid, out = run_curl(server4.url("/cl"), extra=("-I",))
+    assert out.split() == ["200"]
+    exs = rec.take(lambda g: len(g) >= 2, pids={pid, server4.pid})
+    assert {(e.role, e.end) for e in exs} == {(Role.CLIENT, EndReason.COMPLETE), (Role.SERVER, EndReason.COMPLETE)}
+    for e in exs:
+        assert e.req_head.startswith(b"HEAD /cl ")
+        assert b"Content-Length: 1500" in e.resp_head
+        assert e.resp_bytes == len(e.resp_head)
+
+
+def test_server_closing_mid_response_gives_closed(rec: Recorder, server4: Server) -> None:
+    proc = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", server4.url("/close-mid")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=30) != 0  # curl saw the short body
+    exs = rec.take(lambda g: len(g) >= 2, pids={proc.pid, server4.pid})
+    ends = {(e.pid, e.role, e.end) for e in exs}
+    assert ends == {(proc.pid, Role.CLIENT, EndReason.CLOSED), (server4.pid, Role.SERVER, EndReason.CLOSED)}, exs
+    for e in exs:
+        assert e.req_head.startswith(b"GET /close-mid ")
+        assert e.status == 200 and e.resp_start_ns > 0 and 0 < e.resp_bytes < 100000
+
+
+def test_request_without_response_is_swept_as_timeout(rec: Recorder, server4: Server) -> None:
+    proc = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-m", "20", server4.url("/hang")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        assert rec.take(lambda g: False, pids={proc.pid}, timeout_s=0.2) == []  # nothing to emit yet
+        swept: list[Exchange] = []
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline and len(swept) < 2:
+            time.sleep(0.3)
+            swept += [e for e in map(decode_exchange, rec.cap.sweep(time.monotonic_ns()))
+                      if e.pid in (proc.pid, server4.pid)]
+        assert {(e.role, e.pid) for e in swept} == {(Role.CLIENT, proc.pid), (Role.SERVER, server4.pid)}
+        for e in swept:
+            assert e.end == EndReason.TIMEOUT
+            assert e.resp_start_ns == 0 and e.resp_bytes == 0
+            assert e.req_head.startswith(b"GET /hang ")
+            assert time.monotonic_ns() - e.req_end_ns >= 1_000_000_000  # response_timeout_s=1.0
+        # taken out of the kernel: a second sweep does not return them again
+        again = [decode_exchange(r) for r in rec.cap.sweep(time.monotonic_ns())]
+        assert [e for e in again if e.pid in (proc.pid, server4.pid)] == []
+    finally:
+        _stop(proc)  # type: ignore[arg-type]
+    assert rec.cap.counters()["timeouts_swept"] >= 2
+
+
+def test_agent_own_traffic_is_never_traced(rec: Recorder, server4: Server) -> None:
+    assert rec.cap.config.self_pid == os.getpid()
+    filtered_before = rec.cap.counters()["requests_filtered"]
+    with socket.create_connection((server4.host, server4.port)) as sock:
+        local_port = sock.getsockname()[1]
+        sock.sendall(b"GET /self HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        while sock.recv(65536):
+            pass
+    exs = rec.take(lambda g: False, timeout_s=1.0)
+    assert [e for e in exs if e.pid == os.getpid()] == []
+    assert [e for e in exs if e.req_head.startswith(b"GET /self ")] == [], "the receiving end is filtered too"
+    assert not [e for e in exs if e.remote_port == local_port]
+    assert rec.cap.counters()["requests_filtered"] > filtered_before
+
+
+def test_port_filter(server4: Server, tmp_module: Path) -> None:
+    other = _start_server(tmp_module, "127.0.0.1")
+    r = Recorder(_start_capture(CaptureConfig(ports={server4.port})))
+    r.watch(server4.port)
+    r.watch(other.port)
+    try:
+        p1, _ = run_curl(server4.url("/wanted"))
+        p2, _ = run_curl(other.url("/unwanted"))
+        exs = r.take(lambda g: len(g) >= 2, pids={p1, p2, server4.pid, other.pid})
+        exs += r.take(lambda g: False, pids={p1, p2, server4.pid, other.pid}, timeout_s=0.5)
+        assert sorted((e.pid, e.role) for e in exs) == sorted([(p1, Role.CLIENT), (server4.pid, Role.SERVER)])
+    finally:
+        r.close()
+        _stop(other.proc)
+
+
+def test_pid_filter(server4: Server) -> None:
+    r = Recorder(_start_capture(CaptureConfig(pids={server4.pid})))
+    r.watch(server4.port)
+    try:
+        pid, _ = run_curl(server4.url("/only-server"))
+        exs = r.take(lambda g: len(g) >= 1)
+        exs += r.take(lambda g: False, timeout_s=0.5)
+        assert [e for e in exs if e.pid == pid] == [], "curl is not in --pid"
+        assert len(exs) == 1 and exs[0].pid == server4.pid
+        assert exs[0].role == Role.SERVER and exs[0].end == EndReason.COMPLETE
+        assert exs[0].req_head.startswith(b"GET /only-server ")
+    finally:
+        r.close()
+
+
+def test_capture_close_detaches_everything() -> None:
+    cap = _start_capture(CaptureConfig(network_events=False))
+    assert cap.probes_attached >= 20
+    assert cap.counters()["probes_attached"] == cap.probes_attached
+    cap.close()
+    cap.close()  # idempotent
+    assert cap.bpf is None and cap.poll(10) == []

@@ -1,0 +1,47 @@
+"""Both socket backends' programs pass the kernel verifier here, including the kprobes backend,
+which this kernel cannot attach (a kprobe program still loads: uprobes share its program type)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.ebpf import on_load_error, require_ebpf
+from tracer.loader import CaptureConfig, CaptureError, verify_programs
+
+pytestmark = pytest.mark.ebpf
+
+ALL_FILTERS = CaptureConfig(pids={1}, exe_names={"nginx"}, ports={80, 8080}, network_events=True)
+NO_FILTERS = CaptureConfig(network_events=True)
+
+
+def _verify(backend: str, config: CaptureConfig) -> set[str]:
+    require_ebpf()
+    try:
+        return set(verify_programs(backend, config))
+    except CaptureError as exc:
+        on_load_error(exc, f"{backend} backend")
+
+
+def test_tracepoints_backend_loads_with_every_filter() -> None:
+    loaded = _verify("tracepoints", ALL_FILTERS)
+    expected = {
+        "kspan_sock_length",  # the exchange state machine
+        "tracepoint__sock__inet_sock_set_state",
+        "tracepoint__syscalls__sys_enter_write",
+        "tracepoint__syscalls__sys_enter_recvmsg",
+        "tracepoint__syscalls__sys_exit_read",
+        "tracepoint__sched__sched_process_exec",
+        "tracepoint__sched__sched_process_fork",  # only compiled with pid filtering
+        "tracepoint__tcp__tcp_probe",
+        "tracepoint__tcp__tcp_retransmit_skb",
+    }
+    assert expected <= loaded, f"missing: {expected - loaded}"
+
+
+@pytest.mark.parametrize("config", [ALL_FILTERS, NO_FILTERS], ids=["filters", "no-filters"])
+def test_kprobes_backend_loads_without_attaching(config: CaptureConfig) -> None:
+    loaded = _verify("kprobes", config)
+    expected = {"kspan_tcp_sendmsg", "kspan_tcp_recvmsg", "kspan_tcp_xfer_ret", "kspan_tcp_close",
+                "tracepoint__sock__inet_sock_set_state", "tracepoint__sched__sched_process_exit"}
+    assert expected <= loaded, f"missing: {expected - loaded}"
+    assert not any(name.startswith("tracepoint__syscalls__") for name in loaded), "kprobes need no syscall hooks"
