@@ -27,78 +27,100 @@ class BtfError(Exception):
     pass
 
 
-def struct_offsets(struct_name: str, members: list[str], path: Path = VMLINUX) -> dict[str, int]:
-    """Byte offsets of `members` of `struct struct_name`, looking inside anonymous unions/structs.
+class Btf:
+    """The type section of one BTF file, indexed by type id (ids start at 1)."""
 
-    Raises BtfError when the file is missing or malformed or a member is not found.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BtfError(f"cannot read {path}: {exc}") from exc
-    if len(data) < 24:
-        raise BtfError(f"{path} is too short for BTF")
-    magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
-    if magic != 0xEB9F:
-        raise BtfError(f"{path} is not little-endian BTF (magic {magic:#x})")
-    type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", data, 8)
-    types_start = hdr_len + type_off
-    strings_start = hdr_len + str_off
-    wanted = data.find(b"\0" + struct_name.encode() + b"\0", strings_start) + 1 - strings_start
-    if wanted <= 0:
-        raise BtfError(f"struct {struct_name} not in {path}")
+    def __init__(self, path: Path = VMLINUX) -> None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BtfError(f"cannot read {path}: {exc}") from exc
+        if len(data) < 24:
+            raise BtfError(f"{path} is too short for BTF")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != 0xEB9F:
+            raise BtfError(f"{path} is not little-endian BTF (magic {magic:#x})")
+        type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", data, 8)
+        self.path = path
+        self.data = data
+        self.strings_start = hdr_len + str_off
+        self.positions = [0]
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        unpack = struct.unpack_from
+        while pos < end:
+            _name_off, info, _size = unpack("<III", data, pos)
+            kind = (info >> 24) & 0x1F
+            self.positions.append(pos)
+            pos += 12 + _FIXED_EXTRA.get(kind, 0) + _PER_VLEN.get(kind, 0) * (info & 0xFFFF)
 
-    # One pass to index every type's position (type ids start at 1).
-    positions = [0]
-    pos, end = types_start, types_start + type_len
-    target = 0
-    unpack = struct.unpack_from
-    while pos < end:
-        name_off, info, _size = unpack("<III", data, pos)
-        kind = (info >> 24) & 0x1F
-        vlen = info & 0xFFFF
-        positions.append(pos)
-        if kind == _KIND_STRUCT and name_off == wanted and not target:
-            target = len(positions) - 1
-        pos += 12 + _FIXED_EXTRA.get(kind, 0) + _PER_VLEN.get(kind, 0) * vlen
+    def _header(self, type_id: int) -> tuple[int, int, int]:
+        return struct.unpack_from("<III", self.data, self.positions[type_id])  # type: ignore[return-value]
 
-    def name_at(off: int) -> str:
-        start = strings_start + off
-        return data[start : data.index(b"\0", start)].decode()
+    def name_at(self, off: int) -> str:
+        start = self.strings_start + off
+        return self.data[start : self.data.index(b"\0", start)].decode()
 
-    def resolve(type_id: int) -> int:
+    def type_id(self, kind: int, name: str) -> int:
+        """Id of the first type of `kind` named `name`; raises BtfError if none."""
+        wanted = self.data.find(b"\0" + name.encode() + b"\0", self.strings_start) + 1 - self.strings_start
+        if wanted > 0:
+            for type_id in range(1, len(self.positions)):
+                name_off, info, _ = self._header(type_id)
+                if name_off == wanted and (info >> 24) & 0x1F == kind:
+                    return type_id
+        raise BtfError(f"no {name} (BTF kind {kind}) in {self.path}")
+
+    def _resolve(self, type_id: int) -> int:
         for _ in range(32):
-            _n, info, ref = unpack("<III", data, positions[type_id])
+            _n, info, ref = self._header(type_id)
             if ((info >> 24) & 0x1F) not in _MODIFIERS:
                 return type_id
             type_id = ref
         return type_id
 
-    found: dict[str, int] = {}
+    def struct_offsets(self, struct_name: str, members: list[str]) -> dict[str, int]:
+        """Byte offsets of `members` of `struct struct_name`, looking inside anonymous unions/structs."""
+        target = self.type_id(_KIND_STRUCT, struct_name)
+        found: dict[str, int] = {}
 
-    def walk(type_id: int, base: int, depth: int) -> None:
-        p = positions[type_id]
-        _n, info, _size = unpack("<III", data, p)
-        kflag = info >> 31
-        for i in range(info & 0xFFFF):
-            m_name, m_type, m_off = unpack("<III", data, p + 12 + 12 * i)
-            bits = (m_off & 0xFFFFFF) if kflag else m_off
-            offset = base + bits // 8
-            if m_name:
-                found.setdefault(name_at(m_name), offset)
-            elif depth < 8:
-                inner = resolve(m_type)
-                kind = (unpack("<III", data, positions[inner])[1] >> 24) & 0x1F
-                if kind in (_KIND_STRUCT, _KIND_UNION):
-                    walk(inner, offset, depth + 1)
+        def walk(type_id: int, base: int, depth: int) -> None:
+            p = self.positions[type_id]
+            _n, info, _size = self._header(type_id)
+            kflag = info >> 31
+            for i in range(info & 0xFFFF):
+                m_name, m_type, m_off = struct.unpack_from("<III", self.data, p + 12 + 12 * i)
+                offset = base + ((m_off & 0xFFFFFF) if kflag else m_off) // 8
+                if m_name:
+                    found.setdefault(self.name_at(m_name), offset)
+                elif depth < 8:
+                    inner = self._resolve(m_type)
+                    if (self._header(inner)[1] >> 24) & 0x1F in (_KIND_STRUCT, _KIND_UNION):
+                        walk(inner, offset, depth + 1)
 
-    if not target:
-        raise BtfError(f"struct {struct_name} not in {path}")
-    walk(target, 0, 0)
-    missing = [m for m in members if m not in found]
-    if missing:
-        raise BtfError(f"struct {struct_name} has no member(s) {', '.join(missing)}")
-    return {m: found[m] for m in members}
+        walk(target, 0, 0)
+        missing = [m for m in members if m not in found]
+        if missing:
+            raise BtfError(f"struct {struct_name} has no member(s) {', '.join(missing)}")
+        return {m: found[m] for m in members}
+
+
+_CACHE: dict[Path, Btf] = {}
+
+
+def vmlinux(path: Path = VMLINUX) -> Btf:
+    """The running kernel's BTF, parsed once per process."""
+    if path not in _CACHE:
+        _CACHE[path] = Btf(path)
+    return _CACHE[path]
+
+
+def struct_offsets(struct_name: str, members: list[str], path: Path = VMLINUX) -> dict[str, int]:
+    return vmlinux(path).struct_offsets(struct_name, members)
+
+
+def func_id(name: str, path: Path = VMLINUX) -> int:
+    """BTF id of kernel function `name` (what an fentry program attaches to)."""
+    return vmlinux(path).type_id(_KIND_FUNC, name)
 
 
 SOCK_COMMON_MEMBERS = [

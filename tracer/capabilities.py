@@ -103,30 +103,48 @@ def kernel_config(release: str) -> tuple[dict[str, str], str]:
     return {}, ""
 
 
+def _headers_release(build: Path) -> str:
+    """The kernel release a header tree was made for (UTS_RELEASE), or "" if unknown."""
+    for rel in ("include/generated/utsrelease.h", "include/linux/utsrelease.h"):
+        try:
+            text = (build / rel).read_text()
+        except OSError:
+            continue
+        m = re.search(r'UTS_RELEASE\s+"([^"]+)"', text)
+        if m:
+            return m.group(1)
+    m = re.search(r"linux-headers-(\d+\.\d+[^/]*)", os.path.realpath(build))
+    return m.group(1) if m else ""
+
+
 def _headers(release: str) -> tuple[str, str, str]:
-    """("exact"|"closest"|"none", path, version the headers are for)."""
+    """("exact"|"closest"|"none", path, release the headers are for)."""
     build = Path(f"/lib/modules/{release}/build")
-    if (build / "include").is_dir() or (build / "Makefile").is_file():
-        target = os.path.realpath(build)
-        m = re.search(r"linux-headers-(\d+\.\d+[^/]*)", target)
-        version = m.group(1) if m else release
-        if version.startswith(release) or release.startswith(version.split("-")[0] + "." ) and version == release:
-            return "exact", target, version
-        if _kernel_version_tuple(version)[:2] == _kernel_version_tuple(release)[:2] and version.startswith(
-            release.split("-")[0]
-        ):
-            return "exact", target, version
-        return "closest", target, version
-    return "none", "", ""
+    if not ((build / "include").is_dir() or (build / "Makefile").is_file()):
+        return "none", "", ""
+    version = _headers_release(build)
+    return ("exact" if version == release else "closest"), os.path.realpath(build), version
 
 
-def _lockdown() -> str:
+def _lockdown(conf: dict[str, str]) -> str:
+    """Lockdown mode; from securityfs when mounted, else what the kernel config forces."""
     try:
         text = Path("/sys/kernel/security/lockdown").read_text()
+        m = re.search(r"\[(\w+)\]", text)
+        return m.group(1) if m else text.strip()
     except OSError:
-        return ""
-    m = re.search(r"\[(\w+)\]", text)
-    return m.group(1) if m else text.strip()
+        pass
+    try:
+        cmdline = Path("/proc/cmdline").read_text()
+    except OSError:
+        cmdline = ""
+    m = re.search(r"\blockdown=(\w+)", cmdline)
+    if m:
+        return f"{m.group(1)} (kernel command line)"
+    for mode in ("confidentiality", "integrity", "none"):
+        if conf.get(f"CONFIG_LOCK_DOWN_KERNEL_FORCE_{mode.upper()}") == "y":
+            return f"{mode} (forced by the kernel config)"
+    return ""
 
 
 def _bcc() -> tuple[str, str]:
@@ -200,15 +218,59 @@ def _ringbuf_attempt() -> int:
     return 0
 
 
-def _fentry_attempt() -> tuple[bool, str]:
-    """bcc's own check (it loads a tiny fentry program against a kernel function)."""
-    try:
-        from bcc import BPF  # noqa: PLC0415
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_FENTRY = 24
 
-        ok = bool(BPF.support_kfunc())
-    except Exception as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    return ok, "" if ok else "the kernel refused a test fentry program (BPF trampoline)"
+
+def _fentry_attempt() -> tuple[bool, str]:
+    """Load a two-instruction fentry program on tcp_sendmsg and attach it (then detach).
+
+    bcc's BPF.support_kfunc() only looks for a kernel symbol; a kernel can have it and still
+    refuse (EPERM here), so try for real."""
+    import ctypes
+
+    from tracer.btf import BtfError, func_id
+
+    try:
+        btf_id = func_id("tcp_sendmsg")
+    except BtfError as exc:
+        return False, str(exc)
+    libc = ctypes.CDLL(None, use_errno=True)
+    insns = (ctypes.c_uint64 * 2)(0x00000000000000B7, 0x0000000000000095)
+    license_ = ctypes.create_string_buffer(b"GPL")
+    attr = (ctypes.c_uint8 * 144)()
+    view = memoryview(attr).cast("B")
+
+    def put(off: int, fmt: str, value: int) -> None:
+        import struct as _s
+
+        _s.pack_into(fmt, view, off, value)
+
+    put(0, "<I", BPF_PROG_TYPE_TRACING)
+    put(4, "<I", 2)
+    put(8, "<Q", ctypes.addressof(insns))
+    put(16, "<Q", ctypes.addressof(license_))
+    put(68, "<I", BPF_TRACE_FENTRY)  # expected_attach_type
+    put(108, "<I", btf_id)           # attach_btf_id
+    sys_bpf = 321 if platform.machine() == "x86_64" else 280
+    fd = libc.syscall(sys_bpf, 5, attr, 144)  # BPF_PROG_LOAD
+    if fd < 0:
+        err = ctypes.get_errno()
+        return False, f"loading a test fentry program failed: {os.strerror(err)}"
+    try:
+        open_attr = (ctypes.c_uint8 * 16)()
+        struct_view = memoryview(open_attr).cast("B")
+        import struct as _s
+
+        _s.pack_into("<QI", struct_view, 0, 0, fd)  # raw_tracepoint.name = NULL, prog_fd
+        link = libc.syscall(sys_bpf, 17, open_attr, 16)  # BPF_RAW_TRACEPOINT_OPEN
+        if link < 0:
+            err = ctypes.get_errno()
+            return False, f"attaching a test fentry program failed: {os.strerror(err)}"
+        os.close(link)
+    finally:
+        os.close(fd)
+    return True, ""
 
 
 def probe(try_loads: bool = True) -> Capabilities:
@@ -233,7 +295,7 @@ def probe(try_loads: bool = True) -> Capabilities:
         if not caps.tracefs:
             caps.uprobes = conf.get("CONFIG_UPROBE_EVENTS") == "y"
     caps.kprobes = bool(caps.kprobe_events) and caps.kprobes_config is not False
-    caps.lockdown = _lockdown()
+    caps.lockdown = _lockdown(conf)
     caps.headers, caps.headers_path, caps.headers_version = _headers(release)
     caps.bcc_version, caps.bcc_error = _bcc()
     if _kernel_version_tuple(release) < (5, 8):
@@ -244,12 +306,12 @@ def probe(try_loads: bool = True) -> Capabilities:
         caps.ringbuf_detail = "" if err == 0 else f"map create failed: {os.strerror(err)}"
     else:
         caps.ringbuf_detail = "not tried (needs root)"
-    if try_loads and caps.cap_bpf and caps.bcc_version and caps.btf:
+    if try_loads and caps.cap_bpf and caps.btf:
         caps.fentry, caps.fentry_detail = _fentry_attempt()
     elif not caps.btf:
         caps.fentry_detail = "needs kernel BTF"
     else:
-        caps.fentry_detail = "not tried (needs root and bcc)"
+        caps.fentry_detail = "not tried (needs root)"
     return caps
 
 

@@ -1,0 +1,183 @@
+"""Capability probing, backend choice, `kspan doctor` output and the timeout sweep's decisions:
+pure functions tested on made-up kernels, plus the real probe of this machine (cheap, no bcc)."""
+
+from __future__ import annotations
+
+import ctypes
+import gzip
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tracer import capabilities, sweeper
+from tracer.btf import Btf, BtfError, sock_common_defines
+from tracer.capabilities import Capabilities, choose_backend, kernel_config
+from tracer.doctor import checks, render
+from tracer.records import EXCHANGE_SIZE, RawExchange
+
+THIS_MACHINE = Capabilities(
+    kernel="6.18.44", root=True, cap_bpf=True, btf=True, tracefs="/sys/kernel/tracing", tracepoints=True,
+    kprobes_config=False, kprobe_events=False, kprobes=False, fentry=False,
+    fentry_detail="loading a test fentry program failed: Operation not permitted", uprobes=True, ringbuf=True,
+    lockdown="integrity", headers="closest", headers_path="/usr/src/linux-headers-6.1.0-56-amd64",
+    headers_version="6.1.0-56-amd64", bcc_version="0.26.0", kernel_config_source="/proc/config.gz",
+)
+PRODUCTION = replace(THIS_MACHINE, kprobes_config=True, kprobe_events=True, kprobes=True, fentry=True,
+                     fentry_detail="", headers="exact", headers_version="6.18.44")
+
+
+def test_backend_here_is_tracepoints_because_no_kprobes() -> None:
+    backend, reason = choose_backend(THIS_MACHINE)
+    assert backend == "tracepoints" and "kprobes" in reason
+
+
+def test_backend_with_kprobes_and_exact_headers_is_kprobes() -> None:
+    assert choose_backend(PRODUCTION)[0] == "kprobes"
+
+
+def test_closest_headers_prefer_tracepoints_even_with_kprobes() -> None:
+    caps = replace(PRODUCTION, headers="closest", headers_version="6.1.0-56-amd64")
+    backend, reason = choose_backend(caps)
+    assert backend == "tracepoints" and "closest" in reason
+
+
+def test_explicit_backend_requests() -> None:
+    assert choose_backend(THIS_MACHINE, "kprobes")[0] == ""
+    assert "kprobes" in choose_backend(THIS_MACHINE, "kprobes")[1]
+    assert choose_backend(PRODUCTION, "tracepoints")[0] == "tracepoints"
+    assert choose_backend(PRODUCTION, "bogus")[0] == ""
+
+
+def test_no_tracefs_and_no_kprobes_means_no_backend() -> None:
+    caps = replace(THIS_MACHINE, tracefs="", tracepoints=False)
+    backend, reason = choose_backend(caps)
+    assert backend == "" and "mount -t tracefs" in reason
+
+
+def test_doctor_here_exits_zero_and_names_backend() -> None:
+    text, code = render(THIS_MACHINE)
+    assert code == 0
+    lines = text.splitlines()
+    assert lines[-1].startswith("backend: tracepoints")
+    names = ["root / CAP_BPF", "BTF", "tracefs", "kprobes", "fentry", "uprobes", "ring buffer", "lockdown",
+             "kernel headers", "bcc"]
+    for name in names:
+        line = next(x for x in lines if f"  {name}  " in x + "  ")
+        assert line.strip().split()[0] in ("ok", "NO")
+    assert any(x.strip().startswith("NO") and "kprobes" in x and "CONFIG_KPROBES" in x for x in lines)
+    assert any("kernel headers" in x and "closest" in x and "linux-headers-6.18.44" in x for x in lines)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"root": False, "cap_bpf": False}, "run as root"),
+        ({"bcc_version": "", "bcc_error": "ModuleNotFoundError: No module named 'bcc'"}, "python3-bpfcc"),
+        ({"headers": "none", "headers_path": "", "headers_version": ""}, "install linux-headers-6.18.44"),
+        ({"tracefs": "", "tracepoints": False}, "mount -t tracefs"),
+        ({"ringbuf": False, "ringbuf_detail": "kernel older than 5.8"}, "5.8"),
+    ],
+)
+def test_doctor_fails_when_tracing_is_impossible(change: dict[str, object], needle: str) -> None:
+    text, code = render(replace(THIS_MACHINE, **change))  # type: ignore[arg-type]
+    assert code != 0
+    assert needle in text
+
+
+def test_every_failed_required_check_has_a_hint() -> None:
+    broken = Capabilities(kernel="5.4.0")
+    for c in checks(broken):
+        if not c.ok:
+            assert c.hint, f"{c.name} fails without saying what to do"
+
+
+def test_kernel_config_parses_gz_and_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = b"CONFIG_KPROBES=y\n# CONFIG_FOO is not set\nCONFIG_BAR=m\n"
+    boot = tmp_path / "config-9.9.9"
+    boot.write_bytes(conf)
+    real_path = capabilities.Path
+
+    def fake_path(p: str) -> Path:
+        if p == "/proc/config.gz":
+            return tmp_path / "missing.gz"
+        if p == "/boot/config-9.9.9":
+            return boot
+        return real_path(p)
+
+    monkeypatch.setattr(capabilities, "Path", fake_path)
+    parsed, source = kernel_config("9.9.9")
+    assert parsed["CONFIG_KPROBES"] == "y" and parsed["CONFIG_FOO"] == "n" and source.endswith("config-9.9.9")
+    gz = tmp_path / "missing.gz"
+    gz.write_bytes(gzip.compress(b"# CONFIG_KPROBES is not set\n"))
+    parsed, source = kernel_config("9.9.9")
+    assert parsed["CONFIG_KPROBES"] == "n" and source.endswith(".gz")
+
+
+def test_real_probe_is_cheap_and_consistent() -> None:
+    t = time.monotonic()
+    caps = capabilities.probe(try_loads=False)
+    assert time.monotonic() - t < 2.0
+    assert caps.kernel
+    assert caps.btf == Path("/sys/kernel/btf/vmlinux").is_file()
+    if caps.kprobes:
+        assert caps.kprobes_config is not False
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").is_file(), reason="no kernel BTF here")
+def test_sock_common_offsets_from_btf() -> None:
+    d = sock_common_defines()
+    # union members share an offset region; ports follow the addresses; IPv6 addresses are 16 apart
+    assert d["KSPAN_SKC_RCV_SADDR"] == d["KSPAN_SKC_DADDR"] + 4
+    assert d["KSPAN_SKC_NUM"] == d["KSPAN_SKC_DPORT"] + 2
+    assert abs(d["KSPAN_SKC_V6_RCV_SADDR"] - d["KSPAN_SKC_V6_DADDR"]) == 16
+
+
+def test_btf_reader_rejects_garbage(tmp_path: Path) -> None:
+    bad = tmp_path / "btf"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(BtfError):
+        Btf(bad)
+    with pytest.raises(BtfError):
+        Btf(tmp_path / "absent")
+
+
+# -- the timeout sweep ------------------------------------------------------------------------
+
+
+class FakeConn(ctypes.Structure):
+    _fields_ = [("ex", ctypes.c_uint8 * EXCHANGE_SIZE), ("last_ns", ctypes.c_uint64),
+                ("phase", ctypes.c_uint8), ("_pad", ctypes.c_uint8 * 7)]
+
+
+def _conn(phase: int, last_ns: int) -> bytes:
+    c = FakeConn()
+    ex = RawExchange()
+    ex.type = 1
+    ex.pid = 42
+    ex.end_reason = 0
+    ctypes.memmove(c.ex, ctypes.addressof(ex), EXCHANGE_SIZE)
+    c.last_ns = last_ns
+    c.phase = phase
+    return sweeper.raw_bytes(c)
+
+
+LAYOUT = sweeper.ConnLayout.of(FakeConn)
+
+
+def test_sweep_takes_stale_in_flight_exchange_as_timeout() -> None:
+    st = sweeper.stale_record(7, _conn(phase=1, last_ns=1_000), now_mono_ns=5_000_000_000, timeout_ns=10**9,
+                              layout=LAYOUT)
+    assert st is not None and st.conn_id == 7
+    rec = RawExchange.from_buffer_copy(st.record)
+    assert rec.end_reason == sweeper.END_TIMEOUT and rec.pid == 42 and len(st.record) == EXCHANGE_SIZE
+
+
+@pytest.mark.parametrize(("phase", "last"), [(0, 1_000), (1, 4_500_000_000), (2, 0)])
+def test_sweep_leaves_idle_recent_or_unstarted_states(phase: int, last: int) -> None:
+    assert sweeper.stale_record(7, _conn(phase, last), 5_000_000_000, 10**9, LAYOUT) is None
+
+
+def test_sweep_ignores_short_values() -> None:
+    assert sweeper.stale_record(7, b"\x01" * 10, 5_000_000_000, 10**9, LAYOUT) is None

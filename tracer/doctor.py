@@ -1,0 +1,109 @@
+"""`kspan doctor`: what this kernel offers to kspan, one line per check, and the backend `run` uses.
+
+The checks are a pure function of tracer.capabilities.Capabilities (unit-tested with made-up
+kernels); only run_doctor() probes the machine.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+from tracer.capabilities import Capabilities, choose_backend, probe
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    value: str
+    hint: str = ""  # what to install or enable; empty when nothing to do
+    required: bool = False  # tracing is impossible without it
+
+
+def checks(caps: Capabilities) -> list[Check]:
+    out: list[Check] = []
+    who = "root" if caps.root else ("CAP_BPF + CAP_PERFMON" if caps.cap_bpf else "unprivileged")
+    out.append(Check("root / CAP_BPF", caps.cap_bpf, who,
+                     "" if caps.cap_bpf else "run as root (or grant CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE)",
+                     required=True))
+    out.append(Check("BTF", caps.btf, "/sys/kernel/btf/vmlinux" if caps.btf else "missing",
+                     "" if caps.btf else "a kernel built with CONFIG_DEBUG_INFO_BTF=y; without it connections "
+                     "older than the agent have no addresses"))
+    out.append(Check("tracefs", bool(caps.tracefs), f"mounted at {caps.tracefs}" if caps.tracefs else "not mounted",
+                     "" if caps.tracefs else "mount -t tracefs nodev /sys/kernel/tracing"))
+    if caps.tracefs:
+        out.append(Check("socket tracepoints", caps.tracepoints,
+                         "sock:sock_send_length, sock:sock_recv_length, sock:inet_sock_set_state"
+                         if caps.tracepoints else "missing " + ", ".join(caps.missing_tracepoints),
+                         "" if caps.tracepoints else "a kernel with these tracepoints (6.2+), or kprobes"))
+    if caps.kprobes:
+        kp_value = "kprobe_events present"
+    elif caps.kprobes_config is False:
+        kp_value = f"CONFIG_KPROBES is not set ({caps.kernel_config_source})"
+    elif not caps.kprobe_events:
+        kp_value = "no kprobe_events in tracefs" if caps.tracefs else "unknown (tracefs not mounted)"
+    else:
+        kp_value = "unknown"
+    out.append(Check("kprobes", caps.kprobes, kp_value,
+                     "" if caps.kprobes
+                     else "optional: a kernel with CONFIG_KPROBES=y; kspan uses tracepoints instead"))
+    out.append(Check("fentry", caps.fentry, "works" if caps.fentry else (caps.fentry_detail or "unavailable"),
+                     "" if caps.fentry else "optional: not used by the socket backends"))
+    out.append(Check("uprobes", caps.uprobes, "uprobe_events present" if caps.uprobes else "unavailable",
+                     "" if caps.uprobes else "CONFIG_UPROBE_EVENTS=y: needed for HTTPS (OpenSSL) and Go tracing"))
+    out.append(Check("ring buffer", caps.ringbuf, "works" if caps.ringbuf else (caps.ringbuf_detail or "unavailable"),
+                     "" if caps.ringbuf else "Linux 5.8 or newer", required=True))
+    lockdown = caps.lockdown or "unknown (securityfs not mounted)"
+    confidential = caps.lockdown.startswith("confidentiality")
+    out.append(Check("lockdown", not confidential, lockdown,
+                     "confidentiality lockdown forbids reading kernel memory: boot with lockdown=integrity"
+                     if confidential else "", required=confidential))
+    if caps.headers == "exact":
+        out.append(Check("kernel headers", True, f"exact ({caps.headers_version}) at {caps.headers_path}"))
+    elif caps.headers == "closest":
+        out.append(Check("kernel headers", True,
+                         f"closest: {caps.headers_version} for {caps.kernel} at {caps.headers_path}",
+                         f"install linux-headers-{caps.kernel} if your distribution has it; kspan reads no kernel "
+                         "struct by header offsets, so the closest headers work for the tracepoints backend"))
+    else:
+        out.append(Check("kernel headers", False, "none",
+                         f"install linux-headers-{caps.kernel} (or the closest linux-headers-* and link it to "
+                         f"/lib/modules/{caps.kernel}/build); `make setup` does this", required=True))
+    out.append(Check("bcc", bool(caps.bcc_version), caps.bcc_version or caps.bcc_error or "not importable",
+                     "" if caps.bcc_version else "apt-get install python3-bpfcc, and a venv made with "
+                     "--system-site-packages", required=True))
+    return out
+
+
+def verdict(caps: Capabilities, backend_wanted: str = "auto") -> tuple[bool, str]:
+    """(tracing possible, the line about the backend)."""
+    backend, reason = choose_backend(caps, backend_wanted)
+    missing = [c.name for c in checks(caps) if c.required and not c.ok]
+    if not backend:
+        return False, f"backend: none: {reason}"
+    if missing:
+        return False, f"backend: {backend} would be used ({reason}), but tracing is impossible without: " + ", ".join(
+            missing
+        )
+    return True, f"backend: {backend} ({reason})"
+
+
+def render(caps: Capabilities, backend_wanted: str = "auto") -> tuple[str, int]:
+    lines = [f"kspan doctor: Linux {caps.kernel}"]
+    width = max(len(c.name) for c in checks(caps))
+    for c in checks(caps):
+        line = f"  {'ok' if c.ok else 'NO':<2}  {c.name:<{width}}  {c.value}"
+        if c.hint:
+            line += f"  -> {c.hint}"
+        lines.append(line)
+    possible, backend_line = verdict(caps, backend_wanted)
+    lines.append(backend_line)
+    return "\n".join(lines) + "\n", 0 if possible else 1
+
+
+def run_doctor(out: TextIO | None = None, backend: str = "auto") -> int:
+    text, code = render(probe(), backend)
+    (out or sys.stdout).write(text)
+    return code
