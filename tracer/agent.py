@@ -276,6 +276,13 @@ class Agent:
             self._dispatch(raw, processes, correlator, out, writer, attachers)
             if correlator is not None and out is not None:
                 out.spans(correlator.advance(time.monotonic_ns()))
+        # Records the kernel emitted before the stop are still in the ring buffer: drain them so a
+        # request answered just before SIGTERM still becomes a span.
+        for _ in range(100):
+            raw = capture.poll(0)
+            if not raw:
+                break
+            self._dispatch(raw, processes, correlator, out, writer, attachers)
 
     def _dispatch(
         self,
