@@ -13,7 +13,7 @@ from correlator import http1, semconv
 from correlator.clock import WallClock
 from correlator.linker import Linker, make_linker
 from correlator.records import EndReason, Exchange, ParentKind, Role
-from correlator.spans import Span, SpanKind, StatusCode
+from correlator.spans import AttrValue, Span, SpanKind, StatusCode
 from correlator.tracecontext import clean_tracestate, parse_traceparent
 
 _SERVER = SpanKind.SERVER
@@ -90,6 +90,9 @@ class Correlator:
         self._query = cfg.query
         self._max_pipelined = cfg.max_pipelined
         self.last_error = ""  # repr of the last internal error, for `kspan doctor`/logs
+        self._heads: dict[bytes, _Parsed] = {}
+        self._resps: dict[bytes, object] = {}
+        self._hosts: dict[bytes, object] = {}
 
     # public API -------------------------------------------------------------------------------
 
@@ -124,37 +127,55 @@ class Correlator:
 
     # internals --------------------------------------------------------------------------------
 
+    def _parsed(self, head: bytes) -> _Parsed:
+        """Parsed request head, memoised by its exact bytes: keep-alive clients, health checks and
+        pollers repeat the same head, and a hit skips parsing and attribute derivation."""
+        p = self._heads.get(head)
+        if p is None:
+            p = _Parsed(http1.parse_requests(head, self._max_pipelined))
+            if len(self._heads) >= _MEMO_SIZE:
+                self._heads.clear()
+            self._heads[head] = p
+        return p
+
+    def _response(self, head: bytes) -> http1.ResponseHead | None:
+        r = self._resps.get(head, _MISSING)
+        if r is _MISSING:
+            r = http1.parse_final_response(head)
+            if len(self._resps) >= _MEMO_SIZE:
+                self._resps.clear()
+            self._resps[head] = r
+        return r  # type: ignore[return-value]
+
     def _feed(self, ex: Exchange) -> list[Span]:
         st = self._stats
         end_ns = max(ex.resp_end_ns, ex.resp_start_ns, ex.req_end_ns, ex.req_start_ns)
         key = (ex.conn_id, ex.req_start_ns)
-        reqs = http1.parse_requests(ex.req_head, self._max_pipelined)
+        parsed = self._parsed(ex.req_head)
+        reqs = parsed.reqs
         if not reqs:
             st.unparsed_exchanges += 1
             st.unparsed_bytes += (ex.req_bytes + ex.resp_bytes) or len(ex.req_head)
             return self._linker.add(key, [], ex.parent, ex.pid, None, end_ns)
         n = len(reqs)
-        if n > 1:
-            st.pipelined_splits += n - 1
         end = ex.end
         if end == _TIMEOUT:
             st.timeouts += 1
         elif end == _EVICTED:
             st.evicted += 1
         if n == 1:
-            resp = http1.parse_final_response(ex.resp_head) if ex.resp_head else None
+            resp = self._response(ex.resp_head) if ex.resp_head else None
             resps = [resp] if resp is not None else []
         else:
+            st.pipelined_splits += n - 1
             resps = http1.parse_responses(ex.resp_head, [r.method for r in reqs])
         if not reqs[-1].complete or (resps and not resps[-1].complete) or (not resps and ex.resp_head_truncated):
             st.truncated_heads += 1
         if not resps and ex.resp_start_ns and ex.resp_head:
             st.unparsed_responses += 1
 
-        tp = None
-        first = reqs[0]
-        if first.traceparent is not None:
-            tp = parse_traceparent(first.traceparent)
+        tp = parsed.tp
+        if parsed.tp_raw is not None:
             if tp is None:
                 st.traceparents_invalid += 1
             else:
@@ -163,34 +184,25 @@ class Correlator:
         linker = self._linker
         sid, root_trace = linker.ids(ex.conn_id, ex.req_start_ns)
         if n == 1:
-            span = self._span(ex, first, resps[0] if resps else None, 0, 1, len(resps), end_ns)
+            span = self._span(ex, parsed, 0, resps[0] if resps else None, 1, len(resps), end_ns)
             span.span_id = sid
             spans = [span]
         else:
             spans = []
             for i in range(n):
-                span = self._span(ex, reqs[i], resps[i] if i < len(resps) else None, i, n, len(resps), end_ns)
+                span = self._span(ex, parsed, i, resps[i] if i < len(resps) else None, n, len(resps), end_ns)
                 span.span_id = sid if i == 0 else linker.span_id(ex.conn_id, ex.req_start_ns, i)
                 spans.append(span)
         if tp is not None:
-            spans[0].trace_state = clean_tracestate(first.tracestate)
+            spans[0].trace_state = parsed.trace_state
         return linker.add(key, spans, ex.parent, ex.pid, tp, end_ns, root_trace)
 
-    def _span(
-        self,
-        ex: Exchange,
-        req: http1.RequestHead,
-        resp: http1.ResponseHead | None,
-        index: int,
-        n: int,
-        n_resps: int,
-        end_ns: int,
-    ) -> Span:
-        st = self._stats
-        server = ex.role == Role.SERVER
-        kind = _SERVER if server else _CLIENT
+    def _derive(self, req: http1.RequestHead, server: bool, tls: bool) -> _Derived:
+        """Everything a span takes from its request head alone (name, request attributes)."""
+        d = _Derived()
         method, original = semconv.normalize_method(req.method)
-        scheme = "https" if ex.tls else "http"
+        scheme = "https" if tls else "http"
+        d.scheme = scheme
 
         # Request target (RFC 9112 3.2): origin-form "/p?q", absolute-form "http://h/p?q"
         # (proxies), authority-form (CONNECT), asterisk-form (OPTIONS *).
@@ -225,14 +237,80 @@ class Correlator:
             query = query_b.decode("utf-8", "replace")
             if self._query == "redact":
                 query = semconv.redact_query(query)
+        # A URL path for url.full: "" for CONNECT (authority only), "*" is not a path either.
+        d.url_path = path if path_b and path_b != b"*" else ""
+        d.query = query
 
         hostport = None
         hb = authority if authority is not None else req.host
         if hb:
-            hostport = semconv.split_host_port(hb.decode("utf-8", "replace"))
+            hostport = self._hosts.get(hb, _MISSING)  # type: ignore[assignment]
+            if hostport is _MISSING:
+                hostport = semconv.split_host_port(hb.decode("utf-8", "replace"))
+                if len(self._hosts) >= _MEMO_SIZE:
+                    self._hosts.clear()
+                self._hosts[hb] = hostport
+        d.has_host = hostport is not None
 
-        fam = ex.family
-        if fam:
+        a: dict[str, AttrValue] = {"http.request.method": method}
+        if original is not None:
+            a["http.request.method_original"] = original
+        route = None
+        if server:
+            a["url.scheme"] = scheme
+            if path_b:
+                a["url.path"] = path
+                if not self._routes.empty and path_b[0] == 0x2F:
+                    route = self._routes.match(path)
+                    if route is not None:
+                        a["http.route"] = route
+            if query is not None:
+                a["url.query"] = query
+            if hostport is not None:
+                a["server.address"] = hostport[0]
+                a["server.port"] = hostport[1] if hostport[1] is not None else semconv.default_port(scheme)
+        elif hostport is not None:
+            host, port = hostport
+            if port is None:
+                port = semconv.default_port(scheme)
+            a["server.address"] = host
+            a["server.port"] = port
+            a["url.full"] = _url_full(scheme, host, port, d.url_path, query)
+        if req.version:
+            a["network.protocol.version"] = req.version
+        if req.user_agent:
+            a["user_agent.original"] = req.user_agent.decode("utf-8", "replace")
+        if req.content_length is not None:
+            a["http.request.body.size"] = req.content_length
+        d.attrs = a
+        if method == semconv.OTHER_METHOD:
+            d.name = "HTTP" if route is None else f"HTTP {route}"
+        else:
+            d.name = method if route is None else f"{method} {route}"
+        return d
+
+    def _span(
+        self,
+        ex: Exchange,
+        parsed: _Parsed,
+        index: int,
+        resp: http1.ResponseHead | None,
+        n: int,
+        n_resps: int,
+        end_ns: int,
+    ) -> Span:
+        st = self._stats
+        req = parsed.reqs[index]
+        server = ex.role == _ROLE_SERVER
+        tls = ex.tls
+        mk = index * 4 + (2 if server else 0) + (1 if tls else 0)
+        memo = parsed.memo
+        d = memo.get(mk)
+        if d is None:
+            d = memo[mk] = self._derive(req, server, tls)
+        a = d.attrs.copy()
+
+        if ex.family:
             peer_addr = ex.remote_addr
             if peer_addr.startswith("::ffff:") and "." in peer_addr:
                 peer_addr = peer_addr[7:]
@@ -271,26 +349,9 @@ class Correlator:
                         st.responses_incomplete += 1
                 elif end in _ABORTED_ERR:
                     terr = _ABORTED_ERR[end]
-        status, error_type = semconv.span_status(kind, code, terr)
 
-        a: dict[str, str | int | float | bool] = {"http.request.method": method}
-        if original is not None:
-            a["http.request.method_original"] = original
-        route = None
         if server:
-            a["url.scheme"] = scheme
-            if path_b:
-                a["url.path"] = path
-                if not self._routes.empty and path_b[0] == 0x2F:
-                    route = self._routes.match(path)
-                    if route is not None:
-                        a["http.route"] = route
-            if query is not None:
-                a["url.query"] = query
-            if hostport is not None:
-                a["server.address"] = hostport[0]
-                a["server.port"] = hostport[1] if hostport[1] is not None else semconv.default_port(scheme)
-            elif fam and ex.local_addr:
+            if not d.has_host and ex.family and ex.local_addr:
                 local = ex.local_addr
                 if local.startswith("::ffff:") and "." in local:
                     local = local[7:]
@@ -298,47 +359,34 @@ class Correlator:
                 a["server.port"] = ex.local_port
             if peer_addr:
                 a["client.address"] = peer_addr
-        else:
-            if hostport is not None:
-                host = hostport[0]
-                port = hostport[1]
-                if port is None:
-                    port = semconv.default_port(scheme)
-            elif peer_addr:
-                host, port = peer_addr, peer_port
-            else:
-                host, port = "", 0
-            if host:
-                a["server.address"] = host
-                a["server.port"] = port
-                hp = semconv.url_host(host)
-                if port != semconv.default_port(scheme):
-                    hp = f"{hp}:{port}"
-                if path_b and path_b != b"*":
-                    full = f"{scheme}://{hp}{path}"
-                else:
-                    full = f"{scheme}://{hp}"
-                if query is not None:
-                    full = f"{full}?{query}"
-                a["url.full"] = full
+        elif not d.has_host and peer_addr:
+            a["server.address"] = peer_addr
+            a["server.port"] = peer_port
+            a["url.full"] = _url_full(d.scheme, peer_addr, peer_port, d.url_path, d.query)
         if peer_addr:
             a["network.peer.address"] = peer_addr
             a["network.peer.port"] = peer_port
-        version = req.version or (resp.version if resp is not None else "")
-        if version:
-            a["network.protocol.version"] = version
-        if req.user_agent:
-            a["user_agent.original"] = req.user_agent.decode("utf-8", "replace")
+        if not req.version and resp is not None:
+            a["network.protocol.version"] = resp.version
         if code is not None:
             a["http.response.status_code"] = code
-        if error_type is not None:
-            a["error.type"] = error_type
+            if code >= 500 or (code >= 400 and not server):
+                status = _ERROR
+                a["error.type"] = str(code)
+            elif terr is not None:
+                status = _ERROR
+                a["error.type"] = terr
+            else:
+                status = _UNSET
+        elif terr is not None:
+            status = _ERROR
+            a["error.type"] = terr
+        else:
+            status = _UNSET
 
         # Body sizes: from Content-Length, else from the byte counts when one exchange is one
         # request and its head was fully captured (chunked sizes include the chunk framing).
-        if req.content_length is not None:
-            a["http.request.body.size"] = req.content_length
-        elif req.chunked and req.complete and n == 1 and ex.req_bytes > req.head_len:
+        if req.chunked and req.complete and n == 1 and ex.req_bytes > req.head_len:
             a["http.request.body.size"] = ex.req_bytes - req.head_len
         if resp is not None and not http1.has_no_body(req.method, resp.status):
             got = ex.resp_bytes - resp.head_end if (resp.head_end >= 0 and n == 1) else -1
@@ -347,10 +395,6 @@ class Correlator:
             elif got >= 0:
                 a["http.response.body.size"] = got
 
-        if method == semconv.OTHER_METHOD:
-            name = "HTTP" if route is None else f"HTTP {route}"
-        else:
-            name = method if route is None else f"{method} {route}"
         off = self._offset
         start = ex.req_start_ns + off
         end_w = end_ns + off
@@ -358,15 +402,57 @@ class Correlator:
             b"",
             b"",
             None,
-            name,
-            kind,
+            d.name,
+            _SERVER if server else _CLIENT,
             start,
             end_w if end_w > start else start,
             ex.pid,
             a,
             status,
-            semconv.STATUS_MESSAGES[terr] if terr is not None and status == StatusCode.ERROR else "",
+            semconv.STATUS_MESSAGES[terr] if terr is not None and status == _ERROR else "",
         )
-        if server and ex.parent is not None and ex.parent.kind == ParentKind.PEER:
+        if server and ex.parent is not None and ex.parent.kind == _PEER:
             span.peer_pid = ex.parent.pid
         return span
+
+
+_MEMO_SIZE = 1024  # distinct heads remembered; cleared (not LRU) when full: cheap and bounded
+_MISSING = object()
+_ROLE_SERVER = Role.SERVER
+_PEER = ParentKind.PEER
+_ERROR = StatusCode.ERROR
+_UNSET = StatusCode.UNSET
+
+
+class _Parsed:
+    """A request head's parse and what the correlator derived from it, memoised together."""
+
+    __slots__ = ("reqs", "memo", "tp", "tp_raw", "trace_state")
+
+    def __init__(self, reqs: list[http1.RequestHead]) -> None:
+        self.reqs = reqs
+        self.memo: dict[int, _Derived] = {}
+        first = reqs[0] if reqs else None
+        self.tp_raw = first.traceparent if first is not None else None
+        self.tp = parse_traceparent(self.tp_raw) if self.tp_raw is not None else None
+        self.trace_state = clean_tracestate(first.tracestate) if self.tp is not None and first else ""
+
+
+class _Derived:
+    __slots__ = ("name", "attrs", "scheme", "url_path", "query", "has_host")
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.attrs: dict[str, AttrValue] = {}
+        self.scheme = "http"
+        self.url_path = ""
+        self.query: str | None = None
+        self.has_host = False
+
+
+def _url_full(scheme: str, host: str, port: int, path: str, query: str | None) -> str:
+    hp = semconv.url_host(host)
+    if port != semconv.default_port(scheme):
+        hp = f"{hp}:{port}"
+    full = f"{scheme}://{hp}{path}"
+    return f"{full}?{query}" if query is not None else full

@@ -7,15 +7,17 @@ Only the headers needed for framing, linking and the semantic conventions are ex
 other header value (Authorization, Cookie, ...) is never read into a Python object at all.
 
 Header lookup lowers the header block once and finds "\\r\\n<name>:" in it, which is cheaper in
-CPython than splitting and lowering every header line, and needs no regex.
+CPython than splitting and lowering every header line, and needs no per-header regex.
 """
 
 from __future__ import annotations
 
+import re
+
 # RFC 9110 tchar: the bytes a method token may contain.
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-# bytes.translate(None, _NOT_CTL) leaves only control bytes and spaces: non-empty means invalid.
-_NOT_CTL = bytes(b for b in range(256) if b > 0x20 and b != 0x7F)
+# A request target never holds control bytes or spaces (RFC 9112 3.2).
+_CTL_OR_SPACE = re.compile(rb"[\x00-\x20\x7f]")
 _KNOWN_METHODS_B = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH"))
 _MAX_METHOD = 32
 _CHUNKED_END = b"0\r\n\r\n"
@@ -112,7 +114,7 @@ def parse_request(buf: bytes, start: int = 0) -> RequestHead | None:
         version = ""
     else:
         return None
-    if not target or target.translate(None, _NOT_CTL):
+    if not target or _CTL_OR_SPACE.search(target) is not None:
         return None
     c = target[0]
     if c != 0x2F and target != b"*" and b"://" not in target[:16] and method != b"CONNECT":  # "/"
@@ -140,10 +142,12 @@ def parse_request(buf: bytes, start: int = 0) -> RequestHead | None:
     # Inline finds: this runs once per request, and a call per header costs more than the find.
     i = lower.find(b"\r\nhost:")
     if i >= 0:
-        r.host = _value(block, lower, i + 7)
+        j = lower.find(b"\r\n", i + 7)
+        r.host = (block[i + 7 : j] if j >= 0 else block[i + 7 :]).strip()
     i = lower.find(b"\r\nuser-agent:")
     if i >= 0:
-        r.user_agent = _value(block, lower, i + 13)
+        j = lower.find(b"\r\n", i + 13)
+        r.user_agent = (block[i + 13 : j] if j >= 0 else block[i + 13 :]).strip()
     i = lower.find(b"\r\ntraceparent:")
     if i >= 0:
         r.traceparent = _value(block, lower, i + 14)

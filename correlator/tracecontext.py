@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-_HEX = b"0123456789abcdef"
+import re
+from binascii import unhexlify
+
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _ZERO_TRACE = b"\0" * 16
 _ZERO_SPAN = b"\0" * 8
 _MAX_TRACESTATE = 512  # W3C: 32 list members; vendors keep it short. Longer is dropped, not cut.
@@ -13,22 +16,17 @@ def parse_traceparent(value: bytes) -> tuple[bytes, bytes] | None:
 
     Version 00 must be exactly 55 characters; a later version (not ff) is read by its first 55
     characters as the W3C spec asks. Upper-case hex and all-zero ids are invalid."""
-    n = len(value)
-    if n < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
+    m = _TRACEPARENT.match(value)
+    if m is None:
         return None
-    ver = value[:2]
+    ver = m.group(1)
     if ver == b"00":
-        if n != 55:
+        if len(value) != 55:
             return None
-    elif ver == b"ff" or (n > 55 and value[55:56] != b"-"):
+    elif ver == b"ff" or (len(value) > 55 and value[55:56] != b"-"):
         return None
-    if value[:55].translate(None, _HEX + b"-") or value.count(b"-", 0, 55) != 3:
-        return None
-    try:
-        trace = bytes.fromhex(value[3:35].decode("ascii"))
-        parent = bytes.fromhex(value[36:52].decode("ascii"))
-    except ValueError:
-        return None
+    trace = unhexlify(m.group(2))
+    parent = unhexlify(m.group(3))
     if trace == _ZERO_TRACE or parent == _ZERO_SPAN:
         return None
     return trace, parent
