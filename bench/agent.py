@@ -8,6 +8,7 @@ import shutil
 import signal
 from collections.abc import Sequence
 
+from bench.bpfcounters import KernelCounters
 from bench.processes import Managed
 from bench.procstat import ProcSample, sample
 
@@ -44,6 +45,8 @@ class Agent:
         self.exit_code: int | None = None
         self.counters: dict[str, int] = {}
         self.last: ProcSample | None = None
+        self._kc: KernelCounters | None = None
+        self.final_kernel: dict[str, int] | None = None
 
     @property
     def pid(self) -> int:
@@ -57,6 +60,17 @@ class Agent:
             raise RuntimeError(f"kspan did not print `kspan: ready` within {timeout_s:.0f} s:\n{err}")
         self.ready_s = got[0] - self.proc.launched_s
         return self.ready_s
+
+    def kernel_counters(self) -> dict[str, int] | None:
+        """The agent's in-kernel counters now (None when they cannot be read)."""
+        if not self.alive():
+            return None
+        try:
+            if self._kc is None:
+                self._kc = KernelCounters(self.proc.pid)
+            return self._kc.read()
+        except (OSError, LookupError, ValueError):
+            return None
 
     def alive(self) -> bool:
         return self.proc.proc.poll() is None
@@ -73,6 +87,10 @@ class Agent:
     def stop(self, timeout_s: float = 60.0) -> dict[str, int]:
         """SIGINT (flush and exit 0), then the counters it printed on the way out."""
         self.sample()
+        self.final_kernel = self.kernel_counters()
+        if self._kc is not None:
+            self._kc.close()
+            self._kc = None
         self.exit_code = self.proc.stop(signal.SIGINT, timeout_s=timeout_s)
         self.counters = parse_summary(self.proc.output("err"))
         return self.counters

@@ -103,6 +103,7 @@ def capacity(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "duplicates": first_bad["duplicate_spans"],
             "sustained": first_bad["sustained"],
             "limit": limit,
+            "kernel": first_bad.get("kernel"),
         },
     }
 
@@ -162,6 +163,10 @@ def _f(v: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _kernel(k: dict[str, int] | None, name: str) -> str:
+    return "-" if k is None else f"{k.get(name, 0):,}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> list[str]:
     if markdown:
         return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
@@ -194,24 +199,34 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
         rows = [[f"{c['rate']:,.0f}", _f(c.get("achieved_rps"), "{:,.0f}"), f"{c.get('requests', 0):,}",
                  f"{c.get('server_spans', 0):,}", _f(c.get("cpu_s"), "{:.2f}"),
                  _f(c.get("cpu_us_per_request"), "{:.1f}"), _f(c.get("cpu_pct"), "{:.1f}"),
-                 _f(c.get("rss_mb"), "{:.1f}"), _f(c.get("hwm_mb"), "{:.1f}")]
+                 _f(c.get("rss_mb"), "{:.1f}"), _f(c.get("hwm_mb"), "{:.1f}"),
+                 _kernel(c.get("kernel"), "requests_seen"), _kernel(c.get("kernel"), "ringbuf_lost")]
                 for c in cost]
         out += _table(["rate", "achieved", "requests", "spans", "agent CPU s", "us/request", "CPU %", "RSS MB",
-                       "HWM MB"], rows, markdown)
+                       "HWM MB", "k:seen", "k:rb lost"], rows, markdown)
     cap = r.get("capacity") or {}
     if cap.get("steps"):
         out.append(h("Capacity (goload at fixed rates, both ends traced, server spans counted)"))
         rows = [[f"{s['rate']:,.0f}", f"{s.get('duration_s', 0):.0f}", _f(s["achieved_rps"], "{:,.0f}"),
                  f"{s['answered']:,}", f"{s['unique_server_spans']:,}", str(s["duplicate_spans"]), f"{s['lost']:,}",
                  _f(s["loss_rate"], "{:.4%}"), f"{s['late']}/{s['errors']}",
+                 _kernel(s.get("kernel"), "requests_seen"), _kernel(s.get("kernel"), "records_emitted"),
+                 _kernel(s.get("kernel"), "ringbuf_lost"),
                  "yes" if s["exact"] and s["sustained"] else "no"] for s in cap["steps"]]
-        out += _table(["rate", "s", "achieved", "answered", "spans", "dup", "lost", "loss", "late/err", "exact"],
-                      rows, markdown)
+        out += _table(["rate", "s", "achieved", "answered", "spans", "dup", "lost", "loss", "late/err",
+                       "k:seen", "k:emitted", "k:rb lost", "exact"], rows, markdown)
+        out.append(("\n" if markdown else "")
+                   + "k: = kspan's in-kernel counters over the step, both ends (2 exchanges per request)")
         c = cap.get("result") or {}
         line = f"capacity: {_f(c.get('capacity_rps'), '{:,.0f}')} req/s with every request exactly one span"
         above = c.get("above")
         if above:
             line += (f"; at {above['rate']:,.0f} req/s: {above['limit']}, loss {_f(above['loss_rate'], '{:.3%}')}")
+            k = above.get("kernel")
+            if k is not None:
+                line += (f" (kspan's kernel counters: {k.get('ringbuf_lost', 0):,} records lost in the ring buffer, "
+                         f"{k.get('state_table_full', 0):,} state-table-full, {k.get('requests_seen', 0):,} "
+                         f"requests seen, {k.get('records_emitted', 0):,} records emitted)")
         out.append(("\n" if markdown else "") + line)
         health = (cap.get("kspan_health_metrics") or {}).get("after") or {}
         if health:

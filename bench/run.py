@@ -21,6 +21,7 @@ from typing import Any
 
 from bench import report
 from bench.agent import Agent, kspan_binary
+from bench.bpfcounters import delta
 from bench.gobuild import REPO, build
 from bench.load import run_goload, start_goload
 from bench.nginx import Nginx
@@ -160,6 +161,7 @@ class Bench:
                             runs.append({"mode": mode, "round": rnd, "error": str(e)[-2000:]})
                             self.say(f"{server} traced round {rnd}: {str(e)[-1500:]}")
                             continue
+                    k0 = agent.kernel_counters() if agent is not None else None
                     try:
                         w = run_wrk(f"http://{addr}/b/{phase}/0", a.wrk_s, a.wrk_connections)
                         run: dict[str, Any] = {"mode": mode, "round": rnd, **w.as_dict(),
@@ -172,6 +174,7 @@ class Bench:
                         if agent is not None:
                             assert self.sink is not None
                             run["spans"] = self.sink.wait_phase(phase, w.requests, a.quiet_s, 60)["server"]
+                            run["kernel"] = _kdelta(k0, agent.kernel_counters())
                     finally:
                         if agent is not None:
                             run["kspan_counters"] = self.stop_agent(agent)
@@ -212,11 +215,11 @@ class Bench:
                 time.sleep(1)
                 for rate in a.rates:
                     phase = f"cost-{rate}"
-                    s0 = agent.sample()
+                    k0, s0 = agent.kernel_counters(), agent.sample()
                     load = run_goload(addr, phase, rate, a.window_s, a.conns, self.log)
                     answered = load["ok"] + load["non_2xx"]
                     ph = self.sink.wait_phase(phase, answered, a.quiet_s, 60)
-                    s1 = agent.sample()
+                    k1, s1 = agent.kernel_counters(), agent.sample()
                     if s0 is None or s1 is None:
                         raise RuntimeError("kspan exited during the cost phase: " + agent.proc.output("err")[-2000:])
                     cpu = s1.cpu_s - s0.cpu_s
@@ -226,7 +229,7 @@ class Bench:
                         "cpu_us_per_request": report.cpu_us_per_request(cpu, answered),
                         "cpu_pct": 100 * cpu / (s1.monotonic_s - s0.monotonic_s),
                         "rss_mb": (s1.rss_kb or 0) / 1024, "hwm_mb": (s1.hwm_kb or 0) / 1024,
-                        "outcome": report.step_outcome(load, ph),
+                        "outcome": report.step_outcome(load, ph), "kernel": _kdelta(k0, k1),
                     }
                     out.append(entry)
                     self.say(f"cost at {rate:,} req/s: {entry['cpu_us_per_request'] or 0:.1f} us/request, "
@@ -253,10 +256,11 @@ class Bench:
                 def step(rate: int, duration: float, target: bool = False) -> dict[str, Any]:
                     assert self.sink is not None
                     phase = f"cap-{rate}" + ("-target" if target else "")
+                    k0 = agent.kernel_counters()
                     load = run_goload(addr, phase, rate, duration, a.conns, self.log)
                     ph = self.sink.wait_phase(phase, load["ok"] + load["non_2xx"], a.quiet_s, 90)
                     s = {**report.step_outcome(load, ph), "duration_s": duration, "target_step": target,
-                         "client_spans": ph["client"]}
+                         "client_spans": ph["client"], "kernel": _kdelta(k0, agent.kernel_counters())}
                     steps.append(s)
                     self.say(f"capacity step {rate:,} req/s x {duration:.0f} s: achieved {s['achieved_rps']:,.0f}, "
                              f"{s['unique_server_spans']:,}/{s['answered']:,} spans, {s['duplicate_spans']} dup, "
@@ -278,8 +282,13 @@ class Bench:
             "steps": steps,
             "result": report.capacity(steps),
             "kspan_counters": counters,
+            "kernel_counters_at_stop": agent.final_kernel,
             "kspan_health_metrics": {"before": health_before, "after": health_after},
         }
+
+
+def _kdelta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    return None if before is None or after is None else delta(before, after)
 
 
 def _free_port() -> int:
