@@ -189,7 +189,16 @@ def parse_requests(buf: bytes, limit: int = 16) -> list[RequestHead]:
     just past the previous request's body parse as a request line, so a body never becomes one."""
     first = parse_request(buf, 0)
     if first is None:
-        return []
+        nl = buf.find(b"\n")
+        if nl <= 0 or buf[nl - 1] == 0x0D:
+            return []
+        # Bare LF line ends (hand-written clients; most servers accept them, RFC 9112 2.2):
+        # normalise to CRLF. Offsets then differ from the wire by a byte per line, which only
+        # affects derived body sizes.
+        buf = buf.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        first = parse_request(buf, 0)
+        if first is None:
+            return []
     out = [first]
     r = first
     n = len(buf)

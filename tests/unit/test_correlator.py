@@ -506,3 +506,22 @@ def test_end_never_before_start() -> None:
     )
     s = one(ex)
     assert s.end_ns == s.start_ns
+
+
+def test_memoised_parses_stay_bounded_and_exact() -> None:
+    c = Correlator(CLOCK, CorrelatorConfig())
+    same = request_bytes("GET", "/same?token=t1")
+    for i in range(3000):
+        req = same if i % 2 else request_bytes("GET", f"/u/{i}")
+        (s,) = c.feed(make_exchange(req, response_bytes(200, body=b"x" * (i % 7)), conn_id=i + 1, role=Role(2 - i % 2)))
+        assert s.attributes["http.response.body.size"] == i % 7
+        if i % 2:
+            assert s.attributes["url.full"] == "http://127.0.0.1:8080/same?token=REDACTED"
+        else:
+            assert s.attributes["url.path"] == f"/u/{i}"
+    assert len(c._heads) <= 1024 and len(c._resps) <= 1024 and len(c._hosts) <= 1024
+
+
+def test_client_ipv6_host_header() -> None:
+    s = one(make_exchange(request_bytes("GET", "/x", host="[::1]:8080"), response_bytes(200), role=Role.CLIENT))
+    assert s.attributes["url.full"] == "http://[::1]:8080/x" and s.attributes["server.address"] == "::1"

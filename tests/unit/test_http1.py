@@ -208,3 +208,9 @@ def test_pipelined_responses() -> None:
 
 def test_chunk_helper_roundtrip() -> None:
     assert chunk(b"abc", 2) == b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
+
+
+def test_bare_lf_line_endings_are_accepted() -> None:
+    (r,) = http1.parse_requests(b"GET /lf HTTP/1.1\nHost: h\nUser-Agent: nc\n\n")
+    assert (r.target, r.host, r.user_agent, r.complete) == (b"/lf", b"h", b"nc", True)
+    assert http1.parse_requests(b"GET /lf HTTP/2.0\nHost: h\n\n") == []
