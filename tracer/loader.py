@@ -29,7 +29,7 @@ BACKEND_FILES = {"tracepoints": "sockets_tracepoints.c", "kprobes": "sockets_kpr
 # enum kspan_counter in bpf/http_exchange.h, same order.
 COUNTER_NAMES = [
     "records_emitted",
-    "records_lost",
+    "ringbuf_lost",  # records the ring buffer had no room for
     "requests_seen",
     "non_http_segments",
     "unparsed_bytes",

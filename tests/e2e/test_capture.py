@@ -340,6 +340,23 @@ def test_curl_keep_alive_reuses_connection(rec: Recorder, server4: Server) -> No
     assert all(e.end == EndReason.COMPLETE for e in exs)
 
 
+def test_expect_100_continue(rec: Recorder, server4: Server, tmp_module: Path) -> None:
+    body = tmp_module / "body.bin"
+    body.write_bytes(b"b" * 2000)
+    pid, out = run_curl(server4.url("/upload"),
+                        extra=("-H", "Expect: 100-continue", "--data-binary", f"@{body}"))
+    assert out.split() == ["201"]
+    exs = rec.take(lambda g: len(g) >= 2, pids={pid, server4.pid})
+    assert {(e.role, e.end) for e in exs} == {(Role.CLIENT, EndReason.COMPLETE), (Role.SERVER, EndReason.COMPLETE)}
+    for e in exs:
+        assert e.interim_response, "the 100 Continue is flagged"
+        assert e.status == 201 and e.resp_head.startswith(b"HTTP/1.1 201 ")  # the final response's head
+        head_len = e.req_head.index(b"\r\n\r\n") + 4
+        assert e.req_bytes == head_len + 2000  # the body sent after the interim response
+        assert e.resp_bytes == e.resp_head.index(b"\r\n\r\n") + 4 + 2000
+        assert e.req_start_ns <= e.req_end_ns <= e.resp_start_ns <= e.resp_end_ns
+
+
 def test_head_request_completes_at_end_of_headers(rec: Recorder, server4: Server) -> None:
     pid, out = run_curl(server4.url("/cl"), extra=("-I",))
     assert out.split() == ["200"]
@@ -431,6 +448,19 @@ def test_pid_filter(server4: Server) -> None:
         assert len(exs) == 1 and exs[0].pid == server4.pid
         assert exs[0].role == Role.SERVER and exs[0].end == EndReason.COMPLETE
         assert exs[0].req_head.startswith(b"GET /only-server ")
+    finally:
+        r.close()
+
+
+def test_exe_filter_traces_processes_started_later(server4: Server) -> None:
+    r = Recorder(_start_capture(CaptureConfig(exe_names={"curl"})))
+    r.watch(server4.port)
+    try:
+        pid, _ = run_curl(server4.url("/by-exe"))  # exec'd after the capture started
+        exs = r.take(lambda g: len(g) >= 1)
+        exs += r.take(lambda g: False, timeout_s=0.5)
+        assert [(e.pid, e.role) for e in exs] == [(pid, Role.CLIENT)], "curl only, not the python server"
+        assert exs[0].req_head.startswith(b"GET /by-exe ") and exs[0].end == EndReason.COMPLETE
     finally:
         r.close()
 
