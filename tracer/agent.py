@@ -119,11 +119,17 @@ class SpanOutput:
             procs = self.processes.snapshot({e.pid for e in events if e.pid})
             self.metrics.record_tcp(events, procs)
 
-    def register_health(self, name: str, cb: Callable[[], int]) -> None:
+    def register_health(self, name: str, cb: Callable[[], int], monotonic: bool) -> None:
         if self.metrics is not None:
-            self.metrics.register_health(name, cb)
+            self.metrics.register_health(name, cb, monotonic=monotonic)
 
-    def stats(self) -> dict[str, int]:
+    def register_pipeline_health(self) -> None:
+        if self.metrics is not None:
+            from exporters.metrics import register_pipeline_health
+
+            register_pipeline_health(self.metrics, self.pipeline)
+
+    def stats(self) -> dict[str, Any]:
         return dict(self.pipeline.stats())
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -248,11 +254,15 @@ class Agent:
         return attachers
 
     def _register_health(self, out: SpanOutput, capture: Any, correlator: Correlator, processes: ProcessTable) -> None:
-        out.register_health("kspan.probes.attached", lambda: int(capture.probes_attached))
-        out.register_health("kspan.records.lost", lambda: int(capture.counters().get("ringbuf_lost", 0)))
-        out.register_health("kspan.bytes.unparsed", lambda: int(correlator.stats.as_dict().get("unparsed_bytes", 0)))
-        out.register_health("kspan.spans.dropped", lambda: int(out.stats().get("dropped_queue_full", 0)))
-        out.register_health("kspan.processes.traced", lambda: len(processes._cache))
+        kernel = capture.counters
+        out.register_health("kspan.probes.attached", lambda: int(capture.probes_attached), monotonic=False)
+        out.register_health("kspan.records.lost", lambda: int(kernel().get("ringbuf_lost", 0)), monotonic=True)
+        out.register_health("kspan.bytes.unparsed", lambda: int(kernel().get("unparsed_bytes", 0))
+                            + int(correlator.stats.as_dict().get("unparsed_bytes", 0)), monotonic=True)
+        out.register_health("kspan.spans.orphaned", lambda: int(correlator.stats.as_dict().get("orphaned_spans", 0)),
+                            monotonic=True)
+        out.register_health("kspan.processes.traced", lambda: processes.traced, monotonic=False)
+        out.register_pipeline_health()
 
     def _loop(
         self,

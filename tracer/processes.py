@@ -81,6 +81,11 @@ class ProcessTable:
             self._cache.popitem(last=False)
         return info
 
+    @property
+    def traced(self) -> int:
+        """Processes whose resource is known: the ones that produced spans recently."""
+        return len(self._cache)
+
     def forget(self, pid: int) -> None:
         """On exec (the pid's image changed) or when a pid is known to be reused."""
         self._cache.pop(pid, None)
