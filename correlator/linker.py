@@ -265,7 +265,7 @@ class Linker:
 
     def _orphan(self, node: _Node, out: list[Span]) -> int:
         """Release the topmost held ancestor of node (whose own parent never came) and its subtree.
-        Returns the number of spans of that ancestor (the orphans proper)."""
+        Returns the number of spans left without their parent."""
         top = node
         seen = {node.key}
         while top.parent_key is not None:
@@ -286,8 +286,12 @@ class Linker:
             if not sibs:
                 del self._waiting[pk]
         trace = top.tp_trace or self._subtree_traceparent(top.key) or self.trace_id(pk)
-        self._release(top, trace, self.span_id(pk[0], pk[1]), out)
-        return len(top.spans)
+        missing = self.span_id(pk[0], pk[1])
+        before = len(out)
+        self._release(top, trace, missing, out)
+        # The orphans proper: spans left pointing at the parent that never came (the children
+        # of a non-HTTP pass-through node when that node is the top).
+        return sum(1 for s in out[before:] if s.parent_span_id == missing)
 
     def _release(self, node: _Node, trace: bytes, parent_link: bytes | None, out: list[Span]) -> None:
         """Give node its trace and parent, emit it, then its held descendants (breadth first)."""

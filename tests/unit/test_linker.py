@@ -308,3 +308,15 @@ def test_resolved_memory_is_bounded() -> None:
     assert c.stats.resolved_remembered == 50
     c.advance(10**15)
     assert c.stats.resolved_remembered == 0
+
+
+def test_orphaned_pass_through_counts_its_children() -> None:
+    missing = ParentHint(ParentKind.PEER, 7, ExchangeId(0xBEEF, 1))
+    mid = make_exchange(b"\x00not http", b"", pid=2, conn_id=2, req_start_ns=2_000, parent=missing)
+    leaf = make_exchange(request_bytes("GET", "/leaf"), response_bytes(200), role=Role.CLIENT, pid=2, conn_id=3,
+                         req_start_ns=3_000, parent=hint(ParentKind.THREAD, mid))  # fmt: skip
+    c = new(max_hold_s=1.0)
+    assert c.feed(leaf) == [] and c.feed(mid) == []
+    (lf,) = c.advance(leaf.resp_end_ns + 2_000_000_000)
+    assert lf.parent_span_id == make_linker(SALT, 30, 1, 1).span_id(0xBEEF, 1)
+    assert c.stats.orphaned_spans == 1 and c.stats.held == 0
