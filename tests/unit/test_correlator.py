@@ -525,3 +525,17 @@ def test_memoised_parses_stay_bounded_and_exact() -> None:
 def test_client_ipv6_host_header() -> None:
     s = one(make_exchange(request_bytes("GET", "/x", host="[::1]:8080"), response_bytes(200), role=Role.CLIENT))
     assert s.attributes["url.full"] == "http://[::1]:8080/x" and s.attributes["server.address"] == "::1"
+
+
+def test_expect_100_continue_as_the_kernel_records_it() -> None:
+    # Interim and final in separate reads: the kernel restarts the response at the final one
+    # and only flags that an interim came.
+    req = request_bytes("PUT", "/blob", headers=[("Expect", "100-continue")], body=b"d" * 100)
+    ex = make_exchange(req, response_bytes(201, body=b"made"), interim=True)
+    assert ex.interim_response and ex.resp_head.startswith(b"HTTP/1.1 201")
+    s = one(ex)
+    assert s.attributes["http.response.status_code"] == 201 and s.attributes["http.response.body.size"] == 4
+    # Interim and final in one read, never completed in the kernel: the captured framing decides.
+    ex = make_exchange(req, response_bytes(201, body=b"made", interim=[100]), end=EndReason.TIMEOUT)
+    s = one(ex)
+    assert s.status == StatusCode.UNSET and s.attributes["http.response.status_code"] == 201
