@@ -178,6 +178,10 @@ class Bench:
                     finally:
                         if agent is not None:
                             run["kspan_counters"] = self.stop_agent(agent)
+                    if agent is not None and self.sink is not None:
+                        # Spans flushed at stop still count; the in-window figure shows export delay.
+                        run["spans_in_window"] = run.get("spans")
+                        run["spans"] = self.sink.phase(phase)["server"]
                     runs.append(run)
                     self.say(f"{server} {mode} round {rnd}: {w.rps:,.0f} req/s, p50 {w.p50_ms:.3f} ms, "
                              f"p99 {w.p99_ms:.3f} ms" + (f", {run['spans']:,} spans" if "spans" in run else ""))
@@ -230,6 +234,7 @@ class Bench:
                         "cpu_pct": 100 * cpu / (s1.monotonic_s - s0.monotonic_s),
                         "rss_mb": (s1.rss_kb or 0) / 1024, "hwm_mb": (s1.hwm_kb or 0) / 1024,
                         "outcome": report.step_outcome(load, ph), "kernel": _kdelta(k0, k1),
+                        "load": load, "phase": phase,
                     }
                     out.append(entry)
                     self.say(f"cost at {rate:,} req/s: {entry['cpu_us_per_request'] or 0:.1f} us/request, "
@@ -239,6 +244,11 @@ class Bench:
                 self.stop_agent(agent)
         finally:
             srv.stop()
+        for entry in out:
+            ph = self.sink.phase(entry["phase"])
+            entry["spans_in_window"] = entry["server_spans"]
+            entry["server_spans"] = ph["server"]
+            entry["outcome"] = report.step_outcome(entry["load"], ph)
         return out
 
     # --- capacity ------------------------------------------------------------------------------------
@@ -260,7 +270,8 @@ class Bench:
                     load = run_goload(addr, phase, rate, duration, a.conns, self.log)
                     ph = self.sink.wait_phase(phase, load["ok"] + load["non_2xx"], a.quiet_s, 90)
                     s = {**report.step_outcome(load, ph), "duration_s": duration, "target_step": target,
-                         "client_spans": ph["client"], "kernel": _kdelta(k0, agent.kernel_counters())}
+                         "client_spans": ph["client"], "kernel": _kdelta(k0, agent.kernel_counters()),
+                         "load": load, "phase": phase}
                     steps.append(s)
                     self.say(f"capacity step {rate:,} req/s x {duration:.0f} s: achieved {s['achieved_rps']:,.0f}, "
                              f"{s['unique_server_spans']:,}/{s['answered']:,} spans, {s['duplicate_spans']} dup, "
@@ -278,6 +289,11 @@ class Bench:
         finally:
             srv.stop()
         health_after = dict(self.sink.stats().get("health") or {})
+        for i, st in enumerate(steps):
+            # The final count, once the agent has stopped and flushed, decides exactness.
+            ph = self.sink.phase(st["phase"])
+            steps[i] = {**st, **report.step_outcome(st["load"], ph), "client_spans": ph["client"],
+                        "unique_in_window": st["unique_server_spans"]}
         return {
             "steps": steps,
             "result": report.capacity(steps),
