@@ -204,6 +204,9 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
                 for c in cost]
         out += _table(["rate", "achieved", "requests", "spans", "agent CPU s", "us/request", "CPU %", "RSS MB",
                        "HWM MB", "k:seen", "k:rb lost"], rows, markdown)
+        if r.get("idle_cpu_pct") is not None:
+            out.append(("\n" if markdown else "") + f"agent with no requests: {r['idle_cpu_pct']:.1f}% CPU; "
+                       "k: = kspan's in-kernel counters over the window (requests seen, ring buffer losses)")
     cap = r.get("capacity") or {}
     if cap.get("steps"):
         out.append(h("Capacity (goload at fixed rates, both ends traced, server spans counted)"))

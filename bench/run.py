@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wrk-connections", type=int, default=16)
     p.add_argument("--rates", type=_rates, default=[1000, 5000, 10000], help="fixed rates for the cost phase")
     p.add_argument("--window-s", type=float, default=10.0, help="seconds per fixed-rate cost window")
+    p.add_argument("--idle-s", type=float, default=5.0, help="seconds of agent CPU measured with no requests")
     p.add_argument("--lossless-s", type=float, default=10.0, help="seconds of the 10,000 req/s capacity step")
     p.add_argument("--step-s", type=float, default=5.0, help="seconds per other capacity step")
     p.add_argument("--ladder-up", type=_rates, default=[15000, 20000, 30000, 40000])
@@ -101,6 +102,7 @@ class Bench:
         self.sink: Sink | None = None
         self.agents: list[Agent] = []
         self.startup: dict[str, Any] = {"ready_s": [], "first_span_s": None}
+        self.idle_cpu_pct: float | None = None
 
     def say(self, msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -217,6 +219,12 @@ class Bench:
                 trickle.stop(signal.SIGKILL)
             try:
                 time.sleep(1)
+                i0 = agent.sample()
+                time.sleep(a.idle_s)
+                i1 = agent.sample()
+                if i0 is not None and i1 is not None:
+                    self.idle_cpu_pct = 100 * (i1.cpu_s - i0.cpu_s) / (i1.monotonic_s - i0.monotonic_s)
+                    self.say(f"agent idle (no requests): {self.idle_cpu_pct:.1f}% CPU")
                 for rate in a.rates:
                     phase = f"cost-{rate}"
                     k0, s0 = agent.kernel_counters(), agent.sample()
@@ -388,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_all()
     results["elapsed_s"] = time.monotonic() - started
     results["startup"] = b.startup
+    results["idle_cpu_pct"] = b.idle_cpu_pct
     hwms = [a.last.hwm_kb / 1024 for a in b.agents if a.last is not None and a.last.hwm_kb]
     rss = [a.last.rss_kb / 1024 for a in b.agents if a.last is not None and a.last.rss_kb]
     results["memory"] = {"peak_hwm_mb": max(hwms) if hwms else None, "last_rss_mb": max(rss) if rss else None}
@@ -419,7 +428,7 @@ def latest_markdown(r: dict[str, Any]) -> str:
         f"kspan commit `{m['commit']}`; load average {m['loadavg_at_start'][0]:.2f} at the start. "
         "Agent, servers, load generators and the span sink all share the machine. "
         "See [README](README.md) for what each figure means.\n\n"
-        "![latest bench chart](LATEST.png)\n"
+        "![latest bench chart](LATEST.png)\n\n"
         + report.render(r, markdown=True)
     )
 
