@@ -84,6 +84,55 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     return 0;
 }
 
+#ifdef KSPAN_X86_64
+/* A syscall already in progress when the probes attached (a server blocked in read() on a
+ * keep-alive connection) has no saved arguments: take them from the thread's user registers.
+ * x86_64 only: struct pt_regs is the user ABI there (di, si, dx = first three arguments,
+ * orig_ax = syscall number), and syscall numbers never change. Its start time is unknown. */
+#define KSPAN_PT_REGS_DX 96
+#define KSPAN_PT_REGS_SI 104
+#define KSPAN_PT_REGS_DI 112
+#define KSPAN_PT_REGS_ORIG_AX 120
+
+static __always_inline int kspan_args_from_regs(struct kspan_sys_args *sa)
+{
+    const char *regs = (const char *)bpf_task_pt_regs((void *)bpf_get_current_task_btf());
+    __u64 nr = 0, di = 0, si = 0, dx = 0;
+    if (!regs || bpf_probe_read_kernel(&nr, sizeof(nr), regs + KSPAN_PT_REGS_ORIG_AX) != 0)
+        return 0;
+    bpf_probe_read_kernel(&di, sizeof(di), regs + KSPAN_PT_REGS_DI);
+    bpf_probe_read_kernel(&si, sizeof(si), regs + KSPAN_PT_REGS_SI);
+    bpf_probe_read_kernel(&dx, sizeof(dx), regs + KSPAN_PT_REGS_DX);
+    sa->start_ns = bpf_ktime_get_ns();
+    sa->fd = di;
+    sa->ptr = si;
+    switch (nr) {
+    case 0:  /* read */
+    case 45: /* recvfrom */
+        sa->kind = KSPAN_IO_BUF;
+        sa->dir = KSPAN_DIR_INGRESS;
+        return 1;
+    case 1:  /* write */
+    case 44: /* sendto */
+        sa->kind = KSPAN_IO_BUF;
+        sa->dir = KSPAN_DIR_EGRESS;
+        return 1;
+    case 19: /* readv */
+    case 20: /* writev */
+        sa->kind = KSPAN_IO_IOV;
+        sa->vlen = dx;
+        sa->dir = nr == 19 ? KSPAN_DIR_INGRESS : KSPAN_DIR_EGRESS;
+        return 1;
+    case 47: /* recvmsg */
+    case 46: /* sendmsg */
+        sa->kind = KSPAN_IO_MSG;
+        sa->dir = nr == 47 ? KSPAN_DIR_INGRESS : KSPAN_DIR_EGRESS;
+        return 1;
+    }
+    return 0;
+}
+#endif
+
 static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __u16 protocol, int ret,
                                            int flags)
 {
@@ -102,10 +151,21 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
         return 0;
 #endif
     struct kspan_sys_args *sa = sys_args.lookup(&id);
+#ifdef KSPAN_X86_64
+    struct kspan_sys_args regs_args = {};
+    if (!sa) {
+        if (!kspan_args_from_regs(&regs_args)) {
+            kspan_count(KSPAN_CNT_NO_SYSCALL_ARGS, 1);
+            return 0;
+        }
+        sa = &regs_args;
+    }
+#else
     if (!sa) {
         kspan_count(KSPAN_CNT_NO_SYSCALL_ARGS, 1);
         return 0;
     }
+#endif
     __u8 dir = sa->dir;
     if (dir == KSPAN_DIR_INGRESS && (flags & KSPAN_MSG_PEEK))
         return 0;

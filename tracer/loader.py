@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,8 @@ def cflags_for(
         flags += _send_reset_defines(tracefs)
     if backend == "tracepoints":
         flags += _sock_length_defines(tracefs)
+        if platform.machine() == "x86_64":
+            flags.append("-DKSPAN_X86_64")
     if with_btf_offsets:
         try:
             flags += [f"-D{k}={v}" for k, v in sock_common_defines().items()]
