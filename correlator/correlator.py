@@ -198,11 +198,13 @@ class Correlator:
         return linker.add(key, spans, ex.parent, ex.pid, tp, end_ns, root_trace)
 
     def _derive(self, req: http1.RequestHead, server: bool, tls: bool) -> _Derived:
-        """Everything a span takes from its request head alone (name, request attributes)."""
-        d = _Derived()
-        method, original = semconv.normalize_method(req.method)
+        """Everything a span takes from its request head alone: (name, request attributes,
+        scheme, path for url.full, query, whether a Host/authority named the server)."""
+        method = semconv.KNOWN_METHODS.get(req.method)
+        original = None
+        if method is None:
+            method, original = semconv.normalize_method(req.method)
         scheme = "https" if tls else "http"
-        d.scheme = scheme
 
         # Request target (RFC 9112 3.2): origin-form "/p?q", absolute-form "http://h/p?q"
         # (proxies), authority-form (CONNECT), asterisk-form (OPTIONS *).
@@ -238,8 +240,7 @@ class Correlator:
             if self._query == "redact":
                 query = semconv.redact_query(query)
         # A URL path for url.full: "" for CONNECT (authority only), "*" is not a path either.
-        d.url_path = path if path_b and path_b != b"*" else ""
-        d.query = query
+        url_path = path if path_b and path_b != b"*" else ""
 
         hostport = None
         hb = authority if authority is not None else req.host
@@ -250,7 +251,6 @@ class Correlator:
                 if len(self._hosts) >= _MEMO_SIZE:
                     self._hosts.clear()
                 self._hosts[hb] = hostport
-        d.has_host = hostport is not None
 
         a: dict[str, AttrValue] = {"http.request.method": method}
         if original is not None:
@@ -275,19 +275,18 @@ class Correlator:
                 port = semconv.default_port(scheme)
             a["server.address"] = host
             a["server.port"] = port
-            a["url.full"] = _url_full(scheme, host, port, d.url_path, query)
+            a["url.full"] = _url_full(scheme, host, port, url_path, query)
         if req.version:
             a["network.protocol.version"] = req.version
         if req.user_agent:
             a["user_agent.original"] = req.user_agent.decode("utf-8", "replace")
         if req.content_length is not None:
             a["http.request.body.size"] = req.content_length
-        d.attrs = a
         if method == semconv.OTHER_METHOD:
-            d.name = "HTTP" if route is None else f"HTTP {route}"
+            name = "HTTP" if route is None else f"HTTP {route}"
         else:
-            d.name = method if route is None else f"{method} {route}"
-        return d
+            name = method if route is None else f"{method} {route}"
+        return (name, a, scheme, url_path, query, hostport is not None)
 
     def _span(
         self,
@@ -308,7 +307,8 @@ class Correlator:
         d = memo.get(mk)
         if d is None:
             d = memo[mk] = self._derive(req, server, tls)
-        a = d.attrs.copy()
+        name, base, scheme, url_path, query, has_host = d
+        a = base.copy()
 
         if ex.family:
             peer_addr = ex.remote_addr
@@ -351,7 +351,7 @@ class Correlator:
                     terr = _ABORTED_ERR[end]
 
         if server:
-            if not d.has_host and ex.family and ex.local_addr:
+            if not has_host and ex.family and ex.local_addr:
                 local = ex.local_addr
                 if local.startswith("::ffff:") and "." in local:
                     local = local[7:]
@@ -359,10 +359,10 @@ class Correlator:
                 a["server.port"] = ex.local_port
             if peer_addr:
                 a["client.address"] = peer_addr
-        elif not d.has_host and peer_addr:
+        elif not has_host and peer_addr:
             a["server.address"] = peer_addr
             a["server.port"] = peer_port
-            a["url.full"] = _url_full(d.scheme, peer_addr, peer_port, d.url_path, d.query)
+            a["url.full"] = _url_full(scheme, peer_addr, peer_port, url_path, query)
         if peer_addr:
             a["network.peer.address"] = peer_addr
             a["network.peer.port"] = peer_port
@@ -402,7 +402,7 @@ class Correlator:
             b"",
             b"",
             None,
-            d.name,
+            name,
             _SERVER if server else _CLIENT,
             start,
             end_w if end_w > start else start,
@@ -438,16 +438,8 @@ class _Parsed:
         self.trace_state = clean_tracestate(first.tracestate) if self.tp is not None and first else ""
 
 
-class _Derived:
-    __slots__ = ("name", "attrs", "scheme", "url_path", "query", "has_host")
-
-    def __init__(self) -> None:
-        self.name = ""
-        self.attrs: dict[str, AttrValue] = {}
-        self.scheme = "http"
-        self.url_path = ""
-        self.query: str | None = None
-        self.has_host = False
+# (name, request attributes, scheme, path for url.full, query, Host/authority named the server)
+_Derived = tuple[str, dict[str, AttrValue], str, str, "str | None", bool]
 
 
 def _url_full(scheme: str, host: str, port: int, path: str, query: str | None) -> str:
