@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
 import platform
 import time
@@ -20,6 +21,7 @@ from tracer import sweeper
 from tracer.btf import BtfError, sock_common_defines
 from tracer.capabilities import Capabilities, choose_backend
 from tracer.records import REC_PROC, RawProc, record_type
+from tracer.ringbuf import RingBufferReader
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +263,7 @@ class Capture:
         self.backend = ""
         self.backend_reason = ""
         self.probes_attached = 0
-        self._batch: list[bytes] = []
+        self._reader: RingBufferReader | None = None
         self._closed = False
         self._sweep_evicted = 0
         self._exe_added = 0
@@ -301,7 +303,7 @@ class Capture:
             if any(f.startswith("-DKSPAN_TP_SEND_RESET_SKADDR") for f in cflags):
                 self.bpf.attach_tracepoint(tp=b"tcp:tcp_send_reset", fn_name=b"kspan_tcp_send_reset")
             self._fill_filters()
-            self.bpf[b"events"].open_ring_buffer(self._on_record)
+            self._reader = RingBufferReader(self.bpf[b"events"].map_fd, self.config.ringbuf_pages * mmap.PAGESIZE)
         except Exception as exc:
             self.close()
             raise CaptureError(f"attaching the {backend} probes failed: {exc}. Run `kspan doctor`.") from exc
@@ -345,16 +347,13 @@ class Capture:
         table[table.Key(pid)] = ctypes.c_uint8(1)
 
     # -- reading -----------------------------------------------------------------------------
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
-        self._batch.append(ctypes.string_at(data, size))
-
     def poll(self, timeout_ms: int) -> list[bytes]:
         """Every record available now (waiting up to timeout_ms for the first)."""
-        if self.bpf is None:
+        if self.bpf is None or self._reader is None:
             return []
-        self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
-        batch, self._batch = self._batch, []
+        self._reader.wait(timeout_ms)
+        batch: list[bytes] = []
+        self._reader.drain(batch)
         if self.config.exe_names:
             for rec in batch:
                 if record_type(rec) == REC_PROC and len(rec) >= ctypes.sizeof(RawProc):
@@ -427,6 +426,9 @@ class Capture:
         if self._closed:
             return
         self._closed = True
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()
