@@ -31,7 +31,9 @@ class CorrelatorConfig:
     max_held_spans: int = 100_000  # cap on waiting spans; the oldest go out as orphans beyond it
     query: str = "redact"  # url.query: "keep", "redact" (credential values -> REDACTED) or "drop"
     routes: list[str] = field(default_factory=list)  # server route templates, e.g. "/users/{id}"
-    max_resolved: int = 100_000  # identities remembered after release, so late children still link
+    # Identities remembered after release (about 300 bytes each, kept at most max_hold_s) so a
+    # child that arrives after its parent still links to it.
+    max_resolved: int = 50_000
     max_pipelined: int = 16  # requests taken from one captured head
 
     def validate(self) -> None:

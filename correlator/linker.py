@@ -91,8 +91,8 @@ class Linker:
         self.c = LinkerCounters()
         self._held: OrderedDict[Key, _Node] = OrderedDict()  # oldest first (since is monotonic)
         self._waiting: dict[Key, list[Key]] = {}  # parent identity -> held children, in arrival order
-        # identity -> (trace_id, id children link to, pid, resolved at); oldest first
-        self._resolved: OrderedDict[Key, tuple[bytes, bytes | None, int, int]] = OrderedDict()
+        # identity -> (trace_id, id children link to, resolved at); oldest first
+        self._resolved: OrderedDict[Key, tuple[bytes, bytes | None, int]] = OrderedDict()
         self._now = 0  # stream time: the latest time seen in a record or advance()
 
     # ids -------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ class Linker:
         resolved = self._resolved
         while resolved:
             k, r = next(iter(resolved.items()))
-            if r[3] > deadline:
+            if r[2] > deadline:
                 break
             del resolved[k]
         return out
@@ -312,7 +312,7 @@ class Linker:
                 link = spans[0].span_id
             else:
                 link = pl  # not HTTP: its children hang on its own parent
-            resolved[n.key] = (trace, link, n.pid, now)
+            resolved[n.key] = (trace, link, now)
             if waiting:
                 kids = waiting.pop(n.key, None)
                 if kids:
