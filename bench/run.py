@@ -150,10 +150,12 @@ class Bench:
         runs: list[dict[str, Any]] = []
         try:
             run_wrk(f"http://{addr}/b/warmup-{server}/0", 1, a.wrk_connections)
+            # ABBA order (untraced, traced, traced, untraced, ...): a load that drifts linearly
+            # during the run (other work on the machine) cancels out of the ratio.
             modes = ["untraced", "traced"] if self.kspan else ["untraced"]
             pid_args = [x for p in pids for x in ("--pid", str(p))]
             for rnd in range(1, a.rounds + 1):
-                for mode in modes:
+                for mode in (modes if rnd % 2 else modes[::-1]):
                     phase = f"ovh-{server}-{rnd}"
                     agent = None
                     if mode == "traced":
