@@ -47,6 +47,8 @@ def summarize_overhead(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     traced = [r for r in runs if r["mode"] == "traced" and r.get("requests")]
     out["span_coverage"] = ratio(sum(r.get("spans", 0) for r in traced), sum(r["requests"] for r in traced))
+    kernel = [r["kernel"] for r in traced if r.get("kernel") is not None]
+    out["ringbuf_lost"] = sum(k.get("ringbuf_lost", 0) for k in kernel) if kernel else None
     return out
 
 
@@ -189,10 +191,11 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
             for mode in ("untraced", "traced"):
                 m = s[mode]
                 rows.append([server, mode, str(m["runs"]), _f(m["rps"], "{:,.0f}"), _f(m["p50_ms"], "{:.3f}"),
-                             _f(m["p99_ms"], "{:.3f}"), "" if mode == "untraced" else _f(s["span_coverage"], "{:.4f}")])
+                             _f(m["p99_ms"], "{:.3f}"), "" if mode == "untraced" else _f(s["span_coverage"], "{:.4f}"),
+                             "" if mode == "untraced" else _f(s.get("ringbuf_lost"), "{:,}")])
             rows.append([server, "ratio", "", _f(s["ratio"]["throughput"], "{:.3f}"), _f(s["ratio"]["p50"], "{:.3f}"),
-                         _f(s["ratio"]["p99"], "{:.3f}"), ""])
-        out += _table(["server", "mode", "runs", "req/s", "p50 ms", "p99 ms", "spans/req"], rows, markdown)
+                         _f(s["ratio"]["p99"], "{:.3f}"), "", ""])
+        out += _table(["server", "mode", "runs", "req/s", "p50 ms", "p99 ms", "spans/req", "k:rb lost"], rows, markdown)
     cost = r.get("cost") or []
     if cost:
         out.append(h("Agent cost per request (goload at fixed rates, server traced)"))

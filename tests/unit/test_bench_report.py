@@ -91,7 +91,7 @@ def test_summarize_overhead_averages_alternated_runs() -> None:
          "spans": 219_000},
         {"mode": "untraced", "round": 2, "rps": 48_000.0, "p50_ms": 0.32, "p99_ms": 7.0, "requests": 240_000},
         {"mode": "traced", "round": 2, "rps": 42_000.0, "p50_ms": 0.40, "p99_ms": 8.0, "requests": 210_000,
-         "spans": 211_000},
+         "spans": 211_000, "kernel": {"ringbuf_lost": 40, "requests_seen": 210_000}},
         {"mode": "traced", "round": 3, "error": "kspan did not start"},
     ]
     s = report.summarize_overhead(runs)
@@ -102,6 +102,7 @@ def test_summarize_overhead_averages_alternated_runs() -> None:
     assert s["ratio"]["p50"] == pytest.approx(0.38 / 0.31)
     assert s["ratio"]["p99"] == pytest.approx(7.0 / 6.0)
     assert s["span_coverage"] == pytest.approx(430_000 / 430_000)
+    assert s["ringbuf_lost"] == 40
 
 
 def test_cpu_us_per_request() -> None:
@@ -144,6 +145,9 @@ def test_capacity_is_the_highest_sustained_exact_rate() -> None:
     assert c["above"]["rate"] == 20_000
     assert c["above"]["limit"] == "spans lost"
     assert c["above"]["loss_rate"] == pytest.approx(0.03)
+    assert c["above"]["kernel"] is None
+    steps[2]["kernel"] = {"ringbuf_lost": 2_900, "requests_seen": 200_000}
+    assert report.capacity(steps)["above"]["kernel"]["ringbuf_lost"] == 2_900
 
 
 def test_capacity_limited_by_the_load_and_none_when_all_lossy() -> None:
