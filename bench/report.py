@@ -203,13 +203,15 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
                  f"{c.get('server_spans', 0):,}", _f(c.get("cpu_s"), "{:.2f}"),
                  _f(c.get("cpu_us_per_request"), "{:.1f}"), _f(c.get("cpu_pct"), "{:.1f}"),
                  _f(c.get("rss_mb"), "{:.1f}"), _f(c.get("hwm_mb"), "{:.1f}"),
-                 _kernel(c.get("kernel"), "requests_seen"), _kernel(c.get("kernel"), "ringbuf_lost")]
+                 _kernel(c.get("kernel"), "requests_seen"), _kernel(c.get("kernel"), "ringbuf_lost"),
+                 _f(c.get("exec_cpu_s"), "{:.2f}")]
                 for c in cost]
         out += _table(["rate", "achieved", "requests", "spans", "agent CPU s", "us/request", "CPU %", "RSS MB",
-                       "HWM MB", "k:seen", "k:rb lost"], rows, markdown)
+                       "HWM MB", "k:seen", "k:rb lost", "exec CPU s"], rows, markdown)
         if r.get("idle_cpu_pct") is not None:
             out.append(("\n" if markdown else "") + f"agent with no requests: {r['idle_cpu_pct']:.1f}% CPU; "
-                       "k: = kspan's in-kernel counters over the window (requests seen, ring buffer losses)")
+                       "k: = kspan's in-kernel counters over the window (requests seen, ring buffer losses); "
+                       "exec CPU s = agent CPU while the new goload process started, before the window")
     cap = r.get("capacity") or {}
     if cap.get("steps"):
         out.append(h("Capacity (goload at fixed rates, both ends traced, server spans counted)"))

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wrk-connections", type=int, default=16)
     p.add_argument("--rates", type=_rates, default=[1000, 5000, 10000], help="fixed rates for the cost phase")
     p.add_argument("--window-s", type=float, default=10.0, help="seconds per fixed-rate cost window")
+    p.add_argument("--exec-delay-s", type=float, default=5.0,
+                   help="goload waits this long before sending, so the agent's inspection of the new process "
+                        "falls outside the measured window (its CPU is reported separately)")
     p.add_argument("--idle-s", type=float, default=5.0, help="seconds of agent CPU measured with no requests")
     p.add_argument("--lossless-s", type=float, default=10.0, help="seconds of the 10,000 req/s capacity step")
     p.add_argument("--step-s", type=float, default=5.0, help="seconds per other capacity step")
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OTLP protocol from the agent to the bench's span sink")
     p.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `kspan run` (repeatable), e.g. --agent-arg=--no-metrics")
-    p.add_argument("--quiet-s", type=float, default=6.0,
+    p.add_argument("--quiet-s", type=float, default=5.0,
                    help="a span count unchanged this long means the agent has exported all it will")
     p.add_argument("--out", default=os.path.join(BENCH_DIR, "results"))
     p.add_argument("--no-latest", action="store_true", help="do not update latest.* and bench/LATEST.md")
@@ -229,8 +232,14 @@ class Bench:
                     self.say(f"agent idle (no requests): {self.idle_cpu_pct:.1f}% CPU")
                 for rate in a.rates:
                     phase = f"cost-{rate}"
-                    k0, s0 = agent.kernel_counters(), agent.sample()
-                    load = run_goload(addr, phase, rate, a.window_s, a.conns, self.log)
+                    at_exec = agent.sample()
+                    mark: dict[str, Any] = {}
+
+                    def window_start(mark: dict[str, Any] = mark) -> None:
+                        mark["k0"], mark["s0"] = agent.kernel_counters(), agent.sample()
+
+                    load = run_goload(addr, phase, rate, a.window_s, a.conns, self.log, a.exec_delay_s, window_start)
+                    k0, s0 = mark["k0"], mark["s0"]
                     answered = load["ok"] + load["non_2xx"]
                     ph = self.sink.wait_phase(phase, answered, a.quiet_s, 60)
                     k1, s1 = agent.kernel_counters(), agent.sample()
@@ -245,6 +254,9 @@ class Bench:
                         "rss_mb": (s1.rss_kb or 0) / 1024, "hwm_mb": (s1.hwm_kb or 0) / 1024,
                         "outcome": report.step_outcome(load, ph), "kernel": _kdelta(k0, k1),
                         "load": load, "phase": phase,
+                        # CPU the agent spent while goload started and waited, before it sent
+                        # anything: inspecting a new process's binary (Go, OpenSSL).
+                        "exec_cpu_s": None if at_exec is None else s0.cpu_s - at_exec.cpu_s,
                     }
                     out.append(entry)
                     self.say(f"cost at {rate:,} req/s: {entry['cpu_us_per_request'] or 0:.1f} us/request, "
@@ -276,8 +288,13 @@ class Bench:
                 def step(rate: int, duration: float, target: bool = False) -> dict[str, Any]:
                     assert self.sink is not None
                     phase = f"cap-{rate}" + ("-target" if target else "")
-                    k0 = agent.kernel_counters()
-                    load = run_goload(addr, phase, rate, duration, a.conns, self.log)
+                    mark: dict[str, Any] = {}
+
+                    def window_start() -> None:
+                        mark["k0"] = agent.kernel_counters()
+
+                    load = run_goload(addr, phase, rate, duration, a.conns, self.log, a.exec_delay_s, window_start)
+                    k0 = mark["k0"]
                     ph = self.sink.wait_phase(phase, load["ok"] + load["non_2xx"], a.quiet_s, 90)
                     s = {**report.step_outcome(load, ph), "duration_s": duration, "target_step": target,
                          "client_spans": ph["client"], "kernel": _kdelta(k0, agent.kernel_counters()),

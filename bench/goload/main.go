@@ -56,6 +56,7 @@ func main() {
 	maxLag := flag.Duration("max-lag", time.Second, "a request later than this is not sent (counted late)")
 	timeout := flag.Duration("timeout", 5*time.Second, "per-request I/O timeout")
 	closeEach := flag.Bool("close", false, "one connection per request (Connection: close)")
+	delay := flag.Duration("delay", 0, "wait this long after start-up before sending (lets a tracer inspect this new process first)")
 	flag.Parse()
 
 	var sent, ok, non2xx, errs, late atomic.Int64
@@ -133,6 +134,9 @@ func main() {
 		}(w)
 	}
 
+	time.Sleep(*delay)
+	// The harness starts its measurement window on this line.
+	fmt.Fprintln(os.Stderr, "goload: sending")
 	start := time.Now()
 	interval := time.Duration(float64(time.Second) / *rate)
 	total := int64(*rate * duration.Seconds())
