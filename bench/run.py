@@ -315,7 +315,9 @@ class Bench:
                 counters = self.stop_agent(agent)
         finally:
             srv.stop()
-        health_after = dict(self.sink.stats().get("health") or {})
+        stats = self.sink.stats()
+        health_after = dict(stats.get("health") or {})
+        health_max = dict(stats.get("health_max") or {})
         for i, st in enumerate(steps):
             # The final count, once the agent has stopped and flushed, decides exactness.
             ph = self.sink.phase(st["phase"])
@@ -326,7 +328,7 @@ class Bench:
             "result": report.capacity(steps),
             "kspan_counters": counters,
             "kernel_counters_at_stop": agent.final_kernel,
-            "kspan_health_metrics": {"before": health_before, "after": health_after},
+            "kspan_health_metrics": {"before": health_before, "after": health_after, "max": health_max},
         }
 
 

@@ -44,7 +44,7 @@ type phaseStats struct {
 	Duplicate int64 `json:"duplicate_server"`
 	// FirstUnixNano is when the sink received this phase's first span.
 	FirstUnixNano int64 `json:"first_span_unix_ns"`
-	seen      map[int64]struct{}
+	seen          map[int64]struct{}
 }
 
 type sink struct {
@@ -59,7 +59,10 @@ type sink struct {
 	Phases        map[string]*phaseStats `json:"phases"`
 	// Health holds the latest value of each kspan.* metric the agent exported about itself
 	// (records lost, spans dropped ...), summed over data points.
-	Health         map[string]float64 `json:"health"`
+	Health map[string]float64 `json:"health"`
+	// HealthMax is the largest value each one had: a counter read after the agent released its
+	// kernel maps can come back as zero in the last export.
+	HealthMax      map[string]float64 `json:"health_max"`
 	MetricExports  int64              `json:"metric_exports"`
 	HealthUnixNano int64              `json:"health_unix_ns"`
 }
@@ -327,6 +330,9 @@ func (s *sink) ingestMetrics(req []byte) error {
 		s.HealthUnixNano = time.Now().UnixNano()
 		for k, v := range found {
 			s.Health[k] = v
+			if old, ok := s.HealthMax[k]; !ok || v > old {
+				s.HealthMax[k] = v
+			}
 		}
 	}
 	return nil
@@ -417,7 +423,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "otlpsink:", err)
 		os.Exit(1)
 	}
-	s := &sink{Phases: map[string]*phaseStats{}, Health: map[string]float64{}}
+	s := &sink{Phases: map[string]*phaseStats{}, Health: map[string]float64{}, HealthMax: map[string]float64{}}
 	discard := func([]byte) error { return nil }
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/traces", httpExport(s.ingest))
