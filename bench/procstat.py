@@ -30,6 +30,10 @@ class ProcSample:
     cpu_s: float
     rss_kb: int | None
     hwm_kb: int | None
+    # RSS split: anonymous memory (the agent's own heap) and file pages (mapped libraries such
+    # as LLVM, shared with other processes and reclaimable).
+    anon_kb: int | None = None
+    file_kb: int | None = None
 
 
 def sample(pid: int) -> ProcSample | None:
@@ -47,4 +51,6 @@ def sample(pid: int) -> ProcSample | None:
         cpu_s=parse_stat_ticks(stat) / ticks,
         rss_kb=parse_status_kb(status, "VmRSS"),
         hwm_kb=parse_status_kb(status, "VmHWM"),
+        anon_kb=parse_status_kb(status, "RssAnon"),
+        file_kb=parse_status_kb(status, "RssFile"),
     )

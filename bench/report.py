@@ -202,12 +202,15 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
         rows = [[f"{c['rate']:,.0f}", _f(c.get("achieved_rps"), "{:,.0f}"), f"{c.get('requests', 0):,}",
                  f"{c.get('server_spans', 0):,}", _f(c.get("cpu_s"), "{:.2f}"),
                  _f(c.get("cpu_us_per_request"), "{:.1f}"), _f(c.get("cpu_pct"), "{:.1f}"),
-                 _f(c.get("rss_mb"), "{:.1f}"), _f(c.get("hwm_mb"), "{:.1f}"),
+                 _f(c.get("rss_mb"), "{:.1f}") + (f" ({c['rss_anon_mb']:.0f}+{c['rss_file_mb']:.0f})"
+                                                  if c.get("rss_anon_mb") is not None else ""),
+                 _f(c.get("hwm_mb"), "{:.1f}"),
                  _kernel(c.get("kernel"), "requests_seen"), _kernel(c.get("kernel"), "ringbuf_lost"),
                  _f(c.get("exec_cpu_s"), "{:.2f}")]
                 for c in cost]
         out += _table(["rate", "achieved", "requests", "spans", "agent CPU s", "us/request", "CPU %", "RSS MB",
                        "HWM MB", "k:seen", "k:rb lost", "exec CPU s"], rows, markdown)
+        out.append(("\n" if markdown else "") + "RSS MB (anon+file): the agent's own memory and mapped library pages")
         if r.get("idle_cpu_pct") is not None:
             out.append(("\n" if markdown else "") + f"agent with no requests: {r['idle_cpu_pct']:.1f}% CPU; "
                        "k: = kspan's in-kernel counters over the window (requests seen, ring buffer losses); "

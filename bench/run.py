@@ -252,6 +252,7 @@ class Bench:
                         "cpu_us_per_request": report.cpu_us_per_request(cpu, answered),
                         "cpu_pct": 100 * cpu / (s1.monotonic_s - s0.monotonic_s),
                         "rss_mb": (s1.rss_kb or 0) / 1024, "hwm_mb": (s1.hwm_kb or 0) / 1024,
+                        "rss_anon_mb": (s1.anon_kb or 0) / 1024, "rss_file_mb": (s1.file_kb or 0) / 1024,
                         "outcome": report.step_outcome(load, ph), "kernel": _kdelta(k0, k1),
                         "load": load, "phase": phase,
                         # CPU the agent spent while goload started and waited, before it sent
@@ -260,7 +261,8 @@ class Bench:
                     }
                     out.append(entry)
                     self.say(f"cost at {rate:,} req/s: {entry['cpu_us_per_request'] or 0:.1f} us/request, "
-                             f"{entry['cpu_pct']:.0f}% CPU, RSS {entry['rss_mb']:.0f} MB, "
+                             f"{entry['cpu_pct']:.0f}% CPU, RSS {entry['rss_mb']:.0f} MB "
+                             f"({entry['rss_anon_mb']:.0f} anon, {entry['rss_file_mb']:.0f} file), "
                              f"{ph['server']:,}/{answered:,} spans")
             finally:
                 self.stop_agent(agent)
