@@ -214,6 +214,21 @@ def _descendants_of(pids: set[int]) -> set[int]:
     return out
 
 
+def _prog_info(fd: int) -> tuple[int, int] | None:
+    """(run_cnt, run_time_ns) of a loaded program, by BPF_OBJ_GET_INFO_BY_FD."""
+    info = (ctypes.c_uint8 * 256)()
+    attr = (ctypes.c_uint8 * 16)()
+    ctypes.memmove(attr, (ctypes.c_uint32 * 4)(fd, 256, 0, 0), 8)  # bpf_fd, info_len
+    ctypes.memmove(ctypes.addressof(attr) + 8, ctypes.pointer(ctypes.c_uint64(ctypes.addressof(info))), 8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_bpf = 321 if platform.machine() == "x86_64" else 280
+    if libc.syscall(sys_bpf, 15, attr, 16) != 0:  # BPF_OBJ_GET_INFO_BY_FD
+        return None
+    raw = bytes(info)
+    # struct bpf_prog_info: run_time_ns at 192, run_cnt at 200 (uapi, append-only)
+    return int.from_bytes(raw[200:208], "little"), int.from_bytes(raw[192:200], "little")
+
+
 def _release_compiler_memory() -> None:
     """bcc's LLVM frees its compile-time heap but glibc keeps it mapped: hand it back to the OS
     (about 20 MB of resident memory here)."""
@@ -420,6 +435,19 @@ class Capture:
                 inflight[pkey] = f
         except KeyError:
             pass
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """Per program: (runs, total run time in ns), as the kernel counts them while
+        /proc/sys/kernel/bpf_stats_enabled is 1 (zeros otherwise). For measuring kernel-side cost."""
+        out: dict[str, tuple[int, int]] = {}
+        if self.bpf is None:
+            return out
+        for name, fn in self.bpf.funcs.items():
+            info = _prog_info(fn.fd)
+            if info is not None:
+                key = name.decode() if isinstance(name, bytes) else str(name)
+                out[key] = info
+        return out
 
     def counters(self) -> dict[str, int]:
         out = dict.fromkeys(COUNTER_NAMES, 0)
