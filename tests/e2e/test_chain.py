@@ -9,13 +9,14 @@ from __future__ import annotations
 import http.client
 import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.agent import ROOT, free_port, go_binary, running_agent, service
+from tests.support.agent import KSPAN, ROOT, free_port, go_binary, running_agent, service
 from tests.support.ebpf import require_ebpf
 from tests.support.otlp_receiver import OtlpReceiver
 
@@ -28,8 +29,9 @@ ERROR = 2
 
 def _get(host: str, port: int, path: str) -> tuple[int, float]:
     """One request on a fresh connection; returns (status, client-measured milliseconds)."""
-    t0 = time.monotonic_ns()
     conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.connect()
+    t0 = time.monotonic_ns()
     conn.request("GET", path)
     resp = conn.getresponse()
     resp.read()
@@ -49,6 +51,17 @@ def _complete_traces(n_traces: int, size: int):
     def pred(spans: list[dict[str, Any]]) -> bool:
         return sum(1 for t in _traces(spans).values() if len(t) >= size) >= n_traces
     return pred
+
+
+def _wait_traces(receiver: OtlpReceiver, n_traces: int, size: int, timeout_s: float = 30) -> list[dict[str, Any]]:
+    try:
+        return receiver.wait_for_spans(_complete_traces(n_traces, size), timeout_s=timeout_s)
+    except TimeoutError:
+        shape = [
+            sorted((_svc(s), s["kind"], s["span_id"], s["parent_span_id"]) for s in t)
+            for t in _traces(receiver.spans()).values()
+        ]
+        raise AssertionError(f"wanted {n_traces} traces of {size} spans; got {shape}") from None
 
 
 def _svc(span: dict[str, Any]) -> str:
@@ -109,6 +122,60 @@ def _assert_durations(trace_roots: list[dict[str, Any]], measured_ms: list[float
         assert ms - span_ms < 5.0, (span_ms, ms)
 
 
+BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]
+GRAPH_EDGES = {("svc_a", "svc_b"), ("svc_b", "svc_c")}
+
+
+def _latest(metrics: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The newest point of each attribute set (metrics are cumulative and re-exported)."""
+    newest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for m in metrics:
+        if m["name"] == name:
+            key = (m["resource"].get("service.name"), tuple(sorted(m["attributes"].items())))
+            if key not in newest or m["time_ns"] >= newest[key]["time_ns"]:
+                newest[key] = m
+    return list(newest.values())
+
+
+def _has_chain_metrics(metrics: list[dict[str, Any]]) -> bool:
+    edges = {(m["attributes"].get("client"), m["attributes"].get("server"))
+             for m in _latest(metrics, "traces_service_graph_request_total") if m["value"] >= 3}
+    served = {m["resource"].get("service.name") for m in _latest(metrics, "http.server.request.duration")
+              if m["count"] >= 3}
+    return GRAPH_EDGES <= edges and {"svc_a", "svc_b", "svc_c"} <= served
+
+
+def _assert_chain_metrics(metrics: list[dict[str, Any]]) -> None:
+    server = [m for m in _latest(metrics, "http.server.request.duration")
+              if m["resource"].get("service.name") in ("svc_a", "svc_b", "svc_c")]
+    assert server
+    for m in server:
+        assert m["type"] == "histogram" and m["unit"] == "s"
+        assert m["explicit_bounds"] == BUCKETS
+        assert m["attributes"]["http.request.method"] == "GET"
+        assert m["attributes"]["http.response.status_code"] == 200
+        assert "url.path" not in m["attributes"] and "process.pid" not in m["attributes"], "cardinality"
+        assert m["count"] == 3 and 0 < m["sum"] < 10
+    client = _latest(metrics, "http.client.request.duration")
+    assert {m["resource"].get("service.name") for m in client} >= {"svc_a", "svc_b"}
+    assert all(m["unit"] == "s" and m["explicit_bounds"] == BUCKETS for m in client)
+    for name in ("traces_service_graph_request_server_seconds", "traces_service_graph_request_client_seconds"):
+        edges = {(m["attributes"]["client"], m["attributes"]["server"]) for m in _latest(metrics, name)}
+        assert GRAPH_EDGES <= edges, (name, edges)
+
+
+def _assert_topology(tmp_path: Path, jsonl: Path) -> None:
+    svg, png = tmp_path / "topo.svg", tmp_path / "topo.png"
+    r = subprocess.run(KSPAN + ["topology", "--input", str(jsonl), "--svg", str(svg), "--png", str(png)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for client, server in GRAPH_EDGES:
+        assert any(client in line and server in line for line in lines), r.stdout
+    assert svg.stat().st_size > 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "svc_c" in svg.read_text()
+
+
 @pytest.fixture()
 def receiver():
     with OtlpReceiver() as rx:
@@ -127,7 +194,9 @@ def test_python_chain_is_one_trace_of_six_spans_over_otlp_grpc(tmp_path: Path, r
         service([py, str(tmp_path / "svc_b.py"), str(ports[1]), f"http://127.0.0.1:{ports[2]}/chain"]),
         service([py, str(tmp_path / "svc_a.py"), str(ports[0]), f"http://127.0.0.1:{ports[1]}/chain"]),
     ):
-        args = ["run", "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet"]
+        jsonl = tmp_path / "chain.jsonl"
+        args = ["run", "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
+                "--output", str(jsonl), "--metrics-interval", "1"]
         for p in ports:
             args += ["--port", str(p)]
         with running_agent(args, tmp_path) as agent:
@@ -136,8 +205,11 @@ def test_python_chain_is_one_trace_of_six_spans_over_otlp_grpc(tmp_path: Path, r
                 status, ms = _get("127.0.0.1", ports[0], "/chain")
                 assert status == 200
                 measured.append(ms)
-            spans = receiver.wait_for_spans(_complete_traces(3, 6), timeout_s=30)
+            spans = _wait_traces(receiver, 3, 6)
+            metrics = receiver.wait_for_metrics(_has_chain_metrics, timeout_s=30)
         assert agent.returncode == 0, agent.stderr
+    _assert_chain_metrics(metrics)
+    _assert_topology(tmp_path, jsonl)
     traces = [t for t in _traces(spans).values() if len(t) >= 6]
     assert len(traces) == 3, f"{len(traces)} complete traces: {_traces(spans)}"
     client_service = _svc([s for s in traces[0] if s["parent_span_id"] == ""][0])
@@ -169,7 +241,7 @@ def test_go_chain_is_one_trace_over_otlp_http(tmp_path: Path, receiver: OtlpRece
                 status, ms = _get("127.0.0.1", pa, "/chain")
                 assert status == 200
                 measured.append(ms)
-            spans = receiver.wait_for_spans(_complete_traces(3, 4), timeout_s=30)
+            spans = _wait_traces(receiver, 3, 4)
         assert agent.returncode == 0, agent.stderr
     traces = [t for t in _traces(spans).values() if len(t) >= 4]
     assert len(traces) == 3
