@@ -1,9 +1,16 @@
 /* Socket capture on stable tracepoints, for kernels without kprobes (this machine's backend).
  *
- * The syscall tracepoints give the user buffer of each read/write-family call; the
- * sock:sock_send_length / sock:sock_recv_length tracepoints fire inside that call, after the
- * transfer, with the struct sock address and the byte count. Together they give the socket, the
- * bytes and their count without reading any kernel struct.
+ * sock:sock_send_length / sock:sock_recv_length fire inside the read/write-family syscall, after
+ * the transfer, with the struct sock address and the byte count; the syscall's arguments give the
+ * user buffer. Together they give the socket, the bytes and their count without reading any
+ * kernel struct.
+ *
+ * Where the syscall arguments come from:
+ * - x86_64 (-DKSPAN_X86_64): from the thread's saved user registers at the sock event, so no
+ *   hook runs on the host's other (file, pipe) reads and writes, and nothing is left behind by a
+ *   call that began before the probes attached. Only the write family is hooked at entry, to
+ *   know when a write began (the sock event fires when it ends).
+ * - elsewhere: sys_enter_* saves the arguments per thread and sys_exit_* drops them.
  */
 
 
@@ -25,6 +32,45 @@ struct kspan_sys_args {
     __u32 consumed;    /* bytes already reported by an earlier sock event of the same call */
 };
 
+#ifdef KSPAN_X86_64
+/* When each write-family call began: the only thing the registers cannot tell. Updated in place
+ * (a lookup, not an insert, on the hot path); never deleted (LRU). */
+struct kspan_write_start {
+    __u64 start_ns;
+    __u64 ptr;         /* the call's second argument, to recognise the same call at the sock event */
+};
+BPF_TABLE("lru_hash", __u64, struct kspan_write_start, write_start, 65536);
+
+static __always_inline int kspan_note_write(__u64 ptr)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 pid = id >> 32;
+    if (pid == KSPAN_SELF_PID)
+        return 0;
+#ifdef KSPAN_FILTER_PIDS
+    if (!allowed_pids.lookup(&pid))
+        return 0;
+#endif
+    __u64 now = bpf_ktime_get_ns();
+    struct kspan_write_start *w = write_start.lookup(&id);
+    if (w) {
+        w->start_ns = now;
+        w->ptr = ptr;
+    } else {
+        struct kspan_write_start nw = {};
+        nw.start_ns = now;
+        nw.ptr = ptr;
+        write_start.update(&id, &nw);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return kspan_note_write((__u64)args->buf); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return kspan_note_write((__u64)args->buff); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return kspan_note_write((__u64)args->vec); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return kspan_note_write((__u64)args->msg); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return kspan_note_write((__u64)args->in_fd); }
+#else
 BPF_HASH(sys_args, __u64, struct kspan_sys_args, 65536); /* pid_tgid -> call in progress */
 
 static __always_inline int kspan_save_args(__u64 fd, __u64 ptr, __u64 vlen, __u8 kind, __u8 dir)
@@ -75,6 +121,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return kspan_drop_args(); }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return kspan_drop_args(); }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return kspan_drop_args(); }
 
+#endif
+
 /* A closed descriptor number is reused: forget its socket so the TLS probes never map an fd to a
  * stale socket. */
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
@@ -85,24 +133,22 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 }
 
 #ifdef KSPAN_X86_64
-/* A syscall already in progress when the probes attached (a server blocked in read() on a
- * keep-alive connection) has no saved arguments: take them from the thread's user registers.
- * x86_64 only: struct pt_regs is the user ABI there (di, si, dx = first three arguments,
- * orig_ax = syscall number), and syscall numbers never change. Its start time is unknown. */
+/* The syscall's arguments from the thread's user registers. x86_64 only: struct pt_regs is the
+ * user ABI there (di, si, dx = first three arguments, orig_ax = syscall number), and syscall
+ * numbers never change. This also covers a call already in progress when the probes attached (a
+ * server blocked in read() on a keep-alive connection). */
 #define KSPAN_PT_REGS_DX 96
-#define KSPAN_PT_REGS_SI 104
+#define KSPAN_PT_REGS_SI 104      /* kept for reference: read together with DX */
 #define KSPAN_PT_REGS_DI 112
 #define KSPAN_PT_REGS_ORIG_AX 120
 
 static __always_inline int kspan_args_from_regs(struct kspan_sys_args *sa)
 {
     const char *regs = (const char *)bpf_task_pt_regs((void *)bpf_get_current_task_btf());
-    __u64 nr = 0, di = 0, si = 0, dx = 0;
-    if (!regs || bpf_probe_read_kernel(&nr, sizeof(nr), regs + KSPAN_PT_REGS_ORIG_AX) != 0)
+    __u64 r[4] = {};  /* dx, si, di, orig_ax: adjacent in struct pt_regs, one read */
+    if (!regs || bpf_probe_read_kernel(r, sizeof(r), regs + KSPAN_PT_REGS_DX) != 0)
         return 0;
-    bpf_probe_read_kernel(&di, sizeof(di), regs + KSPAN_PT_REGS_DI);
-    bpf_probe_read_kernel(&si, sizeof(si), regs + KSPAN_PT_REGS_SI);
-    bpf_probe_read_kernel(&dx, sizeof(dx), regs + KSPAN_PT_REGS_DX);
+    __u64 dx = r[0], si = r[1], di = r[2], nr = r[3];
     sa->start_ns = bpf_ktime_get_ns();
     sa->fd = di;
     sa->ptr = si;
@@ -128,6 +174,10 @@ static __always_inline int kspan_args_from_regs(struct kspan_sys_args *sa)
         sa->kind = KSPAN_IO_MSG;
         sa->dir = nr == 47 ? KSPAN_DIR_INGRESS : KSPAN_DIR_EGRESS;
         return 1;
+    case 40: /* sendfile: no user buffer; ptr = in_fd identifies the call */
+        sa->kind = KSPAN_IO_NOBUF;
+        sa->dir = KSPAN_DIR_EGRESS;
+        return 1;
     }
     return 0;
 }
@@ -150,17 +200,20 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
     if (!allowed_pids.lookup(&pid))
         return 0;
 #endif
-    struct kspan_sys_args *sa = sys_args.lookup(&id);
 #ifdef KSPAN_X86_64
     struct kspan_sys_args regs_args = {};
-    if (!sa) {
-        if (!kspan_args_from_regs(&regs_args)) {
-            kspan_count(KSPAN_CNT_NO_SYSCALL_ARGS, 1);
-            return 0;
-        }
-        sa = &regs_args;
+    if (!kspan_args_from_regs(&regs_args)) {
+        kspan_count(KSPAN_CNT_NO_SYSCALL_ARGS, 1);
+        return 0;
+    }
+    struct kspan_sys_args *sa = &regs_args;
+    if (sa->dir == KSPAN_DIR_EGRESS) {
+        struct kspan_write_start *w = write_start.lookup(&id);
+        if (w && w->ptr == sa->ptr)
+            sa->start_ns = w->start_ns;
     }
 #else
+    struct kspan_sys_args *sa = sys_args.lookup(&id);
     if (!sa) {
         kspan_count(KSPAN_CNT_NO_SYSCALL_ARGS, 1);
         return 0;

@@ -242,10 +242,13 @@ def _release_compiler_memory() -> None:
 NAMED_TRACEPOINT_FUNCS = ("kspan_sock_length", "kspan_tcp_send_reset")
 
 
-def verify_programs(backend: str, config: CaptureConfig | None = None, tracefs: str = "") -> list[str]:
+def verify_programs(
+    backend: str, config: CaptureConfig | None = None, tracefs: str = "", portable: bool = False
+) -> list[str]:
     """Compile `backend`'s object and load every program through the verifier without attaching
-    anything (kprobe programs load where kprobes cannot attach). Returns the programs loaded;
-    raises CaptureError naming the program the verifier rejected."""
+    anything (kprobe programs load where kprobes cannot attach). `portable` compiles the
+    tracepoints backend as for a non-x86_64 machine (syscall arguments saved at entry). Returns
+    the programs loaded; raises CaptureError naming the program the verifier rejected."""
     from bcc import BPF, lib
 
     class _NoAutoAttach(BPF):  # type: ignore[misc]
@@ -254,9 +257,11 @@ def verify_programs(backend: str, config: CaptureConfig | None = None, tracefs: 
 
     config = config or CaptureConfig(network_events=True)
     kprobe_funcs = {fn for fn, _sym, _ret in KPROBES}
+    cflags = cflags_for(config, tracefs=tracefs, backend=backend)
+    if portable:
+        cflags = [f for f in cflags if f != "-DKSPAN_X86_64"]
     try:
-        b = _NoAutoAttach(text=program_text(backend, config.extra_modules).encode(),
-                          cflags=cflags_for(config, tracefs=tracefs, backend=backend))
+        b = _NoAutoAttach(text=program_text(backend, config.extra_modules).encode(), cflags=cflags)
     except Exception as exc:
         raise CaptureError(f"compiling the {backend} probes failed: {exc}") from exc
     loaded: list[str] = []

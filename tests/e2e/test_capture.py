@@ -558,7 +558,7 @@ def test_exe_filter_traces_processes_started_later(server4: Server) -> None:
 
 def test_capture_close_detaches_everything() -> None:
     cap = _start_capture(CaptureConfig(network_events=False))
-    assert cap.probes_attached >= 20
+    assert cap.probes_attached >= 10
     assert cap.counters()["probes_attached"] == cap.probes_attached
     cap.close()
     cap.close()  # idempotent
