@@ -18,7 +18,9 @@ Rules (the issue was silent on some; these are the choices):
   its children link to its own parent (or become roots of its trace).
 - Held past max_hold (advance) or over the cap: the topmost held ancestor of the oldest held
   span is released as an orphan: parent_span_id stays the hinted parent's id, trace id from the
-  subtree's traceparent if any, else H(salt, "trace", hinted identity) so siblings stay together.
+  subtree's traceparent if any, else H(salt, "trace", hinted identity) so siblings stay together,
+  and so a parent that was merely slower than max_hold (a long request) and turns out to be a
+  root without traceparent lands in the same trace as the children released before it.
 - Resolved identities are remembered (bounded, for max_hold) so a child that arrives after its
   parent still links to it.
 """
