@@ -8,7 +8,7 @@ import shutil
 import signal
 from collections.abc import Sequence
 
-from bench.bpfcounters import KernelCounters
+from bench.bpfcounters import KernelCounters, program_run_time
 from bench.processes import Managed
 from bench.procstat import ProcSample, sample
 
@@ -71,6 +71,10 @@ class Agent:
             return self._kc.read()
         except (OSError, LookupError, ValueError):
             return None
+
+    def bpf_run_time(self) -> tuple[int, int] | None:
+        """(runs, ns) of the agent's BPF programs so far (needs run-time stats enabled)."""
+        return program_run_time(self.proc.pid) if self.alive() else None
 
     def alive(self) -> bool:
         return self.proc.proc.poll() is None

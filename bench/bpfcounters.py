@@ -111,5 +111,48 @@ class KernelCounters:
             self.fd = -1
 
 
+_BPF_ENABLE_STATS = 32
+_BPF_STATS_RUN_TIME = 0
+
+
+def enable_run_time_stats() -> int:
+    """Ask the kernel to account BPF program run time (BPF_ENABLE_STATS) for as long as the
+    returned fd stays open, so the probes' own cost inside the traced processes can be measured
+    without flipping the kernel.bpf_stats_enabled sysctl for good. -1 when not possible."""
+    attr = ctypes.create_string_buffer(struct.pack("I", _BPF_STATS_RUN_TIME), 8)
+    try:
+        return _bpf(_BPF_ENABLE_STATS, attr)
+    except OSError:
+        return -1
+
+
+def program_run_time(pid: int) -> tuple[int, int] | None:
+    """(runs, run time in ns) summed over the BPF programs pid holds, from /proc/PID/fdinfo (the
+    kernel counts them while run-time stats are enabled). The probes run in the traced
+    processes' context, so this is CPU time the agent's /proc/PID/stat does not show."""
+    runs = ns = 0
+    found = False
+    try:
+        names = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if "prog_type:" not in text:
+            continue
+        for line in text.splitlines():
+            key, _, val = line.partition(":")
+            if key == "run_time_ns":
+                ns += int(val)
+                found = True
+            elif key == "run_cnt":
+                runs += int(val)
+    return (runs, ns) if found else None
+
+
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}

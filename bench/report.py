@@ -206,11 +206,16 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
                                                   if c.get("rss_anon_mb") is not None else ""),
                  _f(c.get("hwm_mb"), "{:.1f}"),
                  _kernel(c.get("kernel"), "requests_seen"), _kernel(c.get("kernel"), "ringbuf_lost"),
-                 _f(c.get("exec_cpu_s"), "{:.2f}")]
+                 _f(c.get("exec_cpu_s"), "{:.2f}"), _f(c.get("bpf_us_per_request"), "{:.2f}")]
                 for c in cost]
         out += _table(["rate", "achieved", "requests", "spans", "agent CPU s", "us/request", "CPU %", "RSS MB",
-                       "HWM MB", "k:seen", "k:rb lost", "exec CPU s"], rows, markdown)
-        out.append(("\n" if markdown else "") + "RSS MB (anon+file): the agent's own memory and mapped library pages")
+                       "HWM MB", "k:seen", "k:rb lost", "exec CPU s", "BPF us/req"], rows, markdown)
+        out.append(("\n" if markdown else "") + "RSS MB (anon+file): the agent's own memory and mapped library pages; "
+                   "BPF us/req: the probes' run time per request, spent inside the processes that make syscalls "
+                   "(not in the agent's CPU)")
+        if r.get("first_exec_cpu_s") is not None:
+            out.append(("\n" if markdown else "") + "agent CPU to inspect a new Go binary at its first exec "
+                       f"(goload, before the windows): {r['first_exec_cpu_s']:.2f} s")
         if r.get("idle_cpu_pct") is not None:
             out.append(("\n" if markdown else "") + f"agent with no requests: {r['idle_cpu_pct']:.1f}% CPU; "
                        "k: = kspan's in-kernel counters over the window (requests seen, ring buffer losses); "

@@ -21,7 +21,7 @@ from typing import Any
 
 from bench import report
 from bench.agent import Agent, kspan_binary
-from bench.bpfcounters import delta
+from bench.bpfcounters import delta, enable_run_time_stats
 from bench.gobuild import REPO, build
 from bench.load import run_goload, start_goload
 from bench.nginx import Nginx
@@ -106,6 +106,7 @@ class Bench:
         self.agents: list[Agent] = []
         self.startup: dict[str, Any] = {"ready_s": [], "first_span_s": None}
         self.idle_cpu_pct: float | None = None
+        self.first_exec_cpu_s: float | None = None
 
     def say(self, msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -125,6 +126,18 @@ class Bench:
         if agent.exit_code != 0:
             self.say(f"kspan exited with {agent.exit_code}: {agent.proc.output('err')[-1500:]}")
         return counters
+
+    def settle(self, agent: Agent, max_s: float = 30.0, busy_pct: float = 5.0) -> None:
+        """Wait until the agent uses less than busy_pct of a core over a second (it has caught up
+        with earlier work), or max_s."""
+        deadline = time.monotonic() + max_s
+        prev = agent.sample()
+        while prev is not None and time.monotonic() < deadline:
+            time.sleep(1.0)
+            cur = agent.sample()
+            if cur is None or 100 * (cur.cpu_s - prev.cpu_s) / (cur.monotonic_s - prev.monotonic_s) < busy_pct:
+                return
+            prev = cur
 
     def go_server(self) -> tuple[Managed, str]:
         srv = Managed("goserver", [build("goserver"), "-addr", "127.0.0.1:0"], log_path=self.log)
@@ -223,7 +236,15 @@ class Bench:
             finally:
                 trickle.stop(signal.SIGKILL)
             try:
-                time.sleep(1)
+                # The first exec of goload makes the agent inspect a binary it has not seen (Go
+                # DWARF, OpenSSL symbols): do it once here, measured, so no window pays for it.
+                w0 = agent.sample()
+                run_goload(addr, "warmup", 10, 1, 1, self.log)
+                self.settle(agent)
+                w1 = agent.sample()
+                if w0 is not None and w1 is not None:
+                    self.first_exec_cpu_s = w1.cpu_s - w0.cpu_s
+                    self.say(f"agent CPU for a new Go binary's first exec (goload): {self.first_exec_cpu_s:.2f} s")
                 i0 = agent.sample()
                 time.sleep(a.idle_s)
                 i1 = agent.sample()
@@ -232,17 +253,20 @@ class Bench:
                     self.say(f"agent idle (no requests): {self.idle_cpu_pct:.1f}% CPU")
                 for rate in a.rates:
                     phase = f"cost-{rate}"
+                    self.settle(agent)
                     at_exec = agent.sample()
                     mark: dict[str, Any] = {}
 
                     def window_start(mark: dict[str, Any] = mark) -> None:
                         mark["k0"], mark["s0"] = agent.kernel_counters(), agent.sample()
+                        mark["b0"] = agent.bpf_run_time()
 
                     load = run_goload(addr, phase, rate, a.window_s, a.conns, self.log, a.exec_delay_s, window_start)
                     k0, s0 = mark["k0"], mark["s0"]
                     answered = load["ok"] + load["non_2xx"]
                     ph = self.sink.wait_phase(phase, answered, a.quiet_s, 60)
-                    k1, s1 = agent.kernel_counters(), agent.sample()
+                    k1, s1, b1 = agent.kernel_counters(), agent.sample(), agent.bpf_run_time()
+                    b0 = mark["b0"]
                     if s0 is None or s1 is None:
                         raise RuntimeError("kspan exited during the cost phase: " + agent.proc.output("err")[-2000:])
                     cpu = s1.cpu_s - s0.cpu_s
@@ -258,6 +282,10 @@ class Bench:
                         # CPU the agent spent while goload started and waited, before it sent
                         # anything: inspecting a new process's binary (Go, OpenSSL).
                         "exec_cpu_s": None if at_exec is None else s0.cpu_s - at_exec.cpu_s,
+                        # The probes' own run time, spent inside the traced (and untraced) processes.
+                        "bpf_runs": None if b0 is None or b1 is None else b1[0] - b0[0],
+                        "bpf_us_per_request": None if b0 is None or b1 is None or not answered
+                        else (b1[1] - b0[1]) / 1000 / answered,
                     }
                     out.append(entry)
                     self.say(f"cost at {rate:,} req/s: {entry['cpu_us_per_request'] or 0:.1f} us/request, "
@@ -290,6 +318,7 @@ class Bench:
                 def step(rate: int, duration: float, target: bool = False) -> dict[str, Any]:
                     assert self.sink is not None
                     phase = f"cap-{rate}" + ("-target" if target else "")
+                    self.settle(agent)
                     mark: dict[str, Any] = {}
 
                     def window_start() -> None:
@@ -403,7 +432,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ov = {s: attempt(f"overhead-{s}", lambda s=s: b.overhead(s)) for s in args.servers.split(",") if s}
             results["overhead"] = {s: v for s, v in ov.items() if v is not None}
         if kspan is not None and "cost" in phases:
-            results["cost"] = attempt("cost", b.cost) or []
+            # BPF run-time accounting only for the cost phase: it adds a clock read per probe run,
+            # which the saturation runs must not pay.
+            stats_fd = enable_run_time_stats()
+            try:
+                results["cost"] = attempt("cost", b.cost) or []
+            finally:
+                if stats_fd >= 0:
+                    os.close(stats_fd)
         if kspan is not None and "capacity" in phases:
             results["capacity"] = attempt("capacity", b.capacity) or {}
     except KeyboardInterrupt:
@@ -420,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["elapsed_s"] = time.monotonic() - started
     results["startup"] = b.startup
     results["idle_cpu_pct"] = b.idle_cpu_pct
+    results["first_exec_cpu_s"] = b.first_exec_cpu_s
     hwms = [a.last.hwm_kb / 1024 for a in b.agents if a.last is not None and a.last.hwm_kb]
     rss = [a.last.rss_kb / 1024 for a in b.agents if a.last is not None and a.last.rss_kb]
     results["memory"] = {"peak_hwm_mb": max(hwms) if hwms else None, "last_rss_mb": max(rss) if rss else None}
