@@ -6,6 +6,7 @@ a clock itself, so a recording replays to the same spans).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -77,7 +78,9 @@ class _Stopper:
 
 
 def _correlator_config(opts: RunOptions, salt: bytes) -> CorrelatorConfig:
-    return CorrelatorConfig(id_salt=salt, max_hold_s=opts.max_hold_s, query=opts.query, routes=list(opts.routes))
+    # 20k held spans (~1.2 KB each) keep a burst of orphans inside the agent's memory budget.
+    return CorrelatorConfig(id_salt=salt, max_hold_s=opts.max_hold_s, query=opts.query, routes=list(opts.routes),
+                            max_held_spans=20_000)
 
 
 class SpanOutput:
@@ -211,6 +214,10 @@ class Agent:
                 out = SpanOutput(opts, processes, self.env)
                 correlator = Correlator(clock, _correlator_config(opts, salt))
                 self._register_health(out, capture, correlator, processes)
+            # Everything allocated so far (bcc, grpc, protobuf, parsed ELF/DWARF) lives as long as the
+            # agent: keep the cyclic GC from rescanning it on every collection of per-request garbage.
+            gc.collect()
+            gc.freeze()
             print(f"kspan: ready ({capture.probes_attached} probes, {capture.backend} backend)", file=sys.stderr)
             sys.stderr.flush()
             self._loop(capture, processes, correlator, out, writer, attachers)
