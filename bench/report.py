@@ -326,17 +326,21 @@ def write_chart(r: dict[str, Any], path: str) -> None:
     if cost:
         labels = [f"{c['rate'] / 1000:g}k" for c in cost]
         us = [c.get("cpu_us_per_request") or 0 for c in cost]
-        ax.bar(labels, us, color="#1f77b4", label="agent CPU us/request")
-        ax.set_ylim(0, max([*us, TARGET_CPU_US_PER_REQUEST]) * 1.4)
+        bpf = [c.get("bpf_us_per_request") or 0 for c in cost]
+        xs = list(range(len(labels)))
+        ax.bar([x - 0.2 for x in xs], us, 0.4, color="#1f77b4", label="agent process CPU us/request")
+        ax.bar([x + 0.2 for x in xs], bpf, 0.4, color="#9467bd", label="BPF probes us/request (in-kernel)")
+        ax.set_xticks(xs, labels)
+        ax.set_ylim(0, max([*us, *bpf, TARGET_CPU_US_PER_REQUEST]) * 1.4)
         ax.axhline(TARGET_CPU_US_PER_REQUEST, color="k", ls="--", lw=1,
                    label=f"target {TARGET_CPU_US_PER_REQUEST:.0f} us")
         ax2 = ax.twinx()
         hwm = [c.get("hwm_mb") or 0 for c in cost]
-        ax2.plot(labels, hwm, "o-", color="#2ca02c", label="peak RSS MB")
+        ax2.plot(xs, hwm, "o-", color="#2ca02c", label="peak RSS MB")
         ax2.set_ylabel("MB")
         ax2.set_ylim(0, max([*hwm, 1.0]) * 1.4)
         ax2.legend(loc="upper right")
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Agent cost at fixed request rates")
     ax.set_ylabel("CPU us per traced request")
     ax.set_xlabel("offered rate (req/s)")
@@ -357,6 +361,10 @@ def write_chart(r: dict[str, Any], path: str) -> None:
         ax.set_ylim(min([0.9, *delivered, *achieved]) - 0.05, 1.05)
     ax.set_title("Capacity: every request exactly one span")
     ax.set_xlabel("offered rate (req/s)")
+    for ax, shown in ((axes[0][0], servers), (axes[0][1], servers), (axes[1][0], cost), (axes[1][1], steps)):
+        if not shown:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes,
+                    color="#888")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
