@@ -238,6 +238,9 @@ def _release_compiler_memory() -> None:
         pass  # not glibc
 
 
+# Connection states examined per sweep() call (about 13 us each here).
+SWEEP_BATCH = 2048
+
 # Functions attached by name (not by bcc's tracepoint__ auto-attach), with their program type.
 NAMED_TRACEPOINT_FUNCS = ("kspan_sock_length", "kspan_tcp_send_reset")
 
@@ -295,6 +298,7 @@ class Capture:
         self._reader: RingBufferReader | None = None
         self._closed = False
         self._sweep_evicted = 0
+        self._sweep_cursor: Any = None
         self._exe_added = 0
 
     # -- start -------------------------------------------------------------------------------
@@ -394,19 +398,35 @@ class Capture:
         return batch
 
     def sweep(self, now_mono_ns: int | None = None) -> list[bytes]:
-        """Take out exchanges with no progress within the response timeout, as TIMEOUT records."""
+        """Take out exchanges with no progress within the response timeout, as TIMEOUT records.
+
+        Each call examines at most SWEEP_BATCH connection states, continuing where the previous
+        call stopped: idle keep-alive connections keep their state in the kernel, and reading
+        all of a large map at every call would cost the agent more than the exchanges."""
         if self.bpf is None:
             return []
         now = time.monotonic_ns() if now_mono_ns is None else now_mono_ns
         timeout_ns = int(self.config.response_timeout_s * 1e9)
         conns = self.bpf[b"conns"]
         layout = sweeper.ConnLayout.of(conns.Leaf)
-        out: list[bytes] = []
-        for key, value in list(conns.items()):
-            raw = sweeper.raw_bytes(value)
-            stale = sweeper.stale_record(key.value, raw, now, timeout_ns, layout)
-            if stale is None:
+        stale: list[tuple[Any, Any, bytes]] = []
+        key = self._sweep_cursor
+        for _ in range(SWEEP_BATCH):
+            try:
+                key = conns.next(key)
+            except StopIteration:
+                key = None  # end of the map: the next call starts over
+                break
+            try:
+                value = conns[key]
+            except KeyError:
                 continue
+            found = sweeper.stale_record(key.value, sweeper.raw_bytes(value), now, timeout_ns, layout)
+            if found is not None:
+                stale.append((key, value, found.record))
+        self._sweep_cursor = key
+        out: list[bytes] = []
+        for key, value, record in stale:
             try:
                 if conns[key].last_ns != value.last_ns:
                     continue  # progress since we read it
@@ -414,7 +434,7 @@ class Capture:
             except KeyError:
                 continue  # closed meanwhile: the kernel emitted it
             self._release_hints(value)
-            out.append(stale.record)
+            out.append(record)
         self._sweep_evicted += len(out)
         return out
 
