@@ -249,19 +249,19 @@ class SslAttacher:
                 lib.probes += 1
                 lib.symbols.append(sym)
             except Exception as e:  # bcc raises a bare Exception on attach failure
-                self._error(f"{path}: cannot attach to {sym}: {e}")
+                self._error(f"{path}: cannot attach to {sym}: {e}", fatal=os.path.exists(path))
         if SET_FD[0] in symbols:
             try:
                 self.bpf.attach_uprobe(name=path, sym=SET_FD[0], fn_name=SET_FD[1])
                 lib.probes += 1
-            except Exception as e:
-                self._error(f"{path}: cannot attach to {SET_FD[0]}: {e}")
+            except Exception as e:  # noqa: BLE001 - as above
+                self._error(f"{path}: cannot attach to {SET_FD[0]}: {e}", fatal=os.path.exists(path))
         log.info("OpenSSL (%s) %s: %d probes", kind, path, lib.probes)
         return lib.probes
 
-    def _error(self, msg: str) -> None:
+    def _error(self, msg: str, fatal: bool = False) -> None:
         self.errors.append(msg)
-        if self.strict and "cannot attach" in msg:
+        if self.strict and fatal:
             raise RuntimeError(msg)
         log.warning("kspan: %s", msg)
 

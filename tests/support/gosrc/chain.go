@@ -2,7 +2,8 @@
 //
 // It serves GET /work. With -downstream URL it calls that URL from a NEW goroutine (the case
 // goroutine parentage must link) and answers with the downstream status; without it, it answers
-// 200 "leaf". With -client URL it instead acts as a client: it makes -n requests and exits.
+// 200 "leaf" (after -delay). With -client URL it instead acts as a client: it makes -n requests
+// (GET URL?id=i), -c of them at a time, prints one "status body" line each, and exits.
 package main
 
 import (
@@ -13,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync"
 	"time"
 )
 
@@ -23,6 +25,8 @@ func main() {
 	downstream := flag.String("downstream", "", "URL to call from a new goroutine per request")
 	client := flag.String("client", "", "act as a client: GET this URL -n times and exit")
 	n := flag.Int("n", 1, "client requests")
+	c := flag.Int("c", 1, "client requests in flight at once")
+	delay := flag.Duration("delay", 0, "leaf: wait this long before answering")
 	flag.Parse()
 
 	// Test certificates are self-signed: the chain must not fail on verification.
@@ -34,15 +38,38 @@ func main() {
 	hc := &http.Client{Transport: tr, Timeout: 10 * time.Second}
 
 	if *client != "" {
+		// Request i asks for /work?id=i; c goroutines share the n requests.
+		ids := make(chan int, *n)
 		for i := 0; i < *n; i++ {
-			resp, err := hc.Get(*client)
-			if err != nil {
-				fmt.Fprintln(os.Stderr, "client:", err)
-				os.Exit(1)
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			fmt.Printf("%d %s\n", resp.StatusCode, body)
+			ids <- i
+		}
+		close(ids)
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		failed := false
+		for w := 0; w < *c; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range ids {
+					resp, err := hc.Get(fmt.Sprintf("%s?id=%d", *client, i))
+					mu.Lock()
+					if err != nil {
+						fmt.Fprintln(os.Stderr, "client:", err)
+						failed = true
+						mu.Unlock()
+						continue
+					}
+					body, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					fmt.Printf("%d %s\n", resp.StatusCode, body)
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+		if failed {
+			os.Exit(1)
 		}
 		return
 	}
@@ -50,6 +77,7 @@ func main() {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/work", func(w http.ResponseWriter, r *http.Request) {
 		if *downstream == "" {
+			time.Sleep(*delay)
 			w.WriteHeader(200)
 			io.WriteString(w, "leaf")
 			return
@@ -60,7 +88,8 @@ func main() {
 		}
 		done := make(chan result, 1)
 		go func() {
-			resp, err := hc.Get(*downstream)
+			// The downstream call carries the id of the request it serves, so a test can pair them.
+			resp, err := hc.Get(*downstream + "?id=" + r.URL.Query().Get("id"))
 			if err != nil {
 				done <- result{0, err}
 				return

@@ -1,0 +1,134 @@
+"""tracer/ssl_libs.py: finding OpenSSL in processes and on the host, once per file.
+
+The attach calls go to a recording stand-in for the bcc object (attaching for real is the e2e
+tests' job); the files, symbol tables and /proc layouts are real.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracer import ssl_libs
+
+LIBSSL3 = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+NSS_LIBSSL3 = "/usr/lib/x86_64-linux-gnu/libssl3.so"
+
+
+class RecordingBpf:
+    def __init__(self, fail: set[str] | None = None) -> None:
+        self.calls: list[tuple[str, str, str, str]] = []
+        self.fail = fail or set()
+
+    def attach_uprobe(self, name: str, sym: str, fn_name: str, **_: Any) -> None:
+        if sym in self.fail:
+            raise Exception(f"could not attach {sym}")  # bcc raises a bare Exception
+        self.calls.append(("uprobe", name, sym, fn_name))
+
+    def attach_uretprobe(self, name: str, sym: str, fn_name: str, **_: Any) -> None:
+        self.calls.append(("uretprobe", name, sym, fn_name))
+
+
+MAPS = """\
+55d0c0a00000-55d0c0a21000 r--p 00000000 fe:01 1234 /usr/bin/python3.11
+7f1c2e600000-7f1c2e67f000 r--p 00000000 fe:01 5678 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f1c2e67f000-7f1c2e6d9000 r-xp 0007f000 fe:01 5678 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f1c2e700000-7f1c2e710000 r-xp 00000000 fe:01 9999 /opt/app/lib/libssl.so.1.1
+7f1c2e800000-7f1c2e810000 r-xp 00000000 fe:01 4444 /usr/lib/x86_64-linux-gnu/libssl3.so
+7f1c2e900000-7f1c2e910000 r-xp 00000000 fe:01 4445 /tmp/libssl.so.3 (deleted)
+7ffd1a000000-7ffd1a021000 rw-p 00000000 00:00 0 [stack]
+"""
+
+
+def test_libssl_paths_in_maps() -> None:
+    assert ssl_libs.libssl_paths_in_maps(MAPS) == [
+        "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+        "/opt/app/lib/libssl.so.1.1",
+    ]
+
+
+def test_system_paths_from_ldconfig_are_deduplicated() -> None:
+    text = (
+        f"\tlibssl3.so (libc6,x86-64) => {NSS_LIBSSL3}\n"
+        "\tlibssl.so.3 (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so.3\n"
+        "\tlibssl.so (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so\n"
+    )
+    paths = ssl_libs.system_libssl_paths(lambda: text)
+    # libssl.so, libssl.so.3 and /usr/lib's copy are one file; NSS's libssl3.so is not OpenSSL.
+    assert paths == [os.path.realpath(LIBSSL3)]
+
+
+def test_defined_symbols_of_real_libraries(tmp_path: Path) -> None:
+    syms = ssl_libs.defined_ssl_symbols(LIBSSL3)
+    assert {"SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex", "SSL_set_fd"} <= set(syms)
+    # curl links libssl: it imports SSL_write but does not define it.
+    assert ssl_libs.defined_ssl_symbols(shutil.which("curl") or "/usr/bin/curl") == []
+    junk = tmp_path / "libssl.so.3"
+    junk.write_bytes(b"not an ELF file")
+    assert ssl_libs.defined_ssl_symbols(str(junk)) == []
+
+
+def _fake_proc(root: Path, pid: int, maps: str, files: dict[str, str]) -> None:
+    """/proc/PID/{maps,root/...,exe} with the given library files copied into the process's root."""
+    d = root / str(pid)
+    (d / "root").mkdir(parents=True)
+    (d / "maps").write_text(maps)
+    for inside, source in files.items():
+        target = d / "root" / inside.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    os.symlink("/bin/true", d / "exe")
+
+
+def test_container_library_attached_once_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssl_libs, "system_libssl_paths", lambda: [LIBSSL3])
+    lib_in_container = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+    maps = f"7f00-7f10 r-xp 00000000 fe:01 1 {lib_in_container}\n"
+    _fake_proc(tmp_path, 100, maps, {lib_in_container: LIBSSL3})
+    # Two processes of one container share the library file: hard link it into the second root.
+    (tmp_path / "101" / "root" / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    os.link(tmp_path / "100" / "root" / lib_in_container.lstrip("/"),
+            tmp_path / "101" / "root" / lib_in_container.lstrip("/"))
+    (tmp_path / "101" / "maps").write_text(maps)
+    os.symlink("/bin/true", tmp_path / "101" / "exe")
+
+    bpf = RecordingBpf()
+    a = ssl_libs.SslAttacher(bpf, proc_root=str(tmp_path))
+    n = a.scan_existing([100, 101, 102])  # 102 does not exist: ignored
+    per_lib = 4 * 2 + 1  # four functions, entry and return, plus SSL_set_fd
+    assert n == 2 * per_lib == a.attached_probes
+    opened = {c[1] for c in bpf.calls}
+    assert opened == {LIBSSL3, f"{tmp_path}/100/root{lib_in_container}"}
+    assert a.scan_existing([100, 101]) == 0  # nothing new
+    assert a.on_exec(101) == 0
+
+
+def test_exec_rescans_until_the_library_appears(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssl_libs, "system_libssl_paths", lambda: [])
+    _fake_proc(tmp_path, 200, "", {"/lib/libssl.so.3": LIBSSL3})
+    a = ssl_libs.SslAttacher(RecordingBpf(), proc_root=str(tmp_path))
+    assert a.on_exec(200, now=0.0) == 0  # libssl not mapped yet
+    (tmp_path / "200" / "maps").write_text("7f00-7f10 r-xp 00000000 fe:01 1 /lib/libssl.so.3\n")
+    assert a.rescan_pending(now=0.1) == 0  # not due yet
+    assert a.rescan_pending(now=0.25) == 9
+    assert a.rescan_pending(now=100.0) == 0
+    assert a.rescan_pending(now=200.0) == 0 and not a._pending
+
+
+def test_not_openssl_and_attach_failures_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssl_libs, "system_libssl_paths", lambda: [NSS_LIBSSL3])
+    a = ssl_libs.SslAttacher(RecordingBpf(), proc_root=str(tmp_path))
+    assert a.scan_existing([]) == 0
+    assert any("no SSL_read/SSL_write" in e for e in a.errors)
+
+    monkeypatch.setattr(ssl_libs, "system_libssl_paths", lambda: [LIBSSL3])
+    a = ssl_libs.SslAttacher(RecordingBpf(fail={"SSL_read_ex"}), proc_root=str(tmp_path))
+    assert a.scan_existing([]) == 7
+    assert any("cannot attach to SSL_read_ex" in e for e in a.errors)
+    strict = ssl_libs.SslAttacher(RecordingBpf(fail={"SSL_read_ex"}), proc_root=str(tmp_path), strict=True)
+    with pytest.raises(RuntimeError, match="SSL_read_ex"):
+        strict.scan_existing([])
