@@ -126,8 +126,8 @@ enum kspan_framing {
 #define KSPAN_METHOD_HEAD 4
 
 /* The map value embeds the whole record so bpf_ringbuf_output copies it straight from the map
- * (the stack is 512 bytes). `spare` is the header-scan buffer and also the room that lets the
- * verifier accept variable-offset copies into req_head/resp_head. */
+ * (the stack is 512 bytes). `spare` is the room that lets the verifier accept variable-offset
+ * copies into req_head/resp_head. */
 struct kspan_conn {
     struct kspan_exchange ex;
     __u64 last_ns;          /* last progress, for the user-space timeout sweep */
@@ -136,7 +136,7 @@ struct kspan_conn {
     __u64 tail;             /* newest response bytes, newest in the low byte */
     __u32 cl_pos;           /* scan results kept in the map value, not in registers: a register */
     __u32 te_pos;           /* later used as an index would make the verifier tell loop states apart */
-    __u32 scan_n;           /* bytes read into spare by the last scan */
+    __u32 scan_n;           /* bytes read into the scan buffer by the last scan */
     __u32 scan_end;
     __u32 te_end;
     __u32 _pad_scan;
@@ -148,8 +148,18 @@ struct kspan_conn {
     __u8 tail_n;
     __u8 has_length;
     __u8 chunked;
-    char spare[1024 + 64];  /* 1023 (masked offset) + 32 zeroed bytes fit */
+    /* Room for the verifier: an append into req_head is seen as offset <= 511 plus up to 1023
+     * bytes (the mask it can follow), which must stay inside the map value. */
+    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 64];
 };
+
+/* The response-header scan reads the transfer here (per CPU: a program runs to its end on one
+ * CPU), not in the connection state: every connection state would carry the buffer otherwise,
+ * and the kernel allocates max_connections of them up front. */
+struct kspan_scan_buf {
+    char b[1024 + 64];      /* 1023 (masked offset) + 32 zeroed bytes fit */
+};
+BPF_PERCPU_ARRAY(kspan_scan, struct kspan_scan_buf, 1);
 
 /* Counters, readable from user space by name (tracer/loader.py COUNTER_NAMES, same order). */
 enum kspan_counter {
@@ -331,7 +341,8 @@ static __always_inline __u32 kspan_readable(struct kspan_data_args *a)
 }
 
 /* Append up to `room` bytes of user data to a head buffer at a variable offset. The asm barrier
- * stops clang from folding the mask away, so the verifier sees a bound (`spare` gives the room). */
+ * stops clang from folding the mask away (it knows the value is already smaller), so the
+ * verifier sees a bound; `spare` gives the room past the last head buffer. */
 #define KSPAN_APPEND(field, cap, lenfield, src, avail, flag)                       \
     do {                                                                          \
         __u32 _off = st->ex.lenfield;                                             \
@@ -341,7 +352,7 @@ static __always_inline __u32 kspan_readable(struct kspan_data_args *a)
             if (_n > _room)                                                       \
                 _n = _room;                                                       \
             asm volatile("" : "+r"(_n));                                          \
-            _n &= 1023;                                                           \
+            _n &= (2 * (cap) - 1);                                                \
             _off &= ((cap) - 1);                                                  \
             if (_n > 0 && bpf_probe_read_user(&st->ex.field[_off], _n, (src)) == 0) \
                 st->ex.lenfield = _off + _n;                                      \
@@ -564,10 +575,10 @@ static __always_inline void kspan_update_tail(struct kspan_conn *st, struct kspa
 #define KSPAN_W_CHUNKED 0x0064656b6e756863ULL   /* "chunked" (7 bytes) */
 #define KSPAN_LOWER 0x2020202020202020ULL
 
-static __always_inline __u64 kspan_word(struct kspan_conn *st, __u32 pos)
+static __always_inline __u64 kspan_word(const char *buf, __u32 pos)
 {
     __u64 w = 0;
-    __builtin_memcpy(&w, &st->spare[pos & 1023], 8);
+    __builtin_memcpy(&w, &buf[pos & 1023], 8);
     return w;
 }
 
@@ -575,21 +586,21 @@ static __always_inline __u64 kspan_word(struct kspan_conn *st, __u32 pos)
  * end-of-headers offset (after the blank line) or 0. Bytes past the transfer are zero (see
  * kspan_scan_headers), so no comparison with the length is needed here: each such comparison
  * would refine the length's range differently per iteration and multiply the verifier's states. */
-static __always_inline __u32 kspan_header_line(struct kspan_conn *st, __u32 j)
+static __always_inline __u32 kspan_header_line(struct kspan_conn *st, const char *buf, __u32 j)
 {
-    __u8 c = st->spare[j & 1023];
+    __u8 c = buf[j & 1023];
     if (c == '\n')
         return j + 1;
     if (c == '\r')
         return j + 2;
-    __u64 w = kspan_word(st, j) | KSPAN_LOWER;
+    __u64 w = kspan_word(buf, j) | KSPAN_LOWER;
     if (w == KSPAN_W_CONTENT_) {
-        __u64 w2 = (kspan_word(st, j + 8) | KSPAN_LOWER) & 0x00ffffffffffffffULL;
+        __u64 w2 = (kspan_word(buf, j + 8) | KSPAN_LOWER) & 0x00ffffffffffffffULL;
         if (w2 == KSPAN_W_LENGTH_)
             st->cl_pos = j + 15;
     } else if (w == KSPAN_W_TRANSFER) {
-        __u64 w2 = kspan_word(st, j + 8) | KSPAN_LOWER;
-        __u64 w3 = (kspan_word(st, j + 16) | KSPAN_LOWER) & 0xffffULL;
+        __u64 w2 = kspan_word(buf, j + 8) | KSPAN_LOWER;
+        __u64 w3 = (kspan_word(buf, j + 16) | KSPAN_LOWER) & 0xffffULL;
         if (w2 == KSPAN_W__ENCODIN && w3 == KSPAN_W_G_)
             st->te_pos = j + 18;
     }
@@ -607,26 +618,29 @@ static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct ksp
         n = KSPAN_SCAN;
     asm volatile("" : "+r"(n));
     n &= 1023;
-    if (n == 0 || bpf_probe_read_user(st->spare, n, a->buf) != 0) {
+    int zero = 0;
+    struct kspan_scan_buf *sb = kspan_scan.lookup(&zero);
+    if (!sb || n == 0 || bpf_probe_read_user(sb->b, n, a->buf) != 0) {
         st->hdr_state = KSPAN_HS_GAVE_UP;
         kspan_count(KSPAN_CNT_HEAD_GAVE_UP, 1);
         return;
     }
-    __builtin_memset(&st->spare[n & 1023], 0, 32);
+    char *buf = sb->b;
+    __builtin_memset(&buf[n & 1023], 0, 32);
     st->scan_n = n;
     st->cl_pos = 0;
     st->te_pos = 0;
     st->scan_end = 0;
     if (st->hdr_state == KSPAN_HS_LINE)
-        st->scan_end = kspan_header_line(st, 0);
+        st->scan_end = kspan_header_line(st, buf, 0);
     if (!st->scan_end) {
 #pragma clang loop unroll(disable)
         for (__u32 i = 0; i < KSPAN_SCAN; i++) {
             if (i + 1 >= n)
                 break;
-            if (st->spare[i] != '\n')
+            if (buf[i] != '\n')
                 continue;
-            __u32 e = kspan_header_line(st, i + 1);
+            __u32 e = kspan_header_line(st, buf, i + 1);
             if (e) {
                 st->scan_end = e;
                 break;
@@ -641,7 +655,7 @@ static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct ksp
         __u8 digits = 0;
 #pragma clang loop unroll(disable)
         for (__u32 k = 0; k < 24; k++) {
-            __u8 c = st->spare[(clpos + k) & 1023];
+            __u8 c = buf[(clpos + k) & 1023];
             if (c >= '0' && c <= '9') {
                 cl = cl * 10 + (c - '0');
                 digits = 1;
@@ -659,7 +673,7 @@ static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct ksp
         st->te_end = 0;
 #pragma clang loop unroll(disable)
         for (__u32 k = 0; k < 48; k++) {
-            __u8 c = st->spare[(tepos + k) & 1023];
+            __u8 c = buf[(tepos + k) & 1023];
             if (c == '\r' || c == '\n' || c == 0) {
                 st->te_end = tepos + k;
                 break;
@@ -669,11 +683,11 @@ static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct ksp
         __u32 e = st->te_end;
 #pragma clang loop unroll(disable)
         for (int k = 0; k < 4; k++) {
-            if (e > tepos && (st->spare[(e - 1) & 1023] == ' ' || st->spare[(e - 1) & 1023] == '\t'))
+            if (e > tepos && (buf[(e - 1) & 1023] == ' ' || buf[(e - 1) & 1023] == '\t'))
                 e--;
         }
         if (e >= tepos + 7) {
-            __u64 w = (kspan_word(st, e - 7) | KSPAN_LOWER) & 0x00ffffffffffffffULL;
+            __u64 w = (kspan_word(buf, e - 7) | KSPAN_LOWER) & 0x00ffffffffffffffULL;
             if (w == KSPAN_W_CHUNKED)
                 st->chunked = 1;
         }
@@ -689,7 +703,7 @@ static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct ksp
         st->hdr_state = KSPAN_HS_GAVE_UP;
         kspan_count(KSPAN_CNT_HEAD_GAVE_UP, 1);
     } else {
-        st->hdr_state = st->spare[(sn - 1) & 1023] == '\n' ? KSPAN_HS_LINE : KSPAN_HS_STATUS;
+        st->hdr_state = buf[(sn - 1) & 1023] == '\n' ? KSPAN_HS_LINE : KSPAN_HS_STATUS;
     }
 }
 
