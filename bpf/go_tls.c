@@ -118,16 +118,13 @@ static __always_inline __u64 kspan_go_tls_sk(__u32 tgid, __u64 tlsconn, struct k
     return kspan_go_tcpconn_sk(tgid, kspan_go_iface_data(tlsconn + o->tls_conn_conn), o);
 }
 
-static __always_inline int kspan_go_tls_enter(struct pt_regs *ctx)
+static __always_inline int kspan_go_tls_enter(struct pt_regs *ctx, __u8 dir)
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 tgid = id >> 32;
     struct kspan_go_offsets *o = kspan_go_offsets_of(ctx, tgid);
     if (!o || !(o->flags & KSPAN_GO_TLS))
         return 0;
-    struct kspan_go_key key = {};
-    key.tgid = tgid;
-    key.goid = kspan_go_goid(ctx, o);
     struct kspan_go_tls_call c = {};
     c.buf = (const char *)ctx->bx;  /* b []byte: ptr in RBX, len in RCX (receiver c in RAX) */
     c.start_ns = bpf_ktime_get_ns();
@@ -138,6 +135,33 @@ static __always_inline int kspan_go_tls_enter(struct pt_regs *ctx)
         if (!tls_conns.lookup(&c.sk))
             tls_conns.update(&c.sk, &one);
     }
+    if (dir == KSPAN_DIR_EGRESS) {
+        /* (*Conn).Write writes all of b or fails, so the bytes are known here. Reporting them at
+         * entry, before they reach the wire, orders a request before its receiver's read of it,
+         * which the peer's PEER link needs (a RET probe can run after the peer read the bytes). */
+        __s64 len = (__s64)ctx->cx;
+        if (!c.sk || len <= 0) {
+            if (len > 0)
+                kspan_count(KSPAN_CNT_UNPARSED_BYTES, len);
+            return 0;
+        }
+        struct kspan_data_args a = {};
+        a.conn_id = c.sk;
+        a.pid = tgid;
+        a.tid = (__u32)id;
+        a.dir = KSPAN_DIR_EGRESS;
+        a.source = KSPAN_SRC_GO;
+        a.flags = KSPAN_FLAG_TLS;
+        a.buf = c.buf;
+        a.len = len > 0x7fffffff ? 0x7fffffff : (__u32)len;
+        a.start_ns = c.start_ns;
+        a.end_ns = c.start_ns;
+        kspan_on_data(ctx, &a);
+        return 0;
+    }
+    struct kspan_go_key key = {};
+    key.tgid = tgid;
+    key.goid = kspan_go_goid(ctx, o);
     go_tls_calls.update(&key, &c);
     return 0;
 }
@@ -209,7 +233,6 @@ static __always_inline int kspan_go_tls_ret(struct pt_regs *ctx, __u8 dir)
     return 0;
 }
 
-int kspan_go_tls_write_enter(struct pt_regs *ctx) { return kspan_go_tls_enter(ctx); }
-int kspan_go_tls_read_enter(struct pt_regs *ctx) { return kspan_go_tls_enter(ctx); }
-int kspan_go_tls_write_ret(struct pt_regs *ctx) { return kspan_go_tls_ret(ctx, KSPAN_DIR_EGRESS); }
+int kspan_go_tls_write_enter(struct pt_regs *ctx) { return kspan_go_tls_enter(ctx, KSPAN_DIR_EGRESS); }
+int kspan_go_tls_read_enter(struct pt_regs *ctx) { return kspan_go_tls_enter(ctx, KSPAN_DIR_INGRESS); }
 int kspan_go_tls_read_ret(struct pt_regs *ctx) { return kspan_go_tls_ret(ctx, KSPAN_DIR_INGRESS); }

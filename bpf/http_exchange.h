@@ -199,6 +199,10 @@ BPF_HASH(ssl_active, __u64, struct kspan_ssl_call, 16384);     /* pid_tgid -> SS
 BPF_TABLE("lru_hash", __u64, struct kspan_exchange_ref, thread_ctx, 16384);     /* pid_tgid -> serving exchange */
 BPF_TABLE("lru_hash", __u32, struct kspan_inflight, proc_inflight, 16384);     /* tgid -> server exchanges in flight */
 BPF_TABLE("lru_hash", struct kspan_conn_key, struct kspan_exchange_ref, client_conns, KSPAN_MAX_CONNS);
+/* Go: client sock -> the server exchange whose goroutine (or a descendant) issued the call, filled
+ * by bpf/go_http.c at net/http.(*persistConn).roundTrip; threads say nothing in Go. */
+BPF_TABLE("lru_hash", __u64, struct kspan_exchange_ref, go_client_parent, 16384);
+#define KSPAN_HAVE_GO_CLIENT_PARENT 1
 
 /* Filters. */
 BPF_HASH(allowed_pids, __u32, __u8, 65536);
@@ -494,8 +498,15 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             }
         }
     } else {
-        struct kspan_exchange_ref *t = thread_ctx.lookup(&pid_tgid);
-        if (t) {
+        struct kspan_exchange_ref *g = go_client_parent.lookup(&st->ex.conn_id);
+        struct kspan_exchange_ref *t = g ? 0 : thread_ctx.lookup(&pid_tgid);
+        if (g) {
+            st->ex.parent_kind = KSPAN_PARENT_GOROUTINE;
+            st->ex.parent_conn_id = g->conn_id;
+            st->ex.parent_req_start_ns = g->req_start_ns;
+            st->ex.parent_pid = g->pid;
+            go_client_parent.delete(&st->ex.conn_id);
+        } else if (t) {
             st->ex.parent_kind = KSPAN_PARENT_THREAD;
             st->ex.parent_conn_id = t->conn_id;
             st->ex.parent_req_start_ns = t->req_start_ns;

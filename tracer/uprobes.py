@@ -33,7 +33,8 @@ HTTP_FIELDS = (*TLS_FIELDS, "net/http.response.conn", "net/http.conn.rwc", "net/
 
 # function -> (entry program, RET program or None, feature flag)
 PROBES: dict[str, tuple[str, str | None, int]] = {
-    gb.FN_TLS_WRITE: ("kspan_go_tls_write_enter", "kspan_go_tls_write_ret", FLAG_TLS),
+    # Write reports its bytes at entry (all or error), so it needs no RET probes.
+    gb.FN_TLS_WRITE: ("kspan_go_tls_write_enter", None, FLAG_TLS),
     gb.FN_TLS_READ: ("kspan_go_tls_read_enter", "kspan_go_tls_read_ret", FLAG_TLS),
     gb.FN_SERVE_HTTP: ("kspan_go_serve_enter", "kspan_go_serve_ret", FLAG_HTTP),
     gb.FN_NEWPROC1: ("kspan_go_newproc_enter", "kspan_go_newproc_ret", FLAG_HTTP),
