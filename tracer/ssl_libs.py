@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracer import go_binary
+
 log = logging.getLogger(__name__)
 
 # OpenSSL's soname: libssl.so.3, libssl.so.1.1 (NSS's libssl3.so is a different library).
@@ -205,7 +207,9 @@ class SslAttacher:
                 return n
             key = (st.st_dev, st.st_ino)
             if key not in self.libraries and key not in self.not_ssl:
-                if self._statically_linked(exe):
+                # Go programs carry their own crypto/tls (tracer/uprobes.py); reading a Go binary's
+                # large symbol table here would only delay the Go attacher.
+                if go_binary.go_version(exe) is None and self._statically_linked(exe):
                     n += self._attach_file(exe, "static")
                 else:
                     self.not_ssl.add(key)

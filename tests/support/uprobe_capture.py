@@ -9,29 +9,25 @@ tracer.records and turned into spans by correlator.Correlator.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from correlator.clock import WallClock
 from correlator.correlator import Correlator, CorrelatorConfig
 from correlator.records import Exchange
 from correlator.spans import Span
+from tests.support.ebpf import fail_or_skip, in_ci, require_ebpf
 from tracer import records
 
-CI = os.environ.get("CI") == "true"
+CI = in_ci()
 MODULES = ("openssl.c", "go_tls.c", "go_http.c")
 
 
 def unavailable(reason: str) -> None:
     """With CI=true an eBPF test that cannot load or attach fails; elsewhere it is skipped."""
-    if CI:
-        pytest.fail(f"eBPF unavailable (CI=true): {reason}")
-    pytest.skip(f"eBPF unavailable: {reason}")
+    fail_or_skip(reason)
 
 
 class Traced:
@@ -48,8 +44,7 @@ class Traced:
         self._thread: threading.Thread | None = None
 
     def start(self) -> Traced:
-        if os.geteuid() != 0:
-            unavailable("needs root")
+        require_ebpf()
         from tracer.capabilities import probe
         from tracer.loader import Capture, CaptureConfig, CaptureError
         from tracer.ssl_libs import SslAttacher
