@@ -420,6 +420,31 @@ static __always_inline void kspan_emit(struct kspan_conn *st, __u8 reason)
     st->phase = KSPAN_PH_IDLE;
 }
 
+/* PEER hint of a server exchange: the local client exchange on the other end of this connection.
+ * Tried when the request starts and again when the response starts: on loopback the server can
+ * read the request before the client's send tracepoint has run (the data is delivered inside the
+ * client's send), and by the response the client's entry is there. */
+static __always_inline void kspan_peer_hint(struct kspan_conn *st)
+{
+    if (!(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN))
+        return;
+    struct kspan_tuple t = {};
+    t.family = st->ex.family;
+    t.local_port = st->ex.local_port;
+    t.remote_port = st->ex.remote_port;
+    __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
+    __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
+    struct kspan_conn_key k = {};
+    kspan_conn_key_of(&k, &t, 1);
+    struct kspan_exchange_ref *peer = client_conns.lookup(&k);
+    if (peer && peer->req_start_ns <= st->ex.req_start_ns) {
+        st->ex.parent_kind = KSPAN_PARENT_PEER;
+        st->ex.parent_conn_id = peer->conn_id;
+        st->ex.parent_req_start_ns = peer->req_start_ns;
+        st->ex.parent_pid = peer->pid;
+    }
+}
+
 /* Start a request on a connection state (new, idle, or replacing an unfinished exchange). */
 static __always_inline void kspan_begin_request(struct kspan_conn *st, struct kspan_data_args *a, __u8 method)
 {
@@ -480,23 +505,7 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             nf.req_start_ns = me.req_start_ns;
             proc_inflight.update(&pid, &nf);
         }
-        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-            struct kspan_tuple t = {};
-            t.family = st->ex.family;
-            t.local_port = st->ex.local_port;
-            t.remote_port = st->ex.remote_port;
-            __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
-            __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
-            struct kspan_conn_key k = {};
-            kspan_conn_key_of(&k, &t, 1);
-            struct kspan_exchange_ref *peer = client_conns.lookup(&k);
-            if (peer) {
-                st->ex.parent_kind = KSPAN_PARENT_PEER;
-                st->ex.parent_conn_id = peer->conn_id;
-                st->ex.parent_req_start_ns = peer->req_start_ns;
-                st->ex.parent_pid = peer->pid;
-            }
-        }
+        kspan_peer_hint(st);
     } else {
         struct kspan_exchange_ref *g = go_client_parent.lookup(&st->ex.conn_id);
         struct kspan_exchange_ref *t = g ? 0 : thread_ctx.lookup(&pid_tgid);
@@ -730,6 +739,8 @@ static __always_inline void kspan_parse_status(struct kspan_conn *st)
 
 static __always_inline void kspan_begin_response(struct kspan_conn *st, struct kspan_data_args *a)
 {
+    if (st->ex.role == KSPAN_ROLE_SERVER && st->ex.parent_kind == KSPAN_PARENT_NONE)
+        kspan_peer_hint(st);
     st->phase = KSPAN_PH_RESP;
     st->ex.resp_start_ns = a->start_ns;
     st->ex.resp_bytes = 0;
@@ -839,8 +850,21 @@ static __always_inline struct kspan_conn *kspan_new_conn(struct kspan_data_args 
     return st;
 }
 
-static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *a)
+/* Per-CPU copy of the transfer's arguments: see kspan_on_data. */
+BPF_PERCPU_ARRAY(kspan_args, struct kspan_data_args, 1);
+
+static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *arg)
 {
+    /* Work on a copy in map memory, whose contents the verifier does not track: callers build
+     * the arguments on different paths (plain buffer, iovec, sendfile ...), and as stack values
+     * those paths would stay distinct through the whole state machine below, multiplying the
+     * verifier's work past its limit. */
+    int zero = 0;
+    struct kspan_data_args *a = kspan_args.lookup(&zero);
+    if (!a)
+        return;
+    __builtin_memcpy(a, arg, sizeof(*a));
+    asm volatile("" ::: "memory");
     if (a->pid == KSPAN_SELF_PID) {
         if (a->dir == KSPAN_DIR_EGRESS)
             kspan_note_self(a->conn_id);
