@@ -23,10 +23,61 @@ struct kspan_ssl_key {
 BPF_TABLE("lru_hash", struct kspan_ssl_key, __u64, ssl_sk, 65536);
 /* SSL* -> fd from SSL_set_fd: the sock of a first call that made no syscall of its own. */
 BPF_TABLE("lru_hash", struct kspan_ssl_key, __u32, ssl_fd, 65536);
-/* pid_tgid -> size_t *written / *readbytes of an SSL_*_ex call in progress. */
-BPF_HASH(ssl_ex_out, __u64, __u64, 16384);
+/* pid_tgid -> what the return probe needs besides ssl_active's entry. */
+struct kspan_ssl_extra {
+    __u64 outp;           /* size_t *written / *readbytes of an _ex call; 0 for the plain forms */
+    __u64 num;            /* bytes asked to write */
+    __u8 fed;             /* the write's bytes were reported at entry */
+    __u8 _pad[7];
+};
+BPF_HASH(ssl_extra, __u64, struct kspan_ssl_extra, 16384);
+/* SSL* -> the write still owed after a failed (WANT_WRITE) or partial SSL_write whose bytes were
+ * already reported at entry: OpenSSL requires the retry with the same buffer, so that entry must
+ * not report them again. */
+struct kspan_ssl_owed {
+    __u64 buf;
+    __u64 num;
+};
+BPF_TABLE("lru_hash", struct kspan_ssl_key, struct kspan_ssl_owed, ssl_owed, 16384);
 
-static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp)
+/* The sock of an SSL* known before this call touches the socket, or 0. */
+static __always_inline __u64 kspan_ssl_known_sk(struct kspan_ssl_key *key, __u64 id)
+{
+    __u64 *known = ssl_sk.lookup(key);
+    if (known)
+        return *known;
+    __u32 *fd = ssl_fd.lookup(key);
+    if (!fd)
+        return 0;
+    __u64 fdkey = (id & 0xffffffff00000000ULL) | *fd;
+    __u64 *fsk = fd_sk.lookup(&fdkey);
+    if (!fsk)
+        return 0;
+    __u64 sk = *fsk;
+    ssl_sk.update(key, &sk);
+    __u8 one = 1;
+    tls_conns.update(&sk, &one);
+    return sk;
+}
+
+static __always_inline void kspan_ssl_feed(struct pt_regs *ctx, __u64 id, __u64 sk, __u8 dir, const char *buf,
+                                           __u64 len, __u64 start, __u64 end)
+{
+    struct kspan_data_args a = {};
+    a.conn_id = sk;
+    a.pid = id >> 32;
+    a.tid = (__u32)id;
+    a.dir = dir;
+    a.source = KSPAN_SRC_OPENSSL;
+    a.flags = KSPAN_FLAG_TLS;
+    a.buf = buf;
+    a.len = len > 0x7fffffffULL ? 0x7fffffff : (__u32)len;
+    a.start_ns = start;
+    a.end_ns = end;
+    kspan_on_data(ctx, &a);
+}
+
+static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp, __u8 dir)
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 pid = id >> 32;
@@ -41,8 +92,28 @@ static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp)
     c.buf = (const char *)PT_REGS_PARM2(ctx);
     c.start_ns = bpf_ktime_get_ns();
     ssl_active.update(&id, &c);
-    if (outp)
-        ssl_ex_out.update(&id, &outp);
+    struct kspan_ssl_extra x = {};
+    x.outp = outp;
+    if (dir == KSPAN_DIR_EGRESS) {
+        /* A write's bytes are known at entry. Reporting them before they reach the wire orders a
+         * request before the peer's read of it (the peer's PEER link needs the client exchange
+         * first; a return probe can run after the peer has already read the bytes). */
+        x.num = PT_REGS_PARM3(ctx);
+        if (!outp)
+            x.num = (__u32)x.num;  /* SSL_write's num is an int */
+        struct kspan_ssl_key key = {};
+        key.tgid = pid;
+        key.ssl = c.ssl;
+        __u64 sk = kspan_ssl_known_sk(&key, id);
+        if (sk && x.num > 0 && x.num < 0x80000000ULL) {
+            struct kspan_ssl_owed *owed = ssl_owed.lookup(&key);
+            if (!(owed && owed->buf == (__u64)c.buf && owed->num == x.num))
+                kspan_ssl_feed(ctx, id, sk, KSPAN_DIR_EGRESS, c.buf, x.num, c.start_ns, c.start_ns);
+            x.fed = 1;
+        }
+    }
+    if (outp || x.fed)
+        ssl_extra.update(&id, &x);
     return 0;
 }
 
@@ -54,77 +125,69 @@ static __always_inline int kspan_ssl_exit(struct pt_regs *ctx, __u8 dir, int ex)
         return 0;
     struct kspan_ssl_call call = *c;
     ssl_active.delete(&id);
+    struct kspan_ssl_extra x = {};
+    struct kspan_ssl_extra *xp = ssl_extra.lookup(&id);
+    if (xp) {
+        x = *xp;
+        ssl_extra.delete(&id);
+    }
 
     long ret = PT_REGS_RC(ctx);
     __u64 len = 0;
     if (ex) {
-        __u64 *outp = ssl_ex_out.lookup(&id);
-        __u64 out = outp ? *outp : 0;
-        ssl_ex_out.delete(&id);
         /* _ex: 1 on success with the count in *out; 0 on failure */
-        if ((int)ret != 1 || !out || bpf_probe_read_user(&len, sizeof(len), (const void *)out) != 0)
-            return 0;
-    } else {
-        if ((int)ret <= 0)
-            return 0;
+        if ((int)ret != 1 || !x.outp || bpf_probe_read_user(&len, sizeof(len), (const void *)x.outp) != 0)
+            len = 0;
+    } else if ((int)ret > 0) {
         len = (int)ret;
     }
-    if (len == 0)
-        return 0;
 
     struct kspan_ssl_key key = {};
     key.tgid = id >> 32;
     key.ssl = call.ssl;
+    if (x.fed) {
+        /* reported at entry: only remember what is still owed */
+        if (len >= x.num) {
+            ssl_owed.delete(&key);
+        } else {
+            struct kspan_ssl_owed o = {};
+            o.buf = (__u64)call.buf + len;
+            o.num = x.num - len;
+            ssl_owed.update(&key, &o);
+        }
+        if (call.sk) {
+            __u64 *known = ssl_sk.lookup(&key);
+            if (!known || *known != call.sk)
+                ssl_sk.update(&key, &call.sk);
+        }
+        return 0;
+    }
+    if (len == 0)
+        return 0;
+
     __u64 sk = call.sk;
     if (sk) {
         __u64 *known = ssl_sk.lookup(&key);
         if (!known || *known != sk)
             ssl_sk.update(&key, &sk);
     } else {
-        __u64 *known = ssl_sk.lookup(&key);
-        if (known) {
-            sk = *known;
-        } else {
-            __u32 *fd = ssl_fd.lookup(&key);
-            if (fd) {
-                __u64 fdkey = (id & 0xffffffff00000000ULL) | *fd;
-                __u64 *fsk = fd_sk.lookup(&fdkey);
-                if (fsk) {
-                    sk = *fsk;
-                    ssl_sk.update(&key, &sk);
-                    __u8 one = 1;
-                    tls_conns.update(&sk, &one);
-                }
-            }
-        }
+        sk = kspan_ssl_known_sk(&key, id);
     }
     if (!sk) {
         /* no socket known for this SSL* (a memory BIO, or a socket never seen by the socket path) */
         kspan_count(KSPAN_CNT_UNPARSED_BYTES, len);
         return 0;
     }
-
-    struct kspan_data_args a = {};
     __u64 now = bpf_ktime_get_ns();
-    a.conn_id = sk;
-    a.pid = id >> 32;
-    a.tid = (__u32)id;
-    a.dir = dir;
-    a.source = KSPAN_SRC_OPENSSL;
-    a.flags = KSPAN_FLAG_TLS;
-    a.buf = call.buf;
-    a.len = len > 0xffffffffULL ? 0xffffffff : (__u32)len;
     /* a read's bytes arrived at its return: a blocking SSL_read's entry says nothing about them */
-    a.start_ns = dir == KSPAN_DIR_EGRESS ? call.start_ns : now;
-    a.end_ns = now;
-    kspan_on_data(ctx, &a);
+    kspan_ssl_feed(ctx, id, sk, dir, call.buf, len, dir == KSPAN_DIR_EGRESS ? call.start_ns : now, now);
     return 0;
 }
 
-int kspan_ssl_write_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, 0); }
-int kspan_ssl_read_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, 0); }
-int kspan_ssl_write_ex_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, PT_REGS_PARM4(ctx)); }
-int kspan_ssl_read_ex_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, PT_REGS_PARM4(ctx)); }
+int kspan_ssl_write_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, 0, KSPAN_DIR_EGRESS); }
+int kspan_ssl_read_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, 0, KSPAN_DIR_INGRESS); }
+int kspan_ssl_write_ex_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, PT_REGS_PARM4(ctx), KSPAN_DIR_EGRESS); }
+int kspan_ssl_read_ex_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, PT_REGS_PARM4(ctx), KSPAN_DIR_INGRESS); }
 int kspan_ssl_write_return(struct pt_regs *ctx) { return kspan_ssl_exit(ctx, KSPAN_DIR_EGRESS, 0); }
 int kspan_ssl_read_return(struct pt_regs *ctx) { return kspan_ssl_exit(ctx, KSPAN_DIR_INGRESS, 0); }
 int kspan_ssl_write_ex_return(struct pt_regs *ctx) { return kspan_ssl_exit(ctx, KSPAN_DIR_EGRESS, 1); }
