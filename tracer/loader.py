@@ -287,6 +287,41 @@ def verify_programs(
     return loaded
 
 
+def verifier_insns(backend: str, fn_name: str, config: CaptureConfig | None = None, tracefs: str = "") -> int:
+    """Instructions the verifier walked to accept `fn_name` (its limit is 1,000,000): the headroom
+    left for changes to the state machine. Loads the program once more with verifier statistics."""
+    import re
+    import struct
+
+    from bcc import BPF
+
+    class _NoAutoAttach(BPF):  # type: ignore[misc]
+        def _trace_autoload(self) -> None:
+            return None
+
+    config = config or CaptureConfig()
+    b = _NoAutoAttach(text=program_text(backend, config.extra_modules).encode(),
+                      cflags=cflags_for(config, tracefs=tracefs, backend=backend))
+    try:
+        insns = ctypes.create_string_buffer(b.dump_func(fn_name.encode()))
+        log = ctypes.create_string_buffer(1 << 16)
+        license_ = ctypes.create_string_buffer(b"GPL")
+        attr = (ctypes.c_uint8 * 144)()
+        prog_type = 2 if fn_name in {fn for fn, _s, _r in KPROBES} else 5  # BPF_PROG_TYPE_KPROBE / TRACEPOINT
+        struct.pack_into("<IIQQIIQ", memoryview(attr).cast("B"), 0, prog_type, (len(insns) - 1) // 8,
+                         ctypes.addressof(insns), ctypes.addressof(license_), 4, len(log), ctypes.addressof(log))
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.syscall(321 if platform.machine() == "x86_64" else 280, 5, attr, 144)  # BPF_PROG_LOAD
+        if fd >= 0:
+            os.close(fd)
+        m = re.search(r"processed (\d+) insns", log.value.decode(errors="replace"))
+        if not m:
+            raise CaptureError(f"no verifier statistics for {fn_name}: {os.strerror(ctypes.get_errno())}")
+        return int(m.group(1))
+    finally:
+        b.cleanup()
+
+
 class Capture:
     def __init__(self, config: CaptureConfig, caps: Capabilities) -> None:
         self.config = config

@@ -8,7 +8,7 @@ import platform
 import pytest
 
 from tests.support.ebpf import on_load_error, require_ebpf
-from tracer.loader import CaptureConfig, CaptureError, verify_programs
+from tracer.loader import CaptureConfig, CaptureError, verifier_insns, verify_programs
 
 pytestmark = pytest.mark.ebpf
 
@@ -59,3 +59,16 @@ def test_kprobes_backend_loads_without_attaching(config: CaptureConfig) -> None:
                 "tracepoint__sock__inet_sock_set_state", "tracepoint__sched__sched_process_exit"}
     assert expected <= loaded, f"missing: {expected - loaded}"
     assert not any(name.startswith("tracepoint__syscalls__") for name in loaded), "kprobes need no syscall hooks"
+
+
+@pytest.mark.parametrize(("backend", "fn"), [("tracepoints", "kspan_sock_length"), ("kprobes", "kspan_tcp_xfer_ret")])
+def test_state_machine_leaves_verifier_headroom(backend: str, fn: str) -> None:
+    """The exchange state machine is one large program; the verifier walks at most 1,000,000
+    instructions. Keep well under it (with every filter compiled in), so that a change (or a probe
+    family's own use of kspan_on_data) fails here first, with a number, not at a user's start-up."""
+    require_ebpf()
+    try:
+        walked = verifier_insns(backend, fn, ALL_FILTERS)
+    except CaptureError as exc:
+        on_load_error(exc, f"{backend} backend")
+    assert 0 < walked < 700_000, f"{fn} needs {walked} verifier instructions"
