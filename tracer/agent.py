@@ -155,6 +155,18 @@ def _kubernetes_provider(enabled: bool) -> Callable[[int], tuple[str | None, dic
     return lambda pid: (meta.service_name_for_pid(pid), meta.attributes_for_pid(pid))
 
 
+@dataclass
+class _Session:
+    """What one live run wires together; correlator/out for `run`, writer for `record`."""
+
+    capture: Any
+    processes: ProcessTable
+    correlator: Correlator | None
+    out: SpanOutput | None
+    writer: RecordingWriter | None
+    attachers: list[Any]
+
+
 class Agent:
     """`kspan run` and `kspan record`: the live loop on the real kernel."""
 
@@ -220,7 +232,7 @@ class Agent:
             gc.freeze()
             print(f"kspan: ready ({capture.probes_attached} probes, {capture.backend} backend)", file=sys.stderr)
             sys.stderr.flush()
-            self._loop(capture, processes, correlator, out, writer, attachers)
+            self._loop(_Session(capture, processes, correlator, out, writer, attachers))
         finally:
             capture.close()
             if correlator is not None and out is not None:
@@ -271,15 +283,8 @@ class Agent:
         out.register_health("kspan.processes.traced", lambda: processes.traced, monotonic=False)
         out.register_pipeline_health()
 
-    def _loop(
-        self,
-        capture: Any,
-        processes: ProcessTable,
-        correlator: Correlator | None,
-        out: SpanOutput | None,
-        writer: RecordingWriter | None,
-        attachers: list[Any],
-    ) -> None:
+    def _loop(self, ses: _Session) -> None:
+        capture, correlator, out = ses.capture, ses.correlator, ses.out
         deadline = None if self.opts.duration_s is None else time.monotonic() + self.opts.duration_s
         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         while not self.stopper.stop:
@@ -290,7 +295,7 @@ class Agent:
             if now >= next_sweep:
                 raw = raw + capture.sweep(time.monotonic_ns())
                 next_sweep = now + SWEEP_INTERVAL_S
-            self._dispatch(raw, processes, correlator, out, writer, attachers)
+            self._dispatch(raw, ses)
             if correlator is not None and out is not None:
                 out.spans(correlator.advance(time.monotonic_ns()))
         # Records the kernel emitted before the stop are still in the ring buffer: drain them so a
@@ -299,17 +304,10 @@ class Agent:
             raw = capture.poll(0)
             if not raw:
                 break
-            self._dispatch(raw, processes, correlator, out, writer, attachers)
+            self._dispatch(raw, ses)
 
-    def _dispatch(
-        self,
-        raw: Iterable[bytes],
-        processes: ProcessTable,
-        correlator: Correlator | None,
-        out: SpanOutput | None,
-        writer: RecordingWriter | None,
-        attachers: list[Any],
-    ) -> None:
+    def _dispatch(self, raw: Iterable[bytes], ses: _Session) -> None:
+        processes, correlator, out, writer = ses.processes, ses.correlator, ses.out, ses.writer
         spans: list[Span] = []
         tcp: list[Any] = []
         for data in raw:
@@ -321,7 +319,7 @@ class Agent:
                     continue
                 if proc.event == records.PROC_EXEC:
                     processes.note_exec(proc.pid, proc.comm)
-                    for a in attachers:
+                    for a in ses.attachers:
                         try:
                             a.on_exec(proc.pid)
                         except Exception as e:  # noqa: BLE001 - keep tracing the rest of the host

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 QUERY_MODES = ("keep", "redact", "drop")
 BACKENDS = ("auto", "tracepoints", "kprobes")
@@ -19,24 +19,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"kspan: {message} (see `kspan {self.prog.split()[-1]} --help`)\n")
 
 
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
-    if not 1 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port {v} is outside 1-65535")
-    return v
+def _bounded_int(what: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a number") from None
+        if v < lo or (hi is not None and v > hi):
+            bound = f"outside {lo}-{hi}" if hi is not None else "must be positive"
+            raise argparse.ArgumentTypeError(f"{what} {v} {bound}")
+        return v
+
+    return parse
 
 
-def _pid(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"pid {text!r} is not a number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"pid {v} must be positive")
-    return v
+_port = _bounded_int("port", 1, 65535)
+_pid = _bounded_int("pid", 1)
 
 
 def _positive(text: str) -> float:
