@@ -234,11 +234,13 @@ class Agent:
             sys.stderr.flush()
             self._loop(_Session(capture, processes, correlator, out, writer, attachers))
         finally:
+            # Read the kernel's counters and tables while its maps still exist.
+            kernel = self._kernel_summary(capture)
             capture.close()
             if correlator is not None and out is not None:
                 out.spans(correlator.flush())
                 out.shutdown()
-                self._print_summary(capture, correlator, out)
+                self._print_summary(kernel, correlator, out, processes)
             if writer is not None and record_file is not None:
                 writer.flush()
                 record_file.close()
@@ -349,12 +351,32 @@ class Agent:
             out.spans(spans)
             out.tcp(tcp)
 
-    def _print_summary(self, capture: Any, correlator: Correlator, out: SpanOutput) -> None:
-        kc = capture.counters()
-        cs = correlator.stats.as_dict()
-        ps = out.stats()
-        counts = {k: v for k, v in {**kc, **cs, **ps}.items() if isinstance(v, int) and v}
+    @staticmethod
+    def _kernel_summary(capture: Any) -> dict[str, int]:
+        try:
+            counts = dict(capture.counters())
+        except Exception:  # noqa: BLE001 - a diagnostic, never worth failing the shutdown for
+            counts = {}
+        # State left behind, so an operator (and the churn test) can see nothing grows unbounded.
+        counts["live_kernel_connections"] = _table_size(capture, "conns")
+        counts["live_kernel_tuples"] = _table_size(capture, "tuples")
+        return counts
+
+    def _print_summary(self, kernel: dict[str, int], correlator: Correlator, out: SpanOutput,
+                       processes: ProcessTable) -> None:
+        counts = {k: v for k, v in {**kernel, **correlator.stats.as_dict(), **out.stats()}.items()
+                  if isinstance(v, int) and v}
+        counts["live_kernel_connections"] = kernel.get("live_kernel_connections", -1)
+        counts["live_processes"] = processes.traced
         print("kspan: stopped; " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())), file=sys.stderr)
+
+
+def _table_size(capture: Any, name: str) -> int:
+    """Entries in one of the kernel's maps (read at stop, before the maps go away); -1 if unknown."""
+    try:
+        return sum(1 for _ in capture.bpf[name.encode()].keys())
+    except Exception:  # noqa: BLE001 - a diagnostic, never worth failing the shutdown for
+        return -1
 
 
 def replay(path: str, opts: RunOptions, env: dict[str, str] | None = None) -> int:
