@@ -53,14 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wrk-connections", type=int, default=16)
     p.add_argument("--rates", type=_rates, default=[1000, 5000, 10000], help="fixed rates for the cost phase")
     p.add_argument("--window-s", type=float, default=10.0, help="seconds per fixed-rate cost window")
-    p.add_argument("--exec-delay-s", type=float, default=5.0,
+    p.add_argument("--exec-delay-s", type=float, default=3.0,
                    help="goload waits this long before sending, so the agent's inspection of the new process "
                         "falls outside the measured window (its CPU is reported separately)")
     p.add_argument("--idle-s", type=float, default=5.0, help="seconds of agent CPU measured with no requests")
     p.add_argument("--lossless-s", type=float, default=10.0, help="seconds of the 10,000 req/s capacity step")
     p.add_argument("--step-s", type=float, default=5.0, help="seconds per other capacity step")
     p.add_argument("--ladder-up", type=_rates, default=[15000, 20000, 30000, 40000])
-    p.add_argument("--ladder-down", type=_rates, default=[7500, 5000, 2500, 1000])
+    p.add_argument("--ladder-down", type=_rates, default=[5000, 2500, 1000])
     p.add_argument("--conns", type=int, default=32, help="goload keep-alive connections")
     p.add_argument("--nginx-workers", type=int, default=1)
     p.add_argument("--protocol", choices=["http/protobuf", "grpc"], default="http/protobuf",
