@@ -42,7 +42,8 @@ class RunOptions:
     max_hold_s: float = 30.0
     query: str = "redact"
     routes: list[str] = field(default_factory=list)
-    ringbuf_pages: int = 2048
+    ringbuf_pages: int = 4096
+    max_connections: int = 16384
     otlp_endpoint: str | None = None
     otlp_protocol: str | None = None
     output: str | None = None
@@ -195,6 +196,7 @@ class Agent:
             ports=set(opts.ports),
             self_pid=os.getpid(),
             ringbuf_pages=opts.ringbuf_pages,
+            max_connections=opts.max_connections,
             response_timeout_s=opts.response_timeout_s,
             extra_modules=extra_modules,
             network_events=opts.network_events,

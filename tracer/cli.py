@@ -58,7 +58,10 @@ def _add_capture_args(p: argparse.ArgumentParser) -> None:
                    help="socket capture: kprobes where the kernel has them, else tracepoints (default: auto)")
     g.add_argument("--no-tls", action="store_true", help="do not attach OpenSSL uprobes")
     g.add_argument("--no-go", action="store_true", help="do not attach Go uprobes")
-    g.add_argument("--ringbuf-pages", type=int, default=2048, help="ring buffer size in pages (power of two)")
+    g.add_argument("--ringbuf-pages", type=int, default=4096,
+                   help="ring buffer size in pages, a power of two (default 4096 = 16 MiB: ~1 s of 10k req/s)")
+    g.add_argument("--max-connections", type=_bounded_int("--max-connections", 1024), default=16384,
+                   help="connections tracked at once in the kernel (LRU; ~1.7 KB of kernel memory each)")
     g.add_argument("--duration", type=_positive, metavar="SECONDS", help="stop by itself after SECONDS")
 
 
@@ -115,6 +118,7 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
             setattr(opts, attr, set(getattr(args, name)))
     for name, attr in (
         ("backend", "backend"), ("duration", "duration_s"), ("ringbuf_pages", "ringbuf_pages"),
+        ("max_connections", "max_connections"),
         ("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"), ("output", "output"),
         ("query", "query"), ("route", "routes"), ("response_timeout", "response_timeout_s"),
         ("max_hold", "max_hold_s"), ("metrics_interval", "metrics_interval_s"),

