@@ -72,8 +72,9 @@ class Agent:
         except (OSError, LookupError, ValueError):
             return None
 
-    def bpf_run_time(self) -> tuple[int, int] | None:
-        """(runs, ns) of the agent's BPF programs so far (needs run-time stats enabled)."""
+    def bpf_run_time(self) -> tuple[int, int, int] | None:
+        """(runs, ns, recursion misses) of the agent's BPF programs so far (runs and ns need
+        run-time stats enabled)."""
         return program_run_time(self.proc.pid) if self.alive() else None
 
     def alive(self) -> bool:

@@ -126,11 +126,13 @@ def enable_run_time_stats() -> int:
         return -1
 
 
-def program_run_time(pid: int) -> tuple[int, int] | None:
-    """(runs, run time in ns) summed over the BPF programs pid holds, from /proc/PID/fdinfo (the
-    kernel counts them while run-time stats are enabled). The probes run in the traced
-    processes' context, so this is CPU time the agent's /proc/PID/stat does not show."""
-    runs = ns = 0
+def program_run_time(pid: int) -> tuple[int, int, int] | None:
+    """(runs, run time in ns, recursion misses) summed over the BPF programs pid holds, from
+    /proc/PID/fdinfo (the kernel counts runs and time while run-time stats are enabled). The probes
+    run in the traced processes' context, so this is CPU time the agent's /proc/PID/stat does not
+    show. A recursion miss is a probe the kernel skipped because another BPF program was running
+    on that CPU: an event lost before any of kspan's own counters could see it."""
+    runs = ns = misses = 0
     found = False
     try:
         names = os.listdir(f"/proc/{pid}/fdinfo")
@@ -151,7 +153,9 @@ def program_run_time(pid: int) -> tuple[int, int] | None:
                 found = True
             elif key == "run_cnt":
                 runs += int(val)
-    return (runs, ns) if found else None
+            elif key == "recursion_misses":
+                misses += int(val)
+    return (runs, ns, misses) if found else None
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

@@ -234,7 +234,11 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
         out.append(("\n" if markdown else "")
                    + "k: = kspan's in-kernel counters over the step, both ends (2 exchanges per request)")
         c = cap.get("result") or {}
-        line = f"capacity: {_f(c.get('capacity_rps'), '{:,.0f}')} req/s with every request exactly one span"
+        if c.get("capacity_rps") is None:
+            lowest = min(st["rate"] for st in cap["steps"])
+            line = f"capacity: below {lowest:,.0f} req/s (no tested rate had every request exactly one span)"
+        else:
+            line = f"capacity: {c['capacity_rps']:,.0f} req/s with every request exactly one span"
         above = c.get("above")
         if above:
             line += (f"; at {above['rate']:,.0f} req/s: {above['limit']}, loss {_f(above['loss_rate'], '{:.3%}')}")

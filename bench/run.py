@@ -284,6 +284,7 @@ class Bench:
                         "exec_cpu_s": None if at_exec is None else s0.cpu_s - at_exec.cpu_s,
                         # The probes' own run time, spent inside the traced (and untraced) processes.
                         "bpf_runs": None if b0 is None or b1 is None else b1[0] - b0[0],
+                        "bpf_recursion_misses": None if b0 is None or b1 is None else b1[2] - b0[2],
                         "bpf_us_per_request": None if b0 is None or b1 is None or not answered
                         else (b1[1] - b0[1]) / 1000 / answered,
                     }
