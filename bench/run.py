@@ -483,6 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def latest_markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
+    notes = ""
+    notes_path = os.path.join(BENCH_DIR, "NOTES.md")
+    if os.path.exists(notes_path):
+        with open(notes_path) as f:
+            notes = "\n" + f.read()
     return (
         "# Latest `make bench`\n\n"
         f"Measured {m['date']} on {m['nproc']} cores ({m['cpu']}, {m['memory_gb']} GiB), Linux {m['kernel']}, "
@@ -491,6 +496,7 @@ def latest_markdown(r: dict[str, Any]) -> str:
         "See [README](README.md) for what each figure means.\n\n"
         "![latest bench chart](LATEST.png)\n\n"
         + report.render(r, markdown=True)
+        + notes
     )
 
 
