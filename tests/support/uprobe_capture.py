@@ -9,6 +9,7 @@ tracer.records and turned into spans by correlator.Correlator.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +33,10 @@ def unavailable(reason: str) -> None:
 
 class Traced:
     def __init__(self, modules: tuple[str, ...] = MODULES, pids: set[int] | None = None) -> None:
+        """Traces this test process's descendants only (the kernel's pid filter follows forks), so
+        other load on the host neither fills the ring buffer nor keeps the attachers busy."""
         self.modules = modules
-        self.pids = pids or set()
+        self.pids = pids if pids is not None else {os.getpid()}
         self.capture: Any = None
         self.ssl: Any = None
         self.go: Any = None
@@ -50,7 +53,9 @@ class Traced:
         from tracer.ssl_libs import SslAttacher
         from tracer.uprobes import GoAttacher
 
-        cap = Capture(CaptureConfig(extra_modules=list(self.modules), pids=set(self.pids)), probe())
+        # self_pid=0: the filter must keep this process (the parent of every service and client it
+        # starts, which inherit the filter on fork); it makes no HTTP calls of its own.
+        cap = Capture(CaptureConfig(extra_modules=list(self.modules), pids=set(self.pids), self_pid=0), probe())
         try:
             cap.start()
         except CaptureError as e:
@@ -77,6 +82,8 @@ class Traced:
                 kind = records.record_type(data)
                 if kind == records.REC_PROC and len(data) >= ctypes.sizeof(records.RawProc):
                     proc = records.RawProc.from_buffer_copy(data)
+                    if not self._ours(proc.pid):
+                        continue
                     try:
                         if proc.event == 1:  # exec
                             if self.ssl is not None:
@@ -92,6 +99,20 @@ class Traced:
                         self.raw.append(data)
             if self.ssl is not None:
                 self.ssl.rescan_pending()
+
+    def _ours(self, pid: int) -> bool:
+        """Is `pid` one of self.pids or a descendant of one (the kernel filter's view)?"""
+        for _ in range(64):
+            if pid in self.pids:
+                return True
+            try:
+                stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - tiny procfs read
+                pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            except (OSError, ValueError, IndexError):
+                return False
+            if pid <= 1:
+                return False
+        return False
 
     def exchanges(self) -> list[Exchange]:
         with self._lock:
