@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from correlator.records import EndReason, Exchange, ParentKind, Role
-from tests.support.ebpf import on_load_error, require_ebpf
+from tests.support.ebpf import fail_or_skip, on_load_error, require_ebpf
 from tracer.capabilities import probe
 from tracer.loader import Capture, CaptureConfig, CaptureError
 from tracer.records import REC_EXCHANGE, RawExchange, decode_exchange, record_type
@@ -181,7 +181,7 @@ def server4(tmp_module: Path, rec: Recorder) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def server6(tmp_module: Path, rec: Recorder) -> Iterator[Server]:
     if not socket.has_ipv6:
-        pytest.skip("no IPv6 on this host")
+        fail_or_skip("no IPv6 on this host")
     srv = _start_server(tmp_module, "::1")
     rec.watch(srv.port)
     try:
