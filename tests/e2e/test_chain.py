@@ -252,18 +252,29 @@ def test_go_chain_is_one_trace_over_otlp_http(tmp_path: Path, receiver: OtlpRece
     _assert_durations([s for t in traces for s in t if s["parent_span_id"] == ""], measured)
 
 
-def test_status_rules_and_ipv6(tmp_path: Path, receiver: OtlpReceiver) -> None:
+def test_status_rules_ipv6_and_network_metrics(tmp_path: Path, receiver: OtlpReceiver) -> None:
     require_ebpf()
     port = free_port(socket.AF_INET6)
     shutil.copy(CHAIN_SERVER, tmp_path / "svc_v6.py")
     py = shutil.which("python3") or "python3"
+    closed = free_port()  # nothing listens there: connecting to it is a failed TCP connect
     with service([py, str(tmp_path / "svc_v6.py"), str(port), "", "6"]):
         args = ["run", "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
-                "--port", str(port)]
+                "--port", str(port), "--port", str(closed), "--metrics-interval", "1"]
         with running_agent(args, tmp_path):
             assert _get("::1", port, "/status/503")[0] == 503
             assert _get("::1", port, "/status/404")[0] == 404
+            for _ in range(3):
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", closed), timeout=2)
             spans = receiver.wait_for_spans(lambda ss: len(ss) >= 4, timeout_s=30)
+            failures = receiver.wait_for_metrics(
+                lambda ms: any(m["name"] == "kspan.network.tcp.connect_failures"
+                               and m["attributes"].get("destination") == f"127.0.0.1:{closed}"
+                               and m["value"] >= 3 for m in ms),
+                timeout_s=30,
+            )
+    assert any(m["name"] == "kspan.network.tcp.connect_failures" and m["monotonic"] for m in failures)
     by = {(s["kind"], s["attributes"].get("http.response.status_code")): s for s in spans}
     assert by[(SERVER, 503)]["status_code"] == ERROR
     assert by[(SERVER, 503)]["attributes"]["error.type"] == "503"
