@@ -112,23 +112,29 @@ int kspan_go_roundtrip_enter(struct pt_regs *ctx)
     struct kspan_go_offsets *o = kspan_go_offsets_of(ctx, tgid);
     if (!o || !(o->flags & KSPAN_GO_HTTP))
         return 0;
-    struct kspan_go_key key = {};
-    key.tgid = tgid;
-    key.goid = kspan_go_goid(ctx, o);
-    struct kspan_go_serving *s = go_serving.lookup(&key);
-    if (!s)
-        return 0;
-    __u64 server_sk = s->server_sk;
-    struct kspan_conn *srv = conns.lookup(&server_sk);
-    if (!srv || srv->phase == KSPAN_PH_IDLE || srv->ex.role != KSPAN_ROLE_SERVER)
-        return 0;  /* the server exchange already ended: a late goroutine has no parent to name */
     __u64 pc = ctx->ax;
     __u64 conn = kspan_go_iface_data(pc + o->pc_conn);
     __u64 tls_state = 0;
     bpf_probe_read_user(&tls_state, sizeof(tls_state), (const void *)(pc + o->pc_tls_state));
     __u64 client_sk = tls_state ? kspan_go_tls_sk(tgid, conn, o) : kspan_go_tcpconn_sk(tgid, conn, o);
     if (!client_sk)
+        return 0;  /* a new plaintext connection: the socket path has not seen its fd yet */
+    struct kspan_go_key key = {};
+    key.tgid = tgid;
+    key.goid = kspan_go_goid(ctx, o);
+    struct kspan_go_serving *s = go_serving.lookup(&key);
+    struct kspan_conn *srv = 0;
+    __u64 server_sk = 0;
+    if (s) {
+        server_sk = s->server_sk;
+        srv = conns.lookup(&server_sk);
+    }
+    if (!srv || srv->phase == KSPAN_PH_IDLE || srv->ex.role != KSPAN_ROLE_SERVER) {
+        /* not serving (or the server exchange already ended: a late goroutine has no parent to
+         * name); a hint left by an earlier call whose request never went out must not apply */
+        go_client_parent.delete(&client_sk);
         return 0;
+    }
     struct kspan_exchange_ref ref = {};
     ref.conn_id = server_sk;
     ref.req_start_ns = srv->ex.req_start_ns;
