@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields
 from correlator import http1, semconv
 from correlator.clock import WallClock
 from correlator.linker import Linker, make_linker
-from correlator.records import EndReason, Exchange, ParentKind, Role
+from correlator.peers import PeerMatcher
+from correlator.records import EndReason, Exchange, ParentHint, ParentKind, Role
 from correlator.spans import AttrValue, Span, SpanKind, StatusCode
 from correlator.tracecontext import clean_tracestate, parse_traceparent
 
@@ -35,6 +36,9 @@ class CorrelatorConfig:
     # child that arrives after its parent still links to it.
     max_resolved: int = 50_000
     max_pipelined: int = 16  # requests taken from one captured head
+    # How long (stream time) a server exchange from a local peer without a kernel PEER hint waits
+    # for its client exchange, matched by 4-tuple (correlator/peers.py).
+    peer_wait_s: float = 1.0
 
     def validate(self) -> None:
         if not isinstance(self.id_salt, bytes):
@@ -72,7 +76,9 @@ class CorrelatorStats:
     duplicate_ids: int = 0  # an identity seen twice: the repeat went out unlinked
     self_hints: int = 0  # a parent hint naming the exchange itself (ignored)
     internal_errors: int = 0  # bug guard: a record that raised inside the correlator (span lost)
+    peer_links_by_tuple: int = 0  # server ends linked to their local client by 4-tuple, not a kernel hint
     held: int = 0  # gauge: spans waiting for their parent now
+    peer_waiting: int = 0  # gauge: server exchanges waiting for their local client (<= max_held_spans)
     resolved_remembered: int = 0  # gauge: identities remembered for late children
 
     def as_dict(self) -> dict[str, int]:
@@ -88,6 +94,7 @@ class Correlator:
         self._offset = clock.offset_ns
         self._stats = CorrelatorStats()
         self._linker: Linker = make_linker(cfg.id_salt, cfg.max_hold_s, cfg.max_held_spans, cfg.max_resolved)
+        self._peers = PeerMatcher(int(cfg.peer_wait_s * 1e9), max_entries=cfg.max_held_spans)
         self._routes = semconv.RouteTable(cfg.routes)
         self._query = cfg.query
         self._max_pipelined = cfg.max_pipelined
@@ -108,7 +115,9 @@ class Correlator:
         st.late_links = c.late_links
         st.duplicate_ids = c.duplicate_ids
         st.self_hints = c.self_hints
+        st.peer_links_by_tuple = self._peers.links
         st.held = self._linker.held_count
+        st.peer_waiting = self._peers.pending_count
         st.resolved_remembered = self._linker.resolved_count
         return st
 
@@ -122,10 +131,14 @@ class Correlator:
             return []
 
     def advance(self, mono_now_ns: int) -> list[Span]:
-        return self._linker.expire(mono_now_ns)
+        out = self._release_unmatched(self._peers.expire(mono_now_ns))
+        out.extend(self._linker.expire(mono_now_ns))
+        return out
 
     def flush(self) -> list[Span]:
-        return self._linker.drain()
+        out = self._release_unmatched(self._peers.drain())
+        out.extend(self._linker.drain())
+        return out
 
     # internals --------------------------------------------------------------------------------
 
@@ -197,7 +210,29 @@ class Correlator:
                 spans.append(span)
         if tp is not None:
             spans[0].trace_state = parsed.trace_state
-        return linker.add(key, spans, ex.parent, ex.pid, tp, end_ns, root_trace)
+        args = (key, spans, ex.pid, tp, end_ns, root_trace)
+        peers = self._peers
+        hint = ex.parent
+        if hint is None and peers.wants_peer(ex):
+            hint = peers.client_for(ex)
+            if hint is None:
+                return self._release_unmatched(peers.hold(ex, args, end_ns))
+        out = self._add(args, hint)
+        if ex.role == Role.CLIENT:
+            for pending, phint in peers.client_arrived(ex, end_ns):
+                out.extend(self._add(pending.args, phint))
+        return out
+
+    def _add(self, args: tuple, hint: ParentHint | None) -> list[Span]:
+        key, spans, pid, tp, end_ns, root_trace = args
+        return self._linker.add(key, spans, hint, pid, tp, end_ns, root_trace)
+
+    def _release_unmatched(self, pending: list) -> list[Span]:
+        """Server exchanges whose local client never showed: they root their own trees."""
+        out: list[Span] = []
+        for p in pending:
+            out.extend(self._add(p.args, None))
+        return out
 
     def _derive(self, req: http1.RequestHead, server: bool, tls: bool) -> _Derived:
         """Everything a span takes from its request head alone: (name, request attributes,

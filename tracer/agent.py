@@ -256,6 +256,8 @@ class Agent:
             mods.append("openssl.c")
         if self.opts.go and os.path.exists(os.path.join(bpf_dir, "go_tls.c")):
             mods.append("go_tls.c")
+            if os.path.exists(os.path.join(bpf_dir, "go_http.c")):
+                mods.append("go_http.c")  # goroutine parentage; uses go_tls.c's maps, so after it
         return mods
 
     def _start_attachers(self, capture: Any) -> list[Any]:
@@ -300,6 +302,15 @@ class Agent:
                 raw = raw + capture.sweep(time.monotonic_ns())
                 next_sweep = now + SWEEP_INTERVAL_S
             self._dispatch(raw, ses)
+            for a in ses.attachers:
+                # A process loads libssl when it first needs it (Python on `import ssl`), after its
+                # exec: the attacher looks again at recently started processes.
+                rescan = getattr(a, "rescan_pending", None)
+                if rescan is not None:
+                    try:
+                        rescan()
+                    except Exception as e:  # noqa: BLE001 - keep tracing the rest of the host
+                        log.warning("kspan: %s rescan failed: %s", type(a).__name__, e)
             if correlator is not None and out is not None:
                 out.spans(correlator.advance(time.monotonic_ns()))
         # Records the kernel emitted before the stop are still in the ring buffer: drain them so a
@@ -323,11 +334,14 @@ class Agent:
                     continue
                 if proc.event == records.PROC_EXEC:
                     processes.note_exec(proc.pid, proc.comm)
-                    for a in ses.attachers:
-                        try:
-                            a.on_exec(proc.pid)
-                        except Exception as e:  # noqa: BLE001 - keep tracing the rest of the host
-                            log.warning("kspan: cannot attach to pid %d: %s", proc.pid, e)
+                for a in ses.attachers:
+                    hook = getattr(a, "on_exec" if proc.event == records.PROC_EXEC else "on_exit", None)
+                    if hook is None:
+                        continue
+                    try:
+                        hook(proc.pid)
+                    except Exception as e:  # noqa: BLE001 - keep tracing the rest of the host
+                        log.warning("kspan: %s pid %d: %s", type(a).__name__, proc.pid, e)
                 if writer is not None:
                     writer.record(data)
                 continue

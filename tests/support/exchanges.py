@@ -129,8 +129,8 @@ def make_exchange(
     delivered: int | None = None,
     parent: ParentHint | None = None,
     family: int = 2,
-    local: tuple[str, int] = ("127.0.0.1", 8080),
-    remote: tuple[str, int] = ("127.0.0.1", 40000),
+    local: tuple[str, int] = ("192.0.2.1", 8080),  # TEST-NET-1: the client is on another host by default
+    remote: tuple[str, int] = ("192.0.2.10", 40000),
     tls: bool = False,
     source: Source = Source.SOCKET,
     interim: bool | None = None,
