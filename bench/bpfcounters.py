@@ -158,5 +158,45 @@ def program_run_time(pid: int) -> tuple[int, int, int] | None:
     return (runs, ns, misses) if found else None
 
 
+def _prog_name(fd: int) -> str:
+    info = ctypes.create_string_buffer(256)
+    attr = ctypes.create_string_buffer(struct.pack("IIQ", fd, len(info), ctypes.addressof(info)), 16)
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    # struct bpf_prog_info: ... name[BPF_OBJ_NAME_LEN] at offset 64
+    return info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def programs_by_name(pid: int) -> dict[str, tuple[int, int]]:
+    """(runs, run time in ns) per BPF program name of pid (names are cut to 15 characters by the
+    kernel), to tell which probe the kernel-side cost comes from."""
+    out: dict[str, tuple[int, int]] = {}
+    pidfd = _libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
+    if pidfd < 0:
+        return out
+    try:
+        for name in os.listdir(f"/proc/{pid}/fdinfo"):
+            try:
+                with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                    info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+            except OSError:
+                continue
+            if "prog_type" not in info:
+                continue
+            fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            try:
+                prog = _prog_name(fd)
+            except OSError:
+                prog = f"prog_{info.get('prog_id', '?').strip()}"
+            finally:
+                os.close(fd)
+            runs, ns = out.get(prog, (0, 0))
+            out[prog] = (runs + int(info.get("run_cnt", 0)), ns + int(info.get("run_time_ns", 0)))
+    finally:
+        os.close(pidfd)
+    return out
+
+
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}

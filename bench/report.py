@@ -213,6 +213,12 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
         out.append(("\n" if markdown else "") + "RSS MB (anon+file): the agent's own memory and mapped library pages; "
                    "BPF us/req: the probes' run time per request, spent inside the processes that make syscalls "
                    "(not in the agent's CPU)")
+        top = cost[-1].get("bpf_programs") or []
+        if top:
+            out.append(h(f"BPF programs by kernel time at {cost[-1]['rate']:,.0f} req/s"))
+            out += _table(["program", "runs", "ns/run", "us/request"],
+                          [[p["program"], f"{p['runs']:,}", f"{p['ns_per_run']:,.0f}", f"{p['us_per_request']:.2f}"]
+                           for p in top], markdown)
         if r.get("first_exec_cpu_s") is not None:
             out.append(("\n" if markdown else "") + "agent CPU to inspect a new Go binary at its first exec "
                        f"(goload, before the windows): {r['first_exec_cpu_s']:.2f} s")

@@ -21,7 +21,7 @@ from typing import Any
 
 from bench import report
 from bench.agent import Agent, kspan_binary
-from bench.bpfcounters import delta, enable_run_time_stats
+from bench.bpfcounters import delta, enable_run_time_stats, programs_by_name
 from bench.gobuild import REPO, build
 from bench.load import run_goload, start_goload
 from bench.nginx import Nginx
@@ -260,6 +260,7 @@ class Bench:
                     def window_start(mark: dict[str, Any] = mark) -> None:
                         mark["k0"], mark["s0"] = agent.kernel_counters(), agent.sample()
                         mark["b0"] = agent.bpf_run_time()
+                        mark["p0"] = programs_by_name(agent.pid)
 
                     load = run_goload(addr, phase, rate, a.window_s, a.conns, self.log, a.exec_delay_s, window_start)
                     k0, s0 = mark["k0"], mark["s0"]
@@ -267,6 +268,7 @@ class Bench:
                     ph = self.sink.wait_phase(phase, answered, a.quiet_s, 60)
                     k1, s1, b1 = agent.kernel_counters(), agent.sample(), agent.bpf_run_time()
                     b0 = mark["b0"]
+                    progs = _top_programs(mark["p0"], programs_by_name(agent.pid), answered)
                     if s0 is None or s1 is None:
                         raise RuntimeError("kspan exited during the cost phase: " + agent.proc.output("err")[-2000:])
                     cpu = s1.cpu_s - s0.cpu_s
@@ -285,6 +287,7 @@ class Bench:
                         # The probes' own run time, spent inside the traced (and untraced) processes.
                         "bpf_runs": None if b0 is None or b1 is None else b1[0] - b0[0],
                         "bpf_recursion_misses": None if b0 is None or b1 is None else b1[2] - b0[2],
+                        "bpf_programs": progs,
                         "bpf_us_per_request": None if b0 is None or b1 is None or not answered
                         else (b1[1] - b0[1]) / 1000 / answered,
                     }
@@ -362,6 +365,18 @@ class Bench:
             "kernel_counters_at_stop": agent.final_kernel,
             "kspan_health_metrics": {"before": health_before, "after": health_after, "max": health_max},
         }
+
+
+def _top_programs(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], requests: int,
+                  n: int = 8) -> list[dict[str, Any]]:
+    """The BPF programs that took the most kernel time over a window: runs, ns per run, us per request."""
+    rows = []
+    for name, (runs, ns) in after.items():
+        r0, n0 = before.get(name, (0, 0))
+        if ns - n0 > 0:
+            rows.append({"program": name, "runs": runs - r0, "ns_per_run": (ns - n0) / max(1, runs - r0),
+                         "us_per_request": (ns - n0) / 1000 / max(1, requests)})
+    return sorted(rows, key=lambda r: -r["us_per_request"])[:n]
 
 
 def _kdelta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
