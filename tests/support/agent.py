@@ -33,6 +33,14 @@ class AgentProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        """Wait until the agent's stderr contains text (e.g. its line about attaching to a binary)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"kspan never logged {text!r}:\n{self.stderr[-3000:]}")
+            time.sleep(0.05)
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
