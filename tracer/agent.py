@@ -334,7 +334,12 @@ class Agent:
                     continue
                 if proc.event == records.PROC_EXEC:
                     processes.note_exec(proc.pid, proc.comm)
+                # Reading a binary's symbols and DWARF costs up to seconds: only for processes the
+                # filters let through (exits are cheap and clean up state).
+                exec_traced = proc.event == records.PROC_EXEC and ses.capture.is_traced(proc.pid)
                 for a in ses.attachers:
+                    if proc.event == records.PROC_EXEC and not exec_traced:
+                        break
                     hook = getattr(a, "on_exec" if proc.event == records.PROC_EXEC else "on_exit", None)
                     if hook is None:
                         continue

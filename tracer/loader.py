@@ -424,6 +424,20 @@ class Capture:
         table = self.bpf[b"allowed_pids"]
         table[table.Key(pid)] = ctypes.c_uint8(1)
 
+    def is_traced(self, pid: int) -> bool:
+        """Whether the filters (--pid/--exe, with children) let `pid` through: the kernel's own
+        allowed_pids map, so user space never inspects a process the probes would ignore."""
+        if pid == self.config.self_pid:
+            return False
+        if not (self.config.pids or self.config.exe_names) or self.bpf is None:
+            return True
+        table = self.bpf[b"allowed_pids"]
+        try:
+            table[table.Key(pid)]
+        except KeyError:
+            return False
+        return True
+
     # -- reading -----------------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> list[bytes]:
         """Every record available now (waiting up to timeout_ms for the first)."""
