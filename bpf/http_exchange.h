@@ -206,6 +206,19 @@ BPF_TABLE("lru_hash", __u64, struct kspan_exchange_ref, go_client_parent, 16384)
 
 /* Filters. */
 BPF_HASH(allowed_pids, __u32, __u8, 65536);
+
+/* Whether the probes skip this process: the agent itself, and with --pid/--exe whatever is not
+ * allowed. One place, shared by every probe family. */
+static __always_inline int kspan_pid_skipped(__u32 pid)
+{
+    if (pid == KSPAN_SELF_PID)
+        return 1;
+#ifdef KSPAN_FILTER_PIDS
+    if (!allowed_pids.lookup(&pid))
+        return 1;
+#endif
+    return 0;
+}
 BPF_HASH(allowed_ports, __u16, __u8, 1024);
 BPF_TABLE("lru_hash", struct kspan_endpoint, __u8, self_endpoints, 4096); /* where the agent sends from */
 
@@ -280,6 +293,18 @@ static __always_inline void kspan_conn_key_of(struct kspan_conn_key *k, struct k
         k->local_port = t->remote_port;
         k->remote_port = t->local_port;
     }
+}
+
+/* The same key from an exchange's own tuple (reversed = 1: the key its peer registered under). */
+static __always_inline void kspan_conn_key_of_ex(struct kspan_conn_key *k, struct kspan_conn *st, int reversed)
+{
+    struct kspan_tuple t = {};
+    t.family = st->ex.family;
+    t.local_port = st->ex.local_port;
+    t.remote_port = st->ex.remote_port;
+    __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
+    __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
+    kspan_conn_key_of(k, &t, reversed);
 }
 
 /* The agent's own sends: remember the local end, so the receiving end (a collector on this host)
@@ -377,14 +402,8 @@ static __always_inline void kspan_release_hints(struct kspan_conn *st)
         if (f && f->count > 0)
             __sync_fetch_and_add(&f->count, -1);
     } else if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-        struct kspan_tuple t = {};
-        t.family = st->ex.family;
-        t.local_port = st->ex.local_port;
-        t.remote_port = st->ex.remote_port;
-        __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
-        __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
         struct kspan_conn_key k = {};
-        kspan_conn_key_of(&k, &t, 0);
+        kspan_conn_key_of_ex(&k, st, 0);
         struct kspan_exchange_ref *r = client_conns.lookup(&k);
         if (r && r->conn_id == st->ex.conn_id && r->req_start_ns == st->ex.req_start_ns)
             client_conns.delete(&k);
@@ -428,14 +447,8 @@ static __always_inline void kspan_peer_hint(struct kspan_conn *st)
 {
     if (!(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN))
         return;
-    struct kspan_tuple t = {};
-    t.family = st->ex.family;
-    t.local_port = st->ex.local_port;
-    t.remote_port = st->ex.remote_port;
-    __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
-    __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
     struct kspan_conn_key k = {};
-    kspan_conn_key_of(&k, &t, 1);
+    kspan_conn_key_of_ex(&k, st, 1);
     struct kspan_exchange_ref *peer = client_conns.lookup(&k);
     if (peer && peer->req_start_ns <= st->ex.req_start_ns) {
         st->ex.parent_kind = KSPAN_PARENT_PEER;
@@ -531,14 +544,8 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             }
         }
         if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-            struct kspan_tuple t = {};
-            t.family = st->ex.family;
-            t.local_port = st->ex.local_port;
-            t.remote_port = st->ex.remote_port;
-            __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
-            __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
             struct kspan_conn_key k = {};
-            kspan_conn_key_of(&k, &t, 0);
+            kspan_conn_key_of_ex(&k, st, 0);
             struct kspan_exchange_ref me = {};
             me.conn_id = st->ex.conn_id;
             me.req_start_ns = st->ex.req_start_ns;

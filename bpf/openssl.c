@@ -81,12 +81,8 @@ static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp, __u8
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 pid = id >> 32;
-    if (pid == KSPAN_SELF_PID)
+    if (kspan_pid_skipped(pid))
         return 0;
-#ifdef KSPAN_FILTER_PIDS
-    if (!allowed_pids.lookup(&pid))
-        return 0;
-#endif
     struct kspan_ssl_call c = {};
     c.ssl = PT_REGS_PARM1(ctx);
     c.buf = (const char *)PT_REGS_PARM2(ctx);

@@ -30,12 +30,8 @@ static __always_inline int kspan_kp_save(struct sock *sk, struct msghdr *msg, __
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 pid = id >> 32;
-    if (pid == KSPAN_SELF_PID)
+    if (kspan_pid_skipped(pid))
         return 0;
-#ifdef KSPAN_FILTER_PIDS
-    if (!allowed_pids.lookup(&pid))
-        return 0;
-#endif
     struct kspan_kp_call c = {};
     c.sk = (__u64)sk;
     c.start_ns = bpf_ktime_get_ns();

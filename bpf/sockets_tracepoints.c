@@ -45,12 +45,8 @@ static __always_inline int kspan_note_write(__u64 ptr)
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 pid = id >> 32;
-    if (pid == KSPAN_SELF_PID)
+    if (kspan_pid_skipped(pid))
         return 0;
-#ifdef KSPAN_FILTER_PIDS
-    if (!allowed_pids.lookup(&pid))
-        return 0;
-#endif
     __u64 now = bpf_ktime_get_ns();
     struct kspan_write_start *w = write_start.lookup(&id);
     if (w) {
@@ -77,12 +73,8 @@ static __always_inline int kspan_save_args(__u64 fd, __u64 ptr, __u64 vlen, __u8
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 pid = id >> 32;
-    if (pid == KSPAN_SELF_PID)
+    if (kspan_pid_skipped(pid))
         return 0;
-#ifdef KSPAN_FILTER_PIDS
-    if (!allowed_pids.lookup(&pid))
-        return 0;
-#endif
     struct kspan_sys_args sa = {};
     sa.start_ns = bpf_ktime_get_ns();
     sa.ptr = ptr;
