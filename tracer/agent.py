@@ -236,6 +236,10 @@ class Agent:
             sys.stderr.flush()
             self._loop(_Session(capture, processes, correlator, out, writer, attachers))
         finally:
+            for a in attachers:
+                close = getattr(a, "close", None)
+                if close is not None:
+                    close()
             # Read the kernel's counters and tables while its maps still exist.
             kernel = self._kernel_summary(capture)
             capture.close()
@@ -270,7 +274,7 @@ class Agent:
         if self.opts.go and "go_tls.c" in capture.config.extra_modules:
             from tracer.uprobes import GoAttacher
 
-            attachers.append(GoAttacher(capture.bpf))
+            attachers.append(GoAttacher(capture.bpf, inspect_in_child=True))
         for a in attachers:
             try:
                 a.scan_existing(pids)

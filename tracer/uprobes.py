@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
 from collections.abc import Iterable
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +80,8 @@ def _has_table(bpf: Any, name: str) -> bool:
 
 
 class GoAttacher:
-    def __init__(self, bpf: Any, proc_root: str = "/proc", strict: bool = False) -> None:
+    def __init__(self, bpf: Any, proc_root: str = "/proc", strict: bool = False,
+                 inspect_in_child: bool = False) -> None:
         self.bpf = bpf
         self.proc_root = proc_root
         self.strict = strict  # raise on a failed attach (CI) instead of logging it
@@ -87,6 +90,12 @@ class GoAttacher:
         self.errors: list[str] = []
         self._pid_target: dict[int, tuple[int, int]] = {}
         self.http_enabled = _has_table(bpf, "go_serving")  # bpf/go_http.c compiled in
+        # Reading a binary's symbols and DWARF takes 1-2.5 s and leaves ~150 MB in CPython's
+        # allocator. In the agent it runs in a short-lived child process: the capture loop keeps
+        # draining the ring buffer meanwhile, and the memory goes back to the OS when the child exits.
+        self._inspect_in_child = inspect_in_child
+        self._executor: ProcessPoolExecutor | None = None
+        self._inspecting: dict[tuple[int, int], tuple[Future[gb.GoBinary | None], str, set[int]]] = {}
 
     @property
     def attached_probes(self) -> int:
@@ -98,7 +107,33 @@ class GoAttacher:
 
     def scan_existing(self, pids_filter: Iterable[int] | None = None) -> int:
         pids = list(pids_filter) if pids_filter is not None else self._all_pids()
-        return sum(self.on_exec(pid) for pid in pids)
+        n = sum(self.on_exec(pid) for pid in pids)
+        if self._inspecting:  # at start-up, `ready` means attached: wait for the children
+            wait([f for f, _, _ in self._inspecting.values()])
+            n += self.rescan_pending()
+        return n
+
+    def rescan_pending(self) -> int:
+        """Attach to the binaries whose inspection in a child process has finished (call it often)."""
+        n = 0
+        for key, (fut, path, pids) in list(self._inspecting.items()):
+            if not fut.done():
+                continue
+            del self._inspecting[key]
+            try:
+                info: gb.GoBinary | None | gb.GoBinaryError = fut.result()
+            except gb.GoBinaryError as e:
+                info = e
+            except Exception as e:  # noqa: BLE001 - a crashed child: report, trace at socket level
+                info = gb.GoBinaryError(f"{path}: inspection failed: {type(e).__name__}: {e}")
+            live = sorted(p for p in pids if os.path.exists(f"{self.proc_root}/{p}"))
+            n += self._install(key, path, live, info)
+        return n
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def on_exec(self, pid: int) -> int:
         """Inspect the executable of `pid`; attach if it is a Go binary seen for the first time.
@@ -117,24 +152,47 @@ class GoAttacher:
         if old is not None and old in self.targets:
             self.targets[old].pids.discard(pid)
         target = self.targets.get(key)
+        if target is not None:
+            return self._install(key, target.path, [pid], None)
+        pending = self._inspecting.get(key)
+        if pending is not None:
+            pending[2].add(pid)
+            return 0
+        path = self._stable_path(pid, exe, key)
+        if self._inspect_in_child:
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+            self._inspecting[key] = (self._executor.submit(gb.inspect, path), path, {pid})
+            return 0
+        try:
+            info: gb.GoBinary | None | gb.GoBinaryError = gb.inspect(exe)
+        except gb.GoBinaryError as e:
+            info = e
+        return self._install(key, path, [pid], info)
+
+    def _install(self, key: tuple[int, int], path: str, pids: list[int],
+                 info: gb.GoBinary | None | gb.GoBinaryError) -> int:
+        """Attach to a binary once (info: its inspection; None with a known target) and give each
+        of its processes the offsets. Returns the number of probes attached."""
         n = 0
+        target = self.targets.get(key)
         if target is None:
-            try:
-                info = gb.inspect(exe)
-            except gb.GoBinaryError as e:
-                self._error(f"Go binary {self._name(pid)}: {e}; socket-level capture only")
+            if isinstance(info, gb.GoBinaryError):
+                self._error(f"Go binary {self._name(pids[0]) if pids else path}: {info}; socket-level capture only")
+            if not isinstance(info, gb.GoBinary):
                 self.not_go.add(key)
                 return 0
-            if info is None:
-                self.not_go.add(key)
-                return 0
-            target = GoTarget(path=self._stable_path(pid, exe, key), info=info)
+            if not pids:
+                return 0  # every process of it exited meanwhile: its next exec inspects it again
+            target = GoTarget(path=path, info=info)
             self.targets[key] = target
-            n = self._attach(target, pid)
+            n = self._attach(target, pids[0])
         if target.flags:
-            self._set_offsets(pid, target)
-            target.pids.add(pid)
-            self._pid_target[pid] = key
+            for pid in pids:
+                self._set_offsets(pid, target)
+                target.pids.add(pid)
+                self._pid_target[pid] = key
         return n
 
     def on_exit(self, pid: int) -> None:
