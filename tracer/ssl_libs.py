@@ -260,7 +260,7 @@ class SslAttacher:
                 lib.probes += 1
             except Exception as e:  # noqa: BLE001 - as above
                 self._error(f"{path}: cannot attach to {SET_FD[0]}: {e}", fatal=os.path.exists(path))
-        log.info("OpenSSL (%s) %s: %d probes", kind, path, lib.probes)
+        log.info("kspan: OpenSSL (%s) %s: %d probes", kind, path, lib.probes)
         return lib.probes
 
     def _error(self, msg: str, fatal: bool = False) -> None:
