@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from collections.abc import Iterator
 
 _SYS_BPF = 321
 _SYS_PIDFD_OPEN = 434
@@ -50,6 +51,16 @@ def _map_name(fd: int) -> str:
     return info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
 
 
+def _fdinfos(pid: int) -> Iterator[tuple[str, dict[str, str]]]:
+    """(fd, its /proc fdinfo fields) for every open fd of pid; fds that close meanwhile are skipped."""
+    for name in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                yield name, dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        except OSError:
+            continue
+
+
 def counter_names() -> list[str]:
     try:
         from tracer.loader import COUNTER_NAMES
@@ -68,12 +79,7 @@ class KernelCounters:
         if pidfd < 0:
             raise OSError(ctypes.get_errno(), f"pidfd_open({pid})")
         try:
-            for name in os.listdir(f"/proc/{pid}/fdinfo"):
-                try:
-                    with open(f"/proc/{pid}/fdinfo/{name}") as f:
-                        info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-                except OSError:
-                    continue
+            for name, info in _fdinfos(pid):
                 if int(info.get("map_type", "-1").strip() or -1) != _BPF_MAP_TYPE_PERCPU_ARRAY:
                     continue
                 fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
@@ -174,12 +180,7 @@ def programs_by_name(pid: int) -> dict[str, tuple[int, int]]:
     if pidfd < 0:
         return out
     try:
-        for name in os.listdir(f"/proc/{pid}/fdinfo"):
-            try:
-                with open(f"/proc/{pid}/fdinfo/{name}") as f:
-                    info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-            except OSError:
-                continue
+        for name, info in _fdinfos(pid):
             if "prog_type" not in info:
                 continue
             fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)

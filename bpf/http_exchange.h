@@ -459,12 +459,10 @@ static __always_inline void kspan_peer_hint(struct kspan_conn *st)
 }
 
 /* Start a request on a connection state (new, idle, or replacing an unfinished exchange). */
-static __always_inline void kspan_begin_request(struct kspan_conn *st, struct kspan_data_args *a, __u8 method)
+/* Forget what the previous response's head said about its framing: a new request, or the final
+ * response after a 1xx interim one, is framed afresh. */
+static __always_inline void kspan_reset_framing(struct kspan_conn *st)
 {
-    kspan_count(KSPAN_CNT_REQUESTS, 1);
-    st->phase = KSPAN_PH_REQ;
-    st->req_dir = a->dir;
-    st->method = method;
     st->hdr_state = KSPAN_HS_STATUS;
     st->framing = KSPAN_FR_UNKNOWN;
     st->has_length = 0;
@@ -473,6 +471,15 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
     st->resp_head_end = 0;
     st->tail = 0;
     st->tail_n = 0;
+}
+
+static __always_inline void kspan_begin_request(struct kspan_conn *st, struct kspan_data_args *a, __u8 method)
+{
+    kspan_count(KSPAN_CNT_REQUESTS, 1);
+    st->phase = KSPAN_PH_REQ;
+    st->req_dir = a->dir;
+    st->method = method;
+    kspan_reset_framing(st);
     st->last_ns = a->end_ns;
 
     st->ex.type = KSPAN_REC_EXCHANGE;
@@ -753,14 +760,7 @@ static __always_inline void kspan_begin_response(struct kspan_conn *st, struct k
     st->ex.resp_bytes = 0;
     st->ex.resp_head_len = 0;
     st->ex.status = 0;
-    st->hdr_state = KSPAN_HS_STATUS;
-    st->framing = KSPAN_FR_UNKNOWN;
-    st->has_length = 0;
-    st->chunked = 0;
-    st->content_length = 0;
-    st->resp_head_end = 0;
-    st->tail = 0;
-    st->tail_n = 0;
+    kspan_reset_framing(st);
     st->ex.flags &= ~KSPAN_FLAG_RESP_HEAD_FULL;
 }
 
