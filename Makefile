@@ -25,6 +25,15 @@ test: setup go
 unit: setup
 	$(PY) -m pytest -q tests/unit
 
+# Hypothesis profiles (tests/conftest.py): `test` and `unit` run derandomized ("ci": the same
+# examples every run, no example database); `fuzz` explores at random for longer and keeps its
+# example database in .hypothesis/examples, so what it once found is tried first next time.
+test unit: export HYPOTHESIS_PROFILE ?= ci
+
+.PHONY: fuzz
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider -o timeout=3600 tests/unit -k fuzz
+
 lint: setup
 	$(VENV)/bin/ruff check tracer correlator exporters tests bench
 

@@ -4,7 +4,7 @@ The agent prints its counters when it stops; reading the map while it runs gives
 measurement window, so a loss can be placed in the kernel (ring buffer full, state table full ...)
 or after it. The map is found through the agent's own file descriptors (/proc/PID/fdinfo names
 each BPF map's id), duplicated with pidfd_getfd (root), identified by name with
-BPF_OBJ_GET_INFO_BY_FD, and read with BPF_MAP_LOOKUP_ELEM: no bcc and no bpftool needed.
+BPF_OBJ_GET_INFO_BY_FD, and read with BPF_MAP_LOOKUP_ELEM: no libbpf and no bpftool needed.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _fdinfos(pid: int) -> Iterator[tuple[str, dict[str, str]]]:
 
 def counter_names() -> list[str]:
     try:
-        from tracer.loader import COUNTER_NAMES
+        from tracer.capture import COUNTER_NAMES
 
         return list(COUNTER_NAMES)
     except ImportError:

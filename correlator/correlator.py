@@ -73,7 +73,8 @@ class CorrelatorStats:
     traceparents: int = 0  # valid W3C traceparent headers honoured
     traceparents_invalid: int = 0  # traceparent headers ignored as invalid
     late_links: int = 0  # children linked to a parent released before they arrived
-    duplicate_ids: int = 0  # an identity seen twice: the repeat went out unlinked
+    duplicate_ids: int = 0  # an identity seen again after the first was linked: the repeat went out unlinked
+    duplicate_exchanges: int = 0  # an identity seen again while the first waited for its local client: dropped
     self_hints: int = 0  # a parent hint naming the exchange itself (ignored)
     internal_errors: int = 0  # bug guard: a record that raised inside the correlator (span lost)
     peer_links_by_tuple: int = 0  # server ends linked to their local client by 4-tuple, not a kernel hint
@@ -164,8 +165,20 @@ class Correlator:
 
     def _feed(self, ex: Exchange) -> list[Span]:
         st = self._stats
-        end_ns = max(ex.resp_end_ns, ex.resp_start_ns, ex.req_end_ns, ex.req_start_ns)
         key = (ex.conn_id, ex.req_start_ns)
+        if self._peers.is_pending(key):
+            # A repeated identity while the first record still waits for its local client: a
+            # recording replayed twice, or the agent's timeout sweep emitting a TIMEOUT record for
+            # an exchange whose kernel record was read in the same poll (the sweep's records are
+            # appended after the ring buffer's). Keep the first, drop and count the repeat: it
+            # would bring the same span id again, and replacing would let a late TIMEOUT record
+            # overwrite a complete one. Dropped before any other counter sees it, so each record
+            # fed is exactly one of: spans, unparsed_exchanges, duplicate_exchanges,
+            # internal_errors. (A repeat after the first left the wait reaches the linker, which
+            # sends it out unlinked: duplicate_ids.)
+            st.duplicate_exchanges += 1
+            return []
+        end_ns = max(ex.resp_end_ns, ex.resp_start_ns, ex.req_end_ns, ex.req_start_ns)
         parsed = self._parsed(ex.req_head)
         reqs = parsed.reqs
         if not reqs:

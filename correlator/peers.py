@@ -71,9 +71,17 @@ class PeerMatcher:
                 return ParentHint(ParentKind.PEER, c.pid, ExchangeId(c.conn_id, c.req_start_ns))
         return None
 
+    def is_pending(self, key: tuple[int, int]) -> bool:
+        """Whether the server exchange with this identity (conn_id, req_start_ns) is parked."""
+        return key in self._pending
+
     def hold(self, server: Exchange, args: tuple[Any, ...], now_ns: int) -> list[Pending]:
-        """Park a server exchange; returns the oldest ones pushed out by the bound (to go out unlinked)."""
+        """Park a server exchange; returns the oldest ones pushed out by the bound (to go out unlinked).
+        Its identity must not be parked already (the correlator drops and counts such a repeat):
+        overwriting would lose the first one silently."""
         key = (server.conn_id, server.req_start_ns)
+        if key in self._pending:
+            raise ValueError(f"exchange {key} is already waiting for its client")
         self._pending[key] = Pending(server, args, now_ns)
         tup = (server.remote_addr, server.remote_port, server.local_addr, server.local_port)
         self._by_tuple.setdefault(tup, []).append(key)

@@ -34,6 +34,7 @@ STATS_INTERVAL_S = 60.0
 @dataclass
 class RunOptions:
     backend: str = "auto"
+    btf: str | None = None  # --btf: external BTF (else KSPAN_BTF, else the kernel's)
     pids: set[int] = field(default_factory=set)
     exes: set[str] = field(default_factory=set)
     ports: set[int] = field(default_factory=set)
@@ -179,16 +180,19 @@ class Agent:
 
     def run(self) -> int:
         from tracer.capabilities import probe
-        from tracer.loader import Capture, CaptureConfig, CaptureError
+        from tracer.capture import Capture, CaptureConfig, CaptureError
 
         opts = self.opts
         self.stopper.install()
-        caps = probe()
+        caps = probe(btf=opts.btf)
+        if not caps.btf:
+            print(f"kspan: no kernel BTF: {caps.btf_detail}. The probes are CO-RE objects relocated against "
+                  "it: pass --btf FILE (or KSPAN_BTF) with this kernel's BTF (BTFHub has them)", file=sys.stderr)
+            return 2
         processes = ProcessTable(
             service_name_override=self.env.get("OTEL_SERVICE_NAME") or None,
             extra=_kubernetes_provider(opts.kubernetes),
         )
-        extra_modules = self._extra_modules()
         cfg = CaptureConfig(
             backend=opts.backend,
             pids=set(opts.pids),
@@ -198,8 +202,9 @@ class Agent:
             ringbuf_pages=opts.ringbuf_pages,
             max_connections=opts.max_connections,
             response_timeout_s=opts.response_timeout_s,
-            extra_modules=extra_modules,
+            families=self._families(),
             network_events=opts.network_events,
+            btf_path=caps.btf_path if caps.btf_path != "/sys/kernel/btf/vmlinux" else None,
         )
         capture = Capture(cfg, caps)
         try:
@@ -228,7 +233,7 @@ class Agent:
                 out = SpanOutput(opts, processes, self.env)
                 correlator = Correlator(clock, _correlator_config(opts, salt))
                 self._register_health(out, capture, correlator, processes)
-            # Everything allocated so far (bcc, grpc, protobuf, parsed ELF/DWARF) lives as long as the
+            # Everything allocated so far (grpc, protobuf, parsed ELF/DWARF) lives as long as the
             # agent: keep the cyclic GC from rescanning it on every collection of per-request garbage.
             gc.collect()
             gc.freeze()
@@ -253,28 +258,25 @@ class Agent:
                 print(f"kspan: recorded {writer.records} records to {self.record_to}", file=sys.stderr)
         return 0
 
-    def _extra_modules(self) -> list[str]:
-        mods: list[str] = []
-        bpf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
-        if self.opts.tls and os.path.exists(os.path.join(bpf_dir, "openssl.c")):
-            mods.append("openssl.c")
-        if self.opts.go and os.path.exists(os.path.join(bpf_dir, "go_tls.c")):
-            mods.append("go_tls.c")
-            if os.path.exists(os.path.join(bpf_dir, "go_http.c")):
-                mods.append("go_http.c")  # goroutine parentage; uses go_tls.c's maps, so after it
-        return mods
+    def _families(self) -> list[str]:
+        families: list[str] = []
+        if self.opts.tls:
+            families.append("openssl")
+        if self.opts.go:
+            families += ["go_tls", "go_http"]  # crypto/tls plaintext; goroutine parentage
+        return families
 
     def _start_attachers(self, capture: Any) -> list[Any]:
         attachers: list[Any] = []
         pids = self.opts.pids or None
-        if self.opts.tls and "openssl.c" in capture.config.extra_modules:
+        if "openssl" in capture.config.families:
             from tracer.ssl_libs import SslAttacher
 
-            attachers.append(SslAttacher(capture.bpf))
-        if self.opts.go and "go_tls.c" in capture.config.extra_modules:
+            attachers.append(SslAttacher(capture))
+        if "go_tls" in capture.config.families:
             from tracer.uprobes import GoAttacher
 
-            attachers.append(GoAttacher(capture.bpf, inspect_in_child=True))
+            attachers.append(GoAttacher(capture, inspect_in_child=True))
         for a in attachers:
             try:
                 a.scan_existing(pids)
@@ -399,7 +401,7 @@ class Agent:
 def _table_size(capture: Any, name: str) -> int:
     """Entries in one of the kernel's maps (read at stop, before the maps go away); -1 if unknown."""
     try:
-        return sum(1 for _ in capture.bpf[name.encode()].keys())
+        return sum(1 for _ in capture.table_keys(name))
     except Exception:  # noqa: BLE001 - a diagnostic, never worth failing the shutdown for
         return -1
 

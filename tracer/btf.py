@@ -1,7 +1,7 @@
-"""A minimal reader of the kernel's BTF: struct member offsets of the running kernel.
+"""A minimal reader of the kernel's BTF: type ids, for doctor's real fentry load attempt.
 
-The kernel headers on a host may belong to another kernel (Debian's 6.1 on a 6.18 kernel), so
-kernel struct offsets are taken from /sys/kernel/btf/vmlinux, never from headers.
+Kernel struct fields are read by the probes through CO-RE (relocated by libbpf at load); this
+only finds a kernel function's BTF id without loading libbpf, so `kspan doctor` stays cheap.
 """
 
 from __future__ import annotations
@@ -70,40 +70,6 @@ class Btf:
                     return type_id
         raise BtfError(f"no {name} (BTF kind {kind}) in {self.path}")
 
-    def _resolve(self, type_id: int) -> int:
-        for _ in range(32):
-            _n, info, ref = self._header(type_id)
-            if ((info >> 24) & 0x1F) not in _MODIFIERS:
-                return type_id
-            type_id = ref
-        return type_id
-
-    def struct_offsets(self, struct_name: str, members: list[str]) -> dict[str, int]:
-        """Byte offsets of `members` of `struct struct_name`, looking inside anonymous unions/structs."""
-        target = self.type_id(_KIND_STRUCT, struct_name)
-        found: dict[str, int] = {}
-
-        def walk(type_id: int, base: int, depth: int) -> None:
-            p = self.positions[type_id]
-            _n, info, _size = self._header(type_id)
-            kflag = info >> 31
-            for i in range(info & 0xFFFF):
-                m_name, m_type, m_off = struct.unpack_from("<III", self.data, p + 12 + 12 * i)
-                offset = base + ((m_off & 0xFFFFFF) if kflag else m_off) // 8
-                if m_name:
-                    found.setdefault(self.name_at(m_name), offset)
-                elif depth < 8:
-                    inner = self._resolve(m_type)
-                    if (self._header(inner)[1] >> 24) & 0x1F in (_KIND_STRUCT, _KIND_UNION):
-                        walk(inner, offset, depth + 1)
-
-        walk(target, 0, 0)
-        missing = [m for m in members if m not in found]
-        if missing:
-            raise BtfError(f"struct {struct_name} has no member(s) {', '.join(missing)}")
-        return {m: found[m] for m in members}
-
-
 _CACHE: dict[Path, Btf] = {}
 
 
@@ -114,29 +80,6 @@ def vmlinux(path: Path = VMLINUX) -> Btf:
     return _CACHE[path]
 
 
-def struct_offsets(struct_name: str, members: list[str], path: Path = VMLINUX) -> dict[str, int]:
-    return vmlinux(path).struct_offsets(struct_name, members)
-
-
 def func_id(name: str, path: Path = VMLINUX) -> int:
     """BTF id of kernel function `name` (what an fentry program attaches to)."""
     return vmlinux(path).type_id(_KIND_FUNC, name)
-
-
-SOCK_COMMON_MEMBERS = [
-    "skc_daddr", "skc_rcv_saddr", "skc_dport", "skc_num", "skc_family", "skc_v6_daddr", "skc_v6_rcv_saddr",
-]
-
-
-def sock_common_defines() -> dict[str, int]:
-    """-D settings for bpf/http_exchange.h's reading of sockets older than the agent."""
-    off = struct_offsets("sock_common", SOCK_COMMON_MEMBERS)
-    return {
-        "KSPAN_SKC_DADDR": off["skc_daddr"],
-        "KSPAN_SKC_RCV_SADDR": off["skc_rcv_saddr"],
-        "KSPAN_SKC_DPORT": off["skc_dport"],
-        "KSPAN_SKC_NUM": off["skc_num"],
-        "KSPAN_SKC_FAMILY": off["skc_family"],
-        "KSPAN_SKC_V6_DADDR": off["skc_v6_daddr"],
-        "KSPAN_SKC_V6_RCV_SADDR": off["skc_v6_rcv_saddr"],
-    }

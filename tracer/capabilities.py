@@ -48,11 +48,11 @@ class Capabilities:
     ringbuf: bool = False
     ringbuf_detail: str = ""
     lockdown: str = ""  # none / integrity / confidentiality, "" when unknown
-    headers: str = "none"  # "exact", "closest", "none"
-    headers_path: str = ""
-    headers_version: str = ""  # the kernel version the headers belong to
-    bcc_version: str = ""
-    bcc_error: str = ""
+    btf_path: str = ""  # the BTF CO-RE relocates against: the kernel's, or --btf / KSPAN_BTF
+    btf_detail: str = ""
+    libbpf_version: str = ""  # libbpf.so.1, the loader's only native dependency
+    libbpf_error: str = ""
+    objects_missing: list[str] = field(default_factory=list)  # tracer/objects/*.bpf.o not built
     kernel_config_source: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -103,29 +103,6 @@ def kernel_config(release: str) -> tuple[dict[str, str], str]:
     return {}, ""
 
 
-def _headers_release(build: Path) -> str:
-    """The kernel release a header tree was made for (UTS_RELEASE), or "" if unknown."""
-    for rel in ("include/generated/utsrelease.h", "include/linux/utsrelease.h"):
-        try:
-            text = (build / rel).read_text()
-        except OSError:
-            continue
-        m = re.search(r'UTS_RELEASE\s+"([^"]+)"', text)
-        if m:
-            return m.group(1)
-    m = re.search(r"linux-headers-(\d+\.\d+[^/]*)", os.path.realpath(build))
-    return m.group(1) if m else ""
-
-
-def _headers(release: str) -> tuple[str, str, str]:
-    """("exact"|"closest"|"none", path, release the headers are for)."""
-    build = Path(f"/lib/modules/{release}/build")
-    if not ((build / "include").is_dir() or (build / "Makefile").is_file()):
-        return "none", "", ""
-    version = _headers_release(build)
-    return ("exact" if version == release else "closest"), os.path.realpath(build), version
-
-
 def _lockdown(conf: dict[str, str]) -> str:
     """Lockdown mode; from securityfs when mounted, else what the kernel config forces."""
     try:
@@ -147,12 +124,23 @@ def _lockdown(conf: dict[str, str]) -> str:
     return ""
 
 
-def _bcc() -> tuple[str, str]:
+def _libbpf() -> tuple[str, str]:
+    """libbpf's version, or why it cannot be used (the loader is ctypes over libbpf.so.1)."""
+    import ctypes
+
     try:
-        import bcc  # noqa: PLC0415 - lazy: doctor runs without bcc
-    except Exception as exc:  # ImportError, or a broken libbcc
+        lib = ctypes.CDLL("libbpf.so.1")
+        major, minor = lib.libbpf_major_version(), lib.libbpf_minor_version()
+    except (OSError, AttributeError) as exc:
         return "", f"{type(exc).__name__}: {exc}"
-    return str(getattr(bcc, "__version__", "unknown")), ""
+    return f"{major}.{minor}", ""
+
+
+def _objects_missing() -> list[str]:
+    objects = Path(__file__).resolve().parent / "objects"
+    names = ("sockets_tracepoints", "sockets_kprobes", "sockets_fentry", "process", "tcp_events", "openssl",
+             "go_tls", "go_http")
+    return [n for n in names if not (objects / f"{n}.bpf.o").is_file()]
 
 
 def _bpf_prog_load_attempt(prog_type: int, expected_attach_type: int = 0) -> int:
@@ -225,7 +213,7 @@ BPF_TRACE_FENTRY = 24
 def _fentry_attempt() -> tuple[bool, str]:
     """Load a two-instruction fentry program on tcp_sendmsg and attach it (then detach).
 
-    bcc's BPF.support_kfunc() only looks for a kernel symbol; a kernel can have it and still
+    A kernel can have the symbol, the BTF and the configuration for fentry and still
     refuse (EPERM here), so try for real."""
     import ctypes
 
@@ -273,7 +261,21 @@ def _fentry_attempt() -> tuple[bool, str]:
     return True, ""
 
 
-def probe(try_loads: bool = True) -> Capabilities:
+def btf_source(explicit: str | None = None, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """(path, problem): the BTF to relocate against. --btf wins over KSPAN_BTF, which wins over the
+    kernel's own /sys/kernel/btf/vmlinux."""
+    env = os.environ if env is None else env
+    chosen = explicit or env.get("KSPAN_BTF", "")
+    if chosen:
+        if not Path(chosen).is_file():
+            return "", f"{chosen} (from {'--btf' if explicit else 'KSPAN_BTF'}) does not exist"
+        return chosen, ""
+    if Path("/sys/kernel/btf/vmlinux").is_file():
+        return "/sys/kernel/btf/vmlinux", ""
+    return "", "no /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF)"
+
+
+def probe(try_loads: bool = True, btf: str | None = None) -> Capabilities:
     """Probe the kernel. `try_loads` makes the real (tiny) load attempts; they need root."""
     caps = Capabilities()
     release = platform.release()
@@ -281,7 +283,8 @@ def probe(try_loads: bool = True) -> Capabilities:
     caps.root = os.geteuid() == 0
     eff = _effective_caps()
     caps.cap_bpf = bool(eff & (1 << CAP_SYS_ADMIN)) or (bool(eff & (1 << CAP_BPF)) and bool(eff & (1 << CAP_PERFMON)))
-    caps.btf = Path("/sys/kernel/btf/vmlinux").is_file()
+    caps.btf_path, caps.btf_detail = btf_source(btf)
+    caps.btf = bool(caps.btf_path)
     caps.tracefs = _tracefs()
     if caps.tracefs:
         events = Path(caps.tracefs) / "events"
@@ -296,8 +299,8 @@ def probe(try_loads: bool = True) -> Capabilities:
             caps.uprobes = conf.get("CONFIG_UPROBE_EVENTS") == "y"
     caps.kprobes = bool(caps.kprobe_events) and caps.kprobes_config is not False
     caps.lockdown = _lockdown(conf)
-    caps.headers, caps.headers_path, caps.headers_version = _headers(release)
-    caps.bcc_version, caps.bcc_error = _bcc()
+    caps.libbpf_version, caps.libbpf_error = _libbpf()
+    caps.objects_missing = _objects_missing()
     if _kernel_version_tuple(release) < (5, 8):
         caps.ringbuf, caps.ringbuf_detail = False, "kernel older than 5.8"
     elif try_loads and caps.cap_bpf:
@@ -306,7 +309,7 @@ def probe(try_loads: bool = True) -> Capabilities:
         caps.ringbuf_detail = "" if err == 0 else f"map create failed: {os.strerror(err)}"
     else:
         caps.ringbuf_detail = "not tried (needs root)"
-    if try_loads and caps.cap_bpf and caps.btf:
+    if try_loads and caps.cap_bpf and Path("/sys/kernel/btf/vmlinux").is_file():
         caps.fentry, caps.fentry_detail = _fentry_attempt()
     elif not caps.btf:
         caps.fentry_detail = "needs kernel BTF"
@@ -315,32 +318,36 @@ def probe(try_loads: bool = True) -> Capabilities:
     return caps
 
 
+BACKENDS = ("fentry", "kprobes", "tracepoints")
+
+
 def choose_backend(caps: Capabilities, wanted: str = "auto") -> tuple[str, str]:
-    """The socket backend to use and why; ("", reason) when none can work."""
-    if wanted not in ("auto", "tracepoints", "kprobes"):
-        return "", f"unknown backend {wanted!r}: use auto, tracepoints or kprobes"
-    kprobes_ok = caps.kprobes and caps.headers != "none"
-    tp_ok = caps.tracepoints
-    if wanted == "kprobes":
-        if kprobes_ok:
-            return "kprobes", "requested with --backend kprobes"
-        why = "kprobes are not available" if not caps.kprobes else "no kernel headers for the kprobe programs"
-        return "", f"--backend kprobes: {why}; use --backend tracepoints or auto"
-    if wanted == "tracepoints":
-        if tp_ok:
-            return "tracepoints", "requested with --backend tracepoints"
-        return "", _tracepoint_problem(caps)
-    if kprobes_ok and caps.headers == "exact":
-        return "kprobes", "kprobes available and kernel headers match the running kernel"
-    if tp_ok:
-        if not caps.kprobes:
-            return "tracepoints", "no kprobes on this kernel (CONFIG_KPROBES unset or kprobe_events missing)"
+    """The socket backend to use and why; ("", reason) when none can work.
+
+    fentry is preferred (cheapest: a trampoline, arguments typed by BTF), then kprobes (they see
+    every TCP transfer whatever the syscall), then the stable tracepoints. All three read kernel
+    structs through CO-RE only, so none depends on headers."""
+    if wanted not in ("auto", *BACKENDS):
+        return "", f"unknown backend {wanted!r}: use auto, fentry, kprobes or tracepoints"
+    available = {"fentry": caps.fentry, "kprobes": caps.kprobes, "tracepoints": caps.tracepoints}
+    if wanted != "auto":
+        if available[wanted]:
+            return wanted, f"requested with --backend {wanted}"
+        why = {
+            "fentry": f"fentry is not usable here ({caps.fentry_detail or 'unavailable'})",
+            "kprobes": "kprobes are not available (CONFIG_KPROBES unset or kprobe_events missing)",
+            "tracepoints": _tracepoint_problem(caps),
+        }[wanted]
+        return "", f"--backend {wanted}: {why}; use --backend auto"
+    if caps.fentry:
+        return "fentry", "fentry programs load and attach on this kernel"
+    if caps.kprobes:
+        return "kprobes", f"kprobes available; fentry is not ({caps.fentry_detail or 'unavailable'})"
+    if caps.tracepoints:
         return "tracepoints", (
-            f"kprobes exist but the kernel headers are {caps.headers} ({caps.headers_version or 'none'}), "
-            "so the stable tracepoints are safer"
+            f"no kprobes on this kernel (CONFIG_KPROBES unset or kprobe_events missing) and fentry is not usable "
+            f"({caps.fentry_detail or 'unavailable'})"
         )
-    if kprobes_ok:
-        return "kprobes", "socket tracepoints missing; kprobes with the closest kernel headers"
     return "", _tracepoint_problem(caps)
 
 

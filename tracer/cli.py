@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 QUERY_MODES = ("keep", "redact", "drop")
-BACKENDS = ("auto", "tracepoints", "kprobes")
+BACKENDS = ("auto", "fentry", "kprobes", "tracepoints")
 PROTOCOLS = ("grpc", "http/protobuf")
 
 
@@ -55,7 +55,8 @@ def _add_capture_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=_port, action="append", default=[],
                    help="trace only connections with this local or remote port (repeatable)")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="socket capture: kprobes where the kernel has them, else tracepoints (default: auto)")
+                   help="socket capture: fentry, else kprobes, else tracepoints, as the kernel allows (default: auto)")
+    _add_btf_arg(g)
     g.add_argument("--no-tls", action="store_true", help="do not attach OpenSSL uprobes")
     g.add_argument("--no-go", action="store_true", help="do not attach Go uprobes")
     g.add_argument("--ringbuf-pages", type=int, default=4096,
@@ -63,6 +64,12 @@ def _add_capture_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-connections", type=_bounded_int("--max-connections", 1024), default=16384,
                    help="connections tracked at once in the kernel (LRU; ~1.7 KB of kernel memory each)")
     g.add_argument("--duration", type=_positive, metavar="SECONDS", help="stop by itself after SECONDS")
+
+
+def _add_btf_arg(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    g.add_argument("--btf", metavar="FILE",
+                   help="the kernel's BTF for a kernel without /sys/kernel/btf/vmlinux (BTFHub format; "
+                   "default: $KSPAN_BTF, else the kernel's own)")
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -98,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("replay", help="feed a recording through the correlator and exporters")
     rep.add_argument("file")
     _add_output_args(rep)
-    sub.add_parser("doctor", help="explain what this kernel offers and which backend `run` will use")
+    doc = sub.add_parser("doctor", help="explain what this kernel offers and which backend `run` will use")
+    _add_btf_arg(doc)
     topo = sub.add_parser("topology", help="print and draw the observed service graph")
     try:
         from exporters.topology import add_topology_arguments
@@ -117,7 +125,7 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
         if hasattr(args, name):
             setattr(opts, attr, set(getattr(args, name)))
     for name, attr in (
-        ("backend", "backend"), ("duration", "duration_s"), ("ringbuf_pages", "ringbuf_pages"),
+        ("backend", "backend"), ("btf", "btf"), ("duration", "duration_s"), ("ringbuf_pages", "ringbuf_pages"),
         ("max_connections", "max_connections"),
         ("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"), ("output", "output"),
         ("query", "query"), ("route", "routes"), ("response_timeout", "response_timeout_s"),
@@ -141,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "doctor":
         from tracer.doctor import run_doctor
 
-        return run_doctor()
+        return run_doctor(btf=args.btf)
     if args.command == "topology":
         from exporters.topology import run_topology
 

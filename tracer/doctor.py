@@ -28,9 +28,18 @@ def checks(caps: Capabilities) -> list[Check]:
     out.append(Check("root / CAP_BPF", caps.cap_bpf, who,
                      "" if caps.cap_bpf else "run as root (or grant CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE)",
                      required=True))
-    out.append(Check("BTF", caps.btf, "/sys/kernel/btf/vmlinux" if caps.btf else "missing",
-                     "" if caps.btf else "a kernel built with CONFIG_DEBUG_INFO_BTF=y; without it connections "
-                     "older than the agent have no addresses"))
+    out.append(Check("BTF", caps.btf, caps.btf_path or caps.btf_detail or "missing",
+                     "" if caps.btf else "the probes are CO-RE objects relocated against the kernel's BTF: use a "
+                     "kernel built with CONFIG_DEBUG_INFO_BTF=y, or give this kernel's BTF file with --btf FILE "
+                     "(or KSPAN_BTF=FILE; BTFHub publishes them for distribution kernels without BTF)",
+                     required=True))
+    out.append(Check("libbpf", bool(caps.libbpf_version),
+                     f"libbpf.so.1 {caps.libbpf_version}" if caps.libbpf_version else caps.libbpf_error or "missing",
+                     "" if caps.libbpf_version else "apt-get install libbpf1 (Debian 12 ships 1.1)", required=True))
+    out.append(Check("probe objects", not caps.objects_missing,
+                     "all built" if not caps.objects_missing else "missing " + ", ".join(caps.objects_missing),
+                     "" if not caps.objects_missing else "run `make setup` (scripts/build-bpf.sh compiles bpf/*.bpf.c)",
+                     required=bool(caps.objects_missing)))
     out.append(Check("tracefs", bool(caps.tracefs), f"mounted at {caps.tracefs}" if caps.tracefs else "not mounted",
                      "" if caps.tracefs else "mount -t tracefs nodev /sys/kernel/tracing"))
     if caps.tracefs:
@@ -50,7 +59,8 @@ def checks(caps: Capabilities) -> list[Check]:
                      "" if caps.kprobes
                      else "optional: a kernel with CONFIG_KPROBES=y; kspan uses tracepoints instead"))
     out.append(Check("fentry", caps.fentry, "works" if caps.fentry else (caps.fentry_detail or "unavailable"),
-                     "" if caps.fentry else "optional: not used by the socket backends"))
+                     "" if caps.fentry
+                     else "optional: the cheapest socket backend; kspan falls back to kprobes, then tracepoints"))
     out.append(Check("uprobes", caps.uprobes, "uprobe_events present" if caps.uprobes else "unavailable",
                      "" if caps.uprobes else "CONFIG_UPROBE_EVENTS=y: needed for HTTPS (OpenSSL) and Go tracing"))
     out.append(Check("ring buffer", caps.ringbuf, "works" if caps.ringbuf else (caps.ringbuf_detail or "unavailable"),
@@ -60,20 +70,6 @@ def checks(caps: Capabilities) -> list[Check]:
     out.append(Check("lockdown", not confidential, lockdown,
                      "confidentiality lockdown forbids reading kernel memory: boot with lockdown=integrity"
                      if confidential else "", required=confidential))
-    if caps.headers == "exact":
-        out.append(Check("kernel headers", True, f"exact ({caps.headers_version}) at {caps.headers_path}"))
-    elif caps.headers == "closest":
-        out.append(Check("kernel headers", True,
-                         f"closest: {caps.headers_version} for {caps.kernel} at {caps.headers_path}",
-                         f"install linux-headers-{caps.kernel} if your distribution has it; kspan reads no kernel "
-                         "struct by header offsets, so the closest headers work for the tracepoints backend"))
-    else:
-        out.append(Check("kernel headers", False, "none",
-                         f"install linux-headers-{caps.kernel} (or the closest linux-headers-* and link it to "
-                         f"/lib/modules/{caps.kernel}/build); `make setup` does this", required=True))
-    out.append(Check("bcc", bool(caps.bcc_version), caps.bcc_version or caps.bcc_error or "not importable",
-                     "" if caps.bcc_version else "apt-get install python3-bpfcc, and a venv made with "
-                     "--system-site-packages", required=True))
     return out
 
 
@@ -103,7 +99,7 @@ def render(caps: Capabilities, backend_wanted: str = "auto") -> tuple[str, int]:
     return "\n".join(lines) + "\n", 0 if possible else 1
 
 
-def run_doctor(out: TextIO | None = None, backend: str = "auto") -> int:
-    text, code = render(probe(), backend)
+def run_doctor(out: TextIO | None = None, backend: str = "auto", btf: str | None = None) -> int:
+    text, code = render(probe(btf=btf), backend)
     (out or sys.stdout).write(text)
     return code

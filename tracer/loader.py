@@ -1,565 +1,1207 @@
-"""Compile, attach and read the kernel side: one bcc BPF object for every probe family.
+"""A typed ctypes layer over libbpf.so.1: open, configure, load and attach CO-RE BPF objects, and
+read and write their maps. This is the only module that touches libbpf.
 
-Capture assembles bpf/*.c into one program text (so every family shares the maps of
-bpf/http_exchange.h), attaches it, fills the filter maps, and hands raw records (bytes) to the
-caller in batches. bcc is imported lazily: `kspan replay` and `kspan doctor` work without it.
+Written against Debian's libbpf 1.1 (headers in /usr/include/bpf). Pitfalls handled here:
+
+- ctypes defaults every foreign function to `int(int, ...)`: a pointer returned through that
+  default is cut to 32 bits and crashes later, far from the cause. Every function is declared in
+  `_PROTOTYPES` (pointers as c_void_p) and only declared functions can be called (`_Api`).
+- The `*_opts` structs are versioned by their `sz` member: libbpf reads only `sz` bytes and
+  rejects non-zero bytes past the end of the struct it knows. The layouts below are the 1.1
+  headers' (unnamed bitfields included, since they take space) and `sz` is set to their sizeof;
+  tests/unit/test_loader.py compares them with the C compiler's view of the installed headers.
+- libbpf 1.x reports pointer-returning failures as NULL with errno set (strict mode, forced at
+  import for libbpfs that still default to the 0.x ERR_PTR convention) and int-returning ones as
+  -errno. The library is opened with use_errno=True, so errno is read from ctypes' copy, which
+  ctypes captures as the call returns, before Python code can clobber it.
+- libbpf writes its messages (and the verifier's log on a failed load) to stderr by default. A
+  print callback captures them per thread instead: a failing call raises LoaderError ending with
+  the last lines, and WARN lines of calls that succeed go to `logging`. The callback gets a
+  va_list; glibc's vasprintf formats it in one pass (a va_list can be consumed only once). The
+  ctypes callback object stays referenced at module level: libbpf keeps only the raw pointer.
+- The .rodata image (`const volatile` globals) is an anonymous mapping that libbpf remaps
+  read-only at load (the map is frozen), so a write after load would fault: set_global refuses.
+- Map keys and values are passed as raw pointers; the kernel copies key_size / value_size bytes
+  from them, so every buffer length is checked first. Per-CPU maps move round_up(value_size, 8)
+  bytes per *possible* CPU.
+- The number of instructions the verifier walked is not kept by libbpf; the kernel (5.16+) keeps
+  it in bpf_prog_info.verified_insns, and load(stats=True) also captures each program's
+  "processed N insns" line through a per-program log buffer at BPF_LOG_STATS. Level 1 (the full
+  trace) is avoided there: a log that overflows its buffer fails the load with ENOSPC.
+- Attachments are bpf_links over perf events owned by this process (tracepoints; uprobes and
+  kprobes through their PMUs), so a SIGKILLed agent leaves nothing attached. libbpf falls back to
+  tracefs-created probes only where the uprobe/kprobe PMU is missing (pre-4.17 kernels).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno as errno_mod
 import logging
-import mmap
 import os
-import platform
-import time
-from dataclasses import dataclass, field
+import re
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracer import sweeper
-from tracer.btf import BtfError, sock_common_defines
-from tracer.capabilities import Capabilities, choose_backend
-from tracer.processes import service_name_from_cmdline
-from tracer.records import REC_PROC, RawProc, record_type
-from tracer.ringbuf import RingBufferReader
-
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-
-BACKEND_FILES = {"tracepoints": "sockets_tracepoints.c", "kprobes": "sockets_kprobes.c"}
-
-# enum kspan_counter in bpf/http_exchange.h, same order.
-COUNTER_NAMES = [
-    "records_emitted",
-    "ringbuf_lost",  # records the ring buffer had no room for
-    "requests_seen",
-    "non_http_segments",
-    "unparsed_bytes",
-    "state_table_full",
-    "ended_by_next_request",
-    "response_head_too_long",
-    "transfers_outside_syscall",
-    "tls_transfers_skipped",
-    "requests_filtered",
-    "proc_records",
-    "tcp_records",
-    "self_transfers_skipped",
-    "tuple_unknown",
-    "orphan_responses",
-    "ended_by_close",
+__all__ = [
+    "BPF_ANY",
+    "BPF_EXIST",
+    "BPF_NOEXIST",
+    "BpfObject",
+    "Link",
+    "LoaderError",
+    "Map",
+    "ProgInfo",
+    "enable_run_stats",
+    "file_offset",
+    "num_possible_cpus",
+    "prog_info",
 ]
 
-PROC_EXEC = 1
+# Map update flags (uapi linux/bpf.h).
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
 
-# Probe functions of the kprobes backend: (function in sockets_kprobes.c, kernel symbol, is_return).
-KPROBES = [
-    ("kspan_tcp_sendmsg", "tcp_sendmsg", False),
-    ("kspan_tcp_xfer_ret", "tcp_sendmsg", True),
-    ("kspan_tcp_recvmsg", "tcp_recvmsg", False),
-    ("kspan_tcp_xfer_ret", "tcp_recvmsg", True),
-    ("kspan_tcp_close", "tcp_close", False),
-]
+# enum bpf_map_type values (uapi, append-only).
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY = 1, 2, 5, 6
+MAP_LRU_HASH, MAP_LRU_PERCPU_HASH, MAP_PERCPU_CGROUP_STORAGE, MAP_RINGBUF = 9, 10, 21, 27
+_PERCPU_TYPES = frozenset({MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_PERCPU_HASH, MAP_PERCPU_CGROUP_STORAGE})
 
-# sock:sock_send_length and sock:sock_recv_length share one program (struct kspan_sock_msg_length in
-# bpf/sockets_tracepoints.c); their record layout must be this one.
-SOCK_LENGTH_EVENTS = ("sock/sock_send_length", "sock/sock_recv_length")
-SOCK_LENGTH_LAYOUT = {"sk": 8, "family": 16, "protocol": 18, "ret": 20, "flags": 24}
+_LIBBPF_STRICT_ALL = 0xFFFFFFFF
+_LIBBPF_WARN, _LIBBPF_INFO, _LIBBPF_DEBUG = 0, 1, 2
+_BPF_LOG_STATS = 4
+_BPF_STATS_RUN_TIME = 0
 
+_BTF_KIND_INT, _BTF_KIND_STRUCT, _BTF_KIND_UNION, _BTF_KIND_ENUM = 1, 4, 5, 6
+_BTF_KIND_DATASEC, _BTF_KIND_ENUM64 = 15, 19
+_BTF_INT_SIGNED, _BTF_INT_BOOL = 1, 4
 
-class CaptureError(Exception):
-    """Capture could not start; the message says what to do."""
-
-
-@dataclass
-class CaptureConfig:
-    backend: str = "auto"  # "auto" | "tracepoints" | "kprobes"
-    pids: set[int] = field(default_factory=set)
-    exe_names: set[str] = field(default_factory=set)
-    ports: set[int] = field(default_factory=set)
-    self_pid: int = field(default_factory=os.getpid)
-    ringbuf_pages: int = 2048
-    max_connections: int = 65536
-    response_timeout_s: float = 30.0
-    extra_modules: list[str] = field(default_factory=list)
-    network_events: bool = True
+# Lines of libbpf/verifier output carried by a LoaderError.
+LOG_TAIL_LINES = 40
+# Per-program log buffer for load(stats=True): BPF_LOG_STATS output is the error (if any) plus
+# one statistics line, so this never fills up the way a level-1 trace would.
+_STATS_LOG_SIZE = 64 * 1024
+_PROCESSED_RE = re.compile(r"processed (\d+) insns")
+# What the kernel's print_verification_stats() writes at BPF_LOG_STATS.
+_STATS_LINE_PREFIXES = ("processed ", "verification time ", "stack depth ")
 
 
-def program_text(backend: str, extra_modules: list[str] | None = None) -> str:
-    """The one C text compiled by bcc: shared header, backend, process and TCP families, extras."""
-    files = [BACKEND_FILES[backend], "process.c", "tcp_events.c", *(extra_modules or [])]
-    # http_exchange.h is pasted, not #included: bcc rewrites map calls (`conns.lookup(...)`) only in
-    # the main file, and its include guard makes a module's own #include of it a no-op.
-    parts = ['#include "kspan.h"', "/* ---- http_exchange.h ---- */", (BPF_DIR / "http_exchange.h").read_text()]
-    for name in files:
-        path = BPF_DIR / name
-        if not path.is_file():
-            raise CaptureError(f"probe source {path} is missing (extra module {name!r}?)")
-        parts.append(f"/* ---- {name} ---- */")
-        parts.append(path.read_text())
-    return "\n".join(parts) + "\n"
+class LoaderError(Exception):
+    """libbpf or the kernel refused an operation; the message ends with libbpf's last lines."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
-def cflags_for(
-    config: CaptureConfig, with_btf_offsets: bool = True, tracefs: str = "", backend: str = "tracepoints"
-) -> list[str]:
-    pages = config.ringbuf_pages
-    if pages <= 0 or pages & (pages - 1):
-        raise CaptureError(f"ring buffer pages must be a power of two, got {pages}")
-    flags = [
-        f"-I{BPF_DIR}",
-        f"-DKSPAN_SELF_PID={int(config.self_pid)}",
-        f"-DKSPAN_RINGBUF_PAGES={pages}",
-        f"-DKSPAN_MAX_CONNS={int(config.max_connections)}",
-    ]
-    if config.pids or config.exe_names:
-        flags.append("-DKSPAN_FILTER_PIDS")
-    if config.exe_names:
-        flags.append("-DKSPAN_FILTER_EXE")
-    if config.ports:
-        flags.append("-DKSPAN_FILTER_PORTS")
-    if config.network_events:
-        flags.append("-DKSPAN_NETWORK_EVENTS")
-        flags += _send_reset_defines(tracefs)
-    if backend == "tracepoints":
-        flags += _sock_length_defines(tracefs)
-        if platform.machine() == "x86_64":
-            flags.append("-DKSPAN_X86_64")
-    if with_btf_offsets:
-        try:
-            flags += [f"-D{k}={v}" for k, v in sock_common_defines().items()]
-        except BtfError as exc:
-            # Without offsets, connections older than the agent have no addresses (counted).
-            log.warning("kspan: no kernel BTF offsets (%s); pre-existing connections get no 4-tuple", exc)
-    return flags
+# --- struct layouts (libbpf 1.1 headers; uapi linux/bpf.h and linux/btf.h) -------------------
 
 
-def tracepoint_field_offsets(tracefs: str, event: str) -> dict[str, int]:
-    """Field name -> offset in a tracepoint's record, from <tracefs>/events/<event>/format."""
-    out: dict[str, int] = {}
-    try:
-        text = (Path(tracefs or "/sys/kernel/tracing") / "events" / event / "format").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("field:"):
-            continue
-        parts = dict(p.strip().split(":", 1) for p in line.split(";") if ":" in p)
-        decl = parts.get("field", "").strip()
-        name = decl.split()[-1].split("[")[0] if decl else ""
-        try:
-            out[name] = int(parts.get("offset", ""))
-        except ValueError:
-            continue
-    return out
-
-
-def _send_reset_defines(tracefs: str) -> list[str]:
-    off = tracepoint_field_offsets(tracefs, "tcp/tcp_send_reset")
-    if not all(k in off for k in ("skaddr", "saddr", "daddr")):
-        return []
-    return [
-        f"-DKSPAN_TP_SEND_RESET_SKADDR={off['skaddr']}",
-        f"-DKSPAN_TP_SEND_RESET_SADDR={off['saddr']}",
-        f"-DKSPAN_TP_SEND_RESET_DADDR={off['daddr']}",
+class _ObjectOpenOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("object_name", ctypes.c_char_p),
+        ("relaxed_maps", ctypes.c_bool),
+        ("pin_root_path", ctypes.c_char_p),
+        # `__u32 :32;` where attach_prog_fd was: an unnamed bitfield still occupies its 4 bytes.
+        ("_removed_attach_prog_fd", ctypes.c_uint32),
+        ("kconfig", ctypes.c_char_p),
+        ("btf_custom_path", ctypes.c_char_p),
+        ("kernel_log_buf", ctypes.c_void_p),
+        ("kernel_log_size", ctypes.c_size_t),
+        ("kernel_log_level", ctypes.c_uint32),
+        # `size_t :0;` pads the tail to 8 bytes, which ctypes does by itself (pointer alignment).
     ]
 
 
-def _sock_length_defines(tracefs: str) -> list[str]:
-    for event in SOCK_LENGTH_EVENTS:
-        off = tracepoint_field_offsets(tracefs, event)
-        if any(off.get(k) != v for k, v in SOCK_LENGTH_LAYOUT.items()):
-            raise CaptureError(
-                f"tracepoint {event} has layout {off}, expected {SOCK_LENGTH_LAYOUT}: this kernel needs "
-                "--backend kprobes (or a kspan update)"
-            )
-    return []
+class _UprobeOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("ref_ctr_offset", ctypes.c_size_t),
+        ("bpf_cookie", ctypes.c_uint64),
+        ("retprobe", ctypes.c_bool),
+        ("func_name", ctypes.c_char_p),
+    ]
 
 
-def _exe_matches(pid: int, names: set[str]) -> bool:
-    try:
-        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
-    except OSError:
-        exe = ""
-    if exe in names or exe.removesuffix(" (deleted)") in names:
-        return True
-    try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return False
-    if comm in names or any(n[:15] == comm for n in names):
-        return True
-    # An interpreter's process is named for the script it runs (`python3 orders.py` is `orders`),
-    # as its spans' service.name is, so --exe orders means that process too.
-    try:
-        argv = [a.decode("utf-8", "replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:
-        return False
-    return service_name_from_cmdline(exe, argv) in names
+class _BpfMapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+    ]
 
 
-def _descendants_of(pids: set[int]) -> set[int]:
-    """Processes whose parent chain reaches one of `pids` (children forked before the agent)."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+class _BpfProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),  # 1-bit field + 31 bits of padding
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
+        ("attach_btf_obj_id", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size_or_type", ctypes.c_uint32)]
+
+
+class _BtfMember(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32), ("offset", ctypes.c_uint32)]
+
+
+class _BtfVarSecinfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("offset", ctypes.c_uint32), ("size", ctypes.c_uint32)]
+
+
+# int (*libbpf_print_fn_t)(enum libbpf_print_level, const char *, va_list). On x86_64 a va_list
+# parameter decays to a pointer (it is an array type); on aarch64 the 32-byte struct is passed
+# by reference. Either way a c_void_p carries it unchanged to vasprintf.
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+_P = ctypes.c_void_p
+_STR = ctypes.c_char_p
+_INT = ctypes.c_int
+_U32 = ctypes.c_uint32
+
+_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
+    "libbpf_major_version": (_U32, []),
+    "libbpf_minor_version": (_U32, []),
+    "libbpf_set_print": (_P, [_PRINT_FN]),
+    "libbpf_set_strict_mode": (_INT, [ctypes.c_uint]),
+    "libbpf_strerror": (_INT, [_INT, _P, ctypes.c_size_t]),
+    "libbpf_num_possible_cpus": (_INT, []),
+    "bpf_object__open_file": (_P, [_STR, ctypes.POINTER(_ObjectOpenOpts)]),
+    "bpf_object__load": (_INT, [_P]),
+    "bpf_object__close": (None, [_P]),
+    "bpf_object__name": (_STR, [_P]),
+    "bpf_object__btf": (_P, [_P]),
+    "bpf_object__next_program": (_P, [_P, _P]),
+    "bpf_object__next_map": (_P, [_P, _P]),
+    "bpf_object__find_program_by_name": (_P, [_P, _STR]),
+    "bpf_object__find_map_by_name": (_P, [_P, _STR]),
+    "bpf_program__name": (_STR, [_P]),
+    "bpf_program__section_name": (_STR, [_P]),
+    "bpf_program__fd": (_INT, [_P]),
+    "bpf_program__autoload": (ctypes.c_bool, [_P]),
+    "bpf_program__set_autoload": (_INT, [_P, ctypes.c_bool]),
+    "bpf_program__set_log_level": (_INT, [_P, _U32]),
+    "bpf_program__set_log_buf": (_INT, [_P, _P, ctypes.c_size_t]),
+    "bpf_program__attach": (_P, [_P]),
+    "bpf_program__attach_tracepoint": (_P, [_P, _STR, _STR]),
+    "bpf_program__attach_kprobe": (_P, [_P, ctypes.c_bool, _STR]),
+    "bpf_program__attach_uprobe_opts": (_P, [_P, _INT, _STR, ctypes.c_size_t, ctypes.POINTER(_UprobeOpts)]),
+    "bpf_link__destroy": (_INT, [_P]),
+    "bpf_link__fd": (_INT, [_P]),
+    "bpf_map__name": (_STR, [_P]),
+    "bpf_map__type": (_INT, [_P]),
+    "bpf_map__key_size": (_U32, [_P]),
+    "bpf_map__value_size": (_U32, [_P]),
+    "bpf_map__max_entries": (_U32, [_P]),
+    "bpf_map__set_max_entries": (_INT, [_P, _U32]),
+    "bpf_map__fd": (_INT, [_P]),
+    "bpf_map__is_internal": (ctypes.c_bool, [_P]),
+    "bpf_map__initial_value": (_P, [_P, ctypes.POINTER(ctypes.c_size_t)]),
+    "bpf_map__reuse_fd": (_INT, [_P, _INT]),
+    "btf__find_by_name_kind": (ctypes.c_int32, [_P, _STR, _U32]),
+    "btf__type_by_id": (_P, [_P, _U32]),
+    "btf__resolve_size": (ctypes.c_int64, [_P, _U32]),
+    "btf__resolve_type": (_INT, [_P, _U32]),
+    "btf__name_by_offset": (_STR, [_P, _U32]),
+    "bpf_map_lookup_elem": (_INT, [_INT, _P, _P]),
+    "bpf_map_update_elem": (_INT, [_INT, _P, _P, ctypes.c_uint64]),
+    "bpf_map_delete_elem": (_INT, [_INT, _P]),
+    "bpf_map_get_next_key": (_INT, [_INT, _P, _P]),
+    "bpf_obj_get_info_by_fd": (_INT, [_INT, _P, ctypes.POINTER(_U32)]),
+    "bpf_enable_stats": (_INT, [_INT]),
+}
+
+
+class _Api:
+    """libbpf's functions, each with its prototype set; an undeclared name is an AttributeError
+    rather than a silently int-typed call."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._funcs: dict[str, Any] = {}
+        for name, (restype, argtypes) in _PROTOTYPES.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+            self._funcs[name] = fn
+
+    def __getattr__(self, name: str) -> Any:
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            parent[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    out: set[int] = set()
-    for pid in parent:
-        seen, p = 0, pid
-        while p and seen < 64:
-            if p in pids:
-                out.add(pid)
-                break
-            p = parent.get(p, 0)
-            seen += 1
-    return out
+            return self.__dict__["_funcs"][name]
+        except KeyError:
+            raise AttributeError(f"libbpf function {name} has no declared prototype") from None
 
 
-def _prog_info(fd: int) -> tuple[int, int] | None:
-    """(run_cnt, run_time_ns) of a loaded program, by BPF_OBJ_GET_INFO_BY_FD."""
-    info = (ctypes.c_uint8 * 256)()
-    attr = (ctypes.c_uint8 * 16)()
-    ctypes.memmove(attr, (ctypes.c_uint32 * 4)(fd, 256, 0, 0), 8)  # bpf_fd, info_len
-    ctypes.memmove(ctypes.addressof(attr) + 8, ctypes.pointer(ctypes.c_uint64(ctypes.addressof(info))), 8)
-    libc = ctypes.CDLL(None, use_errno=True)
-    sys_bpf = 321 if platform.machine() == "x86_64" else 280
-    if libc.syscall(sys_bpf, 15, attr, 16) != 0:  # BPF_OBJ_GET_INFO_BY_FD
-        return None
-    raw = bytes(info)
-    # struct bpf_prog_info: run_time_ns at 192, run_cnt at 200 (uapi, append-only)
-    return int.from_bytes(raw[200:208], "little"), int.from_bytes(raw[192:200], "little")
+# --- libbpf's log -----------------------------------------------------------------------------
 
 
-def _release_compiler_memory() -> None:
-    """bcc's LLVM frees its compile-time heap but glibc keeps it mapped: hand it back to the OS
-    (about 20 MB of resident memory here)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
+class _LogState(threading.local):
+    # Messages of the libbpf call in progress on this thread, or None outside _captured().
+    messages: list[tuple[int, str]] | None = None
 
 
-# Connection states examined per sweep() call (about 13 us each here).
-SWEEP_BATCH = 2048
-
-# Functions attached by name (not by bcc's tracepoint__ auto-attach), with their program type.
-NAMED_TRACEPOINT_FUNCS = ("kspan_sock_length", "kspan_tcp_send_reset")
+_log_state = _LogState()
 
 
-def verify_programs(
-    backend: str, config: CaptureConfig | None = None, tracefs: str = "", portable: bool = False
-) -> list[str]:
-    """Compile `backend`'s object and load every program through the verifier without attaching
-    anything (kprobe programs load where kprobes cannot attach). `portable` compiles the
-    tracepoints backend as for a non-x86_64 machine (syscall arguments saved at entry). Returns
-    the programs loaded; raises CaptureError naming the program the verifier rejected."""
-    from bcc import BPF, lib
+class _Captured:
+    def __init__(self) -> None:
+        self.messages: list[tuple[int, str]] = []
 
-    class _NoAutoAttach(BPF):  # type: ignore[misc]
-        def _trace_autoload(self) -> None:
-            return None
+    def lines(self) -> list[str]:
+        text = "".join(msg for _level, msg in self.messages)
+        return [line.rstrip() for line in text.splitlines() if line.strip()]
 
-    config = config or CaptureConfig(network_events=True)
-    kprobe_funcs = {fn for fn, _sym, _ret in KPROBES}
-    cflags = cflags_for(config, tracefs=tracefs, backend=backend)
-    if portable:
-        cflags = [f for f in cflags if f != "-DKSPAN_X86_64"]
-    try:
-        b = _NoAutoAttach(text=program_text(backend, config.extra_modules).encode(), cflags=cflags)
-    except Exception as exc:
-        raise CaptureError(f"compiling the {backend} probes failed: {exc}") from exc
-    loaded: list[str] = []
-    try:
-        for i in range(lib.bpf_num_functions(b.module)):
-            name = lib.bpf_function_name(b.module, i).decode()
-            if name.startswith("tracepoint__") or name in NAMED_TRACEPOINT_FUNCS:
-                kind = BPF.TRACEPOINT
-            elif name in kprobe_funcs:
-                kind = BPF.KPROBE
-            else:
-                continue
-            try:
-                b.load_func(name.encode(), kind)
-            except Exception as exc:
-                raise CaptureError(f"the verifier rejected {name} ({backend} backend): {exc}") from exc
-            loaded.append(name)
-    finally:
-        b.cleanup()
-    return loaded
+    def tail(self, extra: list[str] | None = None) -> str:
+        lines = self.lines() + (extra or [])
+        return (":\n" + "\n".join(lines[-LOG_TAIL_LINES:])) if lines else ""
 
-
-def verifier_insns(backend: str, fn_name: str, config: CaptureConfig | None = None, tracefs: str = "") -> int:
-    """Instructions the verifier walked to accept `fn_name` (its limit is 1,000,000): the headroom
-    left for changes to the state machine. Loads the program once more with verifier statistics."""
-    import re
-    import struct
-
-    from bcc import BPF
-
-    class _NoAutoAttach(BPF):  # type: ignore[misc]
-        def _trace_autoload(self) -> None:
-            return None
-
-    config = config or CaptureConfig()
-    b = _NoAutoAttach(text=program_text(backend, config.extra_modules).encode(),
-                      cflags=cflags_for(config, tracefs=tracefs, backend=backend))
-    try:
-        insns = ctypes.create_string_buffer(b.dump_func(fn_name.encode()))
-        log = ctypes.create_string_buffer(1 << 16)
-        license_ = ctypes.create_string_buffer(b"GPL")
-        attr = (ctypes.c_uint8 * 144)()
-        prog_type = 2 if fn_name in {fn for fn, _s, _r in KPROBES} else 5  # BPF_PROG_TYPE_KPROBE / TRACEPOINT
-        struct.pack_into("<IIQQIIQ", memoryview(attr).cast("B"), 0, prog_type, (len(insns) - 1) // 8,
-                         ctypes.addressof(insns), ctypes.addressof(license_), 4, len(log), ctypes.addressof(log))
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.syscall(321 if platform.machine() == "x86_64" else 280, 5, attr, 144)  # BPF_PROG_LOAD
-        if fd >= 0:
-            os.close(fd)
-        m = re.search(r"processed (\d+) insns", log.value.decode(errors="replace"))
-        if not m:
-            raise CaptureError(f"no verifier statistics for {fn_name}: {os.strerror(ctypes.get_errno())}")
-        return int(m.group(1))
-    finally:
-        b.cleanup()
-
-
-class Capture:
-    def __init__(self, config: CaptureConfig, caps: Capabilities) -> None:
-        self.config = config
-        self.caps = caps
-        self.bpf: Any = None
-        self.backend = ""
-        self.backend_reason = ""
-        self.probes_attached = 0
-        self._reader: RingBufferReader | None = None
-        self._closed = False
-        self._sweep_evicted = 0
-        self._sweep_cursor: Any = None
-        self._exe_added = 0
-
-    # -- start -------------------------------------------------------------------------------
-    def start(self) -> None:
-        backend, reason = choose_backend(self.caps, self.config.backend)
-        if not backend:
-            raise CaptureError(reason)
-        self.backend, self.backend_reason = backend, reason
-        try:
-            from bcc import BPF  # noqa: F401 - lazy: only capture needs bcc
-        except ImportError as exc:
-            raise CaptureError(
-                "bcc is not importable: install Debian's python3-bpfcc and use a venv made with "
-                "--system-site-packages (make setup does both)"
-            ) from exc
-        text = program_text(backend, self.config.extra_modules)
-        cflags = cflags_for(self.config, tracefs=self.caps.tracefs, backend=backend)
-        try:
-            self.bpf = BPF(text=text.encode(), cflags=cflags)
-        except Exception as exc:  # bcc raises bare Exception on compile/load/attach failure
-            raise CaptureError(
-                f"loading the {backend} probes failed: {exc}. Run `kspan doctor` to see what this kernel "
-                "offers; compile errors usually mean missing kernel headers (linux-headers-*)."
-            ) from exc
-        _release_compiler_memory()
-        try:
-            if backend == "tracepoints":
-                for event in SOCK_LENGTH_EVENTS:
-                    self.bpf.attach_tracepoint(tp=event.replace("/", ":").encode(), fn_name=b"kspan_sock_length")
-            if backend == "kprobes":
-                for fn, sym, is_ret in KPROBES:
-                    if is_ret:
-                        self.bpf.attach_kretprobe(event=sym.encode(), fn_name=fn.encode())
+    def forward(self) -> None:
+        """The call succeeded: its warnings go to the log instead of an exception."""
+        for level, msg in self.messages:
+            for line in msg.splitlines():
+                if line.strip():
+                    if level == _LIBBPF_WARN:
+                        log.warning("%s", line.rstrip())
                     else:
-                        self.bpf.attach_kprobe(event=sym.encode(), fn_name=fn.encode())
-            if any(f.startswith("-DKSPAN_TP_SEND_RESET_SKADDR") for f in cflags):
-                self.bpf.attach_tracepoint(tp=b"tcp:tcp_send_reset", fn_name=b"kspan_tcp_send_reset")
-            self._fill_filters()
-            self._reader = RingBufferReader(self.bpf[b"events"].map_fd, self.config.ringbuf_pages * mmap.PAGESIZE)
-        except Exception as exc:
-            self.close()
-            raise CaptureError(f"attaching the {backend} probes failed: {exc}. Run `kspan doctor`.") from exc
-        self.probes_attached = self._count_probes()
+                        log.debug("%s", line.rstrip())
 
-    def _count_probes(self) -> int:
-        b = self.bpf
-        return int(b.num_open_tracepoints() + b.num_open_kprobes() + b.num_open_uprobes())
 
-    def _fill_filters(self) -> None:
-        b = self.bpf
-        one = ctypes.c_uint8(1)
-        if self.config.ports:
-            ports = b[b"allowed_ports"]
-            for port in self.config.ports:
-                ports[ports.Key(port)] = one
-        if self.config.exe_names:
-            comms = b[b"allowed_comms"]
-            for name in self.config.exe_names:
-                key = comms.Key()
-                raw = name.encode()[:15]
-                ctypes.memmove(ctypes.addressof(key), raw, len(raw))
-                comms[key] = one
-        if self.config.pids or self.config.exe_names:
-            allowed = set(self.config.pids)
-            if self.config.exe_names:
-                for entry in os.listdir("/proc"):
-                    if entry.isdigit() and _exe_matches(int(entry), self.config.exe_names):
-                        allowed.add(int(entry))
-            allowed |= _descendants_of(allowed)
-            allowed.discard(self.config.self_pid)
-            table = b[b"allowed_pids"]
-            for pid in allowed:
-                table[table.Key(pid)] = one
+@contextmanager
+def _captured() -> Iterator[_Captured]:
+    cap = _Captured()
+    previous = _log_state.messages
+    _log_state.messages = cap.messages
+    try:
+        yield cap
+    finally:
+        _log_state.messages = previous
 
-    def allow_pid(self, pid: int) -> None:
-        """Trace `pid` from now on (filtering by --pid/--exe only)."""
-        if self.bpf is None or pid == self.config.self_pid:
-            return
-        table = self.bpf[b"allowed_pids"]
-        table[table.Key(pid)] = ctypes.c_uint8(1)
 
-    def is_traced(self, pid: int) -> bool:
-        """Whether the filters (--pid/--exe, with children) let `pid` through: the kernel's own
-        allowed_pids map, so user space never inspects a process the probes would ignore."""
-        if pid == self.config.self_pid:
-            return False
-        if not (self.config.pids or self.config.exe_names) or self.bpf is None:
-            return True
-        table = self.bpf[b"allowed_pids"]
-        try:
-            table[table.Key(pid)]
-        except KeyError:
-            return False
+def _vformat(fmt: int | None, ap: int | None) -> str:
+    if not fmt or _libc is None:
+        return ""
+    out = ctypes.c_void_p()
+    n = _libc.vasprintf(ctypes.byref(out), fmt, ap)
+    if n < 0 or not out.value:
+        return ""
+    try:
+        return ctypes.string_at(out.value, n).decode(errors="replace")
+    finally:
+        _libc.free(out)
+
+
+def _on_libbpf_print(level: int, fmt: int | None, ap: int | None) -> int:
+    # An exception cannot cross back into C: ctypes would print it to stderr and return 0 anyway.
+    try:
+        if level >= _LIBBPF_DEBUG:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", _vformat(fmt, ap).rstrip())
+            return 0
+        text = _vformat(fmt, ap)
+        messages = _log_state.messages
+        if messages is not None:
+            messages.append((level, text))
+        elif text.strip():
+            log.log(logging.WARNING if level == _LIBBPF_WARN else logging.DEBUG, "%s", text.rstrip())
+    except Exception:
+        pass
+    return 0
+
+
+# --- library set-up ---------------------------------------------------------------------------
+
+_api: _Api | None = None
+_api_problem = ""
+_libc: Any = None
+# libbpf stores only the function pointer: this reference keeps the trampoline alive.
+_PRINT_CALLBACK = _PRINT_FN(_on_libbpf_print)
+_ncpus = 0
+
+
+def _init() -> None:
+    global _api, _api_problem, _libc
+    try:
+        libc = ctypes.CDLL(None)
+        libc.vasprintf.restype = ctypes.c_int
+        libc.vasprintf.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_void_p]
+        libc.free.restype = None
+        libc.free.argtypes = [ctypes.c_void_p]
+        _libc = libc
+    except (OSError, AttributeError):
+        _libc = None  # not glibc: libbpf's messages are then dropped, errors still raise
+    try:
+        api = _Api(ctypes.CDLL("libbpf.so.1", use_errno=True))
+    except (OSError, AttributeError) as exc:
+        _api_problem = f"libbpf.so.1 (libbpf >= 1.0) cannot be used: {exc}; install libbpf1"
+        return
+    if api.libbpf_major_version() < 1:
+        _api_problem = f"libbpf {api.libbpf_major_version()}.{api.libbpf_minor_version()} is too old (need 1.x)"
+        return
+    api.libbpf_set_strict_mode(_LIBBPF_STRICT_ALL)
+    api.libbpf_set_print(_PRINT_CALLBACK)
+    _api = api
+
+
+def _lib() -> _Api:
+    if _api is None:
+        raise LoaderError(_api_problem or "libbpf is not available")
+    return _api
+
+
+def _strerror(err: int) -> str:
+    err = abs(err)
+    if _api is not None:
+        buf = ctypes.create_string_buffer(256)
+        # libbpf's own codes (LIBBPF_ERRNO__*, 4000+) are unknown to strerror.
+        if _api.libbpf_strerror(err, buf, len(buf)) == 0:
+            return buf.value.decode(errors="replace")
+    return os.strerror(err)
+
+
+def _errno_of_null() -> int:
+    return ctypes.get_errno() or errno_mod.EINVAL
+
+
+def num_possible_cpus() -> int:
+    """CPUs a per-CPU map holds a value for (possible, not online: the kernel sizes by those)."""
+    global _ncpus
+    if _ncpus <= 0:
+        n = _lib().libbpf_num_possible_cpus()
+        if n <= 0:
+            raise LoaderError(f"cannot count the possible CPUs: {_strerror(n)}", -n)
+        _ncpus = n
+    return _ncpus
+
+
+def _tracefs_hint() -> str:
+    if any(Path(p, "events").is_dir() for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")):
+        return ""
+    return " (tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing)"
+
+
+# --- object info by fd ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    name: str
+    run_cnt: int
+    run_time_ns: int
+    verified_insns: int  # 0 on kernels before 5.16
+
+
+@dataclass(frozen=True)
+class _MapInfo:
+    id: int
+    name: str
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def _info_by_fd(fd: int, info: ctypes.Structure, what: str) -> None:
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    rc = _lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+    if rc < 0:
+        raise LoaderError(f"reading the {what} info of fd {fd}: {_strerror(rc)}", -rc)
+
+
+def prog_info(fd: int) -> ProgInfo:
+    """What the kernel keeps about a loaded program. run_cnt/run_time_ns count only while run-time
+    statistics are enabled (enable_run_stats() or the kernel.bpf_stats_enabled sysctl)."""
+    info = _BpfProgInfo()
+    _info_by_fd(fd, info, "program")
+    return ProgInfo(
+        id=info.id,
+        name=info.name.decode(errors="replace"),
+        run_cnt=info.run_cnt,
+        run_time_ns=info.run_time_ns,
+        verified_insns=info.verified_insns,
+    )
+
+
+def _map_info(fd: int) -> _MapInfo:
+    info = _BpfMapInfo()
+    _info_by_fd(fd, info, "map")
+    return _MapInfo(
+        id=info.id,
+        name=info.name.decode(errors="replace"),
+        map_type=info.type,
+        key_size=info.key_size,
+        value_size=info.value_size,
+        max_entries=info.max_entries,
+    )
+
+
+def enable_run_stats() -> int:
+    """Make the kernel count run_cnt/run_time_ns of every program while the returned fd is open
+    (BPF_ENABLE_STATS: unlike the sysctl, it cannot be left on by a killed process). Close the fd
+    with os.close() to stop."""
+    fd = _lib().bpf_enable_stats(_BPF_STATS_RUN_TIME)
+    if fd < 0:
+        raise LoaderError(f"enabling BPF run-time statistics: {_strerror(fd)}", -fd)
+    return int(fd)
+
+
+# --- maps -------------------------------------------------------------------------------------
+
+
+class Map:
+    """A BPF map by fd. Keys and values are raw bytes in the kernel's layout. A Map from a
+    BpfObject borrows the object's fd and is unusable once the object is closed."""
+
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        map_type: int,
+        key_size: int,
+        value_size: int,
+        max_entries: int,
+        owner: BpfObject | None = None,
+    ) -> None:
+        self.fd = fd
+        self.name = name
+        self.map_type = map_type
+        self.key_size = key_size
+        self.value_size = value_size
+        self.max_entries = max_entries
+        self.percpu = map_type in _PERCPU_TYPES
+        self._owner = owner
+        if self.percpu:
+            # The kernel copies each CPU's value into an 8-byte aligned slot.
+            self._stride = (value_size + 7) & ~7
+            self._ncpus = num_possible_cpus()
+        else:
+            self._stride = value_size
+            self._ncpus = 1
+        self.value_buffer_size = self._stride * self._ncpus
+
+    @classmethod
+    def from_fd(cls, fd: int, name: str | None = None) -> Map:
+        """A map known only by fd (e.g. one of a running agent, through pidfd_getfd): its type and
+        sizes come from the kernel. The caller keeps owning the fd."""
+        info = _map_info(fd)
+        return cls(fd, name or info.name, info.map_type, info.key_size, info.value_size, info.max_entries)
+
+    def __repr__(self) -> str:
+        return (
+            f"Map({self.name!r}, fd={self.fd}, type={self.map_type}, key_size={self.key_size}, "
+            f"value_size={self.value_size}, max_entries={self.max_entries})"
+        )
+
+    def _check(self, key: bytes | None) -> None:
+        if self._owner is not None and self._owner.closed:
+            raise LoaderError(f"map {self.name}: its object {self._owner.name} is closed")
+        if key is not None and len(key) != self.key_size:
+            raise ValueError(f"map {self.name}: key is {len(key)} bytes, the map's keys are {self.key_size}")
+
+    def _fail(self, op: str, rc: int) -> LoaderError:
+        return LoaderError(f"map {self.name}: {op}: {_strerror(rc)}", -rc)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value, or None if the key is absent. For a per-CPU map: every CPU's slot, as one
+        buffer of value_buffer_size bytes (lookup_percpu splits it)."""
+        self._check(key)
+        buf = ctypes.create_string_buffer(self.value_buffer_size)
+        rc = _lib().bpf_map_lookup_elem(self.fd, key, buf)
+        if rc < 0:
+            if -rc == errno_mod.ENOENT:
+                return None
+            raise self._fail("lookup", rc)
+        return buf.raw
+
+    def lookup_percpu(self, key: bytes) -> list[bytes]:
+        """One value_size value per possible CPU; [] if the key is absent."""
+        if not self.percpu:
+            raise TypeError(f"map {self.name} is not a per-CPU map")
+        raw = self.lookup(key)
+        if raw is None:
+            return []
+        return [raw[i * self._stride : i * self._stride + self.value_size] for i in range(self._ncpus)]
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        """For a per-CPU map, `value` is either the whole buffer (value_buffer_size bytes) or one
+        value_size value that every CPU gets."""
+        self._check(key)
+        if self.percpu and len(value) == self.value_size and self.value_buffer_size != self.value_size:
+            slot = value + bytes(self._stride - self.value_size)
+            value = slot * self._ncpus
+        if len(value) != self.value_buffer_size:
+            raise ValueError(
+                f"map {self.name}: value is {len(value)} bytes, the map needs {self.value_buffer_size}"
+            )
+        rc = _lib().bpf_map_update_elem(self.fd, key, value, flags)
+        if rc < 0:
+            raise self._fail("update", rc)
+
+    def delete(self, key: bytes) -> bool:
+        """False if the key was absent."""
+        self._check(key)
+        rc = _lib().bpf_map_delete_elem(self.fd, key)
+        if rc < 0:
+            if -rc == errno_mod.ENOENT:
+                return False
+            raise self._fail("delete", rc)
         return True
 
-    # -- reading -----------------------------------------------------------------------------
-    def poll(self, timeout_ms: int) -> list[bytes]:
-        """Every record available now (waiting up to timeout_ms for the first)."""
-        if self.bpf is None or self._reader is None:
-            return []
-        self._reader.wait(timeout_ms)
-        batch: list[bytes] = []
-        self._reader.drain(batch)
-        if self.config.exe_names:
-            for rec in batch:
-                if record_type(rec) == REC_PROC and len(rec) >= ctypes.sizeof(RawProc):
-                    proc = RawProc.from_buffer_copy(rec)
-                    if proc.event == PROC_EXEC and _exe_matches(proc.pid, self.config.exe_names):
-                        self.allow_pid(proc.pid)
-                        self._exe_added += 1
-        return batch
+    def next_key(self, key: bytes | None) -> bytes | None:
+        """The key after `key` (the first key for None); None at the end. A hash map restarts
+        from its first key when `key` is no longer in it."""
+        self._check(key)
+        buf = ctypes.create_string_buffer(self.key_size)
+        rc = _lib().bpf_map_get_next_key(self.fd, key, buf)
+        if rc < 0:
+            if -rc == errno_mod.ENOENT:
+                return None
+            raise self._fail("next key", rc)
+        return buf.raw
 
-    def sweep(self, now_mono_ns: int | None = None) -> list[bytes]:
-        """Take out exchanges with no progress within the response timeout, as TIMEOUT records.
+    def keys(self, start: bytes | None = None) -> Iterator[bytes]:
+        """Keys after `start` (all keys for None). Deleting the key just yielded makes a hash map
+        start over; collect the keys first (list(m.keys())) when deleting while iterating."""
+        key = self.next_key(start)
+        while key is not None:
+            yield key
+            key = self.next_key(key)
 
-        Each call examines at most SWEEP_BATCH connection states, continuing where the previous
-        call stopped: idle keep-alive connections keep their state in the kernel, and reading
-        all of a large map at every call would cost the agent more than the exchanges."""
-        if self.bpf is None:
-            return []
-        now = time.monotonic_ns() if now_mono_ns is None else now_mono_ns
-        timeout_ns = int(self.config.response_timeout_s * 1e9)
-        conns = self.bpf[b"conns"]
-        layout = sweeper.ConnLayout.of(conns.Leaf)
-        stale: list[tuple[Any, Any, bytes]] = []
-        key = self._sweep_cursor
-        for _ in range(SWEEP_BATCH):
-            try:
-                key = conns.next(key)
-            except StopIteration:
-                key = None  # end of the map: the next call starts over
-                break
-            try:
-                value = conns[key]
-            except KeyError:
-                continue
-            found = sweeper.stale_record(key.value, sweeper.raw_bytes(value), now, timeout_ns, layout)
-            if found is not None:
-                stale.append((key, value, found.record))
-        self._sweep_cursor = key
-        out: list[bytes] = []
-        for key, value, record in stale:
-            try:
-                if conns[key].last_ns != value.last_ns:
-                    continue  # progress since we read it
-                del conns[key]
-            except KeyError:
-                continue  # closed meanwhile: the kernel emitted it
-            self._release_hints(value)
-            out.append(record)
-        self._sweep_evicted += len(out)
-        return out
 
-    def _release_hints(self, value: Any) -> None:
-        ex = value.ex
-        if ex.role != 2:  # KSPAN_ROLE_SERVER
+# --- links and objects ------------------------------------------------------------------------
+
+
+class Link:
+    """One attachment (a bpf_link). destroy() detaches; so does closing its BpfObject, and the
+    kernel does it when the process dies, since the link's fds belong to this process."""
+
+    def __init__(self, ptr: int, description: str, owner: BpfObject) -> None:
+        self._ptr: int | None = ptr
+        self.description = description
+        self._owner = owner
+
+    def __repr__(self) -> str:
+        return f"Link({self.description!r}{'' if self._ptr else ', destroyed'})"
+
+    @property
+    def fd(self) -> int:
+        if not self._ptr:
+            raise LoaderError(f"link {self.description} is destroyed")
+        return int(_lib().bpf_link__fd(self._ptr))
+
+    @property
+    def destroyed(self) -> bool:
+        return not self._ptr
+
+    def destroy(self) -> None:
+        ptr, self._ptr = self._ptr, None
+        if not ptr:
             return
-        b = self.bpf
-        tctx = b[b"thread_ctx"]
-        key = tctx.Key((ex.pid << 32) | ex.tid)
-        try:
-            ref = tctx[key]
-            if ref.conn_id == ex.conn_id and ref.req_start_ns == ex.req_start_ns:
-                del tctx[key]
-        except KeyError:
-            pass
-        inflight = b[b"proc_inflight"]
-        pkey = inflight.Key(ex.pid)
-        try:
-            f = inflight[pkey]
-            if f.count > 0:
-                f.count -= 1
-                inflight[pkey] = f
-        except KeyError:
-            pass
+        self._owner._forget_link(self)
+        with _captured() as cap:
+            rc = _lib().bpf_link__destroy(ptr)
+        if rc < 0:
+            log.debug("destroying link %s: %s%s", self.description, _strerror(rc), cap.tail())
 
-    def program_stats(self) -> dict[str, tuple[int, int]]:
-        """Per program: (runs, total run time in ns), as the kernel counts them while
-        /proc/sys/kernel/bpf_stats_enabled is 1 (zeros otherwise). For measuring kernel-side cost."""
-        out: dict[str, tuple[int, int]] = {}
-        if self.bpf is None:
-            return out
-        for name, fn in self.bpf.funcs.items():
-            info = _prog_info(fn.fd)
-            if info is not None:
-                key = name.decode() if isinstance(name, bytes) else str(name)
-                out[key] = info
-        return out
 
-    def counters(self) -> dict[str, int]:
-        out = dict.fromkeys(COUNTER_NAMES, 0)
-        if self.bpf is not None:
-            table = self.bpf[b"counters"]
-            for i, name in enumerate(COUNTER_NAMES):
-                out[name] = int(sum(table[table.Key(i)]))
-        out["timeouts_swept"] = self._sweep_evicted
-        out["exe_matches"] = self._exe_added
-        out["probes_attached"] = self.probes_attached
-        return out
+@dataclass(frozen=True)
+class _Global:
+    offset: int
+    size: int
+    signed: bool
+    boolean: bool
+    integer: bool  # an int/bool/enum, not an array or struct
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        if self.bpf is not None:
-            try:
-                self.bpf.cleanup()
-            finally:
-                self.bpf = None
-                self.probes_attached = 0
 
-    def __enter__(self) -> Capture:
-        self.start()
+def _btf_kind(t: _BtfType) -> int:
+    return int(t.info >> 24) & 0x1F
+
+
+def _btf_vlen(t: _BtfType) -> int:
+    return int(t.info) & 0xFFFF
+
+
+class BpfObject:
+    """One BPF ELF object (one .bpf.o): open, configure, load(), attach, close(). Garbage
+    collection does not close it (a dropped reference must not detach probes): call close() or
+    use it as a context manager; the kernel detaches everything when the process exits anyway."""
+
+    def __init__(self, ptr: int, path: Path) -> None:
+        self._ptr: int | None = ptr
+        self.path = path
+        raw_name = _lib().bpf_object__name(ptr)
+        self.name = raw_name.decode() if raw_name else path.stem
+        self._links: list[Link] = []
+        self._loaded = False
+        self._globals: dict[str, _Global] | None = None
+        self._stats_logs: dict[str, ctypes.Array[ctypes.c_char]] = {}
+        self._verifier_stats: dict[str, int] = {}
+        self._map_cache: dict[str, Map] = {}
+
+    # -- opening / closing --
+
+    @classmethod
+    def open(cls, path: str | Path, btf_path: str | None = None) -> BpfObject:
+        """Open (not load) an object. `btf_path`: kernel BTF to relocate against, for kernels
+        without /sys/kernel/btf/vmlinux (--btf / KSPAN_BTF)."""
+        path = Path(path)
+        lib = _lib()
+        if btf_path is not None and not os.access(btf_path, os.R_OK):
+            raise LoaderError(f"opening {path}: the BTF file {btf_path} is not readable", errno_mod.ENOENT)
+        opts = _ObjectOpenOpts()
+        opts.sz = ctypes.sizeof(_ObjectOpenOpts)
+        if btf_path is not None:
+            opts.btf_custom_path = os.fsencode(btf_path)
+        with _captured() as cap:
+            ptr = lib.bpf_object__open_file(os.fsencode(path), ctypes.byref(opts))
+            err = _errno_of_null() if not ptr else 0
+        if not ptr:
+            raise LoaderError(f"opening {path}: {_strerror(err)}{cap.tail()}", err)
+        cap.forward()
+        return cls(ptr, path)
+
+    def __enter__(self) -> BpfObject:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("loaded" if self._loaded else "open")
+        return f"BpfObject({self.name!r}, {state})"
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def close(self) -> None:
+        """Detach every link made through this object, then free its programs and maps."""
+        if self._ptr is None:
+            return
+        for link in list(self._links):
+            link.destroy()
+        ptr, self._ptr = self._ptr, None
+        _lib().bpf_object__close(ptr)
+
+    def _obj(self) -> int:
+        if self._ptr is None:
+            raise LoaderError(f"object {self.name} is closed")
+        return self._ptr
+
+    def _forget_link(self, link: Link) -> None:
+        if link in self._links:
+            self._links.remove(link)
+
+    # -- programs and maps --
+
+    def _iter_programs(self) -> Iterator[int]:
+        lib, obj = _lib(), self._obj()
+        prog = lib.bpf_object__next_program(obj, None)
+        while prog:
+            yield prog
+            prog = lib.bpf_object__next_program(obj, prog)
+
+    def _iter_maps(self) -> Iterator[int]:
+        lib, obj = _lib(), self._obj()
+        m = lib.bpf_object__next_map(obj, None)
+        while m:
+            yield m
+            m = lib.bpf_object__next_map(obj, m)
+
+    def _prog(self, name: str) -> int:
+        prog = _lib().bpf_object__find_program_by_name(self._obj(), name.encode())
+        if not prog:
+            raise KeyError(f"{self.name} has no program {name}")
+        return int(prog)
+
+    def _map(self, name: str) -> int:
+        m = _lib().bpf_object__find_map_by_name(self._obj(), name.encode())
+        if not m:
+            raise KeyError(f"{self.name} has no map {name}")
+        return int(m)
+
+    def programs(self) -> list[str]:
+        lib = _lib()
+        return [lib.bpf_program__name(p).decode() for p in self._iter_programs()]
+
+    def program_section(self, name: str) -> str:
+        return (_lib().bpf_program__section_name(self._prog(name)) or b"").decode()
+
+    def maps(self) -> list[str]:
+        """Maps declared in SEC(".maps"), without libbpf's internal .rodata/.data/.bss maps."""
+        lib = _lib()
+        return [lib.bpf_map__name(m).decode() for m in self._iter_maps() if not lib.bpf_map__is_internal(m)]
+
+    def set_max_entries(self, map_name: str, n: int) -> None:
+        lib, m = _lib(), self._map(map_name)
+        if lib.bpf_map__fd(m) >= 0:
+            # A reused (or created) map already has its size; libbpf answers EBUSY.
+            if lib.bpf_map__max_entries(m) == n:
+                return
+            raise LoaderError(
+                f"{self.name}: map {map_name} already exists with {lib.bpf_map__max_entries(m)} entries "
+                f"(reused or loaded): size it before reuse_maps()/load()",
+                errno_mod.EBUSY,
+            )
+        rc = lib.bpf_map__set_max_entries(m, n)
+        if rc < 0:
+            raise LoaderError(f"{self.name}: setting max_entries of {map_name} to {n}: {_strerror(rc)}", -rc)
+
+    def set_autoload(self, prog_name: str, autoload: bool) -> None:
+        rc = _lib().bpf_program__set_autoload(self._prog(prog_name), autoload)
+        if rc < 0:
+            raise LoaderError(f"{self.name}: set_autoload({prog_name}) after load: {_strerror(rc)}", -rc)
+
+    def reuse_maps(self, fds: dict[str, int]) -> None:
+        """Make every non-internal map named in `fds` use that existing map instead of creating
+        its own. libbpf takes the existing map's definition as is, so a mismatch in type or
+        key/value size (two objects disagreeing about a shared map) is refused here instead."""
+        lib = _lib()
+        for m in list(self._iter_maps()):
+            if lib.bpf_map__is_internal(m):
+                continue
+            name = lib.bpf_map__name(m).decode()
+            fd = fds.get(name)
+            if fd is None:
+                continue
+            info = _map_info(fd)
+            mine = (lib.bpf_map__type(m), lib.bpf_map__key_size(m), lib.bpf_map__value_size(m))
+            theirs = (info.map_type, info.key_size, info.value_size)
+            if mine != theirs:
+                raise LoaderError(
+                    f"{self.name}: map {name} (type, key size, value size) {mine} differs from the shared "
+                    f"map's {theirs}: shared maps need one definition in every object",
+                    errno_mod.EINVAL,
+                )
+            with _captured() as cap:
+                rc = lib.bpf_map__reuse_fd(m, fd)
+            if rc < 0:
+                raise LoaderError(f"{self.name}: reusing fd {fd} for map {name}: {_strerror(rc)}{cap.tail()}", -rc)
+            cap.forward()
+
+    def load(self, stats: bool = False) -> None:
+        """Create the maps, relocate (CO-RE) and verify every autoloaded program. stats=True also
+        records each program's verifier statistics (verifier_stats())."""
+        lib, obj = _lib(), self._obj()
+        if stats:
+            for prog in self._iter_programs():
+                if not lib.bpf_program__autoload(prog):
+                    continue
+                name = lib.bpf_program__name(prog).decode()
+                buf = ctypes.create_string_buffer(_STATS_LOG_SIZE)
+                # libbpf keeps only the pointer, and may read it after load: the buffer lives
+                # as long as the object.
+                self._stats_logs[name] = buf
+                for rc in (
+                    lib.bpf_program__set_log_buf(prog, buf, len(buf)),
+                    lib.bpf_program__set_log_level(prog, _BPF_LOG_STATS),
+                ):
+                    if rc < 0:
+                        raise LoaderError(f"{self.name}: verifier statistics for {name}: {_strerror(rc)}", -rc)
+        with _captured() as cap:
+            rc = lib.bpf_object__load(obj)
+        if rc < 0:
+            extra: list[str] = []
+            # With a caller-provided log buffer libbpf does not print the failing program's log;
+            # the programs verified before it logged statistics only.
+            for name, buf in self._stats_logs.items():
+                lines = [ln for ln in buf.value.decode(errors="replace").splitlines() if ln.strip()]
+                if any(not ln.startswith(_STATS_LINE_PREFIXES) for ln in lines):
+                    extra += [f"prog '{name}' verifier log:", *lines]
+            raise LoaderError(f"loading {self.name}: {_strerror(rc)}{cap.tail(extra)}", -rc)
+        cap.forward()
+        self._loaded = True
+        for name, buf in self._stats_logs.items():
+            found = _PROCESSED_RE.search(buf.value.decode(errors="replace"))
+            if found:
+                self._verifier_stats[name] = int(found.group(1))
+
+    def map(self, name: str) -> Map:
+        cached = self._map_cache.get(name)
+        if cached is not None:
+            return cached
+        lib, m = _lib(), self._map(name)
+        fd = lib.bpf_map__fd(m)
+        if fd < 0:
+            raise LoaderError(f"{self.name}: map {name} does not exist yet: load() first", errno_mod.EINVAL)
+        made = Map(
+            fd,
+            name,
+            lib.bpf_map__type(m),
+            lib.bpf_map__key_size(m),
+            lib.bpf_map__value_size(m),
+            lib.bpf_map__max_entries(m),
+            owner=self,
+        )
+        if self._loaded:  # fd and sizes are final only once loaded (reuse_maps() swaps the fd)
+            self._map_cache[name] = made
+        return made
+
+    def map_fds(self) -> dict[str, int]:
+        """fd of every non-internal map that exists (after load or reuse)."""
+        lib = _lib()
+        out: dict[str, int] = {}
+        for m in self._iter_maps():
+            if lib.bpf_map__is_internal(m):
+                continue
+            fd = lib.bpf_map__fd(m)
+            if fd >= 0:
+                out[lib.bpf_map__name(m).decode()] = fd
+        return out
+
+    def program_fd(self, name: str) -> int:
+        fd = _lib().bpf_program__fd(self._prog(name))
+        if fd < 0:
+            raise LoaderError(f"{self.name}: program {name} is not loaded", errno_mod.EINVAL)
+        return int(fd)
+
+    # -- globals (.rodata) --
+
+    def _btf(self) -> int | None:
+        btf = _lib().bpf_object__btf(self._obj())
+        return int(btf) if btf else None
+
+    def _type(self, btf: int, type_id: int) -> tuple[int, _BtfType]:
+        addr = _lib().btf__type_by_id(btf, type_id)
+        if not addr:
+            raise LoaderError(f"{self.name}: BTF type {type_id} is missing")
+        return int(addr), _BtfType.from_address(addr)
+
+    def _rodata_globals(self) -> dict[str, _Global]:
+        if self._globals is not None:
+            return self._globals
+        lib = _lib()
+        out: dict[str, _Global] = {}
+        btf = self._btf()
+        sec_id = lib.btf__find_by_name_kind(btf, b".rodata", _BTF_KIND_DATASEC) if btf else -1
+        if btf and sec_id > 0:
+            addr, sec = self._type(btf, sec_id)
+            secinfos = (_BtfVarSecinfo * _btf_vlen(sec)).from_address(addr + ctypes.sizeof(_BtfType))
+            for si in secinfos:
+                _var_addr, var = self._type(btf, si.type)
+                name = (lib.btf__name_by_offset(btf, var.name_off) or b"").decode()
+                signed = boolean = integer = False
+                resolved = lib.btf__resolve_type(btf, var.size_or_type)
+                if resolved > 0:
+                    t_addr, t = self._type(btf, resolved)
+                    kind = _btf_kind(t)
+                    if kind == _BTF_KIND_INT:
+                        # BTF_KIND_INT: a u32 after the header, encoding in bits 24-27.
+                        encoding = ctypes.c_uint32.from_address(t_addr + ctypes.sizeof(_BtfType)).value >> 24
+                        signed, boolean = bool(encoding & _BTF_INT_SIGNED), bool(encoding & _BTF_INT_BOOL)
+                        integer = True
+                    elif kind in (_BTF_KIND_ENUM, _BTF_KIND_ENUM64):
+                        signed, integer = bool(t.info >> 31), True  # kflag: signed enum
+                out[name] = _Global(si.offset, si.size, signed, boolean, integer)
+        self._globals = out
+        return out
+
+    def _rodata_image(self) -> tuple[int, int]:
+        lib = _lib()
+        for m in self._iter_maps():
+            if lib.bpf_map__is_internal(m) and lib.bpf_map__name(m).decode().endswith(".rodata"):
+                size = ctypes.c_size_t()
+                addr = lib.bpf_map__initial_value(m, ctypes.byref(size))
+                if addr:
+                    return int(addr), size.value
+        raise LoaderError(f"{self.name}: no .rodata map")
+
+    def has_global(self, name: str) -> bool:
+        return name in self._rodata_globals()
+
+    def set_global(self, name: str, value: int | bool | bytes) -> None:
+        """Set a `const volatile` global (in .rodata) before load(): the verifier then sees it as
+        a constant. KeyError if the object has no such global."""
+        var = self._rodata_globals().get(name)
+        if var is None:
+            raise KeyError(f"{self.name} has no .rodata global {name}")
+        if self._loaded:
+            raise LoaderError(f"{self.name}: {name} cannot change after load (.rodata is frozen)", errno_mod.EPERM)
+        if isinstance(value, bytes):
+            if len(value) > var.size:
+                raise ValueError(f"{name} holds {var.size} bytes, got {len(value)}")
+            data = value.ljust(var.size, b"\0")
+        else:
+            if not var.integer or var.size not in (1, 2, 4, 8):
+                raise TypeError(f"{name} is not an integer or bool global ({var.size} bytes): pass bytes")
+            number = int(value)
+            if var.boolean and number not in (0, 1):
+                raise ValueError(f"{name} is a bool, got {value!r}")
+            try:
+                data = number.to_bytes(var.size, sys.byteorder, signed=var.signed)
+            except OverflowError:
+                kind = "signed" if var.signed else "unsigned"
+                raise ValueError(f"{value!r} does not fit {name} ({kind} {var.size * 8}-bit)") from None
+        addr, size = self._rodata_image()
+        if var.offset + var.size > size:
+            raise LoaderError(f"{self.name}: {name} at {var.offset}+{var.size} lies outside .rodata ({size} bytes)")
+        # The image is libbpf's own mapping of the section, writable until load freezes it.
+        ctypes.memmove(addr + var.offset, data, var.size)
+
+    # -- BTF struct layouts --
+
+    def _find_struct(self, type_name: str) -> tuple[int, int]:
+        lib = _lib()
+        btf = self._btf()
+        if btf:
+            for kind in (_BTF_KIND_STRUCT, _BTF_KIND_UNION):
+                tid = lib.btf__find_by_name_kind(btf, type_name.encode(), kind)
+                if tid > 0:
+                    return btf, tid
+        raise KeyError(f"{self.name} has no struct {type_name} in its BTF (a type must be used to be emitted)")
+
+    def _members(self, btf: int, tid: int, base_bits: int, prefix: str, out: dict[str, tuple[int, int]]) -> None:
+        lib = _lib()
+        addr, t = self._type(btf, tid)
+        kflag = bool(t.info >> 31)
+        members = (_BtfMember * _btf_vlen(t)).from_address(addr + ctypes.sizeof(_BtfType))
+        for m in members:
+            # With kflag set, offset packs the bitfield width (top 8 bits) over the bit offset.
+            bit_off, bits = (m.offset & 0xFFFFFF, m.offset >> 24) if kflag else (m.offset, 0)
+            bit_off += base_bits
+            name = (lib.btf__name_by_offset(btf, m.name_off) or b"").decode()
+            resolved = lib.btf__resolve_type(btf, m.type)
+            nested = resolved > 0 and _btf_kind(self._type(btf, resolved)[1]) in (_BTF_KIND_STRUCT, _BTF_KIND_UNION)
+            if not name:
+                if nested:  # anonymous struct/union: its members belong to the parent
+                    self._members(btf, resolved, bit_off, prefix, out)
+                continue
+            if bits:  # the bytes that hold the bitfield
+                size = (bit_off % 8 + bits + 7) // 8
+            else:
+                size = lib.btf__resolve_size(btf, m.type)
+                if size < 0:
+                    raise LoaderError(f"{self.name}: size of member {prefix}{name}: {_strerror(int(size))}")
+            out[prefix + name] = (bit_off // 8, int(size))
+            if nested:
+                self._members(btf, resolved, bit_off, f"{prefix}{name}.", out)
+
+    def struct_layout(self, type_name: str) -> dict[str, tuple[int, int]]:
+        """field -> (byte offset, byte size) of a struct (or union) in the object's BTF. Members of
+        anonymous structs/unions appear under their own names; members of named nested ones also
+        as "outer.inner". KeyError if the type is absent."""
+        btf, tid = self._find_struct(type_name)
+        out: dict[str, tuple[int, int]] = {}
+        self._members(btf, tid, 0, "", out)
+        return out
+
+    def struct_size(self, type_name: str) -> int:
+        btf, tid = self._find_struct(type_name)
+        size = _lib().btf__resolve_size(btf, tid)
+        if size < 0:
+            raise LoaderError(f"{self.name}: size of {type_name}: {_strerror(int(size))}", int(-size))
+        return int(size)
+
+    # -- attaching --
+
+    def _attach(self, prog_name: str, description: str, call: Callable[[int], int | None], hint: str = "") -> Link:
+        prog = self._prog(prog_name)
+        with _captured() as cap:
+            ptr = call(prog)
+            err = _errno_of_null() if not ptr else 0
+        if not ptr:
+            raise LoaderError(f"attaching {prog_name} to {description}: {_strerror(err)}{hint}{cap.tail()}", err)
+        cap.forward()
+        link = Link(int(ptr), f"{prog_name} -> {description}", self)
+        self._links.append(link)
+        return link
+
+    def attach(self, prog: str) -> Link:
+        """Attach by the program's SEC() name (tp/..., kprobe/..., fentry/...)."""
+        section = self.program_section(prog)
+        try:
+            return self._attach(prog, f'SEC("{section}")', _lib().bpf_program__attach)
+        except LoaderError as exc:
+            if exc.errno == errno_mod.EOPNOTSUPP:
+                raise LoaderError(f"{exc} (a SEC() without a target is attached by attach_uprobe(), "
+                                  "attach_tracepoint() or attach_kprobe())", exc.errno) from None
+            if section.startswith(("tp/", "tracepoint/")) and _tracefs_hint():
+                raise LoaderError(f"{exc}{_tracefs_hint()}", exc.errno) from None
+            raise
+
+    def attach_tracepoint(self, prog: str, category: str, event: str) -> Link:
+        lib = _lib()
+        return self._attach(
+            prog,
+            f"tracepoint {category}:{event}",
+            lambda p: lib.bpf_program__attach_tracepoint(p, category.encode(), event.encode()),
+            _tracefs_hint(),
+        )
+
+    def attach_kprobe(self, prog: str, func: str, retprobe: bool = False) -> Link:
+        lib = _lib()
+        kind = "kretprobe" if retprobe else "kprobe"
+        return self._attach(
+            prog, f"{kind} {func}", lambda p: lib.bpf_program__attach_kprobe(p, retprobe, func.encode())
+        )
+
+    def attach_uprobe(
+        self,
+        prog: str,
+        path: str | Path,
+        offset: int = 0,
+        symbol: str | None = None,
+        retprobe: bool = False,
+        pid: int = -1,
+    ) -> Link:
+        """Attach at FILE offset `offset` of `path` (file_offset() converts an ELF address), or
+        at `symbol` + `offset` when a symbol is given (libbpf resolves it in the ELF). pid -1:
+        every process that maps the file."""
+        lib = _lib()
+        opts = _UprobeOpts()
+        opts.sz = ctypes.sizeof(_UprobeOpts)
+        opts.ref_ctr_offset = 0
+        opts.retprobe = retprobe
+        opts.func_name = symbol.encode() if symbol else None
+        where = f"{path}:{symbol + '+' if symbol else ''}{offset:#x}"
+        kind = "uretprobe" if retprobe else "uprobe"
+        return self._attach(
+            prog,
+            f"{kind} {where}" + (f" pid {pid}" if pid >= 0 else ""),
+            lambda p: lib.bpf_program__attach_uprobe_opts(p, pid, os.fsencode(path), offset, ctypes.byref(opts)),
+        )
+
+    # -- statistics --
+
+    def program_info(self, name: str) -> tuple[int, int]:
+        """(run_cnt, run_time_ns) of a loaded program; counted only while run-time statistics are
+        enabled (enable_run_stats() or sysctl kernel.bpf_stats_enabled=1)."""
+        info = prog_info(self.program_fd(name))
+        return info.run_cnt, info.run_time_ns
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """program_info() of every loaded program."""
+        lib = _lib()
+        out: dict[str, tuple[int, int]] = {}
+        for prog in self._iter_programs():
+            fd = lib.bpf_program__fd(prog)
+            if fd >= 0:
+                info = prog_info(fd)
+                out[lib.bpf_program__name(prog).decode()] = (info.run_cnt, info.run_time_ns)
+        return out
+
+    def verifier_insns(self, name: str) -> int:
+        """Instructions the verifier processed for a loaded program (its limit is 1,000,000)."""
+        if name in self._verifier_stats:
+            return self._verifier_stats[name]
+        return prog_info(self.program_fd(name)).verified_insns
+
+    def verifier_stats(self) -> dict[str, int]:
+        """verifier_insns() of every loaded program: from the BPF_LOG_STATS lines after
+        load(stats=True), else from the kernel's bpf_prog_info.verified_insns."""
+        lib = _lib()
+        out: dict[str, int] = {}
+        for prog in self._iter_programs():
+            name = lib.bpf_program__name(prog).decode()
+            if name in self._verifier_stats:
+                out[name] = self._verifier_stats[name]
+            elif lib.bpf_program__fd(prog) >= 0:
+                out[name] = prog_info(lib.bpf_program__fd(prog)).verified_insns
+        return out
+
+
+# --- ELF --------------------------------------------------------------------------------------
+
+_PT_LOAD = 1
+_PN_XNUM = 0xFFFF
+
+
+def file_offset(path: str | Path, vaddr: int) -> int:
+    """File offset of virtual address `vaddr` of an ELF64 file, through the PT_LOAD segment whose
+    file-backed bytes hold it (uprobes are placed by file offset; symbols give addresses)."""
+    try:
+        with open(path, "rb") as f:
+            ehdr = f.read(64)
+            if len(ehdr) < 64 or ehdr[:4] != b"\x7fELF":
+                raise LoaderError(f"{path} is not an ELF file")
+            if ehdr[4] != 2:
+                raise LoaderError(f"{path} is not a 64-bit ELF file")
+            if ehdr[5] not in (1, 2):
+                raise LoaderError(f"{path} has an unknown ELF byte order {ehdr[5]}")
+            end = "<" if ehdr[5] == 1 else ">"
+            e_phoff, e_shoff = struct.unpack_from(end + "QQ", ehdr, 0x20)
+            e_phentsize, e_phnum = struct.unpack_from(end + "HH", ehdr, 0x36)
+            if e_phnum == _PN_XNUM:
+                # More headers than fit in e_phnum: the count is sh_info of section header 0.
+                f.seek(e_shoff)
+                e_phnum = struct.unpack_from(end + "I", f.read(64), 0x2C)[0]
+            if e_phentsize < 56:
+                raise LoaderError(f"{path}: program header entries of {e_phentsize} bytes")
+            f.seek(e_phoff)
+            table = f.read(e_phentsize * e_phnum)
+    except OSError as exc:
+        raise LoaderError(f"reading {path}: {exc}", exc.errno or 0) from exc
+    except struct.error as exc:
+        raise LoaderError(f"{path}: truncated ELF header: {exc}") from exc
+    for i in range(min(e_phnum, len(table) // e_phentsize)):
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(end + "IIQQQQ", table, i * e_phentsize)
+        if p_type == _PT_LOAD and p_vaddr <= vaddr < p_vaddr + p_filesz:
+            return int(vaddr - p_vaddr + p_offset)
+    raise LoaderError(f"{path}: no PT_LOAD segment holds address {vaddr:#x} in the file")
+
+
+_init()

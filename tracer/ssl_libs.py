@@ -1,4 +1,4 @@
-"""Find OpenSSL's libssl (shared, or linked statically into an executable) and attach bpf/openssl.c.
+"""Find OpenSSL's libssl (shared, or linked statically into an executable) and attach bpf/openssl.bpf.c.
 
 A uprobe belongs to a file (inode), not to a process: attaching once to /usr/lib/.../libssl.so.3
 covers every process that maps it, now or later. So the attacher
@@ -8,7 +8,8 @@ covers every process that maps it, now or later. So the attacher
 - re-reads the maps of processes that started later (exec events) for a few seconds, because a
   program maps libssl after its exec (the dynamic loader) or much later (Python imports _ssl
   lazily, on first use).
-Each library file is attached once, keyed by (st_dev, st_ino).
+Each library file is attached once, keyed by (st_dev, st_ino). Programs are attached by symbol
+name: libbpf finds the function in the file (.dynsym of a shared library, .symtab of an executable).
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from tracer import go_binary
+from tracer.loader import LoaderError
+from tracer.probeset import ProbeSet
 
 log = logging.getLogger(__name__)
 
 # OpenSSL's soname: libssl.so.3, libssl.so.1.1 (NSS's libssl3.so is a different library).
 LIBSSL_RE = re.compile(r"(^|/)libssl\.so(\.[0-9]+)*$")
 
-# (symbol, BPF entry function, BPF return function); the _ex forms appeared in OpenSSL 1.1.1.
+# (symbol, entry program, return program) of bpf/openssl.bpf.c; the _ex forms appeared in OpenSSL 1.1.1.
 PROBES: tuple[tuple[str, str, str], ...] = (
     ("SSL_write", "kspan_ssl_write_enter", "kspan_ssl_write_return"),
     ("SSL_read", "kspan_ssl_read_enter", "kspan_ssl_read_return"),
@@ -134,10 +136,10 @@ def defined_ssl_symbols(path: str) -> list[str]:
 
 
 class SslAttacher:
-    """Attaches bpf/openssl.c's programs to every OpenSSL copy in use on the host, once per file."""
+    """Attaches bpf/openssl.bpf.c's programs to every OpenSSL copy in use on the host, once per file."""
 
-    def __init__(self, bpf: Any, proc_root: str = "/proc", strict: bool = False) -> None:
-        self.bpf = bpf
+    def __init__(self, probes: ProbeSet, proc_root: str = "/proc", strict: bool = False) -> None:
+        self.probes = probes
         self.proc_root = proc_root
         self.strict = strict  # raise on a failed attach (CI) instead of logging it
         self.libraries: dict[tuple[int, int], SslLibrary] = {}
@@ -247,18 +249,18 @@ class SslAttacher:
             if sym not in symbols:
                 continue  # OpenSSL < 1.1.1 has no _ex forms
             try:
-                self.bpf.attach_uprobe(name=path, sym=sym, fn_name=enter)
+                self.probes.attach_uprobe(enter, path, symbol=sym)
                 lib.probes += 1
-                self.bpf.attach_uretprobe(name=path, sym=sym, fn_name=ret)
+                self.probes.attach_uprobe(ret, path, symbol=sym, retprobe=True)
                 lib.probes += 1
                 lib.symbols.append(sym)
-            except Exception as e:  # bcc raises a bare Exception on attach failure
+            except LoaderError as e:
                 self._error(f"{path}: cannot attach to {sym}: {e}", fatal=os.path.exists(path))
         if SET_FD[0] in symbols:
             try:
-                self.bpf.attach_uprobe(name=path, sym=SET_FD[0], fn_name=SET_FD[1])
+                self.probes.attach_uprobe(SET_FD[1], path, symbol=SET_FD[0])
                 lib.probes += 1
-            except Exception as e:  # noqa: BLE001 - as above
+            except LoaderError as e:
                 self._error(f"{path}: cannot attach to {SET_FD[0]}: {e}", fatal=os.path.exists(path))
         log.info("kspan: OpenSSL (%s) %s: %d probes", kind, path, lib.probes)
         return lib.probes
@@ -270,7 +272,7 @@ class SslAttacher:
         log.warning("kspan: %s", msg)
 
     def detach(self) -> None:
-        """Uprobes go away with the BPF object (Capture.stop()); forget what was attached."""
+        """Uprobe links go away with the BPF objects (Capture.stop()); forget what was attached."""
         self.libraries.clear()
         self.not_ssl.clear()
         self._pending.clear()

@@ -8,7 +8,6 @@ bytes out) so they are unit-testable without a kernel.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 from tracer.records import EXCHANGE_SIZE, REC_EXCHANGE, RawExchange
@@ -23,16 +22,12 @@ _TYPE_OFFSET = RawExchange.type.offset
 
 @dataclass(frozen=True, slots=True)
 class ConnLayout:
-    """Where struct kspan_conn (bpf/http_exchange.h) keeps its sweep fields; the loader reads the
-    offsets from bcc's ctypes type of the map value, so C and Python cannot drift apart."""
+    """Where struct kspan_conn (bpf/http_exchange.h) keeps its sweep fields; the capture reads the
+    offsets from the object's BTF, so C and Python cannot drift apart."""
 
     last_ns: int
     phase: int
     size: int
-
-    @classmethod
-    def of(cls, leaf: type[ctypes.Structure]) -> ConnLayout:
-        return cls(leaf.last_ns.offset, leaf.phase.offset, ctypes.sizeof(leaf))  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,5 +55,6 @@ def stale_record(
     return StaleState(conn_id, last, bytes(rec))
 
 
-def raw_bytes(obj: ctypes.Structure | ctypes.Array) -> bytes:  # type: ignore[type-arg]
-    return ctypes.string_at(ctypes.addressof(obj), ctypes.sizeof(obj))
+def exchange_fields(value: bytes) -> RawExchange:
+    """The struct kspan_exchange at the start of a connection state (it embeds the record)."""
+    return RawExchange.from_buffer_copy(value[:EXCHANGE_SIZE])

@@ -1,10 +1,12 @@
-"""Attach bpf/go_tls.c and bpf/go_http.c to Go programs, running now or started later.
+"""Attach bpf/go_tls.bpf.c and bpf/go_http.bpf.c to Go programs, running now or started later.
 
 For each Go executable (one per (st_dev, st_ino), read through /proc/PID/exe so a container's
 binary resolves in its own root) tracer/go_binary.py finds the functions, their RET instructions and
 the struct field offsets. Entry programs go on the function's first instruction and return programs
-on each RET (never uretprobes: Go moves stacks). The offsets go into the kernel map go_procs for
-every process running that binary, since one BPF object serves binaries of different Go versions.
+on each RET (never uretprobes: Go moves stacks), attached by file offset (go_binary gives ELF virtual
+addresses; tracer.loader.file_offset() maps them through the PT_LOAD headers). The offsets go into
+the kernel map go_procs for every process running that binary, since one set of programs serves
+binaries of different Go versions; they are packed as struct kspan_go_offsets by its BTF layout.
 
 A binary that cannot be probed (no DWARF and no measured offsets, Go < 1.17, a missing function) is
 reported once by name with the reason; its plaintext HTTP is still captured at the socket level.
@@ -12,21 +14,24 @@ reported once by name with the reason; its plaintext HTTP is still captured at t
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
+import struct
 from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
 
 from tracer import go_binary as gb
+from tracer.loader import LoaderError, file_offset
+from tracer.probeset import ProbeSet, StructPacker
 
 log = logging.getLogger(__name__)
 
-FLAG_TLS = 0x1   # KSPAN_GO_TLS in bpf/go_tls.c
+FLAG_TLS = 0x1   # KSPAN_GO_TLS in bpf/go_common.h
 FLAG_HTTP = 0x2  # KSPAN_GO_HTTP
+
+OFFSETS_TYPE = "kspan_go_offsets"  # the value of go_procs and go_probe_offsets (bpf/go_common.h)
 
 TLS_FIELDS = ("runtime.g.goid", "crypto/tls.Conn.conn", "net.TCPConn.conn", "net.conn.fd", "net.netFD.pfd",
               "internal/poll.FD.Sysfd")
@@ -52,10 +57,11 @@ class GoTarget:
     probes: int = 0
     problems: list[str] = field(default_factory=list)
     pids: set[int] = field(default_factory=set)
+    offsets_value: bytes = b""  # struct kspan_go_offsets for its processes, once attached
 
 
 def offsets_values(offsets: dict[str, int], flags: int) -> dict[str, int]:
-    """The fields of struct kspan_go_offsets (bpf/go_tls.c) from go_binary offsets."""
+    """The fields of struct kspan_go_offsets (bpf/go_common.h) from go_binary offsets."""
     o = offsets.get
     return {
         "g_goid": o("runtime.g.goid", 0),
@@ -71,25 +77,29 @@ def offsets_values(offsets: dict[str, int], flags: int) -> dict[str, int]:
     }
 
 
-def _has_table(bpf: Any, name: str) -> bool:
-    try:
-        bpf[name]
-    except KeyError:
-        return False
-    return True
+def _pid_key(pid: int) -> bytes:
+    """go_procs key: a tgid (__u32)."""
+    return struct.pack("=I", pid)
 
 
 class GoAttacher:
-    def __init__(self, bpf: Any, proc_root: str = "/proc", strict: bool = False,
+    def __init__(self, probes: ProbeSet, proc_root: str = "/proc", strict: bool = False,
                  inspect_in_child: bool = False) -> None:
-        self.bpf = bpf
+        self.probes = probes
         self.proc_root = proc_root
         self.strict = strict  # raise on a failed attach (CI) instead of logging it
         self.targets: dict[tuple[int, int], GoTarget] = {}
         self.not_go: set[tuple[int, int]] = set()
         self.errors: list[str] = []
         self._pid_target: dict[int, tuple[int, int]] = {}
-        self.http_enabled = _has_table(bpf, "go_serving")  # bpf/go_http.c compiled in
+        # The features whose programs are loaded: go_tls.bpf.o (FLAG_TLS), go_http.bpf.o (FLAG_HTTP).
+        self.enabled_flags = 0
+        for feature in (FLAG_TLS, FLAG_HTTP):
+            if all(probes.has_program(enter) and (ret is None or probes.has_program(ret))
+                   for enter, ret, flag in PROBES.values() if flag == feature):
+                self.enabled_flags |= feature
+        self.http_enabled = bool(self.enabled_flags & FLAG_HTTP)
+        self._offsets_packer: StructPacker | None = None
         # Reading a binary's symbols and DWARF takes 1-2.5 s and leaves ~150 MB in CPython's
         # allocator. In the agent it runs in a short-lived child process: the capture loop keeps
         # draining the ring buffer meanwhile, and the memory goes back to the OS when the child exits.
@@ -202,11 +212,7 @@ class GoAttacher:
         t = self.targets.get(key)
         if t is not None:
             t.pids.discard(pid)
-        table = self.bpf["go_procs"]
-        try:
-            del table[table.Key(pid)]
-        except KeyError:
-            pass
+        self.probes.map("go_procs").delete(_pid_key(pid))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -239,7 +245,7 @@ class GoAttacher:
         assert info is not None
         name = self._name(pid)
         target.problems.extend(info.problems)
-        wanted_flags = FLAG_TLS | (FLAG_HTTP if self.http_enabled else 0)
+        wanted_flags = self.enabled_flags
         flags = 0
         for flag, fields in ((FLAG_TLS, TLS_FIELDS), (FLAG_HTTP, HTTP_FIELDS)):
             if not flag & wanted_flags:
@@ -262,18 +268,20 @@ class GoAttacher:
                 continue
             fn = info.functions[fn_name]
             try:
-                self.bpf.attach_uprobe(name=target.path, addr=fn.address, fn_name=enter)
+                self._attach_at(enter, target.path, fn.address)
                 target.probes += 1
                 if ret is not None:
                     for addr in fn.returns:
-                        self.bpf.attach_uprobe(name=target.path, addr=addr, fn_name=ret)
+                        self._attach_at(ret, target.path, addr)
                         target.probes += 1
-            except Exception as e:  # bcc raises a bare Exception on attach failure
+            except LoaderError as e:
                 gone = not os.path.exists(f"{self.proc_root}/{pid}")
                 self._error(f"Go binary {name}: cannot attach to {fn_name}: {e}"
                             + (" (the process exited meanwhile)" if gone else ""), fatal=not gone)
                 flags &= ~flag
         target.flags = flags
+        if flags:
+            target.offsets_value = self._packer().pack(offsets_values(info.offsets, flags), complete=True)
         if flags and not info.pie:
             self._set_probe_offsets(target, flags)
         if flags:
@@ -281,28 +289,29 @@ class GoAttacher:
                      info.offsets_source)
         return target.probes
 
-    def _leaf(self, table: Any, target: GoTarget) -> Any:
-        assert target.info is not None
-        leaf = table.Leaf()
-        for k, v in offsets_values(target.info.offsets, target.flags).items():
-            setattr(leaf, k, ctypes.c_uint16(v).value)
-        return leaf
+    def _attach_at(self, prog: str, path: str, vaddr: int) -> None:
+        """A plain uprobe at the instruction at ELF virtual address `vaddr` of `path`."""
+        self.probes.attach_uprobe(prog, path, offset=file_offset(path, vaddr))
+
+    def _packer(self) -> StructPacker:
+        if self._offsets_packer is None:
+            self._offsets_packer = StructPacker(self.probes, OFFSETS_TYPE)
+        return self._offsets_packer
 
     def _set_offsets(self, pid: int, target: GoTarget) -> None:
-        table = self.bpf["go_procs"]
-        table[table.Key(pid)] = self._leaf(table, target)
+        self.probes.map("go_procs").update(_pid_key(pid), target.offsets_value)
 
     def _set_probe_offsets(self, target: GoTarget, flags: int) -> None:
-        """A non-PIE binary runs at its link addresses: the probed address tells the binary."""
+        """A non-PIE binary runs at its link addresses: the probed address (PT_REGS_IP, the ELF
+        virtual address itself) tells the binary."""
         assert target.info is not None
-        table = self.bpf["go_probe_offsets"]
-        leaf = self._leaf(table, target)
+        table = self.probes.map("go_probe_offsets")
         for fn_name, (_, ret, flag) in PROBES.items():
             fn = target.info.functions.get(fn_name)
             if fn is None or not flag & flags:
                 continue
             for addr in (fn.address, *(fn.returns if ret else ())):
-                table[table.Key(addr)] = leaf
+                table.update(struct.pack("=Q", addr), target.offsets_value)
 
     def _error(self, msg: str, fatal: bool = False) -> None:
         self.errors.append(msg)

@@ -19,7 +19,7 @@ import pytest
 from correlator.records import EndReason, Exchange, ParentKind, Role
 from tests.support.ebpf import fail_or_skip, on_load_error, require_ebpf
 from tracer.capabilities import probe
-from tracer.loader import Capture, CaptureConfig, CaptureError
+from tracer.capture import Capture, CaptureConfig, CaptureError
 from tracer.records import REC_EXCHANGE, RawExchange, decode_exchange, record_type
 
 pytestmark = pytest.mark.ebpf
@@ -562,4 +562,4 @@ def test_capture_close_detaches_everything() -> None:
     assert cap.counters()["probes_attached"] == cap.probes_attached
     cap.close()
     cap.close()  # idempotent
-    assert cap.bpf is None and cap.poll(10) == []
+    assert not cap.started and cap.poll(10) == []

@@ -24,7 +24,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def traced() -> Iterator[Traced]:
-    t = Traced(modules=("openssl.c",))
+    t = Traced(modules=("openssl",))
     with t:
         yield t
 

@@ -26,9 +26,14 @@ def ebpf_problem() -> str:
     if os.geteuid() != 0:
         return "needs root (loading BPF programs)"
     try:
-        import bcc  # noqa: F401
-    except Exception as exc:  # ImportError or a broken libbcc
-        return f"bcc is not importable ({exc}); install python3-bpfcc and use a --system-site-packages venv"
+        import ctypes
+
+        ctypes.CDLL("libbpf.so.1")
+    except OSError as exc:
+        return f"libbpf.so.1 cannot be loaded ({exc}); apt-get install libbpf1"
+    objects = Path(__file__).resolve().parents[2] / "tracer" / "objects"
+    if not any(objects.glob("*.bpf.o")):
+        return f"no probe objects in {objects}: run `make setup` (scripts/build-bpf.sh)"
     if not any((Path(p) / "events").is_dir() for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")):
         return "tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing"
     return ""

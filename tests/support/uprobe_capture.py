@@ -1,7 +1,7 @@
 """The agent's kernel side with its uprobe attachers, in the test process (TLS and Go e2e tests).
 
-Real pieces only: tracer.loader.Capture compiles and attaches the socket backend plus the TLS/Go
-modules, tracer.ssl_libs.SslAttacher and tracer.uprobes.GoAttacher attach to running and newly
+Real pieces only: tracer.capture.Capture loads and attaches the socket backend plus the TLS/Go
+families, tracer.ssl_libs.SslAttacher and tracer.uprobes.GoAttacher attach to running and newly
 started processes (fed by the kernel's exec records, as the agent does), records are decoded by
 tracer.records and turned into spans by correlator.Correlator.
 """
@@ -23,7 +23,7 @@ from tests.support.ebpf import fail_or_skip, in_ci, require_ebpf
 from tracer import records
 
 CI = in_ci()
-MODULES = ("openssl.c", "go_tls.c", "go_http.c")
+MODULES = ("openssl", "go_tls", "go_http")
 
 
 def unavailable(reason: str) -> None:
@@ -49,24 +49,24 @@ class Traced:
     def start(self) -> Traced:
         require_ebpf()
         from tracer.capabilities import probe
-        from tracer.loader import Capture, CaptureConfig, CaptureError
+        from tracer.capture import Capture, CaptureConfig, CaptureError
         from tracer.ssl_libs import SslAttacher
         from tracer.uprobes import GoAttacher
 
         # self_pid=0: the filter must keep this process (the parent of every service and client it
         # starts, which inherit the filter on fork); it makes no HTTP calls of its own.
-        cap = Capture(CaptureConfig(extra_modules=list(self.modules), pids=set(self.pids), self_pid=0), probe())
+        cap = Capture(CaptureConfig(families=list(self.modules), pids=set(self.pids), self_pid=0), probe())
         try:
             cap.start()
         except CaptureError as e:
             unavailable(str(e))
         self.capture = cap
         try:
-            if "openssl.c" in self.modules:
-                self.ssl = SslAttacher(cap.bpf, strict=CI)
+            if "openssl" in self.modules:
+                self.ssl = SslAttacher(cap, strict=CI)
                 self.ssl.scan_existing(self.pids or None)
-            if "go_tls.c" in self.modules:
-                self.go = GoAttacher(cap.bpf, strict=CI)
+            if "go_tls" in self.modules:
+                self.go = GoAttacher(cap, strict=CI)
                 self.go.scan_existing(self.pids or None)
         except RuntimeError as e:
             self.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tracer import capabilities, sweeper
-from tracer.btf import Btf, BtfError, sock_common_defines
+from tracer.btf import Btf, BtfError, func_id
 from tracer.capabilities import Capabilities, choose_backend, kernel_config
 from tracer.doctor import checks, render
 from tracer.records import EXCHANGE_SIZE, RawExchange
@@ -21,32 +21,31 @@ THIS_MACHINE = Capabilities(
     kernel="6.18.44", root=True, cap_bpf=True, btf=True, tracefs="/sys/kernel/tracing", tracepoints=True,
     kprobes_config=False, kprobe_events=False, kprobes=False, fentry=False,
     fentry_detail="loading a test fentry program failed: Operation not permitted", uprobes=True, ringbuf=True,
-    lockdown="integrity", headers="closest", headers_path="/usr/src/linux-headers-6.1.0-56-amd64",
-    headers_version="6.1.0-56-amd64", bcc_version="0.26.0", kernel_config_source="/proc/config.gz",
+    lockdown="integrity", btf_path="/sys/kernel/btf/vmlinux", libbpf_version="1.1",
+    kernel_config_source="/proc/config.gz",
 )
 PRODUCTION = replace(THIS_MACHINE, kprobes_config=True, kprobe_events=True, kprobes=True, fentry=True,
-                     fentry_detail="", headers="exact", headers_version="6.18.44")
+                     fentry_detail="")
 
 
-def test_backend_here_is_tracepoints_because_no_kprobes() -> None:
+def test_backend_here_is_tracepoints_because_no_kprobes_and_no_fentry() -> None:
     backend, reason = choose_backend(THIS_MACHINE)
-    assert backend == "tracepoints" and "kprobes" in reason
+    assert backend == "tracepoints" and "kprobes" in reason and "Operation not permitted" in reason
 
 
-def test_backend_with_kprobes_and_exact_headers_is_kprobes() -> None:
-    assert choose_backend(PRODUCTION)[0] == "kprobes"
-
-
-def test_closest_headers_prefer_tracepoints_even_with_kprobes() -> None:
-    caps = replace(PRODUCTION, headers="closest", headers_version="6.1.0-56-amd64")
-    backend, reason = choose_backend(caps)
-    assert backend == "tracepoints" and "closest" in reason
+def test_backend_prefers_fentry_then_kprobes() -> None:
+    assert choose_backend(PRODUCTION)[0] == "fentry"
+    backend, reason = choose_backend(replace(PRODUCTION, fentry=False, fentry_detail="EPERM"))
+    assert backend == "kprobes" and "EPERM" in reason
 
 
 def test_explicit_backend_requests() -> None:
     assert choose_backend(THIS_MACHINE, "kprobes")[0] == ""
     assert "kprobes" in choose_backend(THIS_MACHINE, "kprobes")[1]
+    assert choose_backend(THIS_MACHINE, "fentry")[0] == ""
+    assert "Operation not permitted" in choose_backend(THIS_MACHINE, "fentry")[1]
     assert choose_backend(PRODUCTION, "tracepoints")[0] == "tracepoints"
+    assert choose_backend(PRODUCTION, "kprobes")[0] == "kprobes"
     assert choose_backend(PRODUCTION, "bogus")[0] == ""
 
 
@@ -61,21 +60,22 @@ def test_doctor_here_exits_zero_and_names_backend() -> None:
     assert code == 0
     lines = text.splitlines()
     assert lines[-1].startswith("backend: tracepoints")
-    names = ["root / CAP_BPF", "BTF", "tracefs", "kprobes", "fentry", "uprobes", "ring buffer", "lockdown",
-             "kernel headers", "bcc"]
+    names = ["root / CAP_BPF", "BTF", "libbpf", "probe objects", "tracefs", "kprobes", "fentry", "uprobes",
+             "ring buffer", "lockdown"]
     for name in names:
         line = next(x for x in lines if f"  {name}  " in x + "  ")
         assert line.strip().split()[0] in ("ok", "NO")
     assert any(x.strip().startswith("NO") and "kprobes" in x and "CONFIG_KPROBES" in x for x in lines)
-    assert any("kernel headers" in x and "closest" in x and "linux-headers-6.18.44" in x for x in lines)
+    assert not any("header" in x or "bcc" in x for x in lines), "no kernel headers or bcc are needed any more"
 
 
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
         ({"root": False, "cap_bpf": False}, "run as root"),
-        ({"bcc_version": "", "bcc_error": "ModuleNotFoundError: No module named 'bcc'"}, "python3-bpfcc"),
-        ({"headers": "none", "headers_path": "", "headers_version": ""}, "install linux-headers-6.18.44"),
+        ({"libbpf_version": "", "libbpf_error": "OSError: libbpf.so.1: cannot open shared object file"}, "libbpf1"),
+        ({"btf": False, "btf_path": "", "btf_detail": "no /sys/kernel/btf/vmlinux"}, "--btf FILE"),
+        ({"objects_missing": ["process"]}, "scripts/build-bpf.sh"),
         ({"tracefs": "", "tracepoints": False}, "mount -t tracefs"),
         ({"ringbuf": False, "ringbuf_detail": "kernel older than 5.8"}, "5.8"),
     ],
@@ -121,17 +121,17 @@ def test_real_probe_is_cheap_and_consistent() -> None:
     assert time.monotonic() - t < 2.0
     assert caps.kernel
     assert caps.btf == Path("/sys/kernel/btf/vmlinux").is_file()
+    assert caps.libbpf_version.startswith("1."), caps.libbpf_error
     if caps.kprobes:
         assert caps.kprobes_config is not False
 
 
 @pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").is_file(), reason="no kernel BTF here")
-def test_sock_common_offsets_from_btf() -> None:
-    d = sock_common_defines()
-    # union members share an offset region; ports follow the addresses; IPv6 addresses are 16 apart
-    assert d["KSPAN_SKC_RCV_SADDR"] == d["KSPAN_SKC_DADDR"] + 4
-    assert d["KSPAN_SKC_NUM"] == d["KSPAN_SKC_DPORT"] + 2
-    assert abs(d["KSPAN_SKC_V6_RCV_SADDR"] - d["KSPAN_SKC_V6_DADDR"]) == 16
+def test_func_id_from_kernel_btf() -> None:
+    """doctor's fentry attempt needs tcp_sendmsg's BTF id; a missing function is an error."""
+    assert func_id("tcp_sendmsg") > 0
+    with pytest.raises(BtfError):
+        func_id("kspan_no_such_kernel_function")
 
 
 def test_btf_reader_rejects_garbage(tmp_path: Path) -> None:
@@ -160,10 +160,10 @@ def _conn(phase: int, last_ns: int) -> bytes:
     ctypes.memmove(c.ex, ctypes.addressof(ex), EXCHANGE_SIZE)
     c.last_ns = last_ns
     c.phase = phase
-    return sweeper.raw_bytes(c)
+    return ctypes.string_at(ctypes.addressof(c), ctypes.sizeof(c))
 
 
-LAYOUT = sweeper.ConnLayout.of(FakeConn)
+LAYOUT = sweeper.ConnLayout(FakeConn.last_ns.offset, FakeConn.phase.offset, ctypes.sizeof(FakeConn))
 
 
 def test_sweep_takes_stale_in_flight_exchange_as_timeout() -> None:
@@ -181,3 +181,16 @@ def test_sweep_leaves_idle_recent_or_unstarted_states(phase: int, last: int) -> 
 
 def test_sweep_ignores_short_values() -> None:
     assert sweeper.stale_record(7, b"\x01" * 10, 5_000_000_000, 10**9, LAYOUT) is None
+
+
+def test_btf_source_precedence(tmp_path: Path) -> None:
+    """--btf wins over KSPAN_BTF, which wins over the kernel's own; a missing file is named."""
+    f1, f2 = tmp_path / "a.btf", tmp_path / "b.btf"
+    f1.write_bytes(b"x")
+    f2.write_bytes(b"y")
+    assert capabilities.btf_source(str(f1), {"KSPAN_BTF": str(f2)}) == (str(f1), "")
+    assert capabilities.btf_source(None, {"KSPAN_BTF": str(f2)}) == (str(f2), "")
+    path, problem = capabilities.btf_source(None, {"KSPAN_BTF": str(tmp_path / "nope.btf")})
+    assert path == "" and "nope.btf" in problem and "KSPAN_BTF" in problem
+    path, problem = capabilities.btf_source(str(tmp_path / "gone.btf"), {})
+    assert path == "" and "--btf" in problem

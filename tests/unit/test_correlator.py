@@ -495,9 +495,64 @@ def test_config_validation() -> None:
 def test_stats_as_dict() -> None:
     d = CorrelatorStats().as_dict()
     for k in ("exchanges", "spans", "unparsed_exchanges", "unparsed_bytes", "orphaned_spans", "held_dropped",
-              "truncated_heads", "pipelined_splits", "timeouts", "internal_errors", "held"):  # fmt: skip
+              "truncated_heads", "pipelined_splits", "timeouts", "internal_errors", "held", "duplicate_ids",
+              "duplicate_exchanges"):  # fmt: skip
         assert d[k] == 0
     assert all(isinstance(v, int) for v in d.values())
+
+
+def _local_pair(start: int = 1_000_000_000) -> tuple[Exchange, Exchange]:
+    """A loopback client and its server end with no kernel PEER hint: the server waits for the client."""
+    req, resp = request_bytes("GET", "/dup"), response_bytes(200)
+    client = make_exchange(req, resp, role=Role.CLIENT, pid=10, conn_id=0xC1, req_start_ns=start,
+                           local=("127.0.0.1", 40000), remote=("127.0.0.1", 8080))  # fmt: skip
+    server = make_exchange(req, resp, role=Role.SERVER, pid=20, conn_id=0x51, req_start_ns=start + 5_000,
+                           local=("127.0.0.1", 8080), remote=("127.0.0.1", 40000))  # fmt: skip
+    return client, server
+
+
+@pytest.mark.parametrize("repeat", ["same record", "sweep timeout", "other head"])
+def test_repeat_while_waiting_for_peer_is_dropped_and_counted(repeat: str) -> None:
+    # The first record is kept (it still links to its client); the repeat is one counted drop
+    # and nothing else: no timeout, no unparsed exchange, no second span with the same id.
+    client, server = _local_pair()
+    again = {
+        "same record": server,
+        "sweep timeout": dataclasses.replace(server, end=EndReason.TIMEOUT, resp_start_ns=0, resp_end_ns=0,
+                                             resp_bytes=0, resp_head=b"", resp_tail=b"", status=0),
+        "other head": dataclasses.replace(server, req_head=b"\x16\x03\x01 not http"),
+    }[repeat]  # fmt: skip
+    c = Correlator(CLOCK, CorrelatorConfig())
+    assert c.feed(server) == [] and c.stats.peer_waiting == 1
+    assert c.feed(again) == []
+    out = c.feed(client) + c.flush()
+    st = c.stats
+    assert st.exchanges == 3 and st.spans == len(out) == 2
+    assert st.duplicate_exchanges == 1 and c.stats.as_dict()["duplicate_exchanges"] == 1
+    assert st.timeouts == 0 and st.unparsed_exchanges == 0 and st.duplicate_ids == 0 and st.internal_errors == 0
+    srv = next(s for s in out if s.kind == SpanKind.SERVER)
+    cli = next(s for s in out if s.kind == SpanKind.CLIENT)
+    assert srv.parent_span_id == cli.span_id and srv.trace_id == cli.trace_id
+    assert srv.attributes["http.response.status_code"] == 200 and srv.status == StatusCode.UNSET
+
+
+def test_repeat_still_waiting_at_flush_is_dropped_and_counted() -> None:
+    # The case fuzzing found: the same server exchange fed twice, its client never seen.
+    _, server = _local_pair()
+    spans, c = feed_all([server, server])
+    assert len(spans) == 1 and c.stats.duplicate_exchanges == 1
+    st = c.stats
+    assert st.spans == st.exchanges - st.unparsed_exchanges - st.duplicate_exchanges + st.pipelined_splits
+
+
+def test_recording_fed_twice_loses_nothing_silently() -> None:
+    # After the first has left the wait, a repeat reaches the linker: it goes out unlinked and
+    # counts as duplicate_ids. Either way every record fed is a span or a counted drop.
+    client, server = _local_pair()
+    spans, c = feed_all([server, client, server, client])
+    st = c.stats
+    assert st.exchanges == 4 and st.duplicate_exchanges + st.duplicate_ids == 2
+    assert st.spans == len(spans) == st.exchanges - st.duplicate_exchanges
 
 
 def test_end_never_before_start() -> None:

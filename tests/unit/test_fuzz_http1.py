@@ -1,10 +1,16 @@
 """Fuzzing the HTTP/1 parsers and Correlator.feed with malformed, truncated and adversarial bytes.
 
-Properties: nothing raises, nothing leaks a secret header, held state stays bounded, and every
-span built is released exactly once (spans == parsed exchanges + pipelined splits after flush).
+Properties: nothing raises, nothing leaks a secret header, held state stays bounded, every span
+built is released exactly once, and every exchange fed is accounted for after flush: it gave its
+spans, or it is a counted drop (unparsed_exchanges, or duplicate_exchanges for a repeated identity).
+
+Example counts: the ones below under the derandomized "ci" profile (`make test`, plain pytest),
+the profile's own larger count under "fuzz" (`make fuzz`); tests/conftest.py has the profiles.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +23,15 @@ from correlator.spans import Span
 from correlator.tracecontext import parse_traceparent
 from tests.support.exchanges import REQ_HEAD, RESP_HEAD, request_bytes, response_bytes
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+def _fuzz(examples: int) -> settings:
+    """Settings for one property: at least `examples`, more when the loaded profile asks for more
+    (derandomize, database, deadline and print_blob always come from the profile)."""
+    return settings(max_examples=max(examples, settings.default.max_examples),
+                    suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+
+
+FUZZ = _fuzz(300)
 
 METHODS = ["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "BREW", "M-SEARCH", "G\x00T"]
 TOKENS = [b"\r\n", b"\r\n\r\n", b" ", b":", b"HTTP/1.1", b"HTTP/1.", b"Content-Length: ",
@@ -162,23 +176,60 @@ def _check_span(s: Span) -> None:
     assert SECRET not in s.name and SECRET not in s.trace_state
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@st.composite
+def repeats(draw: st.DrawFn, fed: list[Exchange], ids: list[tuple[int, int]]) -> Exchange:
+    """A record with the identity of one already fed: the same record again (a recording replayed
+    twice), the timeout sweep's record for it, or another record under the same identity."""
+    prev = draw(st.sampled_from(fed))
+    how = draw(st.integers(0, 2))
+    if how == 0:
+        return prev
+    if how == 1:
+        return dataclasses.replace(prev, end=EndReason.TIMEOUT, resp_start_ns=0, resp_end_ns=0, resp_bytes=0,
+                                   resp_head=b"", resp_tail=b"", status=0)  # fmt: skip
+    return dataclasses.replace(draw(exchanges(ids)), conn_id=prev.conn_id, req_start_ns=prev.req_start_ns)
+
+
+@_fuzz(150)
 @given(st.data(), st.sampled_from(["keep", "redact", "drop"]), st.integers(1, 6))
 def test_correlator_feed_fuzz(data: st.DataObject, query: str, max_held: int) -> None:
     c = Correlator(WallClock(10**18), CorrelatorConfig(query=query, max_held_spans=max_held, max_hold_s=1.0,
                                                         routes=["/a/{x}", "/p/*"]))  # fmt: skip
     ids: list[tuple[int, int]] = []
+    fed: list[Exchange] = []
+    seen: set[tuple[int, int]] = set()
+    repeated = 0  # records fed whose identity an earlier record had
+    advanced = False
     emitted: list[Span] = []
     for _ in range(data.draw(st.integers(1, 25))):
-        ex = data.draw(exchanges(ids))
+        if fed and data.draw(st.integers(0, 3)) == 0:
+            ex = data.draw(repeats(fed, ids))
+        else:
+            ex = data.draw(exchanges(ids))
+        fed.append(ex)
+        key = (ex.conn_id, ex.req_start_ns)
+        repeated += key in seen
+        seen.add(key)
         emitted += c.feed(ex)
         assert c.stats.held <= max_held
         if data.draw(st.booleans()):
+            advanced = True
             emitted += c.advance(data.draw(st.integers(0, 2**63 - 1)))
     emitted += c.flush()
     st_ = c.stats
     assert st_.internal_errors == 0, c.last_error
-    assert st_.held == 0
-    assert st_.spans == len(emitted) == st_.exchanges - st_.unparsed_exchanges + st_.pipelined_splits
+    assert st_.held == 0 and st_.peer_waiting == 0
+    assert st_.exchanges == len(fed)
+    # Every record fed is accounted for: its spans (one per request it holds), or a counted drop.
+    parsed = st_.exchanges - st_.unparsed_exchanges - st_.duplicate_exchanges
+    assert parsed >= 0
+    assert st_.spans == len(emitted) == parsed + st_.pipelined_splits
+    assert len({id(s) for s in emitted}) == len(emitted)  # each span released once
+    # A duplicate counter fires only for a repeated identity, and for every one while nothing was
+    # forgotten (identities are remembered for max_hold of stream time, which only advance() moves).
+    dups = st_.duplicate_exchanges + st_.duplicate_ids
+    assert dups <= repeated
+    if not advanced:
+        assert dups == repeated
     for s in emitted:
         _check_span(s)

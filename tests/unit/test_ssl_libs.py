@@ -1,7 +1,7 @@
 """tracer/ssl_libs.py: finding OpenSSL in processes and on the host, once per file.
 
-The attach calls go to a recording stand-in for the bcc object (attaching for real is the e2e
-tests' job); the files, symbol tables and /proc layouts are real.
+The attach calls go to a recording stand-in for the capture's probe set (tracer.probeset.ProbeSet;
+attaching for real is the e2e tests' job); the files, symbol tables and /proc layouts are real.
 """
 
 from __future__ import annotations
@@ -9,28 +9,46 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tracer import ssl_libs
+from tracer.loader import LoaderError
+from tracer.probeset import ProbeMap
 
 LIBSSL3 = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 NSS_LIBSSL3 = "/usr/lib/x86_64-linux-gnu/libssl3.so"
 
 
-class RecordingBpf:
+class RecordingProbes:
+    """A ProbeSet holding bpf/openssl.bpf.c's programs that records attach calls (no kernel)."""
+
     def __init__(self, fail: set[str] | None = None) -> None:
-        self.calls: list[tuple[str, str, str, str]] = []
+        self.calls: list[tuple[str, str, str, str]] = []  # (kind, path, symbol, program)
         self.fail = fail or set()
+        self.programs = {p for _, enter, ret in ssl_libs.PROBES for p in (enter, ret)} | {ssl_libs.SET_FD[1]}
 
-    def attach_uprobe(self, name: str, sym: str, fn_name: str, **_: Any) -> None:
-        if sym in self.fail:
-            raise Exception(f"could not attach {sym}")  # bcc raises a bare Exception
-        self.calls.append(("uprobe", name, sym, fn_name))
+    def has_program(self, name: str) -> bool:
+        return name in self.programs
 
-    def attach_uretprobe(self, name: str, sym: str, fn_name: str, **_: Any) -> None:
-        self.calls.append(("uretprobe", name, sym, fn_name))
+    def has_map(self, name: str) -> bool:
+        return False
+
+    def attach_uprobe(self, prog: str, path: str, offset: int = 0, symbol: str | None = None,
+                      retprobe: bool = False) -> None:
+        assert prog in self.programs and symbol is not None and offset == 0
+        if symbol in self.fail:
+            raise LoaderError(f"could not attach {symbol}")
+        self.calls.append(("uretprobe" if retprobe else "uprobe", path, symbol, prog))
+
+    def map(self, name: str) -> ProbeMap:
+        raise KeyError(name)
+
+    def struct_layout(self, type_name: str) -> dict[str, tuple[int, int]]:
+        raise KeyError(type_name)
+
+    def struct_size(self, type_name: str) -> int:
+        raise KeyError(type_name)
 
 
 MAPS = """\
@@ -96,13 +114,20 @@ def test_container_library_attached_once_per_file(tmp_path: Path, monkeypatch: p
     (tmp_path / "101" / "maps").write_text(maps)
     os.symlink("/bin/true", tmp_path / "101" / "exe")
 
-    bpf = RecordingBpf()
-    a = ssl_libs.SslAttacher(bpf, proc_root=str(tmp_path))
+    probes = RecordingProbes()
+    a = ssl_libs.SslAttacher(probes, proc_root=str(tmp_path))
     n = a.scan_existing([100, 101, 102])  # 102 does not exist: ignored
     per_lib = 4 * 2 + 1  # four functions, entry and return, plus SSL_set_fd
     assert n == 2 * per_lib == a.attached_probes
-    opened = {c[1] for c in bpf.calls}
+    opened = {c[1] for c in probes.calls}
     assert opened == {LIBSSL3, f"{tmp_path}/100/root{lib_in_container}"}
+    # Entries and returns by symbol, the returns as uretprobes (C stacks do not move).
+    assert [c for c in probes.calls if c[1] == LIBSSL3][:3] == [
+        ("uprobe", LIBSSL3, "SSL_write", "kspan_ssl_write_enter"),
+        ("uretprobe", LIBSSL3, "SSL_write", "kspan_ssl_write_return"),
+        ("uprobe", LIBSSL3, "SSL_read", "kspan_ssl_read_enter"),
+    ]
+    assert ("uprobe", LIBSSL3, "SSL_set_fd", "kspan_ssl_set_fd") in probes.calls
     assert a.scan_existing([100, 101]) == 0  # nothing new
     assert a.on_exec(101) == 0
 
@@ -110,7 +135,7 @@ def test_container_library_attached_once_per_file(tmp_path: Path, monkeypatch: p
 def test_exec_rescans_until_the_library_appears(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ssl_libs, "system_libssl_paths", lambda: [])
     _fake_proc(tmp_path, 200, "", {"/lib/libssl.so.3": LIBSSL3})
-    a = ssl_libs.SslAttacher(RecordingBpf(), proc_root=str(tmp_path))
+    a = ssl_libs.SslAttacher(RecordingProbes(), proc_root=str(tmp_path))
     assert a.on_exec(200, now=0.0) == 0  # libssl not mapped yet
     (tmp_path / "200" / "maps").write_text("7f00-7f10 r-xp 00000000 fe:01 1 /lib/libssl.so.3\n")
     assert a.rescan_pending(now=0.1) == 0  # not due yet
@@ -121,14 +146,14 @@ def test_exec_rescans_until_the_library_appears(tmp_path: Path, monkeypatch: pyt
 
 def test_not_openssl_and_attach_failures_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ssl_libs, "system_libssl_paths", lambda: [NSS_LIBSSL3])
-    a = ssl_libs.SslAttacher(RecordingBpf(), proc_root=str(tmp_path))
+    a = ssl_libs.SslAttacher(RecordingProbes(), proc_root=str(tmp_path))
     assert a.scan_existing([]) == 0
     assert any("no SSL_read/SSL_write" in e for e in a.errors)
 
     monkeypatch.setattr(ssl_libs, "system_libssl_paths", lambda: [LIBSSL3])
-    a = ssl_libs.SslAttacher(RecordingBpf(fail={"SSL_read_ex"}), proc_root=str(tmp_path))
+    a = ssl_libs.SslAttacher(RecordingProbes(fail={"SSL_read_ex"}), proc_root=str(tmp_path))
     assert a.scan_existing([]) == 7
     assert any("cannot attach to SSL_read_ex" in e for e in a.errors)
-    strict = ssl_libs.SslAttacher(RecordingBpf(fail={"SSL_read_ex"}), proc_root=str(tmp_path), strict=True)
+    strict = ssl_libs.SslAttacher(RecordingProbes(fail={"SSL_read_ex"}), proc_root=str(tmp_path), strict=True)
     with pytest.raises(RuntimeError, match="SSL_read_ex"):
         strict.scan_existing([])

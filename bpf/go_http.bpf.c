@@ -1,4 +1,4 @@
-/* Go goroutine parentage: which server exchange a client call belongs to (needs go_tls.c first).
+/* Go goroutine parentage: which server exchange a client call belongs to.
  *
  * Threads say nothing in Go: a handler runs on whatever thread its goroutine is scheduled on, and
  * an outgoing request's bytes are written by the transport's writeLoop goroutine, not the caller.
@@ -8,22 +8,44 @@
  * - runtime.newproc1: a goroutine created by a serving goroutine (or its descendant) inherits it.
  * - net/http.(*persistConn).roundTrip entry, on the calling goroutine: if it serves a connection,
  *   the client connection this call will use gets a parent: the server connection's exchange in
- *   progress (go_client_parent[client sock]), which kspan_begin_request() in http_exchange.h takes
- *   as a GOROUTINE hint when the request starts on that connection.
+ *   progress (go_client_parent[client sock], declared in http_exchange.h), which
+ *   kspan_begin_request() takes as a GOROUTINE hint when the request starts on that connection.
+ *
+ * Registers are Go's ABI, read from struct pt_regs directly (see go_common.h). The *_ret programs
+ * go on every RET instruction as plain uprobes (Go moves stacks: no uretprobes), and all programs
+ * are attached by file offset by tracer/uprobes.py, so SEC() names no target. go_procs and
+ * go_probe_offsets are shared with go_tls.bpf.c (go_common.h).
  */
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+
+#include "kspan.h"
+#include "http_exchange.h"
+#include "go_common.h"
+
+char LICENSE[] SEC("license") = "GPL";
 
 struct kspan_go_serving {
     __u64 server_sk;
 };
 
-BPF_TABLE("lru_hash", struct kspan_go_key, struct kspan_go_serving, go_serving, 65536);
-/* client sock -> the server exchange that issued the call on it; read by kspan_begin_request().
- * http_exchange.h declares it (and defines KSPAN_HAVE_GO_CLIENT_PARENT) once it reads it. */
-#ifndef KSPAN_HAVE_GO_CLIENT_PARENT
-BPF_TABLE("lru_hash", __u64, struct kspan_exchange_ref, go_client_parent, 16384);
-#endif
-BPF_HASH(go_newproc, __u64, __u64, 16384); /* pid_tgid -> callergp of a runtime.newproc1 in progress */
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536);
+    __type(key, struct kspan_go_key);
+    __type(value, struct kspan_go_serving);
+} go_serving SEC(".maps");
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 16384);
+    __type(key, __u64);
+    __type(value, __u64);
+} go_newproc SEC(".maps"); /* pid_tgid -> callergp of a runtime.newproc1 in progress */
 
+SEC("uprobe")
 int kspan_go_serve_enter(struct pt_regs *ctx)
 {
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -45,10 +67,11 @@ int kspan_go_serve_enter(struct pt_regs *ctx)
     key.goid = kspan_go_goid(ctx, o);
     struct kspan_go_serving s = {};
     s.server_sk = sk;
-    go_serving.update(&key, &s);
+    bpf_map_update_elem(&go_serving, &key, &s, BPF_ANY);
     return 0;
 }
 
+SEC("uprobe") /* on each RET */
 int kspan_go_serve_ret(struct pt_regs *ctx)
 {
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -58,12 +81,13 @@ int kspan_go_serve_ret(struct pt_regs *ctx)
     struct kspan_go_key key = {};
     key.tgid = tgid;
     key.goid = kspan_go_goid(ctx, o);
-    go_serving.delete(&key);
+    bpf_map_delete_elem(&go_serving, &key);
     return 0;
 }
 
 /* runtime.newproc1(fn *funcval, callergp *g, callerpc uintptr, ...) *g runs on the system stack
  * and never blocks, so the thread id pairs its entry with its return. */
+SEC("uprobe")
 int kspan_go_newproc_enter(struct pt_regs *ctx)
 {
     __u64 id = bpf_get_current_pid_tgid();
@@ -72,18 +96,19 @@ int kspan_go_newproc_enter(struct pt_regs *ctx)
     if (!o || !(o->flags & KSPAN_GO_HTTP))
         return 0;
     __u64 callergp = ctx->bx;
-    go_newproc.update(&id, &callergp);
+    bpf_map_update_elem(&go_newproc, &id, &callergp, BPF_ANY);
     return 0;
 }
 
+SEC("uprobe") /* on each RET */
 int kspan_go_newproc_ret(struct pt_regs *ctx)
 {
     __u64 id = bpf_get_current_pid_tgid();
-    __u64 *gp = go_newproc.lookup(&id);
+    __u64 *gp = bpf_map_lookup_elem(&go_newproc, &id);
     if (!gp)
         return 0;
     __u64 callergp = *gp;
-    go_newproc.delete(&id);
+    bpf_map_delete_elem(&go_newproc, &id);
     __u32 tgid = id >> 32;
     struct kspan_go_offsets *o = kspan_go_offsets_of(ctx, tgid);
     if (!o || !callergp)
@@ -92,7 +117,7 @@ int kspan_go_newproc_ret(struct pt_regs *ctx)
     parent.tgid = tgid;
     if (bpf_probe_read_user(&parent.goid, sizeof(parent.goid), (const void *)(callergp + o->g_goid)))
         return 0;
-    struct kspan_go_serving *s = go_serving.lookup(&parent);
+    struct kspan_go_serving *s = bpf_map_lookup_elem(&go_serving, &parent);
     if (!s)
         return 0;
     struct kspan_go_serving copy = *s;
@@ -101,11 +126,12 @@ int kspan_go_newproc_ret(struct pt_regs *ctx)
     __u64 newg = ctx->ax;
     if (!newg || bpf_probe_read_user(&child.goid, sizeof(child.goid), (const void *)(newg + o->g_goid)))
         return 0;
-    go_serving.update(&child, &copy);
+    bpf_map_update_elem(&go_serving, &child, &copy, BPF_ANY);
     return 0;
 }
 
 /* net/http.(*persistConn).roundTrip(pc *persistConn, req *transportRequest): pc in RAX. */
+SEC("uprobe")
 int kspan_go_roundtrip_enter(struct pt_regs *ctx)
 {
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -122,23 +148,23 @@ int kspan_go_roundtrip_enter(struct pt_regs *ctx)
     struct kspan_go_key key = {};
     key.tgid = tgid;
     key.goid = kspan_go_goid(ctx, o);
-    struct kspan_go_serving *s = go_serving.lookup(&key);
+    struct kspan_go_serving *s = bpf_map_lookup_elem(&go_serving, &key);
     struct kspan_conn *srv = 0;
     __u64 server_sk = 0;
     if (s) {
         server_sk = s->server_sk;
-        srv = conns.lookup(&server_sk);
+        srv = bpf_map_lookup_elem(&conns, &server_sk);
     }
     if (!srv || srv->phase == KSPAN_PH_IDLE || srv->ex.role != KSPAN_ROLE_SERVER) {
         /* not serving (or the server exchange already ended: a late goroutine has no parent to
          * name); a hint left by an earlier call whose request never went out must not apply */
-        go_client_parent.delete(&client_sk);
+        bpf_map_delete_elem(&go_client_parent, &client_sk);
         return 0;
     }
     struct kspan_exchange_ref ref = {};
     ref.conn_id = server_sk;
     ref.req_start_ns = srv->ex.req_start_ns;
     ref.pid = tgid;
-    go_client_parent.update(&client_sk, &ref);
+    bpf_map_update_elem(&go_client_parent, &client_sk, &ref, BPF_ANY);
     return 0;
 }

@@ -1,16 +1,26 @@
 /* OpenSSL (libssl 1.1 and 3): plaintext of SSL_read/SSL_write and their _ex forms.
  *
- * Compiled after http_exchange.h (tracer/loader.py concatenates the sources), so it shares its
- * maps. While a call is in progress its thread has an ssl_active entry: the socket path then
- * leaves the ciphertext alone, records the struct sock it went through in .sk and marks that
- * socket in tls_conns. At the return, the plaintext goes to kspan_on_data() keyed by that sock,
- * so an HTTPS exchange has the same connection identity (and 4-tuple, and peer linking) as a
- * plaintext one.
+ * The shared maps come from http_exchange.h; the loader makes this object reuse the socket
+ * family's maps, so ssl_active/tls_conns/fd_sk/conns are the same tables the socket path uses.
+ * While a call is in progress its thread has an ssl_active entry: the socket path then leaves the
+ * ciphertext alone, records the struct sock it went through in .sk and marks that socket in
+ * tls_conns. At the return, the plaintext goes to kspan_on_data() keyed by that sock, so an HTTPS
+ * exchange has the same connection identity (and 4-tuple, and peer linking) as a plaintext one.
  *
- * uretprobes are safe here: C stacks do not move (unlike Go's).
+ * The programs have no attach target in SEC(): tracer/ssl_libs.py attaches them by symbol to every
+ * libssl copy (and statically linked executable) it finds. uretprobes are safe here: C stacks do
+ * not move (unlike Go's).
  */
 
-#include <uapi/linux/ptrace.h>
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+
+#include "kspan.h"
+#include "http_exchange.h"
+
+char LICENSE[] SEC("license") = "GPL";
 
 struct kspan_ssl_key {
     __u32 tgid;
@@ -20,9 +30,19 @@ struct kspan_ssl_key {
 
 /* SSL* -> sock of its last call that reached the socket: a read served from OpenSSL's buffer makes
  * no syscall, so the sock comes from an earlier call on the same SSL*. */
-BPF_TABLE("lru_hash", struct kspan_ssl_key, __u64, ssl_sk, 65536);
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536);
+    __type(key, struct kspan_ssl_key);
+    __type(value, __u64);
+} ssl_sk SEC(".maps");
 /* SSL* -> fd from SSL_set_fd: the sock of a first call that made no syscall of its own. */
-BPF_TABLE("lru_hash", struct kspan_ssl_key, __u32, ssl_fd, 65536);
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536);
+    __type(key, struct kspan_ssl_key);
+    __type(value, __u32);
+} ssl_fd SEC(".maps");
 /* pid_tgid -> what the return probe needs besides ssl_active's entry. */
 struct kspan_ssl_extra {
     __u64 outp;           /* size_t *written / *readbytes of an _ex call; 0 for the plain forms */
@@ -30,7 +50,12 @@ struct kspan_ssl_extra {
     __u8 fed;             /* the write's bytes were reported at entry */
     __u8 _pad[7];
 };
-BPF_HASH(ssl_extra, __u64, struct kspan_ssl_extra, 16384);
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 16384);
+    __type(key, __u64);
+    __type(value, struct kspan_ssl_extra);
+} ssl_extra SEC(".maps");
 /* SSL* -> the write still owed after a failed (WANT_WRITE) or partial SSL_write whose bytes were
  * already reported at entry: OpenSSL requires the retry with the same buffer, so that entry must
  * not report them again. */
@@ -38,25 +63,30 @@ struct kspan_ssl_owed {
     __u64 buf;
     __u64 num;
 };
-BPF_TABLE("lru_hash", struct kspan_ssl_key, struct kspan_ssl_owed, ssl_owed, 16384);
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 16384);
+    __type(key, struct kspan_ssl_key);
+    __type(value, struct kspan_ssl_owed);
+} ssl_owed SEC(".maps");
 
 /* The sock of an SSL* known before this call touches the socket, or 0. */
 static __always_inline __u64 kspan_ssl_known_sk(struct kspan_ssl_key *key, __u64 id)
 {
-    __u64 *known = ssl_sk.lookup(key);
+    __u64 *known = bpf_map_lookup_elem(&ssl_sk, key);
     if (known)
         return *known;
-    __u32 *fd = ssl_fd.lookup(key);
+    __u32 *fd = bpf_map_lookup_elem(&ssl_fd, key);
     if (!fd)
         return 0;
     __u64 fdkey = (id & 0xffffffff00000000ULL) | *fd;
-    __u64 *fsk = fd_sk.lookup(&fdkey);
+    __u64 *fsk = bpf_map_lookup_elem(&fd_sk, &fdkey);
     if (!fsk)
         return 0;
     __u64 sk = *fsk;
-    ssl_sk.update(key, &sk);
+    bpf_map_update_elem(&ssl_sk, key, &sk, BPF_ANY);
     __u8 one = 1;
-    tls_conns.update(&sk, &one);
+    bpf_map_update_elem(&tls_conns, &sk, &one, BPF_ANY);
     return sk;
 }
 
@@ -87,7 +117,7 @@ static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp, __u8
     c.ssl = PT_REGS_PARM1(ctx);
     c.buf = (const char *)PT_REGS_PARM2(ctx);
     c.start_ns = bpf_ktime_get_ns();
-    ssl_active.update(&id, &c);
+    bpf_map_update_elem(&ssl_active, &id, &c, BPF_ANY);
     struct kspan_ssl_extra x = {};
     x.outp = outp;
     if (dir == KSPAN_DIR_EGRESS) {
@@ -102,30 +132,30 @@ static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp, __u8
         key.ssl = c.ssl;
         __u64 sk = kspan_ssl_known_sk(&key, id);
         if (sk && x.num > 0 && x.num < 0x80000000ULL) {
-            struct kspan_ssl_owed *owed = ssl_owed.lookup(&key);
+            struct kspan_ssl_owed *owed = bpf_map_lookup_elem(&ssl_owed, &key);
             if (!(owed && owed->buf == (__u64)c.buf && owed->num == x.num))
                 kspan_ssl_feed(ctx, id, sk, KSPAN_DIR_EGRESS, c.buf, x.num, c.start_ns, c.start_ns);
             x.fed = 1;
         }
     }
     if (outp || x.fed)
-        ssl_extra.update(&id, &x);
+        bpf_map_update_elem(&ssl_extra, &id, &x, BPF_ANY);
     return 0;
 }
 
 static __always_inline int kspan_ssl_exit(struct pt_regs *ctx, __u8 dir, int ex)
 {
     __u64 id = bpf_get_current_pid_tgid();
-    struct kspan_ssl_call *c = ssl_active.lookup(&id);
+    struct kspan_ssl_call *c = bpf_map_lookup_elem(&ssl_active, &id);
     if (!c)
         return 0;
     struct kspan_ssl_call call = *c;
-    ssl_active.delete(&id);
+    bpf_map_delete_elem(&ssl_active, &id);
     struct kspan_ssl_extra x = {};
-    struct kspan_ssl_extra *xp = ssl_extra.lookup(&id);
+    struct kspan_ssl_extra *xp = bpf_map_lookup_elem(&ssl_extra, &id);
     if (xp) {
         x = *xp;
-        ssl_extra.delete(&id);
+        bpf_map_delete_elem(&ssl_extra, &id);
     }
 
     long ret = PT_REGS_RC(ctx);
@@ -144,17 +174,17 @@ static __always_inline int kspan_ssl_exit(struct pt_regs *ctx, __u8 dir, int ex)
     if (x.fed) {
         /* reported at entry: only remember what is still owed */
         if (len >= x.num) {
-            ssl_owed.delete(&key);
+            bpf_map_delete_elem(&ssl_owed, &key);
         } else {
             struct kspan_ssl_owed o = {};
             o.buf = (__u64)call.buf + len;
             o.num = x.num - len;
-            ssl_owed.update(&key, &o);
+            bpf_map_update_elem(&ssl_owed, &key, &o, BPF_ANY);
         }
         if (call.sk) {
-            __u64 *known = ssl_sk.lookup(&key);
+            __u64 *known = bpf_map_lookup_elem(&ssl_sk, &key);
             if (!known || *known != call.sk)
-                ssl_sk.update(&key, &call.sk);
+                bpf_map_update_elem(&ssl_sk, &key, &call.sk, BPF_ANY);
         }
         return 0;
     }
@@ -163,9 +193,9 @@ static __always_inline int kspan_ssl_exit(struct pt_regs *ctx, __u8 dir, int ex)
 
     __u64 sk = call.sk;
     if (sk) {
-        __u64 *known = ssl_sk.lookup(&key);
+        __u64 *known = bpf_map_lookup_elem(&ssl_sk, &key);
         if (!known || *known != sk)
-            ssl_sk.update(&key, &sk);
+            bpf_map_update_elem(&ssl_sk, &key, &sk, BPF_ANY);
     } else {
         sk = kspan_ssl_known_sk(&key, id);
     }
@@ -180,16 +210,25 @@ static __always_inline int kspan_ssl_exit(struct pt_regs *ctx, __u8 dir, int ex)
     return 0;
 }
 
+SEC("uprobe")
 int kspan_ssl_write_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, 0, KSPAN_DIR_EGRESS); }
+SEC("uprobe")
 int kspan_ssl_read_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, 0, KSPAN_DIR_INGRESS); }
+SEC("uprobe")
 int kspan_ssl_write_ex_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, PT_REGS_PARM4(ctx), KSPAN_DIR_EGRESS); }
+SEC("uprobe")
 int kspan_ssl_read_ex_enter(struct pt_regs *ctx) { return kspan_ssl_enter(ctx, PT_REGS_PARM4(ctx), KSPAN_DIR_INGRESS); }
+SEC("uretprobe")
 int kspan_ssl_write_return(struct pt_regs *ctx) { return kspan_ssl_exit(ctx, KSPAN_DIR_EGRESS, 0); }
+SEC("uretprobe")
 int kspan_ssl_read_return(struct pt_regs *ctx) { return kspan_ssl_exit(ctx, KSPAN_DIR_INGRESS, 0); }
+SEC("uretprobe")
 int kspan_ssl_write_ex_return(struct pt_regs *ctx) { return kspan_ssl_exit(ctx, KSPAN_DIR_EGRESS, 1); }
+SEC("uretprobe")
 int kspan_ssl_read_ex_return(struct pt_regs *ctx) { return kspan_ssl_exit(ctx, KSPAN_DIR_INGRESS, 1); }
 
 /* SSL_set_fd(ssl, fd): nginx and CPython bind the SSL* to its socket this way. */
+SEC("uprobe")
 int kspan_ssl_set_fd(struct pt_regs *ctx)
 {
     __u64 id = bpf_get_current_pid_tgid();
@@ -197,7 +236,7 @@ int kspan_ssl_set_fd(struct pt_regs *ctx)
     key.tgid = id >> 32;
     key.ssl = PT_REGS_PARM1(ctx);
     __u32 fd = (__u32)PT_REGS_PARM2(ctx);
-    ssl_fd.update(&key, &fd);
-    ssl_sk.delete(&key);  /* a reused SSL* on a new socket */
+    bpf_map_update_elem(&ssl_fd, &key, &fd, BPF_ANY);
+    bpf_map_delete_elem(&ssl_sk, &key);  /* a reused SSL* on a new socket */
     return 0;
 }

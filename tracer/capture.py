@@ -1,0 +1,556 @@
+"""Load, attach and read the kernel side: the precompiled CO-RE objects of every probe family.
+
+Each probe family is one object under tracer/objects/ (compiled from bpf/*.bpf.c at build
+time). Every object declares the shared maps of bpf/http_exchange.h; the first object loaded
+creates them and each later one reuses their descriptors, so all families share one
+connection table and one ring buffer. Settings are the objects' `const volatile` globals and map
+sizes, set before load: no compiler runs here. Only tracer/loader.py touches libbpf.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tracer import sweeper
+from tracer.capabilities import Capabilities, choose_backend
+from tracer.loader import BpfObject, LoaderError, Map
+from tracer.processes import service_name_from_cmdline
+from tracer.records import REC_PROC, RawProc, record_type
+from tracer.ringbuf import RingBufferReader
+
+log = logging.getLogger(__name__)
+
+OBJECTS_DIR = Path(__file__).resolve().parent / "objects"
+
+BACKEND_OBJECTS = {"fentry": "sockets_fentry", "kprobes": "sockets_kprobes", "tracepoints": "sockets_tracepoints"}
+COMMON_OBJECTS = ("process", "tcp_events")
+# Families the uprobe attachers drive (tracer/ssl_libs.py, tracer/uprobes.py).
+OPTIONAL_FAMILIES = ("openssl", "go_tls", "go_http")
+
+# enum kspan_counter in bpf/http_exchange.h, same order.
+COUNTER_NAMES = [
+    "records_emitted",
+    "ringbuf_lost",  # records the ring buffer had no room for
+    "requests_seen",
+    "non_http_segments",
+    "unparsed_bytes",
+    "state_table_full",
+    "ended_by_next_request",
+    "response_head_too_long",
+    "transfers_outside_syscall",
+    "tls_transfers_skipped",
+    "requests_filtered",
+    "proc_records",
+    "tcp_records",
+    "self_transfers_skipped",
+    "tuple_unknown",
+    "orphan_responses",
+    "ended_by_close",
+]
+
+PROC_EXEC = 1
+
+# Programs attached to several hooks (one inlined copy of the exchange state machine for both
+# directions); every other socket-side program is attached by its SEC() name.
+MULTI_ATTACH: dict[str, tuple[tuple[str, ...], ...]] = {
+    "kspan_sock_length": (("tp", "sock", "sock_send_length"), ("tp", "sock", "sock_recv_length")),
+    "kspan_tcp_xfer_ret": (("kretprobe", "tcp_sendmsg"), ("kretprobe", "tcp_recvmsg")),
+}
+
+# Tracepoints backend: programs of the portable path (arguments saved at syscall entry) and of the
+# x86_64 register path (write start times only). One of the two sets is loaded.
+PORTABLE_PREFIXES = ("kspan_sys_enter_", "kspan_sys_exit_")
+REGS_PREFIXES = ("kspan_ws_",)
+# tcp_events programs that only feed network metrics (tcp_probe fires on every ACK).
+NETWORK_EVENT_PROGRAMS = ("kspan_tcp_retransmit", "kspan_tcp_receive_reset", "kspan_tcp_send_reset",
+                          "kspan_tcp_probe")
+
+# Maps sized by --max-connections (per-connection state, LRU).
+CONNECTION_MAPS = ("conns", "tuples", "fd_sk", "tls_conns", "client_conns", "rtt_last")
+
+# Connection states examined per sweep() call.
+SWEEP_BATCH = 2048
+
+
+class CaptureError(Exception):
+    """Capture could not start; the message says what to do."""
+
+
+@dataclass
+class CaptureConfig:
+    backend: str = "auto"  # "auto" | "fentry" | "kprobes" | "tracepoints"
+    pids: set[int] = field(default_factory=set)
+    exe_names: set[str] = field(default_factory=set)
+    ports: set[int] = field(default_factory=set)
+    self_pid: int = field(default_factory=os.getpid)
+    ringbuf_pages: int = 4096
+    max_connections: int = 16384
+    response_timeout_s: float = 30.0
+    families: list[str] = field(default_factory=list)  # of OPTIONAL_FAMILIES
+    network_events: bool = True
+    btf_path: str | None = None  # external BTF (BTFHub) for kernels without /sys/kernel/btf/vmlinux
+    portable_args: bool = False  # tracepoints: the non-x86_64 syscall-argument path, even on x86_64
+    objects_dir: Path = OBJECTS_DIR
+
+
+def object_path(name: str, objects_dir: Path = OBJECTS_DIR) -> Path:
+    return objects_dir / f"{name}.bpf.o"
+
+
+def object_names(backend: str, families: list[str]) -> list[str]:
+    """The objects of one capture, in load order."""
+    unknown = [f for f in families if f not in OPTIONAL_FAMILIES]
+    if unknown:
+        raise CaptureError(f"unknown probe families {unknown}: choose from {list(OPTIONAL_FAMILIES)}")
+    return [BACKEND_OBJECTS[backend], *COMMON_OBJECTS, *(f for f in OPTIONAL_FAMILIES if f in families)]
+
+
+def _uses_regs(config: CaptureConfig) -> bool:
+    return platform.machine() == "x86_64" and not config.portable_args
+
+
+def _globals(config: CaptureConfig) -> dict[str, int]:
+    return {
+        "kspan_self_pid": int(config.self_pid),
+        "kspan_filter_pids": int(bool(config.pids or config.exe_names)),
+        "kspan_filter_exe": int(bool(config.exe_names)),
+        "kspan_filter_ports": int(bool(config.ports)),
+        "kspan_network_events": int(config.network_events),
+        "kspan_args_from_regs": int(_uses_regs(config)),
+    }
+
+
+def _wanted(prog: str, config: CaptureConfig) -> bool:
+    """Whether a program is loaded at all under this configuration."""
+    if prog.startswith(PORTABLE_PREFIXES):
+        return not _uses_regs(config)
+    if prog.startswith(REGS_PREFIXES):
+        return _uses_regs(config)
+    if prog in NETWORK_EVENT_PROGRAMS:
+        return config.network_events
+    return True
+
+
+class ObjectSet:
+    """The loaded objects of one capture, sharing their maps."""
+
+    def __init__(self, config: CaptureConfig, backend: str, stats: bool = False) -> None:
+        pages = config.ringbuf_pages
+        if pages <= 0 or pages & (pages - 1):
+            raise CaptureError(f"ring buffer pages must be a power of two, got {pages}")
+        if config.max_connections <= 0:
+            raise CaptureError(f"--max-connections must be positive, got {config.max_connections}")
+        self.objects: dict[str, BpfObject] = {}
+        self.loaded_programs: list[str] = []
+        self.verifier_stats: dict[str, int] = {}
+        fds: dict[str, int] = {}
+        values = _globals(config)
+        try:
+            for name in object_names(backend, config.families):
+                path = object_path(name, config.objects_dir)
+                if not path.is_file():
+                    raise CaptureError(f"probe object {path} is missing: run `make setup` (scripts/build-bpf.sh)")
+                obj = BpfObject.open(path, btf_path=config.btf_path)
+                self.objects[name] = obj
+                for var, value in values.items():
+                    if obj.has_global(var):
+                        obj.set_global(var, value)
+                for m in obj.maps():
+                    if m in fds:
+                        continue
+                    if m in CONNECTION_MAPS:
+                        obj.set_max_entries(m, config.max_connections)
+                    elif m == "events":
+                        obj.set_max_entries(m, pages * 4096)
+                obj.reuse_maps(fds)
+                for prog in obj.programs():
+                    if not _wanted(prog, config):
+                        obj.set_autoload(prog, False)
+                try:
+                    obj.load(stats=stats) if stats else obj.load()
+                except LoaderError as exc:
+                    raise CaptureError(f"the kernel refused the {name} probes: {exc}") from exc
+                self.loaded_programs += [p for p in obj.programs() if _wanted(p, config)]
+                if stats:
+                    self.verifier_stats.update(obj.verifier_stats())
+                for m, fd in obj.map_fds().items():
+                    fds.setdefault(m, fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def find_program(self, prog: str) -> BpfObject | None:
+        for obj in self.objects.values():
+            if prog in obj.programs():
+                return obj
+        return None
+
+    def map(self, name: str) -> Map:
+        for obj in self.objects.values():
+            if name in obj.maps():
+                return obj.map(name)
+        raise KeyError(name)
+
+    def has_map(self, name: str) -> bool:
+        return any(name in obj.maps() for obj in self.objects.values())
+
+    def struct_layout(self, type_name: str) -> dict[str, tuple[int, int]]:
+        for obj in self.objects.values():
+            try:
+                return obj.struct_layout(type_name)
+            except (KeyError, LoaderError):
+                continue
+        raise KeyError(type_name)
+
+    def struct_size(self, type_name: str) -> int:
+        for obj in self.objects.values():
+            try:
+                return obj.struct_size(type_name)
+            except (KeyError, LoaderError):
+                continue
+        raise KeyError(type_name)
+
+    def close(self) -> None:
+        for obj in reversed(list(self.objects.values())):
+            obj.close()
+        self.objects.clear()
+
+
+def verify_programs(backend: str, config: CaptureConfig | None = None, portable: bool = False) -> list[str]:
+    """Load every program of `backend` (and of every other family) through the verifier without
+    attaching anything. Kprobe programs load where kprobes cannot attach. Returns the programs
+    loaded; raises CaptureError naming the object the kernel refused."""
+    config = config or CaptureConfig()
+    config = CaptureConfig(**{**config.__dict__, "families": list(OPTIONAL_FAMILIES), "portable_args": portable,
+                              "self_pid": config.self_pid})
+    objs = ObjectSet(config, backend)
+    try:
+        return list(objs.loaded_programs)
+    finally:
+        objs.close()
+
+
+def verifier_insns(backend: str, prog: str, config: CaptureConfig | None = None) -> int:
+    """Instructions the verifier walked to accept `prog` (its limit is 1,000,000): the headroom
+    left for changes to the state machine."""
+    config = config or CaptureConfig()
+    objs = ObjectSet(config, backend, stats=True)
+    try:
+        if prog not in objs.verifier_stats:
+            raise CaptureError(f"no verifier statistics for {prog} ({sorted(objs.verifier_stats)})")
+        return objs.verifier_stats[prog]
+    finally:
+        objs.close()
+
+
+def _exe_matches(pid: int, names: set[str]) -> bool:
+    try:
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        exe = ""
+    if exe in names or exe.removesuffix(" (deleted)") in names:
+        return True
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    if comm in names or any(n[:15] == comm for n in names):
+        return True
+    # An interpreter's process is named for the script it runs (`python3 orders.py` is `orders`),
+    # as its spans' service.name is, so --exe orders means that process too.
+    try:
+        argv = [a.decode("utf-8", "replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return False
+    return service_name_from_cmdline(exe, argv) in names
+
+
+def _descendants_of(pids: set[int]) -> set[int]:
+    """Processes whose parent chain reaches one of `pids` (children forked before the agent)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            parent[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out: set[int] = set()
+    for pid in parent:
+        seen, p = 0, pid
+        while p and seen < 64:
+            if p in pids:
+                out.add(pid)
+                break
+            p = parent.get(p, 0)
+            seen += 1
+    return out
+
+
+_ONE = b"\x01"
+RAW_PROC_SIZE = ctypes.sizeof(RawProc)
+
+
+class Capture:
+    """One running capture: the loaded objects, their attachments and the ring buffer reader.
+
+    Also the probe set the uprobe attachers (tracer/ssl_libs.py, tracer/uprobes.py) attach through
+    (tracer/probeset.py): uprobes belong to the objects, and go with them at close()."""
+
+    def __init__(self, config: CaptureConfig, caps: Capabilities) -> None:
+        self.config = config
+        self.caps = caps
+        self.backend = ""
+        self.backend_reason = ""
+        self.probes_attached = 0
+        self._objs: ObjectSet | None = None
+        self._reader: RingBufferReader | None = None
+        self._closed = False
+        self._sweep_evicted = 0
+        self._sweep_cursor: bytes | None = None
+        self._exe_added = 0
+        self._conn_layout: sweeper.ConnLayout | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._objs is not None
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        backend, reason = choose_backend(self.caps, self.config.backend)
+        if not backend:
+            raise CaptureError(reason)
+        self.backend, self.backend_reason = backend, reason
+        self._objs = ObjectSet(self.config, backend)
+        try:
+            self._attach_sockets()
+            self._fill_filters()
+            self._reader = RingBufferReader(self._objs.map("events").fd, self.config.ringbuf_pages * 4096)
+            layout = self._objs.struct_layout("kspan_conn")
+            self._conn_layout = sweeper.ConnLayout(layout["last_ns"][0], layout["phase"][0],
+                                                   self._objs.struct_size("kspan_conn"))
+        except (LoaderError, OSError, KeyError) as exc:
+            self.close()
+            raise CaptureError(f"attaching the {backend} probes failed: {exc}. Run `kspan doctor`.") from exc
+
+    def _attach_sockets(self) -> None:
+        assert self._objs is not None
+        for name, obj in self._objs.objects.items():
+            if name in OPTIONAL_FAMILIES:
+                continue  # uprobes: attached per library or binary by the attachers
+            for prog in obj.programs():
+                if not _wanted(prog, self.config):
+                    continue
+                targets = MULTI_ATTACH.get(prog)
+                if targets is None:
+                    obj.attach(prog)
+                    self.probes_attached += 1
+                    continue
+                for target in targets:
+                    if target[0] == "tp":
+                        obj.attach_tracepoint(prog, target[1], target[2])
+                    else:
+                        obj.attach_kprobe(prog, target[1], retprobe=target[0] == "kretprobe")
+                    self.probes_attached += 1
+
+    def _fill_filters(self) -> None:
+        assert self._objs is not None
+        if self.config.ports:
+            ports = self._objs.map("allowed_ports")
+            for port in self.config.ports:
+                ports.update(struct.pack("<H", port), _ONE)
+        if self.config.exe_names:
+            comms = self._objs.map("allowed_comms")
+            for name in self.config.exe_names:
+                comms.update(name.encode()[:15].ljust(16, b"\0"), _ONE)
+        if self.config.pids or self.config.exe_names:
+            allowed = set(self.config.pids)
+            if self.config.exe_names:
+                for entry in os.listdir("/proc"):
+                    if entry.isdigit() and _exe_matches(int(entry), self.config.exe_names):
+                        allowed.add(int(entry))
+            allowed |= _descendants_of(allowed)
+            allowed.discard(self.config.self_pid)
+            table = self._objs.map("allowed_pids")
+            for pid in allowed:
+                table.update(struct.pack("<I", pid), _ONE)
+
+    def allow_pid(self, pid: int) -> None:
+        """Trace `pid` from now on (filtering by --pid/--exe only)."""
+        if self._objs is None or pid == self.config.self_pid:
+            return
+        self._objs.map("allowed_pids").update(struct.pack("<I", pid), _ONE)
+
+    def is_traced(self, pid: int) -> bool:
+        """Whether the filters (--pid/--exe, with children) let `pid` through: the kernel's own
+        allowed_pids map, so user space never inspects a process the probes would ignore."""
+        if pid == self.config.self_pid:
+            return False
+        if not (self.config.pids or self.config.exe_names) or self._objs is None:
+            return True
+        return self._objs.map("allowed_pids").lookup(struct.pack("<I", pid)) is not None
+
+    # -- the probe set of the uprobe attachers (tracer/probeset.py) --------------------------
+    def has_program(self, name: str) -> bool:
+        return self._objs is not None and self._objs.find_program(name) is not None
+
+    def has_map(self, name: str) -> bool:
+        return self._objs is not None and self._objs.has_map(name)
+
+    def attach_uprobe(self, prog: str, path: str, offset: int = 0, symbol: str | None = None,
+                      retprobe: bool = False) -> None:
+        obj = self._objs.find_program(prog) if self._objs is not None else None
+        if obj is None:
+            raise LoaderError(f"no program {prog} loaded")
+        obj.attach_uprobe(prog, path, offset=offset, symbol=symbol, retprobe=retprobe)
+        self.probes_attached += 1
+
+    def map(self, name: str) -> Map:
+        if self._objs is None:
+            raise KeyError(name)
+        return self._objs.map(name)
+
+    def struct_layout(self, type_name: str) -> dict[str, tuple[int, int]]:
+        if self._objs is None:
+            raise KeyError(type_name)
+        return self._objs.struct_layout(type_name)
+
+    def struct_size(self, type_name: str) -> int:
+        if self._objs is None:
+            raise KeyError(type_name)
+        return self._objs.struct_size(type_name)
+
+    # -- reading -----------------------------------------------------------------------------
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """Every record available now (waiting up to timeout_ms for the first)."""
+        if self._objs is None or self._reader is None:
+            return []
+        self._reader.wait(timeout_ms)
+        batch: list[bytes] = []
+        self._reader.drain(batch)
+        if self.config.exe_names:
+            for rec in batch:
+                if record_type(rec) == REC_PROC and len(rec) >= RAW_PROC_SIZE:
+                    proc = RawProc.from_buffer_copy(rec[:RAW_PROC_SIZE])
+                    if proc.event == PROC_EXEC and _exe_matches(proc.pid, self.config.exe_names):
+                        self.allow_pid(proc.pid)
+                        self._exe_added += 1
+        return batch
+
+    def sweep(self, now_mono_ns: int | None = None) -> list[bytes]:
+        """Take out exchanges with no progress within the response timeout, as TIMEOUT records.
+
+        Each call examines at most SWEEP_BATCH connection states, continuing where the previous
+        call stopped: idle keep-alive connections keep their state in the kernel, and reading
+        all of a large map at every call would cost the agent more than the exchanges."""
+        if self._objs is None or self._conn_layout is None:
+            return []
+        now = time.monotonic_ns() if now_mono_ns is None else now_mono_ns
+        timeout_ns = int(self.config.response_timeout_s * 1e9)
+        conns = self._objs.map("conns")
+        layout = self._conn_layout
+        stale: list[tuple[bytes, bytes, bytes]] = []
+        key = self._sweep_cursor
+        for _ in range(SWEEP_BATCH):
+            key = conns.next_key(key)
+            if key is None:
+                break  # end of the map: the next call starts over
+            value = conns.lookup(key)
+            if value is None:
+                continue
+            found = sweeper.stale_record(int.from_bytes(key, "little"), value, now, timeout_ns, layout)
+            if found is not None:
+                stale.append((key, value, found.record))
+        self._sweep_cursor = key
+        out: list[bytes] = []
+        last = slice(layout.last_ns, layout.last_ns + 8)
+        for key, value, record in stale:
+            current = conns.lookup(key)
+            if current is None or current[last] != value[last]:
+                continue  # closed meanwhile (the kernel emitted it), or progress since we read it
+            conns.delete(key)
+            self._release_hints(value)
+            out.append(record)
+        self._sweep_evicted += len(out)
+        return out
+
+    def _release_hints(self, value: bytes) -> None:
+        """The parent hints a swept server exchange held (the kernel releases them when it emits)."""
+        assert self._objs is not None
+        ex = sweeper.exchange_fields(value)
+        if ex.role != 2:  # KSPAN_ROLE_SERVER
+            return
+        tctx = self._objs.map("thread_ctx")
+        key = struct.pack("<Q", (ex.pid << 32) | ex.tid)
+        ref = tctx.lookup(key)
+        if ref is not None and struct.unpack_from("<QQ", ref) == (ex.conn_id, ex.req_start_ns):
+            tctx.delete(key)
+        inflight = self._objs.map("proc_inflight")
+        pkey = struct.pack("<I", ex.pid)
+        cur = inflight.lookup(pkey)
+        if cur is not None:
+            count = struct.unpack_from("<q", cur)[0]
+            if count > 0:
+                inflight.update(pkey, struct.pack("<q", count - 1) + cur[8:])
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """Per program: (runs, total run time in ns), as the kernel counts them while
+        /proc/sys/kernel/bpf_stats_enabled is 1 (zeros otherwise). For measuring kernel-side cost."""
+        out: dict[str, tuple[int, int]] = {}
+        if self._objs is None:
+            return out
+        for obj in self._objs.objects.values():
+            for prog in obj.programs():
+                try:
+                    out[prog] = obj.program_info(prog)
+                except (LoaderError, KeyError):
+                    continue
+        return out
+
+    def counters(self) -> dict[str, int]:
+        out = dict.fromkeys(COUNTER_NAMES, 0)
+        if self._objs is not None:
+            table = self._objs.map("counters")
+            for i, name in enumerate(COUNTER_NAMES):
+                out[name] = sum(int.from_bytes(v[:8], "little") for v in table.lookup_percpu(struct.pack("<I", i)))
+        out["timeouts_swept"] = self._sweep_evicted
+        out["exe_matches"] = self._exe_added
+        out["probes_attached"] = self.probes_attached
+        return out
+
+    def table_keys(self, name: str) -> Iterator[bytes]:
+        """Keys of one of the kernel's maps (diagnostics: live state at stop)."""
+        if self._objs is None:
+            return iter(())
+        return self._objs.map(name).keys()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._objs is not None:
+            try:
+                self._objs.close()
+            finally:
+                self._objs = None
+                self.probes_attached = 0
+
+    def __enter__(self) -> Capture:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
