@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test unit lint bench doctor clean go
+.PHONY: setup run test unit lint bench doctor clean go bpf wheel
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -17,6 +17,13 @@ doctor: setup
 
 go: setup
 	@bash scripts/install-go.sh
+
+# The CO-RE probe objects alone (setup builds them too); `wheel` ships them in the package.
+bpf:
+	@bash scripts/build-bpf.sh
+
+wheel: setup
+	$(VENV)/bin/pip wheel --no-deps -w dist .
 
 test: setup go
 	$(VENV)/bin/ruff check tracer correlator exporters tests bench
@@ -41,4 +48,4 @@ bench: setup go
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.run $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info build tracer/objects/*.bpf.o

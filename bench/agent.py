@@ -59,7 +59,18 @@ class Agent:
             self.stop()
             raise RuntimeError(f"kspan did not print `kspan: ready` within {timeout_s:.0f} s:\n{err}")
         self.ready_s = got[0] - self.proc.launched_s
+        self.compiler_mapped = self._maps_compiler()
         return self.ready_s
+
+    def _maps_compiler(self) -> bool | None:
+        """Whether libLLVM or libclang is mapped into the agent (None if unreadable): the agent
+        loads precompiled objects and must never carry a compiler."""
+        try:
+            with open(f"/proc/{self.proc.pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            return None
+        return "libLLVM" in maps or "libclang" in maps
 
     def kernel_counters(self) -> dict[str, int] | None:
         """The agent's in-kernel counters now (None when they cannot be read)."""

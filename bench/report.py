@@ -8,13 +8,16 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-# The targets of issue 5, for this 2-core machine with agent, server and load generator sharing it.
+# The targets of the data-plane issues (CO-RE loader; kernel-side context), for this 2-core machine
+# with agent, server and load generator sharing it.
 TARGET_THROUGHPUT_RATIO = 0.90
-TARGET_CPU_US_PER_REQUEST = 25.0
-TARGET_LOSSLESS_RPS = 10_000
+TARGET_CPU_US_PER_REQUEST = 10.0  # per exchange: the cost phase traces the server end only
+TARGET_BPF_US_PER_REQUEST = 1.5   # probe time inside the traced processes, per exchange
+TARGET_LOSSLESS_RPS = 20_000
 TARGET_LOSSLESS_S = 60.0
-TARGET_RSS_MB = 150.0
-TARGET_READY_S = 3.0
+TARGET_RSS_MB = 150.0             # peak
+TARGET_STEADY_RSS_MB = 100.0
+TARGET_READY_S = 2.0              # median of the launches
 # The cost per request is only a measurement of tracing if (nearly) every request became a span.
 SPAN_COVERAGE_FOR_COST = 0.99
 
@@ -134,6 +137,12 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             ok = False
         rows.append({"target": f"agent CPU per traced request at {c['rate']:,.0f} req/s",
                      "limit": f"<= {TARGET_CPU_US_PER_REQUEST:.0f} us", "measured": measured, "status": _status(ok)})
+    bpf = [c.get("bpf_us_per_request") for c in r.get("cost") or [] if c.get("bpf_us_per_request") is not None]
+    worst_bpf = max(bpf) if bpf else None
+    rows.append({"target": "probe time inside the traced processes per request (worst rate)",
+                 "limit": f"<= {TARGET_BPF_US_PER_REQUEST:.1f} us",
+                 "measured": None if worst_bpf is None else f"{worst_bpf:.2f} us",
+                 "status": _status(None if worst_bpf is None else worst_bpf <= TARGET_BPF_US_PER_REQUEST)})
     cap = r.get("capacity") or {}
     lossless = next((s for s in cap.get("steps", []) if s.get("target_step")), None)
     if lossless is not None:
@@ -149,15 +158,25 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         rows.append({"target": f"no request lost at {TARGET_LOSSLESS_RPS:,} req/s", "limit": "0 lost",
                      "measured": None, "status": NOT_MEASURED})
+    steady = r.get("memory", {}).get("steady_rss_mb")
+    rows.append({"target": "agent resident memory, steady (VmRSS under load)",
+                 "limit": f"<= {TARGET_STEADY_RSS_MB:.0f} MB",
+                 "measured": None if steady is None else f"{steady:.1f} MB",
+                 "status": _status(None if steady is None else steady <= TARGET_STEADY_RSS_MB)})
     hwm = r.get("memory", {}).get("peak_hwm_mb")
-    rows.append({"target": "agent resident memory (peak VmHWM)", "limit": f"< {TARGET_RSS_MB:.0f} MB",
+    rows.append({"target": "agent resident memory (peak VmHWM)", "limit": f"<= {TARGET_RSS_MB:.0f} MB",
                  "measured": None if hwm is None else f"{hwm:.1f} MB",
-                 "status": _status(None if hwm is None else hwm < TARGET_RSS_MB)})
-    ready = r.get("startup", {}).get("ready_s") or []
-    worst = max(ready) if ready else None
-    rows.append({"target": "launch to `kspan: ready` (worst launch)", "limit": f"<= {TARGET_READY_S:.0f} s",
-                 "measured": None if worst is None else f"{worst:.2f} s",
-                 "status": _status(None if worst is None else worst <= TARGET_READY_S)})
+                 "status": _status(None if hwm is None else hwm <= TARGET_RSS_MB)})
+    st = r.get("startup", {})
+    ready = st.get("ready_s") or []
+    median = statistics.median(ready) if ready else None
+    rows.append({"target": "launch to `kspan: ready` (median of the launches)", "limit": f"<= {TARGET_READY_S:.0f} s",
+                 "measured": None if median is None else f"{median:.2f} s (max {max(ready):.2f} s)",
+                 "status": _status(None if median is None else median <= TARGET_READY_S)})
+    mapped = [m for m in st.get("compiler_mapped") or [] if m is not None]
+    rows.append({"target": "libLLVM or libclang mapped into the agent", "limit": "none",
+                 "measured": None if not mapped else ("mapped" if any(mapped) else f"none in {len(mapped)} launches"),
+                 "status": _status(None if not mapped else not any(mapped))})
     return rows
 
 

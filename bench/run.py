@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="make bench ARGS=...", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true",
-                   help="the 10,000 req/s no-loss step runs 60 s (the target's duration) instead of --lossless-s")
+                   help="the 20,000 req/s no-loss step runs 60 s (the target's duration) instead of --lossless-s")
     p.add_argument("--phases", default="overhead,cost,capacity",
                    help="comma-separated subset of overhead,cost,capacity (start-up is measured in each)")
     p.add_argument("--servers", default="go,nginx", help="servers for the overhead phase: go,nginx")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="goload waits this long before sending, so the agent's inspection of the new process "
                         "falls outside the measured window (its CPU is reported separately)")
     p.add_argument("--idle-s", type=float, default=5.0, help="seconds of agent CPU measured with no requests")
-    p.add_argument("--lossless-s", type=float, default=10.0, help="seconds of the 10,000 req/s capacity step")
+    p.add_argument("--lossless-s", type=float, default=10.0, help="seconds of the 20,000 req/s capacity step")
     p.add_argument("--step-s", type=float, default=5.0, help="seconds per other capacity step")
     p.add_argument("--ladder-up", type=_rates, default=[15000, 20000, 30000, 40000])
     p.add_argument("--ladder-down", type=_rates, default=[5000, 2500, 1000])
@@ -104,7 +104,7 @@ class Bench:
         self.log = log_path
         self.sink: Sink | None = None
         self.agents: list[Agent] = []
-        self.startup: dict[str, Any] = {"ready_s": [], "first_span_s": None}
+        self.startup: dict[str, Any] = {"ready_s": [], "first_span_s": None, "compiler_mapped": []}
         self.idle_cpu_pct: float | None = None
         self.first_exec_cpu_s: float | None = None
 
@@ -118,6 +118,7 @@ class Bench:
         self.agents.append(agent)
         ready = agent.wait_ready()
         self.startup["ready_s"].append(ready)
+        self.startup["compiler_mapped"].append(agent.compiler_mapped)
         self.say(f"kspan ready in {ready:.2f} s ({' '.join(targets)})")
         return agent
 
@@ -475,7 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["first_exec_cpu_s"] = b.first_exec_cpu_s
     hwms = [a.last.hwm_kb / 1024 for a in b.agents if a.last is not None and a.last.hwm_kb]
     rss = [a.last.rss_kb / 1024 for a in b.agents if a.last is not None and a.last.rss_kb]
-    results["memory"] = {"peak_hwm_mb": max(hwms) if hwms else None, "last_rss_mb": max(rss) if rss else None}
+    # Steady: the RSS at the end of each fixed-rate cost window (the agent under load, after start-up).
+    steady = [c["rss_mb"] for c in results.get("cost") or [] if c.get("rss_mb")]
+    results["memory"] = {"peak_hwm_mb": max(hwms) if hwms else None, "last_rss_mb": max(rss) if rss else None,
+                         "steady_rss_mb": max(steady) if steady else None}
     results["targets"] = report.evaluate_targets(results)
 
     m = results["machine"]

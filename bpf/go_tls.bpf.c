@@ -93,7 +93,8 @@ static __always_inline int kspan_go_tls_enter(struct pt_regs *ctx, __u8 dir)
         a.len = len > 0x7fffffff ? 0x7fffffff : (__u32)len;
         a.start_ns = c.start_ns;
         a.end_ns = c.start_ns;
-        kspan_on_data(ctx, &a);
+        /* a tail call into the state machine (bpf/uprobe_exchange.bpf.c): it does not return */
+        kspan_on_data_tail(ctx, &a);
         return 0;
     }
     struct kspan_go_key key = {};
@@ -166,7 +167,9 @@ static __always_inline int kspan_go_tls_ret(struct pt_regs *ctx, __u8 dir)
     a.len = n > 0x7fffffff ? 0x7fffffff : (__u32)n;
     a.start_ns = start;
     a.end_ns = now;
-    kspan_on_data(ctx, &a);
+    /* one run of the state machine per call, and last (a tail call does not return): a held byte
+     * is joined to this read above (buf - 1, n + 1), its map entry already deleted */
+    kspan_on_data_tail(ctx, &a);
     return 0;
 }
 

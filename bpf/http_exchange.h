@@ -1,9 +1,9 @@
 /* HTTP/1.x exchange tracking shared by every probe family (sockets, OpenSSL, Go).
  *
- * A probe hands each transfer of bytes to kspan_on_data(); this file keeps one state per
- * connection (conn_id = struct sock address), recognises a request and its response, parses the
- * response framing in the kernel and emits ONE struct kspan_exchange per finished exchange, so the
- * ring buffer carries one record per request instead of one per syscall.
+ * A probe hands each transfer of bytes to kspan_on_data() (uprobes: kspan_on_data_tail()); this
+ * file keeps one state per connection (conn_id = struct sock address), recognises a request and
+ * its response, parses the response framing in the kernel and emits ONE struct kspan_exchange per
+ * finished exchange, so the ring buffer carries one record per request instead of one per syscall.
  *
  * Every family's object includes this header, so each declares the shared maps below; the
  * loader (tracer/capture.py) makes every later object reuse the first object's maps, so all
@@ -98,10 +98,17 @@ struct kspan_conn_key {
     __u16 remote_port;
 };
 
+/* An exchange named by another (a parent hint), and for thread_ctx the thread's server load.
+ * `inflight` counts the server exchanges started on the thread and not yet ended; `ambiguous` is
+ * set once it has exceeded one and stays set until the thread is idle: after 2 -> 1 the remaining
+ * exchange need not be the one this ref names, so only a thread that never served two at once
+ * names its request. */
 struct kspan_exchange_ref {
     __u64 conn_id;
     __u64 req_start_ns;
     __u32 pid;
+    __u32 inflight;
+    __u32 ambiguous;
     __u32 _pad;
 };
 
@@ -109,6 +116,8 @@ struct kspan_inflight {
     __s64 count;          /* server exchanges in flight in the process */
     __u64 conn_id;        /* the last one started */
     __u64 req_start_ns;
+    __u32 ambiguous;      /* more than one was in flight since the process was last idle */
+    __u32 _pad;
 };
 
 enum kspan_phase {
@@ -194,7 +203,9 @@ enum kspan_counter {
     KSPAN_CNT_TUPLE_UNKNOWN = 14,   /* requests on sockets whose addresses are unknown */
     KSPAN_CNT_ORPHAN_RESPONSE = 15, /* responses with no request seen (connection older than the agent) */
     KSPAN_CNT_CLOSED = 16,          /* exchanges ended by close */
-    KSPAN_CNT_MAX = 17,
+    KSPAN_CNT_TAIL_CALL_MISSED = 17,/* uprobe transfers lost: kspan_exchange_progs had no program */
+    KSPAN_CNT_AMBIGUOUS = 18,       /* client requests left unlinked: their thread served several at once */
+    KSPAN_CNT_MAX = 19,
 };
 
 struct {
@@ -475,12 +486,17 @@ static __always_inline void kspan_release_hints(struct kspan_conn *st)
     if (st->ex.role == KSPAN_ROLE_SERVER) {
         __u64 key = ((__u64)st->ex.pid << 32) | st->ex.tid;
         struct kspan_exchange_ref *t = bpf_map_lookup_elem(&thread_ctx, &key);
-        if (t && t->conn_id == st->ex.conn_id && t->req_start_ns == st->ex.req_start_ns)
-            bpf_map_delete_elem(&thread_ctx, &key);
+        if (t) {
+            /* the thread's last one: nothing is in flight on it any more */
+            if (t->inflight <= 1)
+                bpf_map_delete_elem(&thread_ctx, &key);
+            else
+                __sync_fetch_and_add(&t->inflight, -1);
+        }
         __u32 pid = st->ex.pid;
         struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
-        if (f && f->count > 0)
-            __sync_fetch_and_add(&f->count, -1);
+        if (f && f->count > 0 && __sync_fetch_and_add(&f->count, -1) == 1)
+            f->ambiguous = 0;  /* idle again: the next one in flight is known for sure */
     } else if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
         struct kspan_conn_key k = {};
         kspan_conn_key_of_ex(&k, st, 0);
@@ -591,11 +607,22 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
         me.conn_id = st->ex.conn_id;
         me.req_start_ns = st->ex.req_start_ns;
         me.pid = a->pid;
-        bpf_map_update_elem(&thread_ctx, &pid_tgid, &me, BPF_ANY);
+        struct kspan_exchange_ref *cur = bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
+        if (cur && cur->inflight > 0) {
+            /* a second request in flight on this thread: an event loop */
+            __sync_fetch_and_add(&cur->inflight, 1);
+            cur->ambiguous = 1;
+            cur->conn_id = me.conn_id;
+            cur->req_start_ns = me.req_start_ns;
+        } else {
+            me.inflight = 1;
+            bpf_map_update_elem(&thread_ctx, &pid_tgid, &me, BPF_ANY);
+        }
         __u32 pid = a->pid;
         struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
         if (f) {
-            __sync_fetch_and_add(&f->count, 1);
+            if (__sync_fetch_and_add(&f->count, 1) > 0)
+                f->ambiguous = 1;
             f->conn_id = me.conn_id;
             f->req_start_ns = me.req_start_ns;
         } else {
@@ -615,19 +642,29 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             st->ex.parent_req_start_ns = g->req_start_ns;
             st->ex.parent_pid = g->pid;
             bpf_map_delete_elem(&go_client_parent, &st->ex.conn_id);
-        } else if (t) {
-            st->ex.parent_kind = KSPAN_PARENT_THREAD;
-            st->ex.parent_conn_id = t->conn_id;
-            st->ex.parent_req_start_ns = t->req_start_ns;
-            st->ex.parent_pid = a->pid;
+        } else if (t && t->inflight > 0) {
+            /* A thread serving exactly one request (and never two at once since it was idle)
+             * names it; an event loop serving several cannot: no parent, counted. */
+            if (t->inflight == 1 && !t->ambiguous) {
+                st->ex.parent_kind = KSPAN_PARENT_THREAD;
+                st->ex.parent_conn_id = t->conn_id;
+                st->ex.parent_req_start_ns = t->req_start_ns;
+                st->ex.parent_pid = a->pid;
+            } else {
+                st->ex.flags |= KSPAN_FLAG_AMBIGUOUS;
+                kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
+            }
         } else {
             __u32 pid = a->pid;
             struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
-            if (f && f->count == 1) {
+            if (f && f->count == 1 && !f->ambiguous) {
                 st->ex.parent_kind = KSPAN_PARENT_PROCESS;
                 st->ex.parent_conn_id = f->conn_id;
                 st->ex.parent_req_start_ns = f->req_start_ns;
                 st->ex.parent_pid = a->pid;
+            } else if (f && f->count > 0) {
+                st->ex.flags |= KSPAN_FLAG_AMBIGUOUS;
+                kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
             }
         }
         if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
@@ -941,7 +978,7 @@ static __always_inline struct kspan_conn *kspan_new_conn(struct kspan_data_args 
     return st;
 }
 
-/* Per-CPU copy of the transfer's arguments: see kspan_on_data. */
+/* Per-CPU copy of the transfer's arguments: see kspan_args_copy. */
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
     __uint(max_entries, 1);
@@ -949,18 +986,38 @@ struct {
     __type(value, struct kspan_data_args);
 } kspan_args SEC(".maps");
 
-static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *arg)
+/* The uprobe families' way into the state machine (see kspan_on_data_tail): one entry, key 0,
+ * holding bpf/uprobe_exchange.bpf.c's kspan_exchange_kp, written by tracer/capture.py after that
+ * object loads. Declared here like every shared map, so every object has the same definition. */
+struct {
+    __uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+    __uint(max_entries, 1);
+    __uint(key_size, sizeof(__u32));
+    __uint(value_size, sizeof(__u32)); /* a program fd from user space; no BTF types for prog arrays */
+} kspan_exchange_progs SEC(".maps");
+
+/* Copy a probe's arguments into the per-CPU kspan_args entry; the copy, or 0.
+ * Work on a copy in map memory, whose contents the verifier does not track: callers build
+ * the arguments on different paths (plain buffer, iovec, sendfile ...), and as stack values
+ * those paths would stay distinct through the whole state machine, multiplying the verifier's
+ * work past its limit. The copy is also what carries the arguments across a tail call. */
+static __always_inline struct kspan_data_args *kspan_args_copy(struct kspan_data_args *arg)
 {
-    /* Work on a copy in map memory, whose contents the verifier does not track: callers build
-     * the arguments on different paths (plain buffer, iovec, sendfile ...), and as stack values
-     * those paths would stay distinct through the whole state machine below, multiplying the
-     * verifier's work past its limit. */
     int zero = 0;
     struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &zero);
     if (!a)
-        return;
+        return 0;
     __builtin_memcpy(a, arg, sizeof(*a));
     asm volatile("" ::: "memory");
+    return a;
+}
+
+/* The exchange state machine on the map-resident arguments `a` (kspan_args_copy). Each program
+ * that inlines it costs the verifier a walk of ~250k instructions at load, so only the socket
+ * programs inline it (kspan_on_data); the uprobe programs tail-call into the one program of
+ * bpf/uprobe_exchange.bpf.c that does (kspan_on_data_tail). */
+static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_args *a)
+{
     if (a->pid == kspan_self_pid) {
         if (a->dir == KSPAN_DIR_EGRESS)
             kspan_note_self(a->conn_id);
@@ -1032,6 +1089,40 @@ static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *arg
         return;
     }
     kspan_begin_request(st, a, m);
+}
+
+/* The state machine inlined: the socket backends. kspan_sock_length is a tracepoint program, and a
+ * tail call only reaches a program of the caller's own type, so it cannot use kspan_on_data_tail
+ * (kspan_exchange_kp is a kprobe-type program, like the uprobes); the kprobes/fentry backends have
+ * a single inlined copy each and gain nothing from a tail call.
+ * The copy is kspan_args_copy() written out, on purpose: through the helper the lookup key's
+ * lifetime ends at its return, clang gives its stack slot to the state machine's first-bytes
+ * buffer, and the verifier's walk of kspan_sock_length doubled (263k -> 506k instructions). */
+static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *arg)
+{
+    int zero = 0;
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &zero);
+    if (!a)
+        return;
+    __builtin_memcpy(a, arg, sizeof(*a));
+    asm volatile("" ::: "memory");
+    kspan_exchange_body(ctx, a);
+}
+
+/* The uprobe families (OpenSSL, Go: BPF_PROG_TYPE_KPROBE programs): copy the arguments to the
+ * per-CPU kspan_args entry and tail-call kspan_exchange_kp (bpf/uprobe_exchange.bpf.c), which runs
+ * the state machine on that copy: the verifier walks the state machine once at load instead of
+ * once per uprobe program (about 2.5 s of start-up with a copy in each). The tail call passes the
+ * same ctx and continues the same program run on the same CPU, so the per-CPU copy is still this
+ * transfer's. A tail call that succeeds never returns: a caller must do all its own work (map
+ * updates, deletes) BEFORE calling this. It falls through only when the program array is empty
+ * (the object not loaded or its fd not written): the transfer is then counted, not silently lost. */
+static __always_inline void kspan_on_data_tail(void *ctx, struct kspan_data_args *arg)
+{
+    if (!kspan_args_copy(arg))
+        return;
+    bpf_tail_call(ctx, &kspan_exchange_progs, 0);
+    kspan_count(KSPAN_CNT_TAIL_CALL_MISSED, 1);
 }
 
 static __always_inline void kspan_on_close(void *ctx, __u64 conn_id)

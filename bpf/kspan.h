@@ -33,8 +33,8 @@ enum kspan_source { KSPAN_SRC_SOCKET = 0, KSPAN_SRC_OPENSSL = 1, KSPAN_SRC_GO = 
 /* How the parent hint was found (see correlator/linker.py). */
 enum kspan_parent_kind {
     KSPAN_PARENT_NONE = 0,
-    KSPAN_PARENT_THREAD = 1,   /* client request started on a thread that is serving a request */
-    KSPAN_PARENT_PROCESS = 2,  /* client request started while exactly one request was in flight in the process */
+    KSPAN_PARENT_THREAD = 1,   /* client request started on a thread serving exactly one request */
+    KSPAN_PARENT_PROCESS = 2,  /* client request from a non-serving thread while exactly one request was in flight in the process */
     KSPAN_PARENT_PEER = 3,     /* server request whose peer socket is a traced local client connection */
     KSPAN_PARENT_GOROUTINE = 4,/* Go: client call from a goroutine descended from the serving goroutine */
 };
@@ -44,6 +44,7 @@ enum kspan_parent_kind {
 #define KSPAN_FLAG_RESP_HEAD_FULL 0x4 /* resp_head is truncated at KSPAN_RESP_HEAD */
 #define KSPAN_FLAG_TUPLE_KNOWN 0x8    /* the addresses and ports below are valid */
 #define KSPAN_FLAG_INTERIM 0x10       /* a 1xx interim response preceded the final one */
+#define KSPAN_FLAG_AMBIGUOUS 0x20     /* client request on a thread serving several: no parent, by rule */
 
 /* An exchange is identified by (conn_id, req_start_ns): conn_id is the kernel's struct sock
  * address (unique among live sockets, host-wide), so a PEER hint from another process names it. */

@@ -4,8 +4,10 @@
  * family's maps, so ssl_active/tls_conns/fd_sk/conns are the same tables the socket path uses.
  * While a call is in progress its thread has an ssl_active entry: the socket path then leaves the
  * ciphertext alone, records the struct sock it went through in .sk and marks that socket in
- * tls_conns. At the return, the plaintext goes to kspan_on_data() keyed by that sock, so an HTTPS
- * exchange has the same connection identity (and 4-tuple, and peer linking) as a plaintext one.
+ * tls_conns. At the return, the plaintext goes to the state machine keyed by that sock, so an
+ * HTTPS exchange has the same connection identity (and 4-tuple, and peer linking) as a plaintext
+ * one. The state machine runs in bpf/uprobe_exchange.bpf.c, reached by a tail call
+ * (kspan_on_data_tail): inlined, each program here would cost the verifier its own walk of it.
  *
  * The programs have no attach target in SEC(): tracer/ssl_libs.py attaches them by symbol to every
  * libssl copy (and statically linked executable) it finds. uretprobes are safe here: C stacks do
@@ -104,7 +106,8 @@ static __always_inline void kspan_ssl_feed(struct pt_regs *ctx, __u64 id, __u64 
     a.len = len > 0x7fffffffULL ? 0x7fffffff : (__u32)len;
     a.start_ns = start;
     a.end_ns = end;
-    kspan_on_data(ctx, &a);
+    /* a tail call into the state machine (bpf/uprobe_exchange.bpf.c): it does not return */
+    kspan_on_data_tail(ctx, &a);
 }
 
 static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp, __u8 dir)
@@ -120,6 +123,8 @@ static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp, __u8
     bpf_map_update_elem(&ssl_active, &id, &c, BPF_ANY);
     struct kspan_ssl_extra x = {};
     x.outp = outp;
+    __u64 sk = 0;
+    int feed = 0;
     if (dir == KSPAN_DIR_EGRESS) {
         /* A write's bytes are known at entry. Reporting them before they reach the wire orders a
          * request before the peer's read of it (the peer's PEER link needs the client exchange
@@ -130,16 +135,19 @@ static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp, __u8
         struct kspan_ssl_key key = {};
         key.tgid = pid;
         key.ssl = c.ssl;
-        __u64 sk = kspan_ssl_known_sk(&key, id);
+        sk = kspan_ssl_known_sk(&key, id);
         if (sk && x.num > 0 && x.num < 0x80000000ULL) {
             struct kspan_ssl_owed *owed = bpf_map_lookup_elem(&ssl_owed, &key);
-            if (!(owed && owed->buf == (__u64)c.buf && owed->num == x.num))
-                kspan_ssl_feed(ctx, id, sk, KSPAN_DIR_EGRESS, c.buf, x.num, c.start_ns, c.start_ns);
+            feed = !(owed && owed->buf == (__u64)c.buf && owed->num == x.num);
             x.fed = 1;
         }
     }
     if (outp || x.fed)
         bpf_map_update_elem(&ssl_extra, &id, &x, BPF_ANY);
+    /* last: the feed tail-calls the state machine and does not return (the state machine reads
+     * neither ssl_extra nor ssl_owed, so saving the entry first changes nothing else) */
+    if (feed)
+        kspan_ssl_feed(ctx, id, sk, KSPAN_DIR_EGRESS, c.buf, x.num, c.start_ns, c.start_ns);
     return 0;
 }
 
@@ -205,7 +213,8 @@ static __always_inline int kspan_ssl_exit(struct pt_regs *ctx, __u8 dir, int ex)
         return 0;
     }
     __u64 now = bpf_ktime_get_ns();
-    /* a read's bytes arrived at its return: a blocking SSL_read's entry says nothing about them */
+    /* a read's bytes arrived at its return: a blocking SSL_read's entry says nothing about them.
+     * Last: the feed tail-calls the state machine and does not return. */
     kspan_ssl_feed(ctx, id, sk, dir, call.buf, len, dir == KSPAN_DIR_EGRESS ? call.start_ns : now, now);
     return 0;
 }

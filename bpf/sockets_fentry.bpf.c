@@ -23,44 +23,17 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 65536);
-    __type(key, __u64);
-    __type(value, struct kspan_kp_call);
-} fentry_calls SEC(".maps"); /* pid_tgid -> tcp_sendmsg/recvmsg in progress */
-
-static __always_inline void kspan_fe_save(struct sock *sk, struct msghdr *msg, __u8 dir)
-{
-    struct kspan_kp_call c = {};
-    if (!kspan_tcp_call_begin(&c, sk, msg, dir))
-        return;
-    __u64 id = bpf_get_current_pid_tgid();
-    bpf_map_update_elem(&fentry_calls, &id, &c, BPF_ANY);
-}
-
-static __always_inline void kspan_fe_done(void *ctx, int ret)
-{
-    __u64 id = bpf_get_current_pid_tgid();
-    struct kspan_kp_call *c = bpf_map_lookup_elem(&fentry_calls, &id);
-    if (!c)
-        return;
-    struct kspan_kp_call call = *c;
-    bpf_map_delete_elem(&fentry_calls, &id);
-    kspan_tcp_call_end(ctx, id, &call, ret);
-}
-
 SEC("fentry/tcp_sendmsg")
 int BPF_PROG(kspan_fentry_tcp_sendmsg, struct sock *sk, struct msghdr *msg, size_t size)
 {
-    kspan_fe_save(sk, msg, KSPAN_DIR_EGRESS);
+    kspan_tcp_call_save(sk, msg, KSPAN_DIR_EGRESS);
     return 0;
 }
 
 SEC("fexit/tcp_sendmsg")
 int BPF_PROG(kspan_fexit_tcp_sendmsg, struct sock *sk, struct msghdr *msg, size_t size, int ret)
 {
-    kspan_fe_done(ctx, ret);
+    kspan_tcp_call_done(ctx, ret);
     return 0;
 }
 
@@ -76,7 +49,7 @@ int BPF_PROG(kspan_fentry_tcp_recvmsg, struct sock *sk, struct msghdr *msg, size
     int flags = kspan_recvmsg_has_nonblock() ? (int)a4 : (int)a3;
     if (flags & KSPAN_MSG_PEEK)
         return 0;
-    kspan_fe_save(sk, msg, KSPAN_DIR_INGRESS);
+    kspan_tcp_call_save(sk, msg, KSPAN_DIR_INGRESS);
     return 0;
 }
 
@@ -92,7 +65,7 @@ int BPF_PROG(kspan_fexit_tcp_recvmsg)
         asm volatile("%0 = *(u64 *)(%1 + 48)" : "=r"(r) : "r"(ctx));
     else
         asm volatile("%0 = *(u64 *)(%1 + 40)" : "=r"(r) : "r"(ctx));
-    kspan_fe_done(ctx, (int)r);
+    kspan_tcp_call_done(ctx, (int)r);
     return 0;
 }
 

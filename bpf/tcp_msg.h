@@ -123,4 +123,34 @@ static __always_inline void kspan_tcp_call_end(void *ctx, __u64 id, struct kspan
     kspan_on_data(ctx, &a);
 }
 
+/* The call in progress per thread, between entry (where the buffer is known) and return (where
+ * the byte count is): one definition for the kprobes and fentry objects, never loaded together. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 65536);
+    __type(key, __u64);
+    __type(value, struct kspan_kp_call);
+} tcp_calls SEC(".maps"); /* pid_tgid -> tcp_sendmsg/recvmsg in progress */
+
+static __always_inline void kspan_tcp_call_save(struct sock *sk, struct msghdr *msg, __u8 dir)
+{
+    struct kspan_kp_call c = {};
+    if (!kspan_tcp_call_begin(&c, sk, msg, dir))
+        return;
+    __u64 id = bpf_get_current_pid_tgid();
+    bpf_map_update_elem(&tcp_calls, &id, &c, BPF_ANY);
+}
+
+/* The return of a call saved by kspan_tcp_call_save: feed its bytes to the state machine. */
+static __always_inline void kspan_tcp_call_done(void *ctx, int ret)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    struct kspan_kp_call *c = bpf_map_lookup_elem(&tcp_calls, &id);
+    if (!c)
+        return;
+    struct kspan_kp_call call = *c;
+    bpf_map_delete_elem(&tcp_calls, &id);
+    kspan_tcp_call_end(ctx, id, &call, ret);
+}
+
 #endif

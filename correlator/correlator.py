@@ -75,6 +75,7 @@ class CorrelatorStats:
     late_links: int = 0  # children linked to a parent released before they arrived
     duplicate_ids: int = 0  # an identity seen again after the first was linked: the repeat went out unlinked
     duplicate_exchanges: int = 0  # an identity seen again while the first waited for its local client: dropped
+    ambiguous_parents: int = 0  # client spans left unlinked: their thread served several requests at once
     self_hints: int = 0  # a parent hint naming the exchange itself (ignored)
     internal_errors: int = 0  # bug guard: a record that raised inside the correlator (span lost)
     peer_links_by_tuple: int = 0  # server ends linked to their local client by 4-tuple, not a kernel hint
@@ -179,6 +180,8 @@ class Correlator:
             st.duplicate_exchanges += 1
             return []
         end_ns = max(ex.resp_end_ns, ex.resp_start_ns, ex.req_end_ns, ex.req_start_ns)
+        if ex.parent_ambiguous:
+            st.ambiguous_parents += 1
         parsed = self._parsed(ex.req_head)
         reqs = parsed.reqs
         if not reqs:

@@ -45,6 +45,16 @@ _Z16 = b"\0" * 16
 _Z15_1 = b"\0" * 15 + b"\1"
 
 
+# `kspan.parent.source` on every span: how its parent was found, so a user can audit a link.
+PARENT_SOURCE_ATTR = "kspan.parent.source"
+_SOURCE_BY_KIND = {
+    int(ParentKind.THREAD): "thread",
+    int(ParentKind.PROCESS): "process",
+    int(ParentKind.PEER): "peer",
+    int(ParentKind.GOROUTINE): "goroutine",
+}
+
+
 class _Node:
     __slots__ = ("key", "spans", "parent_key", "hint_kind", "pid", "tp_trace", "tp_parent", "since")
 
@@ -229,9 +239,11 @@ class Linker:
 
     def _emit_detached(self, key: Key, spans: list[Span], tp: tuple[bytes, bytes] | None, out: list[Span]) -> None:
         trace = tp[0] if tp else self.trace_id((key[0] ^ 0x5A5A, key[1]))
+        source = "traceparent" if tp else "none"
         for s in spans:
             s.trace_id = trace
             s.parent_span_id = tp[1] if tp else None
+            s.attributes[PARENT_SOURCE_ATTR] = source
         out.extend(spans)
         self.c.spans += len(spans)
 
@@ -306,9 +318,14 @@ class Linker:
         while True:
             spans = n.spans
             if spans:
+                if n.parent_key is not None:
+                    source = _SOURCE_BY_KIND.get(n.hint_kind, "none")
+                else:
+                    source = "traceparent" if pl is not None else "none"
                 for s in spans:
                     s.trace_id = trace
                     s.parent_span_id = pl
+                    s.attributes[PARENT_SOURCE_ATTR] = source
                 out.extend(spans)
                 c.spans += len(spans)
                 link = spans[0].span_id

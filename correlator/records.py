@@ -80,6 +80,9 @@ class Exchange:
     req_head_truncated: bool = False
     resp_head_truncated: bool = False
     interim_response: bool = False
+    # The kernel saw this client request start on a thread (or process) serving several requests
+    # at once and could not tell which one it belongs to: no parent, by rule (never a guess).
+    parent_ambiguous: bool = False
 
     @property
     def id(self) -> ExchangeId:

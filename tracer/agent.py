@@ -292,6 +292,8 @@ class Agent:
                             + int(correlator.stats.as_dict().get("unparsed_bytes", 0)), monotonic=True)
         out.register_health("kspan.spans.orphaned", lambda: int(correlator.stats.as_dict().get("orphaned_spans", 0)),
                             monotonic=True)
+        out.register_health("kspan.parents.ambiguous",
+                            lambda: int(correlator.stats.as_dict().get("ambiguous_parents", 0)), monotonic=True)
         out.register_health("kspan.processes.traced", lambda: processes.traced, monotonic=False)
         out.register_pipeline_health()
 

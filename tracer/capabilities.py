@@ -138,8 +138,8 @@ def _libbpf() -> tuple[str, str]:
 
 def _objects_missing() -> list[str]:
     objects = Path(__file__).resolve().parent / "objects"
-    names = ("sockets_tracepoints", "sockets_kprobes", "sockets_fentry", "process", "tcp_events", "openssl",
-             "go_tls", "go_http")
+    names = ("sockets_tracepoints", "sockets_kprobes", "sockets_fentry", "process", "tcp_events",
+             "uprobe_exchange", "openssl", "go_tls", "go_http")
     return [n for n in names if not (objects / f"{n}.bpf.o").is_file()]
 
 

@@ -34,6 +34,12 @@ BACKEND_OBJECTS = {"fentry": "sockets_fentry", "kprobes": "sockets_kprobes", "tr
 COMMON_OBJECTS = ("process", "tcp_events")
 # Families the uprobe attachers drive (tracer/ssl_libs.py, tracer/uprobes.py).
 OPTIONAL_FAMILIES = ("openssl", "go_tls", "go_http")
+# The exchange state machine for the uprobe families (bpf/uprobe_exchange.bpf.c): its one program
+# is tail-called through EXCHANGE_PROGS[0] instead of being inlined in every uprobe program (the
+# verifier walks each inlined copy at load: seconds of start-up). Never attached. Loaded before
+# the families, with any of them.
+UPROBE_EXCHANGE = "uprobe_exchange"
+EXCHANGE_PROGS = "kspan_exchange_progs"
 
 # enum kspan_counter in bpf/http_exchange.h, same order.
 COUNTER_NAMES = [
@@ -54,6 +60,8 @@ COUNTER_NAMES = [
     "tuple_unknown",
     "orphan_responses",
     "ended_by_close",
+    "exchange_tail_call_missed",  # uprobe transfers lost: the state machine's program was not in place
+    "ambiguous_parent_requests",  # client requests on a thread serving several at once: no parent, by rule
 ]
 
 PROC_EXEC = 1
@@ -110,7 +118,8 @@ def object_names(backend: str, families: list[str]) -> list[str]:
     unknown = [f for f in families if f not in OPTIONAL_FAMILIES]
     if unknown:
         raise CaptureError(f"unknown probe families {unknown}: choose from {list(OPTIONAL_FAMILIES)}")
-    return [BACKEND_OBJECTS[backend], *COMMON_OBJECTS, *(f for f in OPTIONAL_FAMILIES if f in families)]
+    chosen = [f for f in OPTIONAL_FAMILIES if f in families]
+    return [BACKEND_OBJECTS[backend], *COMMON_OBJECTS, *([UPROBE_EXCHANGE] if chosen else []), *chosen]
 
 
 def _uses_regs(config: CaptureConfig) -> bool:
@@ -157,7 +166,8 @@ class ObjectSet:
             for name in object_names(backend, config.families):
                 path = object_path(name, config.objects_dir)
                 if not path.is_file():
-                    raise CaptureError(f"probe object {path} is missing: run `make setup` (scripts/build-bpf.sh)")
+                    raise CaptureError(f"probe object {path} is missing: in a checkout run `make setup` "
+                                       "(scripts/build-bpf.sh); an installed kspan ships it: reinstall it")
                 obj = BpfObject.open(path, btf_path=config.btf_path)
                 self.objects[name] = obj
                 for var, value in values.items():
@@ -183,9 +193,22 @@ class ObjectSet:
                     self.verifier_stats.update(obj.verifier_stats())
                 for m, fd in obj.map_fds().items():
                     fds.setdefault(m, fd)
+                if name == UPROBE_EXCHANGE:
+                    self._install_exchange(obj)
         except BaseException:
             self.close()
             raise
+
+    def _install_exchange(self, obj: BpfObject) -> None:
+        """Put kspan_exchange_kp into the program array the uprobe programs tail-call, before they
+        load (the array's first program fixes the type of every program that may use it: kprobe,
+        which the uprobes share). A refusal fails the capture: without the entry every uprobe
+        transfer would only count exchange_tail_call_missed."""
+        try:
+            progs = obj.map(EXCHANGE_PROGS)
+            progs.update(struct.pack("<I", 0), struct.pack("<I", obj.program_fd("kspan_exchange_kp")))
+        except (LoaderError, KeyError) as exc:
+            raise CaptureError(f"the kernel refused the {UPROBE_EXCHANGE} program array entry: {exc}") from exc
 
     def find_program(self, prog: str) -> BpfObject | None:
         for obj in self.objects.values():
@@ -347,6 +370,8 @@ class Capture:
         for name, obj in self._objs.objects.items():
             if name in OPTIONAL_FAMILIES:
                 continue  # uprobes: attached per library or binary by the attachers
+            if name == UPROBE_EXCHANGE:
+                continue  # only tail-called by the uprobes, never attached
             for prog in obj.programs():
                 if not _wanted(prog, self.config):
                     continue
@@ -484,23 +509,38 @@ class Capture:
         return out
 
     def _release_hints(self, value: bytes) -> None:
-        """The parent hints a swept server exchange held (the kernel releases them when it emits)."""
+        """The parent hints a swept server exchange held, released as kspan_release_hints() in
+        bpf/http_exchange.h does when the kernel emits one (field offsets from the objects' BTF)."""
         assert self._objs is not None
         ex = sweeper.exchange_fields(value)
         if ex.role != 2:  # KSPAN_ROLE_SERVER
             return
+        ref = self._objs.struct_layout("kspan_exchange_ref")
         tctx = self._objs.map("thread_ctx")
         key = struct.pack("<Q", (ex.pid << 32) | ex.tid)
-        ref = tctx.lookup(key)
-        if ref is not None and struct.unpack_from("<QQ", ref) == (ex.conn_id, ex.req_start_ns):
-            tctx.delete(key)
-        inflight = self._objs.map("proc_inflight")
-        pkey = struct.pack("<I", ex.pid)
-        cur = inflight.lookup(pkey)
+        cur = tctx.lookup(key)
         if cur is not None:
-            count = struct.unpack_from("<q", cur)[0]
-            if count > 0:
-                inflight.update(pkey, struct.pack("<q", count - 1) + cur[8:])
+            off = ref["inflight"][0]
+            inflight = int.from_bytes(cur[off : off + 4], "little")
+            if inflight <= 1:
+                tctx.delete(key)
+            else:
+                tctx.update(key, cur[:off] + (inflight - 1).to_bytes(4, "little") + cur[off + 4 :])
+        layout = self._objs.struct_layout("kspan_inflight")
+        inflight_map = self._objs.map("proc_inflight")
+        pkey = struct.pack("<I", ex.pid)
+        cur = inflight_map.lookup(pkey)
+        if cur is None:
+            return
+        c_off, a_off = layout["count"][0], layout["ambiguous"][0]
+        count = int.from_bytes(cur[c_off : c_off + 8], "little", signed=True)
+        if count <= 0:
+            return
+        new = bytearray(cur)
+        new[c_off : c_off + 8] = (count - 1).to_bytes(8, "little", signed=True)
+        if count == 1:
+            new[a_off : a_off + 4] = bytes(4)  # idle again
+        inflight_map.update(pkey, bytes(new))
 
     def program_stats(self) -> dict[str, tuple[int, int]]:
         """Per program: (runs, total run time in ns), as the kernel counts them while

@@ -38,7 +38,9 @@ def checks(caps: Capabilities) -> list[Check]:
                      "" if caps.libbpf_version else "apt-get install libbpf1 (Debian 12 ships 1.1)", required=True))
     out.append(Check("probe objects", not caps.objects_missing,
                      "all built" if not caps.objects_missing else "missing " + ", ".join(caps.objects_missing),
-                     "" if not caps.objects_missing else "run `make setup` (scripts/build-bpf.sh compiles bpf/*.bpf.c)",
+                     "" if not caps.objects_missing
+                     else "in a checkout run `make setup` (scripts/build-bpf.sh compiles bpf/*.bpf.c); an installed "
+                     "kspan ships them in its wheel: reinstall it",
                      required=bool(caps.objects_missing)))
     out.append(Check("tracefs", bool(caps.tracefs), f"mounted at {caps.tracefs}" if caps.tracefs else "not mounted",
                      "" if caps.tracefs else "mount -t tracefs nodev /sys/kernel/tracing"))

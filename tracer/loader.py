@@ -23,7 +23,9 @@ Written against Debian's libbpf 1.1 (headers in /usr/include/bpf). Pitfalls hand
   read-only at load (the map is frozen), so a write after load would fault: set_global refuses.
 - Map keys and values are passed as raw pointers; the kernel copies key_size / value_size bytes
   from them, so every buffer length is checked first. Per-CPU maps move round_up(value_size, 8)
-  bytes per *possible* CPU.
+  bytes per *possible* CPU. A program array (value_size 4) is written with a program *fd* as the
+  value (the kernel takes its own reference: the fd may be closed afterwards) and reads back the
+  program's *id*; the kernel empties it when the last user-space fd of the map closes.
 - The number of instructions the verifier walked is not kept by libbpf; the kernel (5.16+) keeps
   it in bpf_prog_info.verified_insns, and load(stats=True) also captures each program's
   "processed N insns" line through a per-program log buffer at BPF_LOG_STATS. Level 1 (the full

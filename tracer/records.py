@@ -34,6 +34,7 @@ FLAG_REQ_HEAD_FULL = 0x2
 FLAG_RESP_HEAD_FULL = 0x4
 FLAG_TUPLE_KNOWN = 0x8
 FLAG_INTERIM = 0x10
+FLAG_AMBIGUOUS = 0x20
 
 
 class RawExchange(ctypes.Structure):
@@ -163,6 +164,7 @@ def decode_exchange(data: bytes) -> Exchange:
         req_head_truncated=bool(r.flags & FLAG_REQ_HEAD_FULL),
         resp_head_truncated=bool(r.flags & FLAG_RESP_HEAD_FULL),
         interim_response=bool(r.flags & FLAG_INTERIM),
+        parent_ambiguous=bool(r.flags & FLAG_AMBIGUOUS),
     )
 
 

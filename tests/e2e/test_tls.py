@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +124,30 @@ def test_curl_to_nginx_tls_and_plaintext_each_once(traced: Traced, certs: tuple[
     spans = traced.spans(tls + plain)
     schemes = sorted(_scheme(s) for s in spans)
     assert schemes == ["http"] * 6 + ["https"] * 12
+
+
+def test_uprobe_transfers_are_counted_when_the_state_machine_program_is_missing(certs: tuple[Path, Path]) -> None:
+    """The uprobes reach the exchange state machine by a tail call into kspan_exchange_kp
+    (bpf/uprobe_exchange.bpf.c, through the kspan_exchange_progs program array). With that entry
+    missing the tail call falls through: every TLS transfer must then be counted
+    (exchange_tail_call_missed), neither crash anything nor vanish silently."""
+    cert, key = certs
+    zero = struct.pack("<I", 0)
+    with Traced(modules=("openssl",)) as t:  # a capture of its own: the module's keeps its entry
+        progs = t.capture.map("kspan_exchange_progs")
+        assert progs.lookup(zero) is not None, "the capture did not install kspan_exchange_kp"
+        assert progs.delete(zero)
+        before = t.capture.counters()["exchange_tail_call_missed"]
+        port = free_port()
+        with service(python_cmd("serve", "--port", str(port), "--cert", str(cert), "--key", str(key)),
+                     cwd=Path(__file__).parents[2]):
+            out = subprocess.run(python_cmd("get", f"https://127.0.0.1:{port}/work", "--cafile", str(cert), "-n",
+                                            "2"), env=child_env(), capture_output=True, text=True, timeout=30)
+            assert out.stdout.split() == ["200"] * 2, out.stderr
+            # per request: the client's write and read, the server's read and write
+            deadline = time.monotonic() + 10
+            while t.capture.counters()["exchange_tail_call_missed"] - before < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        missed = t.capture.counters()["exchange_tail_call_missed"] - before
+        assert missed >= 8, missed
+        assert not _on_port(t.exchanges(), port), "an exchange without the state machine program?"

@@ -14,12 +14,21 @@ import pytest
 
 from tests.support.ebpf import on_load_error, require_ebpf
 from tracer.capabilities import probe
-from tracer.capture import OPTIONAL_FAMILIES, CaptureConfig, CaptureError, verifier_insns, verify_programs
+from tracer.capture import (
+    OPTIONAL_FAMILIES,
+    CaptureConfig,
+    CaptureError,
+    ObjectSet,
+    verifier_insns,
+    verify_programs,
+)
 
 pytestmark = pytest.mark.ebpf
 
 ALL_FILTERS = CaptureConfig(pids={1}, exe_names={"nginx"}, ports={80, 8080}, network_events=True)
 NO_FILTERS = CaptureConfig(network_events=True)
+# ALL_FILTERS with every uprobe family, and so the uprobes' state machine (bpf/uprobe_exchange.bpf.c).
+ALL_FILTERS_ALL_FAMILIES = CaptureConfig(**{**ALL_FILTERS.__dict__, "families": list(OPTIONAL_FAMILIES)})
 
 COMMON = {
     "kspan_sock_length",  # the exchange state machine (tracepoints backend)
@@ -32,6 +41,7 @@ COMMON = {
     "kspan_tcp_retransmit",
 }
 UPROBES = {
+    "kspan_exchange_kp",  # the state machine the uprobes tail-call (never attached)
     "kspan_ssl_write_enter", "kspan_ssl_read_ex_return", "kspan_ssl_set_fd",
     "kspan_go_tls_write_enter", "kspan_go_tls_read_ret",
     "kspan_go_serve_enter", "kspan_go_newproc_ret", "kspan_go_roundtrip_enter",
@@ -91,21 +101,48 @@ def test_fentry_backend_loads_or_says_why_not() -> None:
 
 
 @pytest.mark.parametrize(("backend", "prog"), [("tracepoints", "kspan_sock_length"),
-                                               ("kprobes", "kspan_tcp_xfer_ret")])
+                                               ("kprobes", "kspan_tcp_xfer_ret"),
+                                               ("tracepoints", "kspan_exchange_kp")])
 def test_state_machine_leaves_verifier_headroom(backend: str, prog: str) -> None:
     """The exchange state machine is one large program; the verifier walks at most 1,000,000
     instructions. Keep well under it (with every filter on), so that a change (or a probe family's
-    own use of kspan_on_data) fails here first, with a number, not at a user's start-up."""
+    own use of kspan_on_data) fails here first, with a number, not at a user's start-up.
+    kspan_exchange_kp is the uprobe families' copy (tail-called), loaded with those families."""
     require_ebpf()
     try:
-        walked = verifier_insns(backend, prog, ALL_FILTERS)
+        walked = verifier_insns(backend, prog, ALL_FILTERS_ALL_FAMILIES)
     except CaptureError as exc:
         on_load_error(exc, f"{backend} backend")
     assert 0 < walked < 700_000, f"{prog} needs {walked} verifier instructions"
 
 
-def test_every_optional_family_has_an_object() -> None:
-    from tracer.capture import OBJECTS_DIR, object_path
+# A uprobe program that only builds its arguments and tail-calls walks a few hundred instructions;
+# one that inlines the state machine walks 200k+ (and over a second of start-up for a few of them).
+UPROBE_PROGRAM_INSNS = 20_000
 
-    missing = [f for f in OPTIONAL_FAMILIES if not object_path(f).is_file()]
+
+def test_uprobe_programs_tail_call_the_state_machine() -> None:
+    """Start-up time: the verifier walks the state machine once per program that inlines it, so the
+    uprobe programs reach it by a tail call into kspan_exchange_kp instead (one walk for all of
+    them). A uprobe program inlining it again fails here, by name and instruction count."""
+    require_ebpf()
+    try:
+        objs = ObjectSet(ALL_FILTERS_ALL_FAMILIES, "tracepoints", stats=True)
+    except CaptureError as exc:
+        on_load_error(exc, "tracepoints backend")
+    try:
+        stats = dict(objs.verifier_stats)
+        uprobe_programs = {p for family in OPTIONAL_FAMILIES for p in objs.objects[family].programs()}
+    finally:
+        objs.close()
+    assert UPROBES - {"kspan_exchange_kp"} <= uprobe_programs, uprobe_programs
+    assert "kspan_exchange_kp" in stats and "kspan_exchange_kp" not in uprobe_programs
+    heavy = {p: stats[p] for p in uprobe_programs if stats[p] >= UPROBE_PROGRAM_INSNS}
+    assert not heavy, f"uprobe programs walking the state machine themselves: {heavy}"
+
+
+def test_every_optional_family_has_an_object() -> None:
+    from tracer.capture import OBJECTS_DIR, UPROBE_EXCHANGE, object_path
+
+    missing = [f for f in (UPROBE_EXCHANGE, *OPTIONAL_FAMILIES) if not object_path(f).is_file()]
     assert not missing, f"objects missing from {OBJECTS_DIR}: {missing} (scripts/build-bpf.sh)"

@@ -160,29 +160,34 @@ def test_capacity_limited_by_the_load_and_none_when_all_lossy() -> None:
     assert none["capacity_rps"] is None and none["above"]["rate"] == 1_000
 
 
-def _results(ratio_go: float, us: float, lost: int, hwm: float, ready: list[float]) -> dict:
+def _results(ratio_go: float, us: float, lost: int, hwm: float, ready: list[float], steady: float = 80.0,
+             bpf_us: float = 1.0, compiler: bool = False) -> dict:
     ov_runs = [{"mode": "untraced", "round": 1, "rps": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "requests": 500},
                {"mode": "traced", "round": 1, "rps": 100.0 * ratio_go, "p50_ms": 1.0, "p99_ms": 2.0,
                 "requests": 500, "spans": 500}]
-    step = {**report.step_outcome(_load(10_000, 100_000), _phase(100_000 - lost)), "duration_s": 10.0,
+    step = {**report.step_outcome(_load(20_000, 200_000), _phase(200_000 - lost)), "duration_s": 10.0,
             "target_step": True}
     return {
         "overhead": {"go": {"runs": ov_runs, "summary": report.summarize_overhead(ov_runs)}},
-        "cost": [{"rate": 10_000, "cpu_us_per_request": us, "requests": 100_000, "server_spans": 100_000}],
+        "cost": [{"rate": 10_000, "cpu_us_per_request": us, "requests": 100_000, "server_spans": 100_000,
+                  "bpf_us_per_request": bpf_us}],
         "capacity": {"steps": [step], "result": report.capacity([step])},
-        "memory": {"peak_hwm_mb": hwm},
-        "startup": {"ready_s": ready, "first_span_s": 1.0},
+        "memory": {"peak_hwm_mb": hwm, "steady_rss_mb": steady},
+        "startup": {"ready_s": ready, "first_span_s": 1.0, "compiler_mapped": [compiler] * len(ready)},
     }
 
 
 def test_targets_pass_and_miss_on_the_limits() -> None:
-    ok = {t["target"]: t for t in report.evaluate_targets(_results(0.95, 20.0, 0, 120.0, [1.0, 2.5]))}
+    ok = {t["target"]: t for t in report.evaluate_targets(_results(0.95, 9.0, 0, 120.0, [1.0, 1.5, 2.5]))}
     assert all(t["status"] == report.PASS for t in ok.values()), ok
     assert any("target 60 s: --full" in name for name in ok)
-    bad = {t["target"]: t for t in report.evaluate_targets(_results(0.85, 30.0, 7, 160.0, [1.0, 3.5]))}
+    assert any("20,000 req/s" in name for name in ok)
+    bad = {t["target"]: t for t in report.evaluate_targets(
+        _results(0.85, 11.0, 7, 160.0, [1.0, 2.5, 3.5], steady=120.0, bpf_us=2.0, compiler=True))}
     assert all(t["status"] == report.MISS for t in bad.values()), bad
     assert bad["traced/untraced throughput, go"]["measured"] == "0.850"
-    assert bad["launch to `kspan: ready` (worst launch)"]["measured"] == "3.50 s"
+    assert bad["launch to `kspan: ready` (median of the launches)"]["measured"] == "2.50 s (max 3.50 s)"
+    assert bad["libLLVM or libclang mapped into the agent"]["measured"] == "mapped"
 
 
 def test_cost_without_spans_is_not_a_pass() -> None:

@@ -61,6 +61,7 @@ def test_server_span_semconv() -> None:
         "user_agent.original": "curl/8.5.0",
         "http.response.status_code": 200,
         "http.response.body.size": 5,
+        "kspan.parent.source": "none",
     }
     assert s.status == StatusCode.UNSET and s.status_message == ""
     assert s.start_ns == ex.req_start_ns + OFFSET and s.end_ns == ex.resp_end_ns + OFFSET
@@ -87,6 +88,7 @@ def test_client_span_semconv() -> None:
         "http.response.status_code": 201,
         "http.request.body.size": 7,
         "http.response.body.size": 2,
+        "kspan.parent.source": "none",
     }
 
 

@@ -99,7 +99,10 @@ def test_incoming_traceparent_is_honoured() -> None:
     assert s.trace_id.hex() == TP_TRACE and s.parent_span_id is not None and s.parent_span_id.hex() == TP_PARENT
     assert s.trace_state == "vendor=abc,x=1"
     assert c.stats.traceparents == 1
-    assert "traceparent" not in str(s.attributes) and TP_TRACE not in str(s.attributes)
+    # the header itself never becomes an attribute; only how the parent was found does
+    assert s.attributes["kspan.parent.source"] == "traceparent"
+    assert "traceparent" not in str({k: v for k, v in s.attributes.items() if k != "kspan.parent.source"})
+    assert TP_TRACE not in str(s.attributes)
 
 
 @pytest.mark.parametrize(
@@ -320,3 +323,25 @@ def test_orphaned_pass_through_counts_its_children() -> None:
     (lf,) = c.advance(leaf.resp_end_ns + 2_000_000_000)
     assert lf.parent_span_id == make_linker(SALT, 30, 1, 1).span_id(0xBEEF, 1)
     assert c.stats.orphaned_spans == 1 and c.stats.held == 0
+
+
+def test_parent_source_names_how_each_link_was_found() -> None:
+    """Every span says how its parent was found: the kernel's hint kind, a traceparent, or none;
+    a client call the kernel flagged as ambiguous has no parent and is counted."""
+    c = new()
+    ok = response_bytes(200)
+    srv = make_exchange(request_bytes("GET", "/in"), ok, role=Role.SERVER, conn_id=1, req_start_ns=1000)
+    cli = make_exchange(request_bytes("GET", "/out"), ok, role=Role.CLIENT, conn_id=2, req_start_ns=2000,
+                        parent=ParentHint(ParentKind.THREAD, 1, ExchangeId(1, 1000)))
+    amb = dataclasses.replace(
+        make_exchange(request_bytes("GET", "/amb"), ok, role=Role.CLIENT, conn_id=3, req_start_ns=3000),
+        parent_ambiguous=True)
+    spans = c.feed(srv) + c.feed(cli) + c.feed(amb) + c.flush()
+    by_path = {s.attributes.get("url.full", s.attributes.get("url.path")): s for s in spans}
+    server = next(s for s in spans if s.attributes.get("url.path") == "/in")
+    client = next(s for k, s in by_path.items() if str(k).endswith("/out"))
+    ambiguous = next(s for k, s in by_path.items() if str(k).endswith("/amb"))
+    assert server.attributes["kspan.parent.source"] == "none"
+    assert client.attributes["kspan.parent.source"] == "thread" and client.parent_span_id == server.span_id
+    assert ambiguous.attributes["kspan.parent.source"] == "none" and ambiguous.parent_span_id is None
+    assert c.stats.ambiguous_parents == 1
