@@ -1,2 +1,2 @@
-"""The agent process: kernel capability probing, bcc loading and attaching, reading records, the CLI.
-The only package that imports bcc (and only lazily, so replay and doctor work without it)."""
+"""The agent process: kernel capability probing, the libbpf loader (the only code touching libbpf),
+attaching, reading records, process discovery, Kubernetes metadata and the CLI."""

@@ -86,6 +86,10 @@ CONNECTION_MAPS = ("conns", "tuples", "fd_sk", "tls_conns", "client_conns", "rtt
 
 # Connection states examined per sweep() call.
 SWEEP_BATCH = 2048
+# Records taken from the ring buffer per poll(): what Python holds at once stays bounded (the rest
+# waits in the kernel's ring, and what does not fit there is counted as ringbuf_lost), so a burst
+# the agent cannot follow raises loss counters, not the agent's resident memory.
+POLL_BATCH = 4096
 
 
 class CaptureError(Exception):
@@ -461,7 +465,7 @@ class Capture:
             return []
         self._reader.wait(timeout_ms)
         batch: list[bytes] = []
-        self._reader.drain(batch)
+        self._reader.drain(batch, POLL_BATCH)
         if self.config.exe_names:
             for rec in batch:
                 if record_type(rec) == REC_PROC and len(rec) >= RAW_PROC_SIZE:

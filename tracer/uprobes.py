@@ -23,6 +23,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from tracer import go_binary as gb
+from tracer import inspect_cache
 from tracer.loader import LoaderError, file_offset
 from tracer.probeset import ProbeSet, StructPacker
 
@@ -168,15 +169,21 @@ class GoAttacher:
         if pending is not None:
             pending[2].add(pid)
             return 0
+        if not inspect_cache.is_go_executable(exe):
+            self.not_go.add(key)  # no .go.buildinfo: not worth a child process
+            return 0
         path = self._stable_path(pid, exe, key)
+        cached = inspect_cache.load(exe)
+        if not isinstance(cached, inspect_cache.Missing):
+            return self._install(key, path, [pid], cached)
         if self._inspect_in_child:
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
                     max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
-            self._inspecting[key] = (self._executor.submit(gb.inspect, path), path, {pid})
+            self._inspecting[key] = (self._executor.submit(inspect_cache.inspect_and_store, path), path, {pid})
             return 0
         try:
-            info: gb.GoBinary | None | gb.GoBinaryError = gb.inspect(exe)
+            info: gb.GoBinary | None | gb.GoBinaryError = inspect_cache.inspect_and_store(exe)
         except gb.GoBinaryError as e:
             info = e
         return self._install(key, path, [pid], info)
