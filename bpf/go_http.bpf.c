@@ -155,7 +155,7 @@ int kspan_go_roundtrip_enter(struct pt_regs *ctx)
         server_sk = s->server_sk;
         srv = bpf_map_lookup_elem(&conns, &server_sk);
     }
-    if (!srv || srv->phase == KSPAN_PH_IDLE || srv->ex.role != KSPAN_ROLE_SERVER) {
+    if (!srv || srv->phase == KSPAN_PH_IDLE || srv->phase == KSPAN_PH_PREFIX || srv->ex.role != KSPAN_ROLE_SERVER) {
         /* not serving (or the server exchange already ended: a late goroutine has no parent to
          * name); a hint left by an earlier call whose request never went out must not apply */
         bpf_map_delete_elem(&go_client_parent, &client_sk);

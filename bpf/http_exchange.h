@@ -125,6 +125,7 @@ enum kspan_phase {
     KSPAN_PH_REQ = 1,        /* request seen, no response yet */
     KSPAN_PH_RESP = 2,       /* response in progress */
     KSPAN_PH_WAIT_FINAL = 3, /* a 1xx interim response ended; the final one is still to come */
+    KSPAN_PH_PREFIX = 4,     /* no exchange: pending bytes may start a request (kspan_conn.pend) */
 };
 
 enum kspan_hdr_state {
@@ -166,9 +167,19 @@ struct kspan_conn {
     __u8 tail_n;
     __u8 has_length;
     __u8 chunked;
+    /* Bytes that may begin a request line or a status line, held until the next transfer in
+     * their direction decides (HTTP lets a sender split a message at any byte: a client writing
+     * "GE" then "T / ...", or Go's one-byte background read). pend holds the first pend_n (<= 7)
+     * bytes, first byte in the low byte, zero above; pend_start_ns is the first fragment's start. */
+    __u64 pend;
+    __u64 pend_start_ns;
+    __u8 pend_n;
+    __u8 pend_dir;          /* KSPAN_DIR_* of the pending bytes */
+    __u8 _pad_pend[6];
     /* Room for the verifier: an append into req_head is seen as offset <= 511 plus up to 1023
-     * bytes (the mask it can follow), which must stay inside the map value. */
-    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 64];
+     * bytes (the mask it can follow), which must stay inside the map value; 88 is the size of
+     * the fields above between resp_tail and spare. */
+    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 88];
 };
 
 /* The response-header scan reads the transfer here (per CPU: a program runs to its end on one
@@ -415,39 +426,64 @@ static __always_inline void kspan_note_self(__u64 sk)
     }
 }
 
-/* Method token followed by a space at the start of the data; returns a method id or 0. */
-static __always_inline __u8 kspan_method(const __u8 *p, __u32 n)
+/* The first bytes of a transfer as one little-endian word (first byte in the low byte): a method
+ * token or a status-line start is then one masked compare, not a branch per byte. */
+#define KSPAN_LE(a, b, c, d, e, f, g, h)                                                          \
+    ((__u64)(a) | (__u64)(b) << 8 | (__u64)(c) << 16 | (__u64)(d) << 24 | (__u64)(e) << 32 |     \
+     (__u64)(f) << 40 | (__u64)(g) << 48 | (__u64)(h) << 56)
+#define KSPAN_LOW(n) ((n) >= 8 ? ~0ULL : ((1ULL << (8 * (n))) - 1)) /* the first n bytes */
+
+/* Each method token with its space; the id is enum-like (kspan_conn.method), 4 is HEAD. */
+#define KSPAN_METHODS(X)                                                  \
+    X(KSPAN_LE('G', 'E', 'T', ' ', 0, 0, 0, 0), 4, 1)                     \
+    X(KSPAN_LE('P', 'U', 'T', ' ', 0, 0, 0, 0), 4, 3)                     \
+    X(KSPAN_LE('P', 'O', 'S', 'T', ' ', 0, 0, 0), 5, 2)                   \
+    X(KSPAN_LE('H', 'E', 'A', 'D', ' ', 0, 0, 0), 5, KSPAN_METHOD_HEAD)   \
+    X(KSPAN_LE('P', 'A', 'T', 'C', 'H', ' ', 0, 0), 6, 5)                 \
+    X(KSPAN_LE('T', 'R', 'A', 'C', 'E', ' ', 0, 0), 6, 6)                 \
+    X(KSPAN_LE('D', 'E', 'L', 'E', 'T', 'E', ' ', 0), 7, 7)               \
+    X(KSPAN_LE('O', 'P', 'T', 'I', 'O', 'N', 'S', ' '), 8, 8)             \
+    X(KSPAN_LE('C', 'O', 'N', 'N', 'E', 'C', 'T', ' '), 8, 9)
+#define KSPAN_STATUS_START KSPAN_LE('H', 'T', 'T', 'P', '/', '1', '.', 0) /* 7 bytes */
+
+/* Method token followed by a space at the start of w (n bytes valid); a method id or 0. */
+static __always_inline __u8 kspan_method(__u64 w, __u32 n)
 {
-    if (n >= 4 && p[3] == ' ') {
-        if (p[0] == 'G' && p[1] == 'E' && p[2] == 'T') return 1;
-        if (p[0] == 'P' && p[1] == 'U' && p[2] == 'T') return 3;
-    }
-    if (n >= 5 && p[4] == ' ') {
-        if (p[0] == 'P' && p[1] == 'O' && p[2] == 'S' && p[3] == 'T') return 2;
-        if (p[0] == 'H' && p[1] == 'E' && p[2] == 'A' && p[3] == 'D') return KSPAN_METHOD_HEAD;
-    }
-    if (n >= 6 && p[5] == ' ') {
-        if (p[0] == 'P' && p[1] == 'A' && p[2] == 'T' && p[3] == 'C' && p[4] == 'H') return 5;
-        if (p[0] == 'T' && p[1] == 'R' && p[2] == 'A' && p[3] == 'C' && p[4] == 'E') return 6;
-    }
-    if (n >= 7 && p[6] == ' ' && p[0] == 'D' && p[1] == 'E' && p[2] == 'L' && p[3] == 'E' &&
-        p[4] == 'T' && p[5] == 'E')
-        return 7;
-    if (n >= 8 && p[7] == ' ') {
-        if (p[0] == 'O' && p[1] == 'P' && p[2] == 'T' && p[3] == 'I' && p[4] == 'O' && p[5] == 'N' &&
-            p[6] == 'S')
-            return 8;
-        if (p[0] == 'C' && p[1] == 'O' && p[2] == 'N' && p[3] == 'N' && p[4] == 'E' && p[5] == 'C' &&
-            p[6] == 'T')
-            return 9;
-    }
+#define KSPAN_IS_METHOD(tok, len, id) \
+    if (n >= (len) && (w & KSPAN_LOW(len)) == (tok)) \
+        return (id);
+    KSPAN_METHODS(KSPAN_IS_METHOD)
+#undef KSPAN_IS_METHOD
     return 0;
 }
 
-static __always_inline int kspan_is_response(const __u8 *p, __u32 n)
+/* w's n bytes (1..7) are a proper prefix of a method token and its space ("G", "GE", "GET",
+ * "OPTIONS"): the next bytes may complete a request line. */
+static __always_inline int kspan_method_prefix(__u64 w, __u32 n)
 {
-    return n >= 7 && p[0] == 'H' && p[1] == 'T' && p[2] == 'T' && p[3] == 'P' && p[4] == '/' &&
-           p[5] == '1' && p[6] == '.';
+    if (n == 0 || n > 7)
+        return 0;
+    __u64 low = (1ULL << (8 * n)) - 1;
+#define KSPAN_IS_PREFIX(tok, len, id) \
+    if (n < (len) && ((w ^ (tok)) & low) == 0) \
+        return 1;
+    KSPAN_METHODS(KSPAN_IS_PREFIX)
+#undef KSPAN_IS_PREFIX
+    return 0;
+}
+
+static __always_inline int kspan_is_response(__u64 w, __u32 n)
+{
+    return n >= 7 && (w & KSPAN_LOW(7)) == KSPAN_STATUS_START;
+}
+
+/* w's n bytes (1..6) are a proper prefix of "HTTP/1.": the next bytes may complete it. */
+static __always_inline int kspan_response_prefix(__u64 w, __u32 n)
+{
+    if (n == 0 || n > 6)
+        return 0;
+    __u64 low = (1ULL << (8 * n)) - 1;
+    return ((w ^ KSPAN_STATUS_START) & low) == 0;
 }
 
 /* Bytes readable at a->buf. */
@@ -572,6 +608,18 @@ static __always_inline void kspan_reset_framing(struct kspan_conn *st)
 static __always_inline void kspan_begin_request(struct kspan_conn *st, struct kspan_data_args *a, __u8 method)
 {
     kspan_count(KSPAN_CNT_REQUESTS, 1);
+    /* Pending bytes in this direction are the request's first bytes (the body joined them to
+     * this transfer to recognise the method); in the other direction they are out of order. The
+     * count is read from the map, not passed in a register: the verifier does not track map
+     * values, so the paths with and without pending bytes merge again after this block. */
+    __u32 k = 0;
+    if (st->pend_n) {
+        if (st->pend_dir == a->dir)
+            k = st->pend_n & 7;
+        else
+            kspan_count(KSPAN_CNT_UNPARSED_BYTES, st->pend_n);
+        st->pend_n = 0;
+    }
     st->phase = KSPAN_PH_REQ;
     st->req_dir = a->dir;
     st->method = method;
@@ -599,6 +647,15 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
     st->ex.req_head_len = 0;
     st->ex.resp_head_len = 0;
     st->ex.resp_tail_len = 0;
+    if (k) {
+        /* the request began with the first fragment; all 8 bytes are stored (zero past k, and
+         * overwritten by the append below): a fixed-size store is cheaper to verify */
+        __u64 pend = st->pend;
+        st->ex.req_start_ns = st->pend_start_ns;
+        st->ex.req_bytes = a->len + k;
+        __builtin_memcpy(st->ex.req_head, &pend, 8);
+        st->ex.req_head_len = k;
+    }
     KSPAN_APPEND(req_head, KSPAN_REQ_HEAD, req_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_REQ_HEAD_FULL);
 
     __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
@@ -879,6 +936,22 @@ static __always_inline void kspan_begin_response(struct kspan_conn *st, struct k
     st->ex.status = 0;
     kspan_reset_framing(st);
     st->ex.flags &= ~KSPAN_FLAG_RESP_HEAD_FULL;
+    if (st->pend_n && st->pend_dir == a->dir) {
+        /* the status line's first bytes came in earlier transfers: they start the response's
+         * head, bytes and tail (newest in the low byte), and its start time */
+        __u64 pend = st->pend;
+        __u32 k = st->pend_n & 7;
+        st->ex.resp_start_ns = st->pend_start_ns;
+        __builtin_memcpy(st->ex.resp_head, &pend, 8);
+        st->ex.resp_head_len = k;
+        st->ex.resp_bytes = k;
+        st->tail = __builtin_bswap64(pend) >> (64 - 8 * k);
+        st->tail_n = k;
+        st->pend_n = 0;
+    }
+    /* reload from memory in kspan_response_data: with resp_bytes forwarded in a register (0 here,
+     * k above) the verifier walked the header scan once per value (+39k instructions) */
+    asm volatile("" ::: "memory");
 }
 
 /* Response bytes on a response in progress: count, keep the head and tail, check completion. */
@@ -925,7 +998,48 @@ static __always_inline void kspan_response_data(struct kspan_conn *st, struct ks
         kspan_emit(st, KSPAN_END_COMPLETE);
 }
 
-/* A new connection state for a transfer that starts a request, after the filters. */
+/* Hold a whole transfer (w: its bytes after any pending ones in its direction, n of them) as
+ * pending: it is a proper prefix of what starts a request or a response. */
+static __always_inline void kspan_hold(struct kspan_conn *st, struct kspan_data_args *a, __u64 w, __u32 n)
+{
+    if (!st->pend_n || st->pend_dir != a->dir) {
+        if (st->pend_n)
+            kspan_count(KSPAN_CNT_UNPARSED_BYTES, st->pend_n); /* the other direction's: superseded */
+        st->pend_start_ns = a->start_ns;
+    }
+    st->pend = w;
+    st->pend_n = n;
+    st->pend_dir = a->dir;
+}
+
+/* Whether this transfer's bytes were judged joined to pending ones (re-read from the map: a flag
+ * kept in a register would keep the verifier's paths with and without pending bytes apart). */
+static __always_inline int kspan_joined(struct kspan_conn *st, struct kspan_data_args *a)
+{
+    return st->pend_n && st->pend_dir == a->dir;
+}
+
+/* The transfer's own first bytes as a word, re-read from the stack buffer (see kspan_joined). */
+static __always_inline __u64 kspan_first_word(const __u8 *p)
+{
+    __u64 w = 0;
+    asm volatile("" ::: "memory");
+    __builtin_memcpy(&w, p, 8);
+    return w;
+}
+
+/* Pending bytes in this transfer's direction that it did not complete into a request or status
+ * line: out of protocol, counted like any such bytes, never silently dropped. */
+static __always_inline void kspan_drop_pending(struct kspan_conn *st, struct kspan_data_args *a)
+{
+    if (st->pend_n && st->pend_dir == a->dir) {
+        kspan_count(KSPAN_CNT_UNPARSED_BYTES, st->pend_n);
+        st->pend_n = 0;
+    }
+}
+
+/* A new connection state for a transfer that starts a request (or may: KSPAN_PH_PREFIX), after
+ * the filters. */
 static __always_inline struct kspan_conn *kspan_new_conn(struct kspan_data_args *a)
 {
     struct kspan_tuple *t = kspan_tuple_of(a->conn_id);
@@ -1038,40 +1152,105 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
     if (pn && bpf_probe_read_user(p, pn, a->buf) != 0)
         pn = 0;
 
+    __u64 w = 0;
+    __builtin_memcpy(&w, p, 8);
+    __u32 n = pn;
+
     /* Every path that starts a request ends at the one kspan_begin_request() call below: each
      * inlined copy of it costs compile time and verifier work. */
     __u8 m = 0;
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
+    if (st && st->pend_n && st->pend_dir == a->dir) {
+        /* this transfer continues pending bytes: judge them together (a method token or
+         * "HTTP/1." split at any byte across transfers) */
+        __u32 k = st->pend_n;
+        asm volatile("" : "+r"(k));
+        k &= 7;
+        w = st->pend | (w << (8 * k));
+        n = k + pn > 8 ? 8 : k + pn;
+    }
+    /* Only a transfer read whole can be held as pending: with n <= 7 (the prefix checks) the
+     * joined bytes are then exactly the pending ones and this transfer. */
+    int whole = pn == a->len;
     if (!st) {
-        m = kspan_method(p, pn);
+        m = kspan_method(w, n);
         if (!m) {
-            kspan_count(kspan_is_response(p, pn) ? KSPAN_CNT_ORPHAN_RESPONSE : KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
+            if (whole && kspan_method_prefix(w, n)) {
+                /* maybe a request's first bytes ("GE"): a state to hold them, same filters */
+                st = kspan_new_conn(a);
+                if (st) {
+                    st->phase = KSPAN_PH_PREFIX;
+                    kspan_hold(st, a, w, n);
+                }
+                return;
+            }
+            kspan_count(kspan_is_response(w, n) ? KSPAN_CNT_ORPHAN_RESPONSE : KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
             kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
             return;
         }
         st = kspan_new_conn(a);
         if (!st)
             return;
-    } else if (st->phase == KSPAN_PH_IDLE) {
-        m = kspan_method(p, pn);
+    } else if (st->phase == KSPAN_PH_IDLE || st->phase == KSPAN_PH_PREFIX) {
+        m = kspan_method(w, n);
+        if (!m && kspan_joined(st, a)) {
+            m = kspan_method(kspan_first_word(p), pn);
+            if (m)
+                kspan_drop_pending(st, a);
+        }
         if (!m) {
+            if (whole && kspan_method_prefix(w, n)) {
+                st->phase = KSPAN_PH_PREFIX;
+                kspan_hold(st, a, w, n);
+                return;
+            }
             kspan_count(KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
             kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
+            kspan_drop_pending(st, a);
+            if (st->phase == KSPAN_PH_PREFIX && !st->pend_n) {
+                /* not a request after all; a state made only to hold the bytes goes */
+                if (st->ex.type != KSPAN_REC_EXCHANGE)
+                    bpf_map_delete_elem(&conns, &a->conn_id);
+                else
+                    st->phase = KSPAN_PH_IDLE;
+            }
             return;
         }
     } else if (a->dir == st->req_dir) {
         st->last_ns = a->end_ns;
         if (st->phase == KSPAN_PH_RESP) {
-            m = kspan_method(p, pn);
+            m = kspan_method(w, n);
+            if (!m && kspan_joined(st, a)) {
+                m = kspan_method(kspan_first_word(p), pn);
+                if (m) {
+                    st->ex.req_bytes += st->pend_n;  /* held body bytes after all */
+                    st->pend_n = 0;
+                }
+            }
             if (!m) {
-                st->ex.req_bytes += a->len;  /* body sent while the response runs: count only */
+                /* the next request's first bytes (keep-alive, or a Go server's background read
+                 * while it still writes the response), or body sent while the response runs */
+                if (whole && kspan_method_prefix(w, n)) {
+                    kspan_hold(st, a, w, n);
+                    return;
+                }
+                st->ex.req_bytes += a->len;  /* body: count only */
+                if (st->pend_n && st->pend_dir == a->dir) {
+                    st->ex.req_bytes += st->pend_n;  /* held body bytes after all */
+                    st->pend_n = 0;
+                }
                 return;
             }
             kspan_emit(st, KSPAN_END_NEXT_REQUEST);
         } else {
-            /* PH_REQ: more of the request (or pipelined requests); PH_WAIT_FINAL: body after 100-continue */
+            /* PH_REQ: more of the request (or pipelined requests); PH_WAIT_FINAL: body after
+             * 100-continue, where bytes held during the interim response are counted, not copied */
             st->ex.req_bytes += a->len;
             st->ex.req_end_ns = a->end_ns;
+            if (st->pend_n && st->pend_dir == a->dir) {
+                st->ex.req_bytes += st->pend_n;
+                st->pend_n = 0;
+            }
             KSPAN_APPEND(req_head, KSPAN_REQ_HEAD, req_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_REQ_HEAD_FULL);
             return;
         }
@@ -1079,8 +1258,15 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
         /* response direction */
         st->last_ns = a->end_ns;
         if (st->phase == KSPAN_PH_REQ || st->phase == KSPAN_PH_WAIT_FINAL) {
-            if (!kspan_is_response(p, pn)) {
+            /* no second look at the transfer alone, as for requests: before the status line
+             * nothing may come, so pending bytes that did not start it were garbage either way */
+            if (!kspan_is_response(w, n)) {
+                if (whole && kspan_response_prefix(w, n)) {
+                    kspan_hold(st, a, w, n);  /* "HT": the status line may follow */
+                    return;
+                }
                 kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
+                kspan_drop_pending(st, a);
                 return;
             }
             kspan_begin_response(st, a);
@@ -1130,7 +1316,9 @@ static __always_inline void kspan_on_close(void *ctx, __u64 conn_id)
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
     if (!st)
         return;
-    if (st->phase != KSPAN_PH_IDLE) {
+    if (st->pend_n)
+        kspan_count(KSPAN_CNT_UNPARSED_BYTES, st->pend_n);  /* held bytes nothing completed */
+    if (st->phase != KSPAN_PH_IDLE && st->phase != KSPAN_PH_PREFIX) {
         /* a response delimited by the close is complete; anything else was cut short */
         if (st->phase == KSPAN_PH_RESP && st->hdr_state == KSPAN_HS_DONE && st->framing == KSPAN_FR_CLOSE)
             kspan_emit(st, KSPAN_END_COMPLETE);

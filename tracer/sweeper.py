@@ -15,6 +15,9 @@ from tracer.records import EXCHANGE_SIZE, REC_EXCHANGE, RawExchange
 END_TIMEOUT = 4
 
 PHASE_IDLE = 0
+# enum kspan_phase KSPAN_PH_PREFIX: a connection holding bytes that may begin a request ("GE"), no
+# exchange in progress; its embedded record is not one (or is an earlier, already emitted one).
+PHASE_PREFIX = 4
 
 _END_REASON_OFFSET = RawExchange.end_reason.offset
 _TYPE_OFFSET = RawExchange.type.offset
@@ -40,10 +43,11 @@ class StaleState:
 def stale_record(
     conn_id: int, value: bytes, now_mono_ns: int, timeout_ns: int, layout: ConnLayout
 ) -> StaleState | None:
-    """The TIMEOUT record for one connection state, or None if it is idle or still making progress."""
+    """The TIMEOUT record for one connection state, or None if it is idle, only holds the first bytes
+    of a request that may never come, or is still making progress."""
     if len(value) < layout.size or len(value) < EXCHANGE_SIZE:
         return None
-    if value[layout.phase] == PHASE_IDLE:
+    if value[layout.phase] in (PHASE_IDLE, PHASE_PREFIX):
         return None
     last = int.from_bytes(value[layout.last_ns : layout.last_ns + 8], "little")
     if last == 0 or now_mono_ns - last < timeout_ns:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -563,3 +564,197 @@ def test_capture_close_detaches_everything() -> None:
     cap.close()
     cap.close()  # idempotent
     assert not cap.started and cap.poll(10) == []
+
+
+# -- messages split at any byte ------------------------------------------------------------------
+
+# A client on one keep-alive connection (TCP_NODELAY): each request is a list of fragments, each
+# fragment one send() with a pause after it, so every fragment is its own transfer at both ends.
+RAW_CLIENT = textwrap.dedent(
+    '''
+    import json, socket, sys, time
+    host, port, plan = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = b""
+    for fragments, expect_response in plan:
+        for f in fragments:
+            sock.sendall(f.encode("latin-1"))
+            time.sleep(0.02)
+        if not expect_response:
+            continue
+        while b"\\r\\n\\r\\n" not in buf:
+            buf += sock.recv(65536)
+        head, _, buf = buf.partition(b"\\r\\n\\r\\n")
+        length = 0
+        for line in head.split(b"\\r\\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(buf) < length:
+            buf += sock.recv(65536)
+        buf = buf[length:]
+        print(head.split(b" ")[1].decode(), flush=True)
+    time.sleep(0.1)
+    sock.close()
+    '''
+)
+
+# "split": every response written in three pieces, the status line split after "HT";
+# "sink": reads and discards (a connection that is not HTTP).
+RAW_SERVER = textwrap.dedent(
+    '''
+    import socket, sys, threading, time
+    mode = sys.argv[1]
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    print(srv.getsockname()[1], flush=True)
+
+    def serve(c):
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        while True:
+            data = c.recv(65536)
+            if not data:
+                break
+            if mode == "sink":
+                continue
+            buf += data
+            while b"\\r\\n\\r\\n" in buf:
+                _, buf = buf.split(b"\\r\\n\\r\\n", 1)
+                # pauses before each piece: the client is back in recv() when it arrives (after
+                # its own last send it sleeps 0.02 s), so each piece is one read there too
+                for part in (b"HT", b"TP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n", b"ok"):
+                    time.sleep(0.05)
+                    c.sendall(part)
+        c.close()
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    '''
+)
+
+WHOLE = "GET /whole HTTP/1.1\r\nHost: x\r\n\r\n"
+SPLIT = ["GE", "T /x HT", "TP/1.1\r\nHo", "st: x\r\n", "\r\n"]
+EVERY_BYTE = "POST /bytes HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nabcd"
+
+
+def run_raw_client(tmp: Path, host: str, port: int, plan: list[tuple[list[str], bool]]) -> tuple[int, list[int]]:
+    script = tmp / "raw_client.py"
+    script.write_text(RAW_CLIENT)
+    proc = subprocess.Popen([sys.executable, str(script), host, str(port), json.dumps(plan)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return proc.pid, [int(x) for x in out.split()]
+
+
+@pytest.fixture
+def raw_server(tmp_module: Path, rec: Recorder, request: pytest.FixtureRequest) -> Iterator[Server]:
+    script = tmp_module / "raw_server.py"
+    script.write_text(RAW_SERVER)
+    proc = subprocess.Popen([sys.executable, str(script), request.param], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    srv = Server(proc, "127.0.0.1", int(proc.stdout.readline()))
+    rec.watch(srv.port)
+    try:
+        yield srv
+    finally:
+        _stop(proc)
+
+
+def _pairs(exs: list[Exchange], client_pid: int, server_pid: int) -> list[tuple[Exchange, Exchange]]:
+    """(client, server) per request, in request order; exactly one exchange per request per end."""
+    clients = sorted((e for e in exs if e.pid == client_pid), key=lambda e: e.req_start_ns)
+    servers = sorted((e for e in exs if e.pid == server_pid), key=lambda e: e.req_start_ns)
+    assert [e.role for e in clients] == [Role.CLIENT] * len(clients)
+    assert [e.role for e in servers] == [Role.SERVER] * len(servers)
+    assert len(clients) == len(servers), [(e.pid, e.req_head[:16]) for e in exs]
+    return list(zip(clients, servers, strict=True))
+
+
+def test_request_split_at_any_byte_is_one_exchange(rec: Recorder, server4: Server, tmp_module: Path) -> None:
+    rec.clear()
+    plan = [([WHOLE], True), (SPLIT, True), (list(EVERY_BYTE), True)]
+    pid, statuses = run_raw_client(tmp_module, server4.host, server4.port, plan)
+    assert statuses == [200, 200, 201]
+    exs = rec.take(lambda g: len(g) >= 6, pids={pid, server4.pid})
+    exs += rec.settle({pid, server4.pid}, 0.3)  # and nothing more: one exchange per request per end
+    pairs = _pairs(exs, pid, server4.pid)
+    assert len(pairs) == 3
+    assert len({c.conn_id for c, _ in pairs}) == 1, "one connection, kept alive"
+    requests = [WHOLE, "".join(SPLIT), EVERY_BYTE]
+    fragments = [1, len(SPLIT), len(EVERY_BYTE)]
+    for (client, server), req, nfrag, status in zip(pairs, requests, fragments, (200, 200, 201), strict=True):
+        for e in (client, server):
+            assert e.end == EndReason.COMPLETE, e
+            assert e.req_head == req.encode(), e.req_head  # from the first fragment on, all of it
+            assert e.req_bytes == len(req)
+            assert e.status == status
+            assert e.resp_head.startswith(b"HTTP/1.1 %d " % status)
+            if nfrag > 1:
+                # the request starts at its first fragment: the pauses between fragments are inside it
+                assert e.req_end_ns - e.req_start_ns >= (nfrag - 1) * 15_000_000, e
+        check_pair(client, server)
+    # the unsplit request is recorded as it always was
+    first_client, first_server = pairs[0]
+    for e in (first_client, first_server):
+        assert e.req_head.split(b" ")[:2] == [b"GET", b"/whole"]
+        assert e.resp_bytes == e.resp_head.index(b"\r\n\r\n") + 4 + len(BODY)
+    assert [c.req_head.split(b" ")[:2] for c, _ in pairs] == [[b"GET", b"/whole"], [b"GET", b"/x"],
+                                                              [b"POST", b"/bytes"]]
+
+
+@pytest.mark.parametrize("raw_server", ["split"], indirect=True)
+def test_response_split_in_the_status_line_is_recognised(rec: Recorder, raw_server: Server,
+                                                          tmp_module: Path) -> None:
+    rec.clear()
+    plan = [([WHOLE], True), (SPLIT, True), ([WHOLE], True)]
+    pid, statuses = run_raw_client(tmp_module, raw_server.host, raw_server.port, plan)
+    assert statuses == [200, 200, 200]
+    exs = rec.take(lambda g: len(g) >= 6, pids={pid, raw_server.pid})
+    exs += rec.settle({pid, raw_server.pid}, 0.3)
+    pairs = _pairs(exs, pid, raw_server.pid)
+    assert len(pairs) == 3
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    for client, server in pairs:
+        for e in (client, server):
+            assert e.end == EndReason.COMPLETE, e
+            assert e.status == 200
+            assert e.resp_head == response and e.resp_bytes == len(response)
+            assert e.resp_tail == response[-8:]
+            # the response starts at "HT": the pauses between its pieces are inside it
+            assert e.resp_end_ns - e.resp_start_ns >= 2 * 40_000_000, e
+        check_pair(client, server)
+    assert [c.req_head.split(b" ")[:2] for c, _ in pairs] == [[b"GET", b"/whole"], [b"GET", b"/x"],
+                                                              [b"GET", b"/whole"]]
+
+
+@pytest.mark.parametrize("raw_server", ["sink"], indirect=True)
+def test_method_prefix_that_is_not_http_is_counted_not_traced(rec: Recorder, raw_server: Server,
+                                                                tmp_module: Path) -> None:
+    rec.clear()
+    before = rec.cap.counters()
+    not_http = ["GE", "X / HTTP/1.1\r\n\r\n"]
+    pid, _ = run_raw_client(tmp_module, raw_server.host, raw_server.port, [(not_http, False)])
+    # a connection closed with only a method's first bytes sent: held, then counted at close
+    pid2, _ = run_raw_client(tmp_module, raw_server.host, raw_server.port, [(["P"], False)])
+    assert rec.settle({pid, pid2, raw_server.pid}, 0.5) == []
+    after = rec.cap.counters()
+    # both ends of the first connection saw one segment that starts no request ("GE" + "X / ...")
+    assert after["non_http_segments"] - before["non_http_segments"] >= 2
+    assert after["unparsed_bytes"] - before["unparsed_bytes"] >= 2 * len("".join(not_http)) + 2 * len("P")
+
+    # a stray method-like byte, then a request in the next write: the request is still one (its
+    # own bytes only; the stray byte is counted), at both ends; the sink never answers
+    before = rec.cap.counters()
+    request = "GET /after HTTP/1.1\r\nHost: x\r\n\r\n"
+    pid3, _ = run_raw_client(tmp_module, raw_server.host, raw_server.port, [(["P", request], False)])
+    exs = rec.take(lambda g: len(g) >= 2, pids={pid3, raw_server.pid})
+    assert sorted((e.pid, e.role) for e in exs) == sorted([(pid3, Role.CLIENT), (raw_server.pid, Role.SERVER)])
+    for e in exs:
+        assert e.req_head == request.encode() and e.req_bytes == len(request)
+        assert e.end == EndReason.CLOSED and e.resp_start_ns == 0
+    assert rec.cap.counters()["unparsed_bytes"] - before["unparsed_bytes"] >= 2

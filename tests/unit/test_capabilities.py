@@ -179,6 +179,12 @@ def test_sweep_leaves_idle_recent_or_unstarted_states(phase: int, last: int) -> 
     assert sweeper.stale_record(7, _conn(phase, last), 5_000_000_000, 10**9, LAYOUT) is None
 
 
+def test_sweep_never_emits_a_state_that_only_holds_request_prefix_bytes() -> None:
+    # KSPAN_PH_PREFIX: "GE" sent long ago and nothing since; its embedded record is the previous,
+    # already emitted exchange of a keep-alive connection (or zeros on a new one): not an exchange
+    assert sweeper.stale_record(7, _conn(sweeper.PHASE_PREFIX, 1_000), 5_000_000_000, 10**9, LAYOUT) is None
+
+
 def test_sweep_ignores_short_values() -> None:
     assert sweeper.stale_record(7, b"\x01" * 10, 5_000_000_000, 10**9, LAYOUT) is None
 
