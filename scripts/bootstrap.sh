@@ -15,7 +15,7 @@ fi
 # clang, llvm-strip and bpftool compile bpf/*.bpf.c into CO-RE objects once, here; the agent
 # never runs a compiler and needs no kernel headers. The rest are the test peers and load tools.
 PKGS=(libbpf1 libbpf-dev clang llvm bpftool python3-venv python3-dev make curl openssl nginx-light wrk iproute2
-      procps util-linux)
+      procps util-linux nodejs)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
