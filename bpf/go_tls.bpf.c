@@ -55,6 +55,23 @@ struct {
     __type(value, struct kspan_go_held);
 } go_held_byte SEC(".maps"); /* sk -> held byte */
 
+/* crypto/tls plaintext as one transfer for the state machine; Go's int length is clamped to the
+ * u32 the state machine counts in. */
+static __always_inline void kspan_go_data_args(struct kspan_data_args *a, __u64 id, __u64 sk, __u8 dir,
+                                               const char *buf, __s64 len, __u64 start_ns, __u64 end_ns)
+{
+    a->conn_id = sk;
+    a->pid = id >> 32;
+    a->tid = (__u32)id;
+    a->dir = dir;
+    a->source = KSPAN_SRC_GO;
+    a->flags = KSPAN_FLAG_TLS;
+    a->buf = buf;
+    a->len = len > 0x7fffffff ? 0x7fffffff : (__u32)len;
+    a->start_ns = start_ns;
+    a->end_ns = end_ns;
+}
+
 static __always_inline int kspan_go_tls_enter(struct pt_regs *ctx, __u8 dir)
 {
     __u64 id = bpf_get_current_pid_tgid();
@@ -83,16 +100,7 @@ static __always_inline int kspan_go_tls_enter(struct pt_regs *ctx, __u8 dir)
             return 0;
         }
         struct kspan_data_args a = {};
-        a.conn_id = c.sk;
-        a.pid = tgid;
-        a.tid = (__u32)id;
-        a.dir = KSPAN_DIR_EGRESS;
-        a.source = KSPAN_SRC_GO;
-        a.flags = KSPAN_FLAG_TLS;
-        a.buf = c.buf;
-        a.len = len > 0x7fffffff ? 0x7fffffff : (__u32)len;
-        a.start_ns = c.start_ns;
-        a.end_ns = c.start_ns;
+        kspan_go_data_args(&a, id, c.sk, KSPAN_DIR_EGRESS, c.buf, len, c.start_ns, c.start_ns);
         /* a tail call into the state machine (bpf/uprobe_exchange.bpf.c): it does not return */
         kspan_on_data_tail(ctx, &a);
         return 0;
@@ -157,16 +165,7 @@ static __always_inline int kspan_go_tls_ret(struct pt_regs *ctx, __u8 dir)
         }
     }
     struct kspan_data_args a = {};
-    a.conn_id = c.sk;
-    a.pid = tgid;
-    a.tid = (__u32)id;
-    a.dir = dir;
-    a.source = KSPAN_SRC_GO;
-    a.flags = KSPAN_FLAG_TLS;
-    a.buf = c.buf;
-    a.len = n > 0x7fffffff ? 0x7fffffff : (__u32)n;
-    a.start_ns = start;
-    a.end_ns = now;
+    kspan_go_data_args(&a, id, c.sk, dir, c.buf, n, start, now);
     /* one run of the state machine per call, and last (a tail call does not return): a held byte
      * is joined to this read above (buf - 1, n + 1), its map entry already deleted */
     kspan_on_data_tail(ctx, &a);
