@@ -89,7 +89,7 @@ SWEEP_BATCH = 2048
 # Records taken from the ring buffer per poll(): what Python holds at once stays bounded (the rest
 # waits in the kernel's ring, and what does not fit there is counted as ringbuf_lost), so a burst
 # the agent cannot follow raises loss counters, not the agent's resident memory.
-POLL_BATCH = 4096
+POLL_BATCH = 1024
 
 
 class CaptureError(Exception):
