@@ -94,3 +94,44 @@ def test_run_traces_with_lib_modules_hidden(tmp_path: Path) -> None:
     assert len(servers) == 1, f"server span for /leaf missing:\n{text[-2000:]}"
     assert _attr(servers[0], "http.response.status_code") in (200, "200")
     assert len(clients) == 1 and clients[0]["traceId"] == servers[0]["traceId"], "curl's span joins the trace"
+
+
+def test_run_with_an_external_btf_file(tmp_path: Path) -> None:
+    """--btf FILE (BTFHub's format is the kernel's raw BTF): CO-RE relocates against that file.
+    A copy of this kernel's own BTF stands in for a BTFHub file; a missing file is refused with
+    what to do, by `run` and by `doctor`."""
+    require_ebpf()
+    btf = tmp_path / f"{os.uname().release}.btf"
+    shutil.copy("/sys/kernel/btf/vmlinux", btf)
+    port = free_port()
+    svc_path = tmp_path / "btf_svc.py"
+    shutil.copy(CHAIN_SERVER, svc_path)
+    out = tmp_path / "spans.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with service([sys.executable, str(svc_path), str(port)]):
+        agent = subprocess.Popen([sys.executable, "-m", "tracer.cli", "run", "--btf", str(btf), "--port", str(port),
+                                  "--output", str(out), "--quiet", "--no-metrics"],
+                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert agent.stderr is not None
+        try:
+            deadline = time.monotonic() + 60
+            for line in agent.stderr:
+                if "kspan: ready" in line or time.monotonic() > deadline:
+                    break
+            subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/leaf?btf=file"],
+                           check=True, timeout=10)
+            deadline = time.monotonic() + 15
+            while not [s for s in _spans(out) if _attr(s, "url.path") == "/leaf"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            agent.send_signal(2)
+            rest = agent.communicate(timeout=30)[1]
+    assert agent.returncode == 0, rest
+    assert [s for s in _spans(out) if _attr(s, "url.path") == "/leaf"], "traced with CO-RE against --btf"
+    missing = tmp_path / "no-such.btf"
+    r = subprocess.run([sys.executable, "-m", "tracer.cli", "run", "--btf", str(missing)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and str(missing) in r.stderr and "--btf" in r.stderr, r.stderr
+    d = subprocess.run([sys.executable, "-m", "tracer.cli", "doctor", "--btf", str(missing)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert d.returncode == 1 and "BTFHub" in d.stdout and str(missing) in d.stdout, d.stdout
