@@ -55,6 +55,15 @@ def _attr(span: dict, key: str) -> object:
     return None
 
 
+def _request_and_wait(port: int, target: str, out: Path) -> None:
+    """curl the service, then wait (bounded) for its server span in the agent's output file."""
+    subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}{target}"], check=True, timeout=10)
+    path = target.split("?")[0]
+    deadline = time.monotonic() + 15
+    while not [s for s in _spans(out) if _attr(s, "url.path") == path] and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_run_traces_with_lib_modules_hidden(tmp_path: Path) -> None:
     require_ebpf()
     if shutil.which("unshare") is None:
@@ -78,11 +87,7 @@ def test_run_traces_with_lib_modules_hidden(tmp_path: Path) -> None:
             # unshare and sh exec in turn, so the agent keeps the pid Popen started
             maps = Path(f"/proc/{agent.pid}/maps").read_text()
             assert "libLLVM" not in maps and "libclang" not in maps, "the agent must not map a compiler"
-            subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/leaf?no=headers"],
-                           check=True, timeout=10)
-            deadline = time.monotonic() + 15
-            while not [s for s in _spans(out) if _attr(s, "url.path") == "/leaf"] and time.monotonic() < deadline:
-                time.sleep(0.1)
+            _request_and_wait(port, "/leaf?no=headers", out)
         finally:
             agent.send_signal(2)
             agent.wait(30)
@@ -118,11 +123,7 @@ def test_run_with_an_external_btf_file(tmp_path: Path) -> None:
             for line in agent.stderr:
                 if "kspan: ready" in line or time.monotonic() > deadline:
                     break
-            subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/leaf?btf=file"],
-                           check=True, timeout=10)
-            deadline = time.monotonic() + 15
-            while not [s for s in _spans(out) if _attr(s, "url.path") == "/leaf"] and time.monotonic() < deadline:
-                time.sleep(0.1)
+            _request_and_wait(port, "/leaf?btf=file", out)
         finally:
             agent.send_signal(2)
             rest = agent.communicate(timeout=30)[1]
