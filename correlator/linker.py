@@ -103,8 +103,10 @@ class Linker:
         self.c = LinkerCounters()
         self._held: OrderedDict[Key, _Node] = OrderedDict()  # oldest first (since is monotonic)
         self._waiting: dict[Key, list[Key]] = {}  # parent identity -> held children, in arrival order
-        # identity -> (trace_id, id children link to, resolved at); oldest first
-        self._resolved: OrderedDict[Key, tuple[bytes, bytes | None, int]] = OrderedDict()
+        # identity -> trace_id (16) + id children link to (8, absent when None) + resolved at (8,
+        # little-endian): one bytes object per entry, oldest first. It holds up to max_resolved
+        # entries (50,000 by default), so a tuple of three objects each would cost 9 MB more.
+        self._resolved: dict[Key, bytes] = {}
         self._now = 0  # stream time: the latest time seen in a record or advance()
 
     # ids -------------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class Linker:
         r = self._resolved.get(parent_key)
         if r is not None:
             self.c.late_links += 1
-            self._release(node, r[0], r[1], out)
+            self._release(node, r[:16], r[16:24] if len(r) == 32 else None, out)
             return out
         p = self._held.get(parent_key)
         if p is not None and kind == ParentKind.PEER:
@@ -222,7 +224,7 @@ class Linker:
         resolved = self._resolved
         while resolved:
             k, r = next(iter(resolved.items()))
-            if r[2] > deadline:
+            if int.from_bytes(r[-8:], "little") > deadline:
                 break
             del resolved[k]
         return out
@@ -311,7 +313,7 @@ class Linker:
         """Give node its trace and parent, emit it, then its held descendants (breadth first)."""
         resolved = self._resolved
         waiting = self._waiting
-        now = self._now
+        now_b = (self._now & _M64).to_bytes(8, "little")
         c = self.c
         q: deque[tuple[_Node, bytes | None]] | None = None
         n, pl = node, parent_link
@@ -331,7 +333,7 @@ class Linker:
                 link = spans[0].span_id
             else:
                 link = pl  # not HTTP: its children hang on its own parent
-            resolved[n.key] = (trace, link, now)
+            resolved[n.key] = trace + (link or b"") + now_b
             if waiting:
                 kids = waiting.pop(n.key, None)
                 if kids:
@@ -345,9 +347,8 @@ class Linker:
             if not q:
                 break
             n, pl = q.popleft()
-        if len(resolved) > self.max_resolved:
-            while len(resolved) > self.max_resolved:
-                resolved.popitem(last=False)
+        while len(resolved) > self.max_resolved:
+            del resolved[next(iter(resolved))]
 
 
 def make_linker(salt: bytes, max_hold_s: float, max_held: int, max_resolved: int) -> Linker:
