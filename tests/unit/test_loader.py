@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ebpf import fail_or_skip
+from tests.support.ebpf import fail_or_skip, require_ebpf
 from tracer import loader
 from tracer.loader import BPF_NOEXIST, BpfObject, LoaderError, Map, enable_run_stats, file_offset, prog_info
 from tracer.ringbuf import RingBufferReader
@@ -33,8 +33,13 @@ MAGIC = 0x4B53504E
 # Slots of the `counter` array in loader_test.bpf.c.
 GETPIDS, UPROBE_HITS, URETPROBE_HITS, LAST_ARG, LAST_RET = range(5)
 
-# tests/support/ebpf.py still requires bcc; this module needs only root (and libbpf, clang).
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loading BPF programs)")
+@pytest.fixture()
+def _ebpf() -> None:
+    require_ebpf()  # fails under CI=true, skips elsewhere
+
+
+# Tests that load programs: root and libbpf, never a silent skip in CI.
+needs_root = pytest.mark.usefixtures("_ebpf")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -182,7 +187,7 @@ def test_ctypes_layouts_match_the_installed_headers(tmp_path: Path) -> None:
     wrong offset is silently a different option."""
     gcc = _need_tool("gcc")
     if not Path("/usr/include/bpf/libbpf.h").is_file():
-        pytest.skip("libbpf-dev headers are not installed")
+        fail_or_skip("libbpf-dev headers are not installed (apt-get install libbpf-dev)")
     (tmp_path / "probe.c").write_text(_LAYOUT_PROBE_C)
     _run([gcc, "-o", str(tmp_path / "probe"), str(tmp_path / "probe.c")])
     classes = {
