@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tracer import probe_objects
+
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
@@ -134,13 +136,6 @@ def _libbpf() -> tuple[str, str]:
     except (OSError, AttributeError) as exc:
         return "", f"{type(exc).__name__}: {exc}"
     return f"{major}.{minor}", ""
-
-
-def _objects_missing() -> list[str]:
-    objects = Path(__file__).resolve().parent / "objects"
-    names = ("sockets_tracepoints", "sockets_kprobes", "sockets_fentry", "process", "tcp_events",
-             "uprobe_exchange", "openssl", "go_tls", "go_http")
-    return [n for n in names if not (objects / f"{n}.bpf.o").is_file()]
 
 
 def _bpf_prog_load_attempt(prog_type: int, expected_attach_type: int = 0) -> int:
@@ -300,7 +295,7 @@ def probe(try_loads: bool = True, btf: str | None = None) -> Capabilities:
     caps.kprobes = bool(caps.kprobe_events) and caps.kprobes_config is not False
     caps.lockdown = _lockdown(conf)
     caps.libbpf_version, caps.libbpf_error = _libbpf()
-    caps.objects_missing = _objects_missing()
+    caps.objects_missing = probe_objects.missing()
     if _kernel_version_tuple(release) < (5, 8):
         caps.ringbuf, caps.ringbuf_detail = False, "kernel older than 5.8"
     elif try_loads and caps.cap_bpf:

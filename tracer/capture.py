@@ -16,29 +16,27 @@ import platform
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tracer import sweeper
 from tracer.capabilities import Capabilities, choose_backend
 from tracer.loader import BpfObject, LoaderError, Map
+from tracer.probe_objects import (
+    BACKEND_OBJECTS,
+    COMMON_OBJECTS,
+    OBJECTS_DIR,
+    OPTIONAL_FAMILIES,
+    UPROBE_EXCHANGE,
+    object_path,
+)
 from tracer.processes import service_name_from_cmdline
 from tracer.records import REC_PROC, RawProc, record_type
 from tracer.ringbuf import RingBufferReader
 
 log = logging.getLogger(__name__)
 
-OBJECTS_DIR = Path(__file__).resolve().parent / "objects"
-
-BACKEND_OBJECTS = {"fentry": "sockets_fentry", "kprobes": "sockets_kprobes", "tracepoints": "sockets_tracepoints"}
-COMMON_OBJECTS = ("process", "tcp_events")
-# Families the uprobe attachers drive (tracer/ssl_libs.py, tracer/uprobes.py).
-OPTIONAL_FAMILIES = ("openssl", "go_tls", "go_http")
-# The exchange state machine for the uprobe families (bpf/uprobe_exchange.bpf.c): its one program
-# is tail-called through EXCHANGE_PROGS[0] instead of being inlined in every uprobe program (the
-# verifier walks each inlined copy at load: seconds of start-up). Never attached. Loaded before
-# the families, with any of them.
-UPROBE_EXCHANGE = "uprobe_exchange"
+# The program array the uprobes tail-call the state machine through (bpf/http_exchange.h).
 EXCHANGE_PROGS = "kspan_exchange_progs"
 
 # enum kspan_counter in bpf/http_exchange.h, same order.
@@ -111,10 +109,6 @@ class CaptureConfig:
     btf_path: str | None = None  # external BTF (BTFHub) for kernels without /sys/kernel/btf/vmlinux
     portable_args: bool = False  # tracepoints: the non-x86_64 syscall-argument path, even on x86_64
     objects_dir: Path = OBJECTS_DIR
-
-
-def object_path(name: str, objects_dir: Path = OBJECTS_DIR) -> Path:
-    return objects_dir / f"{name}.bpf.o"
 
 
 def object_names(backend: str, families: list[str]) -> list[str]:
@@ -255,9 +249,7 @@ def verify_programs(backend: str, config: CaptureConfig | None = None, portable:
     """Load every program of `backend` (and of every other family) through the verifier without
     attaching anything. Kprobe programs load where kprobes cannot attach. Returns the programs
     loaded; raises CaptureError naming the object the kernel refused."""
-    config = config or CaptureConfig()
-    config = CaptureConfig(**{**config.__dict__, "families": list(OPTIONAL_FAMILIES), "portable_args": portable,
-                              "self_pid": config.self_pid})
+    config = replace(config or CaptureConfig(), families=list(OPTIONAL_FAMILIES), portable_args=portable)
     objs = ObjectSet(config, backend)
     try:
         return list(objs.loaded_programs)
@@ -346,6 +338,8 @@ class Capture:
         self._sweep_cursor: bytes | None = None
         self._exe_added = 0
         self._conn_layout: sweeper.ConnLayout | None = None
+        # kspan_exchange_ref.inflight, kspan_inflight.count and .ambiguous, from the objects' BTF
+        self._hint_offsets = (0, 0, 0)
 
     @property
     def started(self) -> bool:
@@ -365,6 +359,8 @@ class Capture:
             layout = self._objs.struct_layout("kspan_conn")
             self._conn_layout = sweeper.ConnLayout(layout["last_ns"][0], layout["phase"][0],
                                                    self._objs.struct_size("kspan_conn"))
+            ref, inflight = self._objs.struct_layout("kspan_exchange_ref"), self._objs.struct_layout("kspan_inflight")
+            self._hint_offsets = (ref["inflight"][0], inflight["count"][0], inflight["ambiguous"][0])
         except (LoaderError, OSError, KeyError) as exc:
             self.close()
             raise CaptureError(f"attaching the {backend} probes failed: {exc}. Run `kspan doctor`.") from exc
@@ -519,24 +515,21 @@ class Capture:
         ex = sweeper.exchange_fields(value)
         if ex.role != 2:  # KSPAN_ROLE_SERVER
             return
-        ref = self._objs.struct_layout("kspan_exchange_ref")
+        off, c_off, a_off = self._hint_offsets
         tctx = self._objs.map("thread_ctx")
         key = struct.pack("<Q", (ex.pid << 32) | ex.tid)
         cur = tctx.lookup(key)
         if cur is not None:
-            off = ref["inflight"][0]
             inflight = int.from_bytes(cur[off : off + 4], "little")
             if inflight <= 1:
                 tctx.delete(key)
             else:
                 tctx.update(key, cur[:off] + (inflight - 1).to_bytes(4, "little") + cur[off + 4 :])
-        layout = self._objs.struct_layout("kspan_inflight")
         inflight_map = self._objs.map("proc_inflight")
         pkey = struct.pack("<I", ex.pid)
         cur = inflight_map.lookup(pkey)
         if cur is None:
             return
-        c_off, a_off = layout["count"][0], layout["ambiguous"][0]
         count = int.from_bytes(cur[c_off : c_off + 8], "little", signed=True)
         if count <= 0:
             return
