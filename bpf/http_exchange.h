@@ -1330,6 +1330,21 @@ static __always_inline void kspan_on_close(void *ctx, __u64 conn_id)
 
 /* ---- helpers for socket probe families ---- */
 
+/* One socket transfer as the state machine takes it: a write runs from its start (syscall or
+ * function entry) to now; a read is stamped when its data arrived, now. */
+static __always_inline void kspan_socket_args(struct kspan_data_args *a, __u64 id, __u64 sk, __u8 dir, __u32 len,
+                                              __u64 write_start_ns, __u64 now)
+{
+    a->conn_id = sk;
+    a->pid = id >> 32;
+    a->tid = (__u32)id;
+    a->dir = dir;
+    a->source = KSPAN_SRC_SOCKET;
+    a->len = len;
+    a->start_ns = dir == KSPAN_DIR_EGRESS ? write_start_ns : now;
+    a->end_ns = now;
+}
+
 #define KSPAN_MSG_PEEK 2
 #define KSPAN_MAX_IOV 8
 

@@ -286,15 +286,7 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
         return 0;
 
     struct kspan_data_args a = {};
-    __u64 now = bpf_ktime_get_ns();
-    a.conn_id = sk;
-    a.pid = pid;
-    a.tid = (__u32)id;
-    a.dir = dir;
-    a.source = KSPAN_SRC_SOCKET;
-    a.len = ret;
-    a.start_ns = dir == KSPAN_DIR_EGRESS ? sa->start_ns : now;
-    a.end_ns = now;
+    kspan_socket_args(&a, id, sk, dir, ret, sa->start_ns, bpf_ktime_get_ns());
     __u32 kind = sa->kind;
     if (kind == KSPAN_IO_BUF) {
         a.buf = (const char *)(sa->ptr + sa->consumed);

@@ -107,15 +107,7 @@ static __always_inline void kspan_tcp_call_end(void *ctx, __u64 id, struct kspan
         return;
     __u8 dir = call->dir;
     struct kspan_data_args a = {};
-    __u64 now = bpf_ktime_get_ns();
-    a.conn_id = call->sk;
-    a.pid = id >> 32;
-    a.tid = (__u32)id;
-    a.dir = dir;
-    a.source = KSPAN_SRC_SOCKET;
-    a.len = ret;
-    a.start_ns = dir == KSPAN_DIR_EGRESS ? call->start_ns : now;
-    a.end_ns = now;
+    kspan_socket_args(&a, id, call->sk, dir, ret, call->start_ns, bpf_ktime_get_ns());
     if (call->kind == KSPAN_KP_UBUF)
         a.buf = (const char *)call->ptr;
     else if (call->kind == KSPAN_KP_IOV)
