@@ -227,25 +227,29 @@ def _run_case(tmp_path: Path, receiver: OtlpReceiver, server_cmd: list[str], por
     return counts, ambiguous
 
 
+def _script_case(tmp_path: Path, receiver: OtlpReceiver, interpreter: str, name: str, source: str,
+                 want_full_linking: bool) -> tuple[dict[str, int], int]:
+    """A service written to `name` and run as `interpreter name PORT DOWNSTREAM`, driven with
+    CONCURRENCY requests at once on /work."""
+    (tmp_path / name).write_text(source)
+    port, downstream = free_port(), free_port()
+    return _run_case(tmp_path, receiver, [interpreter, str(tmp_path / name), str(port), str(downstream)],
+                     port, downstream, "/work", CONCURRENCY, want_full_linking=want_full_linking)
+
+
 def test_node_event_loop_never_gets_a_wrong_parent(tmp_path: Path, receiver: OtlpReceiver) -> None:
     require_ebpf()
     node = shutil.which("node") or shutil.which("nodejs")
     if node is None:
         fail_or_skip("Node.js is not installed (apt-get install nodejs)")
-    (tmp_path / "server.js").write_text(NODE_SERVER)
-    port, downstream = free_port(), free_port()
-    counts, ambiguous = _run_case(tmp_path, receiver, [node, str(tmp_path / "server.js"), str(port), str(downstream)],
-                                  port, downstream, "/work", CONCURRENCY, want_full_linking=False)
+    counts, ambiguous = _script_case(tmp_path, receiver, node, "server.js", NODE_SERVER, want_full_linking=False)
     assert counts["unlinked"] > 0 and ambiguous > 0, "24 requests at once on one thread: ambiguity is expected"
 
 
 def test_asyncio_event_loop_never_gets_a_wrong_parent(tmp_path: Path, receiver: OtlpReceiver) -> None:
     require_ebpf()
-    (tmp_path / "aio_server.py").write_text(AIOHTTP_SERVER)
-    port, downstream = free_port(), free_port()
-    counts, ambiguous = _run_case(tmp_path, receiver,
-                                  [sys.executable, str(tmp_path / "aio_server.py"), str(port), str(downstream)],
-                                  port, downstream, "/work", CONCURRENCY, want_full_linking=False)
+    counts, ambiguous = _script_case(tmp_path, receiver, sys.executable, "aio_server.py", AIOHTTP_SERVER,
+                                     want_full_linking=False)
     assert counts["unlinked"] > 0 and ambiguous > 0
 
 
@@ -268,9 +272,6 @@ def test_nginx_proxy_with_upstream_keepalive_never_gets_a_wrong_parent(tmp_path:
 
 def test_thread_per_request_server_keeps_full_linking(tmp_path: Path, receiver: OtlpReceiver) -> None:
     require_ebpf()
-    (tmp_path / "threaded.py").write_text(THREADED_SERVER)
-    port, downstream = free_port(), free_port()
-    counts, _ = _run_case(tmp_path, receiver,
-                          [sys.executable, str(tmp_path / "threaded.py"), str(port), str(downstream)],
-                          port, downstream, "/work", CONCURRENCY, want_full_linking=True)
+    counts, _ = _script_case(tmp_path, receiver, sys.executable, "threaded.py", THREADED_SERVER,
+                             want_full_linking=True)
     assert counts["unlinked"] == 0
