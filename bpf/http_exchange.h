@@ -298,6 +298,21 @@ struct {
 } go_client_parent SEC(".maps");
 #define KSPAN_HAVE_GO_CLIENT_PARENT 1
 
+/* Cross-host trace context carried in a TCP option (see struct kspan_trace_ctx), keyed by the
+ * connection as each end sees it (local, remote), addresses in IPv6 form. */
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, KSPAN_MAX_CONNS);
+    __type(key, struct kspan_conn_key);
+    __type(value, struct kspan_trace_ctx);
+} ctx_out SEC(".maps"); /* client request starting on this connection: its context, to be sent */
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, KSPAN_MAX_CONNS);
+    __type(key, struct kspan_conn_key);
+    __type(value, struct kspan_trace_ctx);
+} ctx_in SEC(".maps");  /* context parsed from the peer's TCP option: the server span's parent */
+
 /* Filters. */
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);

@@ -83,6 +83,19 @@ struct kspan_exchange {
     char  resp_tail[KSPAN_TAIL];
 };
 
+/* The W3C trace context of one request, as the kernel fixed it. Shared between the exchange
+ * machine (http_exchange.h) and the TCP-option programs (cross-host propagation): the sender's
+ * client request writes one into ctx_out, the receiver's option parser into ctx_in. */
+struct kspan_trace_ctx {
+    __u8  trace_id[16];
+    __u64 span_id;           /* the client span's id: the remote parent of the server span */
+    __u32 seq;               /* sender's TCP sequence number of the request's first byte; 0 unknown */
+    __u8  flags;             /* W3C trace-flags: bit 0 is "sampled" */
+    __u8  state;             /* ctx_out: 0 not yet written on a segment, 1 written; ctx_in: unused */
+    __u8  _pad[2];
+    __u64 ts_ns;             /* when it was stored (bpf_ktime_get_ns) */
+};
+
 enum kspan_proc_event { KSPAN_PROC_EXEC = 1, KSPAN_PROC_EXIT = 2 };
 
 struct kspan_proc {
