@@ -13,7 +13,13 @@ enum kspan_record_type {
     KSPAN_REC_EXCHANGE = 1,  /* struct kspan_exchange */
     KSPAN_REC_PROC = 2,      /* struct kspan_proc: exec or exit of a process */
     KSPAN_REC_TCP = 3,       /* struct kspan_tcp: retransmit, reset, failed connect, rtt */
+    KSPAN_REC_METRIC = 4,    /* an unsampled exchange: struct kspan_exchange cut after
+                              * KSPAN_METRIC_HEAD bytes of req_head (metrics only, no span) */
 };
+
+/* Bytes of the request head an unsampled exchange carries: the request line's method and target
+ * (for http.route) and usually Host; metrics need nothing else. */
+#define KSPAN_METRIC_HEAD 128
 
 /* Which end of the exchange this process is: it wrote the request (client) or read it (server). */
 enum kspan_role { KSPAN_ROLE_CLIENT = 1, KSPAN_ROLE_SERVER = 2 };
@@ -37,6 +43,9 @@ enum kspan_parent_kind {
     KSPAN_PARENT_PROCESS = 2,  /* client request from a non-serving thread while exactly one request was in flight in the process */
     KSPAN_PARENT_PEER = 3,     /* server request whose peer socket is a traced local client connection */
     KSPAN_PARENT_GOROUTINE = 4,/* Go: client call from a goroutine descended from the serving goroutine */
+    KSPAN_PARENT_TRACEPARENT = 5, /* a W3C traceparent header in the request: a remote parent */
+    KSPAN_PARENT_TCP_OPTION = 6,  /* the peer's kspan sent the context in a TCP option: a remote parent */
+    KSPAN_PARENT_EVIDENCE = 7,    /* event loop: the request carries what names one served request */
 };
 
 #define KSPAN_FLAG_TLS 0x1            /* plaintext came from a TLS library, not the socket */
@@ -45,6 +54,9 @@ enum kspan_parent_kind {
 #define KSPAN_FLAG_TUPLE_KNOWN 0x8    /* the addresses and ports below are valid */
 #define KSPAN_FLAG_INTERIM 0x10       /* a 1xx interim response preceded the final one */
 #define KSPAN_FLAG_AMBIGUOUS 0x20     /* client request on a thread serving several: no parent, by rule */
+#define KSPAN_FLAG_SAMPLED 0x40       /* head sampling kept this exchange's trace */
+#define KSPAN_FLAG_IDS 0x80           /* trace_id/span_id/parent_span_id were fixed in the kernel */
+#define KSPAN_FLAG_REMOTE_PARENT 0x100 /* parent_span_id names a span outside this host's kspan */
 
 /* An exchange is identified by (conn_id, req_start_ns): conn_id is the kernel's struct sock
  * address (unique among live sockets, host-wide), so a PEER hint from another process names it. */
@@ -78,6 +90,11 @@ struct kspan_exchange {
     __u16 resp_head_len;
     __u8  resp_tail_len;
     __u8  _pad[7];
+    /* Identity, fixed in the kernel (KSPAN_FLAG_IDS): a root mints its trace id, a child takes
+     * its parent's, so user space never waits for a parent to name a span. */
+    __u8  trace_id[16];
+    __u64 span_id;
+    __u64 parent_span_id;    /* 0: a root */
     char  req_head[KSPAN_REQ_HEAD];
     char  resp_head[KSPAN_RESP_HEAD];
     char  resp_tail[KSPAN_TAIL];

@@ -28,6 +28,8 @@ TAIL = 8
 REC_EXCHANGE = 1
 REC_PROC = 2
 REC_TCP = 3
+REC_METRIC = 4  # an unsampled exchange: RawExchange cut after METRIC_HEAD bytes of req_head
+METRIC_HEAD = 128
 
 FLAG_TLS = 0x1
 FLAG_REQ_HEAD_FULL = 0x2
@@ -35,6 +37,9 @@ FLAG_RESP_HEAD_FULL = 0x4
 FLAG_TUPLE_KNOWN = 0x8
 FLAG_INTERIM = 0x10
 FLAG_AMBIGUOUS = 0x20
+FLAG_SAMPLED = 0x40
+FLAG_IDS = 0x80
+FLAG_REMOTE_PARENT = 0x100
 
 
 class RawExchange(ctypes.Structure):
@@ -68,6 +73,9 @@ class RawExchange(ctypes.Structure):
         ("resp_head_len", ctypes.c_uint16),
         ("resp_tail_len", ctypes.c_uint8),
         ("_pad", ctypes.c_uint8 * 7),
+        ("trace_id", ctypes.c_uint8 * 16),
+        ("span_id", ctypes.c_uint64),
+        ("parent_span_id", ctypes.c_uint64),
         ("req_head", ctypes.c_char * REQ_HEAD),
         ("resp_head", ctypes.c_char * RESP_HEAD),
         ("resp_tail", ctypes.c_char * TAIL),
@@ -103,6 +111,7 @@ class RawTcp(ctypes.Structure):
 
 
 EXCHANGE_SIZE = ctypes.sizeof(RawExchange)
+METRIC_SIZE = RawExchange.req_head.offset + METRIC_HEAD
 
 
 def format_addr(family: int, raw: bytes) -> str:
