@@ -32,6 +32,18 @@ const volatile bool kspan_filter_exe = false;     /* --exe: an exec whose comm i
 const volatile bool kspan_filter_ports = false;   /* --port: only connections with an allowed port */
 const volatile bool kspan_network_events = true;  /* retransmit, reset, RTT and failed-connect records */
 const volatile bool kspan_args_from_regs = true;  /* x86_64: syscall arguments from the saved user registers */
+/* Head sampling (OTEL_TRACES_SAMPLER): decided where a trace starts, inherited by its children. */
+const volatile __u32 kspan_sampler = 0;           /* enum kspan_sampler */
+const volatile __u64 kspan_sample_threshold = 1ULL << 63; /* traceidratio: ratio * 2^63 */
+
+enum kspan_sampler {
+    KSPAN_SAMPLER_ALWAYS_ON = 0,
+    KSPAN_SAMPLER_ALWAYS_OFF = 1,
+    KSPAN_SAMPLER_RATIO = 2,
+    KSPAN_SAMPLER_PB_ALWAYS_ON = 3,
+    KSPAN_SAMPLER_PB_ALWAYS_OFF = 4,
+    KSPAN_SAMPLER_PB_RATIO = 5,
+};
 
 #define KSPAN_AF_INET 2
 #define KSPAN_AF_INET6 10
@@ -109,7 +121,12 @@ struct kspan_exchange_ref {
     __u32 pid;
     __u32 inflight;
     __u32 ambiguous;
-    __u32 _pad;
+    __u32 flags;          /* client_conns: the client's KSPAN_FLAG_SAMPLED */
+    /* client_conns only: the client exchange's identity (fixed when it began), so its server
+     * peer takes it even after the client's state is gone, and when the connection closed */
+    __u8 trace_id[16];
+    __u64 span_id;
+    __u64 closed_ns;
 };
 
 struct kspan_inflight {
@@ -176,10 +193,16 @@ struct kspan_conn {
     __u8 pend_n;
     __u8 pend_dir;          /* KSPAN_DIR_* of the pending bytes */
     __u8 _pad_pend[6];
+    /* Identity (see kspan_fix_server): the client request a PEER link last used (a keep-alive
+     * connection's next request must not take it again), and the claim on fixing the ids. */
+    __u64 peer_used_ns;
+    __u64 id_claim;         /* 64-bit: BPF's cmpxchg before -mcpu=v3 has no 32-bit form */
+    __u16 tcp_in;           /* 0x100 | W3C flags: the peer's TCP option gave trace_id/parent_span_id */
+    __u16 _pad_id[3];
     /* Room for the verifier: an append into req_head is seen as offset <= 511 plus up to 1023
-     * bytes (the mask it can follow), which must stay inside the map value; 88 is the size of
+     * bytes (the mask it can follow), which must stay inside the map value; 112 is the size of
      * the fields above between resp_tail and spare. */
-    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 88];
+    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 112];
 };
 
 /* The response-header scan reads the transfer here (per CPU: a program runs to its end on one
@@ -216,7 +239,9 @@ enum kspan_counter {
     KSPAN_CNT_CLOSED = 16,          /* exchanges ended by close */
     KSPAN_CNT_TAIL_CALL_MISSED = 17,/* uprobe transfers lost: kspan_exchange_progs had no program */
     KSPAN_CNT_AMBIGUOUS = 18,       /* client requests left unlinked: their thread served several at once */
-    KSPAN_CNT_MAX = 19,
+    KSPAN_CNT_UNSAMPLED = 19,       /* exchanges head sampling dropped: a metrics-only record each */
+    KSPAN_CNT_PARENT_LOST = 20,     /* client requests whose named parent was gone (evicted): no link */
+    KSPAN_CNT_MAX = 21,
 };
 
 struct {
@@ -548,13 +573,264 @@ static __always_inline void kspan_release_hints(struct kspan_conn *st)
         struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
         if (f && f->count > 0 && __sync_fetch_and_add(&f->count, -1) == 1)
             f->ambiguous = 0;  /* idle again: the next one in flight is known for sure */
-    } else if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-        struct kspan_conn_key k = {};
-        kspan_conn_key_of_ex(&k, st, 0);
-        struct kspan_exchange_ref *r = bpf_map_lookup_elem(&client_conns, &k);
-        if (r && r->conn_id == st->ex.conn_id && r->req_start_ns == st->ex.req_start_ns)
-            bpf_map_delete_elem(&client_conns, &k);
     }
+    /* A client's client_conns entry outlives its exchange: on loopback the server's own end can
+     * fix its identity after the client has read the whole response (kspan_fix_server). The next
+     * request replaces it; a close marks it (kspan_on_close). */
+}
+
+
+/* ---- identity: trace id, span id and the sampling decision, fixed in the kernel ----
+ * A client request takes its identity when it starts: its parent (a request its thread or
+ * goroutine serves) is known then. A server request fixes its own lazily, on first need (a child
+ * starting, its response starting, or its end): by then a local client on the other end has
+ * registered its request (on loopback the server can read the request before the client's send
+ * has returned) and the request's headers, with any traceparent, have arrived. */
+
+static __always_inline __u64 kspan_rand64(void)
+{
+    __u64 v = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
+    return v ? v : 1;  /* W3C: an all-zero id is invalid */
+}
+
+/* traceidratio as the OpenTelemetry SDKs decide it (the Go SDK's rule): the trace id's last 8
+ * bytes, big-endian, shifted right by one, below ratio * 2^63. A function of the trace id alone,
+ * so every agent that sees the same trace decides the same. */
+static __always_inline __u32 kspan_ratio_keeps(const __u8 *tid)
+{
+    __u64 x = 0;
+#pragma unroll
+    for (int i = 8; i < 16; i++)
+        x = (x << 8) | tid[i];
+    return (x >> 1) < kspan_sample_threshold ? KSPAN_FLAG_SAMPLED : 0;
+}
+
+static __always_inline __u32 kspan_root_sampled(const __u8 *tid)
+{
+    __u32 s = kspan_sampler;
+    if (s == KSPAN_SAMPLER_ALWAYS_ON || s == KSPAN_SAMPLER_PB_ALWAYS_ON)
+        return KSPAN_FLAG_SAMPLED;
+    if (s == KSPAN_SAMPLER_ALWAYS_OFF || s == KSPAN_SAMPLER_PB_ALWAYS_OFF)
+        return 0;
+    return kspan_ratio_keeps(tid);
+}
+
+/* A remote parent (traceparent, TCP option): parentbased_* samplers follow its sampled flag. */
+static __always_inline __u32 kspan_remote_sampled(const __u8 *tid, __u32 w3c_flags)
+{
+    __u32 s = kspan_sampler;
+    if (s == KSPAN_SAMPLER_ALWAYS_ON)
+        return KSPAN_FLAG_SAMPLED;
+    if (s == KSPAN_SAMPLER_ALWAYS_OFF)
+        return 0;
+    if (s == KSPAN_SAMPLER_RATIO)
+        return kspan_ratio_keeps(tid);
+    return (w3c_flags & 1) ? KSPAN_FLAG_SAMPLED : 0;
+}
+
+#define KSPAN_W_TRACEPAR 0x7261706563617274ULL /* "tracepar" */
+#define KSPAN_W_ENT_ 0x3a746e65U               /* "ent:" */
+#define KSPAN_TP_LEN 55                        /* "00-" 32 hex "-" 16 hex "-" 2 hex */
+
+struct kspan_tp_scan {
+    struct kspan_conn *st;
+    __u32 limit;            /* positions of '\n' worth looking at: [0, limit) */
+    __u32 at;               /* just after "traceparent:"; 0: not found */
+};
+
+/* One position of the header scan (a bpf_loop callback: the verifier checks it once, not 512
+ * times). Header names are case-insensitive; OR-ing 0x20 lower-cases letters and keeps ':'. */
+static long kspan_tp_step(__u32 i, void *c)
+{
+    struct kspan_tp_scan *s = c;
+    if (i >= s->limit)
+        return 1;
+    struct kspan_conn *st = s->st;
+    __u32 j = i & (KSPAN_REQ_HEAD - 1);
+    if (st->ex.req_head[j] != '\n')
+        return 0;
+    __u64 w = 0;
+    __u32 w2 = 0;
+    __builtin_memcpy(&w, &st->ex.req_head[j + 1], 8);
+    __builtin_memcpy(&w2, &st->ex.req_head[j + 9], 4);
+    if ((w | 0x2020202020202020ULL) != KSPAN_W_TRACEPAR || (w2 | 0x20202020U) != KSPAN_W_ENT_)
+        return 0;
+    s->at = j + 13;
+    return 1;
+}
+
+static __always_inline int kspan_hex(__u8 c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')  /* W3C: lower case only */
+        return c - 'a' + 10;
+    return -1;
+}
+
+/* A valid W3C traceparent in the request head: its trace id, parent span id and flags. */
+static __always_inline int kspan_traceparent(struct kspan_conn *st, __u8 *tid, __u64 *sid, __u32 *fl)
+{
+    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return 0;  /* before 5.17: user space reads it from the head (the span's attributes) */
+    __u32 len = st->ex.req_head_len;
+    if (len > KSPAN_REQ_HEAD)
+        len = KSPAN_REQ_HEAD;
+    if (len < 13 + KSPAN_TP_LEN + 1)
+        return 0;
+    struct kspan_tp_scan scan = {.st = st, .limit = len - 13 - KSPAN_TP_LEN, .at = 0};
+    bpf_loop(KSPAN_REQ_HEAD, kspan_tp_step, &scan, 0);
+    __u32 p = scan.at;
+    if (!p)
+        return 0;
+    /* optional whitespace after the colon */
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+        __u8 c = st->ex.req_head[p & (KSPAN_REQ_HEAD - 1)];
+        if (c == ' ' || c == '\t')
+            p++;
+    }
+    if (p + KSPAN_TP_LEN > len)
+        return 0;
+    const char *h = st->ex.req_head;
+#define KSPAN_TP_AT(k) ((__u8)h[(p + (k)) & (KSPAN_REQ_HEAD - 1)])
+    if (KSPAN_TP_AT(2) != '-' || KSPAN_TP_AT(35) != '-' || KSPAN_TP_AT(52) != '-')
+        return 0;
+    int v0 = kspan_hex(KSPAN_TP_AT(0)), v1 = kspan_hex(KSPAN_TP_AT(1));
+    if (v0 < 0 || v1 < 0 || (v0 == 15 && v1 == 15))
+        return 0;  /* version ff is invalid */
+    __u8 any = 0;
+    for (int k = 0; k < 16; k++) {
+        int hi = kspan_hex(KSPAN_TP_AT(3 + 2 * k)), lo = kspan_hex(KSPAN_TP_AT(4 + 2 * k));
+        if (hi < 0 || lo < 0)
+            return 0;
+        tid[k] = (hi << 4) | lo;
+        any |= tid[k];
+    }
+    __u64 span = 0;
+    for (int k = 0; k < 16; k++) {
+        int d = kspan_hex(KSPAN_TP_AT(36 + k));
+        if (d < 0)
+            return 0;
+        span = (span << 4) | d;
+    }
+    int f0 = kspan_hex(KSPAN_TP_AT(53)), f1 = kspan_hex(KSPAN_TP_AT(54));
+#undef KSPAN_TP_AT
+    if (!any || !span || f0 < 0 || f1 < 0)
+        return 0;
+    *sid = span;
+    *fl = (f0 << 4) | f1;
+    return 1;
+}
+
+/* Fix a server exchange's identity, once. Returns 1 when conns[conn_id] still holds the exchange
+ * that started at req_start_ns and its ids are fixed. Its parent, in order: a traced local client
+ * on the other end of the connection (PEER: kspan's own client span, the true parent), a W3C
+ * traceparent in the request, the peer host's kspan context from a TCP option; otherwise it is
+ * a root and mints the trace id and decides sampling.
+ * A global (non-static) function: the verifier checks it once on its own, not inline at every
+ * caller inside the state machine. */
+__attribute__((noinline)) int kspan_fix_server(__u64 conn_id, __u64 req_start_ns)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st || st->ex.req_start_ns != req_start_ns || st->ex.type != KSPAN_REC_EXCHANGE ||
+        st->ex.role != KSPAN_ROLE_SERVER)
+        return 0;
+    if (st->ex.flags & KSPAN_FLAG_IDS)
+        return 1;
+    /* two CPUs may both need it (children on two threads): one fixes it, the other links nothing */
+    if (__sync_val_compare_and_swap(&st->id_claim, 0, 1) != 0)
+        return (st->ex.flags & KSPAN_FLAG_IDS) ? 1 : 0;
+    __u32 sampled = 0;
+    if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
+        struct kspan_conn_key k = {};
+        kspan_conn_key_of_ex(&k, st, 1);
+        struct kspan_exchange_ref *peer = bpf_map_lookup_elem(&client_conns, &k);
+        /* the client's request started before this one was read, is not the one the previous
+         * request on this connection took, and its connection was still open then */
+        if (peer && peer->span_id && peer->req_start_ns <= st->ex.req_start_ns &&
+            peer->req_start_ns > st->peer_used_ns &&
+            (!peer->closed_ns || peer->closed_ns > st->ex.req_start_ns)) {
+            st->ex.parent_kind = KSPAN_PARENT_PEER;
+            st->ex.parent_conn_id = peer->conn_id;
+            st->ex.parent_req_start_ns = peer->req_start_ns;
+            st->ex.parent_pid = peer->pid;
+            __builtin_memcpy(st->ex.trace_id, peer->trace_id, 16);
+            st->ex.parent_span_id = peer->span_id;
+            st->peer_used_ns = peer->req_start_ns;
+            st->ex.flags |= (peer->flags & KSPAN_FLAG_SAMPLED) | KSPAN_FLAG_IDS;
+            return 1;
+        }
+    }
+    __u8 tid[16] = {};
+    __u64 sid = 0;
+    __u32 fl = 0;
+    if (kspan_traceparent(st, tid, &sid, &fl)) {
+        st->ex.parent_kind = KSPAN_PARENT_TRACEPARENT;
+        __builtin_memcpy(st->ex.trace_id, tid, 16);
+        st->ex.parent_span_id = sid;
+        sampled = kspan_remote_sampled(tid, fl);
+        st->ex.flags |= KSPAN_FLAG_REMOTE_PARENT;
+    } else if (st->tcp_in) {
+        /* trace_id and parent_span_id were taken from ctx_in when the request began */
+        st->ex.parent_kind = KSPAN_PARENT_TCP_OPTION;
+        sampled = kspan_remote_sampled(st->ex.trace_id, st->tcp_in);
+        st->ex.flags |= KSPAN_FLAG_REMOTE_PARENT;
+    } else {
+        __u64 a = kspan_rand64(), b = kspan_rand64();
+        __builtin_memcpy(st->ex.trace_id, &a, 8);
+        __builtin_memcpy(st->ex.trace_id + 8, &b, 8);
+        st->ex.parent_span_id = 0;
+        sampled = kspan_root_sampled(st->ex.trace_id);
+    }
+    st->ex.flags |= sampled | KSPAN_FLAG_IDS;
+    return 1;
+}
+
+/* Fix a client exchange's identity when it begins: its parent's trace (fixing the parent's
+ * identity first), or, as a root, an instrumented application's own outgoing traceparent, or a
+ * new trace. A parent that cannot be read any more gives no link, counted: never a guess. */
+__attribute__((noinline)) int kspan_fix_client(__u64 conn_id)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st || st->ex.role != KSPAN_ROLE_CLIENT)
+        return 0;
+    if (st->ex.parent_kind != KSPAN_PARENT_NONE) {
+        __u64 pc = st->ex.parent_conn_id;
+        struct kspan_conn *ps = 0;
+        if (kspan_fix_server(pc, st->ex.parent_req_start_ns))
+            ps = bpf_map_lookup_elem(&conns, &pc);
+        if (ps && (ps->ex.flags & KSPAN_FLAG_IDS)) {
+            __builtin_memcpy(st->ex.trace_id, ps->ex.trace_id, 16);
+            st->ex.parent_span_id = ps->ex.span_id;
+            st->ex.flags |= (ps->ex.flags & KSPAN_FLAG_SAMPLED) | KSPAN_FLAG_IDS;
+            return 1;
+        }
+        st->ex.parent_kind = KSPAN_PARENT_NONE;
+        st->ex.parent_conn_id = 0;
+        st->ex.parent_req_start_ns = 0;
+        st->ex.parent_pid = 0;
+        kspan_count(KSPAN_CNT_PARENT_LOST, 1);
+    }
+    __u8 tid[16] = {};
+    __u64 sid = 0;
+    __u32 fl = 0;
+    __u32 sampled;
+    if (!(st->ex.flags & KSPAN_FLAG_AMBIGUOUS) && kspan_traceparent(st, tid, &sid, &fl)) {
+        st->ex.parent_kind = KSPAN_PARENT_TRACEPARENT;
+        __builtin_memcpy(st->ex.trace_id, tid, 16);
+        st->ex.parent_span_id = sid;
+        sampled = kspan_remote_sampled(tid, fl);
+        st->ex.flags |= KSPAN_FLAG_REMOTE_PARENT;
+    } else {
+        __u64 a = kspan_rand64(), b = kspan_rand64();
+        __builtin_memcpy(st->ex.trace_id, &a, 8);
+        __builtin_memcpy(st->ex.trace_id + 8, &b, 8);
+        st->ex.parent_span_id = 0;
+        sampled = kspan_root_sampled(st->ex.trace_id);
+    }
+    st->ex.flags |= sampled | KSPAN_FLAG_IDS;
+    return 1;
 }
 
 static __always_inline void kspan_emit(struct kspan_conn *st, __u8 reason)
@@ -574,35 +850,26 @@ static __always_inline void kspan_emit(struct kspan_conn *st, __u8 reason)
         else
             st->ex.resp_tail[i] = 0;
     }
-    if (bpf_ringbuf_output(&events, &st->ex, sizeof(st->ex), BPF_RB_NO_WAKEUP) == 0)
+    if (!(st->ex.flags & KSPAN_FLAG_IDS))
+        kspan_fix_server(st->ex.conn_id, st->ex.req_start_ns);
+    /* an unsampled exchange leaves as a metrics-only record: never the full one */
+    __u32 size = sizeof(st->ex);
+    if (!(st->ex.flags & KSPAN_FLAG_SAMPLED)) {
+        st->ex.type = KSPAN_REC_METRIC;
+        size = __builtin_offsetof(struct kspan_exchange, req_head) + KSPAN_METRIC_HEAD;
+        kspan_count(KSPAN_CNT_UNSAMPLED, 1);
+    }
+    if (bpf_ringbuf_output(&events, &st->ex, size, BPF_RB_NO_WAKEUP) == 0)
         kspan_count(KSPAN_CNT_RECORDS, 1);
     else
         kspan_count(KSPAN_CNT_LOST, 1);
+    st->ex.type = KSPAN_REC_EXCHANGE;
     if (reason == KSPAN_END_NEXT_REQUEST)
         kspan_count(KSPAN_CNT_NEXT_REQUEST, 1);
     if (reason == KSPAN_END_CLOSED)
         kspan_count(KSPAN_CNT_CLOSED, 1);
     kspan_release_hints(st);
     st->phase = KSPAN_PH_IDLE;
-}
-
-/* PEER hint of a server exchange: the local client exchange on the other end of this connection.
- * Tried when the request starts and again when the response starts: on loopback the server can
- * read the request before the client's send tracepoint has run (the data is delivered inside the
- * client's send), and by the response the client's entry is there. */
-static __always_inline void kspan_peer_hint(struct kspan_conn *st)
-{
-    if (!(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN))
-        return;
-    struct kspan_conn_key k = {};
-    kspan_conn_key_of_ex(&k, st, 1);
-    struct kspan_exchange_ref *peer = bpf_map_lookup_elem(&client_conns, &k);
-    if (peer && peer->req_start_ns <= st->ex.req_start_ns) {
-        st->ex.parent_kind = KSPAN_PARENT_PEER;
-        st->ex.parent_conn_id = peer->conn_id;
-        st->ex.parent_req_start_ns = peer->req_start_ns;
-        st->ex.parent_pid = peer->pid;
-    }
 }
 
 /* Start a request on a connection state (new, idle, or replacing an unfinished exchange). */
@@ -662,6 +929,11 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
     st->ex.req_head_len = 0;
     st->ex.resp_head_len = 0;
     st->ex.resp_tail_len = 0;
+    st->ex.span_id = kspan_rand64();
+    st->ex.parent_span_id = 0;
+    __builtin_memset(st->ex.trace_id, 0, 16);
+    st->id_claim = 0;
+    st->tcp_in = 0;
     if (k) {
         /* the request began with the first fragment; all 8 bytes are stored (zero past k, and
          * overwritten by the append below): a fixed-size store is cheaper to verify */
@@ -704,7 +976,19 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             nf.req_start_ns = me.req_start_ns;
             bpf_map_update_elem(&proc_inflight, &pid, &nf, BPF_ANY);
         }
-        kspan_peer_hint(st);
+        /* the peer host's kspan context for this request, parsed from its TCP option before
+         * these bytes could be read; taken now, before the next request's can replace it */
+        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
+            struct kspan_conn_key k = {};
+            kspan_conn_key_of_ex(&k, st, 0);
+            struct kspan_trace_ctx *in = bpf_map_lookup_elem(&ctx_in, &k);
+            if (in) {
+                __builtin_memcpy(st->ex.trace_id, in->trace_id, 16);
+                st->ex.parent_span_id = in->span_id;
+                st->tcp_in = 0x100 | in->flags;
+                bpf_map_delete_elem(&ctx_in, &k);
+            }
+        }
     } else {
         struct kspan_exchange_ref *g = bpf_map_lookup_elem(&go_client_parent, &st->ex.conn_id);
         struct kspan_exchange_ref *t = g ? 0 : bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
@@ -739,6 +1023,7 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
                 kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
             }
         }
+        kspan_fix_client(st->ex.conn_id);
         if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
             struct kspan_conn_key k = {};
             kspan_conn_key_of_ex(&k, st, 0);
@@ -746,6 +1031,9 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             me.conn_id = st->ex.conn_id;
             me.req_start_ns = st->ex.req_start_ns;
             me.pid = a->pid;
+            me.flags = st->ex.flags & KSPAN_FLAG_SAMPLED;
+            __builtin_memcpy(me.trace_id, st->ex.trace_id, 16);
+            me.span_id = st->ex.span_id;
             bpf_map_update_elem(&client_conns, &k, &me, BPF_ANY);
         }
     }
@@ -942,8 +1230,8 @@ static __always_inline void kspan_parse_status(struct kspan_conn *st)
 
 static __always_inline void kspan_begin_response(struct kspan_conn *st, struct kspan_data_args *a)
 {
-    if (st->ex.role == KSPAN_ROLE_SERVER && st->ex.parent_kind == KSPAN_PARENT_NONE)
-        kspan_peer_hint(st);
+    if (st->ex.role == KSPAN_ROLE_SERVER && !(st->ex.flags & KSPAN_FLAG_IDS))
+        kspan_fix_server(st->ex.conn_id, st->ex.req_start_ns);
     st->phase = KSPAN_PH_RESP;
     st->ex.resp_start_ns = a->start_ns;
     st->ex.resp_bytes = 0;
@@ -1339,6 +1627,13 @@ static __always_inline void kspan_on_close(void *ctx, __u64 conn_id)
             kspan_emit(st, KSPAN_END_COMPLETE);
         else
             kspan_emit(st, KSPAN_END_CLOSED);
+    }
+    if (st->ex.role == KSPAN_ROLE_CLIENT && (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)) {
+        struct kspan_conn_key k = {};
+        kspan_conn_key_of_ex(&k, st, 0);
+        struct kspan_exchange_ref *r = bpf_map_lookup_elem(&client_conns, &k);
+        if (r && r->conn_id == conn_id)
+            r->closed_ns = bpf_ktime_get_ns();
     }
     bpf_map_delete_elem(&conns, &conn_id);
 }
