@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from correlator import http1, semconv
+from correlator import http1, red, semconv
 from correlator.clock import WallClock
-from correlator.linker import Linker, make_linker
+from correlator.linker import PARENT_SOURCE_ATTR, Linker, make_linker, parent_source
 from correlator.peers import PeerMatcher
-from correlator.records import EndReason, Exchange, ParentHint, ParentKind, Role
+from correlator.records import EndReason, Exchange, MetricExchange, ParentHint, ParentKind, Role
+from correlator.sampling import ALWAYS_ON, SamplerConfig, keeps_remote, keeps_root
 from correlator.spans import AttrValue, Span, SpanKind, StatusCode
-from correlator.tracecontext import clean_tracestate, parse_traceparent
+from correlator.tracecontext import clean_tracestate, parse_traceparent, traceparent_sampled
 
 _SERVER = SpanKind.SERVER
 _CLIENT = SpanKind.CLIENT
@@ -39,6 +40,9 @@ class CorrelatorConfig:
     # How long (stream time) a server exchange from a local peer without a kernel PEER hint waits
     # for its client exchange, matched by 4-tuple (correlator/peers.py).
     peer_wait_s: float = 1.0
+    # Head sampling for the records the kernel did not decide (no kernel ids): the same sampler
+    # the kernel was given, so those records are kept or dropped as the kernel would have.
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
     def validate(self) -> None:
         if not isinstance(self.id_salt, bytes):
@@ -82,6 +86,11 @@ class CorrelatorStats:
     held: int = 0  # gauge: spans waiting for their parent now
     peer_waiting: int = 0  # gauge: server exchanges waiting for their local client (<= max_held_spans)
     resolved_remembered: int = 0  # gauge: identities remembered for late children
+    kernel_identified: int = 0  # records whose ids and sampling the kernel fixed: spans went out at once
+    sampled_exchanges: int = 0  # HTTP exchanges whose trace head sampling kept (spans exported)
+    unsampled_exchanges: int = 0  # full records head sampling dropped: metrics only (REC_METRIC not included)
+    metric_records: int = 0  # unsampled exchanges the kernel sent as metric records (no span made)
+    metric_unparsed: int = 0  # metric records whose request head is not HTTP/1.x: not counted
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -104,6 +113,11 @@ class Correlator:
         self._heads: dict[bytes, _Parsed] = {}
         self._resps: dict[bytes, object] = {}
         self._hosts: dict[bytes, object] = {}
+        self._sampler = cfg.sampler
+        self._metric_heads: dict[tuple[bytes, bool, bool], red.HeadPart] = {}
+        # trace id -> an incoming traceparent's sampled flag, for parentbased_* decisions on
+        # records without kernel ids (their trace id is the traceparent's: linker rules).
+        self._remote_sampled: dict[bytes, bool] = {}
 
     # public API -------------------------------------------------------------------------------
 
@@ -126,21 +140,48 @@ class Correlator:
     def feed(self, ex: Exchange) -> list[Span]:
         self._stats.exchanges += 1
         try:
-            return self._feed(ex)
+            if ex.kernel_ids:
+                return self._feed_identified(ex)
+            return self._decide(self._feed(ex))
         except Exception as e:  # noqa: BLE001 - bad input must never stop the agent: count it
             self._stats.internal_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             return []
 
+    def metric(self, mx: MetricExchange) -> red.RedFacts | None:
+        """What an unsampled exchange (a metric record) adds to metrics; None when its request
+        head is not HTTP/1.x, as such an exchange would make no span either."""
+        st = self._stats
+        st.metric_records += 1
+        try:
+            server = mx.role == _ROLE_SERVER
+            mk = (mx.req_head, server, mx.tls)
+            h = self._metric_heads.get(mk)
+            if h is None:
+                reqs = http1.parse_requests(mx.req_head, 1)
+                if not reqs:
+                    st.metric_unparsed += 1
+                    return None
+                _, attrs, _, _, _, has_host = self._derive(reqs[0], server, mx.tls)
+                h = red.head_part(attrs, server, has_host)
+                if len(self._metric_heads) >= _MEMO_SIZE:
+                    self._metric_heads.clear()
+                self._metric_heads[mk] = h
+            return red.facts(mx, h)
+        except Exception as e:  # noqa: BLE001 - bad input must never stop the agent: count it
+            st.internal_errors += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            return None
+
     def advance(self, mono_now_ns: int) -> list[Span]:
         out = self._release_unmatched(self._peers.expire(mono_now_ns))
         out.extend(self._linker.expire(mono_now_ns))
-        return out
+        return self._decide(out)
 
     def flush(self) -> list[Span]:
         out = self._release_unmatched(self._peers.drain())
         out.extend(self._linker.drain())
-        return out
+        return self._decide(out)
 
     # internals --------------------------------------------------------------------------------
 
@@ -188,47 +229,27 @@ class Correlator:
             st.unparsed_exchanges += 1
             st.unparsed_bytes += (ex.req_bytes + ex.resp_bytes) or len(ex.req_head)
             return self._linker.add(key, [], ex.parent, ex.pid, None, end_ns)
-        n = len(reqs)
-        end = ex.end
-        if end == _TIMEOUT:
-            st.timeouts += 1
-        elif end == _EVICTED:
-            st.evicted += 1
-        if n == 1:
-            resp = self._response(ex.resp_head) if ex.resp_head else None
-            resps = [resp] if resp is not None else []
-        else:
-            st.pipelined_splits += n - 1
-            resps = http1.parse_responses(ex.resp_head, [r.method for r in reqs])
-        if not reqs[-1].complete or (resps and not resps[-1].complete) or (not resps and ex.resp_head_truncated):
-            st.truncated_heads += 1
-        if not resps and ex.resp_start_ns and ex.resp_head:
-            st.unparsed_responses += 1
-
         tp = parsed.tp
         if parsed.tp_raw is not None:
             if tp is None:
                 st.traceparents_invalid += 1
             else:
                 st.traceparents += 1
+                if self._sampler.code != ALWAYS_ON:
+                    if len(self._remote_sampled) >= _MEMO_SIZE * 4:
+                        self._remote_sampled.clear()
+                    self._remote_sampled[tp[0]] = parsed.tp_sampled
 
-        linker = self._linker
-        sid, root_trace = linker.ids(ex.conn_id, ex.req_start_ns)
-        if n == 1:
-            span = self._span(ex, parsed, 0, resps[0] if resps else None, 1, len(resps), end_ns)
-            span.span_id = sid
-            spans = [span]
-        else:
-            spans = []
-            for i in range(n):
-                span = self._span(ex, parsed, i, resps[i] if i < len(resps) else None, n, len(resps), end_ns)
-                span.span_id = sid if i == 0 else linker.span_id(ex.conn_id, ex.req_start_ns, i)
-                spans.append(span)
+        sid, root_trace = self._linker.ids(ex.conn_id, ex.req_start_ns)
+        spans = self._spans(ex, parsed, reqs, end_ns, sid)
         if tp is not None:
             spans[0].trace_state = parsed.trace_state
         args = (key, spans, ex.pid, tp, end_ns, root_trace)
         peers = self._peers
         hint = ex.parent
+        if hint is not None and hint.kind in _REMOTE_KINDS:
+            # A remote parent names no exchange on this host; the traceparent decides the trace.
+            hint = None
         if hint is None and peers.wants_peer(ex):
             hint = peers.client_for(ex)
             if hint is None:
@@ -249,6 +270,106 @@ class Correlator:
         for p in pending:
             out.extend(self._add(p.args, None))
         return out
+
+    def _decide(self, spans: list[Span]) -> list[Span]:
+        """Head sampling in Python for spans the kernel gave no decision, as the kernel decides:
+        per trace (so a trace is kept or dropped whole), an incoming traceparent's flag under
+        parentbased_*."""
+        cfg = self._sampler
+        st = self._stats
+        if cfg.code == ALWAYS_ON:
+            st.sampled_exchanges += len(spans)
+            return spans
+        remote = self._remote_sampled
+        for s in spans:
+            flag = remote.get(s.trace_id)
+            s.sampled = keeps_root(cfg, s.trace_id) if flag is None else keeps_remote(cfg, s.trace_id, flag)
+            if s.sampled:
+                st.sampled_exchanges += 1
+            else:
+                st.unsampled_exchanges += 1
+        return spans
+
+    def _feed_identified(self, ex: Exchange) -> list[Span]:
+        """A record whose ids and sampling the kernel fixed: its spans leave at once, nothing waits
+        for a parent or a peer."""
+        st = self._stats
+        key = (ex.conn_id, ex.req_start_ns)
+        linker = self._linker
+        if linker.seen(key):
+            # A repeat (a recording replayed twice, or the sweep's TIMEOUT record for an exchange
+            # the kernel emitted in the same poll): it would bring the same span id again.
+            st.duplicate_exchanges += 1
+            return []
+        st.kernel_identified += 1
+        if ex.parent_ambiguous:
+            st.ambiguous_parents += 1
+        end_ns = max(ex.resp_end_ns, ex.resp_start_ns, ex.req_end_ns, ex.req_start_ns)
+        parsed = self._parsed(ex.req_head)
+        reqs = parsed.reqs
+        trace = ex.trace_id
+        parent = ex.parent_span_id or None
+        if not reqs:
+            st.unparsed_exchanges += 1
+            st.unparsed_bytes += (ex.req_bytes + ex.resp_bytes) or len(ex.req_head)
+            return linker.remember(key, trace, parent, end_ns)
+        spans = self._spans(ex, parsed, reqs, end_ns, ex.span_id)
+        tp = parsed.tp
+        if parsed.tp_raw is not None:
+            if tp is None:
+                st.traceparents_invalid += 1
+            else:
+                st.traceparents += 1
+                if tp[0] == trace:
+                    spans[0].trace_state = parsed.trace_state
+        source = parent_source(ex.parent.kind) if ex.parent is not None else "none"
+        sampled = ex.sampled
+        for s in spans:
+            s.trace_id = trace
+            s.parent_span_id = parent
+            s.attributes[PARENT_SOURCE_ATTR] = source
+            s.sampled = sampled
+        if sampled:
+            st.sampled_exchanges += 1
+        else:
+            st.unsampled_exchanges += 1
+        linker.c.spans += len(spans)
+        late = linker.remember(key, trace, spans[0].span_id, end_ns)
+        if late:
+            spans.extend(self._decide(late))
+        return spans
+
+    def _spans(self, ex: Exchange, parsed: _Parsed, reqs: list[http1.RequestHead], end_ns: int,
+               sid: bytes) -> list[Span]:
+        """The spans of one exchange (several when requests were pipelined), ids aside from the
+        first one's: the later pipelined requests take ids hashed from its identity and index."""
+        st = self._stats
+        n = len(reqs)
+        end = ex.end
+        if end == _TIMEOUT:
+            st.timeouts += 1
+        elif end == _EVICTED:
+            st.evicted += 1
+        if n == 1:
+            resp = self._response(ex.resp_head) if ex.resp_head else None
+            resps = [resp] if resp is not None else []
+        else:
+            st.pipelined_splits += n - 1
+            resps = http1.parse_responses(ex.resp_head, [r.method for r in reqs])
+        if not reqs[-1].complete or (resps and not resps[-1].complete) or (not resps and ex.resp_head_truncated):
+            st.truncated_heads += 1
+        if not resps and ex.resp_start_ns and ex.resp_head:
+            st.unparsed_responses += 1
+        if n == 1:
+            span = self._span(ex, parsed, 0, resps[0] if resps else None, 1, len(resps), end_ns)
+            span.span_id = sid
+            return [span]
+        spans = []
+        for i in range(n):
+            span = self._span(ex, parsed, i, resps[i] if i < len(resps) else None, n, len(resps), end_ns)
+            span.span_id = sid if i == 0 else self._linker.span_id(ex.conn_id, ex.req_start_ns, i)
+            spans.append(span)
+        return spans
 
     def _derive(self, req: http1.RequestHead, server: bool, tls: bool) -> _Derived:
         """Everything a span takes from its request head alone: (name, request attributes,
@@ -473,6 +594,7 @@ _MEMO_SIZE = 1024  # distinct heads remembered; cleared (not LRU) when full: che
 _MISSING = object()
 _ROLE_SERVER = Role.SERVER
 _PEER = ParentKind.PEER
+_REMOTE_KINDS = (ParentKind.TRACEPARENT, ParentKind.TCP_OPTION)
 _ERROR = StatusCode.ERROR
 _UNSET = StatusCode.UNSET
 
@@ -480,7 +602,7 @@ _UNSET = StatusCode.UNSET
 class _Parsed:
     """A request head's parse and what the correlator derived from it, memoised together."""
 
-    __slots__ = ("reqs", "memo", "tp", "tp_raw", "trace_state")
+    __slots__ = ("reqs", "memo", "tp", "tp_raw", "tp_sampled", "trace_state")
 
     def __init__(self, reqs: list[http1.RequestHead]) -> None:
         self.reqs = reqs
@@ -488,6 +610,7 @@ class _Parsed:
         first = reqs[0] if reqs else None
         self.tp_raw = first.traceparent if first is not None else None
         self.tp = parse_traceparent(self.tp_raw) if self.tp_raw is not None else None
+        self.tp_sampled = traceparent_sampled(self.tp_raw) if self.tp is not None and self.tp_raw else False
         self.trace_state = clean_tracestate(first.tracestate) if self.tp is not None and first else ""
 
 

@@ -52,7 +52,14 @@ _SOURCE_BY_KIND = {
     int(ParentKind.PROCESS): "process",
     int(ParentKind.PEER): "peer",
     int(ParentKind.GOROUTINE): "goroutine",
+    int(ParentKind.TRACEPARENT): "traceparent",
+    int(ParentKind.TCP_OPTION): "tcp_option",
+    int(ParentKind.EVIDENCE): "evidence",
 }
+
+
+def parent_source(kind: int) -> str:
+    return _SOURCE_BY_KIND.get(kind, "none")
 
 
 class _Node:
@@ -145,6 +152,30 @@ class Linker:
     @property
     def resolved_count(self) -> int:
         return len(self._resolved)
+
+    def seen(self, key: Key) -> bool:
+        """Whether this identity was taken already (held, or released and still remembered)."""
+        return key in self._held or key in self._resolved
+
+    def remember(self, key: Key, trace: bytes, link: bytes | None, at_ns: int) -> list[Span]:
+        """An exchange whose span the kernel identified went out directly: remember it as if the
+        linker had released it, so a record the kernel could not identify (the agent's timeout
+        sweep) still links to it. Returns held spans that were waiting for it, now released.
+        The caller checks seen() first: a repeat must not replace the first."""
+        if at_ns > self._now:
+            self._now = at_ns
+        self._resolved[key] = trace + (link or b"") + (self._now & _M64).to_bytes(8, "little")
+        out: list[Span] = []
+        kids = self._waiting.pop(key, None) if self._waiting else None
+        if kids:
+            for ck in kids:
+                ch = self._held.pop(ck, None)
+                if ch is not None:
+                    self._release(ch, trace, link, out)
+        resolved = self._resolved
+        while len(resolved) > self.max_resolved:
+            del resolved[next(iter(resolved))]
+        return out
 
     def add(
         self,
@@ -321,7 +352,7 @@ class Linker:
             spans = n.spans
             if spans:
                 if n.parent_key is not None:
-                    source = _SOURCE_BY_KIND.get(n.hint_kind, "none")
+                    source = parent_source(n.hint_kind)
                 else:
                     source = "traceparent" if pl is not None else "none"
                 for s in spans:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class Role(IntEnum):
@@ -35,6 +36,9 @@ class ParentKind(IntEnum):
     PROCESS = 2
     PEER = 3
     GOROUTINE = 4
+    TRACEPARENT = 5  # a W3C traceparent header in the request: a remote parent
+    TCP_OPTION = 6  # the peer host's kspan sent the context in a TCP option: a remote parent
+    EVIDENCE = 7  # event loop: the request carries what names one served request
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +87,45 @@ class Exchange:
     # The kernel saw this client request start on a thread (or process) serving several requests
     # at once and could not tell which one it belongs to: no parent, by rule (never a guess).
     parent_ambiguous: bool = False
+    # Identity and head-sampling decision fixed in the kernel (kernel_ids): span ids are the 8
+    # big-endian bytes of the kernel's u64, parent_span_id b"" for a root. Without kernel_ids
+    # (the agent's timeout sweep, recordings made before) the correlator derives both itself.
+    trace_id: bytes = b""
+    span_id: bytes = b""
+    parent_span_id: bytes = b""
+    sampled: bool = True
+    kernel_ids: bool = False
+    remote_parent: bool = False  # parent_span_id names a span outside this host's kspan
 
     @property
     def id(self) -> ExchangeId:
         return ExchangeId(self.conn_id, self.req_start_ns)
+
+
+class MetricExchange(NamedTuple):
+    """An unsampled exchange (KSPAN_REC_METRIC): only what RED and service-graph metrics need.
+
+    A tuple, not a dataclass: one is built per unsampled request, and metrics aggregate it
+    without ever making a span. Addresses stay raw (16 bytes) until a metric needs one."""
+
+    pid: int
+    role: int  # Role value
+    end: int  # EndReason value
+    tls: bool
+    status: int  # the kernel's parse of the final status line; 0 if none
+    responded: bool  # a response byte was seen
+    start_ns: int
+    end_ns: int
+    family: int  # 0: tuple unknown
+    local_addr: bytes
+    local_port: int
+    remote_addr: bytes
+    remote_port: int
+    parent_kind: int  # ParentKind value
+    parent_pid: int
+    span_id: bytes  # b"" without kernel ids
+    parent_span_id: bytes  # b"": a root
+    req_head: bytes  # the first bytes of the request head (METRIC_HEAD at most)
 
 
 class TcpEventKind(IntEnum):

@@ -42,6 +42,9 @@ class Span:
     # (a server span's client, a client span's server); 0 when the peer is not a traced process.
     # exporters/ use it for the service graph without re-deriving links.
     peer_pid: int = 0
+    # Head sampling kept this span's trace. An unsampled span (one the kernel sent in full, e.g. a
+    # timed-out exchange, or a record the correlator decided for) feeds metrics, never exporters.
+    sampled: bool = True
 
 
 @dataclass(slots=True)

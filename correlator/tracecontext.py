@@ -32,6 +32,14 @@ def parse_traceparent(value: bytes) -> tuple[bytes, bytes] | None:
     return trace, parent
 
 
+def traceparent_sampled(value: bytes) -> bool:
+    """The sampled bit of a (valid) traceparent's trace-flags."""
+    try:
+        return bool(int(value[53:55], 16) & 1)
+    except ValueError:
+        return False
+
+
 def clean_tracestate(value: bytes | None) -> str:
     """The tracestate to carry on the span, or "" when absent or not plain printable ASCII."""
     if not value or len(value) > _MAX_TRACESTATE:

@@ -41,6 +41,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from correlator.records import TcpEvent, TcpEventKind
+from correlator.red import RedFacts
 from correlator.spans import AttrValue, ProcessInfo, Span, SpanKind, StatusCode
 from exporters.config import ConfigError, ExporterConfig, OtlpTarget
 from exporters.otlp_proto import KSPAN_VERSION, SCOPE_NAME, SDK_ATTRIBUTES, ResourceOverrides, resource_attributes
@@ -127,14 +128,16 @@ class _Health:
 
 
 class _Pending:
-    __slots__ = ("client", "server", "seconds", "failed", "t")
+    __slots__ = ("client", "server", "seconds", "failed", "t", "virtual")
 
-    def __init__(self, client: str, server: str, seconds: float, failed: bool, t: float) -> None:
+    def __init__(self, client: str, server: str | None, seconds: float, failed: bool, t: float,
+                 virtual: str) -> None:
         self.client = client
-        self.server = server
+        self.server = server  # None: a local client whose far end is not known yet
         self.seconds = seconds
         self.failed = failed
         self.t = t
+        self.virtual = virtual  # the far end's name if it turns out not to be traced
 
 
 class MetricsAggregator:
@@ -309,37 +312,72 @@ class MetricsAggregator:
 
     def _graph(self, s: Span, service: str, seconds: float, processes: Mapping[int, ProcessInfo],
                now: float, now_ns: int) -> None:
-        failed = s.status == StatusCode.ERROR
-        if s.kind == SpanKind.CLIENT:
-            if not s.peer_pid:
+        a = s.attributes
+        client = s.kind == SpanKind.CLIENT
+        if client:
+            addr = a.get("network.peer.address")
+            local = isinstance(addr, str) and (addr.startswith("127.") or addr == "::1")
+            peer = str(a.get("server.address") or addr or UNKNOWN_SERVICE)
+        else:
+            local = False
+            peer = str(a.get("client.address") or UNKNOWN_SERVICE)
+        self._edge_of(client, service, seconds, s.status == StatusCode.ERROR, s.span_id, s.parent_span_id or b"",
+                      s.peer_pid, local, peer, processes, now, now_ns)
+
+    def _edge_of(self, client: bool, service: str, seconds: float, failed: bool, span_id: bytes, parent: bytes,
+                 peer_pid: int, local: bool, peer: str, processes: Mapping[int, ProcessInfo],
+                 now: float, now_ns: int) -> None:
+        """One request's half of a service-graph edge. Both ends traced on this host: the halves
+        pair by span id (the server's parent is the client's span) and count once with both
+        durations. peer: the far end's name when it is not traced (server.address for a client,
+        client.address for a server)."""
+        if client:
+            if not peer_pid and not (local and span_id):
                 # The far end is not traced: a virtual node named by the address the client called.
-                a = s.attributes
-                peer = a.get("server.address") or a.get("network.peer.address") or UNKNOWN_SERVICE
-                self._edge(service, str(peer), "virtual_node", failed, None, seconds, now_ns)
+                self._edge(service, peer, "virtual_node", failed, None, seconds, now_ns)
                 return
-            match = self._pending_servers.pop(s.span_id, None)
+            match = self._pending_servers.pop(span_id, None)
             if match is not None:
                 self._edge(service, match.server, "", failed or match.failed, match.seconds, seconds, now_ns)
                 return
-            self._pending_clients[s.span_id] = _Pending(service, self._service_name(s.peer_pid, processes),
-                                                        seconds, failed, now)
+            # Kernel-identified spans leave before their far end is known: a local client without a
+            # peer waits for a server span naming it, and counts as a virtual node if none comes.
+            server = self._service_name(peer_pid, processes) if peer_pid else None
+            self._pending_clients[span_id] = _Pending(service, server, seconds, failed, now, peer)
         else:
-            if not s.peer_pid:
+            if not peer_pid:
                 # No traced caller: a root span was called by a user (the collector's servicegraph
                 # connector names it "user"); otherwise by an untraced process at client.address.
-                client = "user" if not s.parent_span_id else str(s.attributes.get("client.address")
-                                                                   or UNKNOWN_SERVICE)
-                self._edge(client, service, "virtual_node", failed, seconds, None, now_ns)
+                self._edge("user" if not parent else peer, service, "virtual_node", failed, seconds, None, now_ns)
                 return
-            parent = s.parent_span_id or b""
             match = self._pending_clients.pop(parent, None)
             if match is not None:
                 self._edge(match.client, service, "", failed or match.failed, seconds, match.seconds, now_ns)
                 return
-            self._pending_servers[parent] = _Pending(self._service_name(s.peer_pid, processes), service,
-                                                     seconds, failed, now)
+            self._pending_servers[parent] = _Pending(self._service_name(peer_pid, processes), service,
+                                                     seconds, failed, now, "")
         if len(self._pending_clients) + len(self._pending_servers) > self._max_pending:
             self._expire(float("inf"), now_ns)
+
+    def record_red(self, facts: Sequence[RedFacts], processes: Mapping[int, ProcessInfo]) -> None:
+        """Unsampled exchanges: the same RED and service-graph metrics a span would give, from
+        correlator/red.py's facts (no span is built for them)."""
+        now_ns = time.time_ns()
+        now = time.monotonic()
+        with self._lock:
+            for f in facts:
+                res, service = self._service(f.pid, processes.get(f.pid))
+                server = f.server
+                self._observe(res, SERVER_DURATION if server else CLIENT_DURATION, f.attrs, f.seconds, now_ns)
+                if server and f.local_port:
+                    ports = self._listen_ports.setdefault(service, set())
+                    if len(ports) < 64:
+                        ports.add(f.local_port)
+                self._edge_of(not server, service, f.seconds, f.failed, f.span_id, f.parent_span_id, f.peer_pid,
+                              f.local_peer, f.peer, processes, now, now_ns)
+            if now - self._last_sweep >= 1.0:
+                self._last_sweep = now
+                self._expire(now - self._pair_timeout_s, now_ns)
 
     def _expire(self, older_than: float, now_ns: int) -> None:
         # The other half never came (dropped, or its process is not traced after all): count the edge
@@ -348,7 +386,10 @@ class MetricsAggregator:
             for key in [k for k, p in pending.items() if p.t <= older_than]:
                 p = pending.pop(key)
                 self.unpaired_edges += 1
-                if is_client:
+                if is_client and p.server is None:
+                    self.unpaired_edges -= 1  # not a lost half: the far end was never traced
+                    self._edge(p.client, p.virtual, "virtual_node", p.failed, None, p.seconds, now_ns)
+                elif is_client:
                     self._edge(p.client, p.server, "", p.failed, None, p.seconds, now_ns)
                 else:
                     self._edge(p.client, p.server, "", p.failed, p.seconds, None, now_ns)
@@ -628,6 +669,15 @@ class MetricsRecorder:
         except Exception:
             self.record_errors += 1
             log.exception("kspan: bug: recording metrics for %d spans failed", len(spans))
+
+    def record_red(self, facts: Sequence[RedFacts], processes: Mapping[int, ProcessInfo]) -> None:
+        if self._exporter is None or not facts:
+            return
+        try:
+            self.aggregator.record_red(facts, processes)
+        except Exception:
+            self.record_errors += 1
+            log.exception("kspan: bug: recording metrics for %d unsampled exchanges failed", len(facts))
 
     def record_tcp(self, events: Iterable[TcpEvent], processes: Mapping[int, ProcessInfo]) -> None:
         if self._exporter is None:

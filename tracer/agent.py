@@ -20,6 +20,8 @@ from typing import Any
 from correlator.clock import WallClock
 from correlator.correlator import Correlator, CorrelatorConfig
 from correlator.records import Exchange, TcpEvent
+from correlator.red import RedFacts
+from correlator.sampling import SamplerConfig
 from correlator.spans import ProcessInfo, Span
 from tracer import records
 from tracer.processes import ProcessTable
@@ -55,6 +57,7 @@ class RunOptions:
     go: bool = True
     network_events: bool = True
     kubernetes: bool = True
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # OTEL_TRACES_SAMPLER[_ARG], --sampler[-arg]
 
 
 def host_id_salt() -> bytes:
@@ -82,7 +85,7 @@ class _Stopper:
 def _correlator_config(opts: RunOptions, salt: bytes) -> CorrelatorConfig:
     # 20k held spans (~1.2 KB each) keep a burst of orphans inside the agent's memory budget.
     return CorrelatorConfig(id_salt=salt, max_hold_s=opts.max_hold_s, query=opts.query, routes=list(opts.routes),
-                            max_held_spans=20_000)
+                            max_held_spans=20_000, sampler=opts.sampler)
 
 
 class SpanOutput:
@@ -112,12 +115,21 @@ class SpanOutput:
             self.metrics = MetricsRecorder(self.cfg, interval_s=opts.metrics_interval_s)
 
     def spans(self, spans: list[Span]) -> None:
+        """Spans out; an unsampled one (head sampling dropped its trace) only counts in metrics."""
         if not spans:
             return
         procs = self.processes.snapshot({s.pid for s in spans} | {s.peer_pid for s in spans if s.peer_pid})
-        self.pipeline.submit(spans, procs)
+        kept = spans if all(s.sampled for s in spans) else [s for s in spans if s.sampled]
+        if kept:
+            self.pipeline.submit(kept, procs)
         if self.metrics is not None:
             self.metrics.record_spans(spans, procs)
+
+    def red(self, facts: list[RedFacts]) -> None:
+        """Unsampled exchanges the kernel sent as metric records: metrics only, no span."""
+        if facts and self.metrics is not None:
+            pids = {f.pid for f in facts} | {f.peer_pid for f in facts if f.peer_pid}
+            self.metrics.record_red(facts, self.processes.snapshot(pids))
 
     def tcp(self, events: list[TcpEvent]) -> None:
         if self.metrics is not None and events:
@@ -205,6 +217,8 @@ class Agent:
             families=self._families(),
             network_events=opts.network_events,
             btf_path=caps.btf_path if caps.btf_path != "/sys/kernel/btf/vmlinux" else None,
+            sampler=opts.sampler.code,
+            sample_threshold=opts.sampler.threshold,
         )
         capture = Capture(cfg, caps)
         try:
@@ -225,7 +239,8 @@ class Agent:
                 record_file = open(self.record_to, "wb")  # noqa: SIM115 - closed in finally
                 writer = RecordingWriter(
                     record_file,
-                    RecordingMeta(clock.offset_ns, salt.hex(), socket.gethostname(), records.EXCHANGE_SIZE),
+                    RecordingMeta(clock.offset_ns, salt.hex(), socket.gethostname(), records.EXCHANGE_SIZE,
+                                  sampler=opts.sampler.describe()),
                 )
             else:
                 # Exporters start after the probes are attached, so the kernel sees the agent's
@@ -237,6 +252,9 @@ class Agent:
             # agent: keep the cyclic GC from rescanning it on every collection of per-request garbage.
             gc.collect()
             gc.freeze()
+            if opts.sampler.code:
+                print(f"kspan: head sampling {opts.sampler.describe()}, decided in the kernel at each trace's root; "
+                      "metrics count every request", file=sys.stderr)
             print(f"kspan: ready ({capture.probes_attached} probes, {capture.backend} backend)", file=sys.stderr)
             sys.stderr.flush()
             self._loop(_Session(capture, processes, correlator, out, writer, attachers))
@@ -295,6 +313,8 @@ class Agent:
         out.register_health("kspan.parents.ambiguous",
                             lambda: int(correlator.stats.as_dict().get("ambiguous_parents", 0)), monotonic=True)
         out.register_health("kspan.processes.traced", lambda: processes.traced, monotonic=False)
+        out.register_health("kspan.exchanges.sampled", lambda: _sampling_counts(correlator)[0], monotonic=True)
+        out.register_health("kspan.exchanges.unsampled", lambda: _sampling_counts(correlator)[1], monotonic=True)
         out.register_pipeline_health()
 
     def _loop(self, ses: _Session) -> None:
@@ -332,6 +352,7 @@ class Agent:
     def _dispatch(self, raw: Iterable[bytes], ses: _Session) -> None:
         processes, correlator, out, writer = ses.processes, ses.correlator, ses.out, ses.writer
         spans: list[Span] = []
+        facts: list[RedFacts] = []
         tcp: list[Any] = []
         for data in raw:
             kind = records.record_type(data)
@@ -359,7 +380,7 @@ class Agent:
                     writer.record(data)
                 continue
             if writer is not None:
-                if kind == records.REC_EXCHANGE:
+                if kind == records.REC_EXCHANGE or kind == records.REC_METRIC:
                     writer.process(processes.get(int.from_bytes(data[4:8], "little")))
                 writer.record(data)
                 continue
@@ -371,6 +392,16 @@ class Agent:
                     continue
                 processes.get(ex.pid)  # read /proc while the process is alive
                 spans.extend(correlator.feed(ex))
+            elif kind == records.REC_METRIC and correlator is not None:
+                try:
+                    mx = records.decode_metric(data)
+                except ValueError as e:
+                    log.debug("kspan: undecodable metric record: %s", e)
+                    continue
+                processes.get(mx.pid)
+                f = correlator.metric(mx)
+                if f is not None:
+                    facts.append(f)
             elif kind == records.REC_TCP:
                 try:
                     tcp.append(records.decode_tcp(data))
@@ -378,6 +409,7 @@ class Agent:
                     continue
         if out is not None:
             out.spans(spans)
+            out.red(facts)
             out.tcp(tcp)
 
     @staticmethod
@@ -397,7 +429,15 @@ class Agent:
                   if isinstance(v, int) and v}
         counts["live_kernel_connections"] = kernel.get("live_kernel_connections", -1)
         counts["live_processes"] = processes.traced
+        counts["exchanges_sampled"], counts["exchanges_unsampled"] = _sampling_counts(correlator)
         print("kspan: stopped; " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())), file=sys.stderr)
+
+
+def _sampling_counts(correlator: Correlator) -> tuple[int, int]:
+    """(sampled, unsampled) exchanges: full records by head sampling's decision, plus the metric
+    records the kernel sends for unsampled ones."""
+    st = correlator.stats
+    return st.sampled_exchanges, st.unsampled_exchanges + st.metric_records - st.metric_unparsed
 
 
 def _table_size(capture: Any, name: str) -> int:
@@ -415,13 +455,16 @@ def replay(path: str, opts: RunOptions, env: dict[str, str] | None = None) -> in
     processes = ProcessTable(service_name_override=env.get("OTEL_SERVICE_NAME") or None)
     with open(path, "rb") as f:
         meta, frames = read_recording(f)
-        if meta.exchange_size != records.EXCHANGE_SIZE:
+        if meta.exchange_size not in (records.EXCHANGE_SIZE, records.LEGACY_EXCHANGE_SIZE):
             print(
                 f"kspan: recording has {meta.exchange_size}-byte exchange records, this kspan reads "
-                f"{records.EXCHANGE_SIZE}: record it again with this version",
+                f"{records.EXCHANGE_SIZE} (or {records.LEGACY_EXCHANGE_SIZE} from version 1 recordings): "
+                "record it again with this version",
                 file=sys.stderr,
             )
             return 2
+        # Version 1 recordings predate kernel-fixed ids: the correlator links and samples them.
+        legacy = meta.exchange_size == records.LEGACY_EXCHANGE_SIZE
         out = SpanOutput(opts, processes, env)
         correlator = Correlator(WallClock(meta.clock_offset_ns), _correlator_config(opts, bytes.fromhex(meta.id_salt)))
         stream_now = 0
@@ -435,13 +478,22 @@ def replay(path: str, opts: RunOptions, env: dict[str, str] | None = None) -> in
             rtype = records.record_type(payload)
             if rtype == records.REC_EXCHANGE:
                 try:
-                    ex = records.decode_exchange(payload)
+                    ex = records.decode_exchange(payload, legacy=legacy)
                 except ValueError:
                     undecodable += 1
                     continue
                 stream_now = max(stream_now, ex.resp_end_ns, ex.req_end_ns)
                 out.spans(correlator.feed(ex))
                 out.spans(correlator.advance(stream_now))
+            elif rtype == records.REC_METRIC:
+                try:
+                    mx = records.decode_metric(payload)
+                except ValueError:
+                    undecodable += 1
+                    continue
+                fact = correlator.metric(mx)
+                if fact is not None:
+                    out.red([fact])
             elif rtype == records.REC_TCP:
                 out.tcp([records.decode_tcp(payload)])
         out.spans(correlator.flush())

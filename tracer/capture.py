@@ -109,6 +109,10 @@ class CaptureConfig:
     btf_path: str | None = None  # external BTF (BTFHub) for kernels without /sys/kernel/btf/vmlinux
     portable_args: bool = False  # tracepoints: the non-x86_64 syscall-argument path, even on x86_64
     objects_dir: Path = OBJECTS_DIR
+    # Head sampling, decided in the kernel at each trace's root (correlator/sampling.py codes):
+    # kept iff (trace id bytes 8..15 as a big-endian u64) >> 1 < sample_threshold.
+    sampler: int = 0
+    sample_threshold: int = 1 << 63
 
 
 def object_names(backend: str, families: list[str]) -> list[str]:
@@ -132,6 +136,8 @@ def _globals(config: CaptureConfig) -> dict[str, int]:
         "kspan_filter_ports": int(bool(config.ports)),
         "kspan_network_events": int(config.network_events),
         "kspan_args_from_regs": int(_uses_regs(config)),
+        "kspan_sampler": int(config.sampler),
+        "kspan_sample_threshold": int(config.sample_threshold),
     }
 
 
@@ -168,6 +174,10 @@ class ObjectSet:
                                        "(scripts/build-bpf.sh); an installed kspan ships it: reinstall it")
                 obj = BpfObject.open(path, btf_path=config.btf_path)
                 self.objects[name] = obj
+                if config.sampler and not obj.has_global("kspan_sampler") and name == BACKEND_OBJECTS[backend]:
+                    # Without it every trace would be kept while the user asked for sampling.
+                    raise CaptureError(f"probe object {path} predates head sampling (no kspan_sampler): "
+                                       "rebuild the objects (`make setup`) or drop --sampler/OTEL_TRACES_SAMPLER")
                 for var, value in values.items():
                     if obj.has_global(var):
                         obj.set_global(var, value)

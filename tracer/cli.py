@@ -64,6 +64,13 @@ def _add_capture_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-connections", type=_bounded_int("--max-connections", 1024), default=16384,
                    help="connections tracked at once in the kernel (LRU; ~1.7 KB of kernel memory each)")
     g.add_argument("--duration", type=_positive, metavar="SECONDS", help="stop by itself after SECONDS")
+    g = p.add_argument_group("head sampling (decided in the kernel at each trace's root; metrics count every request)")
+    g.add_argument("--sampler", metavar="NAME",
+                   help="always_on (default), always_off, traceidratio, parentbased_always_on, "
+                   "parentbased_always_off or parentbased_traceidratio (overrides OTEL_TRACES_SAMPLER)")
+    g.add_argument("--sampler-arg", metavar="RATIO",
+                   help="the ratio of traces the *traceidratio samplers keep, 0 to 1 (default 1; overrides "
+                   "OTEL_TRACES_SAMPLER_ARG)")
 
 
 def _add_btf_arg(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -140,6 +147,15 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
     pages = opts.ringbuf_pages
     if pages <= 0 or pages & (pages - 1):
         raise SystemExit(f"kspan: --ringbuf-pages {pages} must be a power of two (e.g. 1024, 2048)")
+    if hasattr(args, "sampler"):
+        from correlator.sampling import SamplingError, sampler_from
+
+        try:
+            opts.sampler, notes = sampler_from(os.environ, args.sampler, args.sampler_arg)
+        except SamplingError as e:
+            raise SystemExit(f"kspan: {e} (--sampler-arg / OTEL_TRACES_SAMPLER_ARG)") from None
+        for note in notes:
+            print(f"kspan: {note}", file=sys.stderr)
     return opts
 
 

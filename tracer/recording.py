@@ -4,6 +4,10 @@ needs to be deterministic (clock offset, id salt, the resources of the processes
   b"KSPANREC1\\n" + one JSON line of metadata, then frames: kind (1 byte) + length (u32 LE) + payload.
   kind b"R": one raw kernel record exactly as read from the ring buffer.
   kind b"P": a ProcessInfo as JSON (written at first sight of a pid).
+
+Version 2 (exchange_size 960): exchange records carry the kernel's trace and span ids and its
+head-sampling decision, and unsampled exchanges appear as short metric records (type 4). Version 1
+files (exchange_size 928, no identity bytes) still replay: the correlator links and ids them.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class RecordingMeta:
     id_salt: str  # hex
     host: str
     exchange_size: int
-    version: int = 1
+    version: int = 2
+    sampler: str = ""  # the head sampler the kernel applied while recording (e.g. "traceidratio 0.25")
 
 
 class RecordingWriter:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import ctypes
 import socket
+import struct
 from dataclasses import dataclass
 
 from correlator.records import (
     EndReason,
     Exchange,
     ExchangeId,
+    MetricExchange,
     ParentHint,
     ParentKind,
     Role,
@@ -128,52 +130,142 @@ def record_type(data: bytes) -> int:
     return int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
 
 
-def decode_exchange(data: bytes) -> Exchange:
-    """Decode one `struct kspan_exchange`. Raises ValueError on a short or foreign record."""
-    if len(data) < EXCHANGE_SIZE:
-        raise ValueError(f"exchange record is {len(data)} bytes, expected {EXCHANGE_SIZE}")
-    r = RawExchange.from_buffer_copy(data[:EXCHANGE_SIZE])
-    if r.type != REC_EXCHANGE:
-        raise ValueError(f"record type {r.type} is not an exchange")
-    known = bool(r.flags & FLAG_TUPLE_KNOWN)
-    family = r.family if known else 0
+# The fixed part of struct kspan_exchange up to trace_id, in one unpack (a ctypes copy of the
+# whole 960-byte record costs several times more); _check_layout() ties it to RawExchange.
+_FIXED = struct.Struct("<IIIBBBBIHHHH16s16s4xQQQQQQQQQIHHB7x")
+_IDS_AT = RawExchange.trace_id.offset
+_REQ_AT = RawExchange.req_head.offset
+_RESP_AT = RawExchange.resp_head.offset
+_TAIL_AT = RawExchange.resp_tail.offset
+# Recordings made before the kernel fixed identities (recording version 1): the same record
+# without the 32 identity bytes before req_head.
+_IDS_LEN = _REQ_AT - _IDS_AT
+LEGACY_EXCHANGE_SIZE = EXCHANGE_SIZE - _IDS_LEN
+_Z16 = b"\0" * 16
+_Z8 = b"\0" * 8
+_PARENT_KINDS = {int(k): k for k in ParentKind}
+_ROLES = {int(k): k for k in Role}
+_ENDS = {int(k): k for k in EndReason}
+_SOURCES = {int(k): k for k in Source}
+
+
+def _check_layout() -> None:
+    if _FIXED.size != _IDS_AT or RawExchange.flags.offset != 16 or RawExchange.parent_pid.offset != 136:
+        raise AssertionError("tracer/records.py: _FIXED does not match RawExchange (bpf/kspan.h)")
+
+
+_check_layout()
+
+
+def _ids(data: bytes, flags: int) -> tuple[bytes, bytes, bytes, bool]:
+    """(trace_id, span_id, parent_span_id, kernel_ids) of a current-layout record. A record that
+    claims kernel ids but carries a zero trace or span id is treated as one without them."""
+    if not flags & FLAG_IDS:
+        return b"", b"", b"", False
+    trace = bytes(data[_IDS_AT : _IDS_AT + 16])
+    # The kernel writes u64s in host (little-endian) order; OTLP wants the u64's big-endian bytes.
+    sid = bytes(data[_IDS_AT + 16 : _IDS_AT + 24])[::-1]
+    psid = bytes(data[_IDS_AT + 24 : _IDS_AT + 32])[::-1]
+    if trace == _Z16 or sid == _Z8:
+        return b"", b"", b"", False
+    return trace, sid, b"" if psid == _Z8 else psid, True
+
+
+def decode_exchange(data: bytes, legacy: bool | None = None) -> Exchange:
+    """Decode one `struct kspan_exchange`. legacy: the layout before identity fields (recording
+    version 1); None decides by the record's length. Raises ValueError on a short or foreign record."""
+    n = len(data)
+    if legacy is None:
+        legacy = n < EXCHANGE_SIZE and n == LEGACY_EXCHANGE_SIZE
+    size = LEGACY_EXCHANGE_SIZE if legacy else EXCHANGE_SIZE
+    if n < size:
+        raise ValueError(f"exchange record is {n} bytes, expected {size}")
+    (rtype, pid, tid, role, end_reason, source, parent_kind, flags, family, local_port, remote_port, status,
+     local_addr, remote_addr, conn_id, req_start, req_end, resp_start, resp_end, req_bytes, resp_bytes,
+     parent_conn, parent_start, parent_pid, req_len, resp_len, tail_len) = _FIXED.unpack_from(data)
+    if rtype != REC_EXCHANGE:
+        raise ValueError(f"record type {rtype} is not an exchange")
+    try:
+        kind = _PARENT_KINDS[parent_kind]
+        role_v = _ROLES[role]
+        end_v = _ENDS[end_reason]
+        source_v = _SOURCES[source]
+    except KeyError as e:
+        raise ValueError(f"exchange record has an unknown enum value {e}") from None
+    if legacy:
+        shift = _IDS_LEN
+        trace, sid, psid, kernel_ids = b"", b"", b"", False
+    else:
+        shift = 0
+        trace, sid, psid, kernel_ids = _ids(data, flags)
+    known = bool(flags & FLAG_TUPLE_KNOWN)
+    if not known:
+        family = 0
     parent = None
-    if r.parent_kind != ParentKind.NONE:
-        parent = ParentHint(
-            ParentKind(r.parent_kind), r.parent_pid, ExchangeId(r.parent_conn_id, r.parent_req_start_ns)
-        )
-    req_len = min(r.req_head_len, REQ_HEAD)
-    resp_len = min(r.resp_head_len, RESP_HEAD)
-    tail_len = min(r.resp_tail_len, TAIL)
+    if kind != ParentKind.NONE:
+        parent = ParentHint(kind, parent_pid, ExchangeId(parent_conn, parent_start))
+    req_at, resp_at, tail_at = _REQ_AT - shift, _RESP_AT - shift, _TAIL_AT - shift
     return Exchange(
-        pid=r.pid,
-        tid=r.tid,
-        role=Role(r.role),
-        end=EndReason(r.end_reason),
-        source=Source(r.source),
-        tls=bool(r.flags & FLAG_TLS),
-        conn_id=r.conn_id,
+        pid=pid,
+        tid=tid,
+        role=role_v,
+        end=end_v,
+        source=source_v,
+        tls=bool(flags & FLAG_TLS),
+        conn_id=conn_id,
         family=family,
-        local_addr=format_addr(family, bytes(r.local_addr)),
-        local_port=r.local_port if known else 0,
-        remote_addr=format_addr(family, bytes(r.remote_addr)),
-        remote_port=r.remote_port if known else 0,
-        req_start_ns=r.req_start_ns,
-        req_end_ns=r.req_end_ns,
-        resp_start_ns=r.resp_start_ns,
-        resp_end_ns=r.resp_end_ns,
-        req_bytes=r.req_bytes,
-        resp_bytes=r.resp_bytes,
-        status=r.status,
+        local_addr=format_addr(family, local_addr),
+        local_port=local_port if known else 0,
+        remote_addr=format_addr(family, remote_addr),
+        remote_port=remote_port if known else 0,
+        req_start_ns=req_start,
+        req_end_ns=req_end,
+        resp_start_ns=resp_start,
+        resp_end_ns=resp_end,
+        req_bytes=req_bytes,
+        resp_bytes=resp_bytes,
+        status=status,
         parent=parent,
-        # ctypes c_char arrays stop at NUL; read the raw buffer with its length instead.
-        req_head=bytes(data[RawExchange.req_head.offset : RawExchange.req_head.offset + req_len]),
-        resp_head=bytes(data[RawExchange.resp_head.offset : RawExchange.resp_head.offset + resp_len]),
-        resp_tail=bytes(data[RawExchange.resp_tail.offset : RawExchange.resp_tail.offset + tail_len]),
-        req_head_truncated=bool(r.flags & FLAG_REQ_HEAD_FULL),
-        resp_head_truncated=bool(r.flags & FLAG_RESP_HEAD_FULL),
-        interim_response=bool(r.flags & FLAG_INTERIM),
-        parent_ambiguous=bool(r.flags & FLAG_AMBIGUOUS),
+        # The heads are raw buffers with a length (c_char arrays would stop at a NUL).
+        req_head=bytes(data[req_at : req_at + min(req_len, REQ_HEAD)]),
+        resp_head=bytes(data[resp_at : resp_at + min(resp_len, RESP_HEAD)]),
+        resp_tail=bytes(data[tail_at : tail_at + min(tail_len, TAIL)]),
+        req_head_truncated=bool(flags & FLAG_REQ_HEAD_FULL),
+        resp_head_truncated=bool(flags & FLAG_RESP_HEAD_FULL),
+        interim_response=bool(flags & FLAG_INTERIM),
+        parent_ambiguous=bool(flags & FLAG_AMBIGUOUS),
+        trace_id=trace,
+        span_id=sid,
+        parent_span_id=psid,
+        # Without kernel ids the kernel made no decision: the correlator mirrors the sampler.
+        sampled=bool(flags & FLAG_SAMPLED) if kernel_ids else True,
+        kernel_ids=kernel_ids,
+        remote_parent=bool(flags & FLAG_REMOTE_PARENT),
+    )
+
+
+def decode_metric(data: bytes) -> MetricExchange:
+    """Decode one KSPAN_REC_METRIC record (an unsampled exchange: the fixed part, the identity and
+    the first METRIC_HEAD bytes of the request head). Raises ValueError on a short or foreign one."""
+    if len(data) < _REQ_AT:
+        raise ValueError(f"metric record is {len(data)} bytes, expected at least {_REQ_AT}")
+    (rtype, pid, _tid, role, end_reason, _source, parent_kind, flags, family, local_port, remote_port, status,
+     local_addr, remote_addr, _conn, req_start, req_end, resp_start, resp_end, _rb, _sb,
+     _pc, _ps, parent_pid, req_len, _rl, _tl) = _FIXED.unpack_from(data)
+    if rtype != REC_METRIC:
+        raise ValueError(f"record type {rtype} is not a metric record")
+    if role not in _ROLES:
+        raise ValueError(f"metric record has an unknown role {role}")
+    if not flags & FLAG_TUPLE_KNOWN:
+        family = local_port = remote_port = 0
+    # Without kernel ids the span ids are unknown: b"" keeps service-graph pairing off.
+    sid = bytes(data[_IDS_AT + 16 : _IDS_AT + 24])[::-1] if flags & FLAG_IDS else b""
+    psid = bytes(data[_IDS_AT + 24 : _IDS_AT + 32])[::-1] if flags & FLAG_IDS else b""
+    return MetricExchange(
+        pid, role, end_reason, bool(flags & FLAG_TLS), status, resp_start != 0, req_start,
+        max(resp_end, resp_start, req_end, req_start), family, local_addr, local_port, remote_addr, remote_port,
+        parent_kind, parent_pid, b"" if sid == _Z8 else sid, b"" if psid == _Z8 else psid,
+        bytes(data[_REQ_AT : _REQ_AT + min(req_len, METRIC_HEAD, len(data) - _REQ_AT)]),
     )
 
 
