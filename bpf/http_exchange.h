@@ -787,49 +787,165 @@ __attribute__((noinline)) int kspan_fix_server(__u64 conn_id, __u64 req_start_ns
     return 1;
 }
 
-/* Fix a client exchange's identity when it begins: its parent's trace (fixing the parent's
- * identity first), or, as a root, an instrumented application's own outgoing traceparent, or a
- * new trace. A parent that cannot be read any more gives no link, counted: never a guess. */
-__attribute__((noinline)) int kspan_fix_client(__u64 conn_id)
+/* A client request's identity, decided when it starts: at the write's entry where a probe sees
+ * it (so that the TCP-option program can carry it on the request's first segment), else when the
+ * state machine begins the request. Keyed by socket; taken (deleted) by kspan_fix_client. */
+struct kspan_client_id {
+    __u8 trace_id[16];
+    __u64 span_id;
+    __u64 parent_span_id;
+    __u64 parent_conn_id;
+    __u64 parent_req_start_ns;
+    __u64 pid_tgid;          /* the thread that wrote it: only its own write takes it */
+    __u32 parent_pid;
+    __u32 flags;             /* KSPAN_FLAG_SAMPLED, KSPAN_FLAG_AMBIGUOUS */
+    __u8 parent_kind;
+    __u8 _pad[7];
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, KSPAN_MAX_CONNS);
+    __type(key, __u64);
+    __type(value, struct kspan_client_id);
+} client_pre SEC(".maps");
+
+/* Decide the identity of a client request that thread pid_tgid starts on socket sk: its parent
+ * by the kernel's rules (the goroutine that made the call, a thread serving exactly one request,
+ * a process with exactly one in flight; an event loop serving several: none, counted), the
+ * parent's trace (fixing the parent's identity first), or a new trace and the root's sampling
+ * decision. A parent that cannot be read any more gives no link, counted: never a guess.
+ * Global: verified once, shared by the write-entry probes and the state machine. */
+__attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, int before_wire)
+{
+    struct kspan_client_id id = {};
+    id.pid_tgid = pid_tgid;
+    id.span_id = kspan_rand64();
+    __u32 pid = pid_tgid >> 32;
+    struct kspan_exchange_ref *g = bpf_map_lookup_elem(&go_client_parent, &sk);
+    struct kspan_exchange_ref *t = g ? 0 : bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
+    if (g) {
+        id.parent_kind = KSPAN_PARENT_GOROUTINE;
+        id.parent_conn_id = g->conn_id;
+        id.parent_req_start_ns = g->req_start_ns;
+        id.parent_pid = g->pid;
+        bpf_map_delete_elem(&go_client_parent, &sk);
+    } else if (t && t->inflight > 0) {
+        /* A thread serving exactly one request (and never two at once since it was idle) names
+         * it; an event loop serving several cannot: no parent, counted. */
+        if (t->inflight == 1 && !t->ambiguous) {
+            id.parent_kind = KSPAN_PARENT_THREAD;
+            id.parent_conn_id = t->conn_id;
+            id.parent_req_start_ns = t->req_start_ns;
+            id.parent_pid = pid;
+        } else {
+            id.flags |= KSPAN_FLAG_AMBIGUOUS;
+            kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
+        }
+    } else {
+        struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
+        if (f && f->count == 1 && !f->ambiguous) {
+            id.parent_kind = KSPAN_PARENT_PROCESS;
+            id.parent_conn_id = f->conn_id;
+            id.parent_req_start_ns = f->req_start_ns;
+            id.parent_pid = pid;
+        } else if (f && f->count > 0) {
+            id.flags |= KSPAN_FLAG_AMBIGUOUS;
+            kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
+        }
+    }
+    int linked = 0;
+    if (id.parent_kind != KSPAN_PARENT_NONE) {
+        __u64 pc = id.parent_conn_id;
+        struct kspan_conn *ps = 0;
+        if (kspan_fix_server(pc, id.parent_req_start_ns))
+            ps = bpf_map_lookup_elem(&conns, &pc);
+        if (ps && (ps->ex.flags & KSPAN_FLAG_IDS)) {
+            __builtin_memcpy(id.trace_id, ps->ex.trace_id, 16);
+            id.parent_span_id = ps->ex.span_id;
+            id.flags |= ps->ex.flags & KSPAN_FLAG_SAMPLED;
+            linked = 1;
+        } else {
+            id.parent_kind = KSPAN_PARENT_NONE;
+            id.parent_conn_id = 0;
+            id.parent_req_start_ns = 0;
+            id.parent_pid = 0;
+            kspan_count(KSPAN_CNT_PARENT_LOST, 1);
+        }
+    }
+    if (!linked) {
+        __u64 a = kspan_rand64(), b = kspan_rand64();
+        __builtin_memcpy(id.trace_id, &a, 8);
+        __builtin_memcpy(id.trace_id + 8, &b, 8);
+        id.flags |= kspan_root_sampled(id.trace_id);
+    }
+    bpf_map_update_elem(&client_pre, &sk, &id, BPF_ANY);
+    /* For the TCP-option program: this connection's next data segments carry the context. Only
+     * before the request's bytes reach the wire: written later, it would ride on the NEXT
+     * request's segments, a wrong parent on the other host. */
+    if (!before_wire)
+        return 1;
+    struct kspan_tuple *tu = kspan_tuple_of(sk);
+    if (tu) {
+        struct kspan_conn_key k = {};
+        kspan_conn_key_of(&k, tu, 0);
+        struct kspan_trace_ctx c = {};
+        __builtin_memcpy(c.trace_id, id.trace_id, 16);
+        c.span_id = id.span_id;
+        c.flags = (id.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
+        c.ts_ns = bpf_ktime_get_ns();
+        bpf_map_update_elem(&ctx_out, &k, &c, BPF_ANY);
+    }
+    return 1;
+}
+
+/* A write-family call is starting on socket sk with its first bytes at user address buf: if they
+ * start a request, decide its identity now, before its segments leave. */
+static __always_inline void kspan_pre_request(__u64 pid_tgid, __u64 sk, __u64 buf)
+{
+    __u64 w = 0;
+    if (!sk || !buf || bpf_probe_read_user(&w, 8, (const void *)buf) != 0)
+        return;
+    if (!kspan_method(w, 8))
+        return;
+    if (bpf_map_lookup_elem(&tls_conns, &sk))
+        return;  /* ciphertext: the TLS probes see this connection's requests */
+    kspan_client_pre(sk, pid_tgid, 1);
+}
+
+/* The client exchange in conns[conn_id] takes the identity decided at its start (or decides it
+ * now); as a root, an instrumented application's own outgoing traceparent names its trace. */
+__attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid, int before_wire)
 {
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
     if (!st || st->ex.role != KSPAN_ROLE_CLIENT)
         return 0;
-    if (st->ex.parent_kind != KSPAN_PARENT_NONE) {
-        __u64 pc = st->ex.parent_conn_id;
-        struct kspan_conn *ps = 0;
-        if (kspan_fix_server(pc, st->ex.parent_req_start_ns))
-            ps = bpf_map_lookup_elem(&conns, &pc);
-        if (ps && (ps->ex.flags & KSPAN_FLAG_IDS)) {
-            __builtin_memcpy(st->ex.trace_id, ps->ex.trace_id, 16);
-            st->ex.parent_span_id = ps->ex.span_id;
-            st->ex.flags |= (ps->ex.flags & KSPAN_FLAG_SAMPLED) | KSPAN_FLAG_IDS;
-            return 1;
-        }
-        st->ex.parent_kind = KSPAN_PARENT_NONE;
-        st->ex.parent_conn_id = 0;
-        st->ex.parent_req_start_ns = 0;
-        st->ex.parent_pid = 0;
-        kspan_count(KSPAN_CNT_PARENT_LOST, 1);
+    struct kspan_client_id *id = bpf_map_lookup_elem(&client_pre, &conn_id);
+    if (!id || id->pid_tgid != pid_tgid) {
+        kspan_client_pre(conn_id, pid_tgid, before_wire);
+        id = bpf_map_lookup_elem(&client_pre, &conn_id);
+        if (!id)
+            return 0;
     }
+    st->ex.parent_kind = id->parent_kind;
+    st->ex.parent_conn_id = id->parent_conn_id;
+    st->ex.parent_req_start_ns = id->parent_req_start_ns;
+    st->ex.parent_pid = id->parent_pid;
+    __builtin_memcpy(st->ex.trace_id, id->trace_id, 16);
+    st->ex.span_id = id->span_id;
+    st->ex.parent_span_id = id->parent_span_id;
+    st->ex.flags |= id->flags | KSPAN_FLAG_IDS;
+    bpf_map_delete_elem(&client_pre, &conn_id);
     __u8 tid[16] = {};
     __u64 sid = 0;
     __u32 fl = 0;
-    __u32 sampled;
-    if (!(st->ex.flags & KSPAN_FLAG_AMBIGUOUS) && kspan_traceparent(st, tid, &sid, &fl)) {
+    if (st->ex.parent_kind == KSPAN_PARENT_NONE && !(st->ex.flags & KSPAN_FLAG_AMBIGUOUS) &&
+        kspan_traceparent(st, tid, &sid, &fl)) {
         st->ex.parent_kind = KSPAN_PARENT_TRACEPARENT;
         __builtin_memcpy(st->ex.trace_id, tid, 16);
         st->ex.parent_span_id = sid;
-        sampled = kspan_remote_sampled(tid, fl);
-        st->ex.flags |= KSPAN_FLAG_REMOTE_PARENT;
-    } else {
-        __u64 a = kspan_rand64(), b = kspan_rand64();
-        __builtin_memcpy(st->ex.trace_id, &a, 8);
-        __builtin_memcpy(st->ex.trace_id + 8, &b, 8);
-        st->ex.parent_span_id = 0;
-        sampled = kspan_root_sampled(st->ex.trace_id);
+        st->ex.flags = (st->ex.flags & ~KSPAN_FLAG_SAMPLED) | kspan_remote_sampled(tid, fl) |
+                       KSPAN_FLAG_REMOTE_PARENT;
     }
-    st->ex.flags |= sampled | KSPAN_FLAG_IDS;
     return 1;
 }
 
@@ -990,40 +1106,9 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             }
         }
     } else {
-        struct kspan_exchange_ref *g = bpf_map_lookup_elem(&go_client_parent, &st->ex.conn_id);
-        struct kspan_exchange_ref *t = g ? 0 : bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
-        if (g) {
-            st->ex.parent_kind = KSPAN_PARENT_GOROUTINE;
-            st->ex.parent_conn_id = g->conn_id;
-            st->ex.parent_req_start_ns = g->req_start_ns;
-            st->ex.parent_pid = g->pid;
-            bpf_map_delete_elem(&go_client_parent, &st->ex.conn_id);
-        } else if (t && t->inflight > 0) {
-            /* A thread serving exactly one request (and never two at once since it was idle)
-             * names it; an event loop serving several cannot: no parent, counted. */
-            if (t->inflight == 1 && !t->ambiguous) {
-                st->ex.parent_kind = KSPAN_PARENT_THREAD;
-                st->ex.parent_conn_id = t->conn_id;
-                st->ex.parent_req_start_ns = t->req_start_ns;
-                st->ex.parent_pid = a->pid;
-            } else {
-                st->ex.flags |= KSPAN_FLAG_AMBIGUOUS;
-                kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
-            }
-        } else {
-            __u32 pid = a->pid;
-            struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
-            if (f && f->count == 1 && !f->ambiguous) {
-                st->ex.parent_kind = KSPAN_PARENT_PROCESS;
-                st->ex.parent_conn_id = f->conn_id;
-                st->ex.parent_req_start_ns = f->req_start_ns;
-                st->ex.parent_pid = a->pid;
-            } else if (f && f->count > 0) {
-                st->ex.flags |= KSPAN_FLAG_AMBIGUOUS;
-                kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
-            }
-        }
-        kspan_fix_client(st->ex.conn_id);
+        /* the TLS probes report a write at its entry (see bpf/openssl.bpf.c); the socket
+         * probes after its bytes are sent, and saw its entry in kspan_pre_request */
+        kspan_fix_client(st->ex.conn_id, pid_tgid, a->source != KSPAN_SRC_SOCKET);
         if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
             struct kspan_conn_key k = {};
             kspan_conn_key_of_ex(&k, st, 0);

@@ -71,7 +71,51 @@ struct {
     __type(value, struct kspan_write_start);
 } write_start SEC(".maps");
 
-static __always_inline int kspan_note_write(__u64 ptr)
+/* The socket behind descriptor fd of the current task, or 0: the first write on a new connection
+ * comes before any transfer could fill fd_sk. struct socket's back pointer to its file tells a
+ * socket's private_data from another file's. */
+static __always_inline __u64 kspan_fd_sock(__u64 id, __u32 fd)
+{
+    __u64 fdkey = (id & 0xffffffff00000000ULL) | fd;
+    __u64 *known = bpf_map_lookup_elem(&fd_sk, &fdkey);
+    if (known)
+        return *known;
+    struct task_struct *task = bpf_get_current_task_btf();
+    struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+    if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+        return 0;
+    struct file **fds = BPF_CORE_READ(fdt, fd);
+    struct file *f = 0;
+    if (bpf_core_read(&f, sizeof(f), &fds[fd]) != 0 || !f)
+        return 0;
+    struct socket *sock = (struct socket *)BPF_CORE_READ(f, private_data);
+    if (!sock || BPF_CORE_READ(sock, file) != f || BPF_CORE_READ(sock, type) != 1 /* SOCK_STREAM */)
+        return 0;
+    return (__u64)BPF_CORE_READ(sock, sk);
+}
+
+/* A write-family call's entry: where its first bytes are, and a request's identity if they
+ * start one (kspan_pre_request), before its segments leave. */
+static __always_inline void kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u8 kind)
+{
+    __u64 buf = ptr;
+    if (kind == KSPAN_IO_NOBUF)
+        return;
+    if (kind == KSPAN_IO_MSG) {
+        struct user_msghdr *um = (struct user_msghdr *)ptr;
+        if (bpf_core_read_user(&ptr, sizeof(ptr), &um->msg_iov) != 0)
+            return;
+        kind = KSPAN_IO_IOV;
+    }
+    if (kind == KSPAN_IO_IOV && bpf_probe_read_user(&buf, sizeof(buf), (const void *)ptr) != 0)
+        return;  /* the first iovec's base */
+    __u64 w = 0;
+    if (!buf || bpf_probe_read_user(&w, 8, (const void *)buf) != 0 || !kspan_method(w, 8))
+        return;
+    kspan_pre_request(id, kspan_fd_sock(id, fd), buf);
+}
+
+static __always_inline int kspan_note_write(__u64 fd, __u64 ptr, __u8 kind)
 {
     if (!kspan_regs_path())
         return 0;
@@ -79,6 +123,7 @@ static __always_inline int kspan_note_write(__u64 ptr)
     __u32 pid = id >> 32;
     if (kspan_pid_skipped(pid))
         return 0;
+    kspan_write_entry(id, fd, ptr, kind);
     __u64 now = bpf_ktime_get_ns();
     struct kspan_write_start *w = bpf_map_lookup_elem(&write_start, &id);
     if (w) {
@@ -96,16 +141,31 @@ static __always_inline int kspan_note_write(__u64 ptr)
 /* Only the arguments each syscall has are read: the tracepoint attach checks the program's
  * highest context offset against the event's record size. */
 SEC("tp/syscalls/sys_enter_write")
-int kspan_ws_enter_write(struct trace_event_raw_sys_enter *ctx) { return kspan_note_write(ctx->args[1]); }
+int kspan_ws_enter_write(struct trace_event_raw_sys_enter *ctx)
+{
+    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_BUF);
+}
 SEC("tp/syscalls/sys_enter_sendto")
-int kspan_ws_enter_sendto(struct trace_event_raw_sys_enter *ctx) { return kspan_note_write(ctx->args[1]); }
+int kspan_ws_enter_sendto(struct trace_event_raw_sys_enter *ctx)
+{
+    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_BUF);
+}
 SEC("tp/syscalls/sys_enter_writev")
-int kspan_ws_enter_writev(struct trace_event_raw_sys_enter *ctx) { return kspan_note_write(ctx->args[1]); }
+int kspan_ws_enter_writev(struct trace_event_raw_sys_enter *ctx)
+{
+    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_IOV);
+}
 SEC("tp/syscalls/sys_enter_sendmsg")
-int kspan_ws_enter_sendmsg(struct trace_event_raw_sys_enter *ctx) { return kspan_note_write(ctx->args[1]); }
+int kspan_ws_enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
+{
+    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_MSG);
+}
 /* sendfile64(out_fd, in_fd, ...): in_fd is what the registers path sees as the second argument */
 SEC("tp/syscalls/sys_enter_sendfile64")
-int kspan_ws_enter_sendfile64(struct trace_event_raw_sys_enter *ctx) { return kspan_note_write(ctx->args[1]); }
+int kspan_ws_enter_sendfile64(struct trace_event_raw_sys_enter *ctx)
+{
+    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_NOBUF);
+}
 
 /* ---- portable path: arguments saved at entry ---- */
 
@@ -132,6 +192,8 @@ static __always_inline int kspan_save_args(__u64 fd, __u64 ptr, __u64 vlen, __u8
     sa.kind = kind;
     sa.dir = dir;
     bpf_map_update_elem(&sys_args, &id, &sa, BPF_ANY);
+    if (dir == KSPAN_DIR_EGRESS)
+        kspan_write_entry(id, fd, ptr, kind);
     return 0;
 }
 

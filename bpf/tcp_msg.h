@@ -131,6 +131,16 @@ static __always_inline void kspan_tcp_call_save(struct sock *sk, struct msghdr *
         return;
     __u64 id = bpf_get_current_pid_tgid();
     bpf_map_update_elem(&tcp_calls, &id, &c, BPF_ANY);
+    if (dir == KSPAN_DIR_EGRESS) {
+        /* a request's identity before its segments leave (see kspan_pre_request) */
+        __u64 buf = c.ptr;
+        if (c.kind == KSPAN_KP_IOV && bpf_probe_read_user(&buf, sizeof(buf), (const void *)c.ptr) != 0)
+            buf = 0;
+        if (c.kind == KSPAN_KP_IOV && buf)
+            buf += c.skip;
+        if (c.kind == KSPAN_KP_UBUF || c.kind == KSPAN_KP_IOV)
+            kspan_pre_request(id, c.sk, buf);
+    }
 }
 
 /* The return of a call saved by kspan_tcp_call_save: feed its bytes to the state machine. */
