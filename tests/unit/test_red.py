@@ -1,0 +1,134 @@
+"""Unsampled exchanges in metrics (correlator/red.py, MetricsAggregator.record_red): the same RED
+series a span of the exchange would give, and service-graph edges, without building spans."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import replace
+
+import pytest
+
+from correlator.clock import WallClock
+from correlator.correlator import Correlator, CorrelatorConfig
+from correlator.records import EndReason, Exchange, MetricExchange, ParentKind, Role
+from correlator.spans import ProcessInfo
+from exporters.metrics import MetricsAggregator
+from tests.support.exchanges import hint, make_exchange, request_bytes, response_bytes
+
+
+def _metric(ex: Exchange, span_id: bytes = b"", parent_span_id: bytes = b"") -> MetricExchange:
+    """The metric record the kernel would send for ex had its trace been dropped."""
+    fam = socket.AF_INET6 if ":" in ex.local_addr else socket.AF_INET
+
+    def raw(a: str) -> bytes:
+        return socket.inet_pton(fam, a).ljust(16, b"\0") if a else b"\0" * 16
+
+    p = ex.parent
+    return MetricExchange(
+        ex.pid, int(ex.role), int(ex.end), ex.tls, ex.status, ex.resp_start_ns != 0, ex.req_start_ns,
+        max(ex.resp_end_ns, ex.resp_start_ns, ex.req_end_ns, ex.req_start_ns), ex.family if ex.local_addr else 0,
+        raw(ex.local_addr), ex.local_port, raw(ex.remote_addr), ex.remote_port, int(p.kind) if p else 0,
+        p.pid if p else 0, span_id, parent_span_id, ex.req_head[:128],
+    )
+
+
+CASES = [
+    ("server 200", make_exchange(request_bytes("GET", "/users/7?q=1"), response_bytes(200))),
+    ("server 503", make_exchange(request_bytes("POST", "/x", body=b"{}"), response_bytes(503))),
+    ("server 404", make_exchange(request_bytes("GET", "/nope"), response_bytes(404))),
+    ("client 404", make_exchange(request_bytes("GET", "/nope", host="api:9000"), response_bytes(404),
+                                 role=Role.CLIENT)),
+    ("client no host", make_exchange(request_bytes("GET", "/", host=None), response_bytes(200), role=Role.CLIENT)),
+    ("client https", make_exchange(request_bytes("GET", "/", host="api"), response_bytes(200), role=Role.CLIENT,
+                                   tls=True)),
+    ("odd method", make_exchange(request_bytes("BREW", "/pot"), response_bytes(418))),
+    ("timeout", make_exchange(request_bytes("GET", "/slow"), None, end=EndReason.TIMEOUT)),
+    ("closed", make_exchange(request_bytes("GET", "/c"), None, end=EndReason.CLOSED, role=Role.CLIENT)),
+    ("http/1.0", make_exchange(request_bytes("GET", "/old", version="HTTP/1.0"),
+                               response_bytes(200, version="HTTP/1.0"))),
+]
+
+
+@pytest.mark.parametrize(("name", "ex"), CASES, ids=[c[0] for c in CASES])
+def test_unsampled_exchange_lands_in_the_series_its_span_would(name: str, ex: Exchange) -> None:
+    corr = Correlator(WallClock(0), CorrelatorConfig(routes=["/users/{id}"]))
+    (span,) = corr.feed(ex)
+    facts = corr.metric(_metric(ex))
+    assert facts is not None
+    assert facts.attrs == MetricsAggregator._red_attrs(span)
+    assert facts.server == (ex.role == Role.SERVER)
+    assert facts.seconds == pytest.approx((span.end_ns - span.start_ns) / 1e9)
+    assert facts.failed == (span.status == 2)
+
+
+def test_route_and_not_http() -> None:
+    corr = Correlator(WallClock(0), CorrelatorConfig(routes=["/users/{id}"]))
+    f = corr.metric(_metric(make_exchange(request_bytes("GET", "/users/42"), response_bytes(200))))
+    assert f is not None and ("http.route", "/users/{id}") in f.attrs
+    assert corr.metric(_metric(make_exchange(b"\x16\x03\x01 not http", response_bytes(200)))) is None
+    st = corr.stats
+    assert st.metric_records == 2 and st.metric_unparsed == 1
+
+
+def _hist(agg: MetricsAggregator, name: str) -> dict[tuple, int]:
+    out: dict[tuple, int] = {}
+    for rm in agg.collect().resource_metrics:
+        svc = rm.resource.attributes.get("service.name")
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                if m.name == name:
+                    for p in m.data.data_points:
+                        v = p.count if hasattr(p, "count") else p.value
+                        out[(svc, tuple(sorted(p.attributes.items())))] = v
+    return out
+
+
+PROCS = {
+    10: ProcessInfo(10, "front", "front", "front"),
+    20: ProcessInfo(20, "back", "back", "back"),
+}
+
+
+def test_unsampled_and_sampled_requests_count_in_one_series() -> None:
+    corr = Correlator(WallClock(0), CorrelatorConfig())
+    agg = MetricsAggregator()
+    ex = make_exchange(request_bytes("GET", "/a"), response_bytes(200), pid=20)
+    agg.record_spans(corr.feed(ex), PROCS)
+    for i in range(9):
+        f = corr.metric(_metric(replace(ex, req_start_ns=ex.req_start_ns + i + 1)))
+        assert f is not None
+        agg.record_red([f], PROCS)
+    counts = _hist(agg, "http.server.request.duration")
+    assert len(counts) == 1 and list(counts.values()) == [10]
+
+
+def test_service_graph_pairs_unsampled_halves_by_kernel_span_ids() -> None:
+    """client (front) -> server (back) on this host, both unsampled: one edge with both durations,
+    in either arrival order; a local client whose server is not traced becomes a virtual node."""
+    client = make_exchange(request_bytes("GET", "/b", host="127.0.0.1:8000"), response_bytes(200), pid=10,
+                           role=Role.CLIENT, local=("127.0.0.1", 40000), remote=("127.0.0.1", 8000))
+    server = make_exchange(request_bytes("GET", "/b", host="127.0.0.1:8000"), response_bytes(200), pid=20,
+                           local=("127.0.0.1", 8000), remote=("127.0.0.1", 40000), parent=hint(ParentKind.PEER, client))
+    cid, sid = struct.pack(">Q", 5), struct.pack(">Q", 6)
+    corr = Correlator(WallClock(0), CorrelatorConfig())
+    for order in ((server, client), (client, server)):
+        agg = MetricsAggregator()
+        for ex in order:
+            f = corr.metric(_metric(ex, cid if ex is client else sid, b"" if ex is client else cid))
+            assert f is not None
+            agg.record_red([f], PROCS)
+        edges = _hist(agg, "traces_service_graph_request_total")
+        assert edges == {("kspan", (("client", "front"), ("connection_type", ""), ("server", "back"))): 1}
+        assert list(_hist(agg, "traces_service_graph_request_server_seconds").values()) == [1]
+        assert list(_hist(agg, "traces_service_graph_request_client_seconds").values()) == [1]
+    # A local client alone: virtual node once the pairing window passes.
+    agg = MetricsAggregator(pair_timeout_s=0.0)
+    f = corr.metric(_metric(client, struct.pack(">Q", 9)))
+    assert f is not None
+    agg.record_red([f], PROCS)
+    agg._expire(float("inf"), 0)
+    edges = _hist(agg, "traces_service_graph_request_total")
+    assert edges == {("kspan", (("client", "front"), ("connection_type", "virtual_node"),
+                                ("server", "127.0.0.1"))): 1}
+    assert agg.unpaired_edges == 0
