@@ -43,3 +43,29 @@ def test_ringbuf_pages_must_be_a_power_of_two() -> None:
     args = build_parser().parse_args(["run", "--ringbuf-pages", "1000"])
     with pytest.raises(SystemExit, match="power of two"):
         _options(args)
+
+
+def test_sampler_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from correlator import sampling
+    from tracer.cli import _options
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.5")
+    assert _options(build_parser().parse_args(["run"])).sampler.code == sampling.ALWAYS_OFF
+    opts = _options(build_parser().parse_args(["run", "--sampler", "traceidratio", "--sampler-arg", "0.25"]))
+    assert opts.sampler.code == sampling.TRACEIDRATIO and opts.sampler.threshold == 1 << 61
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "xray")
+    assert _options(build_parser().parse_args(["record", "f"])).sampler.code == sampling.ALWAYS_ON
+    assert "'xray' is not supported" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="outside 0-1"):
+        _options(build_parser().parse_args(["run", "--sampler", "traceidratio", "--sampler-arg", "2"]))
+
+
+def test_sampler_reaches_the_kernel_globals() -> None:
+    from tracer.capture import CaptureConfig, _globals
+
+    g = _globals(CaptureConfig(sampler=5, sample_threshold=1 << 60))
+    assert g["kspan_sampler"] == 5 and g["kspan_sample_threshold"] == 1 << 60
+    d = _globals(CaptureConfig())
+    assert d["kspan_sampler"] == 0 and d["kspan_sample_threshold"] == 1 << 63
