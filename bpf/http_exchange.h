@@ -557,6 +557,9 @@ static __always_inline __u32 kspan_readable(struct kspan_data_args *a)
         }                                                                         \
     } while (0)
 
+/* Global functions defined below (each verified once on its own). */
+__attribute__((noinline)) int kspan_serving_del(__u64 conn_id, __u64 pid_tgid);
+
 static __always_inline void kspan_release_hints(struct kspan_conn *st)
 {
     if (st->ex.role == KSPAN_ROLE_SERVER) {
@@ -569,6 +572,7 @@ static __always_inline void kspan_release_hints(struct kspan_conn *st)
             else
                 __sync_fetch_and_add(&t->inflight, -1);
         }
+        kspan_serving_del(st->ex.conn_id, key);
         __u32 pid = st->ex.pid;
         struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
         if (f && f->count > 0 && __sync_fetch_and_add(&f->count, -1) == 1)
@@ -787,6 +791,200 @@ __attribute__((noinline)) int kspan_fix_server(__u64 conn_id, __u64 req_start_ns
     return 1;
 }
 
+
+/* ---- evidence for event loops ----
+ * A thread serving several requests at once cannot say which one a call it makes belongs to.
+ * Its call is linked only on evidence naming one of them: a proxy forwarding the request line
+ * ("GET /orders?id=42") of exactly one request the thread is serving. */
+#define KSPAN_SERVING_SLOTS 16
+#define KSPAN_LINE_MAX 128
+
+struct kspan_serving_slot {
+    __u64 conn_id;          /* 0: free */
+    __u64 req_start_ns;
+    __u64 line;             /* FNV-1a of the request's method and target */
+};
+struct kspan_serving {
+    struct kspan_serving_slot slot[KSPAN_SERVING_SLOTS];
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 4096);
+    __type(key, __u64);
+    __type(value, struct kspan_serving);
+} thread_serving SEC(".maps"); /* pid_tgid -> the server requests in flight on the thread */
+
+struct kspan_line_buf {
+    char b[KSPAN_LINE_MAX + 8];
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_line_buf);
+} kspan_line SEC(".maps");
+
+/* FNV-1a of "METHOD SP target" (up to the second space or the line's end): the version is left
+ * out, a proxy may speak another one upstream. 0 when the line does not end within the window:
+ * no evidence from a cut line. */
+struct kspan_hash_scan {
+    const char *b;          /* map memory: a head or the per-CPU line buffer */
+    __u32 n;
+    __u32 spaces;
+    __u64 h;
+    __u64 out;
+};
+
+/* One byte of the hash (a bpf_loop callback, verified once rather than per byte). */
+static long kspan_hash_step(__u32 i, void *c)
+{
+    struct kspan_hash_scan *x = c;
+    if (i >= x->n)
+        return 1;
+    __u8 ch = x->b[i & (KSPAN_LINE_MAX - 1)];
+    if (ch == '\r' || ch == '\n') {
+        x->out = x->spaces ? x->h : 0;
+        return 1;
+    }
+    if (ch == ' ' && ++x->spaces == 2) {
+        x->out = x->h;
+        return 1;
+    }
+    x->h = (x->h ^ ch) * 0x100000001b3ULL;
+    return 0;
+}
+
+static __always_inline __u64 kspan_line_hash(const char *b, __u32 n)
+{
+    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return 0;  /* before 5.17: no evidence, calls from event loops stay unlinked */
+    struct kspan_hash_scan x = {.b = b, .n = n, .spaces = 0, .h = 0xcbf29ce484222325ULL, .out = 0};
+    bpf_loop(KSPAN_LINE_MAX, kspan_hash_step, &x, 0);
+    return x.out;
+}
+
+/* Walks over a thread's slots, as bpf_loop callbacks: a loop's body is verified once, where an
+ * open-coded loop over 16 slots multiplied the states of every program calling it. */
+struct kspan_slot_scan {
+    struct kspan_serving *sv;
+    __u64 conn_id;
+    __u64 line;
+    __s32 found;            /* slot index; -1 none */
+    __u32 matches;
+};
+
+static long kspan_slot_free_step(__u32 i, void *c)
+{
+    struct kspan_slot_scan *x = c;
+    struct kspan_serving_slot *sl = &x->sv->slot[i & (KSPAN_SERVING_SLOTS - 1)];
+    if (sl->conn_id == 0 || sl->conn_id == x->conn_id) {
+        x->found = i & (KSPAN_SERVING_SLOTS - 1);
+        return 1;
+    }
+    return 0;
+}
+
+static long kspan_slot_line_step(__u32 i, void *c)
+{
+    struct kspan_slot_scan *x = c;
+    struct kspan_serving_slot *sl = &x->sv->slot[i & (KSPAN_SERVING_SLOTS - 1)];
+    if (sl->conn_id && sl->line == x->line) {
+        x->found = i & (KSPAN_SERVING_SLOTS - 1);
+        x->matches++;
+    }
+    return 0;
+}
+
+static long kspan_slot_conn_step(__u32 i, void *c)
+{
+    struct kspan_slot_scan *x = c;
+    struct kspan_serving_slot *sl = &x->sv->slot[i & (KSPAN_SERVING_SLOTS - 1)];
+    if (sl->conn_id == x->conn_id) {
+        sl->conn_id = 0;
+        return 1;
+    }
+    return 0;
+}
+
+/* A server request begins on thread pid_tgid: note it and its request line. */
+__attribute__((noinline)) int kspan_serving_add(__u64 conn_id, __u64 pid_tgid)
+{
+    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return 0;
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st)
+        return 0;
+    __u32 n = st->ex.req_head_len;
+    if (n > KSPAN_LINE_MAX)
+        n = KSPAN_LINE_MAX;
+    __u64 line = kspan_line_hash(st->ex.req_head, n);
+    struct kspan_serving *sv = bpf_map_lookup_elem(&thread_serving, &pid_tgid);
+    if (!sv) {
+        struct kspan_serving empty = {};
+        bpf_map_update_elem(&thread_serving, &pid_tgid, &empty, BPF_NOEXIST);
+        sv = bpf_map_lookup_elem(&thread_serving, &pid_tgid);
+        if (!sv)
+            return 0;
+    }
+    struct kspan_slot_scan x = {.sv = sv, .conn_id = conn_id, .found = -1};
+    bpf_loop(KSPAN_SERVING_SLOTS, kspan_slot_free_step, &x, 0);
+    if (x.found < 0)
+        return 0;  /* more in flight than slots: the others give no evidence */
+    struct kspan_serving_slot *sl = &sv->slot[x.found & (KSPAN_SERVING_SLOTS - 1)];
+    sl->conn_id = conn_id;
+    sl->req_start_ns = st->ex.req_start_ns;
+    sl->line = line;
+    return 1;
+}
+
+/* A server request ended: its thread no longer serves it. */
+__attribute__((noinline)) int kspan_serving_del(__u64 conn_id, __u64 pid_tgid)
+{
+    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return 0;
+    struct kspan_serving *sv = bpf_map_lookup_elem(&thread_serving, &pid_tgid);
+    if (!sv)
+        return 0;
+    struct kspan_slot_scan x = {.sv = sv, .conn_id = conn_id, .found = -1};
+    bpf_loop(KSPAN_SERVING_SLOTS, kspan_slot_conn_step, &x, 0);
+    return 1;
+}
+
+/* The one request thread pid_tgid serves whose request line is `line`; 0 when none or several. */
+static __always_inline struct kspan_serving_slot *kspan_evidence(__u64 pid_tgid, __u64 line)
+{
+    if (!line || !bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return 0;
+    struct kspan_serving *sv = bpf_map_lookup_elem(&thread_serving, &pid_tgid);
+    if (!sv)
+        return 0;
+    struct kspan_slot_scan x = {.sv = sv, .line = line, .found = -1};
+    bpf_loop(KSPAN_SERVING_SLOTS, kspan_slot_line_step, &x, 0);
+    if (x.matches != 1 || x.found < 0)
+        return 0;
+    return &sv->slot[x.found & (KSPAN_SERVING_SLOTS - 1)];
+}
+
+/* The request line hash of a client request: from its user buffer at the write's entry, else
+ * from the head the state machine holds. */
+static __always_inline __u64 kspan_client_line(__u64 sk, __u64 buf)
+{
+    if (buf) {
+        __u32 z = 0;
+        struct kspan_line_buf *lb = bpf_map_lookup_elem(&kspan_line, &z);
+        if (!lb || bpf_probe_read_user(lb->b, KSPAN_LINE_MAX, (const void *)buf) != 0)
+            return 0;
+        return kspan_line_hash(lb->b, KSPAN_LINE_MAX);
+    }
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
+    if (!st)
+        return 0;
+    __u32 n = st->ex.req_head_len;
+    if (n > KSPAN_LINE_MAX)
+        n = KSPAN_LINE_MAX;
+    return kspan_line_hash(st->ex.req_head, n);
+}
+
 /* A client request's identity, decided when it starts: at the write's entry where a probe sees
  * it (so that the TCP-option program can carry it on the request's first segment), else when the
  * state machine begins the request. Keyed by socket; taken (deleted) by kspan_fix_client. */
@@ -815,8 +1013,9 @@ struct {
  * parent's trace (fixing the parent's identity first), or a new trace and the root's sampling
  * decision. A parent that cannot be read any more gives no link, counted: never a guess.
  * Global: verified once, shared by the write-entry probes and the state machine. */
-__attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, int before_wire)
+__attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 buf)
 {
+    int before_wire = buf != 0;
     struct kspan_client_id id = {};
     id.pid_tgid = pid_tgid;
     id.span_id = kspan_rand64();
@@ -838,8 +1037,16 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, int bef
             id.parent_req_start_ns = t->req_start_ns;
             id.parent_pid = pid;
         } else {
-            id.flags |= KSPAN_FLAG_AMBIGUOUS;
-            kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
+            struct kspan_serving_slot *ev = kspan_evidence(pid_tgid, kspan_client_line(sk, buf));
+            if (ev) {
+                id.parent_kind = KSPAN_PARENT_EVIDENCE;
+                id.parent_conn_id = ev->conn_id;
+                id.parent_req_start_ns = ev->req_start_ns;
+                id.parent_pid = pid;
+            } else {
+                id.flags |= KSPAN_FLAG_AMBIGUOUS;
+                kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
+            }
         }
     } else {
         struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
@@ -909,19 +1116,20 @@ static __always_inline void kspan_pre_request(__u64 pid_tgid, __u64 sk, __u64 bu
         return;
     if (bpf_map_lookup_elem(&tls_conns, &sk))
         return;  /* ciphertext: the TLS probes see this connection's requests */
-    kspan_client_pre(sk, pid_tgid, 1);
+    kspan_client_pre(sk, pid_tgid, buf);
 }
 
 /* The client exchange in conns[conn_id] takes the identity decided at its start (or decides it
  * now); as a root, an instrumented application's own outgoing traceparent names its trace. */
-__attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid, int before_wire)
+__attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid)
 {
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
     if (!st || st->ex.role != KSPAN_ROLE_CLIENT)
         return 0;
     struct kspan_client_id *id = bpf_map_lookup_elem(&client_pre, &conn_id);
     if (!id || id->pid_tgid != pid_tgid) {
-        kspan_client_pre(conn_id, pid_tgid, before_wire);
+        /* not seen at its entry: decided now, after its bytes left (no TCP option) */
+        kspan_client_pre(conn_id, pid_tgid, 0);
         id = bpf_map_lookup_elem(&client_pre, &conn_id);
         if (!id)
             return 0;
@@ -938,8 +1146,9 @@ __attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid, in
     __u8 tid[16] = {};
     __u64 sid = 0;
     __u32 fl = 0;
-    if (st->ex.parent_kind == KSPAN_PARENT_NONE && !(st->ex.flags & KSPAN_FLAG_AMBIGUOUS) &&
-        kspan_traceparent(st, tid, &sid, &fl)) {
+    /* an event loop forwarding its request's traceparent names the trace even when it cannot
+     * name the request */
+    if (st->ex.parent_kind == KSPAN_PARENT_NONE && kspan_traceparent(st, tid, &sid, &fl)) {
         st->ex.parent_kind = KSPAN_PARENT_TRACEPARENT;
         __builtin_memcpy(st->ex.trace_id, tid, 16);
         st->ex.parent_span_id = sid;
@@ -1092,6 +1301,7 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             nf.req_start_ns = me.req_start_ns;
             bpf_map_update_elem(&proc_inflight, &pid, &nf, BPF_ANY);
         }
+        kspan_serving_add(st->ex.conn_id, pid_tgid);
         /* the peer host's kspan context for this request, parsed from its TCP option before
          * these bytes could be read; taken now, before the next request's can replace it */
         if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
@@ -1106,9 +1316,7 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             }
         }
     } else {
-        /* the TLS probes report a write at its entry (see bpf/openssl.bpf.c); the socket
-         * probes after its bytes are sent, and saw its entry in kspan_pre_request */
-        kspan_fix_client(st->ex.conn_id, pid_tgid, a->source != KSPAN_SRC_SOCKET);
+        kspan_fix_client(st->ex.conn_id, pid_tgid);
         if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
             struct kspan_conn_key k = {};
             kspan_conn_key_of_ex(&k, st, 0);

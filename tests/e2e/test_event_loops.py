@@ -1,4 +1,4 @@
-"""Event-loop servers under concurrency: never a wrong parent.
+"""Event-loop servers under concurrency: never a wrong parent, and a link where evidence names one.
 
 A Node.js server, a Python asyncio (aiohttp) server and nginx as a reverse proxy with upstream
 keep-alive each serve 24 (nginx: 16) concurrent requests, and make one downstream call per
@@ -183,7 +183,7 @@ def _check(receiver: OtlpReceiver, service_port: int, downstream_port: int, n: i
     servers = {s["span_id"]: s for s in spans if s["kind"] == SERVER and _attr(s, "server.port") == service_port}
     # by the TCP peer: a proxy names its upstream in Host (nginx: `backend`, port 80)
     calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "network.peer.port") == downstream_port]
-    wrong, linked, unlinked = [], 0, 0
+    wrong, linked, unlinked, evidence = [], 0, 0, 0
     for c in calls:
         src = _attr(c, "kspan.parent.source")
         assert src, f"every span says how its parent was found: {c['attributes']}"
@@ -196,10 +196,11 @@ def _check(receiver: OtlpReceiver, service_port: int, downstream_port: int, n: i
             wrong.append((_id_of(parent) if parent else c["parent_span_id"], _id_of(c), src))
         else:
             linked += 1
+            evidence += src == "evidence"
     assert not wrong, f"{len(wrong)} of {len(calls)} calls were given another request's parent: {wrong[:5]}"
     if want_full_linking:
         assert linked == n, f"thread-per-request: every call linked, got {linked} of {n}"
-    return {"linked": linked, "unlinked": unlinked}
+    return {"linked": linked, "unlinked": unlinked, "evidence": evidence}
 
 
 def _ambiguous_in_summary(stderr: str) -> int:
@@ -266,8 +267,31 @@ def test_nginx_proxy_with_upstream_keepalive_never_gets_a_wrong_parent(tmp_path:
     wrapper = tmp_path / "run_nginx.sh"
     wrapper.write_text(f"#!/bin/sh\necho listening\nexec {nginx} -c {conf}\n")
     wrapper.chmod(0o755)
+    # the proxy rewrites the target (/work?id=r1 -> /slow?ms=30&id=r1): no evidence names the
+    # request, so a call made while several are in flight has no parent
     _run_case(tmp_path, receiver, [str(wrapper)], port, downstream, "/work", 16, want_full_linking=False,
               echoes_id=False)
+
+
+def test_nginx_proxy_forwarding_the_request_line_links_by_evidence(tmp_path: Path,
+                                                                   receiver: OtlpReceiver) -> None:
+    """`proxy_pass` without a URI forwards each request's line unchanged; every request's target
+    is unique (?id=rN), so that evidence names the request of every upstream call."""
+    require_ebpf()
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        fail_or_skip("nginx is not installed (apt-get install nginx-light)")
+    port, downstream = free_port(), free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port, downstream=downstream)
+                    .replace("proxy_pass http://backend/slow?ms=30&$args;", "proxy_pass http://backend;"))
+    subprocess.run([nginx, "-t", "-c", str(conf)], check=True, capture_output=True, timeout=10)
+    wrapper = tmp_path / "run_nginx.sh"
+    wrapper.write_text(f"#!/bin/sh\necho listening\nexec {nginx} -c {conf}\n")
+    wrapper.chmod(0o755)
+    counts, _ = _run_case(tmp_path, receiver, [str(wrapper)], port, downstream, "/slow", 16,
+                          want_full_linking=True, echoes_id=False)
+    assert counts["evidence"] > 0, counts
 
 
 def test_thread_per_request_server_keeps_full_linking(tmp_path: Path, receiver: OtlpReceiver) -> None:
