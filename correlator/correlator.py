@@ -115,6 +115,7 @@ class Correlator:
         self._hosts: dict[bytes, object] = {}
         self._sampler = cfg.sampler
         self._metric_heads: dict[tuple[bytes, bool, bool], red.HeadPart] = {}
+        self._facts = red.FactsBuilder(_MEMO_SIZE)
         # trace id -> an incoming traceparent's sampled flag, for parentbased_* decisions on
         # records without kernel ids (their trace id is the traceparent's: linker rules).
         self._remote_sampled: dict[bytes, bool] = {}
@@ -167,7 +168,7 @@ class Correlator:
                 if len(self._metric_heads) >= _MEMO_SIZE:
                     self._metric_heads.clear()
                 self._metric_heads[mk] = h
-            return red.facts(mx, h)
+            return self._facts.facts(mx, h)
         except Exception as e:  # noqa: BLE001 - bad input must never stop the agent: count it
             st.internal_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"

@@ -52,10 +52,6 @@ def format_addr(family: int, raw: bytes) -> str:
     return ""
 
 
-def is_local(addr: str, local: str = "") -> bool:
-    return bool(addr) and (addr.startswith("127.") or addr == "::1" or addr == local)
-
-
 def outcome(code: int | None, end: int, responded: bool, server: bool) -> tuple[str | None, bool]:
     """(error.type, failed) as a span of the exchange would have them. Without the response's
     tail, a response that has a status line is taken as complete unless the exchange timed out
@@ -95,14 +91,55 @@ class HeadPart(NamedTuple):
     hostport: AttrKey | None  # client: server.address/port from Host or the target's authority
 
 
-def facts(mx: MetricExchange, head: HeadPart) -> RedFacts:
-    """RedFacts of one unsampled exchange whose request head's part is head."""
-    server = mx.role == _SERVER
+class FactsBuilder:
+    """RedFacts from metric records, memoising what repeats across requests (the attribute set
+    of a head and outcome, address texts): the per-request cost is a few dict lookups."""
+
+    def __init__(self, memo_size: int = 1024) -> None:
+        self._memo_size = memo_size
+        self._keys: dict[tuple, tuple[AttrKey, bool]] = {}
+        self._addrs: dict[bytes, str] = {}
+
+    def _addr(self, family: int, raw: bytes) -> str:
+        a = self._addrs.get(raw)
+        if a is None:
+            a = format_addr(family, raw)
+            if len(self._addrs) >= self._memo_size * 4:
+                self._addrs.clear()
+            self._addrs[raw] = a
+        return a
+
+    def facts(self, mx: MetricExchange, head: HeadPart) -> RedFacts:
+        server = mx.role == _SERVER
+        family = mx.family
+        remote = self._addr(family, mx.remote_addr) if family else ""
+        by_peer = not server and head.hostport is None
+        k = (head, server, mx.status, mx.end, mx.responded, remote if by_peer else "",
+             mx.remote_port if by_peer else 0)
+        hit = self._keys.get(k)
+        if hit is None:
+            hit = _attrs(mx, head, server, remote)
+            if len(self._keys) >= self._memo_size:
+                self._keys.clear()
+            self._keys[k] = hit
+        attrs, failed = hit
+        if server:
+            peer = remote
+            peer_pid = mx.parent_pid if mx.parent_kind == _PEER else 0
+        else:
+            hp = head.hostport
+            peer = str(hp[0][1]) if hp else (remote or "unknown_service")
+            peer_pid = 0
+        local_peer = bool(remote) and (remote.startswith("127.") or remote == "::1"
+                                       or remote == self._addr(family, mx.local_addr))
+        return RedFacts(mx.pid, server, attrs, max(0, mx.end_ns - mx.start_ns) / 1e9, failed, mx.span_id,
+                        mx.parent_span_id, peer_pid, local_peer, peer, mx.local_port)
+
+
+def _attrs(mx: MetricExchange, head: HeadPart, server: bool, remote: str) -> tuple[AttrKey, bool]:
     status = mx.status
     code = status if 100 <= status <= 599 else None
     err, failed = outcome(code, mx.end, mx.responded, server)
-    family = mx.family
-    remote = format_addr(family, mx.remote_addr) if family else ""
     out: list[tuple[str, AttrValue]] = [head.method]
     if code is not None:
         out.append(("http.response.status_code", code))
@@ -110,20 +147,11 @@ def facts(mx: MetricExchange, head: HeadPart) -> RedFacts:
         out.append(("error.type", err))
     if server:
         out.extend(head.route)
-        peer = remote
-        peer_pid = mx.parent_pid if mx.parent_kind == _PEER else 0
     else:
         hp = head.hostport
         if hp is None and remote:
             hp = (("server.address", remote), ("server.port", mx.remote_port))
         if hp:
             out.extend(hp)
-            peer = str(hp[0][1])
-        else:
-            peer = "unknown_service"
-        peer_pid = 0
     out.extend(head.tail)
-    local_peer = bool(remote) and is_local(remote, format_addr(family, mx.local_addr))
-    seconds = max(0, mx.end_ns - mx.start_ns) / 1e9
-    return RedFacts(mx.pid, server, tuple(out), seconds, failed, mx.span_id, mx.parent_span_id, peer_pid,
-                    local_peer, peer, mx.local_port)
+    return tuple(out), failed

@@ -150,11 +150,10 @@ _SOURCES = {int(k): k for k in Source}
 
 
 def _check_layout() -> None:
+    if _METRIC.size != _REQ_AT:
+        raise AssertionError("tracer/records.py: _METRIC does not match RawExchange (bpf/kspan.h)")
     if _FIXED.size != _IDS_AT or RawExchange.flags.offset != 16 or RawExchange.parent_pid.offset != 136:
         raise AssertionError("tracer/records.py: _FIXED does not match RawExchange (bpf/kspan.h)")
-
-
-_check_layout()
 
 
 def _ids(data: bytes, flags: int) -> tuple[bytes, bytes, bytes, bool]:
@@ -244,29 +243,38 @@ def decode_exchange(data: bytes, legacy: bool | None = None) -> Exchange:
     )
 
 
+# What a metric record's consumers read, in one unpack: the rest of the fixed part is skipped.
+_METRIC = struct.Struct("<II4xBBxBIHHHH16s16s4x8xQQQQ16x16xIH10x16x8s8s")
+_new_metric = tuple.__new__
+
+
 def decode_metric(data: bytes) -> MetricExchange:
     """Decode one KSPAN_REC_METRIC record (an unsampled exchange: the fixed part, the identity and
     the first METRIC_HEAD bytes of the request head). Raises ValueError on a short or foreign one."""
     if len(data) < _REQ_AT:
         raise ValueError(f"metric record is {len(data)} bytes, expected at least {_REQ_AT}")
-    (rtype, pid, _tid, role, end_reason, _source, parent_kind, flags, family, local_port, remote_port, status,
-     local_addr, remote_addr, _conn, req_start, req_end, resp_start, resp_end, _rb, _sb,
-     _pc, _ps, parent_pid, req_len, _rl, _tl) = _FIXED.unpack_from(data)
+    (rtype, pid, role, end_reason, parent_kind, flags, family, local_port, remote_port, status, local_addr,
+     remote_addr, req_start, req_end, resp_start, resp_end, parent_pid, req_len, sid, psid) = _METRIC.unpack_from(data)
     if rtype != REC_METRIC:
         raise ValueError(f"record type {rtype} is not a metric record")
     if role not in _ROLES:
         raise ValueError(f"metric record has an unknown role {role}")
     if not flags & FLAG_TUPLE_KNOWN:
         family = local_port = remote_port = 0
-    # Without kernel ids the span ids are unknown: b"" keeps service-graph pairing off.
-    sid = bytes(data[_IDS_AT + 16 : _IDS_AT + 24])[::-1] if flags & FLAG_IDS else b""
-    psid = bytes(data[_IDS_AT + 24 : _IDS_AT + 32])[::-1] if flags & FLAG_IDS else b""
-    return MetricExchange(
-        pid, role, end_reason, bool(flags & FLAG_TLS), status, resp_start != 0, req_start,
-        max(resp_end, resp_start, req_end, req_start), family, local_addr, local_port, remote_addr, remote_port,
-        parent_kind, parent_pid, b"" if sid == _Z8 else sid, b"" if psid == _Z8 else psid,
-        bytes(data[_REQ_AT : _REQ_AT + min(req_len, METRIC_HEAD, len(data) - _REQ_AT)]),
-    )
+    if flags & FLAG_IDS:
+        sid = b"" if sid == _Z8 else sid[::-1]  # the u64's big-endian bytes, as OTLP wants
+        psid = b"" if psid == _Z8 else psid[::-1]
+    else:
+        sid = psid = b""  # unknown: the service graph then pairs nothing
+    end = max(resp_end, resp_start, req_end, req_start)
+    return _new_metric(MetricExchange, (  # type: ignore[call-overload]
+        pid, role, end_reason, bool(flags & FLAG_TLS), status, resp_start != 0, req_start, end, family,
+        local_addr, local_port, remote_addr, remote_port, parent_kind, parent_pid, sid, psid,
+        bytes(data[_REQ_AT : _REQ_AT + min(req_len, METRIC_HEAD)]),
+    ))
+
+
+_check_layout()
 
 
 PROC_EXEC = 1
