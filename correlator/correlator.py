@@ -116,6 +116,7 @@ class Correlator:
         self._sampler = cfg.sampler
         self._metric_heads: dict[tuple[bytes, bool, bool], red.HeadPart] = {}
         self._facts = red.FactsBuilder(_MEMO_SIZE)
+        self._peer_pids: dict[tuple[int, int], int] = {}  # client exchange -> pid of its local server end
         # trace id -> an incoming traceparent's sampled flag, for parentbased_* decisions on
         # records without kernel ids (their trace id is the traceparent's: linker rules).
         self._remote_sampled: dict[bytes, bool] = {}
@@ -323,7 +324,20 @@ class Correlator:
                 st.traceparents += 1
                 if tp[0] == trace:
                     spans[0].trace_state = parsed.trace_state
-        source = parent_source(ex.parent.kind) if ex.parent is not None else "none"
+        hint = ex.parent
+        source = parent_source(hint.kind) if hint is not None else "none"
+        peers = self._peer_pids
+        if hint is not None and hint.kind == _PEER:
+            # The server end of a local connection usually ends first: its client span, when it
+            # comes, learns which process answered it (metrics name the edge by it).
+            if len(peers) >= _MEMO_SIZE * 4:
+                peers.clear()
+            peers[(hint.exchange.conn_id, hint.exchange.req_start_ns)] = ex.pid
+        elif ex.role == Role.CLIENT and peers:
+            peer = peers.pop(key, 0)
+            if peer:
+                for s in spans:
+                    s.peer_pid = peer
         sampled = ex.sampled
         for s in spans:
             s.trace_id = trace

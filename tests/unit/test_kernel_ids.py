@@ -157,6 +157,8 @@ def test_spans_with_kernel_ids_leave_at_once_with_the_kernels_ids() -> None:
         want = {"client": "none", "A.server": "peer", "A.client": "thread", "B.server": "peer"}[name]
         assert s.attributes[PARENT_SOURCE_ATTR] == want
         assert s.sampled
+        if name == "A.client":  # its server end (B) came first: the client span knows B's process
+            assert s.peer_pid == chain.by_name["B.server"].pid
     st = corr.stats
     assert st.held == 0 and st.peer_waiting == 0 and st.kernel_identified == 4 and st.sampled_exchanges == 4
     assert corr.flush() == []

@@ -73,6 +73,9 @@ def test_kept_traces_are_whole_with_the_kernels_ids() -> None:
                     assert s.peer_pid == parent.pid
                 else:
                     assert parent.pid == s.pid and s.attributes[PARENT_SOURCE_ATTR] == "thread"
+                    # Its server end came first in the stream: the client span names that process.
+                    (callee,) = [c for c in trace if c.parent_span_id == s.span_id]
+                    assert s.peer_pid == callee.pid
         servers = sorted((s.start_ns, procs[s.pid].service_name) for s in trace if s.kind == SpanKind.SERVER)
         assert [n for _, n in servers] == ["svc_a", "svc_b", "svc_c"]
     assert not any("abc" in str(v) for s in spans for v in s.attributes.values())
