@@ -501,6 +501,7 @@ def replay(path: str, opts: RunOptions, env: dict[str, str] | None = None) -> in
     stats = correlator.stats.as_dict()
     print(
         f"kspan: replayed {stats.get('exchanges', 0)} exchanges into {stats.get('spans', 0)} spans"
+        + (f", {stats['metric_records']} unsampled exchanges into metrics" if stats.get("metric_records") else "")
         + (f"; {undecodable} undecodable records skipped" if undecodable else ""),
         file=sys.stderr,
     )
