@@ -18,8 +18,8 @@
  *   both paths:     kspan_sock_length  SEC("tracepoint"): attach to sock/sock_send_length AND
  *                                      sock/sock_recv_length (no target: attached explicitly)
  *                   kspan_fd_close     tp/syscalls/sys_enter_close
- *   registers path: kspan_ws_enter_*   tp/syscalls/sys_enter_{write,sendto,writev,sendmsg,sendfile64}
- *                   (map write_start)
+ *   registers path: kspan_ws_enter     SEC("tracepoint"): attach to syscalls/sys_enter_{write,sendto,
+ *                                      writev,sendmsg,sendfile64} (map write_start)
  *   portable path:  kspan_sys_enter_*  tp/syscalls/sys_enter_{read,write,recvfrom,sendto,readv,
  *                                      writev,recvmsg,sendmsg,sendfile64}
  *                   kspan_sys_exit_*   tp/syscalls/sys_exit_{same nine}
@@ -138,33 +138,30 @@ static __always_inline int kspan_note_write(__u64 fd, __u64 ptr, __u8 kind)
     return 0;
 }
 
-/* Only the arguments each syscall has are read: the tracepoint attach checks the program's
- * highest context offset against the event's record size. */
-SEC("tp/syscalls/sys_enter_write")
-int kspan_ws_enter_write(struct trace_event_raw_sys_enter *ctx)
+/* One program for the five write-family entries (sys_enter_{write,sendto,writev,sendmsg,
+ * sendfile64}, attached to each by the loader): the request-identity path it reaches is verified
+ * once, not five times. Every sys_enter record has the syscall number, which says where the
+ * bytes are; only args[0] and args[1] are read, which every one of the five has (the attach
+ * checks the program's highest context offset against the event's record size). */
+SEC("tracepoint")
+int kspan_ws_enter(struct trace_event_raw_sys_enter *ctx)
 {
-    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_BUF);
-}
-SEC("tp/syscalls/sys_enter_sendto")
-int kspan_ws_enter_sendto(struct trace_event_raw_sys_enter *ctx)
-{
-    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_BUF);
-}
-SEC("tp/syscalls/sys_enter_writev")
-int kspan_ws_enter_writev(struct trace_event_raw_sys_enter *ctx)
-{
-    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_IOV);
-}
-SEC("tp/syscalls/sys_enter_sendmsg")
-int kspan_ws_enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
-{
-    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_MSG);
-}
-/* sendfile64(out_fd, in_fd, ...): in_fd is what the registers path sees as the second argument */
-SEC("tp/syscalls/sys_enter_sendfile64")
-int kspan_ws_enter_sendfile64(struct trace_event_raw_sys_enter *ctx)
-{
-    return kspan_note_write(ctx->args[0], ctx->args[1], KSPAN_IO_NOBUF);
+    __u8 kind;
+    switch (ctx->id) {
+    case 1:  /* write */
+    case 44: /* sendto */
+        kind = KSPAN_IO_BUF;
+        break;
+    case 20: /* writev */
+        kind = KSPAN_IO_IOV;
+        break;
+    case 46: /* sendmsg */
+        kind = KSPAN_IO_MSG;
+        break;
+    default: /* sendfile64(out_fd, in_fd, ...): in_fd identifies the call */
+        kind = KSPAN_IO_NOBUF;
+    }
+    return kspan_note_write(ctx->args[0], ctx->args[1], kind);
 }
 
 /* ---- portable path: arguments saved at entry ---- */
