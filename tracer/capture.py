@@ -60,6 +60,8 @@ COUNTER_NAMES = [
     "ended_by_close",
     "exchange_tail_call_missed",  # uprobe transfers lost: the state machine's program was not in place
     "ambiguous_parent_requests",  # client requests on a thread serving several at once: no parent, by rule
+    "unsampled_exchanges",  # dropped by head sampling in the kernel: a metrics-only record each
+    "parent_lost",  # client requests whose named parent was gone (evicted): no link
 ]
 
 PROC_EXEC = 1
@@ -69,6 +71,8 @@ PROC_EXEC = 1
 MULTI_ATTACH: dict[str, tuple[tuple[str, ...], ...]] = {
     "kspan_sock_length": (("tp", "sock", "sock_send_length"), ("tp", "sock", "sock_recv_length")),
     "kspan_tcp_xfer_ret": (("kretprobe", "tcp_sendmsg"), ("kretprobe", "tcp_recvmsg")),
+    "kspan_ws_enter": tuple(("tp", "syscalls", f"sys_enter_{n}")
+                            for n in ("write", "sendto", "writev", "sendmsg", "sendfile64")),
 }
 
 # Tracepoints backend: programs of the portable path (arguments saved at syscall entry) and of the
