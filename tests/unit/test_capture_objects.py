@@ -18,8 +18,8 @@ def test_counter_names_follow_the_kernel_enum() -> None:
     assert [v for v, _ in counters] == list(range(len(counters)))
     assert values["MAX"] == len(counters) == len(COUNTER_NAMES)
     # the newest ones, appended last on both sides, pin the order
-    assert [n for _, n in counters[-2:]] == ["TAIL_CALL_MISSED", "AMBIGUOUS"]
-    assert COUNTER_NAMES[-2:] == ["exchange_tail_call_missed", "ambiguous_parent_requests"]
+    assert [n for _, n in counters[-2:]] == ["AMBIGUOUS", "CGROUP_SKIPPED"]
+    assert COUNTER_NAMES[-2:] == ["ambiguous_parent_requests", "cgroup_skipped"]
 
 
 def test_uprobe_exchange_loads_before_the_uprobe_families_and_only_with_them() -> None:
