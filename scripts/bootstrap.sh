@@ -13,9 +13,11 @@ fi
 
 # Debian packages. Run time: libbpf1 (the loader is ctypes over libbpf.so.1). Build time only:
 # clang, llvm-strip and bpftool compile bpf/*.bpf.c into CO-RE objects once, here; the agent
-# never runs a compiler and needs no kernel headers. The rest are the test peers and load tools.
+# never runs a compiler and needs no kernel headers. The rest are the test peers and load tools
+# (prometheus: the real server the scrape-endpoint test runs on its own port, and promtool, which
+# checks and unit-tests deploy/prometheus/kspan-rules.yaml).
 PKGS=(libbpf1 libbpf-dev clang llvm bpftool python3-venv python3-dev make curl openssl nginx-light wrk iproute2
-      procps util-linux nodejs)
+      procps util-linux nodejs prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

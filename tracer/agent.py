@@ -51,6 +51,8 @@ class RunOptions:
     console: bool = True
     metrics: bool = True
     metrics_interval_s: float = 15.0
+    prometheus_port: int | None = None  # --prometheus-port: serve /metrics (off: no port is opened)
+    prometheus_address: str = "127.0.0.1"
     tls: bool = True
     go: bool = True
     network_events: bool = True
@@ -106,10 +108,25 @@ class SpanOutput:
         self.pipeline = ExportPipeline(build_exporters(self.cfg))
         self.processes = processes
         self.metrics = None
-        if opts.metrics:
+        self.prometheus = None
+        scraped = opts.prometheus_port is not None
+        if opts.metrics or scraped:
             from exporters.metrics import MetricsRecorder
 
-            self.metrics = MetricsRecorder(self.cfg, interval_s=opts.metrics_interval_s)
+            # --no-metrics stops the push (OTLP or file); a scrape endpoint asked for still serves.
+            self.metrics = MetricsRecorder(self.cfg, interval_s=opts.metrics_interval_s, push=opts.metrics,
+                                           scraped=scraped)
+        if scraped and self.metrics is not None:
+            from exporters.prometheus import PrometheusEndpoint
+
+            try:
+                self.prometheus = PrometheusEndpoint(self.metrics.aggregator.collect, opts.prometheus_address,
+                                                     opts.prometheus_port)
+            except Exception:
+                self.pipeline.shutdown(1.0)
+                self.metrics.shutdown(1.0)
+                raise
+            print(f"kspan: metrics -> Prometheus scrape endpoint {self.prometheus.url}", file=sys.stderr)
 
     def spans(self, spans: list[Span]) -> None:
         if not spans:
@@ -124,9 +141,9 @@ class SpanOutput:
             procs = self.processes.snapshot({e.pid for e in events if e.pid})
             self.metrics.record_tcp(events, procs)
 
-    def register_health(self, name: str, cb: Callable[[], int], monotonic: bool) -> None:
+    def register_health(self, name: str, cb: Callable[[], int], monotonic: bool, unit: str = "1") -> None:
         if self.metrics is not None:
-            self.metrics.register_health(name, cb, monotonic=monotonic)
+            self.metrics.register_health(name, cb, unit=unit, monotonic=monotonic)
 
     def register_pipeline_health(self) -> None:
         if self.metrics is not None:
@@ -139,6 +156,8 @@ class SpanOutput:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self.pipeline.shutdown(timeout_s)
+        if self.prometheus is not None:
+            self.prometheus.close()
         if self.metrics is not None:
             self.metrics.shutdown()
 
@@ -286,15 +305,20 @@ class Agent:
 
     def _register_health(self, out: SpanOutput, capture: Any, correlator: Correlator, processes: ProcessTable) -> None:
         kernel = capture.counters
-        out.register_health("kspan.probes.attached", lambda: int(capture.probes_attached), monotonic=False)
-        out.register_health("kspan.records.lost", lambda: int(kernel().get("ringbuf_lost", 0)), monotonic=True)
+        # Units are UCUM annotations: a count's unit is "{thing}", never "1", which Prometheus would
+        # read as a ratio (kspan_probes_attached_ratio).
+        out.register_health("kspan.probes.attached", lambda: int(capture.probes_attached), monotonic=False,
+                            unit="{probe}")
+        out.register_health("kspan.records.lost", lambda: int(kernel().get("ringbuf_lost", 0)), monotonic=True,
+                            unit="{record}")
         out.register_health("kspan.bytes.unparsed", lambda: int(kernel().get("unparsed_bytes", 0))
-                            + int(correlator.stats.as_dict().get("unparsed_bytes", 0)), monotonic=True)
+                            + int(correlator.stats.as_dict().get("unparsed_bytes", 0)), monotonic=True, unit="By")
         out.register_health("kspan.spans.orphaned", lambda: int(correlator.stats.as_dict().get("orphaned_spans", 0)),
-                            monotonic=True)
+                            monotonic=True, unit="{span}")
         out.register_health("kspan.parents.ambiguous",
-                            lambda: int(correlator.stats.as_dict().get("ambiguous_parents", 0)), monotonic=True)
-        out.register_health("kspan.processes.traced", lambda: processes.traced, monotonic=False)
+                            lambda: int(correlator.stats.as_dict().get("ambiguous_parents", 0)), monotonic=True,
+                            unit="{span}")
+        out.register_health("kspan.processes.traced", lambda: processes.traced, monotonic=False, unit="{process}")
         out.register_pipeline_health()
 
     def _loop(self, ses: _Session) -> None:

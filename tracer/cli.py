@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 QUERY_MODES = ("keep", "redact", "drop")
 BACKENDS = ("auto", "fentry", "kprobes", "tracepoints")
@@ -81,6 +81,10 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no console span tree")
     g.add_argument("--no-metrics", action="store_true", help="do not export metrics")
     g.add_argument("--metrics-interval", type=_positive, default=15.0, metavar="SECONDS")
+    g.add_argument("--prometheus-port", type=_port, metavar="PORT",
+                   help="serve /metrics for Prometheus to scrape on PORT (default: $KSPAN_PROMETHEUS_PORT, else off)")
+    g.add_argument("--prometheus-address", metavar="ADDR",
+                   help="address the /metrics endpoint binds (default: $KSPAN_PROMETHEUS_ADDRESS, else 127.0.0.1)")
     g = p.add_argument_group("correlation")
     g.add_argument("--query", choices=QUERY_MODES, default="redact",
                    help="url.query: keep, redact values of sensitive keys (default), or drop")
@@ -137,10 +141,27 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
     opts.go = not getattr(args, "no_go", False)
     opts.console = not getattr(args, "quiet", False)
     opts.metrics = not getattr(args, "no_metrics", False)
+    if hasattr(args, "prometheus_port"):
+        _prometheus_options(args, opts, os.environ)
     pages = opts.ringbuf_pages
     if pages <= 0 or pages & (pages - 1):
         raise SystemExit(f"kspan: --ringbuf-pages {pages} must be a power of two (e.g. 1024, 2048)")
     return opts
+
+
+def _prometheus_options(args: argparse.Namespace, opts, env: Mapping[str, str]) -> None:
+    """--prometheus-port/--prometheus-address, else KSPAN_PROMETHEUS_PORT/KSPAN_PROMETHEUS_ADDRESS."""
+    port = args.prometheus_port
+    text = env.get("KSPAN_PROMETHEUS_PORT", "").strip()
+    if port is None and text:
+        try:
+            port = _port(text)
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(f"kspan: KSPAN_PROMETHEUS_PORT={text!r}: {e}") from None
+    opts.prometheus_port = port
+    address = args.prometheus_address or env.get("KSPAN_PROMETHEUS_ADDRESS", "").strip()
+    if address:
+        opts.prometheus_address = address.strip("[]")  # "[::1]" as well as "::1"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
