@@ -57,6 +57,11 @@ class RunOptions:
     go: bool = True
     network_events: bool = True
     kubernetes: bool = True
+    # Workload selection on Kubernetes (tracer/workloads.py); None: the environment's, else defaults.
+    include_namespaces: list[str] = field(default_factory=list)
+    exclude_namespaces: list[str] = field(default_factory=list)
+    trace_opt_in: bool = False
+    service_name_label: str | None = None
 
 
 def host_id_salt() -> bytes:
@@ -162,17 +167,30 @@ class SpanOutput:
             self.metrics.shutdown()
 
 
-def _kubernetes_provider(enabled: bool) -> Callable[[int], tuple[str | None, dict[str, Any]]] | None:
-    if not enabled:
+def _kubernetes_metadata(opts: RunOptions) -> Any:
+    """The started KubernetesMetadata in a cluster, else None."""
+    if not opts.kubernetes:
         return None
     try:
         from tracer.kubernetes import KubernetesMetadata
+        from tracer.workloads import WorkloadSelection
     except ImportError:
         return None
-    meta = KubernetesMetadata.from_environment()
+    selection = WorkloadSelection.from_settings(opts.include_namespaces, opts.exclude_namespaces,
+                                                opts.trace_opt_in, opts.service_name_label)
+    meta = KubernetesMetadata.from_environment(selection=selection)
     if meta is None or not meta.enabled:
+        if opts.include_namespaces or opts.exclude_namespaces or opts.trace_opt_in or opts.service_name_label:
+            log.warning("kspan: not in Kubernetes (no KUBERNETES_SERVICE_HOST or KSPAN_KUBERNETES_API): "
+                        "the namespace, opt-in and service-name-label options have no effect")
         return None
     meta.start()
+    return meta
+
+
+def _kubernetes_provider(meta: Any) -> Callable[[int], tuple[str | None, dict[str, Any]]] | None:
+    if meta is None:
+        return None
     return lambda pid: (meta.service_name_for_pid(pid), meta.attributes_for_pid(pid))
 
 
@@ -208,9 +226,10 @@ class Agent:
             print(f"kspan: no kernel BTF: {caps.btf_detail}. The probes are CO-RE objects relocated against "
                   "it: pass --btf FILE (or KSPAN_BTF) with this kernel's BTF (BTFHub has them)", file=sys.stderr)
             return 2
+        k8s = _kubernetes_metadata(opts)
         processes = ProcessTable(
             service_name_override=self.env.get("OTEL_SERVICE_NAME") or None,
-            extra=_kubernetes_provider(opts.kubernetes),
+            extra=_kubernetes_provider(k8s),
         )
         cfg = CaptureConfig(
             backend=opts.backend,
@@ -224,6 +243,8 @@ class Agent:
             families=self._families(),
             network_events=opts.network_events,
             btf_path=caps.btf_path if caps.btf_path != "/sys/kernel/btf/vmlinux" else None,
+            cgroup_filter=k8s is not None and k8s.kernel_filter,
+            cgroup_default_trace=k8s is None or k8s.selection.default_trace,
         )
         capture = Capture(cfg, caps)
         try:
@@ -231,7 +252,11 @@ class Agent:
         except CaptureError as e:
             print(f"kspan: {e}", file=sys.stderr)
             print("kspan: run `kspan doctor` to see what this kernel offers", file=sys.stderr)
+            if k8s is not None:
+                k8s.stop()
             return 2
+        if k8s is not None:
+            k8s.attach_capture(capture)
         attachers = self._start_attachers(capture)
         salt = host_id_salt()
         clock = WallClock.now()
@@ -266,6 +291,8 @@ class Agent:
                     close()
             # Read the kernel's counters and tables while its maps still exist.
             kernel = self._kernel_summary(capture)
+            if k8s is not None:
+                k8s.stop()  # its verdict thread writes to the capture's maps
             capture.close()
             if correlator is not None and out is not None:
                 out.spans(correlator.flush())

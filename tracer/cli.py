@@ -64,6 +64,18 @@ def _add_capture_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-connections", type=_bounded_int("--max-connections", 1024), default=16384,
                    help="connections tracked at once in the kernel (LRU; ~1.7 KB of kernel memory each)")
     g.add_argument("--duration", type=_positive, metavar="SECONDS", help="stop by itself after SECONDS")
+    g = p.add_argument_group("Kubernetes workload selection (enforced in the kernel, by cgroup)")
+    g.add_argument("--include-namespace", action="append", default=[], metavar="GLOB",
+                   help="trace pods only in namespaces matching GLOB (repeatable; default: all; "
+                   "env KSPAN_INCLUDE_NAMESPACES, comma-separated)")
+    g.add_argument("--exclude-namespace", action="append", default=[], metavar="GLOB",
+                   help="never trace pods in namespaces matching GLOB (repeatable; replaces the default: "
+                   "kube-system and kspan's own namespace; env KSPAN_EXCLUDE_NAMESPACES)")
+    g.add_argument("--trace-opt-in", action="store_true",
+                   help='trace only pods labelled or annotated kspan.io/trace: "true" (env KSPAN_TRACE_OPT_IN)')
+    g.add_argument("--service-name-label", metavar="LABEL",
+                   help="take service.name from this pod label, e.g. app.kubernetes.io/name "
+                   "(env KSPAN_SERVICE_NAME_LABEL)")
 
 
 def _add_btf_arg(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -131,6 +143,8 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
     for name, attr in (
         ("backend", "backend"), ("btf", "btf"), ("duration", "duration_s"), ("ringbuf_pages", "ringbuf_pages"),
         ("max_connections", "max_connections"),
+        ("include_namespace", "include_namespaces"), ("exclude_namespace", "exclude_namespaces"),
+        ("trace_opt_in", "trace_opt_in"), ("service_name_label", "service_name_label"),
         ("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"), ("output", "output"),
         ("query", "query"), ("route", "routes"), ("response_timeout", "response_timeout_s"),
         ("max_hold", "max_hold_s"), ("metrics_interval", "metrics_interval_s"),
