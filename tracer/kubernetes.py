@@ -452,11 +452,18 @@ class KubernetesMetadata:
         changed = {cid: v for cid, v in desired.items() if self._applied.get(cid) != v}
         gone = [cid for cid in self._applied if cid not in desired]
         written = capture.set_cgroup_verdicts(changed, gone) if (changed or gone) else 0
+        first = not self._applied and bool(changed)
         for cid in gone:
             del self._applied[cid]
         self._applied.update(changed)
         with self._lock:
             self.counters["cgroup_verdicts"] = len(self._applied)
+            skipped = sum(1 for p in self._pods.values() if not p.traced)
+            pods = len(self._pods)
+        if changed or gone:
+            (log.info if first else log.debug)(
+                "kspan: workload selection in the kernel: %d of this node's %d pods traced, %d skipped "
+                "(%d cgroups)", pods - skipped, pods, skipped, len(self._applied))
         return written
 
     def name_for_ip(self, ip: str) -> str | None:
