@@ -19,6 +19,7 @@ import pytest
 
 from tests.support.agent import ROOT, free_port, running_agent, service
 from tests.support.ebpf import require_ebpf
+from tests.support.promql import dashboard_queries, metric_names, substitute_variables
 
 pytestmark = pytest.mark.ebpf
 
@@ -170,7 +171,25 @@ def test_prometheus_scrapes_request_counts_of_a_traced_service(tmp_path: Path) -
             assert prom.value('kspan:service:error_ratio5m{service_name="prom_back"}') == 0
             rule_health = {r["name"]: r["health"] for g in prom.api("rules")["groups"] for r in g["rules"]}
             assert rule_health and set(rule_health.values()) == {"ok"}, rule_health
+            _dashboard_queries_answer(prom)
     assert agent.returncode == 0, agent.stderr
+
+
+def _dashboard_queries_answer(prom: Prometheus) -> None:
+    """Every query of the Grafana dashboard runs on the real server, over the real series."""
+    present = set(prom.api("label/__name__/values"))
+    results = {}
+    for where, expr in dashboard_queries():
+        results[where] = prom.query(substitute_variables(expr))
+        # Every series a panel reads exists, except TCP trouble this test does not cause.
+        missing = {n for n in metric_names(expr) - present if not n.startswith("kspan_network_tcp_")}
+        assert not missing, f"{where}: {missing} not in Prometheus"
+    edges = {tuple(r["metric"].get(k) for k in ("id", "source", "target"))
+             for r in results["panel 'Service graph' edges"]}
+    assert ("prom_front->prom_back", "prom_front", "prom_back") in edges, edges
+    routes = {r["metric"].get("service_name") for r in results["panel 'Top routes' A"]}
+    assert {"prom_front", "prom_back"} <= routes, routes
+    assert [r["value"][1] for r in results["panel 'Agents up' A"]] == ["1"]
 
 
 def test_no_port_is_opened_unless_asked(tmp_path: Path) -> None:
