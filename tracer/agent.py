@@ -43,6 +43,8 @@ class RunOptions:
     max_hold_s: float = 30.0
     query: str = "redact"
     routes: list[str] = field(default_factory=list)
+    auto_routes: bool = True  # the route heuristic (correlator/routes.py) where no template matches
+    max_routes: int = 100  # its cap per service
     ringbuf_pages: int = 4096
     max_connections: int = 16384
     otlp_endpoint: str | None = None
@@ -89,6 +91,7 @@ class _Stopper:
 def _correlator_config(opts: RunOptions, salt: bytes) -> CorrelatorConfig:
     # 20k held spans (~1.2 KB each) keep a burst of orphans inside the agent's memory budget.
     return CorrelatorConfig(id_salt=salt, max_hold_s=opts.max_hold_s, query=opts.query, routes=list(opts.routes),
+                            auto_routes=opts.auto_routes, max_routes=opts.max_routes,
                             max_held_spans=20_000)
 
 

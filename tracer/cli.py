@@ -102,6 +102,12 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
                    help="url.query: keep, redact values of sensitive keys (default), or drop")
     g.add_argument("--route", action="append", default=[], metavar="TEMPLATE",
                    help="a route template such as /users/{id}; server spans matching it are named 'GET /users/{id}'")
+    g.add_argument("--no-auto-routes", action="store_true",
+                   help="no http.route for paths no --route template matches (default: made by a heuristic, "
+                   "numeric, UUID, hex and random-looking segments as {id})")
+    g.add_argument("--max-routes", type=_bounded_int("--max-routes", 1), default=100, metavar="N",
+                   help="distinct heuristic routes per service (listening address and port); later ones are "
+                   "named /{overflow} (default 100)")
     g.add_argument("--response-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="a request with no response for this long ends as an error span")
     g.add_argument("--max-hold", type=_positive, default=30.0, metavar="SECONDS",
@@ -146,12 +152,14 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
         ("include_namespace", "include_namespaces"), ("exclude_namespace", "exclude_namespaces"),
         ("trace_opt_in", "trace_opt_in"), ("service_name_label", "service_name_label"),
         ("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"), ("output", "output"),
-        ("query", "query"), ("route", "routes"), ("response_timeout", "response_timeout_s"),
+        ("query", "query"), ("route", "routes"), ("max_routes", "max_routes"),
+        ("response_timeout", "response_timeout_s"),
         ("max_hold", "max_hold_s"), ("metrics_interval", "metrics_interval_s"),
     ):
         if hasattr(args, name):
             setattr(opts, attr, getattr(args, name))
     opts.tls = not getattr(args, "no_tls", False)
+    opts.auto_routes = not getattr(args, "no_auto_routes", False)
     opts.go = not getattr(args, "no_go", False)
     opts.console = not getattr(args, "quiet", False)
     opts.metrics = not getattr(args, "no_metrics", False)

@@ -593,3 +593,19 @@ def test_no_cgroup_v2_tree_is_said_once(api: FakeKubernetesApi, proc: ProcRoot, 
         assert md.apply_verdicts() == 0 and sink.calls == 0
     finally:
         md.stop()
+
+
+def test_command_line_selection_reaches_the_agent() -> None:
+    from tracer.cli import _options, build_parser
+
+    opts = _options(build_parser().parse_args([
+        "run", "--include-namespace", "shop", "--include-namespace", "edge-*", "--exclude-namespace", "",
+        "--trace-opt-in", "--service-name-label", "app.kubernetes.io/name"]))
+    sel = WorkloadSelection.from_settings(opts.include_namespaces, opts.exclude_namespaces, opts.trace_opt_in,
+                                          opts.service_name_label, env={})
+    assert sel == WorkloadSelection(("shop", "edge-*"), ("",), True, "app.kubernetes.io/name")
+    assert not sel.default_trace
+    defaults = _options(build_parser().parse_args(["run"]))
+    assert WorkloadSelection.from_settings(defaults.include_namespaces, defaults.exclude_namespaces,
+                                           defaults.trace_opt_in, defaults.service_name_label, env={}) \
+        == WorkloadSelection()
