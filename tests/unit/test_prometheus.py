@@ -202,6 +202,15 @@ def test_endpoint_serves_text_and_openmetrics_on_loopback() -> None:
         _get(ep.url)
 
 
+def test_endpoint_on_ipv6_loopback() -> None:
+    ep = PrometheusEndpoint(MetricsAggregator().collect, address="::1", port=0)
+    try:
+        assert ep.url == f"http://[::1]:{ep.port}/metrics"
+        assert _one(_get(ep.url)[1], "kspan_prometheus_conflicts_total") == 0
+    finally:
+        ep.close()
+
+
 def test_a_busy_port_is_a_config_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
