@@ -317,7 +317,10 @@ class Agent:
 
     def _start_attachers(self, capture: Any) -> list[Any]:
         attachers: list[Any] = []
-        pids = self.opts.pids or None
+        pids: Any = self.opts.pids or None
+        if pids is None and getattr(capture, "trace_gate", None) is not None:
+            # Workload selection: never read the binaries of processes in excluded pods.
+            pids = [int(d) for d in os.listdir("/proc") if d.isdigit() and capture.is_traced(int(d))]
         if "openssl" in capture.config.families:
             from tracer.ssl_libs import SslAttacher
 

@@ -152,6 +152,7 @@ class KubernetesMetadata:
         selection: WorkloadSelection | None = None,
         cgroup_root: str | None = None,
         cgroup_rescan_s: float = 5.0,
+        sync_wait_s: float = 5.0,
     ) -> None:
         self.api_url = api_url or os.environ.get("KSPAN_KUBERNETES_API") or None
         self.kubeconfig = kubeconfig or os.environ.get("KSPAN_KUBECONFIG") or None
@@ -169,6 +170,7 @@ class KubernetesMetadata:
         self.selection = selection if selection is not None else WorkloadSelection()
         self.cgroup_root = find_cgroup2_root(cgroup_root or os.environ.get("KSPAN_CGROUP_ROOT") or None)
         self.cgroup_rescan_s = cgroup_rescan_s
+        self.sync_wait_s = sync_wait_s
         self.enabled = bool(self.api_url or self.kubeconfig or (_in_cluster() if in_cluster is None else in_cluster))
         if self.enabled and not self.node_name:
             # Without the node name the pod watch would cover the whole cluster: refuse rather
@@ -409,6 +411,18 @@ class KubernetesMetadata:
                 "nothing (opt-in mode)" if not self.selection.default_trace else "every pod")
             return
         log.info("kspan: workload selection: %s", self.selection.describe())
+        # The pods already on the node get their verdicts before the agent says it is ready (and
+        # before the attachers look at their binaries); a slow API delays that by sync_wait_s.
+        if self.wait_synced(self.sync_wait_s):
+            try:
+                self.apply_verdicts()
+            except Exception as exc:  # noqa: BLE001 - the thread below retries
+                self._count("cgroup_scan_errors")
+                log.warning("kspan: cgroup verdicts not set at start: %s", exc)
+        else:
+            log.warning("kspan: this node's pods were not listed within %.0f s: until they are, every "
+                        "process gets the default verdict (%s)", self.sync_wait_s,
+                        "traced" if self.selection.default_trace else "not traced")
         self._verdicts_dirty.set()
         thread = threading.Thread(target=self._sync_verdicts, name="kspan-k8s-cgroups", daemon=True)
         self._threads.append(thread)
