@@ -44,6 +44,10 @@ enum kspan_sampler {
     KSPAN_SAMPLER_PB_ALWAYS_OFF = 4,
     KSPAN_SAMPLER_PB_RATIO = 5,
 };
+/* Kubernetes workload selection: a process's cgroup v2 id decides (map cgroup_verdict), so the
+ * transfers of an excluded pod stop at the first check of every probe. */
+const volatile bool kspan_filter_cgroups = false;
+const volatile bool kspan_cgroup_default_trace = true; /* a cgroup with no verdict (host processes, new pods) */
 
 #define KSPAN_AF_INET 2
 #define KSPAN_AF_INET6 10
@@ -241,7 +245,8 @@ enum kspan_counter {
     KSPAN_CNT_AMBIGUOUS = 18,       /* client requests left unlinked: their thread served several at once */
     KSPAN_CNT_UNSAMPLED = 19,       /* exchanges head sampling dropped: a metrics-only record each */
     KSPAN_CNT_PARENT_LOST = 20,     /* client requests whose named parent was gone (evicted): no link */
-    KSPAN_CNT_MAX = 21,
+    KSPAN_CNT_CGROUP_SKIPPED = 21,  /* TCP transfers and events of pods excluded by workload selection */
+    KSPAN_CNT_MAX = 22,
 };
 
 struct {
@@ -346,13 +351,41 @@ struct {
     __type(value, __u8);
 } allowed_pids SEC(".maps");
 
-/* Whether the probes skip this process: the agent itself, and with --pid/--exe whatever is not
- * allowed. One place, shared by every probe family. */
+/* cgroup v2 id -> 1 trace, 0 skip; written by tracer/kubernetes.py as pods come and go. The id
+ * is the inode number of the cgroup's directory; every cgroup of a pod (the pod's own and each
+ * container's) has an entry. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 16384);
+    __type(key, __u64);
+    __type(value, __u8);
+} cgroup_verdict SEC(".maps");
+
+static __always_inline int kspan_cgroup_id_skipped(__u64 id)
+{
+    __u8 *v = bpf_map_lookup_elem(&cgroup_verdict, &id);
+    if (v)
+        return !*v;
+    return !kspan_cgroup_default_trace;
+}
+
+/* Process context only: the current task's cgroup is the one doing the transfer. */
+static __always_inline int kspan_cgroup_skipped(void)
+{
+    if (!kspan_filter_cgroups)
+        return 0;
+    return kspan_cgroup_id_skipped(bpf_get_current_cgroup_id());
+}
+
+/* Whether the probes skip this process: the agent itself, with --pid/--exe whatever is not
+ * allowed, and the pods workload selection excludes. One place, shared by every probe family. */
 static __always_inline int kspan_pid_skipped(__u32 pid)
 {
     if (pid == kspan_self_pid)
         return 1;
     if (kspan_filter_pids && !bpf_map_lookup_elem(&allowed_pids, &pid))
+        return 1;
+    if (kspan_cgroup_skipped())
         return 1;
     return 0;
 }
@@ -1736,6 +1769,9 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
     /* The key is the map copy's field, not a stack variable: with the key on the stack the
      * verifier's walk of the state machine below doubled (263k -> 506k instructions with --pid). */
     if (kspan_filter_pids && !bpf_map_lookup_elem(&allowed_pids, &a->pid))
+        return;
+    /* The uprobe families' (OpenSSL, Go) only cgroup check; the socket probes checked already. */
+    if (kspan_cgroup_skipped())
         return;
     if (a->len == 0)
         return;

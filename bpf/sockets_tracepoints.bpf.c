@@ -309,6 +309,10 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
     }
     if (kspan_filter_pids && !bpf_map_lookup_elem(&allowed_pids, &pid))
         return 0;
+    if (kspan_cgroup_skipped()) {
+        kspan_count(KSPAN_CNT_CGROUP_SKIPPED, 1);
+        return 0;
+    }
 #if defined(__TARGET_ARCH_x86)
     struct kspan_sys_args regs_args = {};
 #endif

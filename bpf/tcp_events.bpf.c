@@ -50,6 +50,25 @@ struct trace_event_raw_tcp_event_sk_skb {
     __u8 daddr_v6[16];
 } __attribute__((preserve_access_index));
 
+/* Workload selection for events that fire in softirq context, where the current task is whoever
+ * the interrupt landed on: the socket's own cgroup (its creator's; an accepted socket inherits
+ * the listener's) decides. A kernel without sock_cgroup_data.cgroup (before 5.15) or a socket
+ * without it falls to the default verdict. */
+static __always_inline int kspan_sk_cgroup_skipped(__u64 sk)
+{
+    if (!kspan_filter_cgroups)
+        return 0;
+    __u64 id = 0;
+    if (bpf_core_field_exists(((struct sock *)0)->sk_cgrp_data.cgroup)) {
+        struct cgroup *cg = BPF_CORE_READ((struct sock *)sk, sk_cgrp_data.cgroup);
+        if (cg)
+            id = BPF_CORE_READ(cg, kn, id);
+    }
+    if (!id)
+        return !kspan_cgroup_default_trace;
+    return kspan_cgroup_id_skipped(id);
+}
+
 /* The process that owns a socket, for events that fire in softirq context; 0 if unknown.
  * Returns -1 when filters say the event must not be reported. */
 static __always_inline int kspan_tcp_owner(__u64 sk, __u16 lport, __u16 rport)
@@ -65,6 +84,10 @@ static __always_inline int kspan_tcp_owner(__u64 sk, __u16 lport, __u16 rport)
     if (kspan_filter_ports && !bpf_map_lookup_elem(&allowed_ports, &lport) &&
         !bpf_map_lookup_elem(&allowed_ports, &rport))
         return -1;
+    if (kspan_sk_cgroup_skipped(sk)) {
+        kspan_count(KSPAN_CNT_CGROUP_SKIPPED, 1);
+        return -1;
+    }
     return pid;
 }
 

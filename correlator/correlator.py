@@ -14,6 +14,7 @@ from correlator.clock import WallClock
 from correlator.linker import PARENT_SOURCE_ATTR, Linker, make_linker, parent_source
 from correlator.peers import PeerMatcher
 from correlator.records import EndReason, Exchange, MetricExchange, ParentHint, ParentKind, Role
+from correlator.routes import DEFAULT_MAX_ROUTES, OVERFLOW_ROUTE, RouteCap, route_template
 from correlator.sampling import ALWAYS_ON, SamplerConfig, keeps_remote, keeps_root
 from correlator.spans import AttrValue, Span, SpanKind, StatusCode
 from correlator.tracecontext import clean_tracestate, parse_traceparent, traceparent_sampled
@@ -33,6 +34,10 @@ class CorrelatorConfig:
     max_held_spans: int = 100_000  # cap on waiting spans; the oldest go out as orphans beyond it
     query: str = "redact"  # url.query: "keep", "redact" (credential values -> REDACTED) or "drop"
     routes: list[str] = field(default_factory=list)  # server route templates, e.g. "/users/{id}"
+    # No template matched: http.route from correlator/routes.py's heuristic, at most max_routes
+    # distinct per service (listening address and port), the rest OVERFLOW_ROUTE.
+    auto_routes: bool = True
+    max_routes: int = DEFAULT_MAX_ROUTES
     # Identities remembered after release (about 300 bytes each, kept at most max_hold_s) so a
     # child that arrives after its parent still links to it.
     max_resolved: int = 50_000
@@ -51,7 +56,7 @@ class CorrelatorConfig:
             raise ValueError(f"query mode {self.query!r} is not one of {', '.join(semconv.QUERY_MODES)}")
         if not self.max_hold_s > 0:
             raise ValueError(f"max_hold_s must be > 0 seconds, got {self.max_hold_s!r}")
-        for name in ("max_held_spans", "max_resolved", "max_pipelined"):
+        for name in ("max_held_spans", "max_resolved", "max_pipelined", "max_routes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -83,6 +88,7 @@ class CorrelatorStats:
     self_hints: int = 0  # a parent hint naming the exchange itself (ignored)
     internal_errors: int = 0  # bug guard: a record that raised inside the correlator (span lost)
     peer_links_by_tuple: int = 0  # server ends linked to their local client by 4-tuple, not a kernel hint
+    routes_overflowed: int = 0  # server spans named OVERFLOW_ROUTE: their service hit max_routes
     held: int = 0  # gauge: spans waiting for their parent now
     peer_waiting: int = 0  # gauge: server exchanges waiting for their local client (<= max_held_spans)
     resolved_remembered: int = 0  # gauge: identities remembered for late children
@@ -107,6 +113,8 @@ class Correlator:
         self._linker: Linker = make_linker(cfg.id_salt, cfg.max_hold_s, cfg.max_held_spans, cfg.max_resolved)
         self._peers = PeerMatcher(int(cfg.peer_wait_s * 1e9), max_entries=cfg.max_held_spans)
         self._routes = semconv.RouteTable(cfg.routes)
+        self._auto_routes = cfg.auto_routes
+        self._route_cap = RouteCap(cfg.max_routes)
         self._query = cfg.query
         self._max_pipelined = cfg.max_pipelined
         self.last_error = ""  # repr of the last internal error, for `kspan doctor`/logs
@@ -134,6 +142,7 @@ class Correlator:
         st.duplicate_ids = c.duplicate_ids
         st.self_hints = c.self_hints
         st.peer_links_by_tuple = self._peers.links
+        st.routes_overflowed = self._route_cap.overflowed
         st.held = self._linker.held_count
         st.peer_waiting = self._peers.pending_count
         st.resolved_remembered = self._linker.resolved_count
@@ -445,12 +454,17 @@ class Correlator:
         if original is not None:
             a["http.request.method_original"] = original
         route = None
+        auto = False
         if server:
             a["url.scheme"] = scheme
             if path_b:
                 a["url.path"] = path
-                if not self._routes.empty and path_b[0] == 0x2F:
-                    route = self._routes.match(path)
+                if path_b[0] == 0x2F:
+                    if not self._routes.empty:
+                        route = self._routes.match(path)
+                    if route is None and self._auto_routes:
+                        route = route_template(path)
+                        auto = True
                     if route is not None:
                         a["http.route"] = route
             if query is not None:
@@ -475,7 +489,7 @@ class Correlator:
             name = "HTTP" if route is None else f"HTTP {route}"
         else:
             name = method if route is None else f"{method} {route}"
-        return (name, a, scheme, url_path, query, hostport is not None)
+        return (name, a, scheme, url_path, query, hostport is not None, route if auto else None)
 
     def _span(
         self,
@@ -496,8 +510,14 @@ class Correlator:
         d = memo.get(mk)
         if d is None:
             d = memo[mk] = self._derive(req, server, tls)
-        name, base, scheme, url_path, query, has_host = d
+        name, base, scheme, url_path, query, has_host, auto_route = d
         a = base.copy()
+        if auto_route is not None:
+            # The cap depends on what the service served before: applied per span, after the memo.
+            service = (ex.local_addr, ex.local_port) if ex.family else ex.pid
+            if self._route_cap.admit(service, auto_route) is not auto_route:
+                a["http.route"] = OVERFLOW_ROUTE
+                name = name[: len(name) - len(auto_route)] + OVERFLOW_ROUTE
 
         if ex.family:
             peer_addr = ex.remote_addr
@@ -629,8 +649,9 @@ class _Parsed:
         self.trace_state = clean_tracestate(first.tracestate) if self.tp is not None and first else ""
 
 
-# (name, request attributes, scheme, path for url.full, query, Host/authority named the server)
-_Derived = tuple[str, dict[str, AttrValue], str, str, "str | None", bool]
+# (name, request attributes, scheme, path for url.full, query, Host/authority named the server,
+# the heuristic's route or None when a template named it or there is none)
+_Derived = tuple[str, dict[str, AttrValue], str, str, "str | None", bool, "str | None"]
 
 
 def _url_full(scheme: str, host: str, port: int, path: str, query: str | None) -> str:

@@ -629,11 +629,13 @@ class MetricsRecorder:
     record_spans()/record_tcp() are cheap and never raise (the capture path calls them)."""
 
     def __init__(self, cfg: ExporterConfig, interval_s: float | None = None,
-                 exporter: MetricExporter | None = None) -> None:
+                 exporter: MetricExporter | None = None, push: bool = True, scraped: bool = False) -> None:
+        """push=False: no periodic export (OTLP or file) even when configured; scraped=True: record
+        anyway, because something reads the aggregator on its own (the Prometheus endpoint)."""
         self.interval_s = interval_s if interval_s is not None else cfg.metrics_interval_s
         self.aggregator = MetricsAggregator(cfg.resource)
         self.destination = "nowhere"
-        if exporter is None:
+        if exporter is None and push:
             if cfg.metrics is not None:
                 exporter = otlp_metric_exporter(cfg.metrics)
                 self.destination = f"OTLP {cfg.metrics.protocol} {cfg.metrics.endpoint}"
@@ -645,6 +647,7 @@ class MetricsRecorder:
                                       f"({e.strerror or e}); choose a writable path") from None
                 self.destination = f"file {cfg.metrics_output}"
         self._exporter = exporter
+        self._recording = exporter is not None or scraped
         self.exports = 0
         self.export_failures = 0
         self.record_errors = 0
@@ -658,11 +661,12 @@ class MetricsRecorder:
 
     @property
     def enabled(self) -> bool:
-        """False when metrics go nowhere (traces to OTLP, no metrics endpoint): recording is skipped."""
-        return self._exporter is not None
+        """False when metrics go nowhere (traces to OTLP, no metrics endpoint, no scrape endpoint):
+        recording is skipped."""
+        return self._recording
 
     def record_spans(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
-        if self._exporter is None:
+        if not self._recording:
             return
         try:
             self.aggregator.record_spans(spans, processes)
@@ -680,7 +684,7 @@ class MetricsRecorder:
             log.exception("kspan: bug: recording metrics for %d unsampled exchanges failed", len(facts))
 
     def record_tcp(self, events: Iterable[TcpEvent], processes: Mapping[int, ProcessInfo]) -> None:
-        if self._exporter is None:
+        if not self._recording:
             return
         try:
             self.aggregator.record_tcp(events, processes)

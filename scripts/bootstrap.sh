@@ -13,9 +13,22 @@ fi
 
 # Debian packages. Run time: libbpf1 (the loader is ctypes over libbpf.so.1). Build time only:
 # clang, llvm-strip and bpftool compile bpf/*.bpf.c into CO-RE objects once, here; the agent
-# never runs a compiler and needs no kernel headers. The rest are the test peers and load tools.
+# never runs a compiler and needs no kernel headers. The rest are the test peers and load tools
+# (prometheus: the real server the scrape-endpoint test runs on its own port, and promtool, which
+# checks and unit-tests deploy/prometheus/kspan-rules.yaml).
 PKGS=(libbpf1 libbpf-dev clang llvm bpftool python3-venv python3-dev make curl openssl nginx-light wrk iproute2
-      procps util-linux nodejs)
+      procps util-linux nodejs prometheus)
+# kubernetes-client: Debian's kubectl, which the tests use to render deploy/kubernetes with
+# `kubectl kustomize`. Where another package owns /usr/bin/kubectl (Google Cloud SDK's `kubectl`),
+# the same Debian package is unpacked under .cache/kubernetes-client instead of overwriting it.
+KUBECTL_DIR=.cache/kubernetes-client
+kubectl_owner=$(dpkg -S /usr/bin/kubectl 2>/dev/null | cut -d: -f1 || true)
+if [ -n "$kubectl_owner" ] && [ "$kubectl_owner" != kubernetes-client ]; then
+  unpack_kubectl=1
+else
+  unpack_kubectl=0
+  PKGS+=(kubernetes-client)
+fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -24,6 +37,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [ "$unpack_kubectl" = 1 ] && [ ! -x "$KUBECTL_DIR/usr/bin/kubectl" ]; then
+  say "unpacking Debian's kubernetes-client into $KUBECTL_DIR (/usr/bin/kubectl belongs to $kubectl_owner)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && { apt-get download -qq kubernetes-client 2>/dev/null || { apt-get update -qq && apt-get download -qq kubernetes-client; }; })
+  mkdir -p "$KUBECTL_DIR"
+  dpkg-deb -x "$tmp"/kubernetes-client_*.deb "$KUBECTL_DIR"
+  rm -rf "$tmp"
 fi
 
 # The probes: CO-RE objects compiled against a vmlinux.h made from this machine's BTF, relocated

@@ -45,6 +45,8 @@ class RunOptions:
     max_hold_s: float = 30.0
     query: str = "redact"
     routes: list[str] = field(default_factory=list)
+    auto_routes: bool = True  # the route heuristic (correlator/routes.py) where no template matches
+    max_routes: int = 100  # its cap per service
     ringbuf_pages: int = 4096
     max_connections: int = 16384
     otlp_endpoint: str | None = None
@@ -53,11 +55,18 @@ class RunOptions:
     console: bool = True
     metrics: bool = True
     metrics_interval_s: float = 15.0
+    prometheus_port: int | None = None  # --prometheus-port: serve /metrics (off: no port is opened)
+    prometheus_address: str = "127.0.0.1"
     tls: bool = True
     go: bool = True
     network_events: bool = True
     kubernetes: bool = True
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # OTEL_TRACES_SAMPLER[_ARG], --sampler[-arg]
+    # Workload selection on Kubernetes (tracer/workloads.py); None: the environment's, else defaults.
+    include_namespaces: list[str] = field(default_factory=list)
+    exclude_namespaces: list[str] = field(default_factory=list)
+    trace_opt_in: bool = False
+    service_name_label: str | None = None
 
 
 def host_id_salt() -> bytes:
@@ -85,6 +94,7 @@ class _Stopper:
 def _correlator_config(opts: RunOptions, salt: bytes) -> CorrelatorConfig:
     # 20k held spans (~1.2 KB each) keep a burst of orphans inside the agent's memory budget.
     return CorrelatorConfig(id_salt=salt, max_hold_s=opts.max_hold_s, query=opts.query, routes=list(opts.routes),
+                            auto_routes=opts.auto_routes, max_routes=opts.max_routes,
                             max_held_spans=20_000, sampler=opts.sampler)
 
 
@@ -109,10 +119,25 @@ class SpanOutput:
         self.pipeline = ExportPipeline(build_exporters(self.cfg))
         self.processes = processes
         self.metrics = None
-        if opts.metrics:
+        self.prometheus = None
+        scraped = opts.prometheus_port is not None
+        if opts.metrics or scraped:
             from exporters.metrics import MetricsRecorder
 
-            self.metrics = MetricsRecorder(self.cfg, interval_s=opts.metrics_interval_s)
+            # --no-metrics stops the push (OTLP or file); a scrape endpoint asked for still serves.
+            self.metrics = MetricsRecorder(self.cfg, interval_s=opts.metrics_interval_s, push=opts.metrics,
+                                           scraped=scraped)
+        if scraped and self.metrics is not None:
+            from exporters.prometheus import PrometheusEndpoint
+
+            try:
+                self.prometheus = PrometheusEndpoint(self.metrics.aggregator.collect, opts.prometheus_address,
+                                                     opts.prometheus_port)
+            except Exception:
+                self.pipeline.shutdown(1.0)
+                self.metrics.shutdown(1.0)
+                raise
+            print(f"kspan: metrics -> Prometheus scrape endpoint {self.prometheus.url}", file=sys.stderr)
 
     def spans(self, spans: list[Span]) -> None:
         """Spans out; an unsampled one (head sampling dropped its trace) only counts in metrics."""
@@ -136,9 +161,9 @@ class SpanOutput:
             procs = self.processes.snapshot({e.pid for e in events if e.pid})
             self.metrics.record_tcp(events, procs)
 
-    def register_health(self, name: str, cb: Callable[[], int], monotonic: bool) -> None:
+    def register_health(self, name: str, cb: Callable[[], int], monotonic: bool, unit: str = "1") -> None:
         if self.metrics is not None:
-            self.metrics.register_health(name, cb, monotonic=monotonic)
+            self.metrics.register_health(name, cb, unit=unit, monotonic=monotonic)
 
     def register_pipeline_health(self) -> None:
         if self.metrics is not None:
@@ -151,21 +176,36 @@ class SpanOutput:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self.pipeline.shutdown(timeout_s)
+        if self.prometheus is not None:
+            self.prometheus.close()
         if self.metrics is not None:
             self.metrics.shutdown()
 
 
-def _kubernetes_provider(enabled: bool) -> Callable[[int], tuple[str | None, dict[str, Any]]] | None:
-    if not enabled:
+def _kubernetes_metadata(opts: RunOptions) -> Any:
+    """The started KubernetesMetadata in a cluster, else None."""
+    if not opts.kubernetes:
         return None
     try:
         from tracer.kubernetes import KubernetesMetadata
+        from tracer.workloads import WorkloadSelection
     except ImportError:
         return None
-    meta = KubernetesMetadata.from_environment()
+    selection = WorkloadSelection.from_settings(opts.include_namespaces, opts.exclude_namespaces,
+                                                opts.trace_opt_in, opts.service_name_label)
+    meta = KubernetesMetadata.from_environment(selection=selection)
     if meta is None or not meta.enabled:
+        if opts.include_namespaces or opts.exclude_namespaces or opts.trace_opt_in or opts.service_name_label:
+            log.warning("kspan: not in Kubernetes (no KUBERNETES_SERVICE_HOST or KSPAN_KUBERNETES_API): "
+                        "the namespace, opt-in and service-name-label options have no effect")
         return None
     meta.start()
+    return meta
+
+
+def _kubernetes_provider(meta: Any) -> Callable[[int], tuple[str | None, dict[str, Any]]] | None:
+    if meta is None:
+        return None
     return lambda pid: (meta.service_name_for_pid(pid), meta.attributes_for_pid(pid))
 
 
@@ -201,9 +241,10 @@ class Agent:
             print(f"kspan: no kernel BTF: {caps.btf_detail}. The probes are CO-RE objects relocated against "
                   "it: pass --btf FILE (or KSPAN_BTF) with this kernel's BTF (BTFHub has them)", file=sys.stderr)
             return 2
+        k8s = _kubernetes_metadata(opts)
         processes = ProcessTable(
             service_name_override=self.env.get("OTEL_SERVICE_NAME") or None,
-            extra=_kubernetes_provider(opts.kubernetes),
+            extra=_kubernetes_provider(k8s),
         )
         cfg = CaptureConfig(
             backend=opts.backend,
@@ -219,6 +260,8 @@ class Agent:
             btf_path=caps.btf_path if caps.btf_path != "/sys/kernel/btf/vmlinux" else None,
             sampler=opts.sampler.code,
             sample_threshold=opts.sampler.threshold,
+            cgroup_filter=k8s is not None and k8s.kernel_filter,
+            cgroup_default_trace=k8s is None or k8s.selection.default_trace,
         )
         capture = Capture(cfg, caps)
         try:
@@ -226,7 +269,11 @@ class Agent:
         except CaptureError as e:
             print(f"kspan: {e}", file=sys.stderr)
             print("kspan: run `kspan doctor` to see what this kernel offers", file=sys.stderr)
+            if k8s is not None:
+                k8s.stop()
             return 2
+        if k8s is not None:
+            k8s.attach_capture(capture)
         attachers = self._start_attachers(capture)
         salt = host_id_salt()
         clock = WallClock.now()
@@ -265,6 +312,8 @@ class Agent:
                     close()
             # Read the kernel's counters and tables while its maps still exist.
             kernel = self._kernel_summary(capture)
+            if k8s is not None:
+                k8s.stop()  # its verdict thread writes to the capture's maps
             capture.close()
             if correlator is not None and out is not None:
                 out.spans(correlator.flush())
@@ -286,7 +335,10 @@ class Agent:
 
     def _start_attachers(self, capture: Any) -> list[Any]:
         attachers: list[Any] = []
-        pids = self.opts.pids or None
+        pids: Any = self.opts.pids or None
+        if pids is None and getattr(capture, "trace_gate", None) is not None:
+            # Workload selection: never read the binaries of processes in excluded pods.
+            pids = [int(d) for d in os.listdir("/proc") if d.isdigit() and capture.is_traced(int(d))]
         if "openssl" in capture.config.families:
             from tracer.ssl_libs import SslAttacher
 
@@ -304,17 +356,24 @@ class Agent:
 
     def _register_health(self, out: SpanOutput, capture: Any, correlator: Correlator, processes: ProcessTable) -> None:
         kernel = capture.counters
-        out.register_health("kspan.probes.attached", lambda: int(capture.probes_attached), monotonic=False)
-        out.register_health("kspan.records.lost", lambda: int(kernel().get("ringbuf_lost", 0)), monotonic=True)
+        # Units are UCUM annotations: a count's unit is "{thing}", never "1", which Prometheus would
+        # read as a ratio (kspan_probes_attached_ratio).
+        out.register_health("kspan.probes.attached", lambda: int(capture.probes_attached), monotonic=False,
+                            unit="{probe}")
+        out.register_health("kspan.records.lost", lambda: int(kernel().get("ringbuf_lost", 0)), monotonic=True,
+                            unit="{record}")
         out.register_health("kspan.bytes.unparsed", lambda: int(kernel().get("unparsed_bytes", 0))
-                            + int(correlator.stats.as_dict().get("unparsed_bytes", 0)), monotonic=True)
+                            + int(correlator.stats.as_dict().get("unparsed_bytes", 0)), monotonic=True, unit="By")
         out.register_health("kspan.spans.orphaned", lambda: int(correlator.stats.as_dict().get("orphaned_spans", 0)),
-                            monotonic=True)
+                            monotonic=True, unit="{span}")
         out.register_health("kspan.parents.ambiguous",
-                            lambda: int(correlator.stats.as_dict().get("ambiguous_parents", 0)), monotonic=True)
-        out.register_health("kspan.processes.traced", lambda: processes.traced, monotonic=False)
-        out.register_health("kspan.exchanges.sampled", lambda: _sampling_counts(correlator)[0], monotonic=True)
-        out.register_health("kspan.exchanges.unsampled", lambda: _sampling_counts(correlator)[1], monotonic=True)
+                            lambda: int(correlator.stats.as_dict().get("ambiguous_parents", 0)), monotonic=True,
+                            unit="{span}")
+        out.register_health("kspan.processes.traced", lambda: processes.traced, monotonic=False, unit="{process}")
+        out.register_health("kspan.exchanges.sampled", lambda: _sampling_counts(correlator)[0], monotonic=True,
+                            unit="{exchange}")
+        out.register_health("kspan.exchanges.unsampled", lambda: _sampling_counts(correlator)[1], monotonic=True,
+                            unit="{exchange}")
         out.register_pipeline_health()
 
     def _loop(self, ses: _Session) -> None:

@@ -14,8 +14,9 @@ import logging
 import os
 import platform
 import struct
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -62,6 +63,7 @@ COUNTER_NAMES = [
     "ambiguous_parent_requests",  # client requests on a thread serving several at once: no parent, by rule
     "unsampled_exchanges",  # dropped by head sampling in the kernel: a metrics-only record each
     "parent_lost",  # client requests whose named parent was gone (evicted): no link
+    "cgroup_skipped",  # TCP transfers and events of pods workload selection excludes
 ]
 
 PROC_EXEC = 1
@@ -112,6 +114,10 @@ class CaptureConfig:
     network_events: bool = True
     btf_path: str | None = None  # external BTF (BTFHub) for kernels without /sys/kernel/btf/vmlinux
     portable_args: bool = False  # tracepoints: the non-x86_64 syscall-argument path, even on x86_64
+    # Kubernetes workload selection (tracer/workloads.py): the kernel skips processes by cgroup v2
+    # id, per map cgroup_verdict; a cgroup with no verdict is traced iff cgroup_default_trace.
+    cgroup_filter: bool = False
+    cgroup_default_trace: bool = True
     objects_dir: Path = OBJECTS_DIR
     # Head sampling, decided in the kernel at each trace's root (correlator/sampling.py codes):
     # kept iff (trace id bytes 8..15 as a big-endian u64) >> 1 < sample_threshold.
@@ -142,6 +148,8 @@ def _globals(config: CaptureConfig) -> dict[str, int]:
         "kspan_args_from_regs": int(_uses_regs(config)),
         "kspan_sampler": int(config.sampler),
         "kspan_sample_threshold": int(config.sample_threshold),
+        "kspan_filter_cgroups": int(config.cgroup_filter),
+        "kspan_cgroup_default_trace": int(config.cgroup_default_trace),
     }
 
 
@@ -330,6 +338,7 @@ def _descendants_of(pids: set[int]) -> set[int]:
 
 
 _ONE = b"\x01"
+_ZERO = b"\x00"
 RAW_PROC_SIZE = ctypes.sizeof(RawProc)
 
 
@@ -351,9 +360,16 @@ class Capture:
         self._sweep_evicted = 0
         self._sweep_cursor: bytes | None = None
         self._exe_added = 0
+        self._verdicts_refused = 0
         self._conn_layout: sweeper.ConnLayout | None = None
         # kspan_exchange_ref.inflight, kspan_inflight.count and .ambiguous, from the objects' BTF
         self._hint_offsets = (0, 0, 0)
+        # Workload selection's user-space side (tracer/kubernetes.py): whether a pid's pod is
+        # traced, so the attachers never inspect a binary the kernel would ignore anyway.
+        self.trace_gate: Callable[[int], bool] | None = None
+        # cgroup verdicts are written from the Kubernetes watch thread: the lock orders them
+        # against close(), so none lands on a descriptor number the process reused.
+        self._verdict_lock = threading.Lock()
 
     @property
     def started(self) -> bool:
@@ -423,6 +439,30 @@ class Capture:
             for pid in allowed:
                 table.update(struct.pack("<I", pid), _ONE)
 
+    def set_cgroup_verdicts(self, trace: dict[int, bool], forget: Iterable[int] = ()) -> int:
+        """Set the kernel's verdict for cgroup v2 ids (True: trace) and drop those of `forget`
+        (cgroups gone: a later cgroup never reuses an id, but the map's room is bounded).
+        Returns the verdicts written; 0 before start or after close."""
+        written = 0
+        with self._verdict_lock:
+            if self._objs is None or not self.config.cgroup_filter:
+                return 0
+            table = self._objs.map("cgroup_verdict")
+            for cgroup_id in forget:
+                try:
+                    table.delete(struct.pack("<Q", cgroup_id))
+                except LoaderError:
+                    pass  # never written (or already gone): nothing to undo
+            for cgroup_id, traced in trace.items():
+                try:
+                    table.update(struct.pack("<Q", cgroup_id), _ONE if traced else _ZERO)
+                except LoaderError as exc:  # the map is full: the default verdict applies, counted
+                    self._verdicts_refused += 1
+                    log.debug("kspan: cgroup verdict %d not written: %s", cgroup_id, exc)
+                    continue
+                written += 1
+        return written
+
     def allow_pid(self, pid: int) -> None:
         """Trace `pid` from now on (filtering by --pid/--exe only)."""
         if self._objs is None or pid == self.config.self_pid:
@@ -433,6 +473,8 @@ class Capture:
         """Whether the filters (--pid/--exe, with children) let `pid` through: the kernel's own
         allowed_pids map, so user space never inspects a process the probes would ignore."""
         if pid == self.config.self_pid:
+            return False
+        if self.trace_gate is not None and not self.trace_gate(pid):
             return False
         if not (self.config.pids or self.config.exe_names) or self._objs is None:
             return True
@@ -575,6 +617,7 @@ class Capture:
                 out[name] = sum(int.from_bytes(v[:8], "little") for v in table.lookup_percpu(struct.pack("<I", i)))
         out["timeouts_swept"] = self._sweep_evicted
         out["exe_matches"] = self._exe_added
+        out["cgroup_verdicts_refused"] = self._verdicts_refused
         out["probes_attached"] = self.probes_attached
         return out
 
@@ -588,6 +631,10 @@ class Capture:
         if self._closed:
             return
         self._closed = True
+        with self._verdict_lock:
+            self._close_objects()
+
+    def _close_objects(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None

@@ -64,6 +64,13 @@ def pod_uid_from_cgroup(text: str) -> str | None:
     return None
 
 
+def pod_uid_from_component(name: str) -> str | None:
+    """The pod uid one cgroup directory name holds (`pod<uid>`, `kubepods-<qos>-pod<uid>.slice`),
+    or None: what a walk of the cgroup tree matches directory by directory."""
+    match = _POD_COMPONENT.search(name)
+    return match.group("uid").replace("_", "-") if match else None
+
+
 def read_cgroup(pid: int, proc_root: str = "/proc") -> str | None:
     """The text of /proc/PID/cgroup, or None when the process is gone or unreadable (a pid can exit
     between the time it is seen and the time it is looked up)."""

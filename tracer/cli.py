@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 QUERY_MODES = ("keep", "redact", "drop")
 BACKENDS = ("auto", "fentry", "kprobes", "tracepoints")
@@ -71,6 +71,18 @@ def _add_capture_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler-arg", metavar="RATIO",
                    help="the ratio of traces the *traceidratio samplers keep, 0 to 1 (default 1; overrides "
                    "OTEL_TRACES_SAMPLER_ARG)")
+    g = p.add_argument_group("Kubernetes workload selection (enforced in the kernel, by cgroup)")
+    g.add_argument("--include-namespace", action="append", default=[], metavar="GLOB",
+                   help="trace pods only in namespaces matching GLOB (repeatable; default: all; "
+                   "env KSPAN_INCLUDE_NAMESPACES, comma-separated)")
+    g.add_argument("--exclude-namespace", action="append", default=[], metavar="GLOB",
+                   help="never trace pods in namespaces matching GLOB (repeatable; replaces the default: "
+                   "kube-system and kspan's own namespace; env KSPAN_EXCLUDE_NAMESPACES)")
+    g.add_argument("--trace-opt-in", action="store_true",
+                   help='trace only pods labelled or annotated kspan.io/trace: "true" (env KSPAN_TRACE_OPT_IN)')
+    g.add_argument("--service-name-label", metavar="LABEL",
+                   help="take service.name from this pod label, e.g. app.kubernetes.io/name "
+                   "(env KSPAN_SERVICE_NAME_LABEL)")
 
 
 def _add_btf_arg(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -88,11 +100,21 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no console span tree")
     g.add_argument("--no-metrics", action="store_true", help="do not export metrics")
     g.add_argument("--metrics-interval", type=_positive, default=15.0, metavar="SECONDS")
+    g.add_argument("--prometheus-port", type=_port, metavar="PORT",
+                   help="serve /metrics for Prometheus to scrape on PORT (default: $KSPAN_PROMETHEUS_PORT, else off)")
+    g.add_argument("--prometheus-address", metavar="ADDR",
+                   help="address the /metrics endpoint binds (default: $KSPAN_PROMETHEUS_ADDRESS, else 127.0.0.1)")
     g = p.add_argument_group("correlation")
     g.add_argument("--query", choices=QUERY_MODES, default="redact",
                    help="url.query: keep, redact values of sensitive keys (default), or drop")
     g.add_argument("--route", action="append", default=[], metavar="TEMPLATE",
                    help="a route template such as /users/{id}; server spans matching it are named 'GET /users/{id}'")
+    g.add_argument("--no-auto-routes", action="store_true",
+                   help="no http.route for paths no --route template matches (default: made by a heuristic, "
+                   "numeric, UUID, hex and random-looking segments as {id})")
+    g.add_argument("--max-routes", type=_bounded_int("--max-routes", 1), default=100, metavar="N",
+                   help="distinct heuristic routes per service (listening address and port); later ones are "
+                   "named /{overflow} (default 100)")
     g.add_argument("--response-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="a request with no response for this long ends as an error span")
     g.add_argument("--max-hold", type=_positive, default=30.0, metavar="SECONDS",
@@ -134,16 +156,22 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
     for name, attr in (
         ("backend", "backend"), ("btf", "btf"), ("duration", "duration_s"), ("ringbuf_pages", "ringbuf_pages"),
         ("max_connections", "max_connections"),
+        ("include_namespace", "include_namespaces"), ("exclude_namespace", "exclude_namespaces"),
+        ("trace_opt_in", "trace_opt_in"), ("service_name_label", "service_name_label"),
         ("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"), ("output", "output"),
-        ("query", "query"), ("route", "routes"), ("response_timeout", "response_timeout_s"),
+        ("query", "query"), ("route", "routes"), ("max_routes", "max_routes"),
+        ("response_timeout", "response_timeout_s"),
         ("max_hold", "max_hold_s"), ("metrics_interval", "metrics_interval_s"),
     ):
         if hasattr(args, name):
             setattr(opts, attr, getattr(args, name))
     opts.tls = not getattr(args, "no_tls", False)
+    opts.auto_routes = not getattr(args, "no_auto_routes", False)
     opts.go = not getattr(args, "no_go", False)
     opts.console = not getattr(args, "quiet", False)
     opts.metrics = not getattr(args, "no_metrics", False)
+    if hasattr(args, "prometheus_port"):
+        _prometheus_options(args, opts, os.environ)
     pages = opts.ringbuf_pages
     if pages <= 0 or pages & (pages - 1):
         raise SystemExit(f"kspan: --ringbuf-pages {pages} must be a power of two (e.g. 1024, 2048)")
@@ -157,6 +185,21 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
         for note in notes:
             print(f"kspan: {note}", file=sys.stderr)
     return opts
+
+
+def _prometheus_options(args: argparse.Namespace, opts, env: Mapping[str, str]) -> None:
+    """--prometheus-port/--prometheus-address, else KSPAN_PROMETHEUS_PORT/KSPAN_PROMETHEUS_ADDRESS."""
+    port = args.prometheus_port
+    text = env.get("KSPAN_PROMETHEUS_PORT", "").strip()
+    if port is None and text:
+        try:
+            port = _port(text)
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(f"kspan: KSPAN_PROMETHEUS_PORT={text!r}: {e}") from None
+    opts.prometheus_port = port
+    address = args.prometheus_address or env.get("KSPAN_PROMETHEUS_ADDRESS", "").strip()
+    if address:
+        opts.prometheus_address = address.strip("[]")  # "[::1]" as well as "::1"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

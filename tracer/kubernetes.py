@@ -14,6 +14,11 @@ list and watch, read-only:
 Owners one level up (ReplicaSet -> Deployment, Job -> CronJob) are read once per owner and cached.
 Lookups never block on the API: they read in-memory indexes the watch threads keep current.
 
+Workload selection (tracer/workloads.py) gives each pod a verdict, trace or skip. Once a capture
+is attached (attach_capture), one more thread keeps the kernel's verdict per cgroup id current:
+it walks the node's cgroup2 tree (tracer/pod_cgroups.py) when pods change, and every
+`cgroup_rescan_s` for containers started since, and writes only what changed.
+
 RBAC this needs (deploy/kubernetes/01-rbac.yaml): get/list/watch pods; list/watch services;
 list/watch endpointslices (discovery.k8s.io); get replicasets (apps); get jobs (batch).
 """
@@ -33,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracer.cgroups import container_id_from_cgroup, pod_uid_from_cgroup, read_cgroup
+from tracer.pod_cgroups import find_cgroup2_root, pod_cgroup_ids
+from tracer.workloads import WorkloadSelection, trace_choice
 
 log = logging.getLogger("kspan.kubernetes")
 
@@ -93,6 +100,7 @@ class PodInfo:
     service_name: str
     containers: dict[str, str] = field(default_factory=dict)  # container id -> container name
     ips: tuple[str, ...] = ()
+    traced: bool = True  # workload selection's verdict
 
 
 def _container_statuses(status: Obj) -> Iterable[Obj]:
@@ -105,10 +113,13 @@ def _strip_runtime(container_id: str) -> str:
     return container_id.split("://", 1)[-1]
 
 
-def service_name_for_pod(labels: dict[str, str], annotations: dict[str, str], attributes: dict[str, str]) -> str:
+def service_name_for_pod(labels: dict[str, str], annotations: dict[str, str], attributes: dict[str, str],
+                         label: str | None = None) -> str:
     """OpenTelemetry's precedence: the annotation, the well-known labels, the owning workload, the
-    pod name."""
-    for value in (annotations.get(SERVICE_NAME_ANNOTATION), labels.get(LABEL_INSTANCE), labels.get(LABEL_NAME)):
+    pod name; a label the user named (--service-name-label) comes right after the annotation."""
+    named = labels.get(label) if label else None
+    for value in (annotations.get(SERVICE_NAME_ANNOTATION), named, labels.get(LABEL_INSTANCE),
+                  labels.get(LABEL_NAME)):
         if value:
             return value
     for key in _OWNER_PRECEDENCE:
@@ -138,6 +149,10 @@ class KubernetesMetadata:
         request_timeout_s: float = 10.0,
         in_cluster: bool | None = None,
         watch_peers: bool = True,
+        selection: WorkloadSelection | None = None,
+        cgroup_root: str | None = None,
+        cgroup_rescan_s: float = 5.0,
+        sync_wait_s: float = 5.0,
     ) -> None:
         self.api_url = api_url or os.environ.get("KSPAN_KUBERNETES_API") or None
         self.kubeconfig = kubeconfig or os.environ.get("KSPAN_KUBECONFIG") or None
@@ -152,6 +167,10 @@ class KubernetesMetadata:
         # or very busy cluster (EndpointSlices change with every pod's readiness) they can be
         # turned off, leaving only the node's own pods (env KSPAN_KUBERNETES_PEERS=false).
         self.watch_peers = watch_peers
+        self.selection = selection if selection is not None else WorkloadSelection()
+        self.cgroup_root = find_cgroup2_root(cgroup_root or os.environ.get("KSPAN_CGROUP_ROOT") or None)
+        self.cgroup_rescan_s = cgroup_rescan_s
+        self.sync_wait_s = sync_wait_s
         self.enabled = bool(self.api_url or self.kubeconfig or (_in_cluster() if in_cluster is None else in_cluster))
         if self.enabled and not self.node_name:
             # Without the node name the pod watch would cover the whole cluster: refuse rather
@@ -171,6 +190,11 @@ class KubernetesMetadata:
             "lookups": 0,
             "lookup_hits": 0,
             "lookup_misses": 0,
+            "pods_skipped": 0,  # gauge: this node's pods workload selection excludes
+            "bad_trace_values": 0,  # kspan.io/trace values neither yes nor no (treated as unset)
+            "cgroup_scans": 0,
+            "cgroup_scan_errors": 0,  # directories that vanished or could not be read mid-walk
+            "cgroup_verdicts": 0,  # gauge: cgroup ids with a verdict in the kernel
         }
         self._lock = threading.Lock()
         self._pods: dict[str, PodInfo] = {}  # uid -> pod
@@ -186,13 +210,19 @@ class KubernetesMetadata:
         self._threads: list[threading.Thread] = []
         self._failing: set[str] = set()
         self._api_client: Any = None
+        self._verdicts_dirty = threading.Event()
+        self._capture: Any = None
+        self._applied: dict[int, bool] = {}  # cgroup id -> verdict written to the kernel
 
     @classmethod
-    def from_environment(cls, env: dict[str, str] | None = None) -> KubernetesMetadata | None:
+    def from_environment(cls, env: dict[str, str] | None = None,
+                         selection: WorkloadSelection | None = None) -> KubernetesMetadata | None:
         """The agent's constructor: None off a cluster (a dictionary lookup, nothing imported),
         else an instance configured from `KSPAN_KUBERNETES_API`, `KSPAN_KUBECONFIG`,
         `KSPAN_NODE_NAME`/`NODE_NAME`, `KSPAN_PROC_ROOT` (the DaemonSet mounts the host's /proc at
-        /host/proc) and `KSPAN_KUBERNETES_PEERS` (false: no cluster-wide watches)."""
+        /host/proc), `KSPAN_KUBERNETES_PEERS` (false: no cluster-wide watches), `KSPAN_CGROUP_ROOT`
+        (the node's cgroup2 tree, else found under /sys/fs/cgroup) and workload selection's
+        variables (tracer/workloads.py), which `selection` (built from the command line) overrides."""
         env = os.environ if env is None else env
         api_url = env.get("KSPAN_KUBERNETES_API") or None
         kubeconfig = env.get("KSPAN_KUBECONFIG") or None
@@ -206,6 +236,8 @@ class KubernetesMetadata:
             in_cluster=bool(env.get("KUBERNETES_SERVICE_HOST")),
             watch_peers=(env.get("KSPAN_KUBERNETES_PEERS") or "true").strip().lower()
             not in ("0", "false", "no", "off"),
+            selection=selection if selection is not None else WorkloadSelection.from_settings(env=env),
+            cgroup_root=env.get("KSPAN_CGROUP_ROOT") or None,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -246,6 +278,7 @@ class KubernetesMetadata:
 
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stop.set()
+        self._verdicts_dirty.set()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -264,6 +297,7 @@ class KubernetesMetadata:
         with self._lock:
             stats = dict(self.counters)
             stats["pods"] = len(self._pods)
+            stats["pods_skipped"] = sum(1 for p in self._pods.values() if not p.traced)
             stats["services"] = len(self._services)
             stats["endpointslices"] = len(self._slices)
         return stats
@@ -336,6 +370,115 @@ class KubernetesMetadata:
             pod_uid = self._by_container.get(container_id or "") or uid
             pod = self._pods.get(pod_uid or "")
         return pod.service_name if pod is not None else None
+
+    # ------------------------------------------------------------------ workload selection
+
+    @property
+    def kernel_filter(self) -> bool:
+        """Whether the capture should filter by cgroup (bpf/http_exchange.h kspan_filter_cgroups)."""
+        return self.enabled
+
+    def traced_pid(self, pid: int) -> bool:
+        """Workload selection's verdict for a process, from its pod (the user-space side of the
+        kernel filter: the attachers ask before reading a binary)."""
+        if not self.enabled:
+            return True
+        text = read_cgroup(pid, self.proc_root)
+        if text is None:
+            return self.selection.default_trace
+        container_id = container_id_from_cgroup(text)
+        uid = pod_uid_from_cgroup(text)
+        with self._lock:
+            pod = self._pods.get(self._by_container.get(container_id or "") or uid or "")
+        if pod is None:
+            return self.selection.default_trace
+        return pod.traced
+
+    def attach_capture(self, capture: Any) -> None:
+        """Keep `capture`'s cgroup verdicts (Capture.set_cgroup_verdicts) in step with this node's
+        pods from now on, and gate its attachers by pod. Call after capture.start(); stop() this
+        before closing the capture."""
+        if not self.enabled or self._capture is not None:
+            return
+        capture.trace_gate = self.traced_pid
+        self._capture = capture
+        if self.cgroup_root is None:
+            log.warning(
+                "kspan: no cgroup v2 hierarchy found (looked in %s): pods cannot be told apart in the "
+                "kernel, so workload selection traces %s. Mount the node's /sys/fs/cgroup (the DaemonSet "
+                "does) or set KSPAN_CGROUP_ROOT.", "KSPAN_CGROUP_ROOT" if os.environ.get("KSPAN_CGROUP_ROOT")
+                else "/sys/fs/cgroup, /sys/fs/cgroup/unified",
+                "nothing (opt-in mode)" if not self.selection.default_trace else "every pod")
+            return
+        log.info("kspan: workload selection: %s", self.selection.describe())
+        # The pods already on the node get their verdicts before the agent says it is ready (and
+        # before the attachers look at their binaries); a slow API delays that by sync_wait_s.
+        if self.wait_synced(self.sync_wait_s):
+            try:
+                self.apply_verdicts()
+            except Exception as exc:  # noqa: BLE001 - the thread below retries
+                self._count("cgroup_scan_errors")
+                log.warning("kspan: cgroup verdicts not set at start: %s", exc)
+        else:
+            log.warning("kspan: this node's pods were not listed within %.0f s: until they are, every "
+                        "process gets the default verdict (%s)", self.sync_wait_s,
+                        "traced" if self.selection.default_trace else "not traced")
+        self._verdicts_dirty.set()
+        thread = threading.Thread(target=self._sync_verdicts, name="kspan-k8s-cgroups", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def desired_verdicts(self) -> dict[int, bool]:
+        """cgroup id -> verdict for the pods of this node now (one walk of the cgroup tree).
+        Cgroups of pods not listed yet get none: the kernel's default verdict covers them."""
+        assert self.cgroup_root is not None
+        pods, unreadable = pod_cgroup_ids(self.cgroup_root)
+        with self._lock:
+            self.counters["cgroup_scans"] += 1
+            self.counters["cgroup_scan_errors"] += unreadable
+            verdicts: dict[int, bool] = {}
+            for uid, ids in pods.items():
+                pod = self._pods.get(uid)
+                if pod is None:
+                    continue
+                for cgroup_id in ids:
+                    verdicts[cgroup_id] = pod.traced
+        return verdicts
+
+    def _sync_verdicts(self) -> None:
+        while not self._stop.is_set():
+            self._verdicts_dirty.wait(self.cgroup_rescan_s)
+            if self._stop.is_set():
+                break
+            self._verdicts_dirty.clear()
+            try:
+                self.apply_verdicts()
+            except Exception as exc:  # noqa: BLE001 - a failed walk is retried at the next rescan
+                self._count("cgroup_scan_errors")
+                log.warning("kspan: cgroup verdicts not updated: %s", exc)
+
+    def apply_verdicts(self) -> int:
+        """Write what changed since the last call to the capture; the verdicts written."""
+        capture = self._capture
+        if capture is None or self.cgroup_root is None:
+            return 0
+        desired = self.desired_verdicts()
+        changed = {cid: v for cid, v in desired.items() if self._applied.get(cid) != v}
+        gone = [cid for cid in self._applied if cid not in desired]
+        written = capture.set_cgroup_verdicts(changed, gone) if (changed or gone) else 0
+        first = not self._applied and bool(changed)
+        for cid in gone:
+            del self._applied[cid]
+        self._applied.update(changed)
+        with self._lock:
+            self.counters["cgroup_verdicts"] = len(self._applied)
+            skipped = sum(1 for p in self._pods.values() if not p.traced)
+            pods = len(self._pods)
+        if changed or gone:
+            (log.info if first else log.debug)(
+                "kspan: workload selection in the kernel: %d of this node's %d pods traced, %d skipped "
+                "(%d cgroups)", pods - skipped, pods, skipped, len(self._applied))
+        return written
 
     def name_for_ip(self, ip: str) -> str | None:
         """The service a peer address belongs to: a pod on this node (its service.name), a
@@ -473,6 +616,7 @@ class KubernetesMetadata:
             for pod in pods:
                 self._index_pod(pod)
         self._pods_synced.set()
+        self._verdicts_dirty.set()
 
     def _on_pod_event(self, event_type: str, obj: Obj) -> None:
         uid = (obj.get("metadata") or {}).get("uid")
@@ -483,6 +627,7 @@ class KubernetesMetadata:
             self._unindex_pod(uid)
             if pod is not None:
                 self._index_pod(pod)
+        self._verdicts_dirty.set()
 
     def _index_pod(self, pod: PodInfo) -> None:
         self._pods[pod.uid] = pod
@@ -555,7 +700,10 @@ class KubernetesMetadata:
             ips = tuple(_normalise_ip(ip) for ip in raw_ips if ip)
         labels = meta.get("labels") or {}
         annotations = meta.get("annotations") or {}
-        service_name = service_name_for_pod(labels, annotations, attributes)
+        service_name = service_name_for_pod(labels, annotations, attributes, self.selection.service_name_label)
+        if not trace_choice(labels, annotations)[1]:
+            self._count("bad_trace_values")
+        traced = self.selection.pod_traced(namespace, labels, annotations)
         # OpenTelemetry's Kubernetes conventions: every `resource.opentelemetry.io/<key>`
         # annotation is the resource attribute <key>; service.namespace defaults to the
         # namespace and service.version to the well-known version label.
@@ -568,7 +716,7 @@ class KubernetesMetadata:
         attributes = {**resource, **attributes}  # never let an annotation overwrite k8s.* facts
         return PodInfo(
             uid=uid, namespace=namespace, name=name, attributes=attributes,
-            service_name=service_name, containers=containers, ips=ips,
+            service_name=service_name, containers=containers, ips=ips, traced=traced,
         )
 
     def _grand_owner(self, resource: str, namespace: str, name: str, kind: str) -> str | None:

@@ -86,10 +86,10 @@ def _assert_chain(trace: list[dict[str, Any]], client_service: str, hops: list[s
     for i, (svc, port) in enumerate(zip(hops, ports, strict=True)):
         server = _only(trace, svc, SERVER)
         assert server["parent_span_id"] == parent["span_id"], f"{svc} server span's parent"
-        assert server["name"] == "GET"
+        assert server["name"] == "GET /chain"  # the route heuristic: no --route given
         a = server["attributes"]
         assert a["http.request.method"] == "GET"
-        assert a["url.path"] == "/chain"
+        assert a["url.path"] == a["http.route"] == "/chain"
         assert a["url.scheme"] == "http"
         assert a["http.response.status_code"] == 200
         assert a["server.port"] == port
@@ -157,6 +157,7 @@ def _assert_chain_metrics(metrics: list[dict[str, Any]]) -> None:
         assert m["explicit_bounds"] == BUCKETS
         assert m["attributes"]["http.request.method"] == "GET"
         assert m["attributes"]["http.response.status_code"] == 200
+        assert m["attributes"]["http.route"] == "/chain"  # metrics carry the heuristic route
         assert "url.path" not in m["attributes"] and "process.pid" not in m["attributes"], "cardinality"
         assert m["count"] == 3 and 0 < m["sum"] < 10
     client = _latest(metrics, "http.client.request.duration")

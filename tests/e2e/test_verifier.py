@@ -25,7 +25,8 @@ from tracer.capture import (
 
 pytestmark = pytest.mark.ebpf
 
-ALL_FILTERS = CaptureConfig(pids={1}, exe_names={"nginx"}, ports={80, 8080}, network_events=True)
+ALL_FILTERS = CaptureConfig(pids={1}, exe_names={"nginx"}, ports={80, 8080}, network_events=True,
+                            cgroup_filter=True, cgroup_default_trace=False)
 NO_FILTERS = CaptureConfig(network_events=True)
 # ALL_FILTERS with every uprobe family, and so the uprobes' state machine (bpf/uprobe_exchange.bpf.c).
 ALL_FILTERS_ALL_FAMILIES = CaptureConfig(**{**ALL_FILTERS.__dict__, "families": list(OPTIONAL_FAMILIES)})

@@ -46,11 +46,12 @@ def test_server_span_semconv() -> None:
         role=Role.SERVER, pid=321, local=("127.0.0.1", 8080), remote=("127.0.0.1", 51000),
     )  # fmt: skip
     s = one(ex)
-    assert s.kind == SpanKind.SERVER and s.name == "GET" and s.pid == 321
+    assert s.kind == SpanKind.SERVER and s.name == "GET /users/{id}" and s.pid == 321
     assert s.attributes == {
         "http.request.method": "GET",
         "url.scheme": "http",
         "url.path": "/users/42",
+        "http.route": "/users/{id}",  # no --route given: correlator/routes.py's heuristic
         "url.query": "page=2",
         "server.address": "shop.local",
         "server.port": 8080,
@@ -145,18 +146,23 @@ def test_routes_name_server_spans_only() -> None:
     assert c.name == "GET" and "http.route" not in c.attributes
     s = one(make_exchange(request_bytes("GET", "/static/css/a.css"), response_bytes(200)), **cfg)
     assert s.name == "GET /static/*"
+    # No template matches: the heuristic names it; with the heuristic off, nothing does.
     s = one(make_exchange(request_bytes("GET", "/nomatch/42"), response_bytes(404)), **cfg)
+    assert s.name == "GET /nomatch/{id}" and s.attributes["http.route"] == "/nomatch/{id}"
+    s = one(make_exchange(request_bytes("GET", "/nomatch/42"), response_bytes(404)), **cfg, auto_routes=False)
     assert s.name == "GET" and "http.route" not in s.attributes
 
 
 def test_raw_path_never_in_name() -> None:
     s = one(make_exchange(request_bytes("DELETE", "/users/99"), response_bytes(204)))
+    assert s.name == "DELETE /users/{id}"
+    s = one(make_exchange(request_bytes("DELETE", "/users/99"), response_bytes(204)), auto_routes=False)
     assert s.name == "DELETE"
 
 
 def test_unknown_method() -> None:
     s = one(make_exchange(request_bytes("PROPFIND", "/dav"), response_bytes(207)))
-    assert s.name == "HTTP"
+    assert s.name == "HTTP /dav"
     assert s.attributes["http.request.method"] == "_OTHER"
     assert s.attributes["http.request.method_original"] == "PROPFIND"
     s = one(make_exchange(request_bytes("PURGE", "/users/1"), response_bytes(200)), routes=["/users/{id}"])
@@ -225,7 +231,7 @@ def test_truncated_request_line_still_gives_a_span() -> None:
     long_path = "/search/" + "q" * 700
     spans, c = feed_all([make_exchange(request_bytes("GET", long_path), response_bytes(200))])
     (s,) = spans
-    assert s.name == "GET" and s.attributes["url.path"].startswith("/search/qqq")
+    assert s.name == "GET /search/{id}" and s.attributes["url.path"].startswith("/search/qqq")
     assert len(s.attributes["url.path"]) < 512
     assert c.stats.truncated_heads == 1
 

@@ -7,13 +7,15 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.k8s_api import FakeKubernetesApi, container_id, fake_kubernetes_api, make_pod, pod_uid
+from tracer.cgroups import pod_uid_from_component
 from tracer.kubernetes import KubernetesMetadata
+from tracer.workloads import WorkloadSelection, trace_choice
 
 REPO = Path(__file__).resolve().parents[2]
 ENV_VARS = ("KUBERNETES_SERVICE_HOST", "KSPAN_KUBERNETES_API", "KSPAN_KUBECONFIG", "NODE_NAME", "KSPAN_NODE_NAME")
@@ -411,3 +413,199 @@ def test_malformed_watch_lines_are_counted(metadata: KubernetesMetadata, api: Fa
     api.push_event("pods", "ADDED", make_pod("after-garbage-0", ip="10.244.1.61"))
     wait_for(lambda: metadata.name_for_ip("10.244.1.61") == "after-garbage-0")
     assert metadata.stats()["bad_watch_events"] == 1
+
+
+# ---------------------------------------------------------------- workload selection
+
+
+class VerdictSink:
+    """Capture's verdict interface (Capture.set_cgroup_verdicts) as a table, for the user-space
+    half of the selection; the kernel half runs for real in tests/e2e/test_workload_selection.py."""
+
+    def __init__(self) -> None:
+        self.table: dict[int, bool] = {}
+        self.calls = 0
+        self.trace_gate: Callable[[int], bool] | None = None
+
+    def set_cgroup_verdicts(self, trace: dict[int, bool], forget: Iterable[int] = ()) -> int:
+        self.calls += 1
+        for cgroup_id in forget:
+            self.table.pop(cgroup_id, None)
+        self.table.update(trace)
+        return len(trace)
+
+
+def cgroup_tree(root: Path, pods: dict[str, tuple[str, ...]], systemd: bool = True) -> dict[str, set[int]]:
+    """A node's cgroup tree (directories named as the kubelet names them) under `root`; returns
+    pod name -> inode numbers of the pod's directory and its containers'."""
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    (root / "system.slice" / "containerd.service").mkdir(parents=True)
+    out: dict[str, set[int]] = {}
+    for pod, containers in pods.items():
+        if systemd:
+            uid = pod_uid(pod).replace("-", "_")
+            pod_dir = root / "kubepods.slice" / "kubepods-burstable.slice" / f"kubepods-burstable-pod{uid}.slice"
+            names = [f"cri-containerd-{container_id(pod + '/' + c)}.scope" for c in containers]
+        else:
+            pod_dir = root / "kubepods" / "besteffort" / f"pod{pod_uid(pod)}"
+            names = [container_id(pod + "/" + c) for c in containers]
+        pod_dir.mkdir(parents=True)
+        ids = {pod_dir.stat().st_ino}
+        for name in names:
+            (pod_dir / name).mkdir()
+            ids.add((pod_dir / name).stat().st_ino)
+        out[pod] = ids
+    return out
+
+
+@pytest.mark.parametrize(
+    ("namespace", "labels", "annotations", "opt_in", "expected"),
+    [
+        ("shop", {}, {}, False, True),
+        ("kube-system", {}, {}, False, False),  # excluded by default
+        ("kspan", {}, {}, False, False),  # kspan's own namespace (POD_NAMESPACE)
+        ("shop", {"kspan.io/trace": "false"}, {}, False, False),  # opt-out by label
+        ("shop", {}, {"kspan.io/trace": "off"}, False, False),  # opt-out by annotation
+        ("shop", {"kspan.io/trace": "true"}, {"kspan.io/trace": "false"}, False, False),  # annotation wins
+        ("shop", {}, {}, True, False),  # opt-in mode: silence is no
+        ("shop", {"kspan.io/trace": "true"}, {}, True, True),
+        ("shop", {"kspan.io/trace": "maybe"}, {}, True, False),  # unreadable: no choice
+        ("kube-system", {"kspan.io/trace": "true"}, {}, True, False),  # the namespace boundary holds
+        ("dev-3", {}, {}, False, False),  # --exclude-namespace dev-* (below)
+    ],
+)
+def test_selection_rules(namespace: str, labels: dict[str, str], annotations: dict[str, str], opt_in: bool,
+                         expected: bool) -> None:
+    env = {"POD_NAMESPACE": "kspan"}
+    selection = WorkloadSelection.from_settings(opt_in=opt_in, env=env)
+    if namespace == "dev-3":
+        selection = WorkloadSelection.from_settings(exclude=["dev-*"], env=env)
+        assert selection.namespace_selected("kube-system")  # a given list replaces the default
+    assert selection.pod_traced(namespace, labels, annotations) is expected
+    assert selection.default_trace is (not opt_in)
+
+
+def test_selection_from_environment_and_command_line() -> None:
+    env = {"KSPAN_INCLUDE_NAMESPACES": "shop, edge-*", "KSPAN_TRACE_OPT_IN": "true",
+           "KSPAN_SERVICE_NAME_LABEL": "app", "KSPAN_NAMESPACE": "observability"}
+    sel = WorkloadSelection.from_settings(env=env)
+    assert sel.include_namespaces == ("shop", "edge-*")
+    assert sel.exclude_namespaces == ("kube-system", "observability")
+    assert sel.opt_in and sel.service_name_label == "app"
+    assert sel.namespace_selected("edge-eu") and not sel.namespace_selected("batch")
+    cli = WorkloadSelection.from_settings(include=["batch"], exclude=[""], service_name_label="team", env=env)
+    assert cli.include_namespaces == ("batch",) and cli.service_name_label == "team"
+    assert cli.namespace_selected("batch")
+    assert WorkloadSelection.from_settings(env={"KSPAN_EXCLUDE_NAMESPACES": " "}).exclude_namespaces == ("kube-system",)
+    assert trace_choice({"kspan.io/trace": "Yes"}, {}) == (True, True)
+    assert trace_choice({"kspan.io/trace": "sure"}, {}) == (None, False)
+
+
+def test_service_name_from_a_named_label(api: FakeKubernetesApi, proc: ProcRoot, clean_env: None) -> None:
+    api.pods.append(make_pod("web-1", ip="10.244.1.40", labels={"team.example.com/app": "storefront",
+                                                                "app.kubernetes.io/instance": "web-eu"}))
+    md = KubernetesMetadata(api_url=api.url, node_name="node-a", proc_root=str(proc.root), rewatch_pause_s=0.05,
+                            selection=WorkloadSelection(service_name_label="team.example.com/app"))
+    assert md.start() and md.wait_synced(15)
+    try:
+        assert md.service_name_for_pid(proc.add(401, systemd_cgroup("web-1", "app"))) == "storefront"
+        # The OpenTelemetry annotation, set on the pod itself, still comes first.
+        assert md.service_name_for_pid(proc.add(402, systemd_cgroup("payments-5c6d7e8f9a-q8w7e", "app"))) \
+            == "payments-api"
+        # A pod without the named label falls back to the usual precedence.
+        assert md.service_name_for_pid(proc.add(403, systemd_cgroup("cart-0", "app"))) == "cart-eu"
+    finally:
+        md.stop()
+
+
+@pytest.mark.parametrize("systemd", [True, False], ids=["systemd", "cgroupfs"])
+def test_cgroup_verdicts_follow_pods(api: FakeKubernetesApi, proc: ProcRoot, clean_env: None, tmp_path: Path,
+                                     systemd: bool) -> None:
+    """Pods come, change their label and go: the verdict table per cgroup id follows, with the
+    kernel's default (no entry) for host cgroups and pods not listed yet."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    api.pods = [
+        make_pod("web-1", ip="10.244.1.40"),
+        make_pod("coredns-x", namespace="kube-system", ip="10.244.1.41"),
+        make_pod("batch-1", ip="10.244.1.42", labels={"kspan.io/trace": "false"}),
+    ]
+    ids = cgroup_tree(root, {"web-1": ("app", "sidecar"), "coredns-x": ("coredns",), "batch-1": ("job",),
+                             "unlisted-9": ("app",)}, systemd=systemd)
+    md = KubernetesMetadata(api_url=api.url, node_name="node-a", proc_root=str(proc.root), rewatch_pause_s=0.05,
+                            selection=WorkloadSelection(), cgroup_root=str(root), cgroup_rescan_s=0.1)
+    sink = VerdictSink()
+    assert md.start() and md.wait_synced(15)
+    try:
+        md.attach_capture(sink)
+        want = {**dict.fromkeys(ids["web-1"], True), **dict.fromkeys(ids["coredns-x"], False),
+                **dict.fromkeys(ids["batch-1"], False)}
+        wait_for(lambda: sink.table == want)
+        assert len(ids["web-1"]) == 3  # the pod's cgroup and both containers'
+        assert md.stats()["pods_skipped"] == 2
+        # The attachers' gate agrees with the kernel.
+        assert sink.trace_gate is not None
+        assert sink.trace_gate(proc.add(501, systemd_cgroup("web-1", "app")))
+        assert not sink.trace_gate(proc.add(502, systemd_cgroup("coredns-x", "coredns")))
+        assert sink.trace_gate(proc.add(503, "0::/system.slice/sshd.service\n"))  # host: default
+        # Opt out by relabelling: MODIFIED flips the pod's cgroups.
+        web = make_pod("web-1", ip="10.244.1.40", labels={"kspan.io/trace": "false"})
+        api.push_event("pods", "MODIFIED", web)
+        wait_for(lambda: all(sink.table.get(i) is False for i in ids["web-1"]))
+        # A container started later is found by the periodic walk, with the pod's verdict.
+        calls = sink.calls
+        late = next(p for p in root.rglob("*") if p.is_dir() and pod_uid_from_component(p.name) == pod_uid("web-1"))
+        (late / "late-container").mkdir()
+        wait_for(lambda: sink.table.get((late / "late-container").stat().st_ino) is False)
+        assert sink.calls > calls
+        # A deleted pod's verdicts are forgotten.
+        api.push_event("pods", "DELETED", web)
+        wait_for(lambda: not (set(sink.table) & ids["web-1"]))
+        assert md.stats()["cgroup_scans"] >= 3
+    finally:
+        md.stop()
+
+
+def test_unreadable_trace_values_are_counted(api: FakeKubernetesApi, proc: ProcRoot, clean_env: None) -> None:
+    api.pods = [make_pod("odd-1", labels={"kspan.io/trace": "perhaps"})]
+    md = KubernetesMetadata(api_url=api.url, node_name="node-a", proc_root=str(proc.root), rewatch_pause_s=0.05,
+                            selection=WorkloadSelection(opt_in=True))
+    assert md.start() and md.wait_synced(15)
+    try:
+        assert md.stats()["bad_trace_values"] == 1
+        assert not md.traced_pid(proc.add(601, systemd_cgroup("odd-1", "app")))
+        assert md.stats()["pods_skipped"] == 1
+    finally:
+        md.stop()
+
+
+def test_no_cgroup_v2_tree_is_said_once(api: FakeKubernetesApi, proc: ProcRoot, clean_env: None, tmp_path: Path,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    md = KubernetesMetadata(api_url=api.url, node_name="node-a", proc_root=str(proc.root),
+                            cgroup_root=str(tmp_path))  # no cgroup.controllers: not a v2 tree
+    assert md.cgroup_root is None
+    sink = VerdictSink()
+    assert md.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kspan.kubernetes"):
+            md.attach_capture(sink)
+        assert any("KSPAN_CGROUP_ROOT" in r.getMessage() for r in caplog.records)
+        assert md.apply_verdicts() == 0 and sink.calls == 0
+    finally:
+        md.stop()
+
+
+def test_command_line_selection_reaches_the_agent() -> None:
+    from tracer.cli import _options, build_parser
+
+    opts = _options(build_parser().parse_args([
+        "run", "--include-namespace", "shop", "--include-namespace", "edge-*", "--exclude-namespace", "",
+        "--trace-opt-in", "--service-name-label", "app.kubernetes.io/name"]))
+    sel = WorkloadSelection.from_settings(opts.include_namespaces, opts.exclude_namespaces, opts.trace_opt_in,
+                                          opts.service_name_label, env={})
+    assert sel == WorkloadSelection(("shop", "edge-*"), ("",), True, "app.kubernetes.io/name")
+    assert not sel.default_trace
+    defaults = _options(build_parser().parse_args(["run"]))
+    assert WorkloadSelection.from_settings(defaults.include_namespaces, defaults.exclude_namespaces,
+                                           defaults.trace_opt_in, defaults.service_name_label, env={}) \
+        == WorkloadSelection()

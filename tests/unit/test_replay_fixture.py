@@ -69,7 +69,9 @@ def test_recorded_chain_attributes_status_and_secrets() -> None:
     assert not any("abc" in str(v) for s in spans for v in s.attributes.values())
     failed = [s for s in spans if s.attributes.get("http.response.status_code") == 503]
     assert len(failed) == 2 and all(s.status == StatusCode.ERROR for s in failed)
-    assert all(s.name == "GET" for s in spans)
+    assert all(s.name == ("GET " + str(s.attributes["http.route"]) if s.kind == SpanKind.SERVER else "GET")
+               for s in spans)
+    assert {s.attributes["http.route"] for s in a_servers} == {"/chain", "/status/{id}"}
 
 
 def test_replay_is_deterministic() -> None:
