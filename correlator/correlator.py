@@ -167,17 +167,27 @@ class Correlator:
         try:
             server = mx.role == _ROLE_SERVER
             mk = (mx.req_head, server, mx.tls)
-            h = self._metric_heads.get(mk)
-            if h is None:
+            memo = self._metric_heads.get(mk)
+            if memo is None:
                 reqs = http1.parse_requests(mx.req_head, 1)
                 if not reqs:
                     st.metric_unparsed += 1
                     return None
-                _, attrs, _, _, _, has_host = self._derive(reqs[0], server, mx.tls)
+                _, attrs, _, _, _, has_host, auto_route = self._derive(reqs[0], server, mx.tls)
                 h = red.head_part(attrs, server, has_host)
+                overflow = None
+                if auto_route is not None:
+                    overflow = red.head_part({**attrs, "http.route": OVERFLOW_ROUTE}, server, has_host)
+                memo = (h, auto_route, overflow)
                 if len(self._metric_heads) >= _MEMO_SIZE:
                     self._metric_heads.clear()
-                self._metric_heads[mk] = h
+                self._metric_heads[mk] = memo
+            h, auto_route, overflow = memo
+            if auto_route is not None:
+                # the same per-service cap as the span path, keyed the same way
+                service = (red.format_addr(mx.family, mx.local_addr), mx.local_port) if mx.family else mx.pid
+                if self._route_cap.admit(service, auto_route) is not auto_route:
+                    h = overflow
             return self._facts.facts(mx, h)
         except Exception as e:  # noqa: BLE001 - bad input must never stop the agent: count it
             st.internal_errors += 1
