@@ -229,6 +229,7 @@ class Agent:
         self.env = dict(os.environ if env is None else env)
         self.record_to = record_to
         self.stopper = _Stopper()
+        self.undecodable = 0  # exchange or metric records that did not decode (foreign, short): skipped
 
     def run(self) -> int:
         from tracer.capabilities import probe
@@ -448,6 +449,7 @@ class Agent:
                     ex: Exchange = records.decode_exchange(data)
                 except ValueError as e:
                     log.debug("kspan: undecodable record: %s", e)
+                    self.undecodable += 1
                     continue
                 processes.get(ex.pid)  # read /proc while the process is alive
                 spans.extend(correlator.feed(ex))
@@ -456,6 +458,7 @@ class Agent:
                     mx = records.decode_metric(data)
                 except ValueError as e:
                     log.debug("kspan: undecodable metric record: %s", e)
+                    self.undecodable += 1
                     continue
                 processes.get(mx.pid)
                 f = correlator.metric(mx)
@@ -489,6 +492,8 @@ class Agent:
         counts["live_kernel_connections"] = kernel.get("live_kernel_connections", -1)
         counts["live_processes"] = processes.traced
         counts["exchanges_sampled"], counts["exchanges_unsampled"] = _sampling_counts(correlator)
+        if self.undecodable:
+            counts["undecodable_records"] = self.undecodable
         print("kspan: stopped; " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())), file=sys.stderr)
 
 

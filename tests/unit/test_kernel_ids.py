@@ -250,3 +250,18 @@ def test_python_mirror_honours_a_traceparent_under_parentbased() -> None:
         req = request_bytes(headers=[("traceparent", f"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flag}")])
         (span,) = _corr(sampler=cfg).feed(make_exchange(req, response_bytes()))
         assert span.sampled is kept
+
+
+def test_a_swept_exchange_keeps_the_identity_and_decision_the_kernel_fixed() -> None:
+    """The timeout sweep copies the record embedded in the connection state: ids fixed at the
+    request's start survive, and an unsampled one becomes a metrics-only span."""
+    from tracer import sweeper
+
+    layout = sweeper.ConnLayout(records.EXCHANGE_SIZE, records.EXCHANGE_SIZE + 8, records.EXCHANGE_SIZE + 16)
+    state = _raw(flags=records.FLAG_IDS, response=b"") + (1_000).to_bytes(8, "little") + b"\x01" + b"\0" * 7
+    st = sweeper.stale_record(7, state, now_mono_ns=5_000_000_000, timeout_ns=10**9, layout=layout)
+    assert st is not None
+    ex = records.decode_exchange(st.record)
+    assert ex.end == EndReason.TIMEOUT and ex.kernel_ids and not ex.sampled
+    (span,) = _corr().feed(ex)
+    assert span.span_id == struct.pack(">Q", SID) and not span.sampled and span.status == StatusCode.ERROR
