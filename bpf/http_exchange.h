@@ -216,7 +216,11 @@ enum kspan_counter {
     KSPAN_CNT_CLOSED = 16,          /* exchanges ended by close */
     KSPAN_CNT_TAIL_CALL_MISSED = 17,/* uprobe transfers lost: kspan_exchange_progs had no program */
     KSPAN_CNT_AMBIGUOUS = 18,       /* client requests left unlinked: their thread served several at once */
-    KSPAN_CNT_MAX = 19,
+    KSPAN_CNT_CTX_WRITTEN = 19,     /* segments that carried a trace-context TCP option (bpf/tcp_context.bpf.c) */
+    KSPAN_CNT_CTX_NO_ROOM = 20,     /* requests whose context found no room in the TCP option space */
+    KSPAN_CNT_CTX_PARSED = 21,      /* contexts read from a peer's TCP option into ctx_in */
+    KSPAN_CNT_CTX_MALFORMED = 22,   /* kind-25 options that are not kspan's (wrong length, zero ids) */
+    KSPAN_CNT_MAX = 23,
 };
 
 struct {

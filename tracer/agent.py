@@ -55,6 +55,8 @@ class RunOptions:
     go: bool = True
     network_events: bool = True
     kubernetes: bool = True
+    context_propagation: str = "tcp"  # --context-propagation: tcp | none
+    context_cgroup: str | None = None  # --context-cgroup: the cgroup v2 directory it covers (None: the root)
 
 
 def host_id_salt() -> bytes:
@@ -205,6 +207,8 @@ class Agent:
             families=self._families(),
             network_events=opts.network_events,
             btf_path=caps.btf_path if caps.btf_path != "/sys/kernel/btf/vmlinux" else None,
+            context_propagation=opts.context_propagation,
+            context_cgroup=opts.context_cgroup,
         )
         capture = Capture(cfg, caps)
         try:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 QUERY_MODES = ("keep", "redact", "drop")
 BACKENDS = ("auto", "fentry", "kprobes", "tracepoints")
 PROTOCOLS = ("grpc", "http/protobuf")
+CONTEXT_PROPAGATION = ("tcp", "none")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +65,12 @@ def _add_capture_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-connections", type=_bounded_int("--max-connections", 1024), default=16384,
                    help="connections tracked at once in the kernel (LRU; ~1.7 KB of kernel memory each)")
     g.add_argument("--duration", type=_positive, metavar="SECONDS", help="stop by itself after SECONDS")
+    g.add_argument("--context-propagation", choices=CONTEXT_PROPAGATION, default="tcp",
+                   help="carry each client request's trace context to the next host in a TCP header option "
+                   "(kind 25), so spans across hosts join one trace; none: traces end at this host (default: tcp)")
+    g.add_argument("--context-cgroup", metavar="DIR",
+                   help="cgroup v2 directory whose sockets carry and read the context (default: the cgroup v2 "
+                   "root, i.e. every socket on the host)")
 
 
 def _add_btf_arg(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -126,7 +133,8 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
             setattr(opts, attr, set(getattr(args, name)))
     for name, attr in (
         ("backend", "backend"), ("btf", "btf"), ("duration", "duration_s"), ("ringbuf_pages", "ringbuf_pages"),
-        ("max_connections", "max_connections"),
+        ("max_connections", "max_connections"), ("context_propagation", "context_propagation"),
+        ("context_cgroup", "context_cgroup"),
         ("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"), ("output", "output"),
         ("query", "query"), ("route", "routes"), ("response_timeout", "response_timeout_s"),
         ("max_hold", "max_hold_s"), ("metrics_interval", "metrics_interval_s"),
