@@ -8,7 +8,7 @@ processes, so a sock_ops program attached to one host's cgroup sees only that ho
 Run as a program (stdlib only, so a test can copy this file under a service's name: kspan names a
 Python service after its script) it is the peers of those tests:
   python netns.py serve --host H --port P [--downstream URL] [--cert C --key K] [--cafile CA] [--md5 KEY]
-  python netns.py client URL [--cafile CA] [--md5 KEY]   one request per line read on stdin
+  python netns.py client URL [--cafile CA] [--md5 KEY]   driven by stdin: connect, go (a request), exit
   python netns.py sniff --iface IF --port P              one JSON line per TCP segment seen on IF
 """
 
@@ -227,20 +227,27 @@ def serve(a: argparse.Namespace) -> None:
 
 
 def client(a: argparse.Namespace) -> None:
-    """Connect, say `connected LOCAL_PORT`, then send one GET per line read on stdin over the same
-    keep-alive connection (printing each status), so a test can act between connect and request."""
-    conn = _connection(a.url, a.cafile, a.md5)
-    assert conn.sock is not None
-    print(f"connected {conn.sock.getsockname()[1]}", flush=True)
+    """One keep-alive connection driven by stdin, so a test can act between connect and request:
+    `connect` connects and says `connected LOCAL_PORT`; `go` sends one GET (connecting first if
+    needed) and prints its status; `exit` closes."""
+    conn: http.client.HTTPConnection | None = None
     path = urllib.parse.urlsplit(a.url).path or "/"
     for line in sys.stdin:
-        if line.strip() == "exit":
+        word = line.strip()
+        if word == "exit":
             break
+        if conn is None:
+            conn = _connection(a.url, a.cafile, a.md5)
+            assert conn.sock is not None
+            if word == "connect":
+                print(f"connected {conn.sock.getsockname()[1]}", flush=True)
+                continue
         conn.request("GET", path)
         r = conn.getresponse()
         r.read()
         print(r.status, flush=True)
-    conn.close()
+    if conn is not None:
+        conn.close()
 
 
 def _tcp_options(raw: bytes) -> list[tuple[int, str]]:
