@@ -338,7 +338,10 @@ def probe(try_loads: bool = True, btf: str | None = None) -> Capabilities:
     if try_loads and caps.cap_bpf:
         err = _bpf_prog_load_attempt(BPF_PROG_TYPE_SOCK_OPS, program=_SOCKOPS_HDR_OPT_INSNS)
         caps.sockops_hdr_opts = err == 0
-        caps.sockops_detail = "" if err == 0 else f"loading a sock_ops program that writes TCP options failed: {os.strerror(err)}"
+        why = {errno.EPERM: " (sock_ops programs need CAP_NET_ADMIN)",
+               errno.EINVAL: " (bpf_reserve_hdr_opt is unknown to this kernel: Linux 5.10+ has it)"}.get(err, "")
+        caps.sockops_detail = "" if err == 0 else (
+            f"loading a sock_ops program that writes TCP options failed: {os.strerror(err)}{why}")
     else:
         caps.sockops_detail = "not tried (needs root)"
     if try_loads and caps.cap_bpf and Path("/sys/kernel/btf/vmlinux").is_file():
@@ -399,5 +402,5 @@ def context_propagation_problem(caps: Capabilities) -> str:
     if caps.cgroup_bpf is False:
         return f"the kernel is built without CONFIG_CGROUP_BPF ({caps.kernel_config_source})"
     if not caps.sockops_hdr_opts:
-        return (caps.sockops_detail or "sock_ops programs cannot write TCP options") + " (needs Linux 5.10+)"
+        return caps.sockops_detail or "sock_ops programs cannot write TCP options"
     return ""

@@ -74,7 +74,8 @@ def checks(caps: Capabilities) -> list[Check]:
                      "a sock_ops program may write and read TCP options" if caps.sockops_hdr_opts
                      else caps.sockops_detail or "unavailable",
                      "" if caps.sockops_hdr_opts
-                     else "optional: Linux 5.10+ with CONFIG_CGROUP_BPF=y; without it traces end at each host"))
+                     else "optional: Linux 5.10+ with CONFIG_CGROUP_BPF=y, and CAP_NET_ADMIN; without it traces "
+                     "end at each host"))
     lockdown = caps.lockdown or "unknown (securityfs not mounted)"
     confidential = caps.lockdown.startswith("confidentiality")
     out.append(Check("lockdown", not confidential, lockdown,
