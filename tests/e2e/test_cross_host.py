@@ -188,6 +188,67 @@ def test_the_context_crosses_the_veth_and_each_keep_alive_request_carries_its_ow
         cap.close()
 
 
+def test_a_retransmit_of_the_first_segment_carries_the_context_again(hosts: tuple[Host, Host]) -> None:
+    """B's end of the veth is down while the request goes out: the first transmission is lost, the
+    retransmit (the byte is still unacknowledged) carries the option and is what B parses."""
+    a, b = hosts
+    cap = _capture()
+    server = client = None
+    try:
+        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
+        server = _server(b, PORT_B)
+        client, lport = _client(a, f"http://{ADDR_B}:{PORT_B}/work")
+        out_key, in_key = conn_key(ADDR_A, lport, ADDR_B, PORT_B), conn_key(ADDR_B, PORT_B, ADDR_A, lport)
+        cap.map("ctx_out").update(out_key, ctx.pack(bytes(range(7, 23)), 0x7777))
+        b.link("down")
+        assert client.stdin is not None
+        client.stdin.write(b"go\n")
+        client.stdin.flush()
+        time.sleep(0.6)  # sent and lost, then retransmitted (RTO 200 ms here) and lost again
+        assert _counter(cap, "context_options_written") >= 2, "each retransmit carries it"
+        assert _counter(cap, "context_options_parsed") == 0
+        b.link("up")
+        assert read_line(client, timeout=30) == "200"
+        parsed = ctx.unpack(cap.map("ctx_in").lookup(in_key) or bytes(ctx.size))
+        sent = ctx.unpack(cap.map("ctx_out").lookup(out_key) or b"")
+        assert (parsed["trace_id"], parsed["span_id"]) == (bytes(range(7, 23)), 0x7777)
+        assert parsed["seq"] == sent["seq"] != 0
+        assert _counter(cap, "context_options_written") >= 2 and _counter(cap, "context_options_parsed") == 1
+    finally:
+        for p in (client, server):
+            if p is not None:
+                stop(p)
+        cap.close()
+
+
+def test_a_request_larger_than_a_segment_carries_the_context_within_the_mtu(hosts: tuple[Host, Host]) -> None:
+    """While a request is pending the kernel sizes its segments with room for the option: a
+    256 KiB body in MSS-sized packets (no GSO on the veth) crosses, the first carrying it."""
+    a, b = hosts
+    cap = _capture()
+    server = client = sniffer = None
+    try:
+        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
+        server = _server(b, PORT_B)
+        sniffer = _sniffer(b, PORT_B)
+        client, lport = _client(a, f"http://{ADDR_B}:{PORT_B}/upload", "--body", str(256 * 1024))
+        cap.map("ctx_out").update(conn_key(ADDR_A, lport, ADDR_B, PORT_B), ctx.pack(bytes(range(3, 19)), 0x1234))
+        assert _request(client) == "200"
+        segments = _sniffed(sniffer)
+        sniffer = None
+        to_b = [s for s in segments if s["dport"] == PORT_B and s["payload"] > 0]
+        carrying = [s for s in to_b if any(kind == CTX_OPTION_KIND for kind, _ in s["options"])]
+        assert len(to_b) > 100 and len(carrying) == 1
+        assert carrying[0]["seq"] == min(s["seq"] for s in to_b), "on the request's first segment"
+        parsed = ctx.unpack(cap.map("ctx_in").lookup(conn_key(ADDR_B, PORT_B, ADDR_A, lport)) or bytes(ctx.size))
+        assert parsed["span_id"] == 0x1234
+    finally:
+        for p in (sniffer, client, server):
+            if p is not None:
+                stop(p)
+        cap.close()
+
+
 def test_a_receiver_without_kspan_ignores_the_option(hosts: tuple[Host, Host]) -> None:
     """The program covers host A's cgroup only: B's plain Python server gets segments carrying the
     option (seen on B's end of the veth) and answers as always; nothing on B parses it."""

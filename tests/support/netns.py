@@ -8,7 +8,7 @@ processes, so a sock_ops program attached to one host's cgroup sees only that ho
 Run as a program (stdlib only, so a test can copy this file under a service's name: kspan names a
 Python service after its script) it is the peers of those tests:
   python netns.py serve --host H --port P [--downstream URL] [--cert C --key K] [--cafile CA] [--md5 KEY]
-  python netns.py client URL [--cafile CA] [--md5 KEY]   driven by stdin: connect, go (a request), exit
+  python netns.py client URL [--cafile CA] [--md5 KEY] [--body N]   driven by stdin: connect, go, exit
   python netns.py sniff --iface IF --port P              one JSON line per TCP segment seen on IF
 """
 
@@ -70,6 +70,10 @@ class Host:
     def run(self, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.command(argv), capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload]
 
+    def link(self, state: str) -> None:
+        """Set this host's end of the veth up or down (down: segments to and from it are lost)."""
+        _sh("ip", "-n", self.netns, "link", "set", self.iface, state)
+
     def pids(self) -> list[int]:
         return [int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()]
 
@@ -102,7 +106,9 @@ def two_hosts(tag: str = "") -> Iterator[tuple[Host, Host]]:
         _sh("ip", "link", "add", a.iface, "netns", a.netns, "type", "veth", "peer", "name", b.iface, "netns", b.netns)
         for h in hosts:
             _sh("ip", "-n", h.netns, "addr", "add", f"{h.addr}/24", "dev", h.iface)
-            _sh("ip", "-n", h.netns, "link", "set", h.iface, "up")
+            # One MSS per skb (no GSO): veth drops a non-GSO packet longer than its MTU, so a
+            # segment the option pushed past the MTU would stall the connection, not pass unseen.
+            _sh("ip", "-n", h.netns, "link", "set", h.iface, "gso_max_segs", "1", "up")
         yield a, b
     finally:
         for h in hosts:
@@ -207,6 +213,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self) -> None:  # noqa: N802
+        got = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        body = f"{len(got)}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's signature
         pass
 
@@ -242,8 +256,17 @@ def client(a: argparse.Namespace) -> None:
             if word == "connect":
                 print(f"connected {conn.sock.getsockname()[1]}", flush=True)
                 continue
-        conn.request("GET", path)
-        r = conn.getresponse()
+        if a.body:
+            # Head and body in one write (http.client would send the head alone first), so the
+            # request's first segment is a full one.
+            head = f"POST {path} HTTP/1.1\r\nHost: {conn.host}\r\nContent-Length: {a.body}\r\n\r\n".encode()
+            assert conn.sock is not None
+            conn.sock.sendall(head + b"x" * a.body)
+            r = http.client.HTTPResponse(conn.sock, method="POST")
+            r.begin()
+        else:
+            conn.request("GET", path)
+            r = conn.getresponse()
         r.read()
         print(r.status, flush=True)
     if conn is not None:
@@ -308,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("url")
     c.add_argument("--cafile")
     c.add_argument("--md5")
+    c.add_argument("--body", type=int, default=0, help="POST this many bytes instead of a GET")
     f = sub.add_parser("sniff")
     f.add_argument("--iface", required=True)
     f.add_argument("--port", type=int, required=True)
