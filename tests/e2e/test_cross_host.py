@@ -523,3 +523,32 @@ def test_with_propagation_off_the_traces_split_at_the_host_boundary(
         assert sb["trace_id"] != ca["trace_id"] and sb["parent_span_id"] not in ids
         assert cb["trace_id"] == sb["trace_id"] and cb["parent_span_id"] == sb["span_id"], "B's own link stays"
         assert sa["trace_id"] != cb["trace_id"] and sa["parent_span_id"] not in ids
+
+
+def test_without_sockops_tcp_options_kspan_traces_on_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel that refuses sock_ops header options (or has no cgroup v2): the capture starts,
+    every other probe attached, and one warning names the reason."""
+    require_ebpf()
+    from dataclasses import replace
+
+    from tracer.capabilities import probe
+    from tracer.capture import Capture, CaptureConfig, CaptureError
+
+    caps = replace(probe(), sockops_hdr_opts=False,
+                   sockops_detail="loading a sock_ops program that writes TCP options failed: Invalid argument")
+    for changed in (caps, replace(probe(), cgroup2="")):
+        caplog.clear()
+        cap = Capture(CaptureConfig(pids={os.getpid()}), changed)
+        try:
+            with caplog.at_level("INFO"):
+                cap.start()
+        except CaptureError as exc:
+            on_load_error(exc, "the capture")
+        try:
+            assert cap.started and cap.probes_attached > 0
+            assert cap.context_propagation == "none" and not cap.has_program("kspan_tcp_context")
+            warnings = [r.getMessage() for r in caplog.records if "propagation is off" in r.getMessage()]
+            assert len(warnings) == 1, caplog.records
+            assert ("Invalid argument" if changed is caps else "cgroup v2") in warnings[0]
+        finally:
+            cap.close()
