@@ -10,6 +10,7 @@ real `kspan run` per host, both exporting to one OTLP endpoint.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ import pytest
 from tests.support.agent import KSPAN, ROOT, running_agent
 from tests.support.ebpf import on_load_error, require_ebpf
 from tests.support.netns import (
+    ADDR6_A,
+    ADDR6_B,
     ADDR_A,
     ADDR_B,
     CTX_OPTION_KIND,
@@ -49,13 +52,14 @@ PY = sys.executable
 # --- the maps' layouts ------------------------------------------------------------------------
 
 
-def _v4(addr: str) -> bytes:
-    return bytes(10) + b"\xff\xff" + bytes(int(x) for x in addr.split("."))
+def _v6(addr: str) -> bytes:
+    ip = ipaddress.ip_address(addr)
+    return (ipaddress.IPv6Address(f"::ffff:{ip}") if ip.version == 4 else ip).packed
 
 
 def conn_key(local: str, lport: int, remote: str, rport: int) -> bytes:
-    """struct kspan_conn_key: addresses in IPv6 form, ports in host order."""
-    return _v4(local) + _v4(remote) + struct.pack("=HH", lport, rport)
+    """struct kspan_conn_key: addresses in IPv6 form (IPv4 as ::ffff:a.b.c.d), ports in host order."""
+    return _v6(local) + _v6(remote) + struct.pack("=HH", lport, rport)
 
 
 class TraceCtx:
@@ -104,8 +108,9 @@ def _capture(context_cgroup: str | None = None) -> Any:
     return cap
 
 
-def _server(host: Host, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    proc = host.popen([PY, PEER, "serve", "--host", host.addr, "--port", str(port), *extra], stdout=subprocess.PIPE)
+def _server(host: Host, port: int, *extra: str, bind: str = "") -> subprocess.Popen[bytes]:
+    proc = host.popen([PY, PEER, "serve", "--host", bind or host.addr, "--port", str(port), *extra],
+                      stdout=subprocess.PIPE)
     assert read_line(proc).startswith("listening")
     return proc
 
@@ -181,6 +186,31 @@ def test_the_context_crosses_the_veth_and_each_keep_alive_request_carries_its_ow
         assert ctx.unpack(ctx_in.lookup(in_key) or b"")["span_id"] == 0x0A0B0C0D0E0F1011
         assert _counter(cap, "context_options_written") == written
         assert _counter(cap, "context_options_no_room") == 0 and _counter(cap, "context_options_malformed") == 0
+    finally:
+        for p in (client, server):
+            if p is not None:
+                stop(p)
+        cap.close()
+
+
+@pytest.mark.parametrize(("bind", "target", "client_addr"), [
+    (ADDR6_B, f"[{ADDR6_B}]", ADDR6_A),  # IPv6 at both ends
+    ("::", ADDR_B, ADDR_A),  # an IPv4 client to a dual-stack server: its socket is IPv6, v4-mapped
+], ids=["ipv6", "dual-stack"])
+def test_ipv6_and_dual_stack_sockets_use_the_same_keys(hosts: tuple[Host, Host], bind: str, target: str,
+                                                      client_addr: str) -> None:
+    a, b = hosts
+    cap = _capture()
+    server = client = None
+    try:
+        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
+        server = _server(b, PORT_B, bind=bind)
+        client, lport = _client(a, f"http://{target}:{PORT_B}/work")
+        server_addr = target.strip("[]")
+        cap.map("ctx_out").update(conn_key(client_addr, lport, server_addr, PORT_B), ctx.pack(bytes(range(9, 25)), 99))
+        assert _request(client) == "200"
+        got = cap.map("ctx_in").lookup(conn_key(server_addr, PORT_B, client_addr, lport))
+        assert got is not None and ctx.unpack(got)["span_id"] == 99
     finally:
         for p in (client, server):
             if p is not None:

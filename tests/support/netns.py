@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ADDR_A, ADDR_B = "198.18.0.1", "198.18.0.2"  # RFC 2544 benchmarking range: never routed
+ADDR6_A, ADDR6_B = "2001:2::1", "2001:2::2"  # RFC 5180, its IPv6 counterpart
 TCP_MD5SIG = 14  # linux/tcp.h
 CTX_OPTION_KIND = 25
 
@@ -55,6 +56,7 @@ class Host:
     name: str
     netns: str
     addr: str
+    addr6: str
     iface: str
     cgroup: Path
 
@@ -95,8 +97,8 @@ def two_hosts(tag: str = "") -> Iterator[tuple[Host, Host]]:
     killed and the namespaces, the veth pair and the cgroups are removed."""
     suffix = f"{os.getpid() % 100000}{tag}"
     root = cgroup2_root()
-    hosts = [Host(n, f"kspan-{n}-{suffix}", addr, f"kv{n}{suffix}"[:15], root / f"kspan-test-{n}-{suffix}")
-             for n, addr in (("a", ADDR_A), ("b", ADDR_B))]
+    hosts = [Host(n, f"kspan-{n}-{suffix}", addr, addr6, f"kv{n}{suffix}"[:15], root / f"kspan-test-{n}-{suffix}")
+             for n, addr, addr6 in (("a", ADDR_A, ADDR6_A), ("b", ADDR_B, ADDR6_B))]
     try:
         for h in hosts:
             h.cgroup.mkdir()
@@ -106,6 +108,7 @@ def two_hosts(tag: str = "") -> Iterator[tuple[Host, Host]]:
         _sh("ip", "link", "add", a.iface, "netns", a.netns, "type", "veth", "peer", "name", b.iface, "netns", b.netns)
         for h in hosts:
             _sh("ip", "-n", h.netns, "addr", "add", f"{h.addr}/24", "dev", h.iface)
+            _sh("ip", "-n", h.netns, "addr", "add", f"{h.addr6}/64", "dev", h.iface, "nodad")
             # One MSS per skb (no GSO): veth drops a non-GSO packet longer than its MTU, so a
             # segment the option pushed past the MTU would stall the connection, not pass unseen.
             _sh("ip", "-n", h.netns, "link", "set", h.iface, "gso_max_segs", "1", "up")
@@ -176,7 +179,7 @@ def md5_key(peer: str, key: str) -> bytes:
 def _connection(url: str, cafile: str | None, md5: str | None) -> http.client.HTTPConnection:
     u = urllib.parse.urlsplit(url)
     host, port = u.hostname or ADDR_A, u.port or 80
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     if md5:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG, md5_key(host, md5))
     sock.settimeout(15)
@@ -227,7 +230,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 def serve(a: argparse.Namespace) -> None:
     handler = type("Handler", (_Handler,), {"downstream": a.downstream, "cafile": a.cafile})
-    srv = http.server.ThreadingHTTPServer((a.host, a.port), handler, bind_and_activate=False)
+    server_cls = http.server.ThreadingHTTPServer
+    if ":" in a.host:  # "::" is dual-stack: IPv4 peers arrive as ::ffff:a.b.c.d
+        server_cls = type("Server6", (server_cls,), {"address_family": socket.AF_INET6})
+    srv = server_cls((a.host, a.port), handler, bind_and_activate=False)
     if a.md5:
         srv.socket.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG, md5_key(a.md5_peer, a.md5))
     srv.server_bind()
