@@ -452,9 +452,12 @@ class Capture:
         if obj is not None:
             del self._objs.objects[TCP_CONTEXT]
             obj.close()
-        self.context_note = f"off: {problem or 'the sock_ops program did not load'}"
-        log.warning("kspan: cross-host trace context propagation is off, traces end at this host: %s",
-                    problem or "the sock_ops program did not load")
+        problem = problem or "the sock_ops program did not load"
+        first, _, rest = problem.partition("\n")  # a refused load carries the verifier's log
+        self.context_note = f"off: {first}"
+        log.warning("kspan: cross-host trace context propagation is off, traces end at this host: %s", first)
+        if rest:
+            log.debug("%s", rest)
 
     def _fill_filters(self) -> None:
         assert self._objs is not None
