@@ -246,7 +246,11 @@ enum kspan_counter {
     KSPAN_CNT_UNSAMPLED = 19,       /* exchanges head sampling dropped: a metrics-only record each */
     KSPAN_CNT_PARENT_LOST = 20,     /* client requests whose named parent was gone (evicted): no link */
     KSPAN_CNT_CGROUP_SKIPPED = 21,  /* TCP transfers and events of pods excluded by workload selection */
-    KSPAN_CNT_MAX = 22,
+    KSPAN_CNT_CTX_WRITTEN = 22,     /* segments that carried a trace-context TCP option (bpf/tcp_context.bpf.c) */
+    KSPAN_CNT_CTX_NO_ROOM = 23,     /* requests whose context found no room in the TCP option space */
+    KSPAN_CNT_CTX_PARSED = 24,      /* contexts read from a peer's TCP option into ctx_in */
+    KSPAN_CNT_CTX_MALFORMED = 25,   /* kind-25 options that are not kspan's (wrong length, zero ids) */
+    KSPAN_CNT_MAX = 26,
 };
 
 struct {
@@ -1133,6 +1137,9 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
         c.span_id = id.span_id;
         c.flags = (id.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
         c.ts_ns = bpf_ktime_get_ns();
+        /* the sequence number the request's first byte will take: the option rides exactly the
+         * segment that starts the request, and its retransmits */
+        c.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
         bpf_map_update_elem(&ctx_out, &k, &c, BPF_ANY);
     }
     return 1;
@@ -1150,6 +1157,35 @@ static __always_inline void kspan_pre_request(__u64 pid_tgid, __u64 sk, __u64 bu
     if (bpf_map_lookup_elem(&tls_conns, &sk))
         return;  /* ciphertext: the TLS probes see this connection's requests */
     kspan_client_pre(sk, pid_tgid, buf);
+}
+
+/* A socket write is starting on a TLS connection (ciphertext: its bytes say nothing). Publish the
+ * context of the client request it carries before its segments leave: a TLS probe that began the
+ * request at the TLS write's entry fixed its identity already; otherwise the plaintext buffer of
+ * the OpenSSL call in progress (plain_buf) says whether a request starts. */
+__attribute__((noinline)) int kspan_tls_pre(__u64 sk, __u64 pid_tgid, __u64 plain_buf)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
+    if (st && st->ex.role == KSPAN_ROLE_CLIENT && st->phase == KSPAN_PH_REQ && (st->ex.flags & KSPAN_FLAG_IDS) &&
+        st->ex.pid == (pid_tgid >> 32) && (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)) {
+        struct kspan_conn_key k = {};
+        kspan_conn_key_of_ex(&k, st, 0);
+        struct kspan_trace_ctx *cur = bpf_map_lookup_elem(&ctx_out, &k);
+        if (cur && cur->span_id == st->ex.span_id)
+            return 0;  /* published by an earlier write of the same request */
+        struct kspan_trace_ctx c = {};
+        __builtin_memcpy(c.trace_id, st->ex.trace_id, 16);
+        c.span_id = st->ex.span_id;
+        c.flags = (st->ex.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
+        c.ts_ns = bpf_ktime_get_ns();
+        c.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+        bpf_map_update_elem(&ctx_out, &k, &c, BPF_ANY);
+        return 1;
+    }
+    __u64 w = 0;
+    if (!plain_buf || bpf_probe_read_user(&w, 8, (const void *)plain_buf) != 0 || !kspan_method(w, 8))
+        return 0;
+    return kspan_client_pre(sk, pid_tgid, plain_buf);
 }
 
 /* The client exchange in conns[conn_id] takes the identity decided at its start (or decides it

@@ -110,9 +110,26 @@ static __always_inline void kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u
     if (kind == KSPAN_IO_IOV && bpf_probe_read_user(&buf, sizeof(buf), (const void *)ptr) != 0)
         return;  /* the first iovec's base */
     __u64 w = 0;
-    if (!buf || bpf_probe_read_user(&w, 8, (const void *)buf) != 0 || !kspan_method(w, 8))
+    if (buf && bpf_probe_read_user(&w, 8, (const void *)buf) == 0 && kspan_method(w, 8)) {
+        kspan_pre_request(id, kspan_fd_sock(id, fd), buf);
         return;
-    kspan_pre_request(id, kspan_fd_sock(id, fd), buf);
+    }
+    /* not plaintext HTTP: maybe a TLS record of a request (an OpenSSL call in progress on this
+     * thread, or a connection the TLS probes already know) */
+    __u64 fdkey = (id & 0xffffffff00000000ULL) | (__u32)fd;
+    __u64 *known = bpf_map_lookup_elem(&fd_sk, &fdkey);
+    __u64 sk = known ? *known : 0;
+    struct kspan_ssl_call *sc = bpf_map_lookup_elem(&ssl_active, &id);
+    __u64 plain = 0;
+    if (sc)
+        plain = (__u64)sc->buf;
+    else if (!sk)
+        return;
+    if (!sk)
+        sk = kspan_fd_sock(id, fd);
+    if (!sk || (!plain && !bpf_map_lookup_elem(&tls_conns, &sk)))
+        return;
+    kspan_tls_pre(sk, id, plain);
 }
 
 static __always_inline int kspan_note_write(__u64 fd, __u64 ptr, __u8 kind)

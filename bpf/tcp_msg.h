@@ -140,6 +140,9 @@ static __always_inline void kspan_tcp_call_save(struct sock *sk, struct msghdr *
             buf += c.skip;
         if (c.kind == KSPAN_KP_UBUF || c.kind == KSPAN_KP_IOV)
             kspan_pre_request(id, c.sk, buf);
+        struct kspan_ssl_call *sc = bpf_map_lookup_elem(&ssl_active, &id);
+        if (sc || bpf_map_lookup_elem(&tls_conns, &c.sk))
+            kspan_tls_pre(c.sk, id, sc ? (__u64)sc->buf : 0);
     }
 }
 

@@ -67,6 +67,8 @@ class RunOptions:
     exclude_namespaces: list[str] = field(default_factory=list)
     trace_opt_in: bool = False
     service_name_label: str | None = None
+    context_propagation: str = "tcp"  # --context-propagation: tcp | none
+    context_cgroup: str | None = None  # --context-cgroup: the cgroup v2 directory it covers (None: the root)
 
 
 def host_id_salt() -> bytes:
@@ -263,6 +265,8 @@ class Agent:
             sample_threshold=opts.sampler.threshold,
             cgroup_filter=k8s is not None and k8s.kernel_filter,
             cgroup_default_trace=k8s is None or k8s.selection.default_trace,
+            context_propagation=opts.context_propagation,
+            context_cgroup=opts.context_cgroup,
         )
         capture = Capture(cfg, caps)
         try:

@@ -56,6 +56,10 @@ class Capabilities:
     libbpf_error: str = ""
     objects_missing: list[str] = field(default_factory=list)  # tracer/objects/*.bpf.o not built
     kernel_config_source: str = ""
+    cgroup2: str = ""  # where the cgroup v2 hierarchy is mounted, "" when it is not
+    cgroup_bpf: bool | None = None  # CONFIG_CGROUP_BPF, None when the config is unreadable
+    sockops_hdr_opts: bool = False  # a sock_ops program using bpf_reserve_hdr_opt loads
+    sockops_detail: str = ""
     notes: list[str] = field(default_factory=list)
 
 
@@ -138,12 +142,36 @@ def _libbpf() -> tuple[str, str]:
     return f"{major}.{minor}", ""
 
 
-def _bpf_prog_load_attempt(prog_type: int, expected_attach_type: int = 0) -> int:
-    """Load a two-instruction program (r0 = 0; exit) of `prog_type`; 0 or the errno."""
+def cgroup2_mount(mounts_text: str | None = None) -> str:
+    """The cgroup v2 mount point (/sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on
+    hybrid ones), "" when none is mounted. The first one listed: a container may see others."""
+    if mounts_text is None:
+        try:
+            mounts_text = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] == "cgroup2":
+            return parts[1].replace("\\040", " ")
+    return ""
+
+
+BPF_PROG_TYPE_SOCK_OPS = 13
+BPF_FUNC_RESERVE_HDR_OPT = 144
+# r2 = 0; r3 = 0; call bpf_reserve_hdr_opt; r0 = 1; exit: the verifier refuses an unknown helper,
+# so this loads only where sock_ops programs may write TCP header options (Linux 5.10+).
+_SOCKOPS_HDR_OPT_INSNS = (0x00000000000002B7, 0x00000000000003B7, (BPF_FUNC_RESERVE_HDR_OPT << 32) | 0x85,
+                          0x00000001000000B7, 0x0000000000000095)
+
+
+def _bpf_prog_load_attempt(prog_type: int, expected_attach_type: int = 0,
+                           program: tuple[int, ...] = (0x00000000000000B7, 0x0000000000000095)) -> int:
+    """Load a tiny program of `prog_type` (by default r0 = 0; exit); 0 or the errno."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    insns = (ctypes.c_uint64 * 2)(0x00000000000000B7, 0x0000000000000095)  # mov r0,0 ; exit
+    insns = (ctypes.c_uint64 * len(program))(*program)
     license_ = ctypes.create_string_buffer(b"GPL")
 
     class Attr(ctypes.Structure):
@@ -165,7 +193,7 @@ def _bpf_prog_load_attempt(prog_type: int, expected_attach_type: int = 0) -> int
 
     attr = Attr()
     attr.prog_type = prog_type
-    attr.insn_cnt = 2
+    attr.insn_cnt = len(program)
     attr.insns = ctypes.addressof(insns)
     attr.license = ctypes.addressof(license_)
     attr.expected_attach_type = expected_attach_type
@@ -304,6 +332,18 @@ def probe(try_loads: bool = True, btf: str | None = None) -> Capabilities:
         caps.ringbuf_detail = "" if err == 0 else f"map create failed: {os.strerror(err)}"
     else:
         caps.ringbuf_detail = "not tried (needs root)"
+    caps.cgroup2 = cgroup2_mount()
+    if conf:
+        caps.cgroup_bpf = conf.get("CONFIG_CGROUP_BPF") == "y"
+    if try_loads and caps.cap_bpf:
+        err = _bpf_prog_load_attempt(BPF_PROG_TYPE_SOCK_OPS, program=_SOCKOPS_HDR_OPT_INSNS)
+        caps.sockops_hdr_opts = err == 0
+        why = {errno.EPERM: " (sock_ops programs need CAP_NET_ADMIN)",
+               errno.EINVAL: " (bpf_reserve_hdr_opt is unknown to this kernel: Linux 5.10+ has it)"}.get(err, "")
+        caps.sockops_detail = "" if err == 0 else (
+            f"loading a sock_ops program that writes TCP options failed: {os.strerror(err)}{why}")
+    else:
+        caps.sockops_detail = "not tried (needs root)"
     if try_loads and caps.cap_bpf and Path("/sys/kernel/btf/vmlinux").is_file():
         caps.fentry, caps.fentry_detail = _fentry_attempt()
     elif not caps.btf:
@@ -352,3 +392,15 @@ def _tracepoint_problem(caps: Capabilities) -> str:
     if caps.missing_tracepoints:
         return "tracepoints missing on this kernel: " + ", ".join(caps.missing_tracepoints)
     return "no socket backend available"
+
+
+def context_propagation_problem(caps: Capabilities) -> str:
+    """Why trace context cannot travel in a TCP option here ("" when it can): the sock_ops program
+    needs a cgroup v2 hierarchy to attach to and a kernel that lets it write header options."""
+    if not caps.cgroup2:
+        return "no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+    if caps.cgroup_bpf is False:
+        return f"the kernel is built without CONFIG_CGROUP_BPF ({caps.kernel_config_source})"
+    if not caps.sockops_hdr_opts:
+        return caps.sockops_detail or "sock_ops programs cannot write TCP options"
+    return ""

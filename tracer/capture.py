@@ -21,13 +21,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tracer import sweeper
-from tracer.capabilities import Capabilities, choose_backend
+from tracer.capabilities import Capabilities, cgroup2_mount, choose_backend, context_propagation_problem
 from tracer.loader import BpfObject, LoaderError, Map
 from tracer.probe_objects import (
     BACKEND_OBJECTS,
     COMMON_OBJECTS,
     OBJECTS_DIR,
     OPTIONAL_FAMILIES,
+    TCP_CONTEXT,
     UPROBE_EXCHANGE,
     object_path,
 )
@@ -64,6 +65,10 @@ COUNTER_NAMES = [
     "unsampled_exchanges",  # dropped by head sampling in the kernel: a metrics-only record each
     "parent_lost",  # client requests whose named parent was gone (evicted): no link
     "cgroup_skipped",  # TCP transfers and events of pods workload selection excludes
+    "context_options_written",  # segments that carried the trace-context TCP option
+    "context_options_no_room",  # requests whose context found no room in the TCP option space
+    "context_options_parsed",  # contexts read from a peer's TCP option
+    "context_options_malformed",  # kind-25 options that are not kspan's
 ]
 
 PROC_EXEC = 1
@@ -86,7 +91,11 @@ NETWORK_EVENT_PROGRAMS = ("kspan_tcp_retransmit", "kspan_tcp_receive_reset", "ks
                           "kspan_tcp_probe")
 
 # Maps sized by --max-connections (per-connection state, LRU).
-CONNECTION_MAPS = ("conns", "tuples", "fd_sk", "tls_conns", "client_conns", "rtt_last")
+CONNECTION_MAPS = ("conns", "tuples", "fd_sk", "tls_conns", "client_conns", "rtt_last", "ctx_out", "ctx_in")
+
+# The sock_ops program of the tcp_context object (bpf/tcp_context.bpf.c), attached to a cgroup.
+CONTEXT_PROGRAM = "kspan_tcp_context"
+CONTEXT_PROPAGATION = ("tcp", "none")
 
 # Connection states examined per sweep() call.
 SWEEP_BATCH = 2048
@@ -123,15 +132,21 @@ class CaptureConfig:
     # kept iff (trace id bytes 8..15 as a big-endian u64) >> 1 < sample_threshold.
     sampler: int = 0
     sample_threshold: int = 1 << 63
+    # Cross-host trace context: "tcp" (a TCP header option written and read by a sock_ops
+    # program) or "none". context_cgroup: the cgroup v2 directory it covers (None: the root,
+    # i.e. every socket on the host).
+    context_propagation: str = "tcp"
+    context_cgroup: str | None = None
 
 
-def object_names(backend: str, families: list[str]) -> list[str]:
+def object_names(backend: str, families: list[str], context: bool = False) -> list[str]:
     """The objects of one capture, in load order."""
     unknown = [f for f in families if f not in OPTIONAL_FAMILIES]
     if unknown:
         raise CaptureError(f"unknown probe families {unknown}: choose from {list(OPTIONAL_FAMILIES)}")
     chosen = [f for f in OPTIONAL_FAMILIES if f in families]
-    return [BACKEND_OBJECTS[backend], *COMMON_OBJECTS, *([UPROBE_EXCHANGE] if chosen else []), *chosen]
+    return [BACKEND_OBJECTS[backend], *COMMON_OBJECTS, *([UPROBE_EXCHANGE] if chosen else []), *chosen,
+            *([TCP_CONTEXT] if context else [])]
 
 
 def _uses_regs(config: CaptureConfig) -> bool:
@@ -168,6 +183,9 @@ class ObjectSet:
     """The loaded objects of one capture, sharing their maps."""
 
     def __init__(self, config: CaptureConfig, backend: str, stats: bool = False) -> None:
+        if config.context_propagation not in CONTEXT_PROPAGATION:
+            raise CaptureError(f"context propagation {config.context_propagation!r}: choose from "
+                               f"{list(CONTEXT_PROPAGATION)}")
         pages = config.ringbuf_pages
         if pages <= 0 or pages & (pages - 1):
             raise CaptureError(f"ring buffer pages must be a power of two, got {pages}")
@@ -176,15 +194,26 @@ class ObjectSet:
         self.objects: dict[str, BpfObject] = {}
         self.loaded_programs: list[str] = []
         self.verifier_stats: dict[str, int] = {}
+        # Why the optional tcp_context object is not loaded ("" when it is, or was not wanted).
+        self.context_problem = ""
         fds: dict[str, int] = {}
         values = _globals(config)
         try:
-            for name in object_names(backend, config.families):
+            for name in object_names(backend, config.families, context=config.context_propagation == "tcp"):
                 path = object_path(name, config.objects_dir)
+                if name == TCP_CONTEXT and not path.is_file():
+                    self.context_problem = f"probe object {path} is missing (scripts/build-bpf.sh builds it)"
+                    continue
                 if not path.is_file():
                     raise CaptureError(f"probe object {path} is missing: in a checkout run `make setup` "
                                        "(scripts/build-bpf.sh); an installed kspan ships it: reinstall it")
-                obj = BpfObject.open(path, btf_path=config.btf_path)
+                try:
+                    obj = BpfObject.open(path, btf_path=config.btf_path)
+                except LoaderError as exc:
+                    if name != TCP_CONTEXT:
+                        raise
+                    self.context_problem = str(exc)
+                    continue
                 self.objects[name] = obj
                 if config.sampler and not obj.has_global("kspan_sampler") and name == BACKEND_OBJECTS[backend]:
                     # Without it every trace would be kept while the user asked for sampling.
@@ -207,6 +236,12 @@ class ObjectSet:
                 try:
                     obj.load(stats=stats) if stats else obj.load()
                 except LoaderError as exc:
+                    if name == TCP_CONTEXT:
+                        # Propagation is an addition to tracing, not a condition of it.
+                        del self.objects[name]
+                        obj.close()
+                        self.context_problem = f"the kernel refused the sock_ops program: {exc}"
+                        continue
                     raise CaptureError(f"the kernel refused the {name} probes: {exc}") from exc
                 self.loaded_programs += [p for p in obj.programs() if _wanted(p, config)]
                 if stats:
@@ -362,6 +397,9 @@ class Capture:
         self._exe_added = 0
         self._verdicts_refused = 0
         self._conn_layout: sweeper.ConnLayout | None = None
+        # "tcp" once the sock_ops program is attached; context_note says where, or why not.
+        self.context_propagation = "none"
+        self.context_note = ""
         # kspan_exchange_ref.inflight, kspan_inflight.count and .ambiguous, from the objects' BTF
         self._hint_offsets = (0, 0, 0)
         # Workload selection's user-space side (tracer/kubernetes.py): whether a pid's pod is
@@ -381,9 +419,11 @@ class Capture:
         if not backend:
             raise CaptureError(reason)
         self.backend, self.backend_reason = backend, reason
-        self._objs = ObjectSet(self.config, backend)
+        problem = context_propagation_problem(self.caps) if self.config.context_propagation == "tcp" else ""
+        self._objs = ObjectSet(replace(self.config, context_propagation="none") if problem else self.config, backend)
         try:
             self._attach_sockets()
+            self._attach_context(problem or self._objs.context_problem)
             self._fill_filters()
             self._reader = RingBufferReader(self._objs.map("events").fd, self.config.ringbuf_pages * 4096)
             layout = self._objs.struct_layout("kspan_conn")
@@ -402,6 +442,8 @@ class Capture:
                 continue  # uprobes: attached per library or binary by the attachers
             if name == UPROBE_EXCHANGE:
                 continue  # only tail-called by the uprobes, never attached
+            if name == TCP_CONTEXT:
+                continue  # attached to a cgroup by _attach_context
             for prog in obj.programs():
                 if not _wanted(prog, self.config):
                     continue
@@ -416,6 +458,36 @@ class Capture:
                     else:
                         obj.attach_kprobe(prog, target[1], retprobe=target[0] == "kretprobe")
                     self.probes_attached += 1
+
+    def _attach_context(self, problem: str) -> None:
+        """Attach the sock_ops program to the cgroup v2 root (or --context-cgroup) through a
+        bpf_link. Any reason it cannot be is logged once, and tracing goes on without it."""
+        assert self._objs is not None
+        if self.config.context_propagation != "tcp":
+            self.context_note = "off (--context-propagation none)"
+            return
+        obj = self._objs.objects.get(TCP_CONTEXT)
+        cgroup = self.config.context_cgroup or self.caps.cgroup2 or cgroup2_mount()
+        if not problem and obj is not None:
+            try:
+                obj.attach_cgroup(CONTEXT_PROGRAM, cgroup)
+            except LoaderError as exc:
+                problem = str(exc)
+            else:
+                self.probes_attached += 1
+                self.context_propagation = "tcp"
+                self.context_note = f"TCP option kind 25, sock_ops on cgroup {cgroup}"
+                log.info("kspan: cross-host trace context: %s", self.context_note)
+                return
+        if obj is not None:
+            del self._objs.objects[TCP_CONTEXT]
+            obj.close()
+        problem = problem or "the sock_ops program did not load"
+        first, _, rest = problem.partition("\n")  # a refused load carries the verifier's log
+        self.context_note = f"off: {first}"
+        log.warning("kspan: cross-host trace context propagation is off, traces end at this host: %s", first)
+        if rest:
+            log.debug("%s", rest)
 
     def _fill_filters(self) -> None:
         assert self._objs is not None

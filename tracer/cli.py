@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 QUERY_MODES = ("keep", "redact", "drop")
 BACKENDS = ("auto", "fentry", "kprobes", "tracepoints")
 PROTOCOLS = ("grpc", "http/protobuf")
+CONTEXT_PROPAGATION = ("tcp", "none")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,6 +84,12 @@ def _add_capture_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--service-name-label", metavar="LABEL",
                    help="take service.name from this pod label, e.g. app.kubernetes.io/name "
                    "(env KSPAN_SERVICE_NAME_LABEL)")
+    g.add_argument("--context-propagation", choices=CONTEXT_PROPAGATION, default="tcp",
+                   help="carry each client request's trace context to the next host in a TCP header option "
+                   "(kind 25), so spans across hosts join one trace; none: traces end at this host (default: tcp)")
+    g.add_argument("--context-cgroup", metavar="DIR",
+                   help="cgroup v2 directory whose sockets carry and read the context (default: the cgroup v2 "
+                   "root, i.e. every socket on the host)")
 
 
 def _add_btf_arg(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -155,7 +162,8 @@ def _options(args: argparse.Namespace):  # -> RunOptions (imported lazily: keeps
             setattr(opts, attr, set(getattr(args, name)))
     for name, attr in (
         ("backend", "backend"), ("btf", "btf"), ("duration", "duration_s"), ("ringbuf_pages", "ringbuf_pages"),
-        ("max_connections", "max_connections"),
+        ("max_connections", "max_connections"), ("context_propagation", "context_propagation"),
+        ("context_cgroup", "context_cgroup"),
         ("include_namespace", "include_namespaces"), ("exclude_namespace", "exclude_namespaces"),
         ("trace_opt_in", "trace_opt_in"), ("service_name_label", "service_name_label"),
         ("otlp_endpoint", "otlp_endpoint"), ("otlp_protocol", "otlp_protocol"), ("output", "output"),

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from tracer.capabilities import Capabilities, choose_backend, probe
+from tracer.capabilities import Capabilities, choose_backend, context_propagation_problem, probe
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,15 @@ def checks(caps: Capabilities) -> list[Check]:
                      "" if caps.uprobes else "CONFIG_UPROBE_EVENTS=y: needed for HTTPS (OpenSSL) and Go tracing"))
     out.append(Check("ring buffer", caps.ringbuf, "works" if caps.ringbuf else (caps.ringbuf_detail or "unavailable"),
                      "" if caps.ringbuf else "Linux 5.8 or newer", required=True))
+    out.append(Check("cgroup v2", bool(caps.cgroup2), f"mounted at {caps.cgroup2}" if caps.cgroup2 else "not mounted",
+                     "" if caps.cgroup2 else "optional: mount -t cgroup2 none /sys/fs/cgroup/unified; the TCP-option "
+                     "context propagation attaches to its root"))
+    out.append(Check("sock_ops TCP options", caps.sockops_hdr_opts,
+                     "a sock_ops program may write and read TCP options" if caps.sockops_hdr_opts
+                     else caps.sockops_detail or "unavailable",
+                     "" if caps.sockops_hdr_opts
+                     else "optional: Linux 5.10+ with CONFIG_CGROUP_BPF=y, and CAP_NET_ADMIN; without it traces "
+                     "end at each host"))
     lockdown = caps.lockdown or "unknown (securityfs not mounted)"
     confidential = caps.lockdown.startswith("confidentiality")
     out.append(Check("lockdown", not confidential, lockdown,
@@ -88,6 +97,13 @@ def verdict(caps: Capabilities, backend_wanted: str = "auto") -> tuple[bool, str
     return True, f"backend: {backend} ({reason})"
 
 
+def propagation_line(caps: Capabilities) -> str:
+    problem = context_propagation_problem(caps)
+    if problem:
+        return f"context propagation: none ({problem}): spans on other hosts start their own traces"
+    return f"context propagation: tcp (a TCP option of kind 25, sock_ops on the cgroup v2 root {caps.cgroup2})"
+
+
 def render(caps: Capabilities, backend_wanted: str = "auto") -> tuple[str, int]:
     lines = [f"kspan doctor: Linux {caps.kernel}"]
     width = max(len(c.name) for c in checks(caps))
@@ -96,6 +112,7 @@ def render(caps: Capabilities, backend_wanted: str = "auto") -> tuple[str, int]:
         if c.hint:
             line += f"  -> {c.hint}"
         lines.append(line)
+    lines.append(propagation_line(caps))
     possible, backend_line = verdict(caps, backend_wanted)
     lines.append(backend_line)
     return "\n".join(lines) + "\n", 0 if possible else 1

@@ -33,6 +33,9 @@ Written against Debian's libbpf 1.1 (headers in /usr/include/bpf). Pitfalls hand
 - Attachments are bpf_links over perf events owned by this process (tracepoints; uprobes and
   kprobes through their PMUs), so a SIGKILLed agent leaves nothing attached. libbpf falls back to
   tracefs-created probes only where the uprobe/kprobe PMU is missing (pre-4.17 kernels).
+  Cgroup programs (sock_ops) are attached the same way, by BPF_LINK_CREATE on a cgroup v2
+  directory, never by BPF_PROG_ATTACH: that kind of attachment belongs to the cgroup and would
+  outlive a killed agent.
 """
 
 from __future__ import annotations
@@ -249,6 +252,7 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_program__attach_tracepoint": (_P, [_P, _STR, _STR]),
     "bpf_program__attach_kprobe": (_P, [_P, ctypes.c_bool, _STR]),
     "bpf_program__attach_uprobe_opts": (_P, [_P, _INT, _STR, ctypes.c_size_t, ctypes.POINTER(_UprobeOpts)]),
+    "bpf_program__attach_cgroup": (_P, [_P, _INT]),
     "bpf_link__destroy": (_INT, [_P]),
     "bpf_link__fd": (_INT, [_P]),
     "bpf_map__name": (_STR, [_P]),
@@ -1126,6 +1130,21 @@ class BpfObject:
             f"{kind} {where}" + (f" pid {pid}" if pid >= 0 else ""),
             lambda p: lib.bpf_program__attach_uprobe_opts(p, pid, os.fsencode(path), offset, ctypes.byref(opts)),
         )
+
+    def attach_cgroup(self, prog: str, cgroup: str | Path) -> Link:
+        """Attach a cgroup program (SEC("sockops"), ...) to the cgroup v2 directory `cgroup` and
+        every cgroup below it. The link holds its own reference to the cgroup, so the directory's
+        fd is closed at once; the program is detached when the link's fd closes, by destroy(),
+        close() or the death of this process (SIGKILL included)."""
+        lib = _lib()
+        try:
+            fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise LoaderError(f"attaching {prog} to cgroup {cgroup}: {exc.strerror}", exc.errno or 0) from exc
+        try:
+            return self._attach(prog, f"cgroup {cgroup}", lambda p: lib.bpf_program__attach_cgroup(p, fd))
+        finally:
+            os.close(fd)
 
     # -- statistics --
 

@@ -17,7 +17,11 @@ OPTIONAL_FAMILIES = ("openssl", "go_tls", "go_http")
 # (the verifier walks each inlined copy at load: seconds of start-up). Never attached. Loaded
 # before the families, with any of them.
 UPROBE_EXCHANGE = "uprobe_exchange"
-ALL_OBJECTS = (*BACKEND_OBJECTS.values(), *COMMON_OBJECTS, UPROBE_EXCHANGE, *OPTIONAL_FAMILIES)
+# Cross-host trace context in a TCP option (--context-propagation tcp): a sock_ops program,
+# attached to a cgroup rather than by its SEC(). Loaded last, and optional: a kernel that refuses
+# it leaves kspan tracing without propagation.
+TCP_CONTEXT = "tcp_context"
+ALL_OBJECTS = (*BACKEND_OBJECTS.values(), *COMMON_OBJECTS, UPROBE_EXCHANGE, *OPTIONAL_FAMILIES, TCP_CONTEXT)
 
 
 def object_path(name: str, objects_dir: Path = OBJECTS_DIR) -> Path:

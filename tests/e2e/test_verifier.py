@@ -40,6 +40,7 @@ COMMON = {
     "kspan_inet_sock_set_state",
     "kspan_tcp_probe",
     "kspan_tcp_retransmit",
+    "kspan_tcp_context",  # sock_ops: trace context in a TCP option (bpf/tcp_context.bpf.c)
 }
 UPROBES = {
     "kspan_exchange_kp",  # the state machine the uprobes tail-call (never attached)

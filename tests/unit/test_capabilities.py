@@ -200,3 +200,36 @@ def test_btf_source_precedence(tmp_path: Path) -> None:
     assert path == "" and "nope.btf" in problem and "KSPAN_BTF" in problem
     path, problem = capabilities.btf_source(str(tmp_path / "gone.btf"), {})
     assert path == "" and "--btf" in problem
+
+
+def test_context_propagation_needs_cgroup2_and_sockops_tcp_options() -> None:
+    here = replace(THIS_MACHINE, cgroup2="/sys/fs/cgroup/unified", cgroup_bpf=True, sockops_hdr_opts=True)
+    assert capabilities.context_propagation_problem(here) == ""
+    text, _ = render(here)
+    assert "context propagation: tcp" in text and "/sys/fs/cgroup/unified" in text
+    assert "mount -t cgroup2" in capabilities.context_propagation_problem(replace(here, cgroup2=""))
+    assert "CONFIG_CGROUP_BPF" in capabilities.context_propagation_problem(replace(here, cgroup_bpf=False))
+    old = replace(here, sockops_hdr_opts=False, sockops_detail="loading a sock_ops program that writes TCP "
+                  "options failed: Invalid argument")
+    assert "Invalid argument" in capabilities.context_propagation_problem(old)
+    text, code = render(old)
+    assert code == 0, "tracing goes on without propagation"
+    assert "context propagation: none" in text
+    assert any(x.strip().startswith("NO") and "sock_ops TCP options" in x for x in text.splitlines())
+
+
+def test_cgroup2_mount_is_read_from_proc_mounts() -> None:
+    hybrid = ("cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0\n"
+              "cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n")
+    assert capabilities.cgroup2_mount(hybrid) == "/sys/fs/cgroup/unified"
+    assert capabilities.cgroup2_mount("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n") == "/sys/fs/cgroup"
+    assert capabilities.cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n") == ""
+
+
+def test_the_sockops_probe_of_this_machine_loads() -> None:
+    from tests.support.ebpf import require_ebpf
+
+    require_ebpf()
+    caps = capabilities.probe()
+    assert caps.sockops_hdr_opts, caps.sockops_detail
+    assert caps.cgroup2 == capabilities.cgroup2_mount()

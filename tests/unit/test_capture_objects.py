@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tracer.capture import COUNTER_NAMES, OPTIONAL_FAMILIES, UPROBE_EXCHANGE, object_names
+from tracer.capture import COUNTER_NAMES, OPTIONAL_FAMILIES, TCP_CONTEXT, UPROBE_EXCHANGE, object_names
 
 HEADER = Path(__file__).resolve().parents[2] / "bpf" / "http_exchange.h"
 
@@ -31,3 +31,9 @@ def test_uprobe_exchange_loads_before_the_uprobe_families_and_only_with_them() -
         assert names.index(UPROBE_EXCHANGE) < names.index(family)
     names = object_names("fentry", list(OPTIONAL_FAMILIES))
     assert names == ["sockets_fentry", "process", "tcp_events", UPROBE_EXCHANGE, *OPTIONAL_FAMILIES]
+
+
+def test_the_tcp_context_object_loads_last_and_only_when_asked() -> None:
+    assert TCP_CONTEXT not in object_names("tracepoints", [])
+    assert object_names("tracepoints", ["openssl"], context=True)[-1] == TCP_CONTEXT
+    assert object_names("fentry", [], context=True) == ["sockets_fentry", "process", "tcp_events", TCP_CONTEXT]

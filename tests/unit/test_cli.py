@@ -24,6 +24,7 @@ def test_unknown_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None
         (["run", "--duration", "0"], "greater than 0"),
         (["run", "--otlp-protocol", "thrift"], "invalid choice"),
         (["run", "--query", "maybe"], "invalid choice"),
+        (["run", "--context-propagation", "http"], "invalid choice"),
     ],
 )
 def test_invalid_values_get_clear_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
@@ -69,3 +70,13 @@ def test_sampler_reaches_the_kernel_globals() -> None:
     assert g["kspan_sampler"] == 5 and g["kspan_sample_threshold"] == 1 << 60
     d = _globals(CaptureConfig())
     assert d["kspan_sampler"] == 0 and d["kspan_sample_threshold"] == 1 << 63
+
+
+def test_context_propagation_defaults_to_tcp_and_reaches_the_capture_options() -> None:
+    from tracer.cli import _options
+
+    opts = _options(build_parser().parse_args(["run"]))
+    assert opts.context_propagation == "tcp" and opts.context_cgroup is None
+    opts = _options(build_parser().parse_args(["record", "f", "--context-propagation", "none",
+                                               "--context-cgroup", "/sys/fs/cgroup/unified/app"]))
+    assert opts.context_propagation == "none" and opts.context_cgroup == "/sys/fs/cgroup/unified/app"

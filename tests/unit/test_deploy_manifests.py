@@ -203,7 +203,8 @@ def test_daemonset_security_and_resources() -> None:
     assert security["capabilities"]["drop"] == ["ALL"]
     # The API server rejects allowPrivilegeEscalation: false together with SYS_ADMIN.
     assert not ("SYS_ADMIN" in added and security.get("allowPrivilegeEscalation") is False)
-    assert {"BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE", "DAC_READ_SEARCH"} == added
+    # NET_ADMIN: the sock_ops program of cross-node context propagation (a cgroup BPF program).
+    assert {"BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE", "DAC_READ_SEARCH", "NET_ADMIN"} == added
     # CAP_BPF + CAP_PERFMON (Linux >= 5.8) replace SYS_ADMIN; only mounting tracefs would need it.
     assert "SYS_ADMIN" not in added
     limits = container["resources"]["limits"]
