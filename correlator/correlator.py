@@ -525,7 +525,7 @@ class Correlator:
         if auto_route is not None:
             # The cap depends on what the service served before: applied per span, after the memo.
             service = (ex.local_addr, ex.local_port) if ex.family else ex.pid
-            if self._route_cap.admit(service, auto_route) is not auto_route:
+            if self._route_cap.admit(service, auto_route) != auto_route:
                 a["http.route"] = OVERFLOW_ROUTE
                 name = name[: len(name) - len(auto_route)] + OVERFLOW_ROUTE
 

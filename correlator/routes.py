@@ -30,7 +30,7 @@ from collections.abc import Hashable
 ID = "{id}"
 OVERFLOW_ROUTE = "/{overflow}"
 DEFAULT_MAX_ROUTES = 100
-DEFAULT_MAX_SERVICES = 4096  # listening addresses remembered; the least recently used go first
+DEFAULT_MAX_SERVICES = 1024  # listening addresses remembered (~10 MB at most); least recently used go first
 
 _NUMERIC = re.compile(r"[0-9][0-9._:,+-]*\Z")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")

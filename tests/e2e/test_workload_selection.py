@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import pytest
 from tests.support.agent import ROOT, free_port, running_agent, service
 from tests.support.ebpf import fail_or_skip, require_ebpf
 from tests.support.k8s_api import FakeKubernetesApi, container_id, fake_kubernetes_api, make_pod, pod_uid
+from tests.support.tls import make_cert, python_cmd
 from tracer.pod_cgroups import find_cgroup2_root
 
 pytestmark = pytest.mark.ebpf
@@ -83,30 +84,40 @@ def counters_at_stop(stderr: str) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in line.removeprefix("kspan: stopped; ").split(", "))}
 
 
-def curl(port: int, path: str) -> None:
-    subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}{path}"], check=True, timeout=10)
+def curl(port: int, path: str, cafile: Path | None = None) -> None:
+    scheme = "https" if cafile else "http"
+    tls = ["--cacert", str(cafile)] if cafile else []
+    subprocess.run(["curl", "-sf", *tls, "-o", "/dev/null", f"{scheme}://127.0.0.1:{port}{path}"], check=True,
+                   timeout=10)
+
+
+def chain_server(tmp_path: Path, pod: str, port: int) -> tuple[list[str], Path | None]:
+    script = tmp_path / f"{pod.replace('-', '_')}.py"
+    shutil.copy(CHAIN_SERVER, script)
+    return ["python3", str(script), str(port)], None
 
 
 def run_selection(tmp_path: Path, api: FakeKubernetesApi, pods: dict[str, dict], extra_args: list[str],
+                  server: Callable[[Path, str, int], tuple[list[str], Path | None]] = chain_server,
+                  path: str = "/chain",
                   ) -> tuple[dict[str, int], list[tuple[str, int, dict[str, object]]], str, dict[str, int]]:
-    """Serve one chain server per pod, each in its pod's container cgroup, under the agent; send
-    each the same requests. Returns pod -> server pid, the server spans, the agent's stderr and
-    its counters at stop."""
+    """Serve one server per pod (`server` gives its command and, for HTTPS, the CA file), each in
+    its pod's container cgroup, under the agent; send each the same requests. Returns pod ->
+    server pid, the server spans, the agent's stderr and its counters at stop."""
     api.pods = [make_pod(name, ip=f"10.244.1.{50 + i}", **spec) for i, (name, spec) in enumerate(pods.items())]
     ports = {pod: free_port() for pod in pods}
     out = tmp_path / "spans.jsonl"
     with ExitStack() as stack:
         root, leaves = stack.enter_context(pod_cgroups(list(pods)))
-        pids = {}
+        pids, cafiles = {}, {}
         for pod in pods:
-            script = tmp_path / f"{pod.replace('-', '_')}.py"
-            shutil.copy(CHAIN_SERVER, script)
-            proc = stack.enter_context(service(["python3", str(script), str(ports[pod])]))
+            cmd, cafiles[pod] = server(tmp_path, pod, ports[pod])
+            proc = stack.enter_context(service(cmd, cwd=ROOT))
             move_into(proc.pid, leaves[pod])
             pids[pod] = proc.pid
         env = {"KSPAN_KUBERNETES_API": api.url, "NODE_NAME": "node-a", "KSPAN_CGROUP_ROOT": str(root),
                "POD_NAMESPACE": "kspan"}
-        args = ["run", "--quiet", "--no-tls", "--no-go", "--no-metrics", "--output", str(out), *extra_args]
+        args = ["run", "--quiet", "--no-go", "--no-metrics", "--output", str(out), *extra_args]
         for port in ports.values():
             args += ["--port", str(port)]
         with running_agent(args, tmp_path, env=env) as agent:
@@ -115,7 +126,7 @@ def run_selection(tmp_path: Path, api: FakeKubernetesApi, pods: dict[str, dict],
             assert -1 < log.find("workload selection in the kernel") < log.find("kspan: ready"), log
             for _ in range(3):
                 for pod in pods:
-                    curl(ports[pod], "/chain")
+                    curl(ports[pod], path, cafiles[pod])
             time.sleep(1.0)
         assert agent.returncode == 0, agent.stderr
     return pids, server_spans(out), agent.stderr, counters_at_stop(agent.stderr)
@@ -160,4 +171,24 @@ def test_opt_in_mode_traces_only_pods_that_asked(tmp_path: Path) -> None:
     assert "1 of this node's 2 pods traced, 1 skipped" in stderr, stderr
     assert {pid for _, pid, _ in spans} == {pids["asked-1"]}, spans
     assert len(spans) == 3
+    assert counters.get("cgroup_skipped", 0) >= 3 * 2, counters
+
+
+def test_tls_uprobes_skip_excluded_pods(tmp_path: Path) -> None:
+    """Two Python HTTPS servers share one libssl, so the OpenSSL uprobes attached for the traced
+    pod fire in the excluded one too: none of the excluded pod's plaintext comes out (the uprobes
+    check the cgroup as the socket probes do, which skip and count its TLS socket transfers)."""
+    require_ebpf()
+    cert, key = make_cert(tmp_path)
+
+    def https_server(_tmp: Path, _pod: str, port: int) -> tuple[list[str], Path | None]:
+        return python_cmd("serve", "--port", str(port), "--cert", str(cert), "--key", str(key)), cert
+
+    pods = {"shop-tls-1": {"namespace": "shop"}, "vault-tls-1": {"namespace": "secrets"}}
+    with fake_kubernetes_api(watch_hold_s=0.1) as api:
+        pids, spans, stderr, counters = run_selection(
+            tmp_path, api, pods, ["--exclude-namespace", "secrets"], server=https_server, path="/work")
+    assert "1 of this node's 2 pods traced, 1 skipped" in stderr, stderr
+    assert {pid for _, pid, _ in spans} == {pids["shop-tls-1"]}, spans
+    assert len(spans) == 3 and all(attrs["url.scheme"] == "https" for _, _, attrs in spans), spans
     assert counters.get("cgroup_skipped", 0) >= 3 * 2, counters

@@ -609,3 +609,15 @@ def test_command_line_selection_reaches_the_agent() -> None:
     assert WorkloadSelection.from_settings(defaults.include_namespaces, defaults.exclude_namespaces,
                                            defaults.trace_opt_in, defaults.service_name_label, env={}) \
         == WorkloadSelection()
+
+
+def test_cgroup2_root_is_found_by_its_controllers_file(tmp_path: Path) -> None:
+    from tracer.pod_cgroups import find_cgroup2_root, pod_cgroup_ids
+
+    assert find_cgroup2_root(str(tmp_path)) is None  # not a cgroup v2 directory
+    ids = cgroup_tree(tmp_path, {"web-1": ("app",)})
+    assert find_cgroup2_root(str(tmp_path)) == str(tmp_path)
+    found, unreadable = pod_cgroup_ids(str(tmp_path))
+    assert found == {pod_uid("web-1"): ids["web-1"]} and unreadable == 0
+    # Deeper than the walk goes: not found, and no error.
+    assert pod_cgroup_ids(str(tmp_path), max_depth=2) == ({}, 0)
