@@ -298,6 +298,8 @@ class Agent:
                 # Exporters start after the probes are attached, so the kernel sees the agent's
                 # own export connections being made and can exclude them at both ends.
                 out = SpanOutput(opts, processes, self.env)
+                if out.prometheus is not None:
+                    capture.add_self_endpoint(opts.prometheus_address, out.prometheus.port)
                 correlator = Correlator(clock, _correlator_config(opts, salt))
                 self._register_health(out, capture, correlator, processes)
             # Everything allocated so far (grpc, protobuf, parsed ELF/DWARF) lives as long as the

@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import platform
+import socket
 import struct
 import threading
 import time
@@ -349,6 +350,38 @@ def _exe_matches(pid: int, names: set[str]) -> bool:
     return service_name_from_cmdline(exe, argv) in names
 
 
+def _endpoint_key(address: str, port: int) -> bytes:
+    """struct kspan_endpoint: the address in IPv6 form (IPv4 as ::ffff:a.b.c.d), the port."""
+    if ":" in address:
+        raw = socket.inet_pton(socket.AF_INET6, address)
+    else:
+        raw = b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, address)
+    return raw + struct.pack("<HH", port, 0)
+
+
+def _local_addresses(address: str) -> list[str]:
+    """The addresses a listener bound to `address` answers on: itself, or for a wildcard every
+    address of this host (/proc/net/fib_trie's local IPv4 addresses, /proc/net/if_inet6)."""
+    address = address.strip("[]")
+    if address not in ("", "0.0.0.0", "::"):
+        return [address]
+    found = {"127.0.0.1", "::1"}
+    try:
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+        for prev, line in zip(lines, lines[1:], strict=False):
+            if "/32 host LOCAL" in line:
+                found.add(prev.split()[-1])
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            h = line.split()[0]
+            found.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(h)))
+    except (OSError, ValueError, IndexError):
+        pass
+    return sorted(found)
+
+
 def _descendants_of(pids: set[int]) -> set[int]:
     """Processes whose parent chain reaches one of `pids` (children forked before the agent)."""
     parent: dict[int, int] = {}
@@ -488,6 +521,16 @@ class Capture:
         log.warning("kspan: cross-host trace context propagation is off, traces end at this host: %s", first)
         if rest:
             log.debug("%s", rest)
+
+    def add_self_endpoint(self, address: str, port: int) -> None:
+        """A port the agent itself listens on (the Prometheus scrape endpoint): connections to it
+        are the agent's own, never traced, from their first request. The kernel learns the
+        agent's sending endpoints from its writes, but a listener's first reply comes after the
+        scraper's first request, which would otherwise be traced."""
+        assert self._objs is not None
+        table = self._objs.map("self_endpoints")
+        for addr in _local_addresses(address):
+            table.update(_endpoint_key(addr, port), _ONE)
 
     def _fill_filters(self) -> None:
         assert self._objs is not None

@@ -200,3 +200,25 @@ def test_no_port_is_opened_unless_asked(tmp_path: Path) -> None:
         assert _listening(agent.proc.pid) == []
         assert "Prometheus" not in agent.stderr
     assert agent.returncode == 0, agent.stderr
+
+
+def test_scrapes_of_kspan_itself_are_never_traced(tmp_path: Path) -> None:
+    """The scraper's requests to kspan's own endpoint are the agent's own traffic: the kernel knows
+    the listening endpoint from the start, so not even the first request of a scrape connection
+    becomes a span (only a counted, filtered request)."""
+    require_ebpf()
+    scrape_port = free_port()
+    out = tmp_path / "t.jsonl"
+    args = ["run", "--quiet", "--output", str(out), "--no-metrics", "--port", str(scrape_port),
+            "--prometheus-port", str(scrape_port)]
+    with running_agent(args, tmp_path) as agent:
+        agent.wait_for_log(f"Prometheus scrape endpoint http://127.0.0.1:{scrape_port}/metrics")
+        with prometheus_scraping(f"127.0.0.1:{scrape_port}", tmp_path) as prom:
+            prom.wait_value('up{job="kspan"}', 1)
+            time.sleep(3)  # a few more scrapes
+    assert agent.returncode == 0, agent.stderr
+    spans = out.read_text() if out.exists() else ""
+    assert str(scrape_port) not in spans, spans[:2000]
+    summary = next(line for line in agent.stderr.splitlines() if line.startswith("kspan: stopped;"))
+    filtered = dict(p.strip().split("=", 1) for p in summary.split(";", 1)[1].split(",") if "=" in p)
+    assert int(filtered.get("requests_filtered", 0)) >= 1, summary

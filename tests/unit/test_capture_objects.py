@@ -37,3 +37,15 @@ def test_the_tcp_context_object_loads_last_and_only_when_asked() -> None:
     assert TCP_CONTEXT not in object_names("tracepoints", [])
     assert object_names("tracepoints", ["openssl"], context=True)[-1] == TCP_CONTEXT
     assert object_names("fentry", [], context=True) == ["sockets_fentry", "process", "tcp_events", TCP_CONTEXT]
+
+
+def test_self_endpoint_keys_are_the_kernels_endpoint_layout() -> None:
+    from tracer.capture import _endpoint_key, _local_addresses
+
+    key = _endpoint_key("127.0.0.1", 9464)
+    assert len(key) == 20 and key[:12] == b"\0" * 10 + b"\xff\xff" and key[12:16] == bytes([127, 0, 0, 1])
+    assert key[16:18] == (9464).to_bytes(2, "little")
+    assert _endpoint_key("::1", 1)[:16] == b"\0" * 15 + b"\1"
+    assert _local_addresses("10.1.2.3") == ["10.1.2.3"] and _local_addresses("[::1]") == ["::1"]
+    wildcard = _local_addresses("0.0.0.0")
+    assert {"127.0.0.1", "::1"} <= set(wildcard)
