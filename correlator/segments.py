@@ -1,0 +1,66 @@
+"""The input of the protocol decoders beyond HTTP/1 (Redis, PostgreSQL, MySQL, HTTP/2 and gRPC):
+one socket transfer as the kernel copies it, and what a decoder makes of a connection's stream.
+
+The kernel copies at most SEGMENT_DATA bytes of each transfer (a bounded copy), so a decoder sees
+`data` shorter than `length` whenever a transfer was larger: the bytes in between are a gap it must
+step over by the protocol's own framing (a length prefix tells how far), or give up on the
+connection until it can resynchronise, counting what it could not decode. A connection may also
+be picked up after its start (the agent started later): the first segment can begin mid-message.
+Decoders are pure and deterministic: the same segments give the same operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from correlator.spans import AttrValue
+
+# Bytes of each transfer the kernel copies for the protocols beyond HTTP/1.
+SEGMENT_DATA = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    conn_id: int  # the kernel's struct sock address: one connection, one end
+    pid: int
+    tid: int
+    egress: bool  # this process wrote the bytes (False: it read them)
+    start_ns: int  # CLOCK_MONOTONIC: a write's start; a read's data arrival
+    end_ns: int
+    length: int  # bytes transferred
+    data: bytes  # the first min(length, SEGMENT_DATA) of them
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.data) < self.length
+
+
+@dataclass(slots=True)
+class Operation:
+    """One request and its response (or its failure) on a connection, from the traced process's
+    side: a client span when it sent the request, a server span when it received it."""
+
+    protocol: str  # "redis", "postgresql", "mysql", "http2", "grpc"
+    client: bool  # the traced process sent the request
+    start_ns: int  # the request's first byte
+    end_ns: int  # the response's last byte (the request's end when no response came)
+    name: str  # the span name, by the semantic conventions
+    attributes: dict[str, AttrValue] = field(default_factory=dict)
+    error: str | None = None  # error.type when the operation failed (the span's error status)
+    error_message: str | None = None  # a description safe to export (never query literals or values)
+    pid: int = 0
+    tid: int = 0
+
+
+class StreamDecoder(Protocol):
+    """One connection's decoder. `feed` takes the connection's segments in order (both directions
+    as the traced process saw them) and returns the operations they completed; `close` the ones
+    left open when the connection ended (failed, no response). `counters` names what could not be
+    decoded (garbage, gaps, messages cut mid-frame), so no byte is dropped silently."""
+
+    counters: dict[str, int]
+
+    def feed(self, seg: Segment) -> list[Operation]: ...
+
+    def close(self, now_ns: int) -> list[Operation]: ...
