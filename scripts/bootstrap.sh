@@ -18,6 +18,9 @@ fi
 # checks and unit-tests deploy/prometheus/kspan-rules.yaml).
 PKGS=(libbpf1 libbpf-dev clang llvm bpftool python3-venv python3-dev make curl openssl nginx-light wrk iproute2
       procps util-linux nodejs prometheus)
+# postgresql-15, mariadb-server: the real servers the PostgreSQL and MySQL decoders' tests start
+# in a temporary directory (never the system service).
+PKGS+=(postgresql-15 mariadb-server)
 # kubernetes-client: Debian's kubectl, which the tests use to render deploy/kubernetes with
 # `kubectl kustomize`. Where another package owns /usr/bin/kubectl (Google Cloud SDK's `kubectl`),
 # the same Debian package is unpacked under .cache/kubernetes-client instead of overwriting it.
