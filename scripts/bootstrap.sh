@@ -17,7 +17,7 @@ fi
 # (prometheus: the real server the scrape-endpoint test runs on its own port, and promtool, which
 # checks and unit-tests deploy/prometheus/kspan-rules.yaml).
 PKGS=(libbpf1 libbpf-dev clang llvm bpftool python3-venv python3-dev make curl openssl nginx-light wrk iproute2
-      procps util-linux nodejs prometheus)
+      procps util-linux nodejs prometheus redis-server)
 # postgresql-15, mariadb-server: the real servers the PostgreSQL and MySQL decoders' tests start
 # in a temporary directory (never the system service).
 PKGS+=(postgresql-15 mariadb-server)
