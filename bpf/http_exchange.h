@@ -147,6 +147,7 @@ enum kspan_phase {
     KSPAN_PH_RESP = 2,       /* response in progress */
     KSPAN_PH_WAIT_FINAL = 3, /* a 1xx interim response ended; the final one is still to come */
     KSPAN_PH_PREFIX = 4,     /* no exchange: pending bytes may start a request (kspan_conn.pend) */
+    KSPAN_PH_PROTO = 5,      /* another protocol (kspan_conn.method: enum kspan_proto): segments */
 };
 
 enum kspan_hdr_state {
@@ -250,7 +251,8 @@ enum kspan_counter {
     KSPAN_CNT_CTX_NO_ROOM = 23,     /* requests whose context found no room in the TCP option space */
     KSPAN_CNT_CTX_PARSED = 24,      /* contexts read from a peer's TCP option into ctx_in */
     KSPAN_CNT_CTX_MALFORMED = 25,   /* kind-25 options that are not kspan's (wrong length, zero ids) */
-    KSPAN_CNT_MAX = 26,
+    KSPAN_CNT_SEGMENTS = 26,        /* segment records of other protocols (Redis, PostgreSQL, MySQL, HTTP/2) */
+    KSPAN_CNT_MAX = 27,
 };
 
 struct {
@@ -1050,78 +1052,87 @@ struct {
  * parent's trace (fixing the parent's identity first), or a new trace and the root's sampling
  * decision. A parent that cannot be read any more gives no link, counted: never a guess.
  * Global: verified once, shared by the write-entry probes and the state machine. */
-__attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 buf)
+static __always_inline void kspan_client_decide(struct kspan_client_id *id, __u64 sk, __u64 pid_tgid, __u64 buf,
+                                                int count)
 {
-    int before_wire = buf != 0;
-    struct kspan_client_id id = {};
-    id.pid_tgid = pid_tgid;
-    id.span_id = kspan_rand64();
+    id->pid_tgid = pid_tgid;
+    id->span_id = kspan_rand64();
     __u32 pid = pid_tgid >> 32;
     struct kspan_exchange_ref *g = bpf_map_lookup_elem(&go_client_parent, &sk);
     struct kspan_exchange_ref *t = g ? 0 : bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
     if (g) {
-        id.parent_kind = KSPAN_PARENT_GOROUTINE;
-        id.parent_conn_id = g->conn_id;
-        id.parent_req_start_ns = g->req_start_ns;
-        id.parent_pid = g->pid;
+        id->parent_kind = KSPAN_PARENT_GOROUTINE;
+        id->parent_conn_id = g->conn_id;
+        id->parent_req_start_ns = g->req_start_ns;
+        id->parent_pid = g->pid;
         bpf_map_delete_elem(&go_client_parent, &sk);
     } else if (t && t->inflight > 0) {
         /* A thread serving exactly one request (and never two at once since it was idle) names
          * it; an event loop serving several cannot: no parent, counted. */
         if (t->inflight == 1 && !t->ambiguous) {
-            id.parent_kind = KSPAN_PARENT_THREAD;
-            id.parent_conn_id = t->conn_id;
-            id.parent_req_start_ns = t->req_start_ns;
-            id.parent_pid = pid;
+            id->parent_kind = KSPAN_PARENT_THREAD;
+            id->parent_conn_id = t->conn_id;
+            id->parent_req_start_ns = t->req_start_ns;
+            id->parent_pid = pid;
         } else {
             struct kspan_serving_slot *ev = kspan_evidence(pid_tgid, kspan_client_line(sk, buf));
             if (ev) {
-                id.parent_kind = KSPAN_PARENT_EVIDENCE;
-                id.parent_conn_id = ev->conn_id;
-                id.parent_req_start_ns = ev->req_start_ns;
-                id.parent_pid = pid;
+                id->parent_kind = KSPAN_PARENT_EVIDENCE;
+                id->parent_conn_id = ev->conn_id;
+                id->parent_req_start_ns = ev->req_start_ns;
+                id->parent_pid = pid;
             } else {
-                id.flags |= KSPAN_FLAG_AMBIGUOUS;
-                kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
+                id->flags |= KSPAN_FLAG_AMBIGUOUS;
+                if (count)
+                    kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
             }
         }
     } else {
         struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
         if (f && f->count == 1 && !f->ambiguous) {
-            id.parent_kind = KSPAN_PARENT_PROCESS;
-            id.parent_conn_id = f->conn_id;
-            id.parent_req_start_ns = f->req_start_ns;
-            id.parent_pid = pid;
+            id->parent_kind = KSPAN_PARENT_PROCESS;
+            id->parent_conn_id = f->conn_id;
+            id->parent_req_start_ns = f->req_start_ns;
+            id->parent_pid = pid;
         } else if (f && f->count > 0) {
-            id.flags |= KSPAN_FLAG_AMBIGUOUS;
-            kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
+            id->flags |= KSPAN_FLAG_AMBIGUOUS;
+            if (count)
+                kspan_count(KSPAN_CNT_AMBIGUOUS, 1);
         }
     }
     int linked = 0;
-    if (id.parent_kind != KSPAN_PARENT_NONE) {
-        __u64 pc = id.parent_conn_id;
+    if (id->parent_kind != KSPAN_PARENT_NONE) {
+        __u64 pc = id->parent_conn_id;
         struct kspan_conn *ps = 0;
-        if (kspan_fix_server(pc, id.parent_req_start_ns))
+        if (kspan_fix_server(pc, id->parent_req_start_ns))
             ps = bpf_map_lookup_elem(&conns, &pc);
         if (ps && (ps->ex.flags & KSPAN_FLAG_IDS)) {
-            __builtin_memcpy(id.trace_id, ps->ex.trace_id, 16);
-            id.parent_span_id = ps->ex.span_id;
-            id.flags |= ps->ex.flags & KSPAN_FLAG_SAMPLED;
+            __builtin_memcpy(id->trace_id, ps->ex.trace_id, 16);
+            id->parent_span_id = ps->ex.span_id;
+            id->flags |= ps->ex.flags & KSPAN_FLAG_SAMPLED;
             linked = 1;
         } else {
-            id.parent_kind = KSPAN_PARENT_NONE;
-            id.parent_conn_id = 0;
-            id.parent_req_start_ns = 0;
-            id.parent_pid = 0;
+            id->parent_kind = KSPAN_PARENT_NONE;
+            id->parent_conn_id = 0;
+            id->parent_req_start_ns = 0;
+            id->parent_pid = 0;
+            if (count)
             kspan_count(KSPAN_CNT_PARENT_LOST, 1);
         }
     }
     if (!linked) {
         __u64 a = kspan_rand64(), b = kspan_rand64();
-        __builtin_memcpy(id.trace_id, &a, 8);
-        __builtin_memcpy(id.trace_id + 8, &b, 8);
-        id.flags |= kspan_root_sampled(id.trace_id);
+        __builtin_memcpy(id->trace_id, &a, 8);
+        __builtin_memcpy(id->trace_id + 8, &b, 8);
+        id->flags |= kspan_root_sampled(id->trace_id);
     }
+}
+
+__attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 buf)
+{
+    int before_wire = buf != 0;
+    struct kspan_client_id id = {};
+    kspan_client_decide(&id, sk, pid_tgid, buf, 1);
     bpf_map_update_elem(&client_pre, &sk, &id, BPF_ANY);
     /* For the TCP-option program: this connection's next data segments carry the context. Only
      * before the request's bytes reach the wire: written later, it would ride on the NEXT
@@ -1765,6 +1776,195 @@ struct {
     __type(value, struct kspan_data_args);
 } kspan_args SEC(".maps");
 
+/* ---- protocols beyond HTTP/1: bounded segments, decoded in user space ---- */
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_segment);
+} kspan_segbuf SEC(".maps");
+
+#define KSPAN_W_H2_PREFACE KSPAN_LE('P', 'R', 'I', ' ', '*', ' ', 'H', 'T')
+
+static __always_inline int kspan_digit(__u8 c)
+{
+    return c >= '0' && c <= '9';
+}
+
+static __always_inline __u32 kspan_be32(__u64 w, int at)
+{
+    __u32 v = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        v = (v << 8) | ((w >> (8 * (at + i))) & 0xff);
+    return v;
+}
+
+/* The protocol a connection's first bytes (w: n of them, the first in the low byte) open, and
+ * which end the traced process is (*role); 0: none recognised. */
+static __always_inline __u8 kspan_proto_first(__u64 w, __u32 n, __u8 dir, __u8 *role)
+{
+    if (n < 8)
+        return 0;
+    __u8 b0 = w & 0xff, b1 = (w >> 8) & 0xff, b2 = (w >> 16) & 0xff, b3 = (w >> 24) & 0xff;
+    __u8 b4 = (w >> 32) & 0xff, b5 = (w >> 40) & 0xff;
+    __u8 sender = dir == KSPAN_DIR_EGRESS ? KSPAN_ROLE_CLIENT : KSPAN_ROLE_SERVER;
+    if (w == KSPAN_W_H2_PREFACE) {  /* "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" */
+        *role = sender;
+        return KSPAN_PROTO_HTTP2;
+    }
+    /* Redis: a command is an array of bulk strings, "*3\r\n$3\r\n..." */
+    if (b0 == '*' && kspan_digit(b1) &&
+        ((b2 == '\r' && b3 == '\n' && b4 == '$') || (kspan_digit(b2) && b3 == '\r' && b4 == '\n' && b5 == '$'))) {
+        *role = sender;
+        return KSPAN_PROTO_REDIS;
+    }
+    /* PostgreSQL: the startup packet (length, protocol 3.0) or an SSL/GSS/cancel request */
+    __u32 len = kspan_be32(w, 0), code = kspan_be32(w, 4);
+    if (len >= 8 && len <= 10000 &&
+        (code == 196608 || code == 80877103 || code == 80877104 || code == 80877102)) {
+        *role = sender;
+        return KSPAN_PROTO_POSTGRES;
+    }
+    /* MySQL: the server's greeting (3-byte length, sequence 0, protocol version 10) */
+    __u32 mlen = b0 | (b1 << 8) | (b2 << 16);
+    if (b3 == 0 && b4 == 10 && mlen >= 30 && mlen <= 1024) {
+        *role = dir == KSPAN_DIR_EGRESS ? KSPAN_ROLE_SERVER : KSPAN_ROLE_CLIENT;
+        return KSPAN_PROTO_MYSQL;
+    }
+    return 0;
+}
+
+/* A connection picked up after its start: the well-known server port is a hint. */
+static __always_inline __u8 kspan_proto_port(__u16 port)
+{
+    if (port == 6379)
+        return KSPAN_PROTO_REDIS;
+    if (port == 5432)
+        return KSPAN_PROTO_POSTGRES;
+    if (port == 3306)
+        return KSPAN_PROTO_MYSQL;
+    return 0;
+}
+
+/* One transfer (the per-CPU kspan_args) on a connection of another protocol, or its close: a
+ * segment record with the first KSPAN_SEG_DATA bytes. A client's write carries the trace its
+ * request joins, by the same parent rules and sampling as an HTTP request. */
+__attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
+{
+    int z = 0;
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    struct kspan_segment *seg = bpf_map_lookup_elem(&kspan_segbuf, &z);
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &z);
+    if (!st || !seg || !a)
+        return 0;
+    seg->type = KSPAN_REC_SEGMENT;
+    seg->proto = st->method;
+    seg->role = st->ex.role;
+    seg->parent_kind = KSPAN_PARENT_NONE;
+    seg->flags = st->ex.flags & (KSPAN_FLAG_TLS | KSPAN_FLAG_TUPLE_KNOWN);
+    seg->family = st->ex.family;
+    seg->local_port = st->ex.local_port;
+    seg->remote_port = st->ex.remote_port;
+    __builtin_memcpy(seg->local_addr, st->ex.local_addr, 16);
+    __builtin_memcpy(seg->remote_addr, st->ex.remote_addr, 16);
+    seg->conn_id = conn_id;
+    seg->seq = st->ex.req_bytes++;  /* in a protocol state, req_bytes counts the segments */
+    __builtin_memset(seg->trace_id, 0, 16);
+    seg->parent_span_id = 0;
+    seg->data_len = 0;
+    __u32 n = 0;
+    if (closed) {
+        seg->pid = st->ex.pid;
+        seg->tid = st->ex.tid;
+        seg->dir = 0;
+        seg->seg_flags = KSPAN_SEG_CLOSED;
+        seg->start_ns = seg->end_ns = bpf_ktime_get_ns();
+        seg->len = 0;
+    } else {
+        seg->pid = a->pid;
+        seg->tid = a->tid;
+        seg->dir = a->dir;
+        seg->seg_flags = 0;
+        seg->flags |= a->flags;
+        seg->start_ns = a->start_ns;
+        seg->end_ns = a->end_ns;
+        seg->len = a->len;
+        st->last_ns = a->end_ns;
+        if (a->dir == KSPAN_DIR_EGRESS && st->ex.role == KSPAN_ROLE_CLIENT) {
+            struct kspan_client_id id = {};
+            __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
+            kspan_client_decide(&id, conn_id, pid_tgid, 0, 0);
+            seg->parent_kind = id.parent_kind;
+            __builtin_memcpy(seg->trace_id, id.trace_id, 16);
+            seg->parent_span_id = id.parent_span_id;
+            seg->flags |= id.flags & (KSPAN_FLAG_SAMPLED | KSPAN_FLAG_AMBIGUOUS);
+        }
+        n = kspan_readable(a);
+        if (n > KSPAN_SEG_DATA)
+            n = KSPAN_SEG_DATA;
+        asm volatile("" : "+r"(n));
+        n &= (2 * KSPAN_SEG_DATA - 1);
+        if (n > KSPAN_SEG_DATA)
+            n = KSPAN_SEG_DATA;
+        if (n && bpf_probe_read_user(seg->data, n, a->buf) == 0)
+            seg->data_len = n;
+        else
+            n = 0;
+    }
+    __u32 size = __builtin_offsetof(struct kspan_segment, data) + n;
+    if (bpf_ringbuf_output(&events, seg, size, BPF_RB_NO_WAKEUP) == 0)
+        kspan_count(KSPAN_CNT_SEGMENTS, 1);
+    else
+        kspan_count(KSPAN_CNT_LOST, 1);
+    return 1;
+}
+
+/* A connection state for a transfer that opens another protocol (same filters as a request). */
+static __always_inline int kspan_proto_begin(struct kspan_data_args *a, __u8 proto, __u8 role)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
+    if (!st)
+        st = kspan_new_conn(a);
+    if (!st)
+        return 0;
+    st->phase = KSPAN_PH_PROTO;
+    st->method = proto;
+    st->pend_n = 0;
+    st->ex.type = 0;  /* no exchange: the sweeper and the close path leave it alone */
+    st->ex.role = role;
+    st->ex.pid = a->pid;
+    st->ex.tid = a->tid;
+    st->ex.req_bytes = 0;
+    st->ex.flags = (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) | a->flags;
+    kspan_proto_data(a->conn_id, 0);
+    return 1;
+}
+
+/* An untracked connection's transfer that starts no request: another protocol's first bytes, or
+ * a connection to or from a well-known server port picked up mid-stream. */
+static __always_inline int kspan_proto_try(struct kspan_data_args *a, __u64 w, __u32 n)
+{
+    __u8 role = 0;
+    __u8 proto = kspan_proto_first(w, n, a->dir, &role);
+    if (!proto) {
+        struct kspan_tuple *t = bpf_map_lookup_elem(&tuples, &a->conn_id);
+        if (!t)
+            return 0;
+        proto = kspan_proto_port(t->remote_port);
+        role = KSPAN_ROLE_CLIENT;
+        if (!proto) {
+            proto = kspan_proto_port(t->local_port);
+            role = KSPAN_ROLE_SERVER;
+        }
+        if (!proto)
+            return 0;
+    }
+    return kspan_proto_begin(a, proto, role);
+}
+
+
 /* The uprobe families' way into the state machine (see kspan_on_data_tail): one entry, key 0,
  * holding bpf/uprobe_exchange.bpf.c's kspan_exchange_kp, written by tracer/capture.py after that
  * object loads. Declared here like every shared map, so every object has the same definition. */
@@ -1828,6 +2028,10 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
      * inlined copy of it costs compile time and verifier work. */
     __u8 m = 0;
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
+    if (st && st->phase == KSPAN_PH_PROTO) {
+        kspan_proto_data(a->conn_id, 0);
+        return;
+    }
     if (st && st->pend_n && st->pend_dir == a->dir) {
         /* this transfer continues pending bytes: judge them together (a method token or
          * "HTTP/1." split at any byte across transfers) */
@@ -1852,6 +2056,8 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
                 }
                 return;
             }
+            if (kspan_proto_try(a, w, n))
+                return;
             kspan_count(kspan_is_response(w, n) ? KSPAN_CNT_ORPHAN_RESPONSE : KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
             kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
             return;
@@ -1872,6 +2078,10 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
                 kspan_hold(st, a, w, n);
                 return;
             }
+            if (w == KSPAN_W_H2_PREFACE && kspan_proto_begin(a, KSPAN_PROTO_HTTP2,
+                                                             a->dir == KSPAN_DIR_EGRESS ? KSPAN_ROLE_CLIENT
+                                                                                        : KSPAN_ROLE_SERVER))
+                return;  /* HTTP/1.1 Upgrade: h2c, then the HTTP/2 preface */
             kspan_count(KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
             kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
             kspan_drop_pending(st, a);
@@ -1984,6 +2194,11 @@ static __always_inline void kspan_on_close(void *ctx, __u64 conn_id)
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
     if (!st)
         return;
+    if (st->phase == KSPAN_PH_PROTO) {
+        kspan_proto_data(conn_id, 1);
+        bpf_map_delete_elem(&conns, &conn_id);
+        return;
+    }
     if (st->pend_n)
         kspan_count(KSPAN_CNT_UNPARSED_BYTES, st->pend_n);  /* held bytes nothing completed */
     if (st->phase != KSPAN_PH_IDLE && st->phase != KSPAN_PH_PREFIX) {

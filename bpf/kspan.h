@@ -13,9 +13,13 @@ enum kspan_record_type {
     KSPAN_REC_EXCHANGE = 1,  /* struct kspan_exchange */
     KSPAN_REC_PROC = 2,      /* struct kspan_proc: exec or exit of a process */
     KSPAN_REC_TCP = 3,       /* struct kspan_tcp: retransmit, reset, failed connect, rtt */
+    KSPAN_REC_SEGMENT = 5,   /* struct kspan_segment: one transfer on a connection of another protocol */
     KSPAN_REC_METRIC = 4,    /* an unsampled exchange: struct kspan_exchange cut after
                               * KSPAN_METRIC_HEAD bytes of req_head (metrics only, no span) */
 };
+
+/* Bytes of each transfer a segment record carries (protocols beyond HTTP/1). */
+#define KSPAN_SEG_DATA 512
 
 /* Bytes of the request head an unsampled exchange carries: the request line's method and target
  * (for http.route) and usually Host; metrics need nothing else. */
@@ -111,6 +115,46 @@ struct kspan_trace_ctx {
     __u8  state;             /* ctx_out: 0 not yet written on a segment, 1 written; ctx_in: unused */
     __u8  _pad[2];
     __u64 ts_ns;             /* when it was stored (bpf_ktime_get_ns) */
+};
+
+/* Protocols beyond HTTP/1, recognised on a connection's first bytes (the server port is a hint
+ * for a connection picked up mid-stream). Their transfers reach user space as bounded segments,
+ * decoded there per connection (correlator/protocols/). */
+enum kspan_proto {
+    KSPAN_PROTO_REDIS = 1,
+    KSPAN_PROTO_POSTGRES = 2,
+    KSPAN_PROTO_MYSQL = 3,
+    KSPAN_PROTO_HTTP2 = 4,
+};
+
+#define KSPAN_SEG_CLOSED 0x1  /* the connection closed: no data (the decoder ends what is open) */
+
+struct kspan_segment {
+    __u32 type;              /* KSPAN_REC_SEGMENT */
+    __u32 pid;
+    __u32 tid;
+    __u8  dir;               /* 1: this process wrote the bytes, 2: it read them */
+    __u8  proto;             /* enum kspan_proto */
+    __u8  role;              /* enum kspan_role: the traced process's end of the connection */
+    __u8  parent_kind;       /* a client's write: the parent rule that applied (enum kspan_parent_kind) */
+    __u32 flags;             /* KSPAN_FLAG_TLS, TUPLE_KNOWN, SAMPLED, AMBIGUOUS */
+    __u16 family;
+    __u16 local_port;
+    __u16 remote_port;
+    __u16 data_len;          /* valid bytes in data (<= KSPAN_SEG_DATA) */
+    __u8  local_addr[16];
+    __u8  remote_addr[16];
+    __u32 seg_flags;         /* KSPAN_SEG_* */
+    __u32 _pad;
+    __u64 conn_id;
+    __u64 start_ns;          /* a write's start; a read's data arrival */
+    __u64 end_ns;
+    __u64 len;               /* bytes transferred (more than data_len: the rest was not copied) */
+    __u64 seq;               /* segments of this connection emitted before this one */
+    /* a client's write: the trace the request joins, by the kernel's parent rules and sampling */
+    __u8  trace_id[16];
+    __u64 parent_span_id;    /* 0: a root */
+    char  data[KSPAN_SEG_DATA];
 };
 
 enum kspan_proc_event { KSPAN_PROC_EXEC = 1, KSPAN_PROC_EXIT = 2 };

@@ -13,9 +13,11 @@ from correlator import http1, red, semconv
 from correlator.clock import WallClock
 from correlator.linker import PARENT_SOURCE_ATTR, Linker, make_linker, parent_source
 from correlator.peers import PeerMatcher
+from correlator.protocol_spans import ProtocolSpans
 from correlator.records import EndReason, Exchange, MetricExchange, ParentHint, ParentKind, Role
 from correlator.routes import DEFAULT_MAX_ROUTES, OVERFLOW_ROUTE, RouteCap, route_template
 from correlator.sampling import ALWAYS_ON, SamplerConfig, keeps_remote, keeps_root
+from correlator.segments import SegmentRecord
 from correlator.spans import AttrValue, Span, SpanKind, StatusCode
 from correlator.tracecontext import clean_tracestate, parse_traceparent, traceparent_sampled
 
@@ -111,6 +113,8 @@ class Correlator:
         self._offset = clock.offset_ns
         self._stats = CorrelatorStats()
         self._linker: Linker = make_linker(cfg.id_salt, cfg.max_hold_s, cfg.max_held_spans, cfg.max_resolved)
+        # Protocols beyond HTTP/1: one decoder per connection, a span per operation.
+        self.protocols = ProtocolSpans(clock, cfg.id_salt)
         self._peers = PeerMatcher(int(cfg.peer_wait_s * 1e9), max_entries=cfg.max_held_spans)
         self._routes = semconv.RouteTable(cfg.routes)
         self._auto_routes = cfg.auto_routes
@@ -199,9 +203,15 @@ class Correlator:
         out.extend(self._linker.expire(mono_now_ns))
         return self._decide(out)
 
+    def segment(self, rec: SegmentRecord) -> list[Span]:
+        """A transfer on a connection of another protocol (Redis, PostgreSQL, MySQL, HTTP/2):
+        the spans of the operations it completed."""
+        return self.protocols.feed(rec)
+
     def flush(self) -> list[Span]:
         out = self._release_unmatched(self._peers.drain())
         out.extend(self._linker.drain())
+        out.extend(self.protocols.flush(0))
         return self._decide(out)
 
     # internals --------------------------------------------------------------------------------

@@ -36,6 +36,36 @@ class Segment:
         return len(self.data) < self.length
 
 
+# enum kspan_proto (bpf/kspan.h)
+PROTO_REDIS = 1
+PROTO_POSTGRES = 2
+PROTO_MYSQL = 3
+PROTO_HTTP2 = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRecord:
+    """A segment with what the kernel knew of its connection and, for a client's write, of the
+    trace the request joins (the same parent rules and sampling as an HTTP request)."""
+
+    seg: Segment
+    proto: int  # PROTO_*
+    client: bool  # the traced process is the connection's client end
+    closed: bool  # the connection closed: no data, the decoder ends what is open
+    seq: int  # segments of the connection the kernel emitted before this one (a gap: lost)
+    tls: bool
+    family: int
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    parent_kind: int  # correlator.records.ParentKind value
+    trace_id: bytes  # b"": no context (not a client's write)
+    parent_span_id: bytes  # b"": a root
+    sampled: bool
+    ambiguous: bool
+
+
 @dataclass(slots=True)
 class Operation:
     """One request and its response (or its failure) on a connection, from the traced process's

@@ -470,6 +470,15 @@ class Agent:
                 f = correlator.metric(mx)
                 if f is not None:
                     facts.append(f)
+            elif kind == records.REC_SEGMENT and correlator is not None:
+                try:
+                    seg = records.decode_segment(data)
+                except ValueError as e:
+                    log.debug("kspan: undecodable segment record: %s", e)
+                    self.undecodable += 1
+                    continue
+                processes.get(seg.seg.pid)
+                spans.extend(correlator.segment(seg))
             elif kind == records.REC_TCP:
                 try:
                     tcp.append(records.decode_tcp(data))
@@ -498,6 +507,7 @@ class Agent:
         counts["live_kernel_connections"] = kernel.get("live_kernel_connections", -1)
         counts["live_processes"] = processes.traced
         counts["exchanges_sampled"], counts["exchanges_unsampled"] = _sampling_counts(correlator)
+        counts.update({k: v for k, v in correlator.protocols.counters.items() if v})
         if self.undecodable:
             counts["undecodable_records"] = self.undecodable
         print("kspan: stopped; " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())), file=sys.stderr)
@@ -564,6 +574,13 @@ def replay(path: str, opts: RunOptions, env: dict[str, str] | None = None) -> in
                 fact = correlator.metric(mx)
                 if fact is not None:
                     out.red([fact])
+            elif rtype == records.REC_SEGMENT:
+                try:
+                    seg = records.decode_segment(payload)
+                except ValueError:
+                    undecodable += 1
+                    continue
+                out.spans(correlator.segment(seg))
             elif rtype == records.REC_TCP:
                 out.tcp([records.decode_tcp(payload)])
         out.spans(correlator.flush())

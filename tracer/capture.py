@@ -70,6 +70,7 @@ COUNTER_NAMES = [
     "context_options_no_room",  # requests whose context found no room in the TCP option space
     "context_options_parsed",  # contexts read from a peer's TCP option
     "context_options_malformed",  # kind-25 options that are not kspan's
+    "segments",  # transfers of other protocols (Redis, PostgreSQL, MySQL, HTTP/2) sent as segment records
 ]
 
 PROC_EXEC = 1

@@ -22,6 +22,7 @@ from correlator.records import (
     TcpEvent,
     TcpEventKind,
 )
+from correlator.segments import Segment, SegmentRecord
 
 REQ_HEAD = 512
 RESP_HEAD = 256
@@ -311,4 +312,69 @@ def decode_tcp(data: bytes) -> TcpEvent:
         remote_addr=format_addr(r.family, bytes(r.remote_addr)),
         remote_port=r.remote_port,
         value=r.value,
+    )
+
+
+REC_SEGMENT = 5
+SEG_CLOSED = 0x1
+
+
+class RawSegment(ctypes.Structure):
+    """struct kspan_segment (bpf/kspan.h): one transfer on a connection of another protocol."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("dir", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("role", ctypes.c_uint8),
+        ("parent_kind", ctypes.c_uint8),
+        ("flags", ctypes.c_uint32),
+        ("family", ctypes.c_uint16),
+        ("local_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+        ("data_len", ctypes.c_uint16),
+        ("local_addr", ctypes.c_uint8 * 16),
+        ("remote_addr", ctypes.c_uint8 * 16),
+        ("seg_flags", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("conn_id", ctypes.c_uint64),
+        ("start_ns", ctypes.c_uint64),
+        ("end_ns", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("seq", ctypes.c_uint64),
+        ("trace_id", ctypes.c_uint8 * 16),
+        ("parent_span_id", ctypes.c_uint64),
+    ]
+
+
+SEGMENT_HEADER = ctypes.sizeof(RawSegment)  # the data follows: data_len bytes
+
+
+def decode_segment(data: bytes) -> SegmentRecord:
+    """Decode one `struct kspan_segment` (its header, then data_len bytes). Raises ValueError on a
+    short or foreign record."""
+    if len(data) < SEGMENT_HEADER:
+        raise ValueError(f"segment record is {len(data)} bytes, expected at least {SEGMENT_HEADER}")
+    r = RawSegment.from_buffer_copy(data[:SEGMENT_HEADER])
+    if r.type != REC_SEGMENT:
+        raise ValueError(f"record type {r.type} is not a segment")
+    n = min(r.data_len, len(data) - SEGMENT_HEADER)
+    known = bool(r.flags & FLAG_TUPLE_KNOWN)
+    family = r.family if known else 0
+    tid = bytes(r.trace_id)
+    client_write = r.role == Role.CLIENT and r.dir == 1
+    seg = Segment(conn_id=r.conn_id, pid=r.pid, tid=r.tid, egress=r.dir == 1, start_ns=r.start_ns,
+                  end_ns=r.end_ns, length=r.len, data=bytes(data[SEGMENT_HEADER : SEGMENT_HEADER + n]))
+    return SegmentRecord(
+        seg=seg, proto=r.proto, client=r.role == Role.CLIENT, closed=bool(r.seg_flags & SEG_CLOSED), seq=r.seq,
+        tls=bool(r.flags & FLAG_TLS), family=family,
+        local_addr=format_addr(family, bytes(r.local_addr)), local_port=r.local_port if known else 0,
+        remote_addr=format_addr(family, bytes(r.remote_addr)), remote_port=r.remote_port if known else 0,
+        parent_kind=r.parent_kind if client_write else 0,
+        trace_id=tid if client_write and any(tid) else b"",
+        parent_span_id=r.parent_span_id.to_bytes(8, "big") if client_write and r.parent_span_id else b"",
+        sampled=bool(r.flags & FLAG_SAMPLED) if client_write else True,
+        ambiguous=bool(r.flags & FLAG_AMBIGUOUS),
     )

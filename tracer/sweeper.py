@@ -18,6 +18,8 @@ PHASE_IDLE = 0
 # enum kspan_phase KSPAN_PH_PREFIX: a connection holding bytes that may begin a request ("GE"), no
 # exchange in progress; its embedded record is not one (or is an earlier, already emitted one).
 PHASE_PREFIX = 4
+# KSPAN_PH_PROTO: a connection of another protocol (segments, no exchange to time out).
+PHASE_PROTO = 5
 
 _END_REASON_OFFSET = RawExchange.end_reason.offset
 _TYPE_OFFSET = RawExchange.type.offset
@@ -47,7 +49,7 @@ def stale_record(
     of a request that may never come, or is still making progress."""
     if len(value) < layout.size or len(value) < EXCHANGE_SIZE:
         return None
-    if value[layout.phase] in (PHASE_IDLE, PHASE_PREFIX):
+    if value[layout.phase] in (PHASE_IDLE, PHASE_PREFIX, PHASE_PROTO):
         return None
     last = int.from_bytes(value[layout.last_ns : layout.last_ns + 8], "little")
     if last == 0 or now_mono_ns - last < timeout_ns:

@@ -1,0 +1,233 @@
+"""The kernel's segment path for the protocols beyond HTTP/1, on the real kernel: a connection whose
+first bytes open Redis, PostgreSQL, MySQL or HTTP/2 (or that talks to their well-known port) reaches
+user space as bounded segment records, each with its direction, its true length, the first 512
+bytes, a per-connection sequence number, a record at close, and, on a client's write, the trace
+the request joins by the kernel's parent rules.
+
+The peers here are plain sockets speaking each protocol's first bytes: what is under test is the
+kernel's recognition and copy, not the protocols (the decoders have their own tests with real
+servers).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from correlator.segments import PROTO_HTTP2, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS, SegmentRecord
+from tests.support.ebpf import on_load_error, require_ebpf
+from tracer import records
+from tracer.capabilities import probe
+from tracer.capture import Capture, CaptureConfig, CaptureError
+
+pytestmark = pytest.mark.ebpf
+
+REDIS_PING = b"*1\r\n$4\r\nPING\r\n"
+PG_STARTUP = (len(b"\0\0\0\0\0\x03\0\0user\0kspan\0database\0orders\0\0")).to_bytes(4, "big") + \
+    b"\x00\x03\x00\x00user\0kspan\0database\0orders\0\0"
+MYSQL_GREETING = bytes([74, 0, 0, 0, 10]) + b"10.11.19-MariaDB\0" + b"\0" * 56
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class Segments:
+    def __init__(self) -> None:
+        require_ebpf()
+        # this process and its threads only: the kernel's pid filter
+        self.cap = Capture(CaptureConfig(pids={os.getpid()}, self_pid=0, families=[]), probe())
+        try:
+            self.cap.start()
+        except CaptureError as exc:
+            self.cap.close()
+            on_load_error(exc, "capture")
+        self.recs: list[SegmentRecord] = []
+        self.exchanges: list[records.Exchange] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for raw in self.cap.poll(20):
+                kind = records.record_type(raw)
+                with self._lock:
+                    if kind == records.REC_SEGMENT:
+                        self.recs.append(records.decode_segment(raw))
+                    elif kind == records.REC_EXCHANGE:
+                        self.exchanges.append(records.decode_exchange(raw))
+
+    def wait(self, pred: Callable[[list[SegmentRecord]], bool], timeout_s: float = 10.0) -> list[SegmentRecord]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                got = list(self.recs)
+            if pred(got):
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"segments missing: {[(r.proto, r.client, r.seg.data[:16]) for r in got]}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.cap.close()
+
+
+@pytest.fixture(scope="module")
+def segs() -> Iterator[Segments]:
+    s = Segments()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _server(first_reply: bytes | None, replies: int = 1) -> tuple[socket.socket, threading.Thread]:
+    """A loopback listener that (for MySQL) greets first, then answers each read with `OK`."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        c, _ = srv.accept()
+        with c:
+            if first_reply:
+                c.sendall(first_reply)
+            for _ in range(replies):
+                if not c.recv(65536):
+                    break
+                c.sendall(b"+OK\r\n")
+            c.recv(1)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return srv, t
+
+
+def _conversation(first: bytes | None, client_sends: list[bytes]) -> tuple[int, int]:
+    srv, t = _server(first, len(client_sends))
+    port = srv.getsockname()[1]
+    c = socket.create_connection(("127.0.0.1", port))
+    local = c.getsockname()[1]
+    if first:
+        c.recv(65536)
+    for data in client_sends:
+        c.sendall(data)
+        c.recv(65536)
+    c.close()
+    t.join(5)
+    srv.close()
+    return local, port
+
+
+def _of(recs: list[SegmentRecord], port: int) -> list[SegmentRecord]:
+    return [r for r in recs if r.local_port == port or r.remote_port == port]
+
+
+@pytest.mark.parametrize(("proto", "first", "sends"), [
+    (PROTO_REDIS, None, [REDIS_PING, REDIS_PING]),
+    (PROTO_POSTGRES, None, [PG_STARTUP, b"Q\0\0\0\x0dselect 1\0"]),
+    (PROTO_MYSQL, MYSQL_GREETING, [b"\x05\0\0\0\x03ping"]),
+    (PROTO_HTTP2, None, [H2_PREFACE + b"\0\0\0\x04\0\0\0\0\0"]),
+], ids=["redis", "postgresql", "mysql", "http2"])
+def test_first_bytes_open_a_protocol_and_every_transfer_becomes_a_segment(
+        segs: Segments, proto: int, first: bytes | None, sends: list[bytes]) -> None:
+    local, port = _conversation(first, sends)
+    transfers = len(sends) * 2 + (1 if first else 0)
+
+    def done(recs: list[SegmentRecord]) -> bool:
+        mine = _of(recs, port)
+        return sum(1 for r in mine if r.closed) >= 2 and sum(1 for r in mine if not r.closed) >= 2 * transfers
+
+    mine = _of(segs.wait(done), port)
+    client = [r for r in mine if r.local_port == local]
+    server = [r for r in mine if r.local_port == port]
+    for end, is_client in ((client, True), (server, False)):
+        data = [r for r in end if not r.closed]
+        assert len(data) == transfers, [(r.seg.egress, r.seg.data[:12]) for r in data]
+        assert {r.proto for r in end} == {proto}
+        assert all(r.client == is_client for r in end), "the end is told by the protocol's first bytes"
+        assert [r.seq for r in end] == list(range(len(end))), "one sequence per connection, a close last"
+        assert end[-1].closed and not end[-1].seg.data
+        # each end's own writes are egress; the bytes are the ones sent, in order
+        greeting = [first] if first else []
+        replies = [b"+OK\r\n"] * len(sends)
+        wrote = [r.seg.data for r in data if r.seg.egress]
+        read = [r.seg.data for r in data if not r.seg.egress]
+        assert (wrote, read) == ((sends, greeting + replies) if is_client else (greeting + replies, sends))
+        assert all(r.seg.length == len(r.seg.data) for r in data)
+
+
+def test_a_transfer_longer_than_the_copy_keeps_its_true_length(segs: Segments) -> None:
+    big = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5000\r\n" + b"v" * 5000 + b"\r\n"
+    local, port = _conversation(None, [big])
+    mine = _of(segs.wait(lambda recs: any(r.seg.length == len(big) for r in _of(recs, port))), port)
+    w = next(r for r in mine if r.seg.length == len(big) and r.local_port == local)
+    assert len(w.seg.data) == 512 and w.seg.truncated and w.seg.data == big[:512]
+
+
+def test_a_connection_to_a_well_known_port_picked_up_mid_stream(segs: Segments) -> None:
+    """No first bytes to go by (the connection began before kspan): port 6379 is the hint."""
+    try:
+        srv = socket.create_server(("127.0.0.1", 6379))
+    except OSError as e:
+        pytest.fail(f"port 6379 is busy on this machine ({e}): the hint needs it")
+    with srv:
+        c = socket.create_connection(("127.0.0.1", 6379))
+        s, _ = srv.accept()
+        local = c.getsockname()[1]
+        c.sendall(b"$5\r\nhello\r\n")  # the middle of a reply stream: not a command's first bytes
+        s.recv(100)
+        c.close()
+        s.close()
+    mine = _of(segs.wait(lambda recs: any(r.local_port == local and r.closed for r in recs)), local)
+    client = [r for r in mine if r.local_port == local]
+    assert client[0].proto == PROTO_REDIS and client[0].client and client[0].seg.data == b"$5\r\nhello\r\n"
+
+
+def test_a_client_call_from_a_thread_serving_a_request_joins_its_trace(segs: Segments) -> None:
+    """The thread rule, as for HTTP: a Redis command written by the thread serving an HTTP request
+    carries that request's trace and span as its parent."""
+    rsrv, rt = _server(None, 1)
+    rport = rsrv.getsockname()[1]
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            with socket.create_connection(("127.0.0.1", rport)) as r:
+                r.sendall(REDIS_PING)
+                r.recv(100)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    hport = httpd.server_address[1]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", hport)) as c:
+            c.sendall(b"GET /cart HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.recv(1000)
+        recs = segs.wait(lambda rs: any(r.remote_port == rport and r.seg.egress and r.trace_id for r in rs))
+        deadline = time.monotonic() + 10
+        server = None
+        while time.monotonic() < deadline and server is None:
+            with segs._lock:
+                server = next((e for e in segs.exchanges if e.local_port == hport and e.role == 2), None)
+            time.sleep(0.05)
+        assert server is not None and server.kernel_ids
+        cmd = next(r for r in recs if r.remote_port == rport and r.seg.egress)
+        assert cmd.trace_id == server.trace_id and cmd.parent_span_id == server.span_id
+        assert cmd.parent_kind == 1  # thread
+    finally:
+        httpd.shutdown()
+        rt.join(5)
+        rsrv.close()
