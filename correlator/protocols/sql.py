@@ -329,6 +329,8 @@ def _has_subquery_table(stmt: list[Token]) -> bool:
 def _collection(stmt: list[Token], op: str | None) -> str | None:
     if op is None:
         return None
+    if any(t.kind == _WORD and t.text in ("UNION", "INTERSECT", "EXCEPT") for t in stmt):
+        return None  # several queries, maybe several tables
     if op == "SELECT" or op == "DELETE":
         return _single_table_after(stmt, "FROM")
     if op in ("INSERT", "REPLACE"):
