@@ -681,25 +681,39 @@ struct kspan_tp_scan {
     __u32 at;               /* just after "traceparent:"; 0: not found */
 };
 
-/* One position of the header scan (a bpf_loop callback: the verifier checks it once, not 512
- * times). Header names are case-insensitive; OR-ing 0x20 lower-cases letters and keeps ':'. */
+/* Eight positions of the header scan per call (a bpf_loop callback: the verifier checks it once,
+ * not per position). A word with no '\n' is skipped whole, the common case. Header names are
+ * case-insensitive; OR-ing 0x20 lower-cases letters and keeps ':'. */
 static long kspan_tp_step(__u32 i, void *c)
 {
     struct kspan_tp_scan *s = c;
-    if (i >= s->limit)
+    __u32 base = i * 8;
+    if (base >= s->limit)
         return 1;
     struct kspan_conn *st = s->st;
-    __u32 j = i & (KSPAN_REQ_HEAD - 1);
-    if (st->ex.req_head[j] != '\n')
-        return 0;
+    __u32 j = base & (KSPAN_REQ_HEAD - 1);
     __u64 w = 0;
-    __u32 w2 = 0;
-    __builtin_memcpy(&w, &st->ex.req_head[j + 1], 8);
-    __builtin_memcpy(&w2, &st->ex.req_head[j + 9], 4);
-    if ((w | 0x2020202020202020ULL) != KSPAN_W_TRACEPAR || (w2 | 0x20202020U) != KSPAN_W_ENT_)
+    __builtin_memcpy(&w, &st->ex.req_head[j], 8);
+    __u64 v = w ^ 0x0a0a0a0a0a0a0a0aULL;
+    if (!((v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL))
         return 0;
-    s->at = j + 13;
-    return 1;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        if (((w >> (8 * k)) & 0xff) != '\n')
+            continue;
+        __u32 p = (j + k) & (KSPAN_REQ_HEAD - 1);
+        if (p >= s->limit)
+            return 1;
+        __u64 x = 0;
+        __u32 x2 = 0;
+        __builtin_memcpy(&x, &st->ex.req_head[p + 1], 8);
+        __builtin_memcpy(&x2, &st->ex.req_head[p + 9], 4);
+        if ((x | 0x2020202020202020ULL) == KSPAN_W_TRACEPAR && (x2 | 0x20202020U) == KSPAN_W_ENT_) {
+            s->at = p + 13;
+            return 1;
+        }
+    }
+    return 0;
 }
 
 static __always_inline int kspan_hex(__u8 c)
@@ -722,7 +736,7 @@ static __always_inline int kspan_traceparent(struct kspan_conn *st, __u8 *tid, _
     if (len < 13 + KSPAN_TP_LEN + 1)
         return 0;
     struct kspan_tp_scan scan = {.st = st, .limit = len - 13 - KSPAN_TP_LEN, .at = 0};
-    bpf_loop(KSPAN_REQ_HEAD, kspan_tp_step, &scan, 0);
+    bpf_loop(KSPAN_REQ_HEAD / 8, kspan_tp_step, &scan, 0);
     __u32 p = scan.at;
     if (!p)
         return 0;
