@@ -675,25 +675,30 @@ static __always_inline __u32 kspan_remote_sampled(const __u8 *tid, __u32 w3c_fla
 #define KSPAN_W_ENT_ 0x3a746e65U               /* "ent:" */
 #define KSPAN_TP_LEN 55                        /* "00-" 32 hex "-" 16 hex "-" 2 hex */
 
-struct kspan_tp_scan {
-    struct kspan_conn *st;
+struct kspan_hdr_scan {
+    const char *b;          /* map memory: a request head, KSPAN_REQ_HEAD bytes and room after */
     __u32 limit;            /* positions of '\n' worth looking at: [0, limit) */
-    __u32 at;               /* just after "traceparent:"; 0: not found */
+    __u32 at;               /* just after the name's ':'; 0: not found */
+    __u64 w1;               /* the name's first 8 bytes, lower case */
+    __u64 w2;               /* its next bytes up to and with ':', lower case */
+    __u64 m2;               /* the bytes of w2 that count */
+    __u32 name_len;         /* bytes of the name and ':' (9 to 16) */
+    __u32 _pad;
 };
 
-/* Eight positions of the header scan per call (a bpf_loop callback: the verifier checks it once,
+/* Eight positions of a header scan per call (a bpf_loop callback: the verifier checks it once,
  * not per position). A word with no '\n' is skipped whole, the common case. Header names are
- * case-insensitive; OR-ing 0x20 lower-cases letters and keeps ':'. */
-static long kspan_tp_step(__u32 i, void *c)
+ * case-insensitive; OR-ing 0x20 lower-cases letters and keeps '-' and ':'. */
+static long kspan_hdr_step(__u32 i, void *c)
 {
-    struct kspan_tp_scan *s = c;
+    struct kspan_hdr_scan *s = c;
     __u32 base = i * 8;
     if (base >= s->limit)
         return 1;
-    struct kspan_conn *st = s->st;
+    const char *b = s->b;
     __u32 j = base & (KSPAN_REQ_HEAD - 1);
     __u64 w = 0;
-    __builtin_memcpy(&w, &st->ex.req_head[j], 8);
+    __builtin_memcpy(&w, &b[j], 8);
     __u64 v = w ^ 0x0a0a0a0a0a0a0a0aULL;
     if (!((v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL))
         return 0;
@@ -704,17 +709,45 @@ static long kspan_tp_step(__u32 i, void *c)
         __u32 p = (j + k) & (KSPAN_REQ_HEAD - 1);
         if (p >= s->limit)
             return 1;
-        __u64 x = 0;
-        __u32 x2 = 0;
-        __builtin_memcpy(&x, &st->ex.req_head[p + 1], 8);
-        __builtin_memcpy(&x2, &st->ex.req_head[p + 9], 4);
-        if ((x | 0x2020202020202020ULL) == KSPAN_W_TRACEPAR && (x2 | 0x20202020U) == KSPAN_W_ENT_) {
-            s->at = p + 13;
+        __u64 x = 0, x2 = 0;
+        __builtin_memcpy(&x, &b[p + 1], 8);
+        __builtin_memcpy(&x2, &b[p + 9], 8);
+        if ((x | 0x2020202020202020ULL) == s->w1 && ((x2 | 0x2020202020202020ULL) & s->m2) == s->w2) {
+            s->at = p + 1 + s->name_len;
             return 1;
         }
     }
     return 0;
 }
+
+/* Where the value of a header starts in the head at b (len bytes, `room` of them needed after
+ * the name), past optional whitespace; 0: the header is not there. */
+static __always_inline __u32 kspan_find_header(const char *b, __u32 len, __u64 w1, __u64 w2, __u64 m2,
+                                               __u32 name_len, __u32 room)
+{
+    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return 0;  /* before 5.17: user space reads headers from the head */
+    if (len > KSPAN_REQ_HEAD)
+        len = KSPAN_REQ_HEAD;
+    if (len < 1 + name_len + room)
+        return 0;
+    struct kspan_hdr_scan scan = {.b = b, .limit = len - name_len - room, .w1 = w1, .w2 = w2, .m2 = m2,
+                                  .name_len = name_len};
+    bpf_loop(KSPAN_REQ_HEAD / 8, kspan_hdr_step, &scan, 0);
+    __u32 p = scan.at;
+    if (!p)
+        return 0;
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+        __u8 ch = b[p & (KSPAN_REQ_HEAD - 1)];
+        if (ch == ' ' || ch == '\t')
+            p++;
+    }
+    return p;
+}
+
+#define KSPAN_W_X_REQUES 0x7365757165722d78ULL /* "x-reques" */
+#define KSPAN_W_T_ID_ 0x3a64692d74ULL          /* "t-id:" */
 
 static __always_inline int kspan_hex(__u8 c)
 {
@@ -728,25 +761,13 @@ static __always_inline int kspan_hex(__u8 c)
 /* A valid W3C traceparent in the request head: its trace id, parent span id and flags. */
 static __always_inline int kspan_traceparent(struct kspan_conn *st, __u8 *tid, __u64 *sid, __u32 *fl)
 {
-    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
-        return 0;  /* before 5.17: user space reads it from the head (the span's attributes) */
     __u32 len = st->ex.req_head_len;
     if (len > KSPAN_REQ_HEAD)
         len = KSPAN_REQ_HEAD;
-    if (len < 13 + KSPAN_TP_LEN + 1)
-        return 0;
-    struct kspan_tp_scan scan = {.st = st, .limit = len - 13 - KSPAN_TP_LEN, .at = 0};
-    bpf_loop(KSPAN_REQ_HEAD / 8, kspan_tp_step, &scan, 0);
-    __u32 p = scan.at;
+    __u32 p = kspan_find_header(st->ex.req_head, len, KSPAN_W_TRACEPAR, KSPAN_W_ENT_, 0xffffffffULL, 12,
+                                KSPAN_TP_LEN);
     if (!p)
         return 0;
-    /* optional whitespace after the colon */
-#pragma unroll
-    for (int k = 0; k < 2; k++) {
-        __u8 c = st->ex.req_head[p & (KSPAN_REQ_HEAD - 1)];
-        if (c == ' ' || c == '\t')
-            p++;
-    }
     if (p + KSPAN_TP_LEN > len)
         return 0;
     const char *h = st->ex.req_head;
@@ -849,23 +870,30 @@ __attribute__((noinline)) int kspan_fix_server(__u64 conn_id, __u64 req_start_ns
  * A thread serving several requests at once cannot say which one a call it makes belongs to.
  * Its call is linked only on evidence naming one of them: a proxy forwarding the request line
  * ("GET /orders?id=42") of exactly one request the thread is serving. */
-#define KSPAN_SERVING_SLOTS 16
+#define KSPAN_SERVING_SLOTS 64  /* requests in flight per thread that can be named (a power of 2) */
 #define KSPAN_LINE_MAX 128
 
 struct kspan_serving_slot {
     __u64 conn_id;          /* 0: free */
     __u64 req_start_ns;
     __u64 line;             /* FNV-1a of the request's method and target */
+    __u64 rid;              /* FNV-1a of its X-Request-ID; 0: none */
 };
 struct kspan_serving {
     struct kspan_serving_slot slot[KSPAN_SERVING_SLOTS];
 };
 struct {
     __uint(type, BPF_MAP_TYPE_LRU_HASH);
-    __uint(max_entries, 4096);
+    __uint(max_entries, 2048);
     __type(key, __u64);
     __type(value, struct kspan_serving);
 } thread_serving SEC(".maps"); /* pid_tgid -> the server requests in flight on the thread */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_serving);
+} kspan_serving_zero SEC(".maps"); /* never written: a new thread's empty slots (too big for the stack) */
 
 struct kspan_line_buf {
     char b[KSPAN_LINE_MAX + 8];
@@ -881,11 +909,13 @@ struct {
  * out, a proxy may speak another one upstream. 0 when the line does not end within the window:
  * no evidence from a cut line. */
 struct kspan_hash_scan {
-    const char *b;          /* map memory: a head or the per-CPU line buffer */
+    const char *b;          /* map memory: a head or the per-CPU head buffer */
     __u32 n;
     __u32 spaces;
     __u64 h;
     __u64 out;
+    __u32 value;            /* a header value: hash to the line's end, spaces included */
+    __u32 _pad;
 };
 
 /* One byte of the hash (a bpf_loop callback, verified once rather than per byte). */
@@ -896,10 +926,10 @@ static long kspan_hash_step(__u32 i, void *c)
         return 1;
     __u8 ch = x->b[i & (KSPAN_LINE_MAX - 1)];
     if (ch == '\r' || ch == '\n') {
-        x->out = x->spaces ? x->h : 0;
+        x->out = x->spaces || x->value ? x->h : 0;
         return 1;
     }
-    if (ch == ' ' && ++x->spaces == 2) {
+    if (!x->value && ch == ' ' && ++x->spaces == 2) {
         x->out = x->h;
         return 1;
     }
@@ -916,14 +946,33 @@ static __always_inline __u64 kspan_line_hash(const char *b, __u32 n)
     return x.out;
 }
 
+/* FNV-1a of the X-Request-ID header's value in the head at b (len bytes); 0: none. An id a proxy
+ * or framework forwards on the calls it makes for a request names that request. */
+static __always_inline __u64 kspan_rid_hash(const char *b, __u32 len)
+{
+    __u32 p = kspan_find_header(b, len, KSPAN_W_X_REQUES, KSPAN_W_T_ID_, 0xffffffffffULL, 13, 4);
+    if (!p)
+        return 0;
+    p &= KSPAN_REQ_HEAD - 1;
+    __u32 n = len > p ? len - p : 0;
+    if (n > KSPAN_LINE_MAX)
+        n = KSPAN_LINE_MAX;
+    struct kspan_hash_scan x = {.b = b + p, .n = n, .h = 0xcbf29ce484222325ULL, .value = 1};
+    bpf_loop(KSPAN_LINE_MAX, kspan_hash_step, &x, 0);
+    return x.out;
+}
+
 /* Walks over a thread's slots, as bpf_loop callbacks: a loop's body is verified once, where an
  * open-coded loop over 16 slots multiplied the states of every program calling it. */
 struct kspan_slot_scan {
     struct kspan_serving *sv;
     __u64 conn_id;
     __u64 line;
+    __u64 rid;
     __s32 found;            /* slot index; -1 none */
     __u32 matches;
+    __s32 rfound;           /* by X-Request-ID */
+    __u32 rmatches;
 };
 
 static long kspan_slot_free_step(__u32 i, void *c)
@@ -941,9 +990,13 @@ static long kspan_slot_line_step(__u32 i, void *c)
 {
     struct kspan_slot_scan *x = c;
     struct kspan_serving_slot *sl = &x->sv->slot[i & (KSPAN_SERVING_SLOTS - 1)];
-    if (sl->conn_id && sl->line == x->line) {
+    if (sl->conn_id && x->line && sl->line == x->line) {
         x->found = i & (KSPAN_SERVING_SLOTS - 1);
         x->matches++;
+    }
+    if (sl->conn_id && x->rid && sl->rid == x->rid) {
+        x->rfound = i & (KSPAN_SERVING_SLOTS - 1);
+        x->rmatches++;
     }
     return 0;
 }
@@ -973,8 +1026,11 @@ __attribute__((noinline)) int kspan_serving_add(__u64 conn_id, __u64 pid_tgid)
     __u64 line = kspan_line_hash(st->ex.req_head, n);
     struct kspan_serving *sv = bpf_map_lookup_elem(&thread_serving, &pid_tgid);
     if (!sv) {
-        struct kspan_serving empty = {};
-        bpf_map_update_elem(&thread_serving, &pid_tgid, &empty, BPF_NOEXIST);
+        int z = 0;
+        struct kspan_serving *empty = bpf_map_lookup_elem(&kspan_serving_zero, &z);
+        if (!empty)
+            return 0;
+        bpf_map_update_elem(&thread_serving, &pid_tgid, empty, BPF_NOEXIST);
         sv = bpf_map_lookup_elem(&thread_serving, &pid_tgid);
         if (!sv)
             return 0;
@@ -987,6 +1043,7 @@ __attribute__((noinline)) int kspan_serving_add(__u64 conn_id, __u64 pid_tgid)
     sl->conn_id = conn_id;
     sl->req_start_ns = st->ex.req_start_ns;
     sl->line = line;
+    sl->rid = kspan_rid_hash(st->ex.req_head, st->ex.req_head_len);
     return 1;
 }
 
@@ -1003,39 +1060,62 @@ __attribute__((noinline)) int kspan_serving_del(__u64 conn_id, __u64 pid_tgid)
     return 1;
 }
 
-/* The one request thread pid_tgid serves whose request line is `line`; 0 when none or several. */
-static __always_inline struct kspan_serving_slot *kspan_evidence(__u64 pid_tgid, __u64 line)
+/* The one request thread pid_tgid serves that the client request's evidence names: the same
+ * X-Request-ID (rid), else the same request line; 0 when none or several. */
+static __always_inline struct kspan_serving_slot *kspan_evidence(__u64 pid_tgid, __u64 line, __u64 rid)
 {
-    if (!line || !bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+    if ((!line && !rid) || !bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
         return 0;
     struct kspan_serving *sv = bpf_map_lookup_elem(&thread_serving, &pid_tgid);
     if (!sv)
         return 0;
-    struct kspan_slot_scan x = {.sv = sv, .line = line, .found = -1};
+    struct kspan_slot_scan x = {.sv = sv, .line = line, .rid = rid, .found = -1, .rfound = -1};
     bpf_loop(KSPAN_SERVING_SLOTS, kspan_slot_line_step, &x, 0);
-    if (x.matches != 1 || x.found < 0)
-        return 0;
-    return &sv->slot[x.found & (KSPAN_SERVING_SLOTS - 1)];
+    if (x.rmatches == 1 && x.rfound >= 0)
+        return &sv->slot[x.rfound & (KSPAN_SERVING_SLOTS - 1)];
+    if (x.matches == 1 && x.found >= 0)
+        return &sv->slot[x.found & (KSPAN_SERVING_SLOTS - 1)];
+    return 0;
 }
 
-/* The request line hash of a client request: from its user buffer at the write's entry, else
- * from the head the state machine holds. */
-static __always_inline __u64 kspan_client_line(__u64 sk, __u64 buf)
+struct kspan_head_buf {
+    char b[KSPAN_REQ_HEAD + KSPAN_LINE_MAX + 32]; /* a head, and the room the scans read past it */
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_head_buf);
+} kspan_headbuf SEC(".maps");
+
+/* A client request's evidence (request line and X-Request-ID hashes): from its user buffer at
+ * the write's entry, else from the head the state machine holds. */
+static __always_inline void kspan_client_keys(__u64 sk, __u64 buf, __u64 *line, __u64 *rid)
 {
+    const char *b = 0;
+    __u32 n = 0;
     if (buf) {
         __u32 z = 0;
-        struct kspan_line_buf *lb = bpf_map_lookup_elem(&kspan_line, &z);
-        if (!lb || bpf_probe_read_user(lb->b, KSPAN_LINE_MAX, (const void *)buf) != 0)
-            return 0;
-        return kspan_line_hash(lb->b, KSPAN_LINE_MAX);
+        struct kspan_head_buf *hb = bpf_map_lookup_elem(&kspan_headbuf, &z);
+        if (!hb)
+            return;
+        /* a short write near the end of its mapping may not have KSPAN_REQ_HEAD readable bytes */
+        if (bpf_probe_read_user(hb->b, KSPAN_REQ_HEAD, (const void *)buf) == 0)
+            n = KSPAN_REQ_HEAD;
+        else if (bpf_probe_read_user(hb->b, KSPAN_LINE_MAX, (const void *)buf) == 0)
+            n = KSPAN_LINE_MAX;
+        b = hb->b;
+    } else {
+        struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
+        if (!st)
+            return;
+        n = st->ex.req_head_len;
+        b = st->ex.req_head;
     }
-    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
-    if (!st)
-        return 0;
-    __u32 n = st->ex.req_head_len;
-    if (n > KSPAN_LINE_MAX)
-        n = KSPAN_LINE_MAX;
-    return kspan_line_hash(st->ex.req_head, n);
+    if (!n || !b)
+        return;
+    *line = kspan_line_hash(b, n > KSPAN_LINE_MAX ? KSPAN_LINE_MAX : n);
+    *rid = kspan_rid_hash(b, n);
 }
 
 /* A client request's identity, decided when it starts: at the write's entry where a probe sees
@@ -1089,7 +1169,9 @@ static __always_inline void kspan_client_decide(struct kspan_client_id *id, __u6
             id->parent_req_start_ns = t->req_start_ns;
             id->parent_pid = pid;
         } else {
-            struct kspan_serving_slot *ev = kspan_evidence(pid_tgid, kspan_client_line(sk, buf));
+            __u64 line = 0, rid = 0;
+            kspan_client_keys(sk, buf, &line, &rid);
+            struct kspan_serving_slot *ev = kspan_evidence(pid_tgid, line, rid);
             if (ev) {
                 id->parent_kind = KSPAN_PARENT_EVIDENCE;
                 id->parent_conn_id = ev->conn_id;

@@ -45,6 +45,12 @@ NODE_SERVER = textwrap.dedent("""
     }).listen(port, "127.0.0.1", () => console.log("listening"));
 """)
 
+# The same service, forwarding each request's X-Request-ID on its downstream call (as request-id
+# middleware and proxies do): that evidence names the request the call belongs to.
+NODE_RID_SERVER = NODE_SERVER.replace(
+    'path: "/slow?ms=30&id=" + id, agent }',
+    'path: "/slow?ms=30&id=" + id, agent, headers: { "x-request-id": req.headers["x-request-id"] } }')
+
 AIOHTTP_SERVER = textwrap.dedent("""
     import sys
     from aiohttp import ClientSession, TCPConnector, web
@@ -145,15 +151,17 @@ def _id_of(span: dict[str, Any]) -> str | None:
 
 
 def _drive(port: int, path: str, n: int, echoes_id: bool = True) -> None:
-    """n requests at once, each on its own connection, each with a unique id (which the service
-    echoes back, unless it is a proxy)."""
+    """n requests at once, each on its own connection, each with a unique id in its query and its
+    X-Request-ID (which the service echoes back, unless it is a proxy)."""
     errors: list[BaseException] = []
     start = threading.Barrier(n)
 
     def one(i: int) -> None:
         try:
             start.wait(10)
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}?id=r{i}", timeout=20) as r:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}?id=r{i}",
+                                         headers={"X-Request-ID": f"rid-{i:04d}-kspan"})
+            with urllib.request.urlopen(req, timeout=20) as r:
                 body = r.read()
                 assert r.status == 200 and (not echoes_id or body.endswith(f"r{i}".encode())), body
         except BaseException as e:  # noqa: BLE001 - reported below
@@ -245,6 +253,18 @@ def test_node_event_loop_never_gets_a_wrong_parent(tmp_path: Path, receiver: Otl
         fail_or_skip("Node.js is not installed (apt-get install nodejs)")
     counts, ambiguous = _script_case(tmp_path, receiver, node, "server.js", NODE_SERVER, want_full_linking=False)
     assert counts["unlinked"] > 0 and ambiguous > 0, "24 requests at once on one thread: ambiguity is expected"
+
+
+def test_node_forwarding_x_request_id_links_by_evidence(tmp_path: Path, receiver: OtlpReceiver) -> None:
+    """The event loop forwards each request's X-Request-ID downstream: every call is linked to its
+    own request, by evidence."""
+    require_ebpf()
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        fail_or_skip("Node.js is not installed (apt-get install nodejs)")
+    assert NODE_RID_SERVER != NODE_SERVER
+    counts, _ = _script_case(tmp_path, receiver, node, "rid_server.js", NODE_RID_SERVER, want_full_linking=True)
+    assert counts["evidence"] > 0, counts
 
 
 def test_asyncio_event_loop_never_gets_a_wrong_parent(tmp_path: Path, receiver: OtlpReceiver) -> None:
