@@ -239,6 +239,11 @@ class MySQLDecoder:
     def close(self, now_ns: int) -> list[Operation]:
         out: list[Operation] = []
         try:
+            for frames in self._frames.values():
+                if frames.buf:  # a message cut mid-frame by the connection's end
+                    self._count("cut_at_close")
+                    self._count("cut_at_close_bytes", len(frames.buf))
+                    frames.buf.clear()
             while self._pending:
                 cmd = self._pending.popleft()
                 if cmd.kind != "other":

@@ -94,9 +94,11 @@ class _Frames:
         self.answer = False  # the next byte is the answer to an SSL/GSS encryption request
         self.allowed: frozenset[int] = _ANY
         self.dead = False  # encrypted from here on: nothing decodable
+        self.losses = 0
         self.quiet = False  # the resync about to run is a first segment's check, not a loss
 
     def _lose(self, why: str) -> None:
+        self.losses += 1
         self.c[why] = self.c.get(why, 0) + 1
         self.buf.clear()
         self.skip = 0
@@ -104,13 +106,14 @@ class _Frames:
         self.untyped = False
         self.answer = False
 
-    def _chain_ok(self, data: bytes, total: int) -> bool:
+    def _chain_ok(self, data: bytes, total: int, at_start: bool) -> bool:
         """Does a run of well-formed messages start at data[0] and reach the end of the copy?
-        `total` is how many bytes the transfer had from there (the copy may be shorter)."""
+        `total` is how many bytes the transfer had from there (the copy may be shorter). At the
+        segment's start one message continuing in the next segment is enough."""
         pos, whole = 0, 0
         while pos < len(data):
             if len(data) - pos < 5:
-                return whole > 0 and total > len(data)
+                return (whole > 0 or at_start) and total > len(data) or (whole > 0 and total == len(data))
             t = data[pos]
             (length,) = struct.unpack_from(">I", data, pos + 1)
             if t not in self.allowed or length < 4 or length > MAX_MESSAGE:
@@ -119,7 +122,7 @@ class _Frames:
             if not _fixed_len_ok(t, length, body):
                 return False
             if pos + 1 + length > len(data):
-                return pos + 1 + length <= total or whole > 0
+                return pos + 1 + length <= total or whole > 0 or at_start
             whole += 1
             pos += 1 + length
         return whole > 0
@@ -127,7 +130,7 @@ class _Frames:
     def _resync(self, seg: Segment, data: bytes) -> bytes | None:
         total = seg.length - (len(seg.data) - len(data))
         for k in range(len(data)):
-            if self._chain_ok(data[k:], total - k):
+            if self._chain_ok(data[k:], total - k, k == 0):
                 if k:
                     self.c["resync_skipped_bytes"] = self.c.get("resync_skipped_bytes", 0) + k
                 if k or not self.quiet:  # a first segment that starts on a message is no resync
@@ -155,6 +158,11 @@ class _Frames:
             if not data and gap <= 0:
                 return out
         if self.first and data:
+            if len(self.buf) + len(data) < 8 and gap <= 0:
+                self.buf += data  # too short to tell a startup message yet
+                return out
+            data = bytes(self.buf) + data
+            self.buf.clear()
             self.first = False
             if not self._looks_startup(data):
                 self.untyped = False
@@ -292,8 +300,11 @@ class PostgresDecoder:
             frames = self._frames[seg.egress]
             if self._front_egress is not None:
                 frames.allowed = FRONTEND if seg.egress == self._front_egress else BACKEND
+            losses = frames.losses
             for msg in frames.push(seg):
                 self._message(seg.egress, msg, out)
+            if frames.losses != losses and seg.egress == self._front_egress:
+                self._infer_after_gap(seg)
             if frames.synced is False and self._front_egress is not None and seg.egress != self._front_egress:
                 self._responses_lost(seg, out)
         except Exception:  # noqa: BLE001 - a decoder never raises; the segment is counted
@@ -303,6 +314,11 @@ class PostgresDecoder:
     def close(self, now_ns: int) -> list[Operation]:
         out: list[Operation] = []
         try:
+            for frames in self._frames.values():
+                if frames.buf:  # a message cut mid-frame by the connection's end
+                    self._count("cut_at_close")
+                    self._count("cut_at_close_bytes", len(frames.buf))
+                    frames.buf.clear()
             while self._pending:
                 item = self._pending.popleft()
                 if item.op is not None:
@@ -393,6 +409,21 @@ class PostgresDecoder:
             self._count("function_calls")  # the fast-path interface: no SQL text to report
             self._push(_Item("close"))  # answered by one FunctionCallResponse ('V')
         # 'H' flush, 'X' terminate, 'd'/'c'/'f' COPY data: nothing to answer or report
+
+    def _infer_after_gap(self, seg: Segment) -> None:
+        """The frontend's copy ended inside a Parse or Bind whose transfer went on past it: drivers
+        send Parse, Bind, Describe, Execute and Sync in one write, so the rest is taken as sent
+        (the server's answers then match). Counted, since it is an inference."""
+        last = self._pending[-1] if self._pending else None
+        if last is None or last.kind not in ("parse", "bind"):
+            return
+        text = last.text if last.kind == "parse" else self._portals.get("")
+        if last.kind == "parse":
+            self._portals[""] = text
+            self._push(_Item("bind"))
+        self._push(_Item("execute", self._new_op(text, seg, True)))
+        self._push(_Item("sync"))
+        self._count("inferred_executes")
 
     def _startup(self, body: bytes) -> None:
         if len(body) < 4:
