@@ -1,0 +1,585 @@
+"""HTTP/2 and gRPC decoding (correlator/protocols/http2.py) on real traffic recorded by
+tests/support/relay.py: a grpcio server and client over h2c, curl --http2-prior-knowledge against
+nginx, curl's `Upgrade: h2c` against an h2 (hyper-h2) server; both ends' views, cut to 512 bytes
+per transfer like the kernel's copy. Plus bad input and a property test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from correlator.protocols.http2 import PREFACE, Http2Decoder
+from correlator.segments import Operation, Segment
+from tests.support.agent import free_port
+from tests.support.relay import Relay, relaying
+from tests.support.tls import wait_port
+
+SECRET = "sekrit-42"
+SERVICE = "kspan.test.Echo"
+
+
+def decode(segs: list[Segment]) -> tuple[list[Operation], dict[str, int]]:
+    d = Http2Decoder()
+    ops: list[Operation] = []
+    for s in segs:
+        ops += d.feed(s)
+    ops += d.close(segs[-1].end_ns if segs else 0)
+    return ops, d.counters
+
+
+def assert_no_secret(ops: list[Operation]) -> None:
+    for op in ops:
+        text = repr((op.name, op.attributes, op.error, op.error_message))
+        assert SECRET not in text, text
+
+
+def views(r: Relay, full: bool = False) -> dict[str, list[list[Segment]]]:
+    time.sleep(0.2)  # the relay's last chunks
+    return {
+        "client": [s for _, s in sorted(r.client_segments(full).items())],
+        "server": [s for _, s in sorted(r.server_segments(full).items())],
+    }
+
+
+# -- gRPC -------------------------------------------------------------------------------------
+
+def _unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+    if request == b"missing":
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no record for {SECRET}")
+    return b"pong:" + request
+
+
+def _stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    n = int(request or b"3")
+    for i in range(n):
+        if i:
+            time.sleep(0.02)  # one write per message, mostly one read too (see the status check)
+        yield bytes([65 + i % 26]) * 3000
+
+
+@pytest.fixture(scope="module")
+def grpc_port() -> Iterator[int]:
+    handler = grpc.method_handlers_generic_handler(SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(_unary),
+        "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+    })  # fmt: skip
+    server = grpc.server(ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    assert port, "the grpcio server could not bind a loopback port"
+    server.start()
+    yield port
+    server.stop(0)
+
+
+METADATA = (("authorization", f"Bearer {SECRET}"), ("x-api-key", SECRET), ("cookie", f"sid={SECRET}"))
+
+
+def _channel(port: int) -> grpc.Channel:
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.enable_http_proxy", 0)])
+
+
+def test_grpc_unary_streaming_and_errors_both_views(grpc_port: int) -> None:
+    with relaying(("127.0.0.1", grpc_port)) as r:
+        with _channel(r.port) as ch:
+            unary = ch.unary_unary(f"/{SERVICE}/Unary")
+            stream = ch.unary_stream(f"/{SERVICE}/Stream")
+            nope = ch.unary_unary(f"/{SERVICE}/Nope")
+            assert unary(b"ping", metadata=METADATA, timeout=10) == b"pong:ping"
+            assert len(list(stream(b"3", metadata=METADATA, timeout=10))) == 3
+            with pytest.raises(grpc.RpcError) as e1:
+                unary(b"missing", metadata=METADATA, timeout=10)
+            assert e1.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as e2:
+                nope(b"x", metadata=METADATA, timeout=10)
+            assert e2.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert unary(b"again", metadata=METADATA, timeout=10) == b"pong:again"
+        v = views(r)
+    for view, conns in v.items():
+        assert len(conns) == 1
+        ops, counters = decode(conns[0])
+        assert [op.name for op in ops] == [f"{SERVICE}/Unary", f"{SERVICE}/Stream", f"{SERVICE}/Unary",
+                                           f"{SERVICE}/Nope", f"{SERVICE}/Unary"], (view, ops)  # fmt: skip
+        assert all(op.protocol == "grpc" and op.client == (view == "client") for op in ops)
+        # A read that gathered two of the 3000-byte messages has a gap over a frame header: that
+        # direction's framing and HPACK table are lost until a verified boundary, and a trailer
+        # decoded after it may refer to an entry the table lost. Such a status is missing, never
+        # wrong, and each one is counted.
+        statuses = [op.attributes.get("rpc.grpc.status_code") for op in ops]
+        want = [0, 0, 5, 12, 0]
+        for got, exp in zip(statuses, want, strict=True):
+            assert got in (exp, None)
+        missing = statuses.count(None)
+        assert missing == counters.get("grpc_status_unknown", 0), (view, statuses, counters)
+        if missing:
+            assert counters["sync_lost"] >= 1 and counters["hpack_table_lost"] >= 1
+        errors = [None, None, "NOT_FOUND", "UNIMPLEMENTED", None]
+        want_errors = [e if got is not None else None for e, got in zip(errors, statuses, strict=True)]
+        assert [op.error for op in ops] == want_errors
+        for op in ops:
+            assert op.attributes["rpc.system"] == "grpc" and op.attributes["rpc.service"] == SERVICE
+            assert op.start_ns <= op.end_ns
+        assert ops[1].attributes["rpc.method"] == "Stream"
+        assert ops[0].end_ns <= ops[1].start_ns  # sequential calls, in order
+        assert_no_secret(ops)
+        # The 3000-byte messages were cut at 512 bytes and stepped over by their frames' lengths.
+        assert counters.get("gap_bytes_stepped", 0) > 3 * 2000, counters
+        for bad in ("hpack_errors", "decoder_errors", "requests_undecoded", "responses_without_request"):
+            assert bad not in counters, (view, counters)
+        if "sync_lost" not in counters:
+            assert "bytes_unsynced" not in counters and "header_fields_unknown" not in counters
+
+
+def test_grpc_cancel_is_rst_stream(grpc_port: int) -> None:
+    with relaying(("127.0.0.1", grpc_port)) as r:
+        with _channel(r.port) as ch:
+            it = ch.unary_stream(f"/{SERVICE}/Stream")(b"1000", timeout=10)
+            next(it)
+            it.cancel()
+            assert ch.unary_unary(f"/{SERVICE}/Unary")(b"after", timeout=10) == b"pong:after"
+        v = views(r)
+    for view, conns in v.items():
+        ops, counters = decode(conns[0])
+        assert [op.name for op in ops] == [f"{SERVICE}/Stream", f"{SERVICE}/Unary"], (view, ops, counters)
+        assert ops[0].error == "CANCEL" and "RST_STREAM CANCEL from the client" == ops[0].error_message
+        assert "rpc.grpc.status_code" not in ops[0].attributes
+        assert ops[1].error is None and ops[1].attributes["rpc.grpc.status_code"] == 0
+
+
+def test_grpc_big_metadata_cut_short_loses_the_table_counted(grpc_port: int) -> None:
+    # A 2 KB metadata value makes the request's HEADERS frame longer than the kernel's 512-byte
+    # copy: that block's fields and its table insertions are lost. Later blocks decode what is
+    # certain (static and literal fields), and nothing of the values leaks.
+    big = (("x-blob", SECRET * 250),)
+    with relaying(("127.0.0.1", grpc_port)) as r:
+        with _channel(r.port) as ch:
+            unary = ch.unary_unary(f"/{SERVICE}/Unary")
+            assert unary(b"one", timeout=10) == b"pong:one"
+            assert unary(b"two", metadata=big, timeout=10) == b"pong:two"
+            assert ch.unary_unary(f"/{SERVICE}/Other")is not None
+            with pytest.raises(grpc.RpcError):
+                ch.unary_unary(f"/{SERVICE}/Other")(b"three", timeout=10)
+        v = views(r)
+        full = views(r, full=True)
+    client_ops, counters = decode(v["client"][0])
+    assert len(client_ops) == 3
+    assert client_ops[0].name == f"{SERVICE}/Unary" and client_ops[0].error is None
+    # The cut request: an operation with what is known, its response's (gRPC, status 0).
+    assert client_ops[1].name == "grpc" and client_ops[1].error is None
+    assert client_ops[1].attributes == {"rpc.system": "grpc", "rpc.grpc.status_code": 0}
+    assert counters["header_blocks_truncated"] == 1 and counters["hpack_table_lost"] == 1
+    assert counters["requests_undecoded"] == 1
+    # The third call's new :path is a literal: decoded; its indexed fields are counted unknown.
+    assert "/Other" in repr(client_ops[2].attributes) or client_ops[2].name.endswith("/Other")
+    assert counters["header_fields_unknown"] > 0
+    assert_no_secret(client_ops)
+    # The same traffic uncut decodes completely.
+    ops_full, counters_full = decode(full["client"][0])
+    assert [op.name for op in ops_full] == [f"{SERVICE}/Unary", f"{SERVICE}/Unary", f"{SERVICE}/Other"]
+    assert "header_blocks_truncated" not in counters_full
+    assert_no_secret(ops_full)
+
+
+def test_grpc_connection_picked_up_mid_stream(grpc_port: int) -> None:
+    with relaying(("127.0.0.1", grpc_port)) as r:
+        with _channel(r.port) as ch:
+            unary = ch.unary_unary(f"/{SERVICE}/Unary")
+            assert unary(b"before", timeout=10) == b"pong:before"
+            time.sleep(0.2)
+            mark = len(r.chunks)
+            assert len(list(ch.unary_stream(f"/{SERVICE}/Stream")(b"2", timeout=10))) == 2
+            assert unary(b"after", timeout=10) == b"pong:after"
+        v = views(r)
+    for view, conns in v.items():
+        segs = conns[0]
+        ops, counters = decode(segs[mark:])
+        assert counters["midstream_pickups"] == 1
+        assert counters.get("resyncs", 0) >= 1
+        assert not segs[mark].data.startswith(PREFACE[:8])
+        # Both later calls come out; the Stream call's :path was a new literal, so it is known.
+        assert len(ops) == 2, (view, ops, counters)
+        # The Stream call's :path was a new literal: known. Its content-type and :authority were
+        # indexed before the pick-up, so it is not known to be gRPC: an HTTP POST, on the server
+        # with its url.path; nothing guessed.
+        assert all(op.name == "POST" and op.attributes["http.response.status_code"] == 200 for op in ops), ops
+        if view == "server":
+            assert ops[0].attributes["url.path"] == f"/{SERVICE}/Stream"
+        assert all(op.client == (view == "client") for op in ops)
+        assert counters.get("header_fields_unknown", 0) > 0  # indexed before the pick-up: counted
+        assert "decoder_errors" not in counters
+
+
+# -- curl against nginx (h2c with prior knowledge) --------------------------------------------
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} http2;
+        root {d}/www;
+        location = / {{ return 200 "hello h2\\n"; }}
+        location = /missing {{ return 404; }}
+        location = /boom {{ return 503; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def nginx_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert os.path.exists(nginx), "nginx is not installed (scripts/bootstrap.sh installs nginx-light)"
+    d = tmp_path_factory.mktemp("nginx_h2")
+    (d / "www").mkdir()
+    (d / "www" / "big.bin").write_bytes(bytes(range(256)) * 800)  # 200 KB: many DATA frames
+    port = free_port()
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=d, port=port))
+    proc = subprocess.Popen([nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        try:
+            wait_port(port)
+        except AssertionError:
+            log = (d / "error.log").read_text(errors="replace") if (d / "error.log").exists() else ""
+            raise AssertionError(f"nginx did not start: {log}") from None
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _curl(*args: str) -> str:
+    out = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+         "-H", f"Authorization: Bearer {SECRET}", "-H", f"Cookie: s={SECRET}", "-H", f"X-Secret: {SECRET}",
+         *args],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    return out.stdout
+
+
+def test_curl_prior_knowledge_against_nginx(nginx_port: int) -> None:
+    with relaying(("127.0.0.1", nginx_port)) as r:
+        base = f"http://127.0.0.1:{r.port}"
+        # This curl (7.88) cannot reuse a prior-knowledge connection: one connection per request.
+        codes = [
+            _curl("--http2-prior-knowledge", f"{base}/"),
+            _curl("--http2-prior-knowledge", f"{base}/missing?token={SECRET}&page=2"),
+            _curl("--http2-prior-knowledge", "-d", f"pw={SECRET}", f"{base}/"),
+            _curl("--http2-prior-knowledge", f"{base}/boom"),
+            _curl("--http2-prior-knowledge", f"{base}/big.bin"),
+        ]
+        assert codes == ["200", "404", "200", "503", "200"]
+        v = views(r)
+    expect = [("GET", "/", 200), ("GET", "/missing", 404), ("POST", "/", 200), ("GET", "/boom", 503),
+              ("GET", "/big.bin", 200)]  # fmt: skip
+    for view, conns in v.items():
+        assert len(conns) == 5
+        for segs, (method, path, status) in zip(conns, expect, strict=True):
+            ops, counters = decode(segs)
+            assert len(ops) == 1, (view, path, ops, counters)
+            op = ops[0]
+            a = op.attributes
+            assert op.protocol == "http2" and op.name == method and op.client == (view == "client")
+            assert a["http.request.method"] == method and a["http.response.status_code"] == status
+            assert a["network.protocol.version"] == "2" and a["user_agent.original"].startswith("curl/")
+            if view == "server":
+                assert a["url.path"] == path and a["url.scheme"] == "http"
+                assert op.error == ("503" if status == 503 else None)
+            else:
+                assert a["url.full"].startswith(f"http://127.0.0.1:{r.port}{path}")
+                assert op.error == (str(status) if status >= 400 else None)
+            if path == "/missing":
+                assert a["url.query" if view == "server" else "url.full"].endswith("token=REDACTED&page=2")
+            assert_no_secret(ops)
+            assert "decoder_errors" not in counters and "hpack_errors" not in counters
+    # The 200 KB body: its DATA frames were stepped over (or, where a gap swallowed a frame
+    # header, counted as unsynced bytes); the operation is there either way.
+    _, counters = decode(v["client"][4])
+    assert counters.get("gap_bytes_stepped", 0) + counters.get("bytes_unsynced", 0) > 150_000, counters
+
+
+# -- curl's Upgrade: h2c against an h2 (hyper-h2) server --------------------------------------
+
+def _h2c_upgrade_server(listener: socket.socket, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=_h2c_serve, args=(sock,), daemon=True).start()
+
+
+def _h2c_respond(conn: h2.connection.H2Connection, sid: int, path: str) -> None:
+    status = "404" if path.startswith("/missing") else "200"
+    conn.send_headers(sid, [(":status", status), ("content-type", "text/plain"), ("x-server-secret", SECRET)])
+    conn.send_data(sid, f"hello {path}\n".encode(), end_stream=True)
+
+
+def _h2c_serve(sock: socket.socket) -> None:
+    with sock:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        path = lines[0].split(b" ")[1].decode()
+        settings = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"http2-settings:"))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_upgrade_connection(settings)
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+        _h2c_respond(conn, 1, path)
+        sock.sendall(conn.data_to_send())
+        data = rest
+        while True:
+            if data:
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        hdrs = dict(ev.headers)
+                        _h2c_respond(conn, ev.stream_id, hdrs[b":path"].decode())
+                    elif isinstance(ev, h2.events.ConnectionTerminated):
+                        return
+                sock.sendall(conn.data_to_send())
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+
+
+def test_curl_upgrade_h2c() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+    t = threading.Thread(target=_h2c_upgrade_server, args=(listener, stop), daemon=True)
+    t.start()
+    try:
+        with relaying(("127.0.0.1", listener.getsockname()[1])) as r:
+            assert _curl("--http2", f"http://127.0.0.1:{r.port}/up?token={SECRET}") == "200"
+            v = views(r)
+    finally:
+        stop.set()
+        listener.close()
+    for view, conns in v.items():
+        assert conns[0][0].data.startswith(b"GET /up?")  # HTTP/1.1 first: the upgrade request
+        ops, counters = decode(conns[0])
+        assert len(ops) == 1, (view, ops, counters)
+        op = ops[0]
+        # Stream 1 is the upgrade request itself; its response came as HTTP/2 HEADERS.
+        assert op.name == "GET" and op.attributes["http.response.status_code"] == 200
+        assert op.client == (view == "client") and op.error is None
+        if view == "server":
+            assert op.attributes["url.path"] == "/up" and op.attributes["url.query"] == "token=REDACTED"
+        assert_no_secret(ops)
+        assert counters.get("frames", 0) >= 3 and "bytes_unsynced" not in counters
+
+
+# -- frames built with an independent HTTP/2 implementation (h2) ------------------------------
+
+def _seg(data: bytes, egress: bool, t: int, length: int | None = None, cut: bool = True) -> Segment:
+    n = len(data) if length is None else length
+    return Segment(conn_id=1, pid=7, tid=7, egress=egress, start_ns=t, end_ns=t, length=n,
+                   data=data[:512] if cut else data)  # fmt: skip
+
+
+def _client_server() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    c.initiate_connection()
+    s.initiate_connection()
+    return c, s
+
+
+def _pump(src: h2.connection.H2Connection, dst: h2.connection.H2Connection, egress: bool,
+          segs: list[Segment]) -> list[h2.events.Event]:  # fmt: skip
+    data = src.data_to_send()
+    if not data:
+        return []
+    segs.append(_seg(data, egress, len(segs) + 1, cut=False))  # uncut: as if the copy were unbounded
+    return dst.receive_data(data)
+
+
+REQ = [(":method", "GET"), (":scheme", "https"), (":authority", "api.example"), (":path", "/v1/items?id=7")]
+
+
+def test_goaway_fails_unprocessed_streams_and_large_headers_use_continuation() -> None:
+    c, s = _client_server()
+    segs: list[Segment] = []  # the client's view: its writes are egress
+    _pump(c, s, True, segs)
+    _pump(s, c, False, segs)
+    c.send_headers(1, REQ, end_stream=True)
+    # 25 KB of header values (Huffman-coded): one HEADERS and a CONTINUATION (max frame size 16 KB).
+    big = [(f"x-h{i}", SECRET * 100) for i in range(40)]
+    c.send_headers(3, [(":method", "POST"), (":scheme", "https"), (":authority", "api.example"),
+                       (":path", "/v1/big"), *big], end_stream=True)  # fmt: skip
+    c.send_headers(5, [*REQ[:3], (":path", "/v1/late")], end_stream=True)
+    events = _pump(c, s, True, segs)
+    assert sum(isinstance(e, h2.events.RequestReceived) for e in events) == 3
+    s.send_headers(1, [(":status", "200"), ("content-type", "application/json")])
+    s.send_data(1, b"{}", end_stream=True)
+    s.send_headers(3, [(":status", "201")], end_stream=True)
+    s.close_connection(last_stream_id=3)  # GOAWAY NO_ERROR: stream 5 was not processed
+    _pump(s, c, False, segs)
+    # Uncut: all three, the CONTINUATION block decoded.
+    assert any(len(x.data) > 16384 for x in segs)
+    d = Http2Decoder()
+    ops: list[Operation] = []
+    for seg in segs:
+        ops += d.feed(seg)
+    assert [(o.name, o.attributes.get("http.response.status_code"), o.error) for o in ops] == [
+        ("GET", 200, None), ("POST", 201, None), ("GET", None, "REFUSED_STREAM")]
+    assert ops[0].attributes["url.full"] == "https://api.example/v1/items?id=7"
+    assert d.close(99) == []
+    assert_no_secret(ops)
+
+
+def test_truncated_copy_of_a_continued_header_block() -> None:
+    c, s = _client_server()
+    segs: list[Segment] = []
+    _pump(c, s, True, segs)
+    _pump(s, c, False, segs)
+    big = [(f"x-h{i}", SECRET * 100) for i in range(40)]
+    c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "a"), (":path", "/big"), *big],
+                   end_stream=True)  # fmt: skip
+    c.send_headers(3, [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/next")],
+                   end_stream=True)  # fmt: skip
+    raw = c.data_to_send()
+    s.receive_data(raw)
+    s.send_headers(1, [(":status", "200")], end_stream=True)
+    s.send_headers(3, [(":status", "204")], end_stream=True)
+    resp = s.data_to_send()
+    # One write of ~20 KB: the copy keeps 512 bytes; the gap swallows the CONTINUATION's header.
+    cut = [*segs, _seg(raw, True, 10, len(raw)), _seg(resp, False, 11)]
+    ops, counters = decode(cut)
+    assert counters["sync_lost"] == 1 and counters["header_blocks_truncated"] >= 1
+    assert counters["bytes_unsynced"] > 0 and counters["hpack_table_lost"] == 1
+    # Stream 1's HEADERS frame header was copied: the stream is known, its fields are not. Stream
+    # 3's HEADERS were in the lost bytes: its response is counted.
+    assert counters["requests_undecoded"] == 1 and counters["responses_without_request"] == 1
+    assert [(o.name, o.attributes) for o in ops] == [
+        ("HTTP", {"network.protocol.version": "2", "http.response.status_code": 200})]
+    assert "decoder_errors" not in counters
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+def test_garbage_is_counted_not_decoded() -> None:
+    junk = bytes((i * 7 + 3) % 256 for i in range(3000))
+    segs = [_seg(junk[i : i + 700], i % 1400 == 0, i) for i in range(0, 3000, 700)]
+    ops, counters = decode(segs)
+    assert ops == []
+    assert counters["midstream_pickups"] == 1
+    assert counters["bytes_unsynced"] == 3000
+
+
+def test_http1_without_upgrade_is_not_http2() -> None:
+    ops, counters = decode([_seg(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True, 1),
+                            _seg(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False, 2)])  # fmt: skip
+    assert ops == [] and counters["not_http2"] == 1 and counters["bytes_not_http2"] > 0
+
+
+def test_bad_preface_and_cut_frames() -> None:
+    ops, counters = decode([_seg(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + b"\x00" * 9, True, 1)])
+    assert ops == [] and counters["bad_preface"] == 1
+    # A stream whose response is cut mid-frame by the connection's end: failed, not lost.
+    c, s = _client_server()
+    segs: list[Segment] = []
+    _pump(c, s, True, segs)
+    _pump(s, c, False, segs)
+    c.send_headers(1, REQ, end_stream=True)
+    _pump(c, s, True, segs)
+    s.send_headers(1, [(":status", "200")])
+    s.send_data(1, b"x" * 100, end_stream=True)
+    resp = s.data_to_send()
+    segs.append(_seg(resp[:-40], False, 50))
+    ops, counters = decode(segs)
+    assert len(ops) == 1 and ops[0].error == "response_incomplete"
+    assert ops[0].attributes["http.response.status_code"] == 200
+
+
+def test_oversized_frame_loses_sync_counted() -> None:
+    frame = (20000).to_bytes(3, "big") + bytes([0, 0, 0, 0, 0, 1])  # DATA above the 16 KB default
+    ops, counters = decode([_seg(PREFACE + frame, True, 1)])
+    assert counters["frames_oversize"] == 1 and counters["sync_lost"] == 1 and ops == []
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+@given(st.lists(st.tuples(st.binary(max_size=600), st.booleans(), st.integers(0, 5000)), max_size=12),
+       st.booleans())  # fmt: skip
+def test_arbitrary_bytes_never_raise(chunks: list[tuple[bytes, bool, int]], preface: bool) -> None:
+    d = Http2Decoder()
+    if preface:
+        d.feed(_seg(PREFACE, True, 0))
+    for i, (data, egress, extra) in enumerate(chunks):
+        if not data:
+            continue
+        ops = d.feed(_seg(data, egress, i + 1, len(data[:512]) + extra))
+        assert all(isinstance(o, Operation) for o in ops)
+    d.close(100)
+    assert "decoder_errors" not in d.counters, d.counters
+
+
+_RECORDED: list[bytes] = []
+
+
+def _recorded_stream() -> bytes:
+    # A real exchange (h2 client and server) to mutate: valid framing with HPACK state.
+    if not _RECORDED:
+        c, s = _client_server()
+        out = bytearray(c.data_to_send())
+        s.receive_data(bytes(out))
+        for sid in (1, 3, 5):
+            c.send_headers(sid, [*REQ[:3], (":path", f"/p{sid}"), ("x-k", SECRET)], end_stream=True)
+        out += c.data_to_send()
+        _RECORDED.append(bytes(out))
+    return _RECORDED[0]
+
+
+@given(st.lists(st.integers(1, 200), min_size=1, max_size=20), st.integers(0, 400), st.binary(max_size=8))
+def test_real_stream_arbitrary_splits_and_corruption_never_raise(cuts: list[int], at: int, junk: bytes) -> None:
+    data = bytearray(_recorded_stream())
+    at = at % len(data)
+    data[at : at + len(junk)] = junk
+    d = Http2Decoder()
+    pos = 0
+    i = 0
+    for n in cuts:
+        if pos >= len(data):
+            break
+        d.feed(_seg(bytes(data[pos : pos + n]), True, i))
+        pos += n
+        i += 1
+    ops = d.close(1000)
+    assert "decoder_errors" not in d.counters, d.counters
+    assert_no_secret(ops)
