@@ -105,7 +105,10 @@ class _Frames:
         self.synced = False
 
     @staticmethod
-    def _chain_ok(data: bytes, total: int) -> bool:
+    def _chain_ok(data: bytes, total: int, at_start: bool) -> bool:
+        """Does a run of packets with consecutive sequence ids start at data[0] and reach the end
+        of the copy (`total`: the transfer's bytes from there)? At the segment's start one packet
+        of a connection's first exchange (sequence 0 or 1) continuing in the next segment is enough."""
         pos, whole, seq = 0, 0, -1
         while pos < len(data):
             if len(data) - pos < 4:
@@ -118,7 +121,7 @@ class _Frames:
                 return False
             seq = s
             if pos + 4 + length > len(data):
-                return pos + 4 + length <= total or whole > 0
+                return pos + 4 + length <= total or whole > 0 or (at_start and s <= 1)
             whole += 1
             pos += 4 + length
         return whole > 0
@@ -133,7 +136,7 @@ class _Frames:
         if not self.synced:
             total = seg.length
             for k in range(len(data)):
-                if self._chain_ok(data[k:], total - k):
+                if self._chain_ok(data[k:], total - k, k == 0):
                     if k:
                         self._count("resync_skipped_bytes", k)
                     if k or not self.quiet:

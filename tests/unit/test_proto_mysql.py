@@ -1,0 +1,372 @@
+"""The MySQL decoder on a real MariaDB (Debian's mariadb-server, started here in a temporary
+directory on a free loopback port) with real PyMySQL traffic through the recording relay: both
+ends' views, the handshake's database, COM_QUERY, COM_INIT_DB, server-side prepared statements
+(COM_STMT_PREPARE / COM_STMT_EXECUTE sent over PyMySQL's own connection), errors, a planted
+password and literal that must never come out, and bad input."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pymysql
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pymysql.constants import CLIENT, COMMAND
+
+from correlator.protocols.mysql import MySQLDecoder
+from correlator.segments import Operation, Segment
+from tests.support.relay import Relay, relaying
+
+SECRET = "sekrit-42"
+PASSWORD = "pw-sekrit-77"  # the application user's (scrambled on the wire)
+NEW_PASSWORD = "clear-sekrit-99"  # in a query's text: must never come out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def my_port() -> Iterator[int]:
+    if not shutil.which("mariadbd") or not shutil.which("mariadb-install-db"):
+        pytest.fail("mariadbd / mariadb-install-db missing: install Debian's mariadb-server (scripts/bootstrap.sh)")
+    nobody = pwd.getpwnam("nobody")
+    top = tempfile.mkdtemp(prefix="kspan-my-")
+    os.chmod(top, 0o755)
+    os.chown(top, nobody.pw_uid, nobody.pw_gid)
+    data = os.path.join(top, "data")
+    r = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=nobody",
+                        "--auth-root-authentication-method=normal", "--skip-test-db"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        pytest.fail(f"mariadb-install-db failed: {r.stderr[-2000:]}")
+    port = _free_port()
+    sock = os.path.join(top, "sock")
+    proc = subprocess.Popen(["mariadbd", "--no-defaults", f"--datadir={data}", "--user=nobody", f"--port={port}",
+                             "--bind-address=127.0.0.1", f"--socket={sock}", f"--pid-file={top}/pid",
+                             "--skip-log-bin", "--innodb-buffer-pool-size=16M", "--skip-name-resolve"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = pymysql.connect(unix_socket=sock, user="root", autocommit=True)
+                break
+            except pymysql.err.OperationalError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    pytest.fail(f"mariadbd did not start on port {port}: {err[-2000:]}")
+                time.sleep(0.1)
+        with conn.cursor() as cur:
+            for q in ("CREATE DATABASE kspandb", "CREATE DATABASE other",
+                      f"CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}'",
+                      "GRANT ALL ON kspandb.* TO 'app'@'127.0.0.1'", "GRANT ALL ON other.* TO 'app'@'127.0.0.1'",
+                      "GRANT CREATE USER ON *.* TO 'app'@'127.0.0.1'"):
+                cur.execute(q)
+        conn.close()
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _connect(port: int, **kw: object) -> pymysql.Connection:
+    args: dict[str, object] = {"host": "127.0.0.1", "port": port, "user": "app", "password": PASSWORD,
+                               "database": "kspandb", "autocommit": True,
+                               "client_flag": CLIENT.MULTI_STATEMENTS}
+    args.update(kw)
+    return pymysql.connect(**args)
+
+
+def _read_response(c: pymysql.Connection) -> list[bytes]:
+    """A prepared statement's answer as PyMySQL reads packets: up to its OK / ERR or second EOF."""
+    first = c._read_packet()
+    out = [first._data]
+    if first.is_ok_packet() or first.is_error_packet():
+        return out
+    eofs = 0
+    while eofs < 2:
+        p = c._read_packet()
+        out.append(p._data)
+        eofs += p.is_eof_packet()
+    return out
+
+
+def _prepare(c: pymysql.Connection, sql: str) -> int:
+    c._execute_command(COMMAND.COM_STMT_PREPARE, sql)
+    ok = c._read_packet()
+    stmt_id, ncols, nparams = struct.unpack_from("<IHH", ok._data, 1)
+    for block in (nparams, ncols):
+        if block:
+            for _ in range(block + 1):  # the definitions and their EOF
+                c._read_packet()
+    return int(stmt_id)
+
+
+def _execute(c: pymysql.Connection, stmt_id: int, value: str) -> list[bytes]:
+    v = value.encode()
+    payload = struct.pack("<IBI", stmt_id, 0, 1) + b"\x00" + b"\x01" + b"\xfd\x00" + bytes([len(v)]) + v
+    c._execute_command(COMMAND.COM_STMT_EXECUTE, payload)
+    return _read_response(c)
+
+
+def _settle() -> None:
+    time.sleep(0.3)
+
+
+def decode(segs: list[Segment]) -> tuple[list[Operation], dict[str, int]]:
+    d = MySQLDecoder()
+    ops: list[Operation] = []
+    for s in segs:
+        ops += d.feed(s)
+    ops += d.close(segs[-1].end_ns + 1 if segs else 0)
+    return ops, d.counters
+
+
+def exported(ops: list[Operation]) -> str:
+    parts: list[str] = []
+    for o in ops:
+        parts += [o.name, o.error or "", o.error_message or ""]
+        parts += [f"{k}={v}" for k, v in o.attributes.items()]
+    return "\n".join(parts)
+
+
+def _summary(o: Operation) -> tuple[object, ...]:
+    a = o.attributes
+    return (o.name, a.get("db.operation.name"), a.get("db.collection.name"), a.get("db.query.text"),
+            a.get("db.namespace"), a.get("db.response.status_code"), o.error)
+
+
+WORKLOAD_OPS = [
+    ("SET kspandb", "SET", None, "SET NAMES utf8mb4", "kspandb", None, None),  # PyMySQL's own
+    ("CREATE TABLE items", "CREATE TABLE", "items", "CREATE TABLE items(id INT PRIMARY KEY, name VARCHAR(?) UNIQUE)",
+     "kspandb", None, None),
+    ("INSERT items", "INSERT", "items", "INSERT INTO items VALUES (?, ?)", "kspandb", None, None),
+    ("SELECT items", "SELECT", "items", "SELECT name FROM items WHERE id = ?", "kspandb", None, None),
+    ("SELECT missing_table", "SELECT", "missing_table", "SELECT * FROM missing_table", "kspandb", "1146", "1146"),
+    ("INSERT items", "INSERT", "items", "INSERT INTO items VALUES (?, ?)", "kspandb", "1062", "1062"),
+    ("USE other", "USE", None, None, "other", None, None),
+    ("BATCH SELECT other", "BATCH SELECT", None, "SELECT ?; SELECT ?", "other", None, None),
+    ("USE kspandb", "USE", None, None, "kspandb", None, None),
+    ("PREPARE items", "PREPARE", "items", "SELECT id, name FROM items WHERE name = ?", "kspandb", None, None),
+    ("SELECT items", "SELECT", "items", "SELECT id, name FROM items WHERE name = ?", "kspandb", None, None),
+    ("SELECT items", "SELECT", "items", "SELECT id, name FROM items WHERE name = ?", "kspandb", None, None),
+    ("PREPARE missing", "PREPARE", "missing", "SELECT * FROM missing WHERE a = ?", "kspandb", "1146", "1146"),
+    ("CREATE USER kspandb", "CREATE USER", None, "CREATE USER ? @ ? IDENTIFIED BY ?", "kspandb", None, None),
+    ("SELECT kspandb", "SELECT", None, "SELECT ?", "kspandb", None, None),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workload(my_port: int) -> Iterator[Relay]:
+    with relaying(("127.0.0.1", my_port)) as r:
+        c = _connect(r.port)
+        with c.cursor() as cur:
+            cur.execute("CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(64) UNIQUE)")
+            cur.execute("INSERT INTO items VALUES (%s, %s)", (1, SECRET))  # PyMySQL inlines the literal
+            cur.execute("SELECT name FROM items WHERE id = %s", (1,))
+            assert cur.fetchall() == ((SECRET,),)
+            with pytest.raises(pymysql.err.ProgrammingError):
+                cur.execute("SELECT * FROM missing_table")
+            with pytest.raises(pymysql.err.IntegrityError):
+                cur.execute("INSERT INTO items VALUES (2, %s)", (SECRET,))  # "Duplicate entry 'sekrit-42'"
+            c.select_db("other")
+            cur.execute("SELECT 1; SELECT 2")
+            while cur.nextset():
+                pass
+            c.select_db("kspandb")
+            stmt = _prepare(c, "SELECT id, name FROM items WHERE name = ?")
+            for _ in range(2):
+                rows = _execute(c, stmt, SECRET)
+                assert any(SECRET.encode() in p for p in rows)  # the row came back
+            c._execute_command(COMMAND.COM_STMT_CLOSE, struct.pack("<I", stmt))
+            c._execute_command(COMMAND.COM_STMT_PREPARE, "SELECT * FROM missing WHERE a = ?")
+            with pytest.raises(pymysql.err.ProgrammingError):
+                c._read_packet()
+            cur.execute(f"CREATE USER 'newbie'@'127.0.0.1' IDENTIFIED BY '{NEW_PASSWORD}'")
+            cur.execute("SELECT 3")
+        c.close()
+        _settle()
+        yield r
+
+
+def test_client_and_server_views_give_the_same_operations(workload: Relay) -> None:
+    for view, client in ((workload.client_segments(), True), (workload.server_segments(), False)):
+        ops, counters = decode(view[0])
+        assert [_summary(o) for o in ops] == WORKLOAD_OPS
+        assert all(o.client is client and o.protocol == "mysql" for o in ops)
+        assert all(o.attributes["db.system.name"] == "mariadb" for o in ops)
+        assert all(o.start_ns <= o.end_ns for o in ops)
+        assert [o.start_ns for o in ops] == sorted(o.start_ns for o in ops)
+        by_name = {o.attributes.get("db.query.text"): o for o in ops}
+        assert by_name["SELECT name FROM items WHERE id = ?"].attributes["db.response.returned_rows"] == 1
+        assert by_name["SELECT ?"].attributes["db.response.returned_rows"] == 1
+        assert ops[10].attributes["db.response.returned_rows"] == 1  # a binary result set
+        assert ops[4].error_message == "SQLSTATE 42S02: Table ?t exist"
+        assert ops[5].error_message == "SQLSTATE 23000: Duplicate entry ?"
+        assert ops[7].attributes["db.operation.batch.size"] == 2
+        for bad in ("unsynced_segments", "decode_errors", "unmatched_responses", "no_response",
+                    "unknown_statements", "undecided_packets"):
+            assert bad not in counters, counters
+
+
+def test_secrets_never_leave(workload: Relay) -> None:
+    raw = b"".join(c[3] for c in workload.chunks)
+    assert SECRET.encode() in raw and NEW_PASSWORD.encode() in raw
+    for view in (workload.client_segments(), workload.server_segments(), workload.client_segments(full=True),
+                 workload.server_segments(full=True)):
+        ops, _ = decode(view[0])
+        assert ops
+        text = exported(ops)
+        for secret in (SECRET, PASSWORD, NEW_PASSWORD, "sekrit"):
+            assert secret not in text
+
+
+def test_picked_up_mid_stream(workload: Relay) -> None:
+    segs = workload.client_segments()[0]
+    k = next(i for i, s in enumerate(segs) if s.egress and b"INSERT INTO items" in s.data)
+    ops, counters = decode(segs[k:])
+    expected = [(n.removesuffix(" kspandb"), op, coll, text, None, *rest)
+                for n, op, coll, text, _ns, *rest in WORKLOAD_OPS[2:6]]
+    assert [_summary(o) for o in ops][:4] == expected
+    # COM_INIT_DB names the database from there on.
+    assert [_summary(o) for o in ops][4:] == WORKLOAD_OPS[6:]
+    assert counters["no_handshake"] == 1
+    # Picked up inside a transfer: the first bytes are the end of a packet.
+    first = segs[k]
+    ops, counters = decode([replace(first, data=first.data[5:], length=first.length - 5), *segs[k + 1 :]])
+    assert [o.name for o in ops][:3] == ["SELECT items", "SELECT missing_table", "INSERT items"]
+    assert counters["unsynced_segments"] == 1
+
+
+def test_split_and_coalesced_give_the_same_operations(workload: Relay) -> None:
+    segs = workload.server_segments(full=True)[0]
+    whole, _ = decode(segs)
+    split = [replace(s, data=s.data[i : i + 5], length=len(s.data[i : i + 5]))
+             for s in segs for i in range(0, len(s.data), 5)]
+    parts, counters = decode(split)
+    assert [_summary(o) for o in parts] == [_summary(o) for o in whole] == WORKLOAD_OPS
+    assert "unsynced_segments" not in counters
+    coalesced: list[Segment] = []
+    for s in segs:
+        if coalesced and coalesced[-1].egress == s.egress:
+            last = coalesced[-1]
+            coalesced[-1] = replace(last, data=last.data + s.data, length=last.length + s.length, end_ns=s.end_ns)
+        else:
+            coalesced.append(s)
+    ops, _ = decode(coalesced)
+    assert [_summary(o) for o in ops] == WORKLOAD_OPS
+
+
+def test_truncated_big_values(my_port: int) -> None:
+    big = SECRET + "x" * 3000 + SECRET
+    with relaying(("127.0.0.1", my_port)) as r:
+        c = _connect(r.port)
+        with c.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS big (id INT, v TEXT)")
+            cur.execute("INSERT INTO big VALUES (%s, %s)", (1, big))  # a 3 KB COM_QUERY
+            cur.execute("SELECT REPEAT('y', 200) FROM seq_1_to_300")
+            assert len(cur.fetchall()) == 300
+            cur.execute("SELECT v FROM big")
+            cur.fetchall()
+            cur.execute("SELECT COUNT(*) FROM big WHERE id = %s", (1,))
+            cur.fetchall()
+        c.close()
+        _settle()
+        for view in (r.client_segments(), r.server_segments()):
+            ops, counters = decode(view[0])
+            names = [o.name for o in ops]
+            assert names == ["SET kspandb", "CREATE TABLE big", "INSERT big", "SELECT seq_1_to_300", "SELECT big",
+                             "SELECT big"], (names, counters)
+            assert ops[2].attributes["db.query.text"].startswith("INSERT INTO big VALUES (?")
+            assert ops[-1].attributes["db.query.text"] == "SELECT COUNT(*) FROM big WHERE id = ?"
+            assert ops[-1].attributes["db.response.returned_rows"] == 1
+            assert "db.response.returned_rows" not in ops[3].attributes  # its rows went past the copy
+            assert "sekrit" not in exported(ops)
+            assert counters["gap_bytes"] > 0
+            assert counters["query_text_cut"] == 1
+            assert "decode_errors" not in counters
+
+
+def test_garbage_on_the_port(my_port: int) -> None:
+    with relaying(("127.0.0.1", my_port)) as r:
+        with socket.create_connection(("127.0.0.1", r.port)) as s:
+            s.settimeout(5)
+            s.recv(4096)  # the greeting
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)) * 3)
+            try:
+                while s.recv(4096):
+                    pass
+            except OSError:
+                pass
+        _settle()
+        for view in (r.client_segments(), r.server_segments()):
+            ops, counters = decode(view[0])
+            assert ops == []
+            assert "decode_errors" not in counters
+            assert sum(counters.values()) >= 1, counters
+
+
+def test_a_packet_cut_mid_frame_is_counted() -> None:
+    q = b"\x20\x00\x00\x00\x03SELECT 1 FROM"
+    d = MySQLDecoder()
+    assert d.feed(Segment(1, 1, 1, True, 1, 2, len(q), q)) == []
+    assert d.close(3) == []
+    assert d.counters["cut_at_close"] == 1
+
+
+def test_an_unanswered_query_ends_at_close() -> None:
+    q = b"\x09\x00\x00\x00\x03SELECT 1"
+    d = MySQLDecoder()
+    assert d.feed(Segment(1, 1, 1, True, 10, 11, len(q), q)) == []
+    ops = d.close(50)
+    assert [(o.name, o.error, o.end_ns, o.client) for o in ops] == [("SELECT", "no_response", 50, True)]
+    assert d.counters["no_handshake"] == 1
+
+
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=600), st.integers(0, 5000)), max_size=20))
+def test_arbitrary_segments_never_raise(chunks: list[tuple[bool, bytes, int]]) -> None:
+    d = MySQLDecoder()
+    for i, (egress, data, extra) in enumerate(chunks):
+        data = data[:512]
+        d.feed(Segment(1, 1, 1, egress, i, i, len(data) + extra, data))
+    d.close(len(chunks))
+    assert "decode_errors" not in d.counters
+
+
+_REAL: list[Segment] = []
+_SQL_SYNTAX = frozenset(b"'\"$`\\-/*#EeBbXxNnUu&_")  # see test_proto_postgres.py
+
+
+@given(st.data())
+def _mutated_real_traffic(data: st.DataObject) -> None:
+    segs = list(_REAL)
+    for _ in range(data.draw(st.integers(1, 5))):
+        i = data.draw(st.integers(0, len(segs) - 1))
+        s = segs[i]
+        if not s.data:
+            continue
+        b = bytearray(s.data)
+        b[data.draw(st.integers(0, len(b) - 1))] = data.draw(st.integers(0, 255).filter(lambda v: v not in _SQL_SYNTAX))
+        segs[i] = replace(s, data=bytes(b[: data.draw(st.integers(0, len(b)))]), length=s.length)
+    ops, counters = decode(segs)
+    assert "decode_errors" not in counters
+    assert "sekrit" not in exported(ops)
+
+
+def test_mutated_real_traffic_never_raises(workload: Relay) -> None:
+    _REAL[:] = workload.client_segments()[0]
+    _mutated_real_traffic()
