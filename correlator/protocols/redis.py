@@ -201,12 +201,14 @@ class _Stream:
         self.egress = egress
         self.synced = True
         self.clean = True  # nothing lost yet in this direction
+        self.trusted = False  # a message was decoded since the last loss: the position is known
         self.messages = 0
         self._reset()
 
     def _reset(self) -> None:
         self.stack: list[_Frame] = []
         self.line = bytearray()
+        self.line_at0 = False  # the current line began a transfer (inline commands must)
         self.body = 0  # bytes of the current blob's content still to come
         self.crlf = 0  # bytes of its terminating CRLF still to come
         self.blob_kind = -1
@@ -273,6 +275,7 @@ class _Stream:
         self._reset()
         self.synced = False
         self.clean = False
+        self.trusted = False
         self.dec._on_loss(self.egress, seg)
 
     def _protocol_error(self, rest: int, seg: Segment) -> None:
@@ -303,6 +306,8 @@ class _Stream:
                 if not self.crlf:
                     self._blob_done(seg)
                 continue
+            if not self.line:
+                self.line_at0 = i == 0
             j = data.find(b"\n", i)
             if j < 0:
                 if len(self.line) + n - i > _LINE_MAX:
@@ -334,7 +339,7 @@ class _Stream:
     def _header(self, line: bytes, seg: Segment, idx: int) -> bool:
         if not line:
             # Redis skips empty inline lines between commands; elsewhere an empty line is not RESP.
-            return not self.stack and self.msg is None and self._is_cmd() is not False
+            return not self.stack and self.msg is None and self._is_cmd() is True
         t = line[0]
         rest = line[1:]
         is_cmd = self._is_cmd()
@@ -439,8 +444,10 @@ class _Stream:
         return True
 
     def _inline(self, line: bytes, seg: Segment, idx: int) -> bool:
-        # Redis reads a line that does not start with "*" as an inline command (telnet style).
-        if self.stack or self.msg is not None or self._is_cmd() is False:
+        # Redis reads a line that does not start with "*" as an inline command (telnet style). Such
+        # a client writes whole lines, so one must begin a transfer or follow a decoded message: a
+        # line found anywhere else is far more likely the tail of a message picked up mid-stream.
+        if self.stack or self.msg is not None or self._is_cmd() is False or not (self.line_at0 or self.trusted):
             return False
         words = line.split()
         if not words or len(words[0]) > _TEXT_CAP:
@@ -513,6 +520,7 @@ class _Stream:
     def _deliver(self, msg: _Msg, seg: Segment) -> None:
         self.msg = None
         self.messages += 1
+        self.trusted = True
         self.dec._on_message(self.egress, msg, self)
 
 
