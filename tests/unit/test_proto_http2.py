@@ -64,11 +64,12 @@ def _unary(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 
 def _stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-    n = int(request or b"3")
+    count, _, size = request.partition(b":")  # b"count[:message size]"
+    n = int(count or b"3")
     for i in range(n):
         if i:
             time.sleep(0.02)  # one write per message, mostly one read too (see the status check)
-        yield bytes([65 + i % 26]) * 3000
+        yield bytes([65 + i % 26]) * int(size or b"3000")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,8 @@ def test_grpc_unary_streaming_and_errors_both_views(grpc_port: int) -> None:
 def test_grpc_cancel_is_rst_stream(grpc_port: int) -> None:
     with relaying(("127.0.0.1", grpc_port)) as r:
         with _channel(r.port) as ch:
-            it = ch.unary_stream(f"/{SERVICE}/Stream")(b"1000", timeout=10)
+            # Small messages: no gap in this test, so every status is decodable.
+            it = ch.unary_stream(f"/{SERVICE}/Stream")(b"1000:100", timeout=10)
             next(it)
             it.cancel()
             assert ch.unary_unary(f"/{SERVICE}/Unary")(b"after", timeout=10) == b"pong:after"
@@ -170,7 +172,6 @@ def test_grpc_big_metadata_cut_short_loses_the_table_counted(grpc_port: int) -> 
             unary = ch.unary_unary(f"/{SERVICE}/Unary")
             assert unary(b"one", timeout=10) == b"pong:one"
             assert unary(b"two", metadata=big, timeout=10) == b"pong:two"
-            assert ch.unary_unary(f"/{SERVICE}/Other")is not None
             with pytest.raises(grpc.RpcError):
                 ch.unary_unary(f"/{SERVICE}/Other")(b"three", timeout=10)
         v = views(r)
@@ -201,7 +202,7 @@ def test_grpc_connection_picked_up_mid_stream(grpc_port: int) -> None:
             assert unary(b"before", timeout=10) == b"pong:before"
             time.sleep(0.2)
             mark = len(r.chunks)
-            assert len(list(ch.unary_stream(f"/{SERVICE}/Stream")(b"2", timeout=10))) == 2
+            assert len(list(ch.unary_stream(f"/{SERVICE}/Stream")(b"2:100", timeout=10))) == 2
             assert unary(b"after", timeout=10) == b"pong:after"
         v = views(r)
     for view, conns in v.items():
@@ -217,7 +218,7 @@ def test_grpc_connection_picked_up_mid_stream(grpc_port: int) -> None:
         # with its url.path; nothing guessed.
         assert all(op.name == "POST" and op.attributes["http.response.status_code"] == 200 for op in ops), ops
         if view == "server":
-            assert ops[0].attributes["url.path"] == f"/{SERVICE}/Stream"
+            assert [op.attributes.get("url.path") for op in ops].count(f"/{SERVICE}/Stream") == 1
         assert all(op.client == (view == "client") for op in ops)
         assert counters.get("header_fields_unknown", 0) > 0  # indexed before the pick-up: counted
         assert "decoder_errors" not in counters
