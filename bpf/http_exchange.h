@@ -1982,7 +1982,8 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
         seg->pid = a->pid;
         seg->tid = a->tid;
         seg->dir = a->dir;
-        seg->seg_flags = 0;
+        /* in a protocol state, parent_kind says whether the first bytes opened the protocol */
+        seg->seg_flags = (seg->seq == 0 && st->ex.parent_kind) ? KSPAN_SEG_START : 0;
         seg->flags |= a->flags;
         seg->start_ns = a->start_ns;
         seg->end_ns = a->end_ns;
@@ -2018,7 +2019,7 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
 }
 
 /* A connection state for a transfer that opens another protocol (same filters as a request). */
-static __always_inline int kspan_proto_begin(struct kspan_data_args *a, __u8 proto, __u8 role)
+static __always_inline int kspan_proto_begin(struct kspan_data_args *a, __u8 proto, __u8 role, __u8 from_start)
 {
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
     if (!st)
@@ -2033,6 +2034,7 @@ static __always_inline int kspan_proto_begin(struct kspan_data_args *a, __u8 pro
     st->ex.pid = a->pid;
     st->ex.tid = a->tid;
     st->ex.req_bytes = 0;
+    st->ex.parent_kind = from_start;
     st->ex.flags = (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) | a->flags;
     kspan_proto_data(a->conn_id, 0);
     return 1;
@@ -2044,6 +2046,7 @@ static __always_inline int kspan_proto_try(struct kspan_data_args *a, __u64 w, _
 {
     __u8 role = 0;
     __u8 proto = kspan_proto_first(w, n, a->dir, &role);
+    __u8 from_start = proto != 0;
     if (!proto) {
         struct kspan_tuple *t = bpf_map_lookup_elem(&tuples, &a->conn_id);
         if (!t)
@@ -2057,7 +2060,7 @@ static __always_inline int kspan_proto_try(struct kspan_data_args *a, __u64 w, _
         if (!proto)
             return 0;
     }
-    return kspan_proto_begin(a, proto, role);
+    return kspan_proto_begin(a, proto, role, from_start);
 }
 
 
@@ -2176,7 +2179,7 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
             }
             if (w == KSPAN_W_H2_PREFACE && kspan_proto_begin(a, KSPAN_PROTO_HTTP2,
                                                              a->dir == KSPAN_DIR_EGRESS ? KSPAN_ROLE_CLIENT
-                                                                                        : KSPAN_ROLE_SERVER))
+                                                                                        : KSPAN_ROLE_SERVER, 1))
                 return;  /* HTTP/1.1 Upgrade: h2c, then the HTTP/2 preface */
             kspan_count(KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
             kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);

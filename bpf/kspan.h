@@ -128,6 +128,7 @@ enum kspan_proto {
 };
 
 #define KSPAN_SEG_CLOSED 0x1  /* the connection closed: no data (the decoder ends what is open) */
+#define KSPAN_SEG_START 0x2   /* the connection's first bytes opened the protocol: seen from its start */
 
 struct kspan_segment {
     __u32 type;              /* KSPAN_REC_SEGMENT */

@@ -10,6 +10,7 @@ keyed hash of the connection and the request's start, so a replay gives the same
 from __future__ import annotations
 
 import importlib
+import inspect
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -56,11 +57,11 @@ class ProtocolSpans:
         self._salt = salt
         self._conns: OrderedDict[int, _Conn] = OrderedDict()
         self._max_conns = max_conns
-        self._factories: dict[int, Callable[[], StreamDecoder] | None] = {}
+        self._factories: dict[int, Callable[..., StreamDecoder] | None] = {}
         self.counters: dict[str, int] = {"segments": 0, "segment_gaps": 0, "unknown_protocol": 0,
                                          "decoder_errors": 0, "protocol_spans": 0, "connections_evicted": 0}
 
-    def _factory(self, proto: int) -> Callable[[], StreamDecoder] | None:
+    def _factory(self, proto: int) -> Callable[..., StreamDecoder] | None:
         if proto not in self._factories:
             where = DECODERS.get(proto)
             f = None
@@ -72,6 +73,18 @@ class ProtocolSpans:
             self._factories[proto] = f
         return self._factories[proto]
 
+    @staticmethod
+    def _new(factory: Callable[..., StreamDecoder], rec: SegmentRecord) -> StreamDecoder:
+        """A decoder told what the kernel knows: which end the traced process is, and whether the
+        connection is seen from its first byte (for the decoders that take either)."""
+        params = inspect.signature(factory).parameters
+        kwargs: dict[str, bool] = {}
+        if "client" in params:
+            kwargs["client"] = rec.client
+        if "from_start" in params:
+            kwargs["from_start"] = rec.from_start
+        return factory(**kwargs)
+
     def feed(self, rec: SegmentRecord) -> list[Span]:
         self.counters["segments"] += 1
         key = rec.seg.conn_id
@@ -81,7 +94,7 @@ class ProtocolSpans:
             if factory is None:
                 self.counters["unknown_protocol"] += 1
                 return []
-            conn = self._conns[key] = _Conn(factory(), rec)
+            conn = self._conns[key] = _Conn(self._new(factory, rec), rec)
             if len(self._conns) > self._max_conns:
                 _, old = self._conns.popitem(last=False)
                 self.counters["connections_evicted"] += 1

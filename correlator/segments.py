@@ -53,6 +53,7 @@ class SegmentRecord:
     client: bool  # the traced process is the connection's client end
     closed: bool  # the connection closed: no data, the decoder ends what is open
     seq: int  # segments of the connection the kernel emitted before this one (a gap: lost)
+    from_start: bool  # the protocol's first bytes opened the connection (not picked up mid-stream)
     tls: bool
     family: int
     local_addr: str

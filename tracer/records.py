@@ -317,6 +317,7 @@ def decode_tcp(data: bytes) -> TcpEvent:
 
 REC_SEGMENT = 5
 SEG_CLOSED = 0x1
+SEG_START = 0x2
 
 
 class RawSegment(ctypes.Structure):
@@ -369,6 +370,7 @@ def decode_segment(data: bytes) -> SegmentRecord:
                   end_ns=r.end_ns, length=r.len, data=bytes(data[SEGMENT_HEADER : SEGMENT_HEADER + n]))
     return SegmentRecord(
         seg=seg, proto=r.proto, client=r.role == Role.CLIENT, closed=bool(r.seg_flags & SEG_CLOSED), seq=r.seq,
+        from_start=bool(r.seg_flags & SEG_START),
         tls=bool(r.flags & FLAG_TLS), family=family,
         local_addr=format_addr(family, bytes(r.local_addr)), local_port=r.local_port if known else 0,
         remote_addr=format_addr(family, bytes(r.remote_addr)), remote_port=r.remote_port if known else 0,
