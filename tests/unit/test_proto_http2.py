@@ -162,6 +162,28 @@ def test_grpc_cancel_is_rst_stream(grpc_port: int) -> None:
         assert ops[1].error is None and ops[1].attributes["rpc.grpc.status_code"] == 0
 
 
+def test_grpc_concurrent_calls_are_all_accounted_for(grpc_port: int) -> None:
+    # Concurrent calls interleave their streams; a transfer that gathered several frames beyond
+    # the 512-byte copy may lose some, but each call is an operation or a counted loss.
+    with relaying(("127.0.0.1", grpc_port)) as r:
+        with _channel(r.port) as ch:
+            unary = ch.unary_unary(f"/{SERVICE}/Unary")
+            assert unary(b"warm", timeout=10) == b"pong:warm"
+            futures = [unary.future(b"c%d" % i, metadata=METADATA, timeout=10) for i in range(8)]
+            assert sorted(f.result() for f in futures) == sorted(b"pong:c%d" % i for i in range(8))
+        v = views(r)
+    for view, conns in v.items():
+        ops, counters = decode(conns[0])
+        lost = counters.get("responses_without_request", 0) + counters.get("headers_unknown_role", 0)
+        assert len(ops) + lost == 9, (view, ops, counters)
+        assert ops[0].name == f"{SERVICE}/Unary" and ops[0].attributes["rpc.grpc.status_code"] == 0
+        for op in ops:
+            assert op.error is None and op.client == (view == "client")
+            assert op.attributes.get("rpc.grpc.status_code") in (0, None)
+        assert_no_secret(ops)
+        assert "decoder_errors" not in counters
+
+
 def test_grpc_big_metadata_cut_short_loses_the_table_counted(grpc_port: int) -> None:
     # A 2 KB metadata value makes the request's HEADERS frame longer than the kernel's 512-byte
     # copy: that block's fields and its table insertions are lost. Later blocks decode what is
@@ -461,6 +483,38 @@ def test_goaway_fails_unprocessed_streams_and_large_headers_use_continuation() -
         ("GET", 200, None), ("POST", 201, None), ("GET", None, "REFUSED_STREAM")]
     assert ops[0].attributes["url.full"] == "https://api.example/v1/items?id=7"
     assert d.close(99) == []
+    assert_no_secret(ops)
+
+
+def test_server_push_and_a_smaller_header_table() -> None:
+    from h2.settings import SettingCodes
+
+    c, s = _client_server()
+    segs: list[Segment] = []  # the server's view this time: its writes are egress
+    _pump(c, s, False, segs)
+    _pump(s, c, True, segs)
+    # The client shrinks the server's encoder table to 64 bytes: the server's next block opens
+    # with a size update, and entries beyond 64 bytes are evicted (or never enter).
+    c.update_settings({SettingCodes.HEADER_TABLE_SIZE: 64})
+    c.send_headers(1, REQ, end_stream=True)
+    _pump(c, s, False, segs)
+    s.push_stream(1, 2, [(":method", "GET"), (":scheme", "https"), (":authority", "api.example"),
+                         (":path", "/style.css")])  # fmt: skip
+    s.send_headers(1, [(":status", "200"), ("x-long-header-name-for-eviction", SECRET * 3)])
+    s.send_headers(2, [(":status", "200"), ("content-type", "text/css")], end_stream=True)
+    s.send_data(1, b"<html>", end_stream=True)
+    _pump(s, c, True, segs)
+    _pump(c, s, False, segs)
+    d = Http2Decoder()
+    ops: list[Operation] = []
+    for seg in segs:
+        ops += d.feed(seg)
+    assert [(o.name, o.attributes.get("url.path"), o.attributes.get("http.response.status_code")) for o in ops] == [
+        ("GET", "/style.css", 200), ("GET", "/v1/items", 200)]
+    assert all(not o.client for o in ops)
+    assert ops[1].attributes["url.query"] == "id=7"
+    assert d._sides[True].hpack.max_table_size == 64  # the size update reached the decoder
+    assert "hpack_errors" not in d.counters and "header_fields_unknown" not in d.counters
     assert_no_secret(ops)
 
 
