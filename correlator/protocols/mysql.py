@@ -42,6 +42,7 @@ MAX_STATEMENTS = 256
 MAX_PENDING = 64
 _MAX_PACKET = 0xFFFFFF
 _KEEP = 16384  # bytes of one packet kept at most; the rest is stepped over
+_LONE_MAX = 65536  # a resync's only, unfinished packet is believed up to this size
 
 COM_QUIT = 0x01
 COM_INIT_DB = 0x02
@@ -121,7 +122,8 @@ class _Frames:
                 return False
             seq = s
             if pos + 4 + length > len(data):
-                return pos + 4 + length <= total or whole > 0 or (at_start and s <= 1)
+                # One lone packet proves nothing inside a segment; at its start it may.
+                return whole > 0 or (at_start and length <= _LONE_MAX and (s <= 1 or pos + 4 + length <= total))
             whole += 1
             pos += 4 + length
         return whole > 0
@@ -153,6 +155,7 @@ class _Frames:
             take = min(self.skip, len(data))
             data = data[take:]
             self.skip -= take
+            self._count("stepped_over_bytes", take)
         self.buf += data
         buf = self.buf
         pos = 0

@@ -44,6 +44,8 @@ MAX_PENDING = 1024  # frontend messages awaiting their response
 MAX_MESSAGE = 1 << 30  # the server's own limit on a message
 _KEEP = 16384  # bytes of one message kept at most; the rest is stepped over
 _STARTUP_MAX = 10000
+_LONE_MAX = 65536  # a resync's only, unfinished message is believed up to this size
+_ERROR_FIELDS = frozenset(b"SVCMDHPpqWstcdnFLR")
 
 _V3 = 196608
 _SSL_REQUEST = 80877103
@@ -78,6 +80,8 @@ def _fixed_len_ok(t: int, length: int, body: bytes) -> bool:
         return body.endswith(b"\x00")
     if t == ord("K"):
         return length == 12
+    if t in b"EN" and body:
+        return body[0] in _ERROR_FIELDS or body[0] == 0 or t == ord("E") and length == 9  # 'E' Execute
     return True
 
 
@@ -122,7 +126,8 @@ class _Frames:
             if not _fixed_len_ok(t, length, body):
                 return False
             if pos + 1 + length > len(data):
-                return pos + 1 + length <= total or whole > 0 or at_start
+                # One lone message proves nothing inside a segment; at its start it may, if small.
+                return whole > 0 or (at_start and length <= _LONE_MAX)
             whole += 1
             pos += 1 + length
         return whole > 0
@@ -177,6 +182,7 @@ class _Frames:
             take = min(self.skip, len(data))
             data = data[take:]
             self.skip -= take
+            self.c["stepped_over_bytes"] = self.c.get("stepped_over_bytes", 0) + take
         self.buf += data
         self._parse(seg, out)
         if gap > 0:
