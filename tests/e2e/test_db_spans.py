@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.agent import free_port, running_agent, service
-from tests.support.dbservers import redis_server
+from tests.support.dbservers import postgres_server, redis_server
 from tests.support.ebpf import require_ebpf
 from tests.support.otlp_receiver import OtlpReceiver
 
@@ -98,3 +98,78 @@ def test_redis_calls_are_children_of_the_callers_server_span(tmp_path: Path, mon
     # the value (and the keys) the workload wrote never leave the agent
     exported = json.dumps(spans)
     assert SECRET not in exported and "cart:3" not in exported
+
+
+PG_PASSWORD = "pg-login-sekrit-77"
+PG_CALLER = textwrap.dedent('''
+    import os, sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import psycopg
+
+    port, db_port = int(sys.argv[1]), int(sys.argv[2])
+    secret, password = os.environ["CART_SECRET"], os.environ["PG_PASSWORD"]
+    setup = psycopg.connect(host="127.0.0.1", port=db_port, user="kspan", password=password, dbname="kspandb",
+                            autocommit=True)
+    setup.execute("CREATE TABLE IF NOT EXISTS items (id int, name text)")
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            with psycopg.connect(host="127.0.0.1", port=db_port, user="kspan", password=password,
+                                 dbname="kspandb", autocommit=True) as c:
+                c.execute("INSERT INTO items VALUES (%s, %s)", (7, secret))
+                rows = c.execute("SELECT name FROM items WHERE name = '" + secret + "'").fetchall()
+            body = str(len(rows)).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", port), H)
+    print("listening", flush=True)
+    srv.serve_forever()
+''')
+
+
+def test_postgres_calls_are_children_of_the_callers_server_span(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    require_ebpf()
+    monkeypatch.setenv("CART_SECRET", SECRET)
+    monkeypatch.setenv("PG_PASSWORD", PG_PASSWORD)
+    n = 3
+    with OtlpReceiver() as rx, postgres_server(PG_PASSWORD) as db:
+        port = free_port()
+        (tmp_path / "orders_svc.py").write_text(PG_CALLER)
+        with service([sys.executable, str(tmp_path / "orders_svc.py"), str(port), str(db.port)]):
+            args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
+                    "--no-metrics", "--port", str(port), "--port", str(db.port)]
+            with running_agent(args, tmp_path) as agent:
+                for i in range(n):
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/orders/{i}", timeout=20) as r:
+                        assert r.status == 200
+
+                def ready(spans: list[dict[str, Any]]) -> bool:
+                    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") == "postgresql"
+                             and _attr(s, "db.operation.name") == "SELECT"]
+                    return len(calls) >= n
+
+                spans = rx.wait_for_spans(ready, timeout_s=30)
+            assert agent.returncode == 0, agent.stderr
+    servers = {s["span_id"]: s for s in spans if s["kind"] == SERVER and _attr(s, "server.port") == port}
+    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") == "postgresql"]
+    assert len(servers) == n
+    ops: dict[str, list[str]] = {}
+    for c in calls:
+        parent = servers.get(c["parent_span_id"])
+        assert parent is not None and c["trace_id"] == parent["trace_id"], c
+        assert _attr(c, "db.namespace") == "kspandb" and _attr(c, "server.port") == db.port
+        ops.setdefault(c["parent_span_id"], []).append(str(_attr(c, "db.operation.name")))
+    assert len(ops) == n and all({"INSERT", "SELECT"} <= set(v) for v in ops.values()), ops
+    select = next(c for c in calls if _attr(c, "db.operation.name") == "SELECT")
+    assert _attr(select, "db.collection.name") == "items" and "?" in str(_attr(select, "db.query.text"))
+    exported = json.dumps(spans)
+    assert SECRET not in exported and PG_PASSWORD not in exported

@@ -63,3 +63,70 @@ def redis_server(password: str | None = None) -> Iterator[Server]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+
+
+@dataclass
+class Postgres:
+    port: int
+    user: str
+    password: str
+    database: str
+
+
+@contextlib.contextmanager
+def postgres_server(password: str, database: str = "kspandb", extra_users: dict[str, str] | None = None,
+                    hba_extra: str = "") -> Iterator[Postgres]:
+    """PostgreSQL 15 (Debian's postgresql-15) in a temporary directory, run as `nobody`, with a
+    scram-sha-256 user `kspan` and `database` created; `extra_users` (name -> password) too."""
+    import psycopg
+
+    if not os.path.exists(f"{PG_BIN}/initdb"):
+        pytest.fail(f"{PG_BIN}/initdb missing: install Debian's postgresql-15 (scripts/bootstrap.sh)")
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    top = tempfile.mkdtemp(prefix="kspan-pg-")
+    os.chmod(top, 0o755)
+    os.chown(top, nobody.pw_uid, nobody.pw_gid)
+    data = os.path.join(top, "data")
+    pwfile = os.path.join(top, "pw")
+    with open(pwfile, "w") as f:
+        f.write(password + "\n")
+    os.chown(pwfile, nobody.pw_uid, nobody.pw_gid)
+    as_nobody = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    r = subprocess.run([*as_nobody, f"{PG_BIN}/initdb", "-D", data, "-U", "kspan", "--auth=scram-sha-256",
+                        f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        pytest.fail(f"initdb failed: {r.stderr[-2000:]}")
+    with open(os.path.join(data, "pg_hba.conf"), "w") as f:
+        f.write("local all all trust\n" + hba_extra + "host all all 127.0.0.1/32 scram-sha-256\n")
+    port = free_port()
+    proc = subprocess.Popen([*as_nobody, f"{PG_BIN}/postgres", "-D", data, "-p", str(port),
+                             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={top}",
+                             "-c", "fsync=off", "-c", "ssl=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = psycopg.connect(host="127.0.0.1", port=port, user="kspan", password=password,
+                                       dbname="postgres", autocommit=True)
+                break
+            except psycopg.OperationalError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    pytest.fail(f"postgres did not start on port {port}: {err[-2000:]}")
+                time.sleep(0.1)
+        with conn:
+            conn.execute(f"CREATE DATABASE {database}")
+            for user, pw in (extra_users or {}).items():
+                conn.execute(f"CREATE USER {user} PASSWORD '{pw}'")
+        yield Postgres(port, "kspan", password, database)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(top, ignore_errors=True)
