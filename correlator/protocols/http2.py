@@ -628,10 +628,24 @@ class Http2Decoder:
             self._client_egress = not side.egress  # only a server promises
         seg = self._seg
         assert seg is not None
-        if promised in self._streams or len(self._streams) >= MAX_STREAMS:
-            self._count("streams_over_limit" if promised not in self._streams else "frames_invalid")
+        if promised in self._streams:
+            self._count("frames_invalid")
             return
+        self._make_room()
         self._streams[promised] = _Stream(promised, seg.start_ns, seg.end_ns, seg.pid, seg.tid, fields, req_ended=True)
+
+    def _make_room(self) -> None:
+        """At MAX_STREAMS open streams, the oldest goes: on a long-lived connection a stream whose
+        end was in lost bytes would otherwise stay open forever and block every later one."""
+        if len(self._streams) < MAX_STREAMS:
+            return
+        st = self._streams.pop(min(self._streams))
+        self._count("streams_evicted")
+        if st.blind:
+            self._count("streams_end_unknown")
+            self._complete(st)
+        else:
+            self._fail(st, semconv.ERR_EVICTED, "more open streams than the decoder tracks")
 
     def _on_headers(self, side: _Side, sid: int, h: dict[bytes, bytes] | None, end_stream: bool) -> None:
         seg = self._seg
@@ -653,9 +667,7 @@ class Http2Decoder:
             if sid % 2 == 0 or sid <= self._max_client_sid:
                 self._count("frames_no_stream")
                 return
-            if len(self._streams) >= MAX_STREAMS:
-                self._count("streams_over_limit")
-                return
+            self._make_room()
             self._max_client_sid = sid
             if h is None:
                 self._count("requests_undecoded")

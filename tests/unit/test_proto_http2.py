@@ -588,6 +588,41 @@ def test_oversized_frame_loses_sync_counted() -> None:
     assert counters["frames_oversize"] == 1 and counters["sync_lost"] == 1 and ops == []
 
 
+def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+
+
+_GET = bytes([0x82, 0x86, 0x84, 0x41, 0x01, 0x61])  # GET http / :authority "a" (static and literal)
+
+
+def test_a_stream_whose_end_was_lost_is_not_called_failed() -> None:
+    request = PREFACE + _frame(4, 0, 0, b"") + _frame(1, 0x05, 1, _GET)
+    # HEADERS :status 200, a 1000-byte DATA and a last DATA with END_STREAM in one 1040-byte
+    # write: the copy's 512 bytes end inside the first DATA, the second's header is in the gap.
+    response = _frame(1, 0x04, 1, b"\x88") + _frame(0, 0, 1, b"x" * 1000) + _frame(0, 1, 1, b"end")
+    ops, counters = decode([_seg(request, True, 1), _seg(_frame(4, 0, 0, b""), False, 2),
+                            _seg(response, False, 3)])  # fmt: skip
+    assert counters["sync_lost"] == 1 and counters["streams_end_unknown"] == 1
+    assert counters["bytes_unsynced"] == 12
+    assert len(ops) == 1 and ops[0].error is None and ops[0].attributes["http.response.status_code"] == 200
+
+
+def test_open_streams_are_bounded() -> None:
+    from correlator.protocols.http2 import MAX_STREAMS
+
+    segs = [_seg(PREFACE + _frame(4, 0, 0, b""), True, 0)]
+    segs += [_seg(_frame(1, 0x05, 2 * i + 1, _GET), True, i + 1) for i in range(MAX_STREAMS + 2)]
+    d = Http2Decoder()
+    early: list[Operation] = []
+    for seg in segs:
+        early += d.feed(seg)
+    # No response ever came: the two oldest made room for the newest, failed as evicted.
+    assert [(o.error, o.start_ns) for o in early] == [("evicted", 1), ("evicted", 2)]
+    assert d.counters["streams_evicted"] == 2
+    rest = d.close(10_000)
+    assert len(rest) == MAX_STREAMS and {o.error for o in rest} == {"connection_closed"}
+
+
 # -- properties ---------------------------------------------------------------------------------
 
 @given(st.lists(st.tuples(st.binary(max_size=600), st.booleans(), st.integers(0, 5000)), max_size=12),
