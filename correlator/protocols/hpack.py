@@ -5,7 +5,8 @@ A decoder may not know its dynamic table's whole history: a connection picked up
 header block that was cut short (its insertions are lost, so every older entry's index shifts by an
 unknown amount). It then keeps only the entries inserted since (`complete` is False): the table
 always holds the newest entries in insertion order, so a reference to an index among those is
-certain, and any other dynamic reference is reported unknown. Nothing is ever guessed.
+certain, and any other dynamic reference is reported unknown. Nothing is ever guessed. A table
+larger than TABLE_CAP is mirrored up to the cap only, the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = (
 _STATIC_LEN = len(STATIC_TABLE)  # 61
 ENTRY_OVERHEAD = 32  # RFC 7541 4.1
 DEFAULT_TABLE_SIZE = 4096  # SETTINGS_HEADER_TABLE_SIZE's initial value (RFC 9113 6.5.2)
+# The largest table this decoder mirrors (bounded memory). Beyond it the oldest entries are
+# forgotten and the table counts as incomplete: a reference to one is unknown, never wrong.
+TABLE_CAP = 65536
 _MAX_INT_BYTES = 5  # continuation bytes of an integer: 2**35, far beyond any legal size or length
 
 # RFC 7541 Appendix B, as code lengths per symbol (0..255, 256 = EOS). The code is canonical
@@ -249,6 +253,9 @@ class Decoder:
                 size, pos = decode_integer(block, pos, 5)
                 if self.max_allowed is not None and size > self.max_allowed:
                     raise HpackError(f"table size {size} above the allowed {self.max_allowed}")
+                if size > TABLE_CAP:
+                    size = TABLE_CAP
+                    self.complete = False
                 self.max_table_size = size
                 self._evict()
                 continue

@@ -133,6 +133,19 @@ def test_size_update_evicts_and_is_bounded_by_settings() -> None:
     assert d.max_table_size == 8192
 
 
+def test_table_above_the_cap_forgets_its_oldest_entries_as_unknown() -> None:
+    d = hpack.Decoder()
+    d.allow(1 << 20)
+    enc = ref.Encoder()
+    enc.header_table_size = 1 << 20
+    fields = [(f"k{i}", "v" * 1000) for i in range(100)]  # ~100 KB of entries
+    assert _pairs(d.decode(enc.encode(fields))) == [(n.encode(), v.encode()) for n, v in fields]
+    assert d.max_table_size == hpack.TABLE_CAP and d.size <= hpack.TABLE_CAP and not d.complete
+    out = d.decode(enc.encode(fields))  # all indexed now: the oldest are beyond what was kept
+    assert out.unknown > 0 and len(out.fields) + out.unknown == 100
+    assert (b"k99", b"v" * 1000) in _pairs(out)
+
+
 def test_unknown_history_decodes_static_literals_and_new_entries_only() -> None:
     # The peer's table held C.3.1's :authority before we started listening: C.3.2's index 62 is
     # unknown (counted), static and literal fields decode, and C.3.3's new entry is known.
