@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.agent import free_port, running_agent, service
-from tests.support.dbservers import postgres_server, redis_server
+from tests.support.dbservers import mariadb_server, postgres_server, redis_server
 from tests.support.ebpf import require_ebpf
 from tests.support.otlp_receiver import OtlpReceiver
 
@@ -171,5 +171,83 @@ def test_postgres_calls_are_children_of_the_callers_server_span(tmp_path: Path,
     assert len(ops) == n and all({"INSERT", "SELECT"} <= set(v) for v in ops.values()), ops
     select = next(c for c in calls if _attr(c, "db.operation.name") == "SELECT")
     assert _attr(select, "db.collection.name") == "items" and "?" in str(_attr(select, "db.query.text"))
+    exported = json.dumps(spans)
+    assert SECRET not in exported and PG_PASSWORD not in exported
+
+
+MY_CALLER = textwrap.dedent('''
+    import os, sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import pymysql
+
+    port, db_port = int(sys.argv[1]), int(sys.argv[2])
+    secret, password = os.environ["CART_SECRET"], os.environ["PG_PASSWORD"]
+
+    def connect():
+        return pymysql.connect(host="127.0.0.1", port=db_port, user="app", password=password, database="kspandb",
+                               autocommit=True)
+
+    with connect() as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS stock (sku varchar(64), n int)")
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            with connect() as c, c.cursor() as cur:
+                cur.execute("INSERT INTO stock VALUES (%s, 3)", (secret,))
+                cur.execute("SELECT n FROM stock WHERE sku = '" + secret + "'")
+                rows = cur.fetchall()
+            body = str(len(rows)).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", port), H)
+    print("listening", flush=True)
+    srv.serve_forever()
+''')
+
+
+def test_mysql_calls_are_children_of_the_callers_server_span(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    require_ebpf()
+    monkeypatch.setenv("CART_SECRET", SECRET)
+    monkeypatch.setenv("PG_PASSWORD", PG_PASSWORD)
+    n = 3
+    with OtlpReceiver() as rx, mariadb_server(PG_PASSWORD) as db:
+        port = free_port()
+        (tmp_path / "stock_svc.py").write_text(MY_CALLER)
+        with service([sys.executable, str(tmp_path / "stock_svc.py"), str(port), str(db.port)]):
+            args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
+                    "--no-metrics", "--port", str(port), "--port", str(db.port)]
+            with running_agent(args, tmp_path) as agent:
+                for i in range(n):
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stock/{i}", timeout=20) as r:
+                        assert r.status == 200
+
+                def ready(spans: list[dict[str, Any]]) -> bool:
+                    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") in ("mysql", "mariadb")
+                             and _attr(s, "db.operation.name") == "SELECT"]
+                    return len(calls) >= n
+
+                spans = rx.wait_for_spans(ready, timeout_s=30)
+            assert agent.returncode == 0, agent.stderr
+    servers = {s["span_id"]: s for s in spans if s["kind"] == SERVER and _attr(s, "server.port") == port}
+    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") in ("mysql", "mariadb")]
+    assert len(servers) == n
+    ops: dict[str, list[str]] = {}
+    for c in calls:
+        parent = servers.get(c["parent_span_id"])
+        assert parent is not None and c["trace_id"] == parent["trace_id"], c
+        assert _attr(c, "server.port") == db.port
+        ops.setdefault(c["parent_span_id"], []).append(str(_attr(c, "db.operation.name")))
+    assert len(ops) == n and all({"INSERT", "SELECT"} <= set(v) for v in ops.values()), ops
+    select = next(c for c in calls if _attr(c, "db.operation.name") == "SELECT")
+    assert _attr(select, "db.namespace") == "kspandb" and _attr(select, "db.collection.name") == "stock"
     exported = json.dumps(spans)
     assert SECRET not in exported and PG_PASSWORD not in exported

@@ -130,3 +130,63 @@ def postgres_server(password: str, database: str = "kspandb", extra_users: dict[
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(top, ignore_errors=True)
+
+
+@dataclass
+class MariaDB:
+    port: int
+    socket: str
+    user: str
+    password: str
+    database: str
+
+
+@contextlib.contextmanager
+def mariadb_server(password: str, databases: tuple[str, ...] = ("kspandb",)) -> Iterator[MariaDB]:
+    """MariaDB (Debian's mariadb-server) in a temporary directory, run as `nobody`, with the user
+    `app`@127.0.0.1 (all rights on `databases`, and CREATE USER)."""
+    import pwd
+
+    import pymysql
+
+    if not shutil.which("mariadbd") or not shutil.which("mariadb-install-db"):
+        pytest.fail("mariadbd / mariadb-install-db missing: install Debian's mariadb-server (scripts/bootstrap.sh)")
+    nobody = pwd.getpwnam("nobody")
+    top = tempfile.mkdtemp(prefix="kspan-my-")
+    os.chmod(top, 0o755)
+    os.chown(top, nobody.pw_uid, nobody.pw_gid)
+    data = os.path.join(top, "data")
+    r = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=nobody",
+                        "--auth-root-authentication-method=normal", "--skip-test-db"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        pytest.fail(f"mariadb-install-db failed: {r.stderr[-2000:]}")
+    port = free_port()
+    sock = os.path.join(top, "sock")
+    proc = subprocess.Popen(["mariadbd", "--no-defaults", f"--datadir={data}", "--user=nobody", f"--port={port}",
+                             "--bind-address=127.0.0.1", f"--socket={sock}", f"--pid-file={top}/pid",
+                             "--skip-log-bin", "--innodb-buffer-pool-size=16M", "--skip-name-resolve"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = pymysql.connect(unix_socket=sock, user="root", autocommit=True)
+                break
+            except pymysql.err.OperationalError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    pytest.fail(f"mariadbd did not start on port {port}: {err[-2000:]}")
+                time.sleep(0.1)
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY '{password}'")
+            cur.execute("GRANT CREATE USER ON *.* TO 'app'@'127.0.0.1'")
+            for db in databases:
+                cur.execute(f"CREATE DATABASE {db}")
+                cur.execute(f"GRANT ALL ON {db}.* TO 'app'@'127.0.0.1'")
+        conn.close()
+        yield MariaDB(port, sock, "app", password, databases[0])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(top, ignore_errors=True)
