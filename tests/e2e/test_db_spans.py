@@ -231,8 +231,8 @@ def test_mysql_calls_are_children_of_the_callers_server_span(tmp_path: Path,
                         assert r.status == 200
 
                 def ready(spans: list[dict[str, Any]]) -> bool:
-                    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") in ("mysql", "mariadb")
-                             and _attr(s, "db.operation.name") == "SELECT"]
+                    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.operation.name") == "SELECT"
+                             and _attr(s, "db.system.name") in ("mysql", "mariadb")]
                     return len(calls) >= n
 
                 spans = rx.wait_for_spans(ready, timeout_s=30)
