@@ -196,6 +196,7 @@ class Http2Decoder:
         self._client_egress: bool | None = None  # the traced process's writes carry the requests
         self._streams: dict[int, _Stream] = {}
         self._max_client_sid = 0
+        self._orphans: set[int] = set()  # streams with a response but no known request, counted once
         self._out: list[Operation] = []
         self._seg: Segment | None = None
 
@@ -674,7 +675,11 @@ class Http2Decoder:
             self._streams[sid] = _Stream(sid, seg.start_ns, seg.end_ns, seg.pid, seg.tid, h, req_ended=end_stream)
             return
         if st is None:
-            self._count("responses_without_request")
+            if sid not in self._orphans:
+                if len(self._orphans) >= MAX_STREAMS:
+                    self._orphans.clear()
+                self._orphans.add(sid)
+                self._count("responses_without_request")
             return
         st.end_ns = seg.end_ns
         if not st.resp_seen:
