@@ -50,6 +50,8 @@ log = logging.getLogger("kspan.exporters")
 
 # Stable HTTP semantic conventions: http.*.request.duration buckets (seconds).
 DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+# db.client.operation.duration's advised boundaries (database calls are often sub-millisecond).
+DB_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 # Loopback and LAN round trips are micro- to milliseconds; the HTTP buckets would put them all in one.
 RTT_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                   0.25, 0.5, 1.0)
@@ -78,6 +80,17 @@ SERVER_DURATION = MetricDef("http.server.request.duration", "s", "Duration of HT
                             "histogram", DURATION_BUCKETS)
 CLIENT_DURATION = MetricDef("http.client.request.duration", "s", "Duration of HTTP client requests.",
                             "histogram", DURATION_BUCKETS)
+# Database and RPC calls (the protocols beyond HTTP/1), by the semantic conventions: no query text,
+# key or value is ever an attribute.
+DB_CLIENT_DURATION = MetricDef("db.client.operation.duration", "s", "Duration of database client operations.",
+                               "histogram", DB_BUCKETS)
+RPC_SERVER_DURATION = MetricDef("rpc.server.call.duration", "s", "Duration of RPCs served.", "histogram",
+                                DURATION_BUCKETS)
+RPC_CLIENT_DURATION = MetricDef("rpc.client.call.duration", "s", "Duration of RPCs made.", "histogram",
+                                DURATION_BUCKETS)
+_DB_ATTRS = ("db.system.name", "db.namespace", "db.operation.name", "db.collection.name",
+             "db.response.status_code", "error.type", "server.address", "server.port")
+_RPC_ATTRS = ("rpc.system", "rpc.service", "rpc.method", "rpc.grpc.status_code", "error.type")
 SG_TOTAL = MetricDef("traces_service_graph_request_total", "{request}",
                      "Requests between two services, from the client/server span pairs kspan linked.", "counter")
 SG_FAILED = MetricDef("traces_service_graph_request_failed_total", "{request}",
@@ -280,6 +293,20 @@ class MetricsAggregator:
         # No sort needed: the order above is fixed, so equal attribute sets give equal tuples.
         return tuple(out)
 
+    @staticmethod
+    def _other_protocol(span: Span) -> tuple[MetricDef | None, AttrKey] | None:
+        """A database or RPC span's duration metric and attributes; None for HTTP. A database's own
+        server-side spans have no metric in the conventions (None, ())."""
+        a = span.attributes
+        if "db.system.name" in a:
+            if span.kind != SpanKind.CLIENT:
+                return None, ()
+            return DB_CLIENT_DURATION, tuple((k, a[k]) for k in _DB_ATTRS if k in a)
+        if "rpc.system" in a:
+            m = RPC_SERVER_DURATION if span.kind == SpanKind.SERVER else RPC_CLIENT_DURATION
+            return m, tuple((k, a[k]) for k in _RPC_ATTRS if k in a)
+        return None
+
     def record_spans(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
         now_ns = time.time_ns()
         now = time.monotonic()
@@ -288,8 +315,13 @@ class MetricsAggregator:
                 res, service = self._service(s.pid, processes.get(s.pid))
                 seconds = max(0, s.end_ns - s.start_ns) / 1e9
                 server = s.kind == SpanKind.SERVER
-                self._observe(res, SERVER_DURATION if server else CLIENT_DURATION, self._red_attrs(s),
-                              seconds, now_ns)
+                other = self._other_protocol(s)
+                if other is not None:
+                    if other[0] is not None:
+                        self._observe(res, other[0], other[1], seconds, now_ns)
+                else:
+                    self._observe(res, SERVER_DURATION if server else CLIENT_DURATION, self._red_attrs(s),
+                                  seconds, now_ns)
                 self._learn_endpoints(s, service, processes)
                 self._graph(s, service, seconds, processes, now, now_ns)
             if now - self._last_sweep >= 1.0:
@@ -314,6 +346,13 @@ class MetricsAggregator:
                now: float, now_ns: int) -> None:
         a = s.attributes
         client = s.kind == SpanKind.CLIENT
+        system = a.get("db.system.name")
+        if system is not None:
+            # A database or cache is a node of its own, named by its system (as Tempo's service
+            # graph names database nodes); its server-side spans add no edge of their own.
+            if client:
+                self._edge(service, str(system), "database", s.status == StatusCode.ERROR, None, seconds, now_ns)
+            return
         if client:
             addr = a.get("network.peer.address")
             local = isinstance(addr, str) and (addr.startswith("127.") or addr == "::1")

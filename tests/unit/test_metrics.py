@@ -372,3 +372,43 @@ def test_metrics_over_tls_with_a_custom_ca(tmp_path, protocol: str) -> None:
         assert rec.export_now(timeout_s=5)
         rec.shutdown()
         assert any(m["name"] == "http.server.request.duration" for m in rx.metrics())
+
+
+def test_database_calls_have_their_own_duration_and_a_database_node() -> None:
+    """db.client.operation.duration by system, namespace, operation and collection, never the query
+    text; the service graph gets a database node named by its system; a database's own
+    server-side spans add neither."""
+    agg = MetricsAggregator()
+    db = {"db.system.name": "postgresql", "db.namespace": "shop", "db.operation.name": "SELECT",
+          "db.collection.name": "items", "db.query.text": "SELECT name FROM items WHERE id = ?",
+          "server.address": "127.0.0.1", "server.port": 5432}
+    agg.record_spans([
+        _span(SpanKind.CLIENT, 101, 0.002, dict(db), span_id=b"\x03" * 8),
+        _span(SpanKind.CLIENT, 101, 0.004, {**db, "db.response.status_code": "23505", "error.type": "23505"},
+              span_id=b"\x04" * 8, status=StatusCode.ERROR),
+        _span(SpanKind.SERVER, 102, 0.001, {"db.system.name": "postgresql", "db.operation.name": "SELECT"}),
+    ], processes())
+    points = _points(agg)
+    series = [p for p in points if p["name"] == "db.client.operation.duration"]
+    assert len(series) == 2 and all("db.query.text" not in p["attributes"] for p in series)
+    ok = next(p for p in series if "error.type" not in p["attributes"])
+    assert ok["count"] == 1 and ok["attributes"]["db.namespace"] == "shop"
+    assert ok["attributes"]["db.collection.name"] == "items" and ok["attributes"]["server.port"] == 5432
+    failed = _one(points, "db.client.operation.duration", **{"error.type": "23505"})
+    assert failed["attributes"]["db.response.status_code"] == "23505"
+    assert not [p for p in points if p["name"].startswith("http.")], "no HTTP series for database spans"
+    edge = _one(points, "traces_service_graph_request_total", server="postgresql")
+    assert edge["attributes"]["connection_type"] == "database" and edge["value"] == 2
+    assert _one(points, "traces_service_graph_request_failed_total", server="postgresql")["value"] == 1
+    assert not [p for p in points if p["name"] == "traces_service_graph_request_total"
+                and p["attributes"].get("client") == "user"], "the database's own spans add no edge"
+
+
+def test_rpc_calls_have_rpc_durations() -> None:
+    agg = MetricsAggregator()
+    rpc = {"rpc.system": "grpc", "rpc.service": "shop.Cart", "rpc.method": "Add", "rpc.grpc.status_code": 0}
+    agg.record_spans([_span(SpanKind.SERVER, 101, 0.01, dict(rpc)),
+                      _span(SpanKind.CLIENT, 101, 0.02, dict(rpc), span_id=b"\x05" * 8)], processes())
+    points = _points(agg)
+    assert _one(points, "rpc.server.call.duration", **{"rpc.method": "Add"})["count"] == 1
+    assert _one(points, "rpc.client.call.duration", **{"rpc.service": "shop.Cart"})["count"] == 1
