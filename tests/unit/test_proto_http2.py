@@ -1,7 +1,9 @@
 """HTTP/2 and gRPC decoding (correlator/protocols/http2.py) on real traffic recorded by
 tests/support/relay.py: a grpcio server and client over h2c, curl --http2-prior-knowledge against
-nginx, curl's `Upgrade: h2c` against an h2 (hyper-h2) server; both ends' views, cut to 512 bytes
-per transfer like the kernel's copy. Plus bad input and a property test."""
+nginx, Go's net/http client and server (unencrypted HTTP/2, concurrent streams), curl's
+`Upgrade: h2c` against an h2 (hyper-h2) server; both ends' views, cut to 512 bytes per transfer
+like the kernel's copy. Plus frames from h2 for GOAWAY, CONTINUATION and push, bad input, and
+property tests."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import h2.config
@@ -346,6 +349,111 @@ def test_curl_prior_knowledge_against_nginx(nginx_port: int) -> None:
     # header, counted as unsynced bytes); the operation is there either way.
     _, counters = decode(v["client"][4])
     assert counters.get("gap_bytes_stepped", 0) + counters.get("bytes_unsynced", 0) > 150_000, counters
+
+
+# -- Go's net/http on both ends (unencrypted HTTP/2, prior knowledge) ------------------------
+
+GO_H2C = """package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+)
+
+func protocols() *http.Protocols {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	return &p
+}
+
+func main() {
+	if os.Args[1] == "serve" {
+		ln, err := net.Listen("tcp", "127.0.0.1:"+os.Args[2])
+		if err != nil {
+			panic(err)
+		}
+		fmt.Println("listening")
+		h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch {
+			case r.URL.Path == "/fail":
+				w.WriteHeader(500)
+			case r.URL.Path == "/big":
+				w.Write([]byte(strings.Repeat("0123456789", 10000)))
+			default:
+				w.Header().Set("X-Echo", r.Header.Get("Authorization"))
+				io.WriteString(w, "hello\\n")
+			}
+		})
+		(&http.Server{Handler: h, Protocols: protocols()}).Serve(ln)
+		return
+	}
+	c := &http.Client{Transport: &http.Transport{Protocols: protocols()}}
+	get := func(u string) string {
+		req, _ := http.NewRequest("GET", u, nil)
+		req.Header.Set("Authorization", "Bearer SECRET")
+		req.Header.Set("X-Custom", "SECRET")
+		resp, err := c.Do(req)
+		if err != nil {
+			return "error"
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return fmt.Sprint(resp.StatusCode, " ", resp.Proto)
+	}
+	fmt.Println(get(os.Args[2] + "/warm"))
+	out := make([]string, len(os.Args)-3)
+	var wg sync.WaitGroup
+	for i, p := range os.Args[3:] {
+		wg.Add(1)
+		go func(i int, p string) { defer wg.Done(); out[i] = get(os.Args[2] + p) }(i, p)
+	}
+	wg.Wait()
+	fmt.Println(strings.Join(out, ","))
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def go_h2c(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.support.agent import go_binary
+
+    d = tmp_path_factory.mktemp("go_h2c")
+    (d / "main.go").write_text(GO_H2C.replace("SECRET", SECRET))
+    return go_binary(d, d / "h2c")
+
+
+def test_go_client_and_server_concurrent_streams(go_h2c: Path) -> None:
+    from tests.support.agent import service
+
+    port = free_port()
+    with service([str(go_h2c), "serve", str(port)]), relaying(("127.0.0.1", port)) as r:
+        paths = ["/a", "/fail", "/b", "/big", "/c"]
+        out = subprocess.run([str(go_h2c), "get", f"http://127.0.0.1:{r.port}", *paths],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert out.stdout.split("\n")[:2] == ["200 HTTP/2.0", "200 HTTP/2.0,500 HTTP/2.0,200 HTTP/2.0,200 HTTP/2.0,"
+                                                "200 HTTP/2.0"], out  # fmt: skip
+        v = views(r)
+    for view, conns in v.items():
+        assert len(conns) == 1, "one connection, six streams"
+        ops, counters = decode(conns[0])
+        assert len(ops) == 6, (view, ops, counters)
+        by_path: dict[str, Operation] = {}
+        for op in ops:
+            a = op.attributes
+            assert op.name == "GET" and a["user_agent.original"].startswith("Go-http-client/")
+            key = a["url.path"] if view == "server" else a["url.full"].rsplit("/", 1)[1]
+            by_path["/" + key.lstrip("/")] = op
+        assert sorted(by_path) == sorted(["/warm", *paths])
+        assert by_path["/fail"].attributes["http.response.status_code"] == 500
+        assert by_path["/fail"].error == "500"
+        assert all(by_path[p].attributes.get("http.response.status_code") == 200 for p in ("/warm", "/a", "/b"))
+        assert_no_secret(ops)
+        assert "decoder_errors" not in counters and "hpack_errors" not in counters
 
 
 # -- curl's Upgrade: h2c against an h2 (hyper-h2) server --------------------------------------
