@@ -135,8 +135,14 @@ class _Frames:
         data = seg.data
         gap = seg.length - len(data)
         out: list[_Pkt] = []
+        if not self.synced and self.quiet:  # the direction's first bytes
+            if len(self.buf) + len(data) < 4 and gap <= 0:
+                self.buf += data  # too short to tell a packet header yet
+                return out
+            data = bytes(self.buf) + data
+            self.buf.clear()
         if not self.synced:
-            total = seg.length
+            total = seg.length + (len(data) - len(seg.data))
             for k in range(len(data)):
                 if self._chain_ok(data[k:], total - k, k == 0):
                     if k:

@@ -370,3 +370,34 @@ def _mutated_real_traffic(data: st.DataObject) -> None:
 def test_mutated_real_traffic_never_raises(workload: Relay) -> None:
     _REAL[:] = workload.client_segments()[0]
     _mutated_real_traffic()
+
+
+@given(st.data())
+def _rechunked_like_the_kernel(data: st.DataObject) -> None:
+    segs: list[Segment] = []
+    for run in _RUNS:
+        cuts = data.draw(st.sets(st.integers(1, max(1, len(run.data) - 1)), max_size=6))
+        bounds = [0, *sorted(c for c in cuts if c < len(run.data)), len(run.data)]
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            chunk = run.data[a:b]
+            segs.append(replace(run, data=chunk[:512], length=len(chunk)))
+    ops, counters = decode(segs)
+    assert "decode_errors" not in counters
+    assert "sekrit" not in exported(ops)
+    assert len(ops) <= len(WORKLOAD_OPS)  # lost ones are counted, none invented
+    if not any(s.truncated for s in segs):  # nothing cut: exactly the workload
+        assert [_summary(o) for o in ops] == WORKLOAD_OPS
+
+
+_RUNS: list[Segment] = []
+
+
+def test_any_transfer_boundaries_cut_to_512_bytes(workload: Relay) -> None:
+    """The workload's bytes written in transfers of any size, each copied up to 512 bytes."""
+    _RUNS.clear()
+    for s in workload.client_segments(full=True)[0]:
+        if _RUNS and _RUNS[-1].egress == s.egress:
+            _RUNS[-1] = replace(_RUNS[-1], data=_RUNS[-1].data + s.data, length=_RUNS[-1].length + s.length)
+        else:
+            _RUNS.append(s)
+    _rechunked_like_the_kernel()
