@@ -23,6 +23,16 @@ bytes are counted and the decoder waits. A connection picked up mid-stream (no p
 the same way. A header block cut short, or frames lost while out of sync, leave that direction's
 HPACK table unknown (hpack.Decoder(complete=False)): from then on only static, literal and newly
 inserted fields decode, and every field that referred to an unknown entry is counted.
+
+Counters: frames, header_blocks; gap_bytes_stepped (cut payload bytes stepped over by a frame's
+length); sync_lost, bytes_unsynced, resyncs, midstream_pickups; header_blocks_truncated,
+hpack_table_lost, hpack_errors, header_fields_unknown; requests_undecoded, responses_undecoded,
+responses_without_request (once per stream), headers_unknown_role, frames_no_stream;
+grpc_status_unknown; streams_end_unknown (emitted at close or eviction without a failure: their
+end was in lost bytes), streams_evicted (more than MAX_STREAMS open); frames_invalid,
+frames_oversize, frames_unknown_type, continuation_missing, continuation_unexpected, bad_preface;
+not_http2, bytes_not_http2 (an HTTP/1.1 connection without an accepted h2c upgrade);
+decoder_errors (a bug caught: both directions resynchronise).
 """
 
 from __future__ import annotations
