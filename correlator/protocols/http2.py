@@ -37,6 +37,8 @@ decoder_errors (a bug caught: both directions resynchronise).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass, field
 
@@ -459,6 +461,7 @@ class Http2Decoder:
             assert seg is not None
             self._streams[1] = _Stream(1, seg.start_ns, seg.end_ns, seg.pid, seg.tid, req, req_ended=True)
             self._max_client_sid = 1
+            self._upgrade_settings(side, headers.get(b"http2-settings", b""))
             clen = _int(headers.get(b"content-length"))
             side.skip = clen or 0
             side.mode = _SKIP if side.skip else _PREFACE
@@ -469,6 +472,16 @@ class Http2Decoder:
                 return len(data)
             side.mode = _FRAMES
         return i + used
+
+    def _upgrade_settings(self, side: _Side, value: bytes) -> None:
+        # The upgrade's HTTP2-Settings is the client's first SETTINGS (RFC 7540 3.2.1): it bounds
+        # the server's header table and frame size from the first response on.
+        try:
+            payload = base64.urlsafe_b64decode(value + b"=" * (-len(value) % 4))
+        except (binascii.Error, ValueError):
+            self._count("frames_invalid")
+            return
+        self._settings(side, 0, payload, False)
 
     def _not_http2(self) -> None:
         self._count("not_http2")

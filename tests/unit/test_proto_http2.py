@@ -716,6 +716,20 @@ def test_a_stream_whose_end_was_lost_is_not_called_failed() -> None:
     assert len(ops) == 1 and ops[0].error is None and ops[0].attributes["http.response.status_code"] == 200
 
 
+def test_upgrade_settings_bound_the_servers_table() -> None:
+    # HTTP2-Settings (base64url) raises the server's header table to 64 KiB: its first response
+    # block may open with a size update to that, which must not be taken for a COMPRESSION_ERROR.
+    upgrade = (b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+               b"HTTP2-Settings: AAEAAQAA\r\n\r\n")  # fmt: skip
+    response = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+                + _frame(4, 0, 0, b"") + _frame(1, 0x05, 1, bytes([0x3F, 0xE1, 0xFF, 0x03, 0x88])))  # fmt: skip
+    preface = PREFACE + _frame(4, 0, 0, b"")
+    ops, counters = decode([_seg(upgrade, True, 1), _seg(response, False, 2), _seg(preface, True, 3)])
+    assert [(o.name, o.attributes["http.response.status_code"], o.attributes["url.full"]) for o in ops] == [
+        ("GET", 200, "http://a/x")]
+    assert "hpack_errors" not in counters
+
+
 def test_open_streams_are_bounded() -> None:
     from correlator.protocols.http2 import MAX_STREAMS
 
