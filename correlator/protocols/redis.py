@@ -130,7 +130,9 @@ ERROR_CODES = frozenset(
 )  # fmt: skip
 _NO_TEXT = frozenset(("AUTH", "HELLO"))
 _HANDSHAKE = frozenset(("HELLO", "AUTH", "CLIENT SETNAME", "CLIENT SETINFO"))
-_MODULE_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9_-]{0,31}\.[A-Za-z0-9_.-]{1,32}")
+# Commands of the common modules (RedisJSON, RediSearch, RedisBloom, RedisTimeSeries, ...): a
+# known prefix, so an arbitrary dotted word (which could be anything a client sent) is not a name.
+_MODULE_NAME = re.compile(rb"(?i:JSON|FT|BF|CF|CMS|TOPK|TDIGEST|TS|GRAPH|RG|AI|SEARCH)\.[A-Za-z_]{1,32}")
 _INT = re.compile(rb"-?[0-9]{1,20}")
 _BIG = re.compile(rb"[-+]?[0-9]{1,4096}")
 _DOUBLE = re.compile(rb"[-+]?(?:inf|nan|[0-9][0-9.eE+-]{0,400})")
@@ -570,6 +572,7 @@ class RedisDecoder:
         self._skip_next = False
         self._seg = 0
         self._replies_seen = False
+        self._absorb = 0  # replies still due to evicted commands
         self._out: list[Operation] = []
 
     # -- StreamDecoder ---------------------------------------------------------------------
@@ -620,7 +623,18 @@ class RedisDecoder:
 
     def _on_message(self, egress: bool, msg: _Msg, st: _Stream) -> None:
         if self._cmd_egress is None:
-            self._cmd_egress = egress if self._command_shaped(msg) else not egress
+            if self._command_shaped(msg):
+                self._cmd_egress = egress
+            elif (not st.clean or msg.kind == _T_BULK
+                  or (msg.kind == _T_ARRAY and msg.all_bulk and msg.count and not msg.null)):  # fmt: skip
+                # Weak evidence decides nothing: a message found by a resync (it may be a tail that
+                # looks like a reply), a lone bulk string (perhaps a command's tail), an array of
+                # bulk strings not naming a known command (cut, or newer than this table). With no
+                # command known it is counted as a reply without one.
+                self.counters["replies_unpaired"] += 1
+                return
+            else:
+                self._cmd_egress = not egress
         if egress == self._cmd_egress:
             self._on_command(msg, st)
         else:
@@ -651,6 +665,7 @@ class RedisDecoder:
             return
         # The reply bytes were not copied: commands sent before this transfer were answered in it
         # (or in what follows, undecodable until a resync); end them here rather than mispair.
+        self._absorb = 0
         kept: deque[_Pending] = deque()
         for p in self._pending:
             if p.lost or p.seg >= self._seg:
@@ -731,6 +746,7 @@ class RedisDecoder:
             old = self._pending.popleft()
             if not old.lost:
                 c["commands_evicted"] += 1
+                self._absorb += 1  # its reply is still to come: it must not pair with the next
         self._pending.append(p)
 
     def _head(self, msg: _Msg) -> _Pending | None:
@@ -751,13 +767,16 @@ class RedisDecoder:
         if msg.kind == _T_PUSH and not confirm:
             c["pushes"] += 1
             return
-        subscribed = any(self._nsubs.values()) or any(p.sub for p in self._pending)
         if (not self._resp3 and msg.kind == _T_ARRAY and kind in _PUSH_DATA and msg.count in (3, 4)
-                and (subscribed or not self._pending)):  # fmt: skip
+                and (not self._pending or any(self._nsubs.values()) or any(p.sub for p in self._pending))):  # fmt: skip
             c["pushes"] += 1
             return
         if self._monitor and msg.kind == _T_SIMPLE and first is not None and first[:1].isdigit():
             c["pushes"] += 1
+            return
+        if self._absorb:
+            self._absorb -= 1
+            c["replies_unpaired"] += 1
             return
         p = self._head(msg)
         while p is not None and p.sub is not None and p.got and not (confirm and p.sub == kind):

@@ -20,7 +20,7 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from correlator.protocols.redis import COUNTERS, RedisDecoder
+from correlator.protocols.redis import COUNTERS, MAX_PENDING, RedisDecoder
 from correlator.segments import SEGMENT_DATA, Operation, Segment
 from tests.support.relay import Relay, relaying
 
@@ -487,6 +487,14 @@ def test_cut_mid_frame_and_midstream_pickup(server: Server) -> None:
             assert d.counters["replies_unpaired"] == 1  # the cut SET's reply
             assert len(ops) == 9 and ops[0].name == "GET"  # the cut SET's GET, then 4 SET/GET pairs
             assert shape(ops) == shape(full_ops[client][-len(ops) :])
+            # Picked up at the SET's value: a lone bulk string decides nothing (it could be a
+            # reply as well as a command's tail), so the direction still comes out right.
+            at = first.data.index(b"$9\r\n")
+            tail = [replace(first, data=first.data[at:], length=first.length - at)] + segs[start + 1 :]
+            ops, d = decode(tail)
+            assert all(o.client is client for o in ops)
+            assert d.counters["replies_unpaired"] == 2  # the value, then the SET's OK
+            assert shape(ops) == shape(full_ops[client][-9:])
             # Picked up with the first segment a reply: counted, then in step.
             ops2, d2 = decode(segs[start + 1 :])
             assert all(o.client is client for o in ops2)
@@ -561,6 +569,20 @@ def test_hints_from_the_caller(server: Server) -> None:
             assert [(o.name, o.client, o.attributes.get("db.namespace")) for o in ops] == [("SET", client, "0")]
 
 
+def test_pending_table_is_bounded_without_mispairing() -> None:
+    n = MAX_PENDING + 7
+    cmd = b"*2\r\n$3\r\nGET\r\n$9\r\n" + SECRET.encode() + b"\r\n"
+    d = RedisDecoder(client=True)
+    ops: list[Operation] = []
+    for i in range(n):  # command i at time i
+        ops += d.feed(Segment(1, 1, 1, True, i, i, len(cmd), cmd))
+    for i in range(n):  # its reply at time 10**6 + i
+        ops += d.feed(Segment(1, 1, 1, False, 10**6 + i, 10**6 + i, 5, b"+OK\r\n"))
+    assert len(ops) == MAX_PENDING
+    assert d.counters["commands_evicted"] == 7 and d.counters["replies_unpaired"] == 7
+    assert all(o.end_ns - 10**6 == o.start_ns for o in ops)  # each paired with its own reply
+
+
 def test_counters_are_declared() -> None:
     d = RedisDecoder()
     assert tuple(d.counters) == COUNTERS
@@ -602,6 +624,33 @@ _replies = st.recursive(
         lambda xs: st.sampled_from([b"*%d\r\n" % len(xs), b"~%d\r\n" % len(xs)]).map(lambda h: h + b"".join(xs))),
     max_leaves=8,
 )
+
+
+@given(st.lists(st.tuples(st.sampled_from(_CMDS), st.lists(st.binary(max_size=600), max_size=3), _replies),
+                min_size=1, max_size=10),
+       st.lists(st.integers(1, 900), min_size=1, max_size=8), st.integers(0, 80), st.booleans())  # fmt: skip
+def test_truncated_copies_never_mislead(cmds: list[tuple[str, list[bytes], bytes]], cuts: list[int], cap: int,
+                                        client: bool) -> None:  # fmt: skip
+    """Real-shaped traffic copied `cap` bytes per transfer: never an exception, never a value out,
+    never more operations than commands, and losses are counted."""
+    chunks: list[tuple[bool, bytes]] = []
+    for name, args, reply in cmds:
+        wire = b"*%d\r\n" % (1 + len(args)) + _bulk(name.encode()) + b"".join(_bulk(SECRET.encode() + a) for a in args)
+        for egress, w in ((client, wire), (not client, reply)):
+            i = k = 0
+            while i < len(w):
+                chunks.append((egress, w[i : i + cuts[k % len(cuts)]]))
+                i += cuts[k % len(cuts)]
+                k += 1
+    ops, d = decode(_segs(chunks, cap))
+    assert len(ops) <= len(cmds) and d.counters["decoder_errors"] == 0
+    assert {o.name.split(" ")[0] for o in ops} <= set(_CMDS) | {"_OTHER"}
+    for o in ops:
+        assert o.client is client
+        assert SECRET not in repr((o.name, o.attributes, o.error, o.error_message))
+    if any(len(c) > cap for _, c in chunks) and len(ops) < len(cmds):
+        lost = ("commands_lost", "replies_unpaired", "bytes_undecoded", "protocol_errors", "messages_cut")
+        assert any(d.counters[k] for k in lost), d.counters
 
 
 @given(
