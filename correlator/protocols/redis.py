@@ -299,6 +299,14 @@ class _Stream:
                 self.body -= take
                 continue
             if self.crlf:
+                if self.crlf == 2 and i + 2 <= n:
+                    if data[i : i + 2] != b"\r\n":
+                        self._protocol_error(n - i, seg)
+                        return
+                    i += 2
+                    self.crlf = 0
+                    self._blob_done(seg)
+                    continue
                 while self.crlf and i < n:
                     if data[i] != (0x0D if self.crlf == 2 else 0x0A):
                         self._protocol_error(n - i, seg)
