@@ -4,7 +4,8 @@ Follows the OpenTelemetry database semantic conventions v1.33 and their Redis pa
 `db.system.name=redis`; `db.operation.name` is the command in upper case, and for the container
 commands whose subcommand selects the operation (CLIENT, CONFIG, ACL, ...) the command and the
 subcommand ("CLIENT SETNAME", "CONFIG GET"); a command name Redis does not define (typos, garbage)
-is "_OTHER" so a name never carries user data, while module commands ("JSON.SET") keep theirs;
+is "_OTHER" so a name never carries user data, while the common modules' commands ("JSON.SET",
+"FT.SEARCH") keep theirs;
 `db.namespace` is the database index, set only when known reliably: after a SELECT seen on the
 connection, or from the first command when it is a connection handshake (HELLO, AUTH, CLIENT
 SETNAME/SETINFO) or the decoder was told it sees the connection from its start (index 0 then);
@@ -33,9 +34,16 @@ pub/sub messages, MONITOR lines, client-tracking invalidations) are not replies 
 SUBSCRIBE-family commands end at their last confirmation; commands queued in MULTI end at EXEC's
 reply with their own result (an error inside EXEC's array is that command's error).
 
-Which direction carries commands: the traced process's writes when it is the client. Without a
-hint (`client=`), the first complete message decides: an array of bulk strings naming a known
-command, or an inline command, is a command; anything else is a reply.
+Which direction carries commands: the traced process's writes when it is the client (pass
+`client=` when the kernel knows it). Without that hint, strong evidence decides: an array of bulk
+strings naming a known command, or an inline command, is a command; another type decoded from a
+direction's first bytes is a reply. Weak evidence (a message found by a resync, a lone bulk
+string, an array of bulk strings naming nothing known) decides nothing and is counted.
+
+Limits: replies to commands lost inside a pipelined flight are told apart only by time (those
+that arrive before the next decoded command was sent); when several of a flight's transfers
+were cut before any reply came, later decoded commands of that flight may be paired with their
+lost predecessors' replies (each span keeps its own command's name; its end and status may be another's).
 """
 
 from __future__ import annotations
