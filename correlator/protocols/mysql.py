@@ -34,7 +34,7 @@ import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from correlator.protocols.sql import describe, redact_message
+from correlator.protocols.sql import describe, identifier, redact_message
 from correlator.segments import Operation, Segment
 from correlator.spans import AttrValue
 
@@ -334,7 +334,9 @@ class MySQLDecoder:
         if caps & CLIENT_CONNECT_WITH_DB and pos < len(p):
             end = p.find(b"\x00", pos)
             if end > pos:
-                self._namespace = p[pos:end].decode("utf-8", "replace")[:256]
+                self._namespace = identifier(p[pos:end])
+                if self._namespace is None:
+                    self._count("bad_database_names")
         self._client_caps = caps
 
     # -- client -----------------------------------------------------------------------------------
@@ -386,7 +388,9 @@ class MySQLDecoder:
             return
         cmd = _Cmd(kind, text, seg.start_ns, seg.pid, seg.tid)
         if kind == "init_db":
-            cmd.schema = p[1:].decode("utf-8", "replace")[:256]
+            cmd.schema = identifier(p[1:]) if pkt.complete else None
+            if cmd.schema is None:
+                self._count("bad_database_names")
         if len(self._pending) >= MAX_PENDING:
             self._pending.popleft()
             self._count("pending_overflow")
@@ -433,8 +437,8 @@ class MySQLDecoder:
                 self._prepare_next(cmd, seg, out)
                 return
             if first == 0x00 or (first == 0xFE and len(p) < 9):
-                if cmd.kind == "init_db" and cmd.schema:
-                    self._namespace = cmd.schema
+                if cmd.kind == "init_db":
+                    self._namespace = cmd.schema  # None when the name was unreadable: unknown
                 self._ok_or_more(cmd, p, seg, out)
                 return
             if first == 0xFB and cmd.kind == "query":

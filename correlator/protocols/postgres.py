@@ -34,7 +34,7 @@ import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from correlator.protocols.sql import OPERATIONS, describe, redact_message
+from correlator.protocols.sql import OPERATIONS, describe, identifier, redact_message
 from correlator.segments import Operation, Segment
 from correlator.spans import AttrValue
 
@@ -453,7 +453,9 @@ class PostgresDecoder:
                 params[key] = val
         db = params.get(b"database") or params.get(b"user")
         if db:
-            self._namespace = db.decode("utf-8", "replace")
+            self._namespace = identifier(db)
+            if self._namespace is None:
+                self._count("bad_database_names")
 
     # -- backend ----------------------------------------------------------------------------------
 

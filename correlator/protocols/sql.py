@@ -394,3 +394,15 @@ def redact_message(msg: str) -> str:
         last = max(msg.rfind(q) for q in _QUOTES)
         msg = msg[:first] + "?" + (msg[last + 1 :] if last > first else "")
     return _DIGITS.sub("?", msg)[:MAX_ERROR_MESSAGE]
+
+
+_NAME_MAX = 64  # MySQL's identifier limit; PostgreSQL's is 63 bytes
+
+
+def identifier(raw: bytes) -> str | None:
+    """A database name read off the wire, or None when it cannot be one (control bytes, too
+    long): a frame misread after a gap must not export whatever bytes followed as a name."""
+    if not raw or len(raw) > _NAME_MAX * 4 or any(b < 0x20 or b == 0x7F for b in raw):
+        return None
+    text = raw.decode("utf-8", "replace")
+    return text if len(text) <= _NAME_MAX and "\ufffd" not in text else None

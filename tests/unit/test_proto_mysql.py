@@ -360,7 +360,9 @@ def _mutated_real_traffic(data: st.DataObject) -> None:
         if not s.data:
             continue
         b = bytearray(s.data)
-        b[data.draw(st.integers(0, len(b) - 1))] = data.draw(st.integers(0, 255).filter(lambda v: v not in _SQL_SYNTAX))
+        j = data.draw(st.integers(0, len(b) - 1))
+        if b[j] not in _SQL_SYNTAX:
+            b[j] = data.draw(st.integers(0, 255).filter(lambda v: v not in _SQL_SYNTAX))
         segs[i] = replace(s, data=bytes(b[: data.draw(st.integers(0, len(b)))]), length=s.length)
     ops, counters = decode(segs)
     assert "decode_errors" not in counters

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from correlator.protocols.sql import MAX_QUERY_TEXT, describe, redact, redact_message
+from correlator.protocols.sql import MAX_QUERY_TEXT, describe, identifier, redact, redact_message
 
 SECRET = "sekrit-42"
 
@@ -125,3 +125,12 @@ def test_a_string_literal_never_survives(body: str, dialect: str, cut: int) -> N
     sql = f"SELECT * FROM t WHERE a = '{marker}' AND b = 7"
     for text in (sql, sql[: 26 + cut]):  # whole, and cut anywhere inside or after the literal
         assert "QZXJ" not in redact(text, dialect)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [(b"kspandb", "kspandb"), ("données".encode(), "données"), (b"", None), (b"db\x00x", None),
+     (b"\x03SELECT", None), (b"x" * 65, None), (b"\xff\xfe", None)],
+)
+def test_database_names_off_the_wire(raw: bytes, name: str | None) -> None:
+    assert identifier(raw) == name
