@@ -77,6 +77,11 @@ struct kspan_data_args {
     __u32 buf_len;        /* contiguous readable bytes at buf */
     __u32 tail_n;         /* > 0: tail holds the last tail_n (<= 8) bytes, newest in the low byte */
     __u64 tail;
+    /* Scattered buffers: the user iovec array, its length and the bytes of its first segment
+     * already consumed, for the segment copy of other protocols (kspan_proto_copy). */
+    __u64 iov;
+    __u32 vlen;
+    __u32 iov_skip;
 };
 
 /* An OpenSSL call in progress on a thread (filled by the TLS uprobes). */
@@ -1874,12 +1879,74 @@ struct {
 
 /* ---- protocols beyond HTTP/1: bounded segments, decoded in user space ---- */
 
+/* The segment being built, with room past its data for the verifier: a copy into data at a
+ * variable offset is seen as offset <= KSPAN_SEG_DATA - 1 plus up to 2 * KSPAN_SEG_DATA - 1 bytes. */
+struct kspan_segbuf_val {
+    struct kspan_segment seg;
+    char spare[2 * KSPAN_SEG_DATA];
+};
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
     __uint(max_entries, 1);
     __type(key, __u32);
-    __type(value, struct kspan_segment);
+    __type(value, struct kspan_segbuf_val);
 } kspan_segbuf SEC(".maps");
+
+struct kspan_iovec_u {
+    __u64 base;
+    __u64 len;
+};
+
+struct kspan_gather {
+    struct kspan_segbuf_val *sb;
+    __u64 iov;
+    __u64 skip;
+    __u32 vlen;
+    __u32 len;
+    __u32 off;
+    __u32 _pad;
+};
+
+/* One iovec of the gather (a bpf_loop callback: gRPC's C core writes a frame as dozens of small
+ * slices, more than an unrolled loop could walk). */
+static long kspan_gather_step(__u32 j, void *c)
+{
+    struct kspan_gather *g = c;
+    if (j >= g->vlen || g->off >= KSPAN_SEG_DATA || g->off >= g->len)
+        return 1;
+    struct kspan_iovec_u v = {};
+    if (bpf_probe_read_user(&v, sizeof(v), (const void *)(g->iov + (__u64)j * sizeof(v))) != 0)
+        return 1;
+    if (j == 0 && g->skip < v.len) {
+        v.base += g->skip;
+        v.len -= g->skip;
+    }
+    __u64 want = KSPAN_SEG_DATA - g->off;
+    if (v.len < want)
+        want = v.len;
+    if (g->len - g->off < want)
+        want = g->len - g->off;
+    __u32 w = want;
+    __u32 o = g->off;
+    asm volatile("" : "+r"(w), "+r"(o));
+    w &= 2 * KSPAN_SEG_DATA - 1;
+    o &= KSPAN_SEG_DATA - 1;
+    if (w && bpf_probe_read_user(&g->sb->seg.data[o], w, (const void *)v.base) != 0)
+        return 1;
+    g->off += want;
+    return 0;
+}
+
+/* The first KSPAN_SEG_DATA bytes of a scattered transfer, gathered from its iovecs (a gRPC or
+ * database client writes a frame header and its payload as separate segments of one sendmsg). */
+static __always_inline __u32 kspan_proto_gather(struct kspan_segbuf_val *sb, struct kspan_data_args *a)
+{
+    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return 0;  /* before 5.17: the first segment only */
+    struct kspan_gather g = {.sb = sb, .iov = a->iov, .skip = a->iov_skip, .vlen = a->vlen, .len = a->len};
+    bpf_loop(64, kspan_gather_step, &g, 0);
+    return g.off > KSPAN_SEG_DATA ? KSPAN_SEG_DATA : g.off;
+}
 
 #define KSPAN_W_H2_PREFACE KSPAN_LE('P', 'R', 'I', ' ', '*', ' ', 'H', 'T')
 
@@ -1951,10 +2018,11 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
 {
     int z = 0;
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
-    struct kspan_segment *seg = bpf_map_lookup_elem(&kspan_segbuf, &z);
+    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
     struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &z);
-    if (!st || !seg || !a)
+    if (!st || !sb || !a)
         return 0;
+    struct kspan_segment *seg = &sb->seg;
     seg->type = KSPAN_REC_SEGMENT;
     seg->proto = st->method;
     seg->role = st->ex.role;
@@ -1999,17 +2067,30 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
             seg->flags |= id.flags & (KSPAN_FLAG_SAMPLED | KSPAN_FLAG_AMBIGUOUS);
         }
         n = kspan_readable(a);
+        __u32 gathered = 0;
+        if (a->iov && a->vlen > 1 && n < a->len && n < KSPAN_SEG_DATA)
+            gathered = kspan_proto_gather(sb, a);
+        if (gathered) {
+            n = gathered;
+        } else {
+            if (n > KSPAN_SEG_DATA)
+                n = KSPAN_SEG_DATA;
+            asm volatile("" : "+r"(n));
+            n &= (2 * KSPAN_SEG_DATA - 1);
+            if (n > KSPAN_SEG_DATA)
+                n = KSPAN_SEG_DATA;
+            if (n && bpf_probe_read_user(seg->data, n, a->buf) != 0)
+                n = 0;
+        }
         if (n > KSPAN_SEG_DATA)
             n = KSPAN_SEG_DATA;
-        asm volatile("" : "+r"(n));
-        n &= (2 * KSPAN_SEG_DATA - 1);
-        if (n > KSPAN_SEG_DATA)
-            n = KSPAN_SEG_DATA;
-        if (n && bpf_probe_read_user(seg->data, n, a->buf) == 0)
-            seg->data_len = n;
-        else
-            n = 0;
+        seg->data_len = n;
     }
+    /* bound the size where the verifier sees it (the compiler merged the clamps above) */
+    asm volatile("" : "+r"(n));
+    n &= 2 * KSPAN_SEG_DATA - 1;
+    if (n > KSPAN_SEG_DATA)
+        n = KSPAN_SEG_DATA;
     __u32 size = __builtin_offsetof(struct kspan_segment, data) + n;
     if (bpf_ringbuf_output(&events, seg, size, BPF_RB_NO_WAKEUP) == 0)
         kspan_count(KSPAN_CNT_SEGMENTS, 1);
@@ -2383,6 +2464,9 @@ static __always_inline __u64 kspan_shift_in(__u64 v, __u64 end, __u32 k)
 static __always_inline void kspan_iov_args(struct kspan_data_args *a, __u64 iov, __u32 vlen, __u64 skip,
                                            __u32 ret)
 {
+    a->iov = iov;
+    a->vlen = vlen;
+    a->iov_skip = skip;
     __u64 remaining = ret;
     __u64 last_end = 0, last_used = 0, prev_end = 0, prev_used = 0;
 #pragma unroll

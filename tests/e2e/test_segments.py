@@ -169,6 +169,26 @@ def test_a_transfer_longer_than_the_copy_keeps_its_true_length(segs: Segments) -
     assert len(w.seg.data) == 512 and w.seg.truncated and w.seg.data == big[:512]
 
 
+def test_a_scattered_write_is_gathered_from_its_iovecs(segs: Segments) -> None:
+    """gRPC's C core writes a frame as many small slices in one sendmsg: the copy gathers them."""
+    srv, t = _server(None, 2)
+    port = srv.getsockname()[1]
+    c = socket.create_connection(("127.0.0.1", port))
+    local = c.getsockname()[1]
+    c.sendall(REDIS_PING)  # the connection's first bytes open the protocol
+    c.recv(100)
+    parts = [REDIS_PING[:4], REDIS_PING[4:]] + [bytes([65 + i]) * 7 for i in range(40)]
+    c.sendmsg(parts)
+    c.recv(100)
+    c.close()
+    t.join(5)
+    srv.close()
+    want = b"".join(parts)
+    mine = _of(segs.wait(lambda recs: any(r.local_port == local and r.seg.length == len(want) for r in recs)), port)
+    w = next(r for r in mine if r.local_port == local and r.seg.length == len(want))
+    assert w.seg.data == want and w.proto == PROTO_REDIS
+
+
 def test_a_connection_to_a_well_known_port_picked_up_mid_stream(segs: Segments) -> None:
     """No first bytes to go by (the connection began before kspan): port 6379 is the hint."""
     try:
