@@ -6,14 +6,10 @@ over arbitrary bytes and splits."""
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import redis
@@ -22,67 +18,22 @@ from hypothesis import strategies as st
 
 from correlator.protocols.redis import COUNTERS, MAX_PENDING, RedisDecoder
 from correlator.segments import SEGMENT_DATA, Operation, Segment
+from tests.support.dbservers import Server, redis_server
 from tests.support.relay import Relay, relaying
 
 SECRET = "sekrit-42"  # planted in keys, values, channel names and messages
 PASSWORD = "pw-Sekrit-77"  # the AUTH server's requirepass
 
 
-@dataclass
-class Server:
-    port: int
-    password: str | None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _redis_server(password: str | None) -> Iterator[Server]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed: run scripts/bootstrap.sh (Debian package redis-server)")
-    with tempfile.TemporaryDirectory(prefix="kspan-redis-") as tmp:
-        port = _free_port()
-        args = [exe, "--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1",
-                "--dir", tmp, "--enable-debug-command", "yes", "--logfile", f"{tmp}/redis.log"]  # fmt: skip
-        if password is not None:
-            args += ["--requirepass", password]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    redis.Redis(port=port, password=password, socket_timeout=2).ping()
-                    break
-                except redis.ConnectionError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        logf = f"{tmp}/redis.log"
-                        log = open(logf).read() if os.path.exists(logf) else ""
-                        pytest.fail(f"redis-server did not start on port {port} (CI never skips this): {log}")
-                    time.sleep(0.05)
-            yield Server(port, password)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    with _redis_server(None) as s:
+    with redis_server(None) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def auth_server() -> Iterator[Server]:
-    with _redis_server(PASSWORD) as s:
+    with redis_server(PASSWORD) as s:
         yield s
 
 
