@@ -25,229 +25,144 @@ pytestmark = pytest.mark.ebpf
 SERVER, CLIENT = 2, 3
 SECRET = "sekrit-cart-value-9f3a"
 
-REDIS_CALLER = textwrap.dedent('''
-    import os, sys
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    import redis
+PG_PASSWORD = "pg-login-sekrit-77"
 
-    port, db_port = int(sys.argv[1]), int(sys.argv[2])
-    secret = os.environ["CART_SECRET"]  # not on the command line: that is a resource attribute
-    pool = redis.ConnectionPool(host="127.0.0.1", port=db_port)
+# A thread-per-request HTTP service whose handler makes database calls: {setup} runs once,
+# {calls} per request (with `secret`, `password` and `db_port` in scope). The secrets come from the
+# environment: the command line is a resource attribute.
+CALLER = """
+import os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+{imports}
 
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+port, db_port = int(sys.argv[1]), int(sys.argv[2])
+secret, password = os.environ["CALLER_SECRET"], os.environ.get("DB_PASSWORD", "")
+{setup}
 
-        def log_message(self, *a):
-            pass
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
 
-        def do_GET(self):
-            r = redis.Redis(connection_pool=pool)
-            r.set("cart:" + self.path.rsplit("/", 1)[-1], secret)
-            body = r.get("cart:" + self.path.rsplit("/", 1)[-1]) or b""
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def log_message(self, *a):
+        pass
 
-    srv = ThreadingHTTPServer(("127.0.0.1", port), H)
-    print("listening", flush=True)
-    srv.serve_forever()
-''')
+    def do_GET(self):
+        key = self.path.rsplit("/", 1)[-1]
+{calls}
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+srv = ThreadingHTTPServer(("127.0.0.1", port), H)
+print("listening", flush=True)
+srv.serve_forever()
+"""
+
+
+def _caller(imports: str, setup: str, calls: str) -> str:
+    return CALLER.format(imports=imports, setup=textwrap.dedent(setup).strip(),
+                         calls=textwrap.indent(textwrap.dedent(calls).strip(), " " * 8))
+
+
+REDIS_CALLER = _caller("import redis", 'pool = redis.ConnectionPool(host="127.0.0.1", port=db_port)', """
+    r = redis.Redis(connection_pool=pool)
+    r.set("cart:" + key, secret)
+    body = r.get("cart:" + key) or b""
+""")
+
+PG_CALLER = _caller("import psycopg", """
+    def connect():
+        return psycopg.connect(host="127.0.0.1", port=db_port, user="kspan", password=password,
+                               dbname="kspandb", autocommit=True)
+    connect().execute("CREATE TABLE IF NOT EXISTS items (id int, name text)")
+""", """
+    with connect() as c:
+        c.execute("INSERT INTO items VALUES (%s, %s)", (7, secret))
+        rows = c.execute("SELECT name FROM items WHERE name = '" + secret + "'").fetchall()
+    body = str(len(rows)).encode()
+""")
+
+MY_CALLER = _caller("import pymysql", """
+    def connect():
+        return pymysql.connect(host="127.0.0.1", port=db_port, user="app", password=password,
+                               database="kspandb", autocommit=True)
+    with connect() as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS stock (sku varchar(64), n int)")
+""", """
+    with connect() as c, c.cursor() as cur:
+        cur.execute("INSERT INTO stock VALUES (%s, 3)", (secret,))
+        cur.execute("SELECT n FROM stock WHERE sku = '" + secret + "'")
+        rows = cur.fetchall()
+    body = str(len(rows)).encode()
+""")
 
 
 def _attr(span: dict[str, Any], key: str) -> Any:
     return span["attributes"].get(key)
 
 
+def _traced_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, db_port: int, systems: set[str],
+                  last_op: str, n: int) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Run the caller under the real agent, make n requests, and check what every database test
+    asserts: each database call's parent is one of the n server spans, in its trace, and no
+    planted secret is exported. Returns the spans and each server span's operations in order."""
+    monkeypatch.setenv("CALLER_SECRET", SECRET)
+    monkeypatch.setenv("DB_PASSWORD", PG_PASSWORD)
+    port = free_port()
+    (tmp_path / "caller_svc.py").write_text(source)
+    with OtlpReceiver() as rx, service([sys.executable, str(tmp_path / "caller_svc.py"), str(port), str(db_port)]):
+        args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
+                "--no-metrics", "--port", str(port), "--port", str(db_port)]
+        with running_agent(args, tmp_path) as agent:
+            for i in range(n):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/item/{i}", timeout=20) as r:
+                    assert r.status == 200
+
+            def ready(spans: list[dict[str, Any]]) -> bool:
+                return sum(s["kind"] == CLIENT and _attr(s, "db.system.name") in systems
+                           and _attr(s, "db.operation.name") == last_op for s in spans) >= n
+
+            spans = rx.wait_for_spans(ready, timeout_s=30)
+        assert agent.returncode == 0, agent.stderr
+    servers = {s["span_id"]: s for s in spans if s["kind"] == SERVER and _attr(s, "server.port") == port}
+    assert len(servers) == n, [s["name"] for s in spans]
+    ops: dict[str, list[tuple[int, str]]] = {}
+    for c in (s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") in systems):
+        parent = servers.get(c["parent_span_id"])
+        assert parent is not None and c["trace_id"] == parent["trace_id"], f"not in its caller's trace: {c}"
+        assert _attr(c, "kspan.parent.source") == "thread" and _attr(c, "server.port") == db_port
+        ops.setdefault(c["parent_span_id"], []).append((c["start_ns"], str(_attr(c, "db.operation.name"))))
+    assert len(ops) == n
+    exported = json.dumps(spans)
+    assert SECRET not in exported and PG_PASSWORD not in exported
+    return spans, {k: [op for _, op in sorted(v)] for k, v in ops.items()}
+
+
 def test_redis_calls_are_children_of_the_callers_server_span(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require_ebpf()
-    monkeypatch.setenv("CART_SECRET", SECRET)  # the service inherits it
-    n = 5
-    with OtlpReceiver() as rx, redis_server() as db:
-        port = free_port()
-        (tmp_path / "cart_svc.py").write_text(REDIS_CALLER)
-        with service([sys.executable, str(tmp_path / "cart_svc.py"), str(port), str(db.port)]):
-            args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
-                    "--no-metrics", "--port", str(port), "--port", str(db.port)]
-            with running_agent(args, tmp_path) as agent:
-                for i in range(n):
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/cart/{i}", timeout=10) as r:
-                        assert r.read() == SECRET.encode()
-
-                def ready(spans: list[dict[str, Any]]) -> bool:
-                    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") == "redis"]
-                    return len(calls) >= 2 * n
-
-                spans = rx.wait_for_spans(ready, timeout_s=30)
-            assert agent.returncode == 0, agent.stderr
-    servers = {s["span_id"]: s for s in spans if s["kind"] == SERVER and _attr(s, "server.port") == port}
-    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") == "redis"]
-    assert len(servers) == n, [s["name"] for s in spans]
-    by_parent_t: dict[str, list[tuple[int, str]]] = {}
-    for c in calls:
-        parent = servers.get(c["parent_span_id"])
-        assert parent is not None, f"a Redis call without its caller's span as parent: {c}"
-        assert c["trace_id"] == parent["trace_id"]
-        assert _attr(c, "kspan.parent.source") == "thread"
-        assert _attr(c, "server.port") == db.port
-        by_parent_t.setdefault(c["parent_span_id"], []).append((c["start_ns"], _attr(c, "db.operation.name")))
-    by_parent = {k: [op for _, op in sorted(v)] for k, v in by_parent_t.items()}
+    with redis_server() as db:
+        spans, ops = _traced_calls(tmp_path, monkeypatch, REDIS_CALLER, db.port, {"redis"}, "GET", 5)
     # each request's calls end SET, GET (the first one also opens the pooled connection: HELLO ...)
-    assert len(by_parent) == n
-    assert all(ops[-2:] == ["SET", "GET"] for ops in by_parent.values()), by_parent
-    # the value (and the keys) the workload wrote never leave the agent
-    exported = json.dumps(spans)
-    assert SECRET not in exported and "cart:3" not in exported
-
-
-PG_PASSWORD = "pg-login-sekrit-77"
-PG_CALLER = textwrap.dedent('''
-    import os, sys
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    import psycopg
-
-    port, db_port = int(sys.argv[1]), int(sys.argv[2])
-    secret, password = os.environ["CART_SECRET"], os.environ["PG_PASSWORD"]
-    setup = psycopg.connect(host="127.0.0.1", port=db_port, user="kspan", password=password, dbname="kspandb",
-                            autocommit=True)
-    setup.execute("CREATE TABLE IF NOT EXISTS items (id int, name text)")
-
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            with psycopg.connect(host="127.0.0.1", port=db_port, user="kspan", password=password,
-                                 dbname="kspandb", autocommit=True) as c:
-                c.execute("INSERT INTO items VALUES (%s, %s)", (7, secret))
-                rows = c.execute("SELECT name FROM items WHERE name = '" + secret + "'").fetchall()
-            body = str(len(rows)).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", port), H)
-    print("listening", flush=True)
-    srv.serve_forever()
-''')
+    assert all(v[-2:] == ["SET", "GET"] for v in ops.values()), ops
+    assert "cart:3" not in json.dumps(spans), "keys are values too"
 
 
 def test_postgres_calls_are_children_of_the_callers_server_span(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     require_ebpf()
-    monkeypatch.setenv("CART_SECRET", SECRET)
-    monkeypatch.setenv("PG_PASSWORD", PG_PASSWORD)
-    n = 3
-    with OtlpReceiver() as rx, postgres_server(PG_PASSWORD) as db:
-        port = free_port()
-        (tmp_path / "orders_svc.py").write_text(PG_CALLER)
-        with service([sys.executable, str(tmp_path / "orders_svc.py"), str(port), str(db.port)]):
-            args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
-                    "--no-metrics", "--port", str(port), "--port", str(db.port)]
-            with running_agent(args, tmp_path) as agent:
-                for i in range(n):
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/orders/{i}", timeout=20) as r:
-                        assert r.status == 200
-
-                def ready(spans: list[dict[str, Any]]) -> bool:
-                    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") == "postgresql"
-                             and _attr(s, "db.operation.name") == "SELECT"]
-                    return len(calls) >= n
-
-                spans = rx.wait_for_spans(ready, timeout_s=30)
-            assert agent.returncode == 0, agent.stderr
-    servers = {s["span_id"]: s for s in spans if s["kind"] == SERVER and _attr(s, "server.port") == port}
-    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") == "postgresql"]
-    assert len(servers) == n
-    ops: dict[str, list[str]] = {}
-    for c in calls:
-        parent = servers.get(c["parent_span_id"])
-        assert parent is not None and c["trace_id"] == parent["trace_id"], c
-        assert _attr(c, "db.namespace") == "kspandb" and _attr(c, "server.port") == db.port
-        ops.setdefault(c["parent_span_id"], []).append(str(_attr(c, "db.operation.name")))
-    assert len(ops) == n and all({"INSERT", "SELECT"} <= set(v) for v in ops.values()), ops
-    select = next(c for c in calls if _attr(c, "db.operation.name") == "SELECT")
-    assert _attr(select, "db.collection.name") == "items" and "?" in str(_attr(select, "db.query.text"))
-    exported = json.dumps(spans)
-    assert SECRET not in exported and PG_PASSWORD not in exported
-
-
-MY_CALLER = textwrap.dedent('''
-    import os, sys
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    import pymysql
-
-    port, db_port = int(sys.argv[1]), int(sys.argv[2])
-    secret, password = os.environ["CART_SECRET"], os.environ["PG_PASSWORD"]
-
-    def connect():
-        return pymysql.connect(host="127.0.0.1", port=db_port, user="app", password=password, database="kspandb",
-                               autocommit=True)
-
-    with connect() as c, c.cursor() as cur:
-        cur.execute("CREATE TABLE IF NOT EXISTS stock (sku varchar(64), n int)")
-
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            with connect() as c, c.cursor() as cur:
-                cur.execute("INSERT INTO stock VALUES (%s, 3)", (secret,))
-                cur.execute("SELECT n FROM stock WHERE sku = '" + secret + "'")
-                rows = cur.fetchall()
-            body = str(len(rows)).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", port), H)
-    print("listening", flush=True)
-    srv.serve_forever()
-''')
+    with postgres_server(PG_PASSWORD) as db:
+        spans, ops = _traced_calls(tmp_path, monkeypatch, PG_CALLER, db.port, {"postgresql"}, "SELECT", 3)
+    assert all({"INSERT", "SELECT"} <= set(v) for v in ops.values()), ops
+    select = next(s for s in spans if _attr(s, "db.operation.name") == "SELECT")
+    assert _attr(select, "db.namespace") == "kspandb" and _attr(select, "db.collection.name") == "items"
+    assert "?" in str(_attr(select, "db.query.text"))
 
 
 def test_mysql_calls_are_children_of_the_callers_server_span(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     require_ebpf()
-    monkeypatch.setenv("CART_SECRET", SECRET)
-    monkeypatch.setenv("PG_PASSWORD", PG_PASSWORD)
-    n = 3
-    with OtlpReceiver() as rx, mariadb_server(PG_PASSWORD) as db:
-        port = free_port()
-        (tmp_path / "stock_svc.py").write_text(MY_CALLER)
-        with service([sys.executable, str(tmp_path / "stock_svc.py"), str(port), str(db.port)]):
-            args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
-                    "--no-metrics", "--port", str(port), "--port", str(db.port)]
-            with running_agent(args, tmp_path) as agent:
-                for i in range(n):
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stock/{i}", timeout=20) as r:
-                        assert r.status == 200
-
-                def ready(spans: list[dict[str, Any]]) -> bool:
-                    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.operation.name") == "SELECT"
-                             and _attr(s, "db.system.name") in ("mysql", "mariadb")]
-                    return len(calls) >= n
-
-                spans = rx.wait_for_spans(ready, timeout_s=30)
-            assert agent.returncode == 0, agent.stderr
-    servers = {s["span_id"]: s for s in spans if s["kind"] == SERVER and _attr(s, "server.port") == port}
-    calls = [s for s in spans if s["kind"] == CLIENT and _attr(s, "db.system.name") in ("mysql", "mariadb")]
-    assert len(servers) == n
-    ops: dict[str, list[str]] = {}
-    for c in calls:
-        parent = servers.get(c["parent_span_id"])
-        assert parent is not None and c["trace_id"] == parent["trace_id"], c
-        assert _attr(c, "server.port") == db.port
-        ops.setdefault(c["parent_span_id"], []).append(str(_attr(c, "db.operation.name")))
-    assert len(ops) == n and all({"INSERT", "SELECT"} <= set(v) for v in ops.values()), ops
-    select = next(c for c in calls if _attr(c, "db.operation.name") == "SELECT")
+    with mariadb_server(PG_PASSWORD) as db:
+        spans, ops = _traced_calls(tmp_path, monkeypatch, MY_CALLER, db.port, {"mysql", "mariadb"}, "SELECT", 3)
+    assert all({"INSERT", "SELECT"} <= set(v) for v in ops.values()), ops
+    select = next(s for s in spans if _attr(s, "db.operation.name") == "SELECT")
     assert _attr(select, "db.namespace") == "kspandb" and _attr(select, "db.collection.name") == "stock"
-    exported = json.dumps(spans)
-    assert SECRET not in exported and PG_PASSWORD not in exported
