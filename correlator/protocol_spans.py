@@ -38,6 +38,7 @@ DECODERS: dict[int, tuple[str, str]] = {
 }
 
 _CONTEXTS_PER_CONN = 64  # client writes whose context is kept until their operation completes
+_PROTO_NAMES = {PROTO_REDIS: "redis", PROTO_POSTGRES: "postgresql", PROTO_MYSQL: "mysql", PROTO_HTTP2: "http2"}
 _pack = struct.Struct("<QQ").pack
 
 
@@ -109,6 +110,7 @@ class ProtocolSpans:
             if rec.closed:
                 del self._conns[key]
                 ops = conn.decoder.close(rec.seg.end_ns)
+                self._tally(conn)
             else:
                 if rec.client and rec.seg.egress and rec.trace_id:
                     conn.contexts[rec.seg.start_ns] = rec
@@ -125,6 +127,16 @@ class ProtocolSpans:
             conn.decoder.close(now_ns)
         except Exception:  # noqa: BLE001 - see feed
             self.counters["decoder_errors"] += 1
+        self._tally(conn)
+
+    def _tally(self, conn: _Conn) -> None:
+        """A finished connection's decoder counts (what it could not decode, stepped over or
+        resynchronised on) join the agent's, named by protocol, for the stop summary."""
+        name = _PROTO_NAMES.get(conn.rec.proto, str(conn.rec.proto))
+        for k, v in getattr(conn.decoder, "counters", {}).items():
+            if v and isinstance(v, int):
+                key = f"{name}_{k}"
+                self.counters[key] = self.counters.get(key, 0) + v
 
     def _context(self, conn: _Conn, start_ns: int) -> SegmentRecord | None:
         """The record of the client write that started the operation (the newest at or before it)."""
@@ -178,5 +190,6 @@ class ProtocolSpans:
                 out.extend(self._span(conn, op) for op in conn.decoder.close(now_ns))
             except Exception:  # noqa: BLE001 - see feed
                 self.counters["decoder_errors"] += 1
+            self._tally(conn)
         self._conns.clear()
         return out
