@@ -34,7 +34,7 @@ import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from correlator.protocols.sql import describe, identifier, redact_message
+from correlator.protocols.sql import UNREADABLE, describe, identifier, redact_message
 from correlator.segments import Operation, Segment
 from correlator.spans import AttrValue
 
@@ -521,6 +521,8 @@ class MySQLDecoder:
             namespace = cmd.schema if cmd.code is None else namespace
         elif cmd.text is not None:
             info = describe(cmd.text, "mysql")
+            if info is UNREADABLE and cmd.text:
+                self._count("unreadable_query_text")
             if info.text:
                 attrs["db.query.text"] = info.text
             opname, coll = info.operation, info.collection

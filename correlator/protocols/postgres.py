@@ -34,7 +34,7 @@ import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from correlator.protocols.sql import OPERATIONS, describe, identifier, redact_message
+from correlator.protocols.sql import OPERATIONS, UNREADABLE, describe, identifier, redact_message
 from correlator.segments import Operation, Segment
 from correlator.spans import AttrValue
 
@@ -580,6 +580,8 @@ class PostgresDecoder:
         coll: str | None = None
         if op.text is not None:
             info = describe(op.text, "postgresql")
+            if info is UNREADABLE and op.text:
+                self._count("unreadable_query_text")
             if info.text:
                 attrs["db.query.text"] = info.text
             opname, coll = info.operation, info.collection

@@ -360,10 +360,24 @@ class QueryInfo:
     statements: int  # top-level statements; > 1 is a batch
 
 
+# Not SQL: control bytes or undecodable bytes outside literals (a binary payload misread as text,
+# e.g. after a gap). Nothing of it is exported, since its words may be values.
+UNREADABLE = QueryInfo("", None, None, 0)
+
+
+def _unreadable(t: Token) -> bool:
+    if t.kind == _LIT:
+        return False
+    return any((c < " " and c not in "\t\n\r\f\v") or c == "\x7f" or c == "\ufffd" for c in t.raw)
+
+
 def describe(sql: str, dialect: Dialect) -> QueryInfo:
     """Everything the decoders export from one query's text. Never raises."""
     try:
-        tokens = tokenize(sql, dialect)
+        # A copy cut inside a multi-byte character decodes to a trailing U+FFFD: not the text's.
+        tokens = tokenize(sql.rstrip("\ufffd"), dialect)
+        if any(_unreadable(t) for t in tokens):
+            return UNREADABLE
         text = _IN_LIST.sub("IN (?)", _render(tokens))[:MAX_QUERY_TEXT]
         stmts = split(tokens)
         if not stmts:

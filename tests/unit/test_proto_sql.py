@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from correlator.protocols.sql import MAX_QUERY_TEXT, describe, identifier, redact, redact_message
+from correlator.protocols.sql import MAX_QUERY_TEXT, UNREADABLE, describe, identifier, redact, redact_message
 
 SECRET = "sekrit-42"
 
@@ -134,3 +134,10 @@ def test_a_string_literal_never_survives(body: str, dialect: str, cut: int) -> N
 )
 def test_database_names_off_the_wire(raw: bytes, name: str | None) -> None:
     assert identifier(raw) == name
+
+
+def test_binary_misread_as_text_exports_nothing() -> None:
+    # A COM_STMT_EXECUTE's parameters read as a COM_QUERY's text (a frame misread after a gap).
+    assert describe("\x01\x00\x00\x00\x00\x01\x00\x00\x00\x00\x01\ufffd\x00\tsekrit-42", "mysql") is UNREADABLE
+    assert describe("SELECT '\x00\x01' FROM t", "mysql").text == "SELECT ? FROM t"  # inside a literal: fine
+    assert describe("SELECT * FROM données WHERE x = 1\ufffd", "postgresql").collection == "données"  # cut mid-char
