@@ -1,18 +1,14 @@
-"""The MySQL decoder on a real MariaDB (Debian's mariadb-server, started here in a temporary
-directory on a free loopback port) with real PyMySQL traffic through the recording relay: both
-ends' views, the handshake's database, COM_QUERY, COM_INIT_DB, server-side prepared statements
-(COM_STMT_PREPARE / COM_STMT_EXECUTE sent over PyMySQL's own connection), errors, a planted
-password and literal that must never come out, and bad input."""
+"""The MySQL decoder on a real MariaDB (Debian's mariadb-server, started by
+tests/support/dbservers.py in a temporary directory on a free loopback port) with real PyMySQL
+traffic through the recording relay: both ends' views, the handshake's database, COM_QUERY,
+COM_INIT_DB, server-side prepared statements (COM_STMT_PREPARE / COM_STMT_EXECUTE sent over
+PyMySQL's own connection), errors, a planted password and literal that must never come out, and
+bad input."""
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -25,6 +21,7 @@ from pymysql.constants import CLIENT, COMMAND
 
 from correlator.protocols.mysql import MySQLDecoder
 from correlator.segments import Operation, Segment
+from tests.support.dbservers import mariadb_server
 from tests.support.relay import Relay, relaying
 
 SECRET = "sekrit-42"
@@ -32,55 +29,10 @@ PASSWORD = "pw-sekrit-77"  # the application user's (scrambled on the wire)
 NEW_PASSWORD = "clear-sekrit-99"  # in a query's text: must never come out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def my_port() -> Iterator[int]:
-    if not shutil.which("mariadbd") or not shutil.which("mariadb-install-db"):
-        pytest.fail("mariadbd / mariadb-install-db missing: install Debian's mariadb-server (scripts/bootstrap.sh)")
-    nobody = pwd.getpwnam("nobody")
-    top = tempfile.mkdtemp(prefix="kspan-my-")
-    os.chmod(top, 0o755)
-    os.chown(top, nobody.pw_uid, nobody.pw_gid)
-    data = os.path.join(top, "data")
-    r = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=nobody",
-                        "--auth-root-authentication-method=normal", "--skip-test-db"],
-                       capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        pytest.fail(f"mariadb-install-db failed: {r.stderr[-2000:]}")
-    port = _free_port()
-    sock = os.path.join(top, "sock")
-    proc = subprocess.Popen(["mariadbd", "--no-defaults", f"--datadir={data}", "--user=nobody", f"--port={port}",
-                             "--bind-address=127.0.0.1", f"--socket={sock}", f"--pid-file={top}/pid",
-                             "--skip-log-bin", "--innodb-buffer-pool-size=16M", "--skip-name-resolve"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                conn = pymysql.connect(unix_socket=sock, user="root", autocommit=True)
-                break
-            except pymysql.err.OperationalError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    pytest.fail(f"mariadbd did not start on port {port}: {err[-2000:]}")
-                time.sleep(0.1)
-        with conn.cursor() as cur:
-            for q in ("CREATE DATABASE kspandb", "CREATE DATABASE other",
-                      f"CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}'",
-                      "GRANT ALL ON kspandb.* TO 'app'@'127.0.0.1'", "GRANT ALL ON other.* TO 'app'@'127.0.0.1'",
-                      "GRANT CREATE USER ON *.* TO 'app'@'127.0.0.1'"):
-                cur.execute(q)
-        conn.close()
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        shutil.rmtree(top, ignore_errors=True)
+    with mariadb_server(PASSWORD, databases=("kspandb", "other")) as db:
+        yield db.port
 
 
 def _connect(port: int, **kw: object) -> pymysql.Connection:

@@ -1,16 +1,12 @@
-"""The PostgreSQL decoder on a real PostgreSQL 15 (Debian's postgresql-15, started here in a
-temporary directory as `nobody` on a free loopback port) with real psycopg 3 traffic through the
-recording relay: both ends' views, the simple and extended protocols, pipelining, prepared
-statements, errors, a planted password and literal that must never come out, and bad input."""
+"""The PostgreSQL decoder on a real PostgreSQL 15 (Debian's postgresql-15, started by
+tests/support/dbservers.py in a temporary directory as `nobody` on a free loopback port) with real
+psycopg 3 traffic through the recording relay: both ends' views, the simple and extended
+protocols, pipelining, prepared statements, errors, a planted password and literal that must never
+come out, and bad input."""
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,67 +18,19 @@ from hypothesis import strategies as st
 
 from correlator.protocols.postgres import PostgresDecoder
 from correlator.segments import Operation, Segment
+from tests.support.dbservers import postgres_server
 from tests.support.relay import Relay, relaying
 
-BIN = "/usr/lib/postgresql/15/bin"
 SECRET = "sekrit-42"
 PASSWORD = "pw-sekrit-77"  # the superuser's (SCRAM) password
 CLEAR_PASSWORD = "clear-sekrit-99"  # sent in a cleartext PasswordMessage: must never come out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def pg_port() -> Iterator[int]:
-    if not os.path.exists(f"{BIN}/initdb"):
-        pytest.fail(f"{BIN}/initdb missing: install Debian's postgresql-15 (scripts/bootstrap.sh)")
-    nobody = pwd.getpwnam("nobody")
-    top = tempfile.mkdtemp(prefix="kspan-pg-")
-    os.chmod(top, 0o755)
-    os.chown(top, nobody.pw_uid, nobody.pw_gid)
-    data = os.path.join(top, "data")
-    pwfile = os.path.join(top, "pw")
-    with open(pwfile, "w") as f:
-        f.write(PASSWORD + "\n")
-    os.chown(pwfile, nobody.pw_uid, nobody.pw_gid)
-    as_nobody = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
-    r = subprocess.run([*as_nobody, f"{BIN}/initdb", "-D", data, "-U", "kspan", "--auth=scram-sha-256",
-                        f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"],
-                       capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        pytest.fail(f"initdb failed: {r.stderr[-2000:]}")
-    with open(os.path.join(data, "pg_hba.conf"), "w") as f:
-        f.write("local all all trust\nhost all cleartext 127.0.0.1/32 password\n"
-                "host all all 127.0.0.1/32 scram-sha-256\n")
-    port = _free_port()
-    proc = subprocess.Popen([*as_nobody, f"{BIN}/postgres", "-D", data, "-p", str(port),
-                             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={top}",
-                             "-c", "fsync=off", "-c", "ssl=off"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                conn = psycopg.connect(host="127.0.0.1", port=port, user="kspan", password=PASSWORD,
-                                       dbname="postgres", autocommit=True)
-                break
-            except psycopg.OperationalError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    pytest.fail(f"postgres did not start on port {port}: {err[-2000:]}")
-                time.sleep(0.1)
-        with conn:
-            conn.execute("CREATE DATABASE kspandb")
-            conn.execute(f"CREATE USER cleartext PASSWORD '{CLEAR_PASSWORD}'")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        shutil.rmtree(top, ignore_errors=True)
+    with postgres_server(PASSWORD, extra_users={"cleartext": CLEAR_PASSWORD},
+                         hba_extra="host all cleartext 127.0.0.1/32 password\n") as pg:
+        yield pg.port
 
 
 def _connect(port: int, **kw: object) -> psycopg.Connection:
