@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench import report
 from correlator.clock import WallClock
 from correlator.correlator import Correlator, CorrelatorConfig
 from correlator.sampling import parse_sampler
@@ -53,6 +54,7 @@ RECORDINGS = {
 POLL_BATCH = 1024  # tracer/capture.py's POLL_BATCH: records per dispatch
 EXPORT_BATCH = 512  # exporters/pipeline.py's default max_batch
 WARM_PASSES_MAX = 15
+DEFAULT_PASSES = 5
 
 
 @dataclass
@@ -123,7 +125,8 @@ def _cpu() -> int:
     return time.thread_time_ns()
 
 
-def _time_passes(rec: Recording, recs: list[bytes], passes: int, encode: bool) -> dict[str, int]:
+def _time_passes(rec: Recording, recs: list[bytes], passes: int, encode: bool,
+                 warm: int | None = None) -> dict[str, int]:
     """Minimum stage times (ns) over `passes` timed passes over `recs`, after warm-up passes that
     bring the correlator's remembered identities to their steady-state size (max_resolved)."""
     table, correlator = _setup(rec)
@@ -132,7 +135,8 @@ def _time_passes(rec: Recording, recs: list[bytes], passes: int, encode: bool) -
     enc = WireEncoder(ResourceOverrides())
     cap = correlator.config.max_resolved
     per_pass = max(1, sum(1 for r in recs if records.record_type(r) == records.REC_EXCHANGE))
-    warm = min(WARM_PASSES_MAX, -(-cap // per_pass) + 1)
+    if warm is None:
+        warm = min(WARM_PASSES_MAX, -(-cap // per_pass) + 1)
     best: dict[str, int] = {}
     for i_pass in range(warm + passes):
         batches = _shifted(recs, i_pass)
@@ -165,8 +169,9 @@ def _time_passes(rec: Recording, recs: list[bytes], passes: int, encode: bool) -
     return best
 
 
-def measure(rec: Recording, passes: int) -> dict[str, Any]:
-    best = _time_passes(rec, rec.records, passes, encode=True)
+def measure(rec: Recording, passes: int, warm: int | None = None) -> dict[str, Any]:
+    """warm: untimed passes first (None: enough to fill the correlator's remembered identities)."""
+    best = _time_passes(rec, rec.records, passes, encode=True, warm=warm)
     spans_out = best.pop("spans")
     n = rec.exchanges + rec.metrics
     out: dict[str, Any] = {
@@ -177,7 +182,7 @@ def measure(rec: Recording, passes: int) -> dict[str, Any]:
     # Metric records alone: decode + correlator + metrics, without the full exchanges.
     metric_only = [r for r in rec.records if records.record_type(r) == records.REC_METRIC]
     if metric_only:
-        m = _time_passes(rec, metric_only, passes, encode=False)
+        m = _time_passes(rec, metric_only, passes, encode=False, warm=warm)
         out["us_per_unsampled"] = (m["dispatch"] + m["metrics"]) / 1e3 / len(metric_only)
     return out
 
@@ -187,25 +192,14 @@ def run(paths: dict[str, str], passes: int) -> dict[str, Any]:
 
 
 def render(results: dict[str, Any]) -> str:
-    lines = ["== Per-record user-space path (bench/hotpath.py; CPU us per exchange record) ==",
-             f"{'recording':<10} {'exchanges':>9} {'metric':>7} {'dispatch':>9} {'metrics':>8} {'encode':>7} "
-             f"{'total':>7} {'unsampled':>10}"]
-    for name, r in results.items():
-        u = r["us_per_exchange"]
-        uns = r.get("us_per_unsampled")
-        lines.append(f"{name:<10} {r['exchanges']:>9} {r['metric_records']:>7} {u['dispatch']:>9.2f} "
-                     f"{u['metrics']:>8.2f} {u['encode']:>7.2f} {u['total']:>7.2f} "
-                     f"{(f'{uns:.2f}' if uns is not None else '-'):>10}")
-    lines.append("dispatch = ring record -> decode -> correlator; metrics = RED + service graph; encode = OTLP "
-                 "protobuf bytes (exporter thread); unsampled = one metric record alone (decode + correlator + "
-                 "metrics)")
-    return "\n".join(lines)
+    return "\n".join(report.hotpath_lines(results, markdown=False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__.split("\n")[0])
     p.add_argument("--recording", action="append", default=[], help="a kspan recording (.kspan or .kspan.gz)")
-    p.add_argument("--passes", type=int, default=5, help="timed passes per recording (the minimum is reported)")
+    p.add_argument("--passes", type=int, default=DEFAULT_PASSES,
+                   help="timed passes per recording (the minimum is reported)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = p.parse_args(argv)
     paths = {os.path.basename(r): r for r in args.recording} or RECORDINGS
