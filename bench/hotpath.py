@@ -7,17 +7,20 @@ OTLP encoding, fed with raw kernel records recorded from a real load.
 
 The bundled recordings (bench/data/) are `kspan record --pid <goserver> --exe goload` while
 bench/goload sent 2,000 req/s to bench/goserver (both ends traced, so client and server records
-with the kernel's PEER links), trimmed to their first 4,000 exchange records:
+with the kernel's PEER links), trimmed to their first 4,000 exchange or metric records:
 hotpath-sampled.kspan.gz with `--sampler traceidratio --sampler-arg 1` (every record a full
 exchange), hotpath-ratio10.kspan.gz with `--sampler-arg 0.1` (about 90% compact metric records).
 
 Every pass runs the agent's own code (tracer/agent.py's RecordDispatch, exporters/metrics.py's
-aggregator, exporters/otlp_proto.py's encoder) on the whole recording, with a fresh correlator
-(it refuses an identity it has seen) and warm metric and encoder caches, as in a running agent.
+aggregator, exporters/otlp_proto.py's encoder) on the whole recording, through one correlator,
+aggregator and encoder, as in a running agent: each pass moves the records' connection ids so the
+correlator takes them as new exchanges, and untimed passes first fill its memory of resolved
+identities to its steady-state size (max_resolved), where every new one evicts the oldest.
 Times are this thread's CPU time (time.thread_time_ns), the minimum over the passes, so other
 work on a shared machine inflates them less than wall time would. The figures are per exchange
 record (both ends of a request are two exchanges); "unsampled" is the cost of one metric record
-alone (decode, correlator, metrics), the issue's per-unsampled-exchange target.
+alone (decode, correlator, metrics), the issue's per-unsampled-exchange target. Not included:
+reading the ring buffer, the HTTP export, and the agent's per-poll work (see bench/NOTES.md).
 """
 
 from __future__ import annotations
