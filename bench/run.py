@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench import report
+from bench import hotpath, report
 from bench.agent import Agent, kspan_binary
 from bench.bpfcounters import delta, enable_run_time_stats, programs_by_name
 from bench.gobuild import REPO, build
@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true",
                    help="the 20,000 req/s no-loss step runs 60 s (the target's duration) instead of --lossless-s")
-    p.add_argument("--phases", default="overhead,cost,capacity",
-                   help="comma-separated subset of overhead,cost,capacity (start-up is measured in each)")
+    p.add_argument("--phases", default="hotpath,overhead,cost,capacity",
+                   help="comma-separated subset of hotpath,overhead,cost,capacity (start-up is measured in "
+                        "each; hotpath is bench/hotpath.py, the per-record path without the kernel)")
     p.add_argument("--servers", default="go,nginx", help="servers for the overhead phase: go,nginx")
     p.add_argument("--untraced-only", action="store_true", help="never start the agent (harness check)")
     p.add_argument("--rounds", type=int, default=2, help="untraced/traced pairs per server at saturation")
@@ -410,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench: the agent needs root (eBPF); run as root or with --untraced-only", file=sys.stderr)
         return 2
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
-    unknown = phases - {"overhead", "cost", "capacity"}
+    unknown = phases - {"hotpath", "overhead", "cost", "capacity"}
     if unknown:
         print(f"bench: unknown phase(s) {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -445,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 b.say(f"{name} failed: {errors[name][:2000]}")
                 return None
 
+        if "hotpath" in phases:
+            # First, while no server or agent of this run competes for the cores.
+            b.say("hotpath: the per-record user-space path on recorded records (bench/hotpath.py)")
+            results["hotpath"] = attempt("hotpath", lambda: hotpath.run(hotpath.RECORDINGS, hotpath.DEFAULT_PASSES))
         if "overhead" in phases:
             ov = {s: attempt(f"overhead-{s}", lambda s=s: b.overhead(s)) for s in args.servers.split(",") if s}
             results["overhead"] = {s: v for s, v in ov.items() if v is not None}

@@ -7,6 +7,7 @@ the same spans, which is what makes `kspan replay` and recorded-stream tests exa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 from correlator import http1, red, semconv
@@ -126,7 +127,9 @@ class Correlator:
         self._resps: dict[bytes, object] = {}
         self._hosts: dict[bytes, object] = {}
         self._sampler = cfg.sampler
-        self._metric_heads: dict[tuple[bytes, bool, bool], red.HeadPart] = {}
+        self._metric_heads: dict[tuple[bytes, bool, bool], _MetricMemo] = {}
+        self._metric_shapes: dict[tuple[bytes, bool, bool], object] = {}
+        self._metric_routes: dict[tuple[red.HeadPart, str | None, bool], _MetricMemo] = {}
         self._facts = red.FactsBuilder(_MEMO_SIZE)
         self._peer_pids: dict[tuple[int, int], int] = {}  # client exchange -> pid of its local server end
         # trace id -> an incoming traceparent's sampled flag, for parentbased_* decisions on
@@ -170,26 +173,27 @@ class Correlator:
         st.metric_records += 1
         try:
             server = mx.role == _ROLE_SERVER
-            mk = (mx.req_head, server, mx.tls)
-            memo = self._metric_heads.get(mk)
+            head = mx.req_head
+            memo = None
+            # Requests differ mostly by their target (ids in paths), and the metrics take only the
+            # route from it: the rest of the head (method, version, headers) is memoised without
+            # the target, and the route comes from the path alone. Anything unusual (no full
+            # request line, a target that is not a plain origin-form path) takes the full parse.
+            sp1 = head.find(b" ")
+            le = head.find(b"\r\n")
+            if 0 < sp1 < le and head[sp1 + 1] == 0x2F:
+                sp2 = head.rfind(b" ", sp1 + 1, le)
+                if sp2 > sp1 and _CTL_OR_SPACE.search(head, sp1 + 1, sp2) is None:
+                    memo = self._metric_shaped(head, sp1, sp2, server, mx.tls)
             if memo is None:
-                reqs = http1.parse_requests(mx.req_head, 1)
-                if not reqs:
-                    st.metric_unparsed += 1
-                    return None
-                _, attrs, _, _, _, has_host, auto_route = self._derive(reqs[0], server, mx.tls)
-                h = red.head_part(attrs, server, has_host)
-                overflow = None
-                if auto_route is not None:
-                    overflow = red.head_part({**attrs, "http.route": OVERFLOW_ROUTE}, server, has_host)
-                memo = (h, auto_route, overflow)
-                if len(self._metric_heads) >= _MEMO_SIZE:
-                    self._metric_heads.clear()
-                self._metric_heads[mk] = memo
+                memo = self._metric_head(head, server, mx.tls)
+            if memo is _UNPARSED:
+                st.metric_unparsed += 1
+                return None
             h, auto_route, overflow = memo
             if auto_route is not None:
                 # the same per-service cap as the span path, keyed the same way
-                service = (red.format_addr(mx.family, mx.local_addr), mx.local_port) if mx.family else mx.pid
+                service = (self._facts.addr(mx.family, mx.local_addr), mx.local_port) if mx.family else mx.pid
                 if self._route_cap.admit(service, auto_route) is not auto_route:
                     h = overflow
             return self._facts.facts(mx, h)
@@ -197,6 +201,66 @@ class Correlator:
             st.internal_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             return None
+
+    def _metric_head(self, head: bytes, server: bool, tls: bool) -> _MetricMemo:
+        """A metric record's head part from the full parse, memoised by the exact head."""
+        mk = (head, server, tls)
+        memo = self._metric_heads.get(mk)
+        if memo is None:
+            reqs = http1.parse_requests(head, 1)
+            if not reqs:
+                memo = _UNPARSED
+            else:
+                _, attrs, _, _, _, has_host, auto_route = self._derive(reqs[0], server, tls)
+                h = red.head_part(attrs, server, has_host)
+                overflow = None
+                if auto_route is not None:
+                    overflow = red.head_part({**attrs, "http.route": OVERFLOW_ROUTE}, server, has_host)
+                memo = (h, auto_route, overflow)
+            if len(self._metric_heads) >= _MEMO_SIZE:
+                self._metric_heads.clear()
+            self._metric_heads[mk] = memo
+        return memo
+
+    def _metric_shaped(self, head: bytes, sp1: int, sp2: int, server: bool, tls: bool) -> _MetricMemo:
+        """_metric_head for an origin-form request line (head[sp1 + 1:sp2] is a path, possibly with
+        a query): the same result, memoised by the head without its target plus the route."""
+        shape = (head[: sp1 + 1] + head[sp2:], server, tls)
+        base = self._metric_shapes.get(shape)
+        if base is None:
+            full = self._metric_head(head, server, tls)
+            if full is _UNPARSED or not server:
+                base = full  # a client's head part does not depend on its target
+            else:
+                base = full[0]._replace(route=())
+            if len(self._metric_shapes) >= _MEMO_SIZE:
+                self._metric_shapes.clear()
+            self._metric_shapes[shape] = base
+            return full
+        if not isinstance(base, red.HeadPart):
+            return base  # type: ignore[return-value]
+        target = head[sp1 + 1 : sp2]
+        q = target.find(b"?")
+        path = (target if q < 0 else target[:q]).decode("utf-8", "replace")
+        route = None
+        auto = False
+        if not self._routes.empty:
+            route = self._routes.match(path)
+        if route is None and self._auto_routes:
+            route = route_template(path)
+            auto = True
+        rk = (base, route, auto)
+        memo = self._metric_routes.get(rk)
+        if memo is None:
+            if route is None:
+                memo = (base, None, None)
+            else:
+                h = base._replace(route=(("http.route", route),))
+                memo = (h, route, base._replace(route=(("http.route", OVERFLOW_ROUTE),))) if auto else (h, None, None)
+            if len(self._metric_routes) >= _MEMO_SIZE:
+                self._metric_routes.clear()
+            self._metric_routes[rk] = memo
+        return memo
 
     def advance(self, mono_now_ns: int) -> list[Span]:
         out = self._release_unmatched(self._peers.expire(mono_now_ns))
@@ -647,6 +711,11 @@ class Correlator:
 
 _MEMO_SIZE = 1024  # distinct heads remembered; cleared (not LRU) when full: cheap and bounded
 _MISSING = object()
+# A metric record's memoised head part: (RED head part, the heuristic's route or None, the head
+# part with OVERFLOW_ROUTE), or _UNPARSED when the head is not HTTP/1.x.
+_MetricMemo = tuple
+_UNPARSED: tuple = tuple([None, None, None])  # compared by identity
+_CTL_OR_SPACE = re.compile(rb"[\x00-\x20\x7f]")
 _ROLE_SERVER = Role.SERVER
 _PEER = ParentKind.PEER
 _REMOTE_KINDS = (ParentKind.TRACEPARENT, ParentKind.TCP_OPTION)

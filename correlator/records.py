@@ -56,7 +56,10 @@ class ParentHint:
     exchange: ExchangeId
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each of these fields through object.__setattr__,
+# which made building one (per record, in the agent's hot path) cost about 4 us instead of 0.6.
+# Nothing changes an Exchange after it is built.
+@dataclass(slots=True, eq=True)
 class Exchange:
     pid: int
     tid: int

@@ -100,7 +100,7 @@ class FactsBuilder:
         self._keys: dict[tuple, tuple[AttrKey, bool]] = {}
         self._addrs: dict[bytes, str] = {}
 
-    def _addr(self, family: int, raw: bytes) -> str:
+    def addr(self, family: int, raw: bytes) -> str:
         a = self._addrs.get(raw)
         if a is None:
             a = format_addr(family, raw)
@@ -112,7 +112,7 @@ class FactsBuilder:
     def facts(self, mx: MetricExchange, head: HeadPart) -> RedFacts:
         server = mx.role == _SERVER
         family = mx.family
-        remote = self._addr(family, mx.remote_addr) if family else ""
+        remote = self.addr(family, mx.remote_addr) if family else ""
         by_peer = not server and head.hostport is None
         k = (head, server, mx.status, mx.end, mx.responded, remote if by_peer else "",
              mx.remote_port if by_peer else 0)
@@ -131,7 +131,7 @@ class FactsBuilder:
             peer = str(hp[0][1]) if hp else (remote or "unknown_service")
             peer_pid = 0
         local_peer = bool(remote) and (remote.startswith("127.") or remote == "::1"
-                                       or remote == self._addr(family, mx.local_addr))
+                                       or remote == self.addr(family, mx.local_addr))
         return RedFacts(mx.pid, server, attrs, max(0, mx.end_ns - mx.start_ns) / 1e9, failed, mx.span_id,
                         mx.parent_span_id, peer_pid, local_peer, peer, mx.local_port)
 

@@ -92,12 +92,32 @@ def segment_template(segment: str) -> str:
     return ID if is_identifier(segment) else segment
 
 
+_SEGMENT_MEMO = 8192  # distinct segments remembered; cleared when full
+_segments: dict[str, str] = {}
+
+
 def route_template(path: str) -> str:
     """`/users/42/orders` -> `/users/{id}/orders`. `path` starts with "/" (no query)."""
     segments = path.split("/")
     if len(segments) > _MAX_SEGMENTS + 1:
         segments = segments[: _MAX_SEGMENTS + 1] + [ID]
-    return "/".join(segment_template(s) for s in segments)
+    # Every server request of every service comes here and a path's literals repeat (an id is
+    # what changes): a segment's template is memoised, and a decimal number, the most common id,
+    # never reaches the memo or the patterns.
+    memo = _segments
+    out = []
+    for seg in segments:
+        if seg.isdecimal() and seg.isascii():
+            out.append(ID)
+            continue
+        t = memo.get(seg)
+        if t is None:
+            t = segment_template(seg)
+            if len(memo) >= _SEGMENT_MEMO:
+                memo.clear()
+            memo[seg] = t
+        out.append(t)
+    return "/".join(out)
 
 
 class RouteCap:

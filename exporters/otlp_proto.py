@@ -206,17 +206,20 @@ def _key_value_field(tag: bytes, key: str, value: AttrValue) -> bytes:
 
 
 class _AttrCache:
-    """Encoded `attributes` fields by (key, type, value); bounded, cleared when full."""
+    """Encoded `attributes` fields by (key, value) for strings, (key, type, value) otherwise;
+    bounded, cleared when full."""
 
     __slots__ = ("_d", "_max")
 
     def __init__(self, max_entries: int = 16384) -> None:
-        self._d: dict[tuple[str, type, AttrValue], bytes] = {}
+        self._d: dict[tuple, bytes] = {}
         self._max = max_entries
 
     def field(self, key: str, value: AttrValue) -> bytes:
-        # The type is part of the key because True == 1 and 1 == 1.0 hash alike.
-        ck = (key, type(value), value)
+        # The type is part of a non-string key because True == 1 and 1 == 1.0 hash alike; a
+        # string's key is the (key, value) pair dict.items() hands out already (two items, so it
+        # never equals a three-item key).
+        ck = (key, value) if type(value) is str else (key, type(value), value)
         b = self._d.get(ck)
         if b is None:
             b = _key_value_field(b"\x4a", key, value)
@@ -238,6 +241,7 @@ def _check_field_numbers() -> None:
 
 
 _check_field_numbers()
+_FLAGS_FIELD = b"\x85\x01" + _U32.pack(_SPAN_FLAGS_SAMPLED)
 
 
 class WireEncoder:
@@ -260,33 +264,35 @@ class WireEncoder:
         return b
 
     def span_bytes(self, s: Span) -> bytes:
-        attr_field = self._attrs.field
+        cache = self._attrs
+        memo = cache._d
         tid, sid, pid = s.trace_id, s.span_id, s.parent_span_id
         # Lengths are written from the values, not assumed: a malformed id must cost one span's
         # validity at the collector, not corrupt the framing of the whole request.
-        parts = [b"\x0a", _varint(len(tid)), tid, b"\x12", _varint(len(sid)), sid]
+        if len(tid) == 16 and len(sid) == 8:
+            parts = [b"\x0a\x10" + tid + b"\x12\x08" + sid]
+        else:
+            parts = [b"\x0a" + _varint(len(tid)) + tid + b"\x12" + _varint(len(sid)) + sid]
         if s.trace_state:
             parts.append(_len_field(b"\x1a", s.trace_state.encode()))
         if pid:
-            parts.append(b"\x22")
-            parts.append(_varint(len(pid)))
-            parts.append(pid)
+            parts.append(b"\x22" + _varint(len(pid)) + pid)
         name = s.name.encode("utf-8", "surrogateescape")
-        parts.append(b"\x2a")
-        parts.append(_varint(len(name)))
-        parts.append(name)
-        parts.append(b"\x30" + _SMALL_VARINTS[s.kind])
-        parts.append(_TIMES.pack(0x39, s.start_ns, 0x41, s.end_ns))
-        for k, v in s.attributes.items():
-            parts.append(attr_field(k, v))
+        parts.append(b"\x2a" + _varint(len(name)) + name + b"\x30" + _SMALL_VARINTS[s.kind]
+                     + _TIMES.pack(0x39, s.start_ns, 0x41, s.end_ns))
+        append = parts.append
+        for kv in s.attributes.items():
+            v = kv[1]
+            b = memo.get(kv if type(v) is str else (kv[0], type(v), v))
+            append(b if b is not None else cache.field(kv[0], v))
         if s.status or s.status_message:
             st = b""
             if s.status_message:
                 st = _len_field(b"\x12", s.status_message.encode("utf-8", "surrogateescape"))
             if s.status:
                 st += b"\x18" + _SMALL_VARINTS[s.status]
-            parts.append(_len_field(b"\x7a", st))
-        parts.append(b"\x85\x01" + _U32.pack(_SPAN_FLAGS_SAMPLED))
+            append(_len_field(b"\x7a", st))
+        append(_FLAGS_FIELD)
         return b"".join(parts)
 
     def encode(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> bytes:

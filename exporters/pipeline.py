@@ -15,6 +15,8 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
+from itertools import islice
+from operator import attrgetter
 from typing import Any
 
 from correlator.spans import ProcessInfo, Span
@@ -24,6 +26,16 @@ log = logging.getLogger("kspan.exporters")
 
 MAX_RETRY_AFTER_S = 60.0
 REJECT_LOG_INTERVAL_S = 60.0
+
+
+_PID = attrgetter("pid")
+
+
+def _counts(refs: Counter[int], spans: Sequence[Span]) -> set[int]:
+    """Add each span's pid to refs; returns the pids seen."""
+    pids = list(map(_PID, spans))
+    refs.update(pids)
+    return set(pids)
 
 
 def _describe(exporter: SpanExporter) -> str:
@@ -87,13 +99,13 @@ class _Lane:
                     return
             was_empty = not self.queue
             self.queue.extend(accepted)
-            for s in accepted:
-                pid = s.pid
-                self.pid_refs[pid] += 1
-                if pid not in self.processes:
+            # Counted a batch at a time (Counter.update counts in C): a span costs no Python here.
+            known = self.processes
+            for pid in _counts(self.pid_refs, accepted):
+                if pid not in known:
                     info = processes.get(pid)
                     if info is not None:
-                        self.processes[pid] = info
+                        known[pid] = info
             if was_empty:
                 self.oldest_enqueued = time.monotonic()
                 self.cond.notify()
@@ -133,21 +145,21 @@ class _Lane:
                     self.cond.wait()
             n = min(self.max_batch, len(self.queue))
             # Peek, do not pop: on failure the same spans stay at the head of the queue.
-            batch = [self.queue[i] for i in range(n)]
-            procs = {s.pid: self.processes[s.pid] for s in batch if s.pid in self.processes}
+            batch = list(islice(self.queue, n))
+            known = self.processes
+            procs = {pid: known[pid] for pid in set(map(_PID, batch)) if pid in known}
             return batch, procs
 
     def _release(self, n: int) -> None:
         with self.cond:
-            for _ in range(min(n, len(self.queue))):  # shutdown may have cleared the queue meanwhile
-                s = self.queue.popleft()
-                pid = s.pid
-                left = self.pid_refs[pid] - 1
-                if left <= 0:
-                    del self.pid_refs[pid]
+            popleft = self.queue.popleft
+            gone = [popleft() for _ in range(min(n, len(self.queue)))]  # shutdown may have cleared it
+            refs = self.pid_refs
+            refs.subtract(map(_PID, gone))
+            for pid in set(map(_PID, gone)):
+                if refs[pid] <= 0:
+                    del refs[pid]
                     self.processes.pop(pid, None)
-                else:
-                    self.pid_refs[pid] = left
             # oldest_enqueued stays: what remains is no older than it, so at worst it leaves early.
 
     def _sleep(self, seconds: float) -> None:

@@ -221,17 +221,81 @@ class _Session:
     out: SpanOutput | None
     writer: RecordingWriter | None
     attachers: list[Any]
+    dispatch: RecordDispatch | None = None
+
+
+class RecordDispatch:
+    """Exchange, metric, segment and TCP records into the correlator, a poll's batch at a time: the
+    agent's per-record hot path (bench/hotpath.py measures exactly this)."""
+
+    def __init__(self, correlator: Correlator, processes: ProcessTable) -> None:
+        self.correlator = correlator
+        self.processes = processes
+        self.undecodable = 0  # exchange or metric records that did not decode (foreign, short): skipped
+
+    def feed(self, batch: Iterable[bytes]) -> tuple[list[Span], list[RedFacts], list[TcpEvent]]:
+        spans: list[Span] = []
+        facts: list[RedFacts] = []
+        tcp: list[TcpEvent] = []
+        self.feed_into(batch, spans, facts, tcp)
+        return spans, facts, tcp
+
+    def feed_into(self, batch: Iterable[bytes], spans: list[Span], facts: list[RedFacts],
+                  tcp: list[TcpEvent]) -> None:
+        correlator, processes = self.correlator, self.processes
+        for data in batch:
+            kind = records.record_type(data)
+            if kind == records.REC_EXCHANGE:
+                try:
+                    ex: Exchange = records.decode_exchange(data)
+                except ValueError as e:
+                    log.debug("kspan: undecodable record: %s", e)
+                    self.undecodable += 1
+                    continue
+                processes.get(ex.pid)  # read /proc while the process is alive
+                spans.extend(correlator.feed(ex))
+            elif kind == records.REC_METRIC:
+                try:
+                    mx = records.decode_metric(data)
+                except ValueError as e:
+                    log.debug("kspan: undecodable metric record: %s", e)
+                    self.undecodable += 1
+                    continue
+                processes.get(mx.pid)
+                f = correlator.metric(mx)
+                if f is not None:
+                    facts.append(f)
+            elif kind == records.REC_SEGMENT:
+                try:
+                    seg = records.decode_segment(data)
+                except ValueError as e:
+                    log.debug("kspan: undecodable segment record: %s", e)
+                    self.undecodable += 1
+                    continue
+                processes.get(seg.seg.pid)
+                spans.extend(correlator.segment(seg))
+            elif kind == records.REC_TCP:
+                try:
+                    tcp.append(records.decode_tcp(data))
+                except ValueError:
+                    continue
 
 
 class Agent:
     """`kspan run` and `kspan record`: the live loop on the real kernel."""
+
+    @property
+    def undecodable(self) -> int:
+        """Exchange or metric records that did not decode (foreign, short): skipped."""
+        d = self._record_dispatch
+        return d.undecodable if d is not None else 0
 
     def __init__(self, opts: RunOptions, env: dict[str, str] | None = None, record_to: str | None = None) -> None:
         self.opts = opts
         self.env = dict(os.environ if env is None else env)
         self.record_to = record_to
         self.stopper = _Stopper()
-        self.undecodable = 0  # exchange or metric records that did not decode (foreign, short): skipped
+        self._record_dispatch: RecordDispatch | None = None
 
     def run(self) -> int:
         from tracer.capabilities import probe
@@ -311,7 +375,9 @@ class Agent:
                       "metrics count every request", file=sys.stderr)
             print(f"kspan: ready ({capture.probes_attached} probes, {capture.backend} backend)", file=sys.stderr)
             sys.stderr.flush()
-            self._loop(_Session(capture, processes, correlator, out, writer, attachers))
+            if correlator is not None:
+                self._record_dispatch = RecordDispatch(correlator, processes)
+            self._loop(_Session(capture, processes, correlator, out, writer, attachers, self._record_dispatch))
         finally:
             for a in attachers:
                 close = getattr(a, "close", None)
@@ -416,12 +482,21 @@ class Agent:
             self._dispatch(raw, ses)
 
     def _dispatch(self, raw: Iterable[bytes], ses: _Session) -> None:
-        processes, correlator, out, writer = ses.processes, ses.correlator, ses.out, ses.writer
+        processes, out, writer = ses.processes, ses.out, ses.writer
         spans: list[Span] = []
         facts: list[RedFacts] = []
         tcp: list[Any] = []
+        run: list[bytes] = []  # consecutive exchange/metric/tcp records, fed as one batch
+        feed = ses.dispatch.feed_into if ses.dispatch is not None else None
         for data in raw:
             kind = records.record_type(data)
+            if kind != records.REC_PROC and writer is None:
+                run.append(data)
+                continue
+            if run:
+                if feed is not None:
+                    feed(run, spans, facts, tcp)
+                run = []
             if kind == records.REC_PROC:
                 try:
                     proc = records.decode_proc(data)
@@ -449,41 +524,8 @@ class Agent:
                 if kind == records.REC_EXCHANGE or kind == records.REC_METRIC:
                     writer.process(processes.get(int.from_bytes(data[4:8], "little")))
                 writer.record(data)
-                continue
-            if kind == records.REC_EXCHANGE and correlator is not None:
-                try:
-                    ex: Exchange = records.decode_exchange(data)
-                except ValueError as e:
-                    log.debug("kspan: undecodable record: %s", e)
-                    self.undecodable += 1
-                    continue
-                processes.get(ex.pid)  # read /proc while the process is alive
-                spans.extend(correlator.feed(ex))
-            elif kind == records.REC_METRIC and correlator is not None:
-                try:
-                    mx = records.decode_metric(data)
-                except ValueError as e:
-                    log.debug("kspan: undecodable metric record: %s", e)
-                    self.undecodable += 1
-                    continue
-                processes.get(mx.pid)
-                f = correlator.metric(mx)
-                if f is not None:
-                    facts.append(f)
-            elif kind == records.REC_SEGMENT and correlator is not None:
-                try:
-                    seg = records.decode_segment(data)
-                except ValueError as e:
-                    log.debug("kspan: undecodable segment record: %s", e)
-                    self.undecodable += 1
-                    continue
-                processes.get(seg.seg.pid)
-                spans.extend(correlator.segment(seg))
-            elif kind == records.REC_TCP:
-                try:
-                    tcp.append(records.decode_tcp(data))
-                except ValueError:
-                    continue
+        if run and feed is not None:
+            feed(run, spans, facts, tcp)
         if out is not None:
             out.spans(spans)
             out.red(facts)

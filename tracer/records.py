@@ -157,18 +157,29 @@ def _check_layout() -> None:
         raise AssertionError("tracer/records.py: _FIXED does not match RawExchange (bpf/kspan.h)")
 
 
-def _ids(data: bytes, flags: int) -> tuple[bytes, bytes, bytes, bool]:
-    """(trace_id, span_id, parent_span_id, kernel_ids) of a current-layout record. A record that
-    claims kernel ids but carries a zero trace or span id is treated as one without them."""
-    if not flags & FLAG_IDS:
-        return b"", b"", b"", False
-    trace = bytes(data[_IDS_AT : _IDS_AT + 16])
-    # The kernel writes u64s in host (little-endian) order; OTLP wants the u64's big-endian bytes.
-    sid = bytes(data[_IDS_AT + 16 : _IDS_AT + 24])[::-1]
-    psid = bytes(data[_IDS_AT + 24 : _IDS_AT + 32])[::-1]
-    if trace == _Z16 or sid == _Z8:
-        return b"", b"", b"", False
-    return trace, sid, b"" if psid == _Z8 else psid, True
+# The current layout's fixed part and identity together (everything before req_head), in one unpack.
+_FULL = struct.Struct(_FIXED.format + "16sQQ")
+_ADDR_MEMO = 4096  # distinct addresses remembered; cleared when full (a host talks to few peers)
+_addrs4: dict[bytes, str] = {}
+_addrs6: dict[bytes, str] = {}
+
+
+def _addr(family: int, raw: bytes) -> str:
+    """format_addr, memoised by the raw bytes: every record carries two addresses, and a host's
+    records name the same few over and over."""
+    if family == socket.AF_INET:
+        memo = _addrs4
+    elif family == socket.AF_INET6:
+        memo = _addrs6
+    else:
+        return ""
+    text = memo.get(raw)
+    if text is None:
+        text = format_addr(family, raw)
+        if len(memo) >= _ADDR_MEMO:
+            memo.clear()
+        memo[raw] = text
+    return text
 
 
 def decode_exchange(data: bytes, legacy: bool | None = None) -> Exchange:
@@ -177,12 +188,31 @@ def decode_exchange(data: bytes, legacy: bool | None = None) -> Exchange:
     n = len(data)
     if legacy is None:
         legacy = n < EXCHANGE_SIZE and n == LEGACY_EXCHANGE_SIZE
-    size = LEGACY_EXCHANGE_SIZE if legacy else EXCHANGE_SIZE
-    if n < size:
-        raise ValueError(f"exchange record is {n} bytes, expected {size}")
-    (rtype, pid, tid, role, end_reason, source, parent_kind, flags, family, local_port, remote_port, status,
-     local_addr, remote_addr, conn_id, req_start, req_end, resp_start, resp_end, req_bytes, resp_bytes,
-     parent_conn, parent_start, parent_pid, req_len, resp_len, tail_len) = _FIXED.unpack_from(data)
+    if legacy:
+        if n < LEGACY_EXCHANGE_SIZE:
+            raise ValueError(f"exchange record is {n} bytes, expected {LEGACY_EXCHANGE_SIZE}")
+        (rtype, pid, tid, role, end_reason, source, parent_kind, flags, family, local_port, remote_port, status,
+         local_addr, remote_addr, conn_id, req_start, req_end, resp_start, resp_end, req_bytes, resp_bytes,
+         parent_conn, parent_start, parent_pid, req_len, resp_len, tail_len) = _FIXED.unpack_from(data)
+        trace = sid_b = psid_b = b""
+        kernel_ids = False
+        req_at, resp_at, tail_at = _REQ_AT - _IDS_LEN, _RESP_AT - _IDS_LEN, _TAIL_AT - _IDS_LEN
+    else:
+        if n < EXCHANGE_SIZE:
+            raise ValueError(f"exchange record is {n} bytes, expected {EXCHANGE_SIZE}")
+        (rtype, pid, tid, role, end_reason, source, parent_kind, flags, family, local_port, remote_port, status,
+         local_addr, remote_addr, conn_id, req_start, req_end, resp_start, resp_end, req_bytes, resp_bytes,
+         parent_conn, parent_start, parent_pid, req_len, resp_len, tail_len, trace, sid,
+         psid) = _FULL.unpack_from(data)
+        # A record that claims kernel ids but carries a zero trace or span id is taken as one without.
+        kernel_ids = bool(flags & FLAG_IDS) and sid != 0 and trace != _Z16
+        if kernel_ids:
+            # The kernel writes u64s in host (little-endian) order; OTLP wants the u64's big-endian bytes.
+            sid_b = sid.to_bytes(8, "big")
+            psid_b = psid.to_bytes(8, "big") if psid else b""
+        else:
+            trace = sid_b = psid_b = b""
+        req_at, resp_at, tail_at = _REQ_AT, _RESP_AT, _TAIL_AT
     if rtype != REC_EXCHANGE:
         raise ValueError(f"record type {rtype} is not an exchange")
     try:
@@ -192,55 +222,33 @@ def decode_exchange(data: bytes, legacy: bool | None = None) -> Exchange:
         source_v = _SOURCES[source]
     except KeyError as e:
         raise ValueError(f"exchange record has an unknown enum value {e}") from None
-    if legacy:
-        shift = _IDS_LEN
-        trace, sid, psid, kernel_ids = b"", b"", b"", False
+    if flags & FLAG_TUPLE_KNOWN:
+        local = _addr(family, local_addr) if family else ""
+        remote = _addr(family, remote_addr) if family else ""
     else:
-        shift = 0
-        trace, sid, psid, kernel_ids = _ids(data, flags)
-    known = bool(flags & FLAG_TUPLE_KNOWN)
-    if not known:
-        family = 0
+        family = local_port = remote_port = 0
+        local = remote = ""
     parent = None
-    if kind != ParentKind.NONE:
+    if parent_kind:
         parent = ParentHint(kind, parent_pid, ExchangeId(parent_conn, parent_start))
-    req_at, resp_at, tail_at = _REQ_AT - shift, _RESP_AT - shift, _TAIL_AT - shift
     return Exchange(
-        pid=pid,
-        tid=tid,
-        role=role_v,
-        end=end_v,
-        source=source_v,
-        tls=bool(flags & FLAG_TLS),
-        conn_id=conn_id,
-        family=family,
-        local_addr=format_addr(family, local_addr),
-        local_port=local_port if known else 0,
-        remote_addr=format_addr(family, remote_addr),
-        remote_port=remote_port if known else 0,
-        req_start_ns=req_start,
-        req_end_ns=req_end,
-        resp_start_ns=resp_start,
-        resp_end_ns=resp_end,
-        req_bytes=req_bytes,
-        resp_bytes=resp_bytes,
-        status=status,
-        parent=parent,
+        pid, tid, role_v, end_v, source_v, bool(flags & FLAG_TLS), conn_id, family, local, local_port, remote,
+        remote_port, req_start, req_end, resp_start, resp_end, req_bytes, resp_bytes, status, parent,
         # The heads are raw buffers with a length (c_char arrays would stop at a NUL).
-        req_head=bytes(data[req_at : req_at + min(req_len, REQ_HEAD)]),
-        resp_head=bytes(data[resp_at : resp_at + min(resp_len, RESP_HEAD)]),
-        resp_tail=bytes(data[tail_at : tail_at + min(tail_len, TAIL)]),
-        req_head_truncated=bool(flags & FLAG_REQ_HEAD_FULL),
-        resp_head_truncated=bool(flags & FLAG_RESP_HEAD_FULL),
-        interim_response=bool(flags & FLAG_INTERIM),
-        parent_ambiguous=bool(flags & FLAG_AMBIGUOUS),
-        trace_id=trace,
-        span_id=sid,
-        parent_span_id=psid,
+        data[req_at : req_at + min(req_len, REQ_HEAD)],
+        data[resp_at : resp_at + min(resp_len, RESP_HEAD)],
+        data[tail_at : tail_at + min(tail_len, TAIL)],
+        bool(flags & FLAG_REQ_HEAD_FULL),
+        bool(flags & FLAG_RESP_HEAD_FULL),
+        bool(flags & FLAG_INTERIM),
+        bool(flags & FLAG_AMBIGUOUS),
+        trace,
+        sid_b,
+        psid_b,
         # Without kernel ids the kernel made no decision: the correlator mirrors the sampler.
-        sampled=bool(flags & FLAG_SAMPLED) if kernel_ids else True,
-        kernel_ids=kernel_ids,
-        remote_parent=bool(flags & FLAG_REMOTE_PARENT),
+        bool(flags & FLAG_SAMPLED) if kernel_ids else True,
+        kernel_ids,
+        bool(flags & FLAG_REMOTE_PARENT),
     )
 
 

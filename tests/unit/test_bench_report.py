@@ -161,7 +161,7 @@ def test_capacity_limited_by_the_load_and_none_when_all_lossy() -> None:
 
 
 def _results(ratio_go: float, us: float, lost: int, hwm: float, ready: list[float], steady: float = 80.0,
-             bpf_us: float = 1.0, compiler: bool = False) -> dict:
+             bpf_us: float = 1.0, compiler: bool = False, unsampled_us: float = 1.5) -> dict:
     ov_runs = [{"mode": "untraced", "round": 1, "rps": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "requests": 500},
                {"mode": "traced", "round": 1, "rps": 100.0 * ratio_go, "p50_ms": 1.0, "p99_ms": 2.0,
                 "requests": 500, "spans": 500}]
@@ -174,6 +174,7 @@ def _results(ratio_go: float, us: float, lost: int, hwm: float, ready: list[floa
         "capacity": {"steps": [step], "result": report.capacity([step])},
         "memory": {"peak_hwm_mb": hwm, "steady_rss_mb": steady},
         "startup": {"ready_s": ready, "first_span_s": 1.0, "compiler_mapped": [compiler] * len(ready)},
+        "hotpath": {"ratio10": {"us_per_unsampled": unsampled_us}},
     }
 
 
@@ -183,7 +184,8 @@ def test_targets_pass_and_miss_on_the_limits() -> None:
     assert any("target 60 s: --full" in name for name in ok)
     assert any("20,000 req/s" in name for name in ok)
     bad = {t["target"]: t for t in report.evaluate_targets(
-        _results(0.85, 11.0, 7, 160.0, [1.0, 2.5, 3.5], steady=120.0, bpf_us=2.0, compiler=True))}
+        _results(0.85, 11.0, 7, 160.0, [1.0, 2.5, 3.5], steady=120.0, bpf_us=2.0, compiler=True,
+                 unsampled_us=2.5))}
     assert all(t["status"] == report.MISS for t in bad.values()), bad
     assert bad["traced/untraced throughput, go"]["measured"] == "0.850"
     assert bad["launch to `kspan: ready` (median of the launches)"]["measured"] == "2.50 s (max 3.50 s)"
@@ -212,3 +214,20 @@ def test_render_and_json_round_trip(tmp_path) -> None:
     assert "| server | mode |" in md
     report.write_json(r, str(tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text())["targets"] == r["targets"]
+
+
+def test_hotpath_runs_the_agent_path_on_the_bundled_recordings() -> None:
+    from bench import hotpath
+
+    sampled = hotpath.load(hotpath.RECORDINGS["sampled"])
+    r = hotpath.measure(sampled, passes=1, warm=0)
+    # Every record of the 100% recording is a full exchange and becomes one exported span.
+    assert r["exchanges"] == 4000 and r["metric_records"] == 0 and r["spans_exported"] == 4000
+    assert all(v > 0 for k, v in r["us_per_exchange"].items())
+    ratio = hotpath.load(hotpath.RECORDINGS["ratio10"])
+    r10 = hotpath.measure(ratio, passes=1, warm=0)
+    assert r10["metric_records"] > 3000 and 0 < r10["spans_exported"] <= r10["exchanges"]
+    assert r10["us_per_unsampled"] > 0
+    results = {"hotpath": {"sampled": r, "ratio10": r10}}
+    text = report.render({**results, "targets": report.evaluate_targets(results)})
+    assert "Per-record user-space path" in text and "agent CPU per unsampled exchange" in text

@@ -132,3 +132,37 @@ def test_service_graph_pairs_unsampled_halves_by_kernel_span_ids() -> None:
     assert edges == {("kspan", (("client", "front"), ("connection_type", "virtual_node"),
                                 ("server", "127.0.0.1"))): 1}
     assert agg.unpaired_edges == 0
+
+
+# Heads that share everything but their target, and targets the memo by head shape must not
+# take (absolute-form, asterisk, a space or control byte in the target, no version).
+_TARGETS = ["/users/7", "/users/8?q=1", "/users/9/orders/12", "/items/abc-12345", "/", "/a%20b/3",
+            "/users/7?x=/y z", "/static/app.3f9a8b7c.js", "/v2/things/", "//double", "/x?"]
+
+
+@pytest.mark.parametrize("routes", [[], ["/users/{id}"]], ids=["auto routes", "templates"])
+@pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT], ids=["server", "client"])
+def test_metric_memo_by_head_shape_matches_the_span_path(routes: list[str], role: Role) -> None:
+    """A warm correlator (head shapes memoised) gives every metric record the attributes its span
+    would have, for each target behind the same method, version and headers."""
+    warm = Correlator(WallClock(0), CorrelatorConfig(routes=routes, max_routes=5))
+    spans = Correlator(WallClock(0), CorrelatorConfig(routes=routes, max_routes=5))
+    heads = [request_bytes(m, t, host=h) for m in ("GET", "POST") for h in ("api:9000", None) for t in _TARGETS]
+    heads += [b"GET http://api/users/7 HTTP/1.1\r\nHost: api\r\n\r\n", b"OPTIONS * HTTP/1.1\r\nHost: api\r\n\r\n",
+              b"GET /users/7 HTTP/1.1\r\nHost: api\r\n\r\n", b"GET /a\x01b HTTP/1.1\r\nHost: api\r\n\r\n",
+              b"GET /users/7 HTTP/2.0\r\nHost: api\r\n\r\n", b"GET /users/7\r\nHost: api\r\n\r\n"]
+    seen = 0
+    for rep in range(2):  # the second round hits every memo
+        for i, head in enumerate(heads):
+            ex = make_exchange(head, response_bytes(200 if i % 3 else 503), role=role, conn_id=1000 * rep + i + 1)
+            out = spans.feed(ex)
+            facts = warm.metric(_metric(ex))
+            if not out:
+                assert facts is None
+                continue
+            assert facts is not None, head
+            assert facts.attrs == MetricsAggregator._red_attrs(out[0]), head
+            seen += 1
+    assert seen >= len(heads)
+    assert warm.stats.metric_unparsed == spans.stats.unparsed_exchanges
+    assert warm.stats.routes_overflowed == spans.stats.routes_overflowed
