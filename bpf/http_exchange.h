@@ -1253,6 +1253,17 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
          * segment that starts the request, and its retransmits */
         c.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
         bpf_map_update_elem(&ctx_out, &k, &c, BPF_ANY);
+        /* The local server on the other end may read the request (and fix its identity) before
+         * this write returns, when the writer is preempted on its way out of the send: it finds
+         * the client here already. The state machine rewrites the entry when the request begins. */
+        struct kspan_exchange_ref me = {};
+        me.conn_id = sk;
+        me.req_start_ns = c.ts_ns;
+        me.pid = pid_tgid >> 32;
+        me.flags = id.flags & KSPAN_FLAG_SAMPLED;
+        __builtin_memcpy(me.trace_id, id.trace_id, 16);
+        me.span_id = id.span_id;
+        bpf_map_update_elem(&client_conns, &k, &me, BPF_ANY);
     }
     return 1;
 }
