@@ -23,6 +23,7 @@ from correlator.protocols.mysql import MySQLDecoder
 from correlator.segments import Operation, Segment
 from tests.support.dbservers import mariadb_server
 from tests.support.relay import Relay, relaying
+from tests.support.segment_cuts import merge_runs, mutate, recut
 
 SECRET = "sekrit-42"
 PASSWORD = "pw-sekrit-77"  # the application user's (scrambled on the wire)
@@ -305,17 +306,7 @@ _SQL_SYNTAX = frozenset(b"'\"$`\\-/*#EeBbXxNnUu&_")  # see test_proto_postgres.p
 
 @given(st.data())
 def _mutated_real_traffic(data: st.DataObject) -> None:
-    segs = list(_REAL)
-    for _ in range(data.draw(st.integers(1, 5))):
-        i = data.draw(st.integers(0, len(segs) - 1))
-        s = segs[i]
-        if not s.data:
-            continue
-        b = bytearray(s.data)
-        j = data.draw(st.integers(0, len(b) - 1))
-        if b[j] not in _SQL_SYNTAX:
-            b[j] = data.draw(st.integers(0, 255).filter(lambda v: v not in _SQL_SYNTAX))
-        segs[i] = replace(s, data=bytes(b[: data.draw(st.integers(0, len(b)))]), length=s.length)
+    segs = mutate(_REAL, data, _SQL_SYNTAX)
     ops, counters = decode(segs)
     assert "decode_errors" not in counters
     assert "sekrit" not in exported(ops)
@@ -328,13 +319,7 @@ def test_mutated_real_traffic_never_raises(workload: Relay) -> None:
 
 @given(st.data())
 def _rechunked_like_the_kernel(data: st.DataObject) -> None:
-    segs: list[Segment] = []
-    for run in _RUNS:
-        cuts = data.draw(st.sets(st.integers(1, max(1, len(run.data) - 1)), max_size=6))
-        bounds = [0, *sorted(c for c in cuts if c < len(run.data)), len(run.data)]
-        for a, b in zip(bounds, bounds[1:], strict=False):
-            chunk = run.data[a:b]
-            segs.append(replace(run, data=chunk[:512], length=len(chunk)))
+    segs = recut(_RUNS, data)
     ops, counters = decode(segs)
     assert "decode_errors" not in counters
     assert "sekrit" not in exported(ops)
@@ -348,10 +333,5 @@ _RUNS: list[Segment] = []
 
 def test_any_transfer_boundaries_cut_to_512_bytes(workload: Relay) -> None:
     """The workload's bytes written in transfers of any size, each copied up to 512 bytes."""
-    _RUNS.clear()
-    for s in workload.client_segments(full=True)[0]:
-        if _RUNS and _RUNS[-1].egress == s.egress:
-            _RUNS[-1] = replace(_RUNS[-1], data=_RUNS[-1].data + s.data, length=_RUNS[-1].length + s.length)
-        else:
-            _RUNS.append(s)
+    _RUNS[:] = merge_runs(workload.client_segments(full=True)[0])
     _rechunked_like_the_kernel()
