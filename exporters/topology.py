@@ -262,6 +262,15 @@ class Rules:
 
 
 def _peer_name(attributes: Mapping[str, Any]) -> str:
+    system = attributes.get("db.system.name")
+    if system:
+        # a database or cache: named by its system, then where it listens
+        where = _address(attributes)
+        return f"{system} {where}" if where != "unknown peer" else str(system)
+    return _address(attributes)
+
+
+def _address(attributes: Mapping[str, Any]) -> str:
     host = attributes.get("server.address") or attributes.get("network.peer.address")
     port = attributes.get("server.port") or attributes.get("network.peer.port")
     if not host:
@@ -296,6 +305,8 @@ def build_graph(spans: Iterable[TopoSpan | Mapping[str, Any]]) -> ServiceGraph:
         return edges[key]
 
     for s in items:
+        if s.kind == SERVER and "db.system.name" in s.attributes:
+            continue  # a database's own spans: its node is drawn by the calls its clients make
         if s.kind == SERVER:
             node(s.service).served.add(s.duration_ms, s.error)
             if not s.parent_span_id:

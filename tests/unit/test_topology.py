@@ -252,3 +252,20 @@ def test_long_names_are_shortened_in_the_picture_only(tmp_path: Path) -> None:
     draw(graph, Rules(), svg_path=str(svg))
     text = svg.read_text()
     assert f">{long_host}:443<" not in text and ":443<" in text and ">ip-10-0-1-17" in text
+
+
+def test_databases_are_nodes_named_by_their_system() -> None:
+    """A database call draws an edge to a node named by the database's system and address; the
+    database's own server-side spans add no `user` edge."""
+    t = TraceBuilder("db")
+    front = t.span("frontend", SpanKind.SERVER, None, 0, 20)
+    t.span("frontend", SpanKind.CLIENT, front, 1, 3, **{"db.system.name": "postgresql", "server.address": "10.0.0.5",
+                                                         "server.port": 5432, "db.operation.name": "SELECT"})
+    t.span("frontend", SpanKind.CLIENT, front, 5, 1, True, **{"db.system.name": "redis", "server.address": "10.0.0.6",
+                                                               "server.port": 6379})
+    t.span("orders", SpanKind.SERVER, None, 2, 1, **{"db.system.name": "postgresql"})  # the database's own
+    graph = build_graph(spans_from_kspan(t.spans, PROCESSES))
+    assert {"postgresql 10.0.0.5:5432", "redis 10.0.0.6:6379"} <= set(graph.nodes)
+    assert graph.nodes["redis 10.0.0.6:6379"].virtual
+    assert graph.edges[("frontend", "redis 10.0.0.6:6379")].stats.errors == 1
+    assert ("user", "orders") not in graph.edges and "orders" not in graph.nodes
