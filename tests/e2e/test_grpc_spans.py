@@ -1,4 +1,4 @@
-"""gRPC over h2c becomes spans for real: a grpcio server and a grpcio client in two processes, the
+"""HTTP/2 and gRPC over h2c become spans for real: a grpcio server and a grpcio client in two processes, the
 agent on the real kernel (the connection is recognised by its HTTP/2 preface and leaves the kernel
 as bounded segments), a real OTLP endpoint. Each call gives a server span and a client span named
 `{service}/{method}` with the RPC conventions' attributes and the status from the trailers; no
@@ -8,15 +8,18 @@ metadata value leaves the agent.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.agent import free_port, running_agent, service
-from tests.support.ebpf import require_ebpf
+from tests.support.ebpf import fail_or_skip, require_ebpf
 from tests.support.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.ebpf
@@ -99,4 +102,69 @@ def test_grpc_calls_become_server_and_client_spans(tmp_path: Path, monkeypatch: 
         # bounded copy lost is left out (counted), never guessed
         assert len(failed) <= 1 and all(_attr(s, "rpc.grpc.status_code") == 5 for s in failed), failed
         assert sum(_attr(s, "rpc.grpc.status_code") == 0 for s in mine) >= 1, mine
+    assert SECRET not in json.dumps(spans)
+
+
+NGINX_H2 = """
+daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} http2;
+        location = / {{ return 200 "hello h2\\n"; }}
+        location = /missing {{ return 404; }}
+        location = /boom {{ return 503; }}
+    }}
+}}
+"""
+
+
+def test_curl_http2_prior_knowledge_against_nginx_becomes_http_spans(tmp_path: Path) -> None:
+    """Plain HTTP/2 (h2c) follows the HTTP conventions like HTTP/1: nginx's server spans and
+    curl's client spans, with the status of each stream; no header value but the conventions'."""
+    require_ebpf()
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        fail_or_skip("nginx is not installed (apt-get install nginx-light)")
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_H2.format(d=tmp_path, port=port))
+    wrapper = tmp_path / "run_nginx.sh"
+    wrapper.write_text(f"#!/bin/sh\necho listening\nexec {nginx} -p {tmp_path} -c {conf} -e {tmp_path}/error.log\n")
+    wrapper.chmod(0o755)
+    with OtlpReceiver() as rx, service([str(wrapper)]):
+        time.sleep(0.3)  # nginx binds after printing
+        args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
+                "--no-metrics", "--port", str(port)]
+        with running_agent(args, tmp_path) as agent:
+            # the header from a config file: a command line is a resource attribute
+            (tmp_path / "curl.cfg").write_text(f'header = "X-Secret: {SECRET}"\n')
+            for path, want in (("/", "200"), ("/missing", "404"), ("/boom", "503")):
+                got = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                                      "--http2-prior-knowledge", "-K", str(tmp_path / "curl.cfg"),
+                                      f"http://127.0.0.1:{port}{path}"],
+                                     capture_output=True, text=True, timeout=20).stdout
+                assert got == want, got
+
+            def ready(spans: list[dict[str, Any]]) -> bool:
+                h2 = [s for s in spans if _attr(s, "network.protocol.version") == "2"]
+                return sum(s["kind"] == SERVER for s in h2) >= 3 and sum(s["kind"] == CLIENT for s in h2) >= 3
+
+            spans = rx.wait_for_spans(ready, timeout_s=30)
+        assert agent.returncode == 0, agent.stderr
+    h2 = [s for s in spans if _attr(s, "network.protocol.version") == "2"]
+    for kind in (SERVER, CLIENT):
+        codes = sorted(_attr(s, "http.response.status_code") for s in h2 if s["kind"] == kind)
+        assert codes == [200, 404, 503], (kind, codes)
+        assert all(_attr(s, "http.request.method") == "GET" for s in h2 if s["kind"] == kind)
+    assert {_attr(s, "url.path") for s in h2 if s["kind"] == SERVER} == {"/", "/missing", "/boom"}
     assert SECRET not in json.dumps(spans)
