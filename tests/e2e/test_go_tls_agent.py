@@ -107,3 +107,36 @@ def test_go_https_chain_with_goroutines_and_mixed_chain_arrive_whole(tmp_path: P
     _assert_linked_chain(mixed, [pm, pp])
     (py_root,) = [s for s in mixed if not s["parent_span_id"]]
     assert py_root["resource"]["service.name"] != "gochain", "the mixed chain starts in Python"
+
+
+def test_go_http2_over_tls_becomes_http_spans(tmp_path: Path) -> None:
+    """Go's net/http negotiates h2 over TLS (ALPN): the plaintext the crypto/tls probes see opens
+    with the HTTP/2 preface, and the agent gives HTTP/2 server and client spans."""
+    require_ebpf()
+    cert, key = make_cert(tmp_path)
+    gochain = go_binary(GOSRC, tmp_path / "gochain", "1.27")
+    port = free_port()
+    with OtlpReceiver() as rx:
+        args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet", "--no-metrics",
+                "--port", str(port)]
+        with running_agent(args, tmp_path) as agent, service([str(gochain), "-listen", f"127.0.0.1:{port}", "-h2",
+                                                              "-cert", str(cert), "-key", str(key)]):
+            agent.wait_for_log(f"{gochain} (pid")
+            out = subprocess.run([str(gochain), "-h2", "-client", f"https://127.0.0.1:{port}/work", "-n", "4",
+                                  "-c", "2"], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+
+            def ready(spans: list[dict[str, Any]]) -> bool:
+                h2 = [s for s in spans if s["attributes"].get("network.protocol.version") == "2"]
+                return sum(s["kind"] == 2 for s in h2) >= 4 and sum(s["kind"] == 3 for s in h2) >= 4
+
+            try:
+                spans = rx.wait_for_spans(ready, timeout_s=40)
+            except TimeoutError:
+                got = [(s["kind"], s["name"], s["attributes"].get("network.protocol.version")) for s in rx.spans()]
+                raise AssertionError(f"spans so far: {got}\n{agent.stderr[-2000:]}") from None
+        assert agent.returncode == 0, agent.stderr
+    h2 = [s for s in spans if s["attributes"].get("network.protocol.version") == "2"]
+    servers = [s for s in h2 if s["kind"] == 2]
+    assert {s["attributes"].get("url.path") for s in servers} == {"/work"}
+    assert all(s["attributes"].get("http.response.status_code") == 200 for s in h2)

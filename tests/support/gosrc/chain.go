@@ -27,13 +27,16 @@ func main() {
 	n := flag.Int("n", 1, "client requests")
 	c := flag.Int("c", 1, "client requests in flight at once")
 	delay := flag.Duration("delay", 0, "leaf: wait this long before answering")
+	h2 := flag.Bool("h2", false, "speak HTTP/2 over TLS (ALPN h2), as a server and as a client")
 	flag.Parse()
 
 	// Test certificates are self-signed: the chain must not fail on verification.
 	tr := &http.Transport{
 		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
-		ForceAttemptHTTP2: false,
-		TLSNextProto:      map[string]func(string, *tls.Conn) http.RoundTripper{},
+		ForceAttemptHTTP2: *h2,
+	}
+	if !*h2 {
+		tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
 	}
 	hc := &http.Client{Transport: tr, Timeout: 10 * time.Second}
 
@@ -112,9 +115,9 @@ func main() {
 		fmt.Fprintln(os.Stderr, "listen:", err)
 		os.Exit(1)
 	}
-	srv := &http.Server{
-		Handler:      mux,
-		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
+	srv := &http.Server{Handler: mux}
+	if !*h2 {
+		srv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
 	}
 	// The test reads the port from this line.
 	fmt.Printf("listening %s\n", ln.Addr().String())
