@@ -242,6 +242,14 @@ def render(r: dict[str, Any], markdown: bool = False) -> str:
         out += _table(["server", "mode", "runs", "req/s", "p50 ms", "p99 ms", "spans/req", "k:rb lost"], rows, markdown)
     if r.get("hotpath"):
         out += hotpath_lines(r["hotpath"], markdown)
+    proto = r.get("protocols") or []
+    if proto:
+        out.append(h("Protocols beyond HTTP/1 (untraced, then traced; the agent limited to the server's port)"))
+        rows = [[p["protocol"], f"{p['ops']:,}", _f(p.get("untraced_ops_s"), "{:,.0f}"),
+                 _f(p.get("traced_ops_s"), "{:,.0f}"), _f(p.get("ratio"), "{:.3f}"), _f(p.get("cpu_s"), "{:.2f}"),
+                 _f(p.get("cpu_us_per_op"), "{:.1f}"), f"{p.get('protocol_spans', 0):,}"] for p in proto]
+        out += _table(["protocol", "ops", "untraced ops/s", "traced ops/s", "ratio", "agent CPU s", "us/op",
+                       "spans"], rows, markdown)
     cost = r.get("cost") or []
     if cost:
         out.append(h("Agent cost per request (goload at fixed rates, server traced)"))

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench import hotpath, report
+from bench import hotpath, protocols, report
 from bench.agent import Agent, kspan_binary
 from bench.bpfcounters import delta, enable_run_time_stats, programs_by_name
 from bench.gobuild import REPO, build
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true",
                    help="the 20,000 req/s no-loss step runs 60 s (the target's duration) instead of --lossless-s")
-    p.add_argument("--phases", default="hotpath,overhead,cost,capacity",
+    p.add_argument("--phases", default="hotpath,overhead,cost,capacity,protocols",
                    help="comma-separated subset of hotpath,overhead,cost,capacity (start-up is measured in "
                         "each; hotpath is bench/hotpath.py, the per-record path without the kernel)")
     p.add_argument("--servers", default="go,nginx", help="servers for the overhead phase: go,nginx")
@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench: the agent needs root (eBPF); run as root or with --untraced-only", file=sys.stderr)
         return 2
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
-    unknown = phases - {"hotpath", "overhead", "cost", "capacity"}
+    unknown = phases - {"hotpath", "overhead", "cost", "capacity", "protocols"}
     if unknown:
         print(f"bench: unknown phase(s) {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -464,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     os.close(stats_fd)
         if kspan is not None and "capacity" in phases:
             results["capacity"] = attempt("capacity", b.capacity) or {}
+        if kspan is not None and "protocols" in phases:
+            results["protocols"] = attempt("protocols", lambda: protocols.run(b)) or []
     except KeyboardInterrupt:
         print("bench: interrupted; reporting what was measured", file=sys.stderr)
         results["interrupted"] = True

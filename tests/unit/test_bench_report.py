@@ -231,3 +231,15 @@ def test_hotpath_runs_the_agent_path_on_the_bundled_recordings() -> None:
     results = {"hotpath": {"sampled": r, "ratio10": r10}}
     text = report.render({**results, "targets": report.evaluate_targets(results)})
     assert "Per-record user-space path" in text and "agent CPU per unsampled exchange" in text
+
+
+def test_the_protocols_phase_is_reported_per_operation() -> None:
+    rows = [{"protocol": "redis", "ops": 40_000, "untraced_ops_s": 66_633.0, "traced_ops_s": 31_801.0, "ratio": 0.477,
+             "cpu_s": 4.42, "cpu_us_per_op": 110.5, "protocol_spans": 68_209, "segments": 90_000},
+            {"protocol": "grpc", "ops": 4_001, "untraced_ops_s": 2_332.0, "traced_ops_s": 2_169.0, "ratio": 0.93,
+             "cpu_s": 0.94, "cpu_us_per_op": 234.9, "protocol_spans": 7_981, "segments": 30_000}]
+    text = report.render({"protocols": rows})
+    assert "Protocols beyond HTTP/1" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("redis"))
+    assert "110.5" in line and "0.477" in line and "68,209" in line
+    assert "| grpc |" in report.render({"protocols": rows}, markdown=True).replace("  ", " ")
