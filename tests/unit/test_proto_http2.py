@@ -437,23 +437,34 @@ def test_go_client_and_server_concurrent_streams(go_h2c: Path) -> None:
                              capture_output=True, text=True, timeout=30)  # fmt: skip
         assert out.stdout.split("\n")[:2] == ["200 HTTP/2.0", "200 HTTP/2.0,500 HTTP/2.0,200 HTTP/2.0,200 HTTP/2.0,"
                                                 "200 HTTP/2.0"], out  # fmt: skip
-        v = views(r)
-    for view, conns in v.items():
-        assert len(conns) == 1, "one connection, six streams"
-        ops, counters = decode(conns[0])
-        assert len(ops) == 6, (view, ops, counters)
-        by_path: dict[str, Operation] = {}
-        for op in ops:
-            a = op.attributes
-            assert op.name == "GET" and a["user_agent.original"].startswith("Go-http-client/")
-            key = a["url.path"] if view == "server" else a["url.full"].rsplit("/", 1)[1]
-            by_path["/" + key.lstrip("/")] = op
-        assert sorted(by_path) == sorted(["/warm", *paths])
-        assert by_path["/fail"].attributes["http.response.status_code"] == 500
-        assert by_path["/fail"].error == "500"
-        assert all(by_path[p].attributes.get("http.response.status_code") == 200 for p in ("/warm", "/a", "/b"))
-        assert_no_secret(ops)
-        assert "decoder_errors" not in counters and "hpack_errors" not in counters
+        uncut, cut = views(r, full=True), views(r)
+    want = {"/warm": 200, "/a": 200, "/fail": 500, "/b": 200, "/big": 200, "/c": 200}
+    # Whole copies decode exactly. Copies cut at 512 bytes depend on how the transfers merged (a
+    # status sent as an index into a header table the cut lost is left out and counted), so for
+    # them only what must always hold: every stream, and never a wrong status.
+    for exact, v in ((True, uncut), (False, cut)):
+        for view, conns in v.items():
+            assert len(conns) == 1, "one connection, six streams"
+            ops, counters = decode(conns[0])
+            assert len(ops) == 6, (view, ops, counters)
+            by_path: dict[str, Operation] = {}
+            for op in ops:
+                a = op.attributes
+                assert op.name == "GET"
+                if exact:
+                    assert a["user_agent.original"].startswith("Go-http-client/")
+                key = a.get("url.path") if view == "server" else str(a.get("url.full", "")).rsplit("/", 1)[-1]
+                if key is not None:
+                    by_path["/" + str(key).lstrip("/")] = op
+            if exact:
+                assert sorted(by_path) == sorted(want)
+            for path, op in by_path.items():
+                status = op.attributes.get("http.response.status_code")
+                assert status == want[path] if exact else status in (None, want[path]), (view, path, status)
+            if exact:
+                assert by_path["/fail"].error == "500"
+            assert_no_secret(ops)
+            assert "decoder_errors" not in counters and "hpack_errors" not in counters
 
 
 # -- curl's Upgrade: h2c against an h2 (hyper-h2) server --------------------------------------
