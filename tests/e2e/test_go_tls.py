@@ -59,7 +59,8 @@ def _trace_of(spans: list[Span], leaf: Span) -> list[Span]:
     chain = [leaf]
     while chain[-1].parent_span_id is not None:
         parent = by_id.get(chain[-1].parent_span_id)
-        assert parent is not None, f"{chain[-1].name} names a parent that is not among the spans"
+        seen = [(x.name, x.pid, x.kind, x.attributes.get("kspan.parent.source")) for x in chain]
+        assert parent is not None, f"{chain[-1].name} names a parent that is not among the spans: {seen}"
         chain.append(parent)
     return chain
 
@@ -79,8 +80,11 @@ def test_go_https_chain_with_goroutine_parentage(traced: Traced, gobin: dict[str
                                   "-c", "3"], capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr
             assert sorted(out.stdout.split("\n")[:-1]) == ["200 via downstream"] * 6
+            # every exchange of the chain, the caller's too (it arrives last and is the root)
             exs = traced.wait_for(lambda xs: len(_of(xs, a.pid, Role.CLIENT)) >= 6
-                                  and len(_of(xs, b.pid, Role.SERVER)) >= 6)
+                                  and len(_of(xs, b.pid, Role.SERVER)) >= 6
+                                  and len(_of(xs, a.pid, Role.SERVER)) >= 6
+                                  and sum(e.role == Role.CLIENT and e.remote_port == a_port for e in xs) >= 6)
     a_srv, a_cli, b_srv = _of(exs, a.pid, Role.SERVER), _of(exs, a.pid, Role.CLIENT), _of(exs, b.pid, Role.SERVER)
     assert len(a_srv) == 6 and len(a_cli) == 6 and len(b_srv) == 6, [(e.pid, e.role, _path(e)) for e in exs]
     for e in a_srv + a_cli + b_srv:
