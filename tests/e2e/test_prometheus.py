@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.agent import ROOT, free_port, running_agent, service
-from tests.support.ebpf import require_ebpf
+from tests.support.ebpf import fail_or_skip, require_ebpf
 from tests.support.promql import dashboard_queries, metric_names, substitute_variables
 
 pytestmark = pytest.mark.ebpf
@@ -31,9 +30,7 @@ def _prometheus_binary() -> str:
     path = shutil.which("prometheus")
     if path is None:
         msg = "the prometheus server is missing: `make setup` installs Debian's prometheus package"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        fail_or_skip(msg)
     return path
 
 

@@ -3,13 +3,13 @@ synthetic series pass, every alert has one, and the thresholds are the one place
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.support.ebpf import fail_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "deploy" / "prometheus"
@@ -21,9 +21,7 @@ def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
         msg = "promtool is missing: `make setup` installs Debian's prometheus package"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        fail_or_skip(msg)
     return path
 
 
