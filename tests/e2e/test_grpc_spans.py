@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import nginx_h2
 from tests.support.agent import free_port, running_agent, service
 from tests.support.ebpf import fail_or_skip, require_ebpf
 from tests.support.otlp_receiver import OtlpReceiver
@@ -105,27 +106,6 @@ def test_grpc_calls_become_server_and_client_spans(tmp_path: Path, monkeypatch: 
     assert SECRET not in json.dumps(spans)
 
 
-NGINX_H2 = """
-daemon off;
-master_process off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port} http2;
-        location = / {{ return 200 "hello h2\\n"; }}
-        location = /missing {{ return 404; }}
-        location = /boom {{ return 503; }}
-    }}
-}}
-"""
 
 
 def test_curl_http2_prior_knowledge_against_nginx_becomes_http_spans(tmp_path: Path) -> None:
@@ -136,8 +116,7 @@ def test_curl_http2_prior_knowledge_against_nginx_becomes_http_spans(tmp_path: P
     if not Path(nginx).exists():
         fail_or_skip("nginx is not installed (apt-get install nginx-light)")
     port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_H2.format(d=tmp_path, port=port))
+    conf = nginx_h2.write_conf(tmp_path, port)
     wrapper = tmp_path / "run_nginx.sh"
     wrapper.write_text(f"#!/bin/sh\necho listening\nexec {nginx} -p {tmp_path} -c {conf} -e {tmp_path}/error.log\n")
     wrapper.chmod(0o755)

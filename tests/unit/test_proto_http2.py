@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from correlator.protocols.http2 import PREFACE, Http2Decoder
 from correlator.segments import Operation, Segment
+from tests.support import nginx_h2
 from tests.support.agent import free_port
 from tests.support.relay import Relay, relaying
 from tests.support.tls import wait_port
@@ -252,28 +253,6 @@ def test_grpc_connection_picked_up_mid_stream(grpc_port: int) -> None:
 
 # -- curl against nginx (h2c with prior knowledge) --------------------------------------------
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port} http2;
-        root {d}/www;
-        location = / {{ return 200 "hello h2\\n"; }}
-        location = /missing {{ return 404; }}
-        location = /boom {{ return 503; }}
-    }}
-}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -281,11 +260,9 @@ def nginx_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     assert os.path.exists(nginx), "nginx is not installed (scripts/bootstrap.sh installs nginx-light)"
     d = tmp_path_factory.mktemp("nginx_h2")
-    (d / "www").mkdir()
-    (d / "www" / "big.bin").write_bytes(bytes(range(256)) * 800)  # 200 KB: many DATA frames
     port = free_port()
-    conf = d / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(d=d, port=port))
+    conf = nginx_h2.write_conf(d, port)
+    (d / "www" / "big.bin").write_bytes(bytes(range(256)) * 800)  # 200 KB: many DATA frames
     proc = subprocess.Popen([nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
