@@ -48,6 +48,7 @@ def format_addr(family: int, raw: bytes) -> str:
         return socket.inet_ntop(socket.AF_INET, raw[:4])
     if family == socket.AF_INET6:
         text = socket.inet_ntop(socket.AF_INET6, raw[:16])
+        # An IPv4 peer on a dual-stack socket: report the IPv4 address users know.
         return text[7:] if text.startswith("::ffff:") and "." in text else text
     return ""
 

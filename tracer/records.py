@@ -22,6 +22,7 @@ from correlator.records import (
     TcpEvent,
     TcpEventKind,
 )
+from correlator.red import format_addr
 from correlator.segments import Segment, SegmentRecord
 
 REQ_HEAD = 512
@@ -115,16 +116,6 @@ class RawTcp(ctypes.Structure):
 
 EXCHANGE_SIZE = ctypes.sizeof(RawExchange)
 METRIC_SIZE = RawExchange.req_head.offset + METRIC_HEAD
-
-
-def format_addr(family: int, raw: bytes) -> str:
-    if family == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    if family == socket.AF_INET6:
-        text = socket.inet_ntop(socket.AF_INET6, raw[:16])
-        # An IPv4 peer on a dual-stack socket: report the IPv4 address users know.
-        return text[7:] if text.startswith("::ffff:") and "." in text else text
-    return ""
 
 
 def record_type(data: bytes) -> int:
@@ -380,8 +371,8 @@ def decode_segment(data: bytes) -> SegmentRecord:
         seg=seg, proto=r.proto, client=r.role == Role.CLIENT, closed=bool(r.seg_flags & SEG_CLOSED), seq=r.seq,
         from_start=bool(r.seg_flags & SEG_START),
         tls=bool(r.flags & FLAG_TLS), family=family,
-        local_addr=format_addr(family, bytes(r.local_addr)), local_port=r.local_port if known else 0,
-        remote_addr=format_addr(family, bytes(r.remote_addr)), remote_port=r.remote_port if known else 0,
+        local_addr=_addr(family, bytes(r.local_addr)), local_port=r.local_port if known else 0,
+        remote_addr=_addr(family, bytes(r.remote_addr)), remote_port=r.remote_port if known else 0,
         parent_kind=r.parent_kind if client_write else 0,
         trace_id=tid if client_write and any(tid) else b"",
         parent_span_id=r.parent_span_id.to_bytes(8, "big") if client_write and r.parent_span_id else b"",
