@@ -1268,18 +1268,22 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
     return 1;
 }
 
-/* A write-family call is starting on socket sk with its first bytes at user address buf: if they
- * start a request, decide its identity now, before its segments leave. */
+/* A write-family call is starting on socket sk with its first bytes at user address buf, already
+ * known to start a request: decide its identity now, before its segments leave. */
+static __always_inline void kspan_pre_request_at(__u64 pid_tgid, __u64 sk, __u64 buf)
+{
+    if (!sk || bpf_map_lookup_elem(&tls_conns, &sk))
+        return;  /* ciphertext: the TLS probes see this connection's requests */
+    kspan_client_pre(sk, pid_tgid, buf);
+}
+
+/* The same when the caller has not read the first bytes yet: only if they start a request. */
 static __always_inline void kspan_pre_request(__u64 pid_tgid, __u64 sk, __u64 buf)
 {
     __u64 w = 0;
-    if (!sk || !buf || bpf_probe_read_user(&w, 8, (const void *)buf) != 0)
+    if (!sk || !buf || bpf_probe_read_user(&w, 8, (const void *)buf) != 0 || !kspan_method(w, 8))
         return;
-    if (!kspan_method(w, 8))
-        return;
-    if (bpf_map_lookup_elem(&tls_conns, &sk))
-        return;  /* ciphertext: the TLS probes see this connection's requests */
-    kspan_client_pre(sk, pid_tgid, buf);
+    kspan_pre_request_at(pid_tgid, sk, buf);
 }
 
 /* A socket write is starting on a TLS connection (ciphertext: its bytes say nothing). Publish the

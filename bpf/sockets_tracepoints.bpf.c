@@ -111,7 +111,7 @@ static __always_inline void kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u
         return;  /* the first iovec's base */
     __u64 w = 0;
     if (buf && bpf_probe_read_user(&w, 8, (const void *)buf) == 0 && kspan_method(w, 8)) {
-        kspan_pre_request(id, kspan_fd_sock(id, fd), buf);
+        kspan_pre_request_at(id, kspan_fd_sock(id, fd), buf);  /* its first bytes were read just above */
         return;
     }
     /* not plaintext HTTP: maybe a TLS record of a request (an OpenSSL call in progress on this
