@@ -30,6 +30,10 @@ class Segment:
     end_ns: int
     length: int  # bytes transferred
     data: bytes  # the first min(length, SEGMENT_DATA) of them
+    # Where data[0] sits in its direction's byte stream, modulo 2**32: the TCP sequence number of
+    # the transfer's first byte when the kernel read it (both ends of a local connection then name
+    # a request by the same position), else the bytes of that direction seen before it (TLS).
+    pos: int = 0
 
     @property
     def truncated(self) -> bool:
@@ -82,6 +86,15 @@ class Operation:
     error_message: str | None = None  # a description safe to export (never query literals or values)
     pid: int = 0
     tid: int = 0
+    # The request's first byte in the request direction's stream: its segment's pos plus its
+    # offset in that segment's data, modulo 2**32 (see Segment.pos). It names the request on both
+    # ends and tells apart the requests of one pipelined write. None: the decoder cannot place it.
+    req_pos: int | None = None
+
+
+def stream_pos(seg: Segment, offset: int) -> int:
+    """The stream position of seg.data[offset] (an Operation's req_pos)."""
+    return (seg.pos + offset) & 0xFFFFFFFF
 
 
 class StreamDecoder(Protocol):
