@@ -1136,7 +1136,8 @@ struct kspan_client_id {
     __u32 parent_pid;
     __u32 flags;             /* KSPAN_FLAG_SAMPLED, KSPAN_FLAG_AMBIGUOUS */
     __u8 parent_kind;
-    __u8 _pad[7];
+    __u8 _pad[3];
+    __u32 seq;               /* a protocol segment's write: tcp_sock.write_seq at its entry */
 };
 struct {
     __uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -1894,6 +1895,101 @@ struct {
 
 /* ---- protocols beyond HTTP/1: bounded segments, decoded in user space ---- */
 
+/* A local client's recent writes on a protocol connection, keyed by the connection as the client
+ * sees it (local, remote): where each began in the TCP stream and the trace it joined. The server
+ * end's reads take the trace of the latest write that began before their end, so its requests
+ * become children of the client's (user space names a request by its stream position on both
+ * ends). Four slots: a pipelining client may write several times before the server reads. */
+#define KSPAN_SEG_CTX_SLOTS 4
+struct kspan_seg_ctx {
+    __u32 seq[KSPAN_SEG_CTX_SLOTS];
+    __u32 flags[KSPAN_SEG_CTX_SLOTS];  /* 0: empty; 1 | KSPAN_FLAG_SAMPLED */
+    __u8 trace_id[KSPAN_SEG_CTX_SLOTS][16];
+    __u32 next;
+    __u32 _pad;
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, KSPAN_MAX_CONNS);
+    __type(key, struct kspan_conn_key);
+    __type(value, struct kspan_seg_ctx);
+} seg_ctx SEC(".maps");
+
+static __always_inline void kspan_seg_ctx_note(struct kspan_conn *st, __u32 seq, struct kspan_client_id *id)
+{
+    if (!(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) || (st->ex.flags & KSPAN_FLAG_TLS))
+        return;
+    struct kspan_conn_key k = {};
+    kspan_conn_key_of_ex(&k, st, 0);
+    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, &k);
+    if (!c) {
+        struct kspan_seg_ctx z = {};
+        bpf_map_update_elem(&seg_ctx, &k, &z, BPF_NOEXIST);
+        c = bpf_map_lookup_elem(&seg_ctx, &k);
+        if (!c)
+            return;
+    }
+    /* a write that failed (EAGAIN) left its slot at the sequence the retry takes: replace it */
+    __u32 i = c->next & (KSPAN_SEG_CTX_SLOTS - 1), same = 0;
+#pragma unroll
+    for (int j = 0; j < KSPAN_SEG_CTX_SLOTS; j++)
+        if (!same && c->flags[j] && c->seq[j] == seq)
+            same = j + 1;
+    if (same)
+        i = (same - 1) & (KSPAN_SEG_CTX_SLOTS - 1);
+    else
+        c->next = i + 1;
+    c->seq[i] = seq;
+    c->flags[i] = 1 | (id->flags & KSPAN_FLAG_SAMPLED);
+    __builtin_memcpy(c->trace_id[i], id->trace_id, 16);
+}
+
+/* A client's write on a protocol connection is starting: decide its trace now and publish it
+ * with the sequence number its first byte takes, before a local server can read it (on loopback
+ * the server may read the bytes before this write returns). Global: verified once. */
+__attribute__((noinline)) int kspan_seg_pre(__u64 sk, __u64 pid_tgid)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
+    if (!st || st->phase != KSPAN_PH_PROTO || st->ex.role != KSPAN_ROLE_CLIENT || (st->ex.flags & KSPAN_FLAG_TLS))
+        return 0;
+    struct kspan_client_id id = {};
+    kspan_client_decide(&id, sk, pid_tgid, 0, 0);
+    id.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+    bpf_map_update_elem(&client_pre, &sk, &id, BPF_ANY);
+    st = bpf_map_lookup_elem(&conns, &sk);
+    if (st)
+        kspan_seg_ctx_note(st, id.seq, &id);
+    return 1;
+}
+
+/* The latest write of the local client on the other end that began before end_seq (a server's
+ * read ends there): its trace into seg, KSPAN_SEG_PEER set. Writes older than 1 GiB of stream are
+ * not taken (sequence numbers wrap at 4 GiB). */
+static __always_inline void kspan_seg_peer(struct kspan_segment *seg, struct kspan_conn *st, __u32 end_seq)
+{
+    struct kspan_conn_key k = {};
+    kspan_conn_key_of_ex(&k, st, 1);
+    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, &k);
+    if (!c)
+        return;
+    __u32 best = 0, best_d = 1U << 30;
+#pragma unroll
+    for (int i = 0; i < KSPAN_SEG_CTX_SLOTS; i++) {
+        __u32 d = end_seq - c->seq[i];
+        if (c->flags[i] && d > 0 && d < best_d) {
+            best_d = d;
+            best = i + 1;
+        }
+    }
+    if (!best)
+        return;
+    __u32 i = (best - 1) & (KSPAN_SEG_CTX_SLOTS - 1);
+    seg->seg_flags |= KSPAN_SEG_PEER;
+    seg->ctx_seq = c->seq[i];
+    __builtin_memcpy(seg->trace_id, c->trace_id[i], 16);
+    seg->flags |= c->flags[i] & KSPAN_FLAG_SAMPLED;
+}
+
 /* The segment being built, with room past its data for the verifier: a copy into data at a
  * variable offset is seen as offset <= KSPAN_SEG_DATA - 1 plus up to 2 * KSPAN_SEG_DATA - 1 bytes. */
 struct kspan_segbuf_val {
@@ -2052,6 +2148,9 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
     seg->seq = st->ex.req_bytes++;  /* in a protocol state, req_bytes counts the segments */
     __builtin_memset(seg->trace_id, 0, 16);
     seg->parent_span_id = 0;
+    seg->tcp_seq = 0;
+    seg->ctx_seq = 0;
+    seg->_pad = 0;
     seg->data_len = 0;
     __u32 n = 0;
     if (closed) {
@@ -2072,14 +2171,35 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
         seg->end_ns = a->end_ns;
         seg->len = a->len;
         st->last_ns = a->end_ns;
+        /* where the transfer's first byte sits in the TCP stream: both ends of a local
+         * connection name a request by it (the sock events fire after the sequence advanced) */
+        int plain_tcp = (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) && !(seg->flags & KSPAN_FLAG_TLS);
+        __u32 end_seq = 0;
+        if (plain_tcp) {
+            end_seq = a->dir == KSPAN_DIR_EGRESS ? BPF_CORE_READ((struct tcp_sock *)conn_id, write_seq)
+                                                 : BPF_CORE_READ((struct tcp_sock *)conn_id, copied_seq);
+            seg->tcp_seq = end_seq - (__u32)a->len;
+            seg->seg_flags |= KSPAN_SEG_SEQ;
+        }
         if (a->dir == KSPAN_DIR_EGRESS && st->ex.role == KSPAN_ROLE_CLIENT) {
             struct kspan_client_id id = {};
             __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
-            kspan_client_decide(&id, conn_id, pid_tgid, 0, 0);
+            struct kspan_client_id *pre = bpf_map_lookup_elem(&client_pre, &conn_id);
+            if (pre && pre->pid_tgid == pid_tgid && plain_tcp && pre->seq == seg->tcp_seq) {
+                /* decided at the write's entry (kspan_seg_pre) and published then */
+                __builtin_memcpy(&id, pre, sizeof(id));
+                bpf_map_delete_elem(&client_pre, &conn_id);
+            } else {
+                kspan_client_decide(&id, conn_id, pid_tgid, 0, 0);
+                if (plain_tcp)
+                    kspan_seg_ctx_note(st, seg->tcp_seq, &id);
+            }
             seg->parent_kind = id.parent_kind;
             __builtin_memcpy(seg->trace_id, id.trace_id, 16);
             seg->parent_span_id = id.parent_span_id;
             seg->flags |= id.flags & (KSPAN_FLAG_SAMPLED | KSPAN_FLAG_AMBIGUOUS);
+        } else if (a->dir == KSPAN_DIR_INGRESS && st->ex.role == KSPAN_ROLE_SERVER && plain_tcp) {
+            kspan_seg_peer(seg, st, end_seq);
         }
         n = kspan_readable(a);
         __u32 gathered = 0;

@@ -129,6 +129,8 @@ enum kspan_proto {
 
 #define KSPAN_SEG_CLOSED 0x1  /* the connection closed: no data (the decoder ends what is open) */
 #define KSPAN_SEG_START 0x2   /* the connection's first bytes opened the protocol: seen from its start */
+#define KSPAN_SEG_SEQ 0x4     /* tcp_seq is the TCP sequence number of the transfer's first byte */
+#define KSPAN_SEG_PEER 0x8    /* a server's read: trace_id is the local client's, from its write at ctx_seq */
 
 struct kspan_segment {
     __u32 type;              /* KSPAN_REC_SEGMENT */
@@ -146,15 +148,19 @@ struct kspan_segment {
     __u8  local_addr[16];
     __u8  remote_addr[16];
     __u32 seg_flags;         /* KSPAN_SEG_* */
-    __u32 _pad;
+    __u32 tcp_seq;           /* KSPAN_SEG_SEQ: the sequence number of the first byte (both ends agree) */
     __u64 conn_id;
     __u64 start_ns;          /* a write's start; a read's data arrival */
     __u64 end_ns;
     __u64 len;               /* bytes transferred (more than data_len: the rest was not copied) */
     __u64 seq;               /* segments of this connection emitted before this one */
-    /* a client's write: the trace the request joins, by the kernel's parent rules and sampling */
+    /* a client's write: the trace the request joins, by the kernel's parent rules and sampling;
+     * a server's read (KSPAN_SEG_PEER): the trace of the local client's write that began at ctx_seq,
+     * the latest before the read's end (its requests from ctx_seq on are that client's) */
     __u8  trace_id[16];
     __u64 parent_span_id;    /* 0: a root */
+    __u32 ctx_seq;
+    __u32 _pad;
     char  data[KSPAN_SEG_DATA];
 };
 

@@ -125,6 +125,8 @@ static __always_inline void kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u
         plain = (__u64)sc->buf;
     else if (!sk)
         return;
+    else if (kspan_seg_pre(sk, id))
+        return;  /* a client's write on a protocol connection (Redis, PostgreSQL, ...) */
     if (!sk)
         sk = kspan_fd_sock(id, fd);
     if (!sk || (!plain && !bpf_map_lookup_elem(&tls_conns, &sk)))

@@ -143,6 +143,8 @@ static __always_inline void kspan_tcp_call_save(struct sock *sk, struct msghdr *
         struct kspan_ssl_call *sc = bpf_map_lookup_elem(&ssl_active, &id);
         if (sc || bpf_map_lookup_elem(&tls_conns, &c.sk))
             kspan_tls_pre(c.sk, id, sc ? (__u64)sc->buf : 0);
+        else
+            kspan_seg_pre(c.sk, id);  /* a client's write on a protocol connection */
     }
 }
 

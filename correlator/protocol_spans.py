@@ -3,12 +3,19 @@
 
 Pure and deterministic like the rest of the correlator. A client operation joins the trace the
 kernel named on the write that started it (the same parent rules and sampling as an HTTP
-request: the thread or goroutine serving a request, evidence, or a new trace). Its span id is a
-keyed hash of the connection and the request's start, so a replay gives the same ids.
+request: the thread or goroutine serving a request, evidence, or a new trace).
+
+A span id is a keyed hash of where its request sits in the connection's byte stream (its TCP
+sequence number, Operation.req_pos) and the connection's two endpoints, so a replay gives the same
+ids, the requests of one pipelined write get distinct ids, and both ends of a local connection
+compute the client's id alike: a server operation whose read the kernel tied to its local
+client's write (SegmentRecord.peer) takes the client's span as parent with no waiting, and when
+the kernel could not tie it, it has no parent (counted), never a guess.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import struct
@@ -18,6 +25,7 @@ from hashlib import blake2b
 
 from correlator.clock import WallClock
 from correlator.linker import PARENT_SOURCE_ATTR, parent_source
+from correlator.records import ParentKind
 from correlator.segments import (
     PROTO_HTTP2,
     PROTO_MYSQL,
@@ -37,19 +45,34 @@ DECODERS: dict[int, tuple[str, str]] = {
     PROTO_HTTP2: ("correlator.protocols.http2", "Http2Decoder"),
 }
 
-_CONTEXTS_PER_CONN = 64  # client writes whose context is kept until their operation completes
+_CONTEXTS_PER_CONN = 64  # writes (or peer reads) whose context is kept until their operation completes
 _PROTO_NAMES = {PROTO_REDIS: "redis", PROTO_POSTGRES: "postgresql", PROTO_MYSQL: "mysql", PROTO_HTTP2: "http2"}
-_pack = struct.Struct("<QQ").pack
+_MASK = 0xFFFFFFFF
+_WINDOW = 1 << 30  # stream positions further apart than this are not compared (they wrap at 4 GiB)
+_pack_pos = struct.Struct("<QI").pack
+_pack_ns = struct.Struct("<QQQ").pack
+
+
+def _within(pos: int, start: int, end: int) -> bool:
+    """start <= pos < end in stream positions modulo 2**32."""
+    return ((pos - start) & _MASK) < ((end - start) & _MASK) < _WINDOW
 
 
 class _Conn:
-    __slots__ = ("decoder", "next_seq", "contexts", "rec")
+    __slots__ = ("decoder", "next_seq", "contexts", "peers", "rec", "pos", "unplaced", "ends")
 
     def __init__(self, decoder: StreamDecoder, rec: SegmentRecord) -> None:
         self.decoder = decoder
         self.next_seq = 0
-        self.contexts: OrderedDict[int, SegmentRecord] = OrderedDict()  # write start -> its record
+        # client writes: (stream position, its end, start_ns, its record), oldest first
+        self.contexts: list[tuple[int, int, int, SegmentRecord]] = []
+        # server reads the kernel tied to a local client's write: (the write's position, the
+        # read's end, the read's record); requests in [position, end) are that client's
+        self.peers: list[tuple[int, int, SegmentRecord]] = []
         self.rec = rec  # the connection's latest record: its tuple and pid
+        self.pos = [0, 0]  # without TCP sequence numbers (TLS): bytes seen per direction [in, out]
+        self.unplaced = 0  # operations a decoder could not place in the stream
+        self.ends = b""  # the two endpoints, client first (both ends of a local connection agree)
 
 
 class ProtocolSpans:
@@ -60,7 +83,8 @@ class ProtocolSpans:
         self._max_conns = max_conns
         self._factories: dict[int, Callable[..., StreamDecoder] | None] = {}
         self.counters: dict[str, int] = {"segments": 0, "segment_gaps": 0, "unknown_protocol": 0,
-                                         "decoder_errors": 0, "protocol_spans": 0, "connections_evicted": 0}
+                                         "decoder_errors": 0, "protocol_spans": 0, "connections_evicted": 0,
+                                         "peer_unlinked": 0}
 
     def _factory(self, proto: int) -> Callable[..., StreamDecoder] | None:
         if proto not in self._factories:
@@ -112,11 +136,23 @@ class ProtocolSpans:
                 ops = conn.decoder.close(rec.seg.end_ns)
                 self._tally(conn)
             else:
-                if rec.client and rec.seg.egress and rec.trace_id:
-                    conn.contexts[rec.seg.start_ns] = rec
+                seg = rec.seg
+                if not rec.seq_known:
+                    # no sequence number (TLS plaintext, an old recording): positions count this
+                    # end's bytes, unique on the connection though the other end cannot match them
+                    d = 1 if seg.egress else 0
+                    seg = dataclasses.replace(seg, pos=conn.pos[d])
+                    conn.pos[d] = (conn.pos[d] + seg.length) & _MASK
+                end = (seg.pos + seg.length) & _MASK
+                if rec.client and seg.egress and rec.trace_id:
+                    conn.contexts.append((seg.pos, end, seg.start_ns, rec))
                     if len(conn.contexts) > _CONTEXTS_PER_CONN:
-                        conn.contexts.popitem(last=False)
-                ops = conn.decoder.feed(rec.seg)
+                        del conn.contexts[0]
+                elif rec.peer:
+                    conn.peers.append((rec.ctx_seq, end, rec))
+                    if len(conn.peers) > _CONTEXTS_PER_CONN:
+                        del conn.peers[0]
+                ops = conn.decoder.feed(seg)
         except Exception:  # noqa: BLE001 - a decoder bug must never stop the agent: count it
             self.counters["decoder_errors"] += 1
             return []
@@ -138,27 +174,67 @@ class ProtocolSpans:
                 key = f"{name}_{k}"
                 self.counters[key] = self.counters.get(key, 0) + v
 
-    def _context(self, conn: _Conn, start_ns: int) -> SegmentRecord | None:
-        """The record of the client write that started the operation (the newest at or before it)."""
+    @staticmethod
+    def _context(conn: _Conn, op: Operation) -> SegmentRecord | None:
+        """The record of the client write that holds the request's first byte (without a position,
+        the newest write at or before the request's start)."""
         best = None
-        for ts, rec in conn.contexts.items():
-            if ts <= start_ns:
+        for pos, end, ts, rec in conn.contexts:
+            if op.req_pos is not None:
+                if _within(op.req_pos, pos, end):
+                    return rec
+            elif ts <= op.start_ns:
                 best = rec
         return best
+
+    @staticmethod
+    def _peer(conn: _Conn, req_pos: int) -> SegmentRecord | None:
+        """The server read whose local client's write holds the request's first byte."""
+        for ctx_seq, end, rec in conn.peers:
+            if _within(req_pos, ctx_seq, end):
+                return rec
+        return None
+
+    def _ident(self, conn: _Conn, op: Operation, client: bool) -> bytes:
+        """24 bytes naming the client's (client=True) or the server's end of an operation: its span
+        id, then a root's trace id. Keyed by the two endpoints and the request's stream position
+        when the kernel gave TCP sequence numbers, so both ends of a local connection agree."""
+        rec = conn.rec
+        end = b"c" if client else b"s"
+        if op.req_pos is not None and rec.seq_known and rec.family:
+            if not conn.ends:
+                here, there = f"{rec.local_addr}|{rec.local_port}", f"{rec.remote_addr}|{rec.remote_port}"
+                conn.ends = (f"{here}|{there}" if op.client else f"{there}|{here}").encode()
+            msg = conn.ends + _pack_pos(0, op.req_pos) + end
+        elif op.req_pos is not None:
+            msg = _pack_pos(rec.seg.conn_id, op.req_pos) + end
+        else:
+            conn.unplaced += 1
+            msg = _pack_ns(rec.seg.conn_id, op.start_ns, conn.unplaced) + end
+        return blake2b(msg, key=self._salt, digest_size=24).digest()
 
     def _span(self, conn: _Conn, op: Operation) -> Span:
         self.counters["protocol_spans"] += 1
         rec = conn.rec
-        ident = blake2b(_pack(rec.seg.conn_id, op.start_ns), key=self._salt, digest_size=24).digest()
+        ident = self._ident(conn, op, op.client)
         span_id = ident[:8]
-        ctx = self._context(conn, op.start_ns) if op.client else None
-        if ctx is not None:
-            trace_id = ctx.trace_id
-            parent = ctx.parent_span_id or None
-            kind = ctx.parent_kind if parent else 0
-            sampled = ctx.sampled
-        else:
-            trace_id, parent, kind, sampled = ident[8:24], None, 0, True
+        trace_id, parent, kind, sampled = ident[8:24], None, 0, True
+        if op.client:
+            ctx = self._context(conn, op)
+            if ctx is not None:
+                trace_id = ctx.trace_id
+                parent = ctx.parent_span_id or None
+                kind = ctx.parent_kind if parent else 0
+                sampled = ctx.sampled
+        elif conn.peers:
+            # a local client is on the other end: its span is this one's parent, when the kernel
+            # tied the read that holds this request to the client's write
+            peer = self._peer(conn, op.req_pos) if op.req_pos is not None and rec.seq_known else None
+            if peer is not None:
+                trace_id, sampled = peer.trace_id, peer.sampled
+                parent, kind = self._ident(conn, op, True)[:8], ParentKind.PEER
+            else:
+                self.counters["peer_unlinked"] += 1
         attrs = dict(op.attributes)
         if rec.family:
             if op.client:

@@ -65,10 +65,16 @@ class SegmentRecord:
     remote_addr: str
     remote_port: int
     parent_kind: int  # correlator.records.ParentKind value
-    trace_id: bytes  # b"": no context (not a client's write)
+    trace_id: bytes  # b"": no context (not a client's write, nor a server's read with a peer's)
     parent_span_id: bytes  # b"": a root
     sampled: bool
     ambiguous: bool
+    seq_known: bool = False  # seg.pos is the TCP sequence number (plain TCP, the tuple known)
+    # A server's read whose local client the kernel knows: trace_id and sampled are the trace of
+    # that client's write which began at stream position ctx_seq, the latest before the read's
+    # end, so the requests of this read from ctx_seq on are that client's.
+    peer: bool = False
+    ctx_seq: int = 0
 
 
 @dataclass(slots=True)

@@ -317,6 +317,8 @@ def decode_tcp(data: bytes) -> TcpEvent:
 REC_SEGMENT = 5
 SEG_CLOSED = 0x1
 SEG_START = 0x2
+SEG_SEQ = 0x4
+SEG_PEER = 0x8
 
 
 class RawSegment(ctypes.Structure):
@@ -338,7 +340,7 @@ class RawSegment(ctypes.Structure):
         ("local_addr", ctypes.c_uint8 * 16),
         ("remote_addr", ctypes.c_uint8 * 16),
         ("seg_flags", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
+        ("tcp_seq", ctypes.c_uint32),
         ("conn_id", ctypes.c_uint64),
         ("start_ns", ctypes.c_uint64),
         ("end_ns", ctypes.c_uint64),
@@ -346,27 +348,43 @@ class RawSegment(ctypes.Structure):
         ("seq", ctypes.c_uint64),
         ("trace_id", ctypes.c_uint8 * 16),
         ("parent_span_id", ctypes.c_uint64),
+        ("ctx_seq", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
     ]
 
 
 SEGMENT_HEADER = ctypes.sizeof(RawSegment)  # the data follows: data_len bytes
+# Recordings made before tcp_seq/ctx_seq: the header ended at parent_span_id (told apart by size:
+# a ring record is exactly its header plus data_len bytes).
+SEGMENT_HEADER_V1 = RawSegment.ctx_seq.offset
+_DATA_LEN_AT = RawSegment.data_len.offset
 
 
 def decode_segment(data: bytes) -> SegmentRecord:
     """Decode one `struct kspan_segment` (its header, then data_len bytes). Raises ValueError on a
     short or foreign record."""
-    if len(data) < SEGMENT_HEADER:
+    if len(data) < SEGMENT_HEADER_V1:
         raise ValueError(f"segment record is {len(data)} bytes, expected at least {SEGMENT_HEADER}")
-    r = RawSegment.from_buffer_copy(data[:SEGMENT_HEADER])
+    data_len = int.from_bytes(data[_DATA_LEN_AT : _DATA_LEN_AT + 2], "little")
+    if len(data) == SEGMENT_HEADER_V1 + data_len:
+        head = SEGMENT_HEADER_V1
+        r = RawSegment.from_buffer_copy(bytes(data[:head]) + bytes(SEGMENT_HEADER - head))
+    else:
+        head = SEGMENT_HEADER
+        if len(data) < head:
+            raise ValueError(f"segment record is {len(data)} bytes, expected at least {SEGMENT_HEADER}")
+        r = RawSegment.from_buffer_copy(data[:head])
     if r.type != REC_SEGMENT:
         raise ValueError(f"record type {r.type} is not a segment")
-    n = min(r.data_len, len(data) - SEGMENT_HEADER)
+    n = min(r.data_len, len(data) - head)
     known = bool(r.flags & FLAG_TUPLE_KNOWN)
     family = r.family if known else 0
     tid = bytes(r.trace_id)
     client_write = r.role == Role.CLIENT and r.dir == 1
+    peer = bool(r.seg_flags & SEG_PEER) and r.role == Role.SERVER and r.dir == 2 and any(tid)
+    seq_known = bool(r.seg_flags & SEG_SEQ)
     seg = Segment(conn_id=r.conn_id, pid=r.pid, tid=r.tid, egress=r.dir == 1, start_ns=r.start_ns,
-                  end_ns=r.end_ns, length=r.len, data=bytes(data[SEGMENT_HEADER : SEGMENT_HEADER + n]))
+                  end_ns=r.end_ns, length=r.len, data=bytes(data[head : head + n]), pos=r.tcp_seq if seq_known else 0)
     return SegmentRecord(
         seg=seg, proto=r.proto, client=r.role == Role.CLIENT, closed=bool(r.seg_flags & SEG_CLOSED), seq=r.seq,
         from_start=bool(r.seg_flags & SEG_START),
@@ -374,8 +392,11 @@ def decode_segment(data: bytes) -> SegmentRecord:
         local_addr=_addr(family, bytes(r.local_addr)), local_port=r.local_port if known else 0,
         remote_addr=_addr(family, bytes(r.remote_addr)), remote_port=r.remote_port if known else 0,
         parent_kind=r.parent_kind if client_write else 0,
-        trace_id=tid if client_write and any(tid) else b"",
+        trace_id=tid if (client_write or peer) and any(tid) else b"",
         parent_span_id=r.parent_span_id.to_bytes(8, "big") if client_write and r.parent_span_id else b"",
-        sampled=bool(r.flags & FLAG_SAMPLED) if client_write else True,
+        sampled=bool(r.flags & FLAG_SAMPLED) if client_write or peer else True,
         ambiguous=bool(r.flags & FLAG_AMBIGUOUS),
+        seq_known=seq_known and known,
+        peer=peer and known,
+        ctx_seq=r.ctx_seq if peer else 0,
     )

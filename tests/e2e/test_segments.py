@@ -251,3 +251,46 @@ def test_a_client_call_from_a_thread_serving_a_request_joins_its_trace(segs: Seg
         httpd.shutdown()
         rt.join(5)
         rsrv.close()
+
+
+def test_both_ends_of_a_local_connection_place_each_byte_alike(segs: Segments) -> None:
+    """Each transfer carries the TCP sequence number of its first byte, the same on both ends of
+    the connection; a server's read carries the trace of the local client's write that began last
+    before the read's end (published at the write's entry), so user space can make the server's
+    request the client's child without waiting for anything."""
+    mask = 0xFFFFFFFF
+    cmds = [REDIS_PING, b"*1\r\n$4\r\nINFO\r\n", b"*1\r\n$4\r\nTIME\r\n"]
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        c = socket.create_connection(("127.0.0.1", port))
+        s, _ = srv.accept()
+        c.sendall(cmds[0])  # opens the protocol: its trace is decided at the write's exit
+        assert s.recv(100) == cmds[0]
+        c.sendall(cmds[1])  # two writes before the server reads: each its own trace (a root)
+        c.sendall(cmds[2])
+        want, got = b"".join(cmds[1:]), b""
+        while len(got) < len(want):
+            got += s.recv(100)
+        s.sendall(b"+OK\r\n")
+        c.recv(100)
+        c.close()
+        s.close()
+    mine = _of(segs.wait(lambda recs: sum(r.closed for r in _of(recs, port)) >= 2), port)
+    writes = [r for r in mine if r.client and r.seg.egress and not r.closed]
+    reads = [r for r in mine if not r.client and not r.seg.egress and not r.closed]
+    assert [w.seg.data for w in writes] == cmds
+    assert all(r.seq_known for r in writes + reads)
+    for a, b in zip(writes, writes[1:], strict=False):
+        assert b.seg.pos == (a.seg.pos + a.seg.length) & mask
+    assert reads[0].seg.pos == writes[0].seg.pos
+    assert b"".join(r.seg.data for r in reads) == b"".join(cmds)
+    assert len({w.trace_id for w in writes}) == 3
+    for r in reads:
+        end = (r.seg.pos + r.seg.length) & mask
+        before = [w for w in writes if 0 < ((end - w.seg.pos) & mask) < 1 << 30]
+        latest = min(before, key=lambda w: (end - w.seg.pos) & mask)
+        assert r.peer and r.ctx_seq == latest.seg.pos and r.trace_id == latest.trace_id, (r, latest)
+    # the server's replies are placed on its own stream, which the client reads alike
+    reply = next(r for r in mine if not r.client and r.seg.egress)
+    got_reply = next(r for r in mine if r.client and not r.seg.egress and not r.closed)
+    assert reply.seq_known and got_reply.seg.pos == reply.seg.pos
