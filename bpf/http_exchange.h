@@ -1962,8 +1962,8 @@ __attribute__((noinline)) int kspan_seg_pre(__u64 sk, __u64 pid_tgid)
     return 1;
 }
 
-/* The latest write of the local client on the other end that began before end_seq (a server's
- * read ends there): its trace into seg, KSPAN_SEG_PEER set. Writes older than 1 GiB of stream are
+/* The latest write of the local client on the other end that began before end_seq (the server's
+ * read position): its trace into seg, KSPAN_SEG_PEER set. Writes older than 1 GiB of stream are
  * not taken (sequence numbers wrap at 4 GiB). */
 static __always_inline void kspan_seg_peer(struct kspan_segment *seg, struct kspan_conn *st, __u32 end_seq)
 {
@@ -1986,6 +1986,7 @@ static __always_inline void kspan_seg_peer(struct kspan_segment *seg, struct ksp
     __u32 i = (best - 1) & (KSPAN_SEG_CTX_SLOTS - 1);
     seg->seg_flags |= KSPAN_SEG_PEER;
     seg->ctx_seq = c->seq[i];
+    seg->ctx_end = end_seq;
     __builtin_memcpy(seg->trace_id, c->trace_id[i], 16);
     seg->flags |= c->flags[i] & KSPAN_FLAG_SAMPLED;
 }
@@ -2150,7 +2151,7 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
     seg->parent_span_id = 0;
     seg->tcp_seq = 0;
     seg->ctx_seq = 0;
-    seg->_pad = 0;
+    seg->ctx_end = 0;
     seg->data_len = 0;
     __u32 n = 0;
     if (closed) {
@@ -2198,7 +2199,11 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
             __builtin_memcpy(seg->trace_id, id.trace_id, 16);
             seg->parent_span_id = id.parent_span_id;
             seg->flags |= id.flags & (KSPAN_FLAG_SAMPLED | KSPAN_FLAG_AMBIGUOUS);
-        } else if (a->dir == KSPAN_DIR_INGRESS && st->ex.role == KSPAN_ROLE_SERVER && plain_tcp) {
+        } else if (st->ex.role == KSPAN_ROLE_SERVER && plain_tcp) {
+            /* a reply looks again, up to what the server has read: a client's first write is
+             * published only at its exit, which a server on another CPU may read before */
+            if (a->dir == KSPAN_DIR_EGRESS)
+                end_seq = BPF_CORE_READ((struct tcp_sock *)conn_id, copied_seq);
             kspan_seg_peer(seg, st, end_seq);
         }
         n = kspan_readable(a);

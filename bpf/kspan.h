@@ -155,12 +155,13 @@ struct kspan_segment {
     __u64 len;               /* bytes transferred (more than data_len: the rest was not copied) */
     __u64 seq;               /* segments of this connection emitted before this one */
     /* a client's write: the trace the request joins, by the kernel's parent rules and sampling;
-     * a server's read (KSPAN_SEG_PEER): the trace of the local client's write that began at ctx_seq,
-     * the latest before the read's end (its requests from ctx_seq on are that client's) */
+     * a server's transfer (KSPAN_SEG_PEER): the trace of the local client's write that began at
+     * ctx_seq, the latest before ctx_end (the server's read position: a read's end, or for its
+     * reply what it had read), so the requests in [ctx_seq, ctx_end) are that client's */
     __u8  trace_id[16];
     __u64 parent_span_id;    /* 0: a root */
     __u32 ctx_seq;
-    __u32 _pad;
+    __u32 ctx_end;
     char  data[KSPAN_SEG_DATA];
 };
 

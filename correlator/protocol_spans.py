@@ -66,8 +66,8 @@ class _Conn:
         self.next_seq = 0
         # client writes: (stream position, its end, start_ns, its record), oldest first
         self.contexts: list[tuple[int, int, int, SegmentRecord]] = []
-        # server reads the kernel tied to a local client's write: (the write's position, the
-        # read's end, the read's record); requests in [position, end) are that client's
+        # server transfers the kernel tied to a local client's write: (the write's position, the
+        # server's read position, the record); requests in [position, end) are that client's
         self.peers: list[tuple[int, int, SegmentRecord]] = []
         self.rec = rec  # the connection's latest record: its tuple and pid
         self.pos = [0, 0]  # without TCP sequence numbers (TLS): bytes seen per direction [in, out]
@@ -149,7 +149,7 @@ class ProtocolSpans:
                     if len(conn.contexts) > _CONTEXTS_PER_CONN:
                         del conn.contexts[0]
                 elif rec.peer:
-                    conn.peers.append((rec.ctx_seq, end, rec))
+                    conn.peers.append((rec.ctx_seq, rec.ctx_end, rec))
                     if len(conn.peers) > _CONTEXTS_PER_CONN:
                         del conn.peers[0]
                 ops = conn.decoder.feed(seg)
@@ -189,7 +189,7 @@ class ProtocolSpans:
 
     @staticmethod
     def _peer(conn: _Conn, req_pos: int) -> SegmentRecord | None:
-        """The server read whose local client's write holds the request's first byte."""
+        """The server transfer whose local client's write holds the request's first byte."""
         for ctx_seq, end, rec in conn.peers:
             if _within(req_pos, ctx_seq, end):
                 return rec

@@ -70,11 +70,13 @@ class SegmentRecord:
     sampled: bool
     ambiguous: bool
     seq_known: bool = False  # seg.pos is the TCP sequence number (plain TCP, the tuple known)
-    # A server's read whose local client the kernel knows: trace_id and sampled are the trace of
-    # that client's write which began at stream position ctx_seq, the latest before the read's
-    # end, so the requests of this read from ctx_seq on are that client's.
+    # A server's transfer whose local client the kernel knows: trace_id and sampled are the trace
+    # of that client's write which began at request-stream position ctx_seq, the latest before
+    # ctx_end (the server's read position then), so the requests in [ctx_seq, ctx_end) are that
+    # client's.
     peer: bool = False
     ctx_seq: int = 0
+    ctx_end: int = 0
 
 
 @dataclass(slots=True)

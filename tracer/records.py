@@ -349,7 +349,7 @@ class RawSegment(ctypes.Structure):
         ("trace_id", ctypes.c_uint8 * 16),
         ("parent_span_id", ctypes.c_uint64),
         ("ctx_seq", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
+        ("ctx_end", ctypes.c_uint32),
     ]
 
 
@@ -381,7 +381,7 @@ def decode_segment(data: bytes) -> SegmentRecord:
     family = r.family if known else 0
     tid = bytes(r.trace_id)
     client_write = r.role == Role.CLIENT and r.dir == 1
-    peer = bool(r.seg_flags & SEG_PEER) and r.role == Role.SERVER and r.dir == 2 and any(tid)
+    peer = bool(r.seg_flags & SEG_PEER) and r.role == Role.SERVER and any(tid)
     seq_known = bool(r.seg_flags & SEG_SEQ)
     seg = Segment(conn_id=r.conn_id, pid=r.pid, tid=r.tid, egress=r.dir == 1, start_ns=r.start_ns,
                   end_ns=r.end_ns, length=r.len, data=bytes(data[head : head + n]), pos=r.tcp_seq if seq_known else 0)
@@ -399,4 +399,5 @@ def decode_segment(data: bytes) -> SegmentRecord:
         seq_known=seq_known and known,
         peer=peer and known,
         ctx_seq=r.ctx_seq if peer else 0,
+        ctx_end=r.ctx_end if peer else 0,
     )

@@ -290,7 +290,11 @@ def test_both_ends_of_a_local_connection_place_each_byte_alike(segs: Segments) -
         before = [w for w in writes if 0 < ((end - w.seg.pos) & mask) < 1 << 30]
         latest = min(before, key=lambda w: (end - w.seg.pos) & mask)
         assert r.peer and r.ctx_seq == latest.seg.pos and r.trace_id == latest.trace_id, (r, latest)
-    # the server's replies are placed on its own stream, which the client reads alike
+        assert r.ctx_end == end
+    # the server's reply is placed on its own stream, which the client reads alike, and looks
+    # again up to what the server had read (a client's first write is published at its exit)
     reply = next(r for r in mine if not r.client and r.seg.egress)
     got_reply = next(r for r in mine if r.client and not r.seg.egress and not r.closed)
     assert reply.seq_known and got_reply.seg.pos == reply.seg.pos
+    read_to = (reads[-1].seg.pos + reads[-1].seg.length) & mask
+    assert reply.peer and reply.ctx_end == read_to and reply.trace_id == writes[-1].trace_id
