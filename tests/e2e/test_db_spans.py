@@ -1,7 +1,8 @@
 """Database calls become spans in their caller's trace, for real: the agent on the real kernel, a
 real server from Debian, a real client library in a Python service that makes the calls while it
 serves an HTTP request, and a real OTLP endpoint. The database spans are children of the caller's
-server span (the kernel's thread rule), and no value the workload planted leaves the agent.
+server span (the kernel's thread rule), the database server's own spans are children of those
+(both ends of a local connection), and no value the workload planted leaves the agent.
 """
 
 from __future__ import annotations
@@ -119,8 +120,10 @@ def _traced_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, 
                     assert r.status == 200
 
             def ready(spans: list[dict[str, Any]]) -> bool:
-                return sum(s["kind"] == CLIENT and _attr(s, "db.system.name") in systems
-                           and _attr(s, "db.operation.name") == last_op for s in spans) >= n
+                db = [s for s in spans if _attr(s, "db.system.name") in systems]
+                calls = sum(s["kind"] == CLIENT for s in db)
+                return calls == sum(s["kind"] == SERVER for s in db) and sum(
+                    s["kind"] == CLIENT and _attr(s, "db.operation.name") == last_op for s in db) >= n
 
             spans = rx.wait_for_spans(ready, timeout_s=30)
         assert agent.returncode == 0, agent.stderr
@@ -133,6 +136,16 @@ def _traced_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, 
         assert _attr(c, "kspan.parent.source") == "thread" and _attr(c, "server.port") == db_port
         ops.setdefault(c["parent_span_id"], []).append((c["start_ns"], str(_attr(c, "db.operation.name"))))
     assert len(ops) == n
+    # the database server is traced too: each call's server span is the client span's child (the
+    # kernel tied the server's read to the client's write); a call it could not tie links nothing
+    clients = {c["span_id"]: c for c in spans if c["kind"] == CLIENT and _attr(c, "db.system.name") in systems}
+    served = [s for s in spans if s["kind"] == SERVER and _attr(s, "db.system.name") in systems]
+    for s in served:
+        c = clients.get(s.get("parent_span_id") or "")
+        assert c is not None, f"a server span whose parent is not a client call: {s}"
+        assert c["trace_id"] == s["trace_id"] and _attr(s, "kspan.parent.source") == "peer"
+        assert _attr(s, "db.operation.name") == _attr(c, "db.operation.name"), (s, c)
+    assert len(served) == len(clients), (len(served), len(clients))
     exported = json.dumps(spans)
     assert SECRET not in exported and PG_PASSWORD not in exported
     return spans, {k: [op for _, op in sorted(v)] for k, v in ops.items()}
