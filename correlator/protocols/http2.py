@@ -24,6 +24,10 @@ the same way. A header block cut short, or frames lost while out of sync, leave 
 HPACK table unknown (hpack.Decoder(complete=False)): from then on only static, literal and newly
 inserted fields decode, and every field that referred to an unknown entry is counted.
 
+A stream's req_pos is the stream position of its first HEADERS frame's header (for stream 1 after
+`Upgrade: h2c`, of the upgrade request), taken from the segment that byte came in. After a pick-up
+or a loss only a block carrying :method is known to open its stream; a pushed stream has none.
+
 Counters: frames, header_blocks; gap_bytes_stepped (cut payload bytes stepped over by a frame's
 length); sync_lost, bytes_unsynced, resyncs, midstream_pickups; header_blocks_truncated,
 hpack_table_lost, hpack_errors, header_fields_unknown; requests_undecoded, responses_undecoded,
@@ -44,7 +48,7 @@ from dataclasses import dataclass, field
 
 from correlator import semconv
 from correlator.protocols import hpack
-from correlator.segments import Operation, Segment
+from correlator.segments import Operation, Segment, stream_pos
 from correlator.spans import AttrValue
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -136,6 +140,7 @@ class _Block:
     promised: int  # PUSH_PROMISE's promised stream, 0 for HEADERS
     fragment: bytearray
     cut: bool
+    pos: int | None  # the stream position of its HEADERS (or PUSH_PROMISE) frame's header
 
 
 @dataclass(slots=True)
@@ -158,6 +163,14 @@ class _Side:
     max_frame: int = DEFAULT_MAX_FRAME  # what this side may send: the peer's SETTINGS_MAX_FRAME_SIZE
     hpack: hpack.Decoder = field(default_factory=hpack.Decoder)
     block: _Block | None = None
+    hdr_pos: int = 0  # the stream position of the first byte of the frame header in `hdr`
+    frame_pos: int = 0  # the same for the frame being read
+    head_pos: int = 0  # the same for the first byte of the HTTP/1.1 head in `head`
+    # Every frame this side sent since its preface (or upgrade request) was framed: a HEADERS on a
+    # new client stream is then that stream's first. After a pick-up or a loss it may be the
+    # trailers of a stream opened in the lost bytes, so only a block with :method (which trailers
+    # never carry) is known to open its stream.
+    whole: bool = False
 
 
 @dataclass(slots=True)
@@ -174,6 +187,7 @@ class _Stream:
     trailers: dict[bytes, bytes] | None = None
     trailers_seen: bool = False
     blind: bool = False  # its response's direction lost sync while it was open: its end may be lost
+    req_pos: int | None = None  # the request's first byte (Operation.req_pos)
 
 
 def _keep(fields: list[hpack.Field]) -> dict[bytes, bytes]:
@@ -258,6 +272,7 @@ class Http2Decoder:
         self._seg = seg
         side = self._sides[seg.egress]
         data = seg.data
+        base = 0  # the offset in seg.data of data[0]
         gap = max(0, seg.length - len(data))
         if side.mode == _START:
             self._start(seg)
@@ -274,7 +289,8 @@ class Http2Decoder:
                 self._count("bytes_unsynced", p)
             side.mode = _FRAMES
             data = data[p:]
-        self._consume(side, data)
+            base = p
+        self._consume(side, data, base)
         if gap:
             self._gap(side, gap)
 
@@ -291,6 +307,7 @@ class Http2Decoder:
             if preface:
                 self._client_egress = seg.egress
                 mine.mode = _PREFACE
+                mine.whole = True
                 peer.hpack.complete = True
                 if peer.max_frame == MAX_FRAME_LIMIT:  # this side's SETTINGS, if any, come next
                     peer.max_frame = DEFAULT_MAX_FRAME
@@ -301,10 +318,12 @@ class Http2Decoder:
         if preface:
             self._client_egress = seg.egress
             mine.mode = _PREFACE
+            mine.whole = True
             peer.mode = _FRAMES
         elif _REQUEST_LINE.match(data):
             self._client_egress = seg.egress
             mine.mode = _H1_REQUEST
+            mine.whole = True
             peer.mode = _H1_RESPONSE
         elif (len(data) >= 9 and data[3] == SETTINGS and not data[4] & ACK
               and frame_ok(SETTINGS, data[4], int.from_bytes(data[5:9], "big"),
@@ -323,6 +342,7 @@ class Http2Decoder:
     @staticmethod
     def _midstream(side: _Side) -> None:
         side.mode = _LOST
+        side.whole = False
         side.max_frame = MAX_FRAME_LIMIT
         side.hpack = hpack.Decoder(complete=False)
 
@@ -335,10 +355,12 @@ class Http2Decoder:
         side.payload = bytearray()
         if side.block is not None:
             try:
-                self._finish_block(side, cut=True)  # its stream and END_STREAM flag are known
+                # Its stream and END_STREAM flag are known, and its HEADERS was framed in sync.
+                self._finish_block(side, cut=True)
             except Exception:
                 self._count("decoder_errors")
                 side.block = None
+        side.whole = False
         self._lose_table(side)
         if side.egress != self._client_egress:
             for st in self._streams.values():
@@ -376,13 +398,18 @@ class Http2Decoder:
         self._count("bytes_unsynced", n)
         self._lose(side)
 
-    def _consume(self, side: _Side, data: bytes) -> None:
+    def _consume(self, side: _Side, data: bytes, base: int) -> None:
+        """data: the segment's bytes from offset `base` on."""
+        seg = self._seg
+        assert seg is not None
         i = 0
         n = len(data)
         while i < n:
             mode = side.mode
             if mode == _FRAMES:
                 if side.ftype < 0:
+                    if not side.hdr:
+                        side.hdr_pos = stream_pos(seg, base + i)
                     need = 9 - len(side.hdr)
                     side.hdr += data[i : i + need]
                     i += min(need, n - i)
@@ -415,6 +442,8 @@ class Http2Decoder:
                 if side.preface_at == len(PREFACE):
                     side.mode = _FRAMES
             elif mode in (_H1_REQUEST, _H1_RESPONSE):
+                if not side.head:
+                    side.head_pos = stream_pos(seg, base + i)
                 i = self._http1(side, data, i)
             elif mode == _SKIP:
                 take = min(side.skip, n - i)
@@ -459,7 +488,9 @@ class Http2Decoder:
                     req[name] = headers[name]
             seg = self._seg
             assert seg is not None
-            self._streams[1] = _Stream(1, seg.start_ns, seg.end_ns, seg.pid, seg.tid, req, req_ended=True)
+            # The upgrade request is stream 1's request (RFC 9113 3.2): its first byte names it.
+            self._streams[1] = _Stream(1, seg.start_ns, seg.end_ns, seg.pid, seg.tid, req, req_ended=True,
+                                       req_pos=side.head_pos)
             self._max_client_sid = 1
             self._upgrade_settings(side, headers.get(b"http2-settings", b""))
             clen = _int(headers.get(b"content-length"))
@@ -497,6 +528,7 @@ class Http2Decoder:
         ftype, flags = h[3], h[4]
         sid = int.from_bytes(h[5:9], "big") & 0x7FFFFFFF
         side.hdr = bytearray()
+        side.frame_pos = side.hdr_pos
         if length > side.max_frame:
             self._count("frames_oversize")
             self._lose(side)
@@ -615,7 +647,8 @@ class Http2Decoder:
                 self._count("frames_invalid")
                 cut = True
             fragment = payload[off : len(payload) - pad]
-        side.block = _Block(sid, bool(flags & END_STREAM) and ftype == HEADERS, promised, bytearray(fragment), cut)
+        side.block = _Block(sid, bool(flags & END_STREAM) and ftype == HEADERS, promised, bytearray(fragment), cut,
+                            side.frame_pos)
         if flags & END_HEADERS:
             self._finish_block(side)
 
@@ -643,7 +676,7 @@ class Http2Decoder:
         if blk.promised:
             self._push(side, blk.promised, fields)
         else:
-            self._on_headers(side, blk.sid, fields, blk.end_stream)
+            self._on_headers(side, blk.sid, fields, blk.end_stream, blk.pos)
 
     # -- streams ------------------------------------------------------------------------------
 
@@ -656,6 +689,8 @@ class Http2Decoder:
             self._count("frames_invalid")
             return
         self._make_room()
+        # No req_pos: a pushed stream's request is the server's PUSH_PROMISE, no byte of the
+        # request direction, whose positions are another sequence number space.
         self._streams[promised] = _Stream(promised, seg.start_ns, seg.end_ns, seg.pid, seg.tid, fields, req_ended=True)
 
     def _make_room(self) -> None:
@@ -671,7 +706,8 @@ class Http2Decoder:
         else:
             self._fail(st, semconv.ERR_EVICTED, "more open streams than the decoder tracks")
 
-    def _on_headers(self, side: _Side, sid: int, h: dict[bytes, bytes] | None, end_stream: bool) -> None:
+    def _on_headers(self, side: _Side, sid: int, h: dict[bytes, bytes] | None, end_stream: bool,
+                    pos: int | None) -> None:
         seg = self._seg
         assert seg is not None
         if self._client_egress is None:
@@ -695,7 +731,9 @@ class Http2Decoder:
             self._max_client_sid = sid
             if h is None:
                 self._count("requests_undecoded")
-            self._streams[sid] = _Stream(sid, seg.start_ns, seg.end_ns, seg.pid, seg.tid, h, req_ended=end_stream)
+            opens = side.whole or (h is not None and b":method" in h)
+            self._streams[sid] = _Stream(sid, seg.start_ns, seg.end_ns, seg.pid, seg.tid, h, req_ended=end_stream,
+                                         req_pos=pos if opens else None)
             return
         if st is None:
             if sid not in self._orphans:
@@ -767,7 +805,8 @@ class Http2Decoder:
             name = f"{service}/{method}"
         else:
             name = req.get(b":method", b"POST").decode("latin-1") if path else "grpc"
-        op = Operation("grpc", client, st.start_ns, st.end_ns, name, attrs, pid=st.pid, tid=st.tid)
+        op = Operation("grpc", client, st.start_ns, st.end_ns, name, attrs, pid=st.pid, tid=st.tid,
+                       req_pos=st.req_pos)
         status: int | None = None
         for h in (st.trailers, st.resp):
             if h is not None and b"grpc-status" in h:
@@ -830,7 +869,8 @@ class Http2Decoder:
         ua = req.get(b"user-agent")
         if ua:
             attrs["user_agent.original"] = ua.decode("utf-8", "replace")
-        op = Operation("http2", client, st.start_ns, st.end_ns, name, attrs, pid=st.pid, tid=st.tid)
+        op = Operation("http2", client, st.start_ns, st.end_ns, name, attrs, pid=st.pid, tid=st.tid,
+                       req_pos=st.req_pos)
         status = _int((st.resp or {}).get(b":status"))
         if status is not None:
             attrs["http.response.status_code"] = status

@@ -26,6 +26,10 @@ mid-stream, the decoder resynchronises on the first offset of a later segment wh
 packets with consecutive sequence ids runs to the end of the copy. Result-set ends are recognised
 with and without CLIENT_DEPRECATE_EOF (a 0xfe packet shorter than the 16 MiB a row starting with
 0xfe would need).
+
+A command's req_pos is the stream position of its packet header's first byte, taken from the
+segment that byte came in; packets framed from a resynchronisation that had to skip bytes get none
+until a transfer opens exactly on a packet boundary of that framing.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from correlator.protocols.sql import UNREADABLE, describe, identifier, redact_message
-from correlator.segments import Operation, Segment
+from correlator.segments import Operation, Segment, stream_pos
 from correlator.spans import AttrValue
 
 MAX_STATEMENTS = 256
@@ -70,6 +74,7 @@ class _Pkt:
     length: int
     complete: bool
     seg: Segment
+    pos: int | None  # the stream position of its header's first byte (None: not placed)
 
 
 def _lenenc(b: bytes, pos: int) -> tuple[int, int]:
@@ -95,6 +100,12 @@ class _Frames:
         self.synced = False  # the first segment must prove it starts on a packet
         self.quiet = True
         self.dead = False
+        self.buf_pos: int | None = None  # the stream position of buf[0]
+        # Packet boundaries are placed (their stream positions known) when the framing started at
+        # a transfer's first byte. A resynchronisation that skipped bytes found its boundary by
+        # content, which a chain of random bytes passes often enough: its packets are not placed
+        # until a transfer starts exactly on a boundary of the framing, which confirms it.
+        self.placed = False
 
     def _count(self, name: str, n: int = 1) -> None:
         self.c[name] = self.c.get(name, 0) + n
@@ -128,6 +139,15 @@ class _Frames:
             pos += 4 + length
         return whole > 0
 
+    @staticmethod
+    def _drop(n: int, lead: int, lead_pos: int | None, off: int) -> tuple[int, int | None, int]:
+        """(lead, lead_pos, off) once n bytes are dropped from the front of the data they map."""
+        if n < lead:
+            # A position inside the earlier bytes would be counted across the segments they came
+            # from: unknown.
+            return lead - n, None if n else lead_pos, off
+        return 0, None, off + n - lead
+
     def push(self, seg: Segment) -> list[_Pkt]:
         if self.dead:
             self._count("encrypted_bytes", seg.length)
@@ -135,10 +155,20 @@ class _Frames:
         data = seg.data
         gap = seg.length - len(data)
         out: list[_Pkt] = []
+        if self.synced and not self.buf and not self.skip:
+            self.placed = True  # this transfer opens on a packet boundary
+        # Where the bytes decoded here sit: the first `lead` came from earlier segments (the first
+        # of them at lead_pos), the rest are seg.data from offset `off` on. Each position is taken
+        # from the segment its byte is in, never counted across segments (gaps, lost segments).
+        lead, lead_pos, off = 0, None, 0
         if not self.synced and self.quiet:  # the direction's first bytes
             if len(self.buf) + len(data) < 4 and gap <= 0:
+                if not self.buf:
+                    self.buf_pos = stream_pos(seg, 0)
                 self.buf += data  # too short to tell a packet header yet
                 return out
+            if self.buf:
+                lead, lead_pos = len(self.buf), self.buf_pos
             data = bytes(self.buf) + data
             self.buf.clear()
         if not self.synced:
@@ -149,7 +179,9 @@ class _Frames:
                         self._count("resync_skipped_bytes", k)
                     if k or not self.quiet:
                         self._count("resynchronised")
+                    self.placed = k == 0
                     data = data[k:]
+                    lead, lead_pos, off = self._drop(k, lead, lead_pos, off)
                     self.synced = True
                     break
             self.quiet = False
@@ -160,22 +192,28 @@ class _Frames:
         if self.skip:
             take = min(self.skip, len(data))
             data = data[take:]
+            lead, lead_pos, off = self._drop(take, lead, lead_pos, off)
             self.skip -= take
             self._count("stepped_over_bytes", take)
+        if self.buf:  # the start of a packet, from earlier segments
+            lead, lead_pos = len(self.buf), self.buf_pos
         self.buf += data
         buf = self.buf
+        placed = self.placed
         pos = 0
         while len(buf) - pos >= 4:
             length = int.from_bytes(buf[pos : pos + 3], "little")
             end = pos + 4 + length
+            at = self._where(seg, pos, lead, lead_pos, off) if placed else None
             if end > len(buf):
                 if len(buf) - pos >= _KEEP:
-                    out.append(_Pkt(buf[pos + 3], bytes(buf[pos + 4 :]), length, False, seg))
+                    out.append(_Pkt(buf[pos + 3], bytes(buf[pos + 4 :]), length, False, seg, at))
                     self.skip = end - len(buf)
                     pos = len(buf)
                 break
-            out.append(_Pkt(buf[pos + 3], bytes(buf[pos + 4 : end]), length, True, seg))
+            out.append(_Pkt(buf[pos + 3], bytes(buf[pos + 4 : end]), length, True, seg, at))
             pos = end
+        self.buf_pos = self._where(seg, pos, lead, lead_pos, off) if placed else None
         del buf[:pos]
         if gap > 0:
             self._count("gap_bytes", gap)
@@ -187,7 +225,7 @@ class _Frames:
             elif len(buf) >= 4:
                 length = int.from_bytes(buf[0:3], "little")
                 need = 4 + length - len(buf)
-                out.append(_Pkt(buf[3], bytes(buf[4:]), length, False, seg))
+                out.append(_Pkt(buf[3], bytes(buf[4:]), length, False, seg, self.buf_pos))
                 buf.clear()
                 if gap <= need:
                     self.skip = need - gap
@@ -196,6 +234,12 @@ class _Frames:
             else:
                 self._lose("gap_lost_sync")
         return out
+
+    @staticmethod
+    def _where(seg: Segment, i: int, lead: int, lead_pos: int | None, off: int) -> int | None:
+        if i >= lead:
+            return stream_pos(seg, off + i - lead)
+        return lead_pos if i == 0 else None
 
 
 @dataclass(slots=True)
@@ -216,6 +260,7 @@ class _Cmd:
     schema: str | None = None
     resultset: bool = False  # rows came back (not only an OK)
     cut: bool = False  # a response packet ran into an uncopied gap: its row count is unknown
+    req_pos: int | None = None  # the command packet's first byte (Operation.req_pos)
 
 
 class MySQLDecoder:
@@ -386,7 +431,7 @@ class MySQLDecoder:
             self._count("query_text_cut")
         if cmd_byte in _NO_RESPONSE or cmd_byte == COM_CHANGE_USER:
             return
-        cmd = _Cmd(kind, text, seg.start_ns, seg.pid, seg.tid)
+        cmd = _Cmd(kind, text, seg.start_ns, seg.pid, seg.tid, req_pos=pkt.pos)
         if kind == "init_db":
             cmd.schema = identifier(p[1:]) if pkt.complete else None
             if cmd.schema is None:
@@ -548,4 +593,4 @@ class MySQLDecoder:
         name = f"{opname} {target}" if opname and target else opname or target or self._system
         return Operation(protocol="mysql", client=bool(self._client_egress), start_ns=cmd.start_ns,
                          end_ns=max(end_ns, cmd.start_ns), name=name, attributes=attrs, error=error,
-                         error_message=message, pid=cmd.pid, tid=cmd.tid)
+                         error_message=message, pid=cmd.pid, tid=cmd.tid, req_pos=cmd.req_pos)

@@ -3,7 +3,8 @@ tests/support/relay.py: a grpcio server and client over h2c, curl --http2-prior-
 nginx, Go's net/http client and server (unencrypted HTTP/2, concurrent streams), curl's
 `Upgrade: h2c` against an h2 (hyper-h2) server; both ends' views, cut to 512 bytes per transfer
 like the kernel's copy. Plus frames from h2 for GOAWAY, CONTINUATION and push, bad input, and
-property tests."""
+property tests. Each operation's req_pos: the exact stream position of its stream's first HEADERS
+frame, from either end, however the bytes were cut."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -30,6 +32,7 @@ from correlator.segments import Operation, Segment
 from tests.support import nginx_h2
 from tests.support.agent import free_port
 from tests.support.relay import Relay, relaying
+from tests.support.segment_cuts import merge_runs, recut
 from tests.support.tls import wait_port
 
 SECRET = "sekrit-42"
@@ -49,6 +52,65 @@ def assert_no_secret(ops: list[Operation]) -> None:
     for op in ops:
         text = repr((op.name, op.attributes, op.error, op.error_message))
         assert SECRET not in text, text
+
+
+MASK = 0xFFFFFFFF
+REQ_BASE = 0xFFFFFF80  # the client's first sequence number: positions wrap past 2**32 early on
+RESP_BASE = 0x2000
+
+
+def placed(segs: list[Segment], client_view: bool, req_base: int = REQ_BASE,
+           resp_base: int = RESP_BASE) -> list[Segment]:  # fmt: skip
+    """The segments with the positions TCP would give them: the stream offset of each one's first
+    byte in its direction from that direction's first sequence number. Keyed by direction (client to
+    server or back), not by egress, so both ends' views give a byte the same position."""
+    nxt = {True: req_base, False: resp_base}
+    out: list[Segment] = []
+    for s in segs:
+        c2s = s.egress == client_view
+        out.append(replace(s, pos=nxt[c2s]))
+        nxt[c2s] = (nxt[c2s] + s.length) & MASK
+    return out
+
+
+def request_positions(stream: bytes, base: int = REQ_BASE) -> list[int]:
+    """Where each stream's request starts in the client's whole byte stream, found by walking its
+    frames apart from the decoder: a client stream's first HEADERS frame (stream 1 after an
+    `Upgrade: h2c`: the upgrade request, which carries no body in these tests)."""
+    seen: set[int] = set()
+    out: list[int] = []
+    i = 0
+    if not stream.startswith(PREFACE):
+        seen.add(1)
+        out.append(base)
+        i = stream.index(b"\r\n\r\n") + 4
+    assert stream.startswith(PREFACE, i)
+    i += len(PREFACE)
+    while i + 9 <= len(stream):
+        sid = int.from_bytes(stream[i + 5 : i + 9], "big") & 0x7FFFFFFF
+        if stream[i + 3] == 1 and sid % 2 and sid not in seen:
+            seen.add(sid)
+            out.append((base + i) & MASK)
+        i += 9 + int.from_bytes(stream[i : i + 3], "big")
+    return out
+
+
+def assert_request_positions(r: Relay) -> None:
+    """Every recorded connection from either end, cut to 512 bytes and whole: each operation's
+    req_pos is where its stream's request starts, no two alike; where the request direction was
+    never lost (always in whole copies) every operation has one and every stream is named."""
+    for idx, segs in r.client_segments(full=True).items():
+        truth = set(request_positions(b"".join(s.data for s in segs if s.egress)))
+        assert truth
+        for client_view in (True, False):
+            for full in (False, True):
+                view = (r.client_segments if client_view else r.server_segments)(full)[idx]
+                ops, counters = decode(placed(view, client_view))
+                got = [o.req_pos for o in ops if o.req_pos is not None]
+                where = (idx, client_view, full, got, truth, counters)
+                assert len(set(got)) == len(got) and set(got) <= truth, where
+                if full or not {"sync_lost", "midstream_pickups"} & counters.keys():
+                    assert len(got) == len(ops) and set(got) == truth, where
 
 
 def views(r: Relay, full: bool = False) -> dict[str, list[list[Segment]]]:
@@ -114,6 +176,7 @@ def test_grpc_unary_streaming_and_errors_both_views(grpc_port: int) -> None:
             assert e2.value.code() == grpc.StatusCode.UNIMPLEMENTED
             assert unary(b"again", metadata=METADATA, timeout=10) == b"pong:again"
         v = views(r)
+        assert_request_positions(r)
     for view, conns in v.items():
         assert len(conns) == 1
         ops, counters = decode(conns[0])
@@ -158,6 +221,7 @@ def test_grpc_cancel_is_rst_stream(grpc_port: int) -> None:
             it.cancel()
             assert ch.unary_unary(f"/{SERVICE}/Unary")(b"after", timeout=10) == b"pong:after"
         v = views(r)
+        assert_request_positions(r)
     for view, conns in v.items():
         ops, counters = decode(conns[0])
         assert [op.name for op in ops] == [f"{SERVICE}/Stream", f"{SERVICE}/Unary"], (view, ops, counters)
@@ -176,6 +240,7 @@ def test_grpc_concurrent_calls_are_all_accounted_for(grpc_port: int) -> None:
             futures = [unary.future(b"c%d" % i, metadata=METADATA, timeout=10) for i in range(8)]
             assert sorted(f.result() for f in futures) == sorted(b"pong:c%d" % i for i in range(8))
         v = views(r)
+        assert_request_positions(r)
     for view, conns in v.items():
         ops, counters = decode(conns[0])
         lost = counters.get("responses_without_request", 0) + counters.get("headers_unknown_role", 0)
@@ -202,6 +267,7 @@ def test_grpc_big_metadata_cut_short_loses_the_table_counted(grpc_port: int) -> 
             with pytest.raises(grpc.RpcError):
                 ch.unary_unary(f"/{SERVICE}/Other")(b"three", timeout=10)
         v = views(r)
+        assert_request_positions(r)
         full = views(r, full=True)
     client_ops, counters = decode(v["client"][0])
     assert len(client_ops) == 3
@@ -232,9 +298,13 @@ def test_grpc_connection_picked_up_mid_stream(grpc_port: int) -> None:
             assert len(list(ch.unary_stream(f"/{SERVICE}/Stream")(b"2:100", timeout=10))) == 2
             assert unary(b"after", timeout=10) == b"pong:after"
         v = views(r)
+    truth = request_positions(b"".join(s.data for s in r.client_segments(full=True)[0] if s.egress))
     for view, conns in v.items():
         segs = conns[0]
         ops, counters = decode(segs[mark:])
+        # Each later request's HEADERS carries :method: it opens its stream, placed exactly.
+        picked, _ = decode(placed(segs, view == "client")[mark:])
+        assert [o.req_pos for o in picked] == truth[-2:]  # sequential calls, in order
         assert counters["midstream_pickups"] == 1
         assert counters.get("resyncs", 0) >= 1
         assert not segs[mark].data.startswith(PREFACE[:8])
@@ -300,6 +370,7 @@ def test_curl_prior_knowledge_against_nginx(nginx_port: int) -> None:
         ]
         assert codes == ["200", "404", "200", "503", "200"]
         v = views(r)
+        assert_request_positions(r)
     expect = [("GET", "/", 200), ("GET", "/missing", 404), ("POST", "/", 200), ("GET", "/boom", 503),
               ("GET", "/big.bin", 200)]  # fmt: skip
     for view, conns in v.items():
@@ -415,6 +486,7 @@ def test_go_client_and_server_concurrent_streams(go_h2c: Path) -> None:
         assert out.stdout.split("\n")[:2] == ["200 HTTP/2.0", "200 HTTP/2.0,500 HTTP/2.0,200 HTTP/2.0,200 HTTP/2.0,"
                                                 "200 HTTP/2.0"], out  # fmt: skip
         uncut, cut = views(r, full=True), views(r)
+        assert_request_positions(r)
     want = {"/warm": 200, "/a": 200, "/fail": 500, "/b": 200, "/big": 200, "/c": 200}
     # Whole copies decode exactly. Copies cut at 512 bytes depend on how the transfers merged (a
     # status sent as an index into a header table the cut lost is left out and counted), so for
@@ -507,6 +579,7 @@ def test_curl_upgrade_h2c() -> None:
         with relaying(("127.0.0.1", listener.getsockname()[1])) as r:
             assert _curl("--http2", f"http://127.0.0.1:{r.port}/up?token={SECRET}") == "200"
             v = views(r)
+            assert_request_positions(r)
     finally:
         stop.set()
         listener.close()
@@ -613,6 +686,9 @@ def test_server_push_and_a_smaller_header_table() -> None:
     assert d._sides[True].hpack.max_table_size == 64  # the size update reached the decoder
     assert "hpack_errors" not in d.counters and "header_fields_unknown" not in d.counters
     assert_no_secret(ops)
+    # The pushed stream's request is the server's promise, no byte of the request direction: none.
+    positions, _ = decode(placed(segs, False))
+    assert [o.req_pos for o in positions] == [None, *request_positions(b"".join(x.data for x in segs if not x.egress))]
 
 
 def test_truncated_copy_of_a_continued_header_block() -> None:
@@ -641,6 +717,9 @@ def test_truncated_copy_of_a_continued_header_block() -> None:
     assert [(o.name, o.attributes) for o in ops] == [
         ("HTTP", {"network.protocol.version": "2", "http.response.status_code": 200})]
     assert "decoder_errors" not in counters
+    # Stream 1's HEADERS was framed before the loss: it opens its stream, placed exactly.
+    first = request_positions(b"".join(x.data for x in segs if x.egress) + raw)[0]
+    assert [o.req_pos for o in decode(placed(cut, True))[0]] == [first]
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -712,10 +791,15 @@ def test_upgrade_settings_bound_the_servers_table() -> None:
     response = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
                 + _frame(4, 0, 0, b"") + _frame(1, 0x05, 1, bytes([0x3F, 0xE1, 0xFF, 0x03, 0x88])))  # fmt: skip
     preface = PREFACE + _frame(4, 0, 0, b"")
-    ops, counters = decode([_seg(upgrade, True, 1), _seg(response, False, 2), _seg(preface, True, 3)])
+    segs = [_seg(upgrade, True, 1), _seg(response, False, 2), _seg(preface, True, 3)]
+    ops, counters = decode(segs)
     assert [(o.name, o.attributes["http.response.status_code"], o.attributes["url.full"]) for o in ops] == [
         ("GET", 200, "http://a/x")]
     assert "hpack_errors" not in counters
+    # Stream 1's request is the upgrade request: named by its first byte, from either end.
+    for client_view in (True, False):
+        flipped = [replace(x, egress=x.egress == client_view) for x in segs]
+        assert [o.req_pos for o in decode(placed(flipped, client_view, req_base=77))[0]] == [77]
 
 
 def test_open_streams_are_bounded() -> None:
@@ -749,6 +833,130 @@ def test_arbitrary_bytes_never_raise(chunks: list[tuple[bytes, bool, int]], pref
         assert all(isinstance(o, Operation) for o in ops)
     d.close(100)
     assert "decoder_errors" not in d.counters, d.counters
+
+
+_RUNS: list[Segment] = []
+_TRUTH: set[int] = set()
+
+
+@given(st.data())
+def _recut_keeps_the_positions(data: st.DataObject) -> None:
+    segs = placed(recut(_RUNS, data), True)
+    ops, counters = decode(segs)
+    assert "decoder_errors" not in counters
+    got = [o.req_pos for o in ops if o.req_pos is not None]
+    assert len(set(got)) == len(got) and set(got) <= _TRUTH  # never a wrong or shared position
+    # Nothing cut and the start seen: every stream, each named. (A first transfer too short to tell
+    # the server's SETTINGS from a mid-stream pick-up leaves both directions to resynchronise.)
+    if not any(x.truncated for x in segs) and "midstream_pickups" not in counters:
+        assert len(got) == len(ops) and set(got) == _TRUTH
+
+
+def test_recorded_streams_recut_anywhere_keep_their_positions(grpc_port: int) -> None:
+    """Real gRPC traffic (sequential calls, a server stream, concurrent calls) written in transfers
+    of any size, each copied up to 512 bytes, each with its true position."""
+    with relaying(("127.0.0.1", grpc_port)) as r:
+        with _channel(r.port) as ch:
+            unary = ch.unary_unary(f"/{SERVICE}/Unary")
+            assert unary(b"one", metadata=METADATA, timeout=10) == b"pong:one"
+            assert len(list(ch.unary_stream(f"/{SERVICE}/Stream")(b"2:100", timeout=10))) == 2
+            futures = [unary.future(b"c%d" % i, timeout=10) for i in range(4)]
+            assert sorted(f.result() for f in futures) == sorted(b"pong:c%d" % i for i in range(4))
+        segs = views(r, full=True)["client"][0]
+    _RUNS[:] = merge_runs(segs)
+    _TRUTH.clear()
+    _TRUTH.update(request_positions(b"".join(x.data for x in segs if x.egress)))
+    assert len(_TRUTH) == 6
+    _recut_keeps_the_positions()
+
+
+# -- req_pos on built frames: one transfer each, concurrent streams, byte by byte, gaps, loss ----
+
+SETTINGS_FRAME = _frame(4, 0, 0, b"")
+NO_METHOD = b"\x40\x01x\x01y"  # one literal field "x: y": no pseudo-header (as in trailers)
+
+
+def _get(sid: int, flags: int = 0x05) -> bytes:
+    return _frame(1, flags, sid, _GET)
+
+
+def _ok(sid: int) -> bytes:
+    return _frame(1, 0x05, sid, b"\x88")  # :status 200, END_STREAM
+
+
+def _decode_views(flights: list[tuple[bool, bytes, int]], length: dict[int, int] | None = None,
+                  ) -> dict[bool, tuple[list[Operation], dict[str, int]]]:  # fmt: skip
+    """Both ends' decodes of transfers (client to server?, bytes, position); length: the true
+    length of the transfers (by index) whose copy was cut at 512 bytes."""
+    out: dict[bool, tuple[list[Operation], dict[str, int]]] = {}
+    for client_view in (True, False):
+        segs = [Segment(1, 1, 1, c2s == client_view, t, t, (length or {}).get(t, len(data)), data[:512], pos=pos)
+                for t, (c2s, data, pos) in enumerate(flights)]  # fmt: skip
+        ops, counters = decode(segs)
+        assert all(o.client is client_view for o in ops)
+        assert "decoder_errors" not in counters
+        out[client_view] = ops, counters
+    return out
+
+
+def test_req_pos_one_request_per_transfer() -> None:
+    r, s = 5_000_000, 77
+    open_ = PREFACE + SETTINGS_FRAME
+    a, b = r + len(open_), r + len(open_) + len(_get(1))
+    flights = [(True, open_, r), (False, SETTINGS_FRAME, s), (True, _get(1), a), (False, _ok(1), s + 9),
+               (True, _get(3), b), (False, _ok(3), s + 19)]  # fmt: skip
+    for ops, _ in _decode_views(flights).values():
+        assert [(o.name, o.req_pos) for o in ops] == [("GET", a), ("GET", b)]
+
+
+def _concurrent(r: int) -> tuple[list[tuple[bool, bytes, int]], list[int]]:
+    """The preface and four streams in one write (stream 3 with a body and trailers, stream 7's
+    block continued), answered out of order: the flights and the req_pos of each operation."""
+    requests = [_get(1), _get(3, 0x04) + _frame(0, 0, 3, b"body") + _frame(1, 0x05, 3, NO_METHOD), _get(5),
+                _frame(1, 0x01, 7, _GET[:2]) + _frame(9, 0x04, 7, _GET[2:])]  # fmt: skip
+    data = PREFACE + SETTINGS_FRAME + b"".join(requests)
+    at = {1: len(PREFACE) + 9}
+    for sid, prev in ((3, 1), (5, 3), (7, 5)):
+        at[sid] = at[prev] + len(requests[prev // 2])
+    flights = [(True, data, r), (False, SETTINGS_FRAME + _ok(5) + _ok(7) + _ok(1) + _ok(3), 0)]
+    return flights, [(r + at[sid]) & MASK for sid in (5, 7, 1, 3)]
+
+
+def test_req_pos_of_concurrent_streams_in_one_transfer() -> None:
+    flights, want = _concurrent(1000)
+    assert len(set(want)) == 4
+    for ops, _ in _decode_views(flights).values():
+        assert [o.req_pos for o in ops] == want
+
+
+def test_req_pos_byte_by_byte_and_across_the_wrap_is_the_whole_transfers() -> None:
+    r = 2**32 - 10  # the preface straddles the wrap, every frame is after it
+    flights, want = _concurrent(r)
+    assert max(want) < 200
+    split = [(c2s, data[i : i + 1], (pos + i) & MASK) for c2s, data, pos in flights for i in range(len(data))]
+    for f in (flights, split):
+        for ops, _ in _decode_views(f).values():
+            assert [o.req_pos for o in ops] == want
+
+
+def test_req_pos_after_gaps_and_a_loss() -> None:
+    r = 2**32 - 700
+    one = _get(1, 0x04) + _frame(0, 0x01, 1, b"x" * 1000)  # the gap ends inside the DATA payload
+    # The gap swallows the second DATA frame's header: that direction's framing is lost.
+    five = _get(5, 0x04) + _frame(0, 0, 5, b"x" * 1000) + _frame(0, 0x01, 5, b"end")
+    at = [r]
+    for n in (len(one), len(_get(3)), len(five), len(_get(7))):
+        at.append((at[-1] + n) & MASK)
+    client = [one, _get(3), five, _get(7), _frame(1, 0x05, 9, NO_METHOD)]
+    flights = [(True, PREFACE + SETTINGS_FRAME, (r - len(PREFACE) - 9) & MASK), (False, SETTINGS_FRAME, 0)]
+    for i, data in enumerate(client):
+        flights += [(True, data, at[i]), (False, _ok(2 * i + 1), 9 + 10 * i)]
+    for ops, counters in _decode_views(flights, {2: len(one), 6: len(five)}).values():
+        assert counters["sync_lost"] == 1 and counters["resyncs"] == 1
+        # Stream 7's block carries :method: it opens its stream, placed. Stream 9's carries none:
+        # after the loss it could be trailers of a stream whose HEADERS was lost, so it is not.
+        assert [o.req_pos for o in ops] == [*at[:4], None]
+        assert ops[-1].name == "HTTP"
 
 
 _RECORDED: list[bytes] = []

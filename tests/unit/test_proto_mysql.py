@@ -3,7 +3,8 @@ tests/support/dbservers.py in a temporary directory on a free loopback port) wit
 traffic through the recording relay: both ends' views, the handshake's database, COM_QUERY,
 COM_INIT_DB, server-side prepared statements (COM_STMT_PREPARE / COM_STMT_EXECUTE sent over
 PyMySQL's own connection), errors, a planted password and literal that must never come out, and
-bad input."""
+bad input. Each operation's req_pos: the exact stream position of its command packet, from either
+end, however the bytes were cut."""
 
 from __future__ import annotations
 
@@ -87,6 +88,41 @@ def decode(segs: list[Segment]) -> tuple[list[Operation], dict[str, int]]:
         ops += d.feed(s)
     ops += d.close(segs[-1].end_ns + 1 if segs else 0)
     return ops, d.counters
+
+
+MASK = 0xFFFFFFFF
+REQ_BASE = 0xFFFFFE00  # the client's first sequence number: the workload's positions wrap past 2**32
+RESP_BASE = 0x5000
+
+
+def placed(segs: list[Segment], client_view: bool, req_base: int = REQ_BASE,
+           resp_base: int = RESP_BASE) -> list[Segment]:  # fmt: skip
+    """The segments with the positions TCP would give them: the stream offset of each one's first
+    byte in its direction from that direction's first sequence number. Keyed by direction (client to
+    server or back), not by egress, so both ends' views give a byte the same position."""
+    nxt = {True: req_base, False: resp_base}
+    out: list[Segment] = []
+    for s in segs:
+        c2s = s.egress == client_view
+        out.append(replace(s, pos=nxt[c2s]))
+        nxt[c2s] = (nxt[c2s] + s.length) & MASK
+    return out
+
+
+def command_positions(segs: list[Segment], client_view: bool) -> list[int]:
+    """Where each command with a response starts in the client's whole byte stream, found by walking
+    its packets (a command is a packet with sequence id 0 after the handshake), apart from the
+    decoder: the req_pos every view must give."""
+    stream = b"".join(s.data for s in segs if s.egress == client_view)
+    out: list[int] = []
+    i = 0
+    while i + 4 <= len(stream):
+        n = int.from_bytes(stream[i : i + 3], "little")
+        if stream[i + 3] == 0 and stream[i + 4] in (COMMAND.COM_QUERY, COMMAND.COM_INIT_DB, COMMAND.COM_STMT_PREPARE,
+                                                    COMMAND.COM_STMT_EXECUTE):  # fmt: skip
+            out.append((REQ_BASE + i) & MASK)
+        i += 4 + n
+    return out
 
 
 def exported(ops: list[Operation]) -> str:
@@ -176,6 +212,17 @@ def test_client_and_server_views_give_the_same_operations(workload: Relay) -> No
             assert bad not in counters, counters
 
 
+def test_recorded_commands_are_named_by_their_stream_positions(workload: Relay) -> None:
+    truth = command_positions(workload.client_segments(full=True)[0], True)
+    assert len(truth) == len(WORKLOAD_OPS)
+    assert truth[0] > truth[-1]  # the positions wrapped past 2**32 inside the workload
+    for client_view, view in ((True, workload.client_segments()), (False, workload.server_segments()),
+                              (True, workload.client_segments(full=True)),
+                              (False, workload.server_segments(full=True))):  # fmt: skip
+        ops, _ = decode(placed(view[0], client_view))
+        assert [o.req_pos for o in ops] == truth, client_view  # each exact, so distinct; both ends alike
+
+
 def test_secrets_never_leave(workload: Relay) -> None:
     raw = b"".join(c[3] for c in workload.chunks)
     assert SECRET.encode() in raw and NEW_PASSWORD.encode() in raw
@@ -191,7 +238,10 @@ def test_secrets_never_leave(workload: Relay) -> None:
 def test_picked_up_mid_stream(workload: Relay) -> None:
     segs = workload.client_segments()[0]
     k = next(i for i, s in enumerate(segs) if s.egress and b"INSERT INTO items" in s.data)
+    truth = command_positions(workload.client_segments(full=True)[0], True)
+    segs = placed(segs, True)
     ops, counters = decode(segs[k:])
+    assert [o.req_pos for o in ops] == truth[2:]  # from the first command after the pick-up
     expected = [(n.removesuffix(" kspandb"), op, coll, text, None, *rest)
                 for n, op, coll, text, _ns, *rest in WORKLOAD_OPS[2:6]]
     assert [_summary(o) for o in ops][:4] == expected
@@ -200,9 +250,12 @@ def test_picked_up_mid_stream(workload: Relay) -> None:
     assert counters["no_handshake"] == 1
     # Picked up inside a transfer: the first bytes are the end of a packet.
     first = segs[k]
-    ops, counters = decode([replace(first, data=first.data[5:], length=first.length - 5), *segs[k + 1 :]])
+    ops, counters = decode([replace(first, data=first.data[5:], length=first.length - 5, pos=first.pos + 5),
+                            *segs[k + 1 :]])  # fmt: skip
     assert [o.name for o in ops][:3] == ["SELECT items", "SELECT missing_table", "INSERT items"]
     assert counters["unsynced_segments"] == 1
+    # Framed again from the next command's transfer start: every later command is placed.
+    assert [o.req_pos for o in ops] == truth[3:]
 
 
 def test_split_and_coalesced_give_the_same_operations(workload: Relay) -> None:
@@ -213,6 +266,8 @@ def test_split_and_coalesced_give_the_same_operations(workload: Relay) -> None:
     parts, counters = decode(split)
     assert [_summary(o) for o in parts] == [_summary(o) for o in whole] == WORKLOAD_OPS
     assert "unsynced_segments" not in counters
+    truth = command_positions(segs, False)
+    assert [o.req_pos for o in decode(placed(split, False))[0]] == truth
     coalesced: list[Segment] = []
     for s in segs:
         if coalesced and coalesced[-1].egress == s.egress:
@@ -222,6 +277,7 @@ def test_split_and_coalesced_give_the_same_operations(workload: Relay) -> None:
             coalesced.append(s)
     ops, _ = decode(coalesced)
     assert [_summary(o) for o in ops] == WORKLOAD_OPS
+    assert [o.req_pos for o in decode(placed(coalesced, False))[0]] == truth
 
 
 def test_truncated_big_values(my_port: int) -> None:
@@ -239,7 +295,10 @@ def test_truncated_big_values(my_port: int) -> None:
             cur.fetchall()
         c.close()
         _settle()
-        for view in (r.client_segments(), r.server_segments()):
+        truth = command_positions(r.client_segments(full=True)[0], True)
+        for client_view, view in ((True, r.client_segments()), (False, r.server_segments())):
+            # The 3 KB query and the big results ran past their copies: positions stay exact.
+            assert [o.req_pos for o in decode(placed(view[0], client_view))[0]] == truth
             ops, counters = decode(view[0])
             names = [o.name for o in ops]
             assert names == ["SET kspandb", "CREATE TABLE big", "INSERT big", "SELECT seq_1_to_300", "SELECT big",
@@ -319,19 +378,114 @@ def test_mutated_real_traffic_never_raises(workload: Relay) -> None:
 
 @given(st.data())
 def _rechunked_like_the_kernel(data: st.DataObject) -> None:
-    segs = recut(_RUNS, data)
+    segs = placed(recut(_RUNS, data), True)
     ops, counters = decode(segs)
     assert "decode_errors" not in counters
     assert "sekrit" not in exported(ops)
     assert len(ops) <= len(WORKLOAD_OPS)  # lost ones are counted, none invented
+    got = [o.req_pos for o in ops if o.req_pos is not None]
+    assert set(got) <= set(_TRUTH) and len(set(got)) == len(got)  # never a wrong or shared position
     if not any(s.truncated for s in segs):  # nothing cut: exactly the workload
         assert [_summary(o) for o in ops] == WORKLOAD_OPS
+        assert [o.req_pos for o in ops] == _TRUTH
 
 
 _RUNS: list[Segment] = []
+_TRUTH: list[int] = []
 
 
 def test_any_transfer_boundaries_cut_to_512_bytes(workload: Relay) -> None:
     """The workload's bytes written in transfers of any size, each copied up to 512 bytes."""
     _RUNS[:] = merge_runs(workload.client_segments(full=True)[0])
+    _TRUTH[:] = command_positions(_RUNS, True)
     _rechunked_like_the_kernel()
+
+
+# -- req_pos on built packets: one transfer each, pipelined, byte by byte, gaps, resynchronising ----
+
+def _pkt(seq: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "little") + bytes([seq]) + payload
+
+
+def _query(sql: str) -> bytes:
+    return _pkt(0, bytes([COMMAND.COM_QUERY]) + sql.encode())
+
+
+OK = _pkt(1, b"\x00\x00\x00\x02\x00\x00\x00")  # affected 0, insert id 0, autocommit, no warnings
+Q1, Q2 = _query("SELECT 1"), _query("SELECT a FROM t")
+
+
+def _flight(data: bytes, c2s: bool, pos: int, length: int | None = None) -> tuple[bool, bytes, int, int]:
+    return c2s, data, pos, len(data) if length is None else length
+
+
+def _decode_views(flights: list[tuple[bool, bytes, int, int]]) -> dict[bool, tuple[list[Operation], dict[str, int]]]:
+    """Both ends' decodes of transfers (client to server?, bytes, position, true length)."""
+    out: dict[bool, tuple[list[Operation], dict[str, int]]] = {}
+    for client_view in (True, False):
+        segs = [Segment(1, 1, 1, c2s == client_view, t, t, length, data[:512], pos=pos)
+                for t, (c2s, data, pos, length) in enumerate(flights)]  # fmt: skip
+        ops, counters = decode(segs)
+        assert all(o.client is client_view for o in ops)
+        out[client_view] = ops, counters
+    return out
+
+
+def test_req_pos_one_command_per_transfer() -> None:
+    r, s = 7_000_000, 123
+    flights = [_flight(Q1, True, r), _flight(OK, False, s), _flight(Q2, True, r + len(Q1)), _flight(OK, False, s + 11)]
+    for ops, _ in _decode_views(flights).values():
+        assert [(o.name, o.req_pos) for o in ops] == [("SELECT", r), ("SELECT t", r + len(Q1))]
+
+
+def test_req_pos_of_commands_pipelined_in_one_transfer() -> None:
+    close = _pkt(0, bytes([COMMAND.COM_STMT_CLOSE]) + struct.pack("<I", 9))  # no response, no operation
+    r = 40_000
+    at = r + len(Q2)
+    flights = [_flight(Q2, True, r), _flight(OK, False, 0), _flight(close + Q1 + Q2, True, at), _flight(OK, False, 11)]
+    for ops, _ in _decode_views(flights).values():
+        # (The first pipelined command's answer had not come before the second: the classic
+        # protocol's rule makes it an operation without a status.) Each is named by where its own
+        # packet starts in the one transfer.
+        assert [(o.name, o.req_pos) for o in ops] == [("SELECT t", r), ("SELECT", at + len(close)),
+                                                      ("SELECT t", at + len(close) + len(Q1))]  # fmt: skip
+
+
+def test_req_pos_byte_by_byte_and_across_the_wrap_is_the_whole_transfers() -> None:
+    r = 2**32 - 6  # Q1's header straddles the wrap, Q2 starts after it
+    whole = [_flight(Q1, True, r), _flight(OK, False, 0), _flight(Q2, True, (r + len(Q1)) & MASK),
+             _flight(OK, False, 11)]  # fmt: skip
+    split: list[tuple[bool, bytes, int, int]] = []
+    for c2s, data, pos, _ in whole:
+        split += [_flight(data[i : i + 1], c2s, (pos + i) & MASK) for i in range(len(data))]
+    want = [2**32 - 6, len(Q1) - 6]
+    for flights in (whole, split):
+        for ops, _ in _decode_views(flights).values():
+            assert [o.req_pos for o in ops] == want
+
+
+def test_req_pos_after_an_uncopied_gap() -> None:
+    big = _query("SELECT '" + "x" * 2000 + "'")  # 2 KB: its copy ends at 512 bytes
+    r = 2**32 - 100
+    after = (r + len(big)) & MASK
+    # A command written in two transfers, the first copied short: its rest, then the next command.
+    first, rest = big[:1800], big[1800:]
+    at = (after + len(Q1)) & MASK
+    flights = [_flight(big, True, r), _flight(OK, False, 0), _flight(Q1, True, after), _flight(OK, False, 11),
+               _flight(first, True, at), _flight(rest + Q2, True, (at + 1800) & MASK), _flight(OK, False, 22),
+               _flight(OK, False, 33)]  # fmt: skip
+    for ops, counters in _decode_views(flights).values():
+        assert counters["gap_bytes"] == sum(length - 512 for _, _, _, length in flights if length > 512)
+        assert [o.req_pos for o in ops] == [r, after, at, (at + len(big)) & MASK]
+
+
+def test_req_pos_is_unknown_when_the_boundary_was_found_inside_a_transfer() -> None:
+    # Picked up inside a transfer: the framing is found past 3 bytes of a packet's tail, by content
+    # alone. Its command is not placed; the next transfer, opening on a boundary of that framing,
+    # is.
+    r = 900
+    flights = [_flight(b"abc" + Q1, True, r), _flight(OK, False, 0), _flight(Q2, True, r + 3 + len(Q1)),
+               _flight(OK, False, 11)]  # fmt: skip
+    for ops, counters in _decode_views(flights).values():
+        assert counters["resync_skipped_bytes"] == 3
+        assert [(o.name, o.req_pos) for o in ops] == [("SELECT", None), ("SELECT t", r + 3 + len(Q1))]
