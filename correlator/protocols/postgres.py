@@ -19,6 +19,12 @@ Never kept: Bind parameter values, DataRow contents, PasswordMessage / SASL / GS
 Authentication requests' data, error Detail/Hint fields; an error's message is exported only with
 its quoted parts and numbers redacted.
 
+Positions: an operation's req_pos is where its request's first byte sits in the frontend's stream:
+the Query's type byte, or the first Parse or Bind after the previous Execute or Sync (an Execute
+with neither before it: its own), each from the segment that byte came in. After a resync the
+request under way may have begun in the bytes skipped: no operation has one until decoding
+passes a Query, Execute or Sync (that one's included).
+
 Framing: a type byte and a 4-byte length (startup messages have no type byte). The kernel copies
 at most 512 bytes of a transfer; a message running into the uncopied rest is decoded from what was
 copied and the rest stepped over by its length. When a gap swallows a message boundary, or a
@@ -35,7 +41,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from correlator.protocols.sql import OPERATIONS, UNREADABLE, describe, identifier, redact_message
-from correlator.segments import Operation, Segment
+from correlator.segments import Operation, Segment, stream_pos
 from correlator.spans import AttrValue
 
 PROTOCOL = "postgresql"
@@ -59,6 +65,7 @@ FRONTEND_ONLY = FRONTEND - BACKEND
 BACKEND_ONLY = BACKEND - FRONTEND
 _ANY = FRONTEND | BACKEND
 _STARTUP = 0  # pseudo type of an untyped startup-phase message
+_OPENS = frozenset(b"PB")  # the extended protocol's messages that may begin a request
 _ANSWER = 1  # pseudo type of the one-byte answer to SSLRequest / GSSENCRequest
 
 
@@ -68,6 +75,23 @@ class _Msg:
     body: bytes  # maybe cut (complete False): the rest was not copied
     complete: bool
     seg: Segment
+    pos: int | None = None  # the stream position of its first byte (its type byte), when tracked
+
+
+# (offset in a buffer, stream position of the byte there): where each segment's bytes begin, so a
+# message's position comes from the segment its first byte came in, never counted across segments.
+_Marks = list[tuple[int, int]]
+
+
+def _drop(marks: _Marks, n: int) -> _Marks:
+    """The marks of a buffer once its first n bytes are gone."""
+    if not n or not marks:
+        return marks
+    i = len(marks) - 1
+    while i > 0 and marks[i][0] > n:
+        i -= 1
+    o, p = marks[i]
+    return [(0, (p + n - o) & 0xFFFFFFFF), *((o2 - n, p2) for o2, p2 in marks[i + 1 :])]
 
 
 def _fixed_len_ok(t: int, length: int, body: bytes) -> bool:
@@ -100,11 +124,17 @@ class _Frames:
         self.dead = False  # encrypted from here on: nothing decodable
         self.losses = 0
         self.quiet = False  # the resync about to run is a first segment's check, not a loss
+        self.marks: _Marks = []  # of buf
+        self.track = True  # give messages their positions (the frontend's: requests are named by them)
+        # The framing restarted at a resync: a request under way may have begun in what was
+        # skipped, so no position names one until the decoder passes a request boundary.
+        self.unsure = False
 
     def _lose(self, why: str) -> None:
         self.losses += 1
         self.c[why] = self.c.get(why, 0) + 1
         self.buf.clear()
+        self.marks = []
         self.skip = 0
         self.synced = False
         self.untyped = False
@@ -142,6 +172,7 @@ class _Frames:
                     self.c["resynchronised"] = self.c.get("resynchronised", 0) + 1
                 self.quiet = False
                 self.synced = True
+                self.unsure = True
                 return data[k:]
         self.quiet = False
         self.c["unsynced_segments"] = self.c.get("unsynced_segments", 0) + 1
@@ -162,12 +193,15 @@ class _Frames:
             data = data[1:]
             if not data and gap <= 0:
                 return out
+        marks: _Marks = [(0, stream_pos(seg, len(seg.data) - len(data)))] if self.track else []
         if self.first and data:
             if len(self.buf) + len(data) < 8 and gap <= 0:
-                self.buf += data  # too short to tell a startup message yet
+                self._keep(data, marks)  # too short to tell a startup message yet
                 return out
+            marks = [*self.marks, *((o + len(self.buf), p) for o, p in marks)]
             data = bytes(self.buf) + data
             self.buf.clear()
+            self.marks = []
             self.first = False
             if not self._looks_startup(data):
                 self.untyped = False
@@ -177,17 +211,37 @@ class _Frames:
             got = self._resync(seg, data)
             if got is None:
                 return out
+            marks = _drop(marks, len(data) - len(got))
             data = got
         if self.skip:
             take = min(self.skip, len(data))
             data = data[take:]
+            marks = _drop(marks, take)
             self.skip -= take
             self.c["stepped_over_bytes"] = self.c.get("stepped_over_bytes", 0) + take
-        self.buf += data
+        self._keep(data, marks)
         self._parse(seg, out)
         if gap > 0:
             self._gap(seg, gap, out)
         return out
+
+    def _keep(self, data: bytes, marks: _Marks) -> None:
+        """data appended to buf; marks: data's own."""
+        if data:
+            if self.buf:
+                base = len(self.buf)
+                self.marks += [(o + base, p) for o, p in marks]
+            else:
+                self.marks = marks
+            self.buf += data
+
+    def _pos_at(self, at: int) -> int | None:
+        """The stream position of buf[at], when tracked."""
+        if self.track:
+            for o, p in reversed(self.marks):
+                if o <= at:
+                    return (p + at - o) & 0xFFFFFFFF
+        return None
 
     def _looks_startup(self, data: bytes) -> bool:
         if len(data) < 8:
@@ -198,6 +252,8 @@ class _Frames:
     def _parse(self, seg: Segment, out: list[_Msg]) -> None:
         buf = self.buf
         pos = 0
+        # Messages met here mostly start in the last segment's bytes: its mark, at hand.
+        last_o, last_p = self.marks[-1] if self.track and self.marks else (-1, 0)
         while pos < len(buf):
             if self.answer:
                 out.append(_Msg(_ANSWER, bytes(buf[pos : pos + 1]), True, seg))
@@ -208,7 +264,7 @@ class _Frames:
                 (length,) = struct.unpack_from(">I", buf, pos)
                 if len(buf) - pos < length:
                     break
-                out.append(_Msg(_STARTUP, bytes(buf[pos + 4 : pos + length]), True, seg))
+                out.append(_Msg(_STARTUP, bytes(buf[pos + 4 : pos + length]), True, seg, self._pos_at(pos)))
                 pos += length
                 continue
             if self.untyped and len(buf) - pos < 8:
@@ -226,13 +282,16 @@ class _Frames:
             end = pos + 1 + length
             if end > len(buf):
                 if len(buf) - pos >= _KEEP:  # too big to keep: what we have, the rest skipped
-                    out.append(_Msg(t, bytes(buf[pos + 5 : pos + _KEEP]), False, seg))
+                    out.append(_Msg(t, bytes(buf[pos + 5 : pos + _KEEP]), False, seg, self._pos_at(pos)))
                     self.skip = end - len(buf)
                     pos = len(buf)
                 break
-            out.append(_Msg(t, bytes(buf[pos + 5 : end]), True, seg))
+            at = None if last_o < 0 else (last_p + pos - last_o) & 0xFFFFFFFF if pos >= last_o else self._pos_at(pos)
+            out.append(_Msg(t, bytes(buf[pos + 5 : end]), True, seg, at))
             pos = end
-        del buf[:pos]
+        if pos:
+            del buf[:pos]
+            self.marks = _drop(self.marks, pos) if buf else []
 
     def _gap(self, seg: Segment, gap: int, out: list[_Msg]) -> None:
         """The transfer's uncopied rest: step over it inside the current message, or lose sync."""
@@ -248,8 +307,9 @@ class _Frames:
             t = buf[0]
             (length,) = struct.unpack_from(">I", buf, 1)
             need = 1 + length - len(buf)
-            out.append(_Msg(t, bytes(buf[5:]), False, seg))
+            out.append(_Msg(t, bytes(buf[5:]), False, seg, self._pos_at(0)))
             buf.clear()
+            self.marks = []
             if gap <= need:
                 self.skip = need - gap
                 return
@@ -263,6 +323,7 @@ class _Op:
     pid: int
     tid: int
     cut: bool = False  # the text was cut by the copy
+    req_pos: int | None = None  # where its request began in the frontend's stream (Operation.req_pos)
     tags: list[str] = field(default_factory=list)
     sqlstate: str | None = None
     message: str | None = None
@@ -274,6 +335,7 @@ class _Item:
     op: _Op | None = None
     text: str | None = None  # a Parse's statement text (a failed prepare reports it)
     seg: Segment | None = None
+    req_pos: int | None = None  # a Parse's request start (a failed prepare is named by it)
 
 
 def _cstr(b: bytes, pos: int = 0) -> tuple[bytes, int, bool]:
@@ -294,6 +356,10 @@ class PostgresDecoder:
         self._portals: dict[str, str | None] = {}
         self._pending: deque[_Item] = deque()
         self._last_back_ns = 0
+        # The extended-protocol request under way: its first Parse or Bind was seen (where it
+        # began), its Execute not yet.
+        self._open = False
+        self._req: int | None = None
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -348,6 +414,7 @@ class PostgresDecoder:
                 return
             self._frames[self._front_egress].allowed = FRONTEND
             self._frames[not self._front_egress].allowed = BACKEND
+            self._frames[not self._front_egress].track = False
         if egress == self._front_egress:
             self._frontend(msg)
         else:
@@ -361,11 +428,18 @@ class PostgresDecoder:
             self._count("pending_overflow")
         self._pending.append(item)
 
-    def _new_op(self, text: str | None, seg: Segment, cut: bool) -> _Op:
-        return _Op(text=text, start_ns=seg.start_ns, pid=seg.pid, tid=seg.tid, cut=cut)
+    def _new_op(self, text: str | None, seg: Segment, cut: bool, req_pos: int | None) -> _Op:
+        return _Op(text=text, start_ns=seg.start_ns, pid=seg.pid, tid=seg.tid, cut=cut, req_pos=req_pos)
 
     def _frontend(self, msg: _Msg) -> None:
         t, body, seg = msg.kind, msg.body, msg.seg
+        frames = self._frames[bool(self._front_egress)]
+        # A request begins with its Query, or with the first Parse or Bind after the previous
+        # request's Execute or Sync (the Execute's own type byte when none came: a suspended
+        # portal run again). After a resync that start may lie in the skipped bytes: no position
+        # until the next boundary (frames.unsure).
+        if t in _OPENS and not self._open:
+            self._open, self._req = True, msg.pos
         if t == _STARTUP:
             self._startup(body)
         elif t == ord("p"):
@@ -375,7 +449,8 @@ class PostgresDecoder:
             text = raw.decode("utf-8", "replace")
             if not done:
                 self._count("query_text_cut")
-            self._push(_Item("query", self._new_op(text, seg, not done)))
+            self._push(_Item("query", self._new_op(text, seg, not done, None if frames.unsure else msg.pos)))
+            self._open = frames.unsure = False
         elif t == ord("P"):
             name, pos, _ = _cstr(body)
             raw, _, done = _cstr(body, pos)
@@ -388,7 +463,7 @@ class PostgresDecoder:
                 self._count("statements_forgotten")
             if not done:
                 self._count("query_text_cut")
-            self._push(_Item("parse", text=text, seg=seg))
+            self._push(_Item("parse", text=text, seg=seg, req_pos=None if frames.unsure else self._req))
         elif t == ord("B"):
             portal, pos, _ = _cstr(body)
             stmt, _, _ = _cstr(body, pos)
@@ -402,7 +477,9 @@ class PostgresDecoder:
         elif t == ord("E"):
             portal, _, _ = _cstr(body)
             text = self._portals.get(portal.decode("utf-8", "replace"))
-            self._push(_Item("execute", self._new_op(text, seg, False)))
+            req = None if frames.unsure else self._req if self._open else msg.pos
+            self._push(_Item("execute", self._new_op(text, seg, False, req)))
+            self._open = frames.unsure = False
         elif t == ord("D"):
             self._push(_Item("describe"))
         elif t == ord("C"):
@@ -411,6 +488,7 @@ class PostgresDecoder:
             self._push(_Item("close"))
         elif t == ord("S"):
             self._push(_Item("sync"))
+            self._open = frames.unsure = False
         elif t == ord("F"):
             self._count("function_calls")  # the fast-path interface: no SQL text to report
             self._push(_Item("close"))  # answered by one FunctionCallResponse ('V')
@@ -427,8 +505,11 @@ class PostgresDecoder:
         if last.kind == "parse":
             self._portals[""] = text
             self._push(_Item("bind"))
-        self._push(_Item("execute", self._new_op(text, seg, True)))
+        # The cut message's request: its start was copied (unless it began before a resync).
+        req = None if self._frames[bool(self._front_egress)].unsure or not self._open else self._req
+        self._push(_Item("execute", self._new_op(text, seg, True, req)))
         self._push(_Item("sync"))
+        self._open = False
         self._count("inferred_executes")
 
     def _startup(self, body: bytes) -> None:
@@ -544,7 +625,7 @@ class PostgresDecoder:
             if parse is None or parse.seg is None:
                 self._count("unmatched_errors")
                 return
-            op = self._new_op(parse.text, parse.seg, False)  # a failed prepare
+            op = self._new_op(parse.text, parse.seg, False, parse.req_pos)  # a failed prepare
         op.sqlstate, op.message = sqlstate, message
         out.append(self._export(op, seg.end_ns, None))
 
@@ -612,4 +693,4 @@ class PostgresDecoder:
         client = bool(self._front_egress)
         return Operation(protocol=PROTOCOL, client=client, start_ns=op.start_ns,
                          end_ns=max(end_ns, op.start_ns), name=name, attributes=attrs, error=error,
-                         error_message=message, pid=op.pid, tid=op.tid)
+                         error_message=message, pid=op.pid, tid=op.tid, req_pos=op.req_pos)

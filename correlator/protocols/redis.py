@@ -34,6 +34,12 @@ pub/sub messages, MONITOR lines, client-tracking invalidations) are not replies 
 SUBSCRIBE-family commands end at their last confirmation; commands queued in MULTI end at EXEC's
 reply with their own result (an error inside EXEC's array is that command's error).
 
+Positions. A command's req_pos is the stream position of its first byte (the `*`, or an inline
+command's first letter), taken from the segment that byte came in, so a command split over
+transfers, behind a gap or pipelined with others is named alike on both ends. A command found where
+decoding resumed after a loss, or the first of a connection not seen from its start, starts there
+only by guess (it may be a value's tail that looks like one): its req_pos is None.
+
 Which direction carries commands: the traced process's writes when it is the client (pass
 `client=` when the kernel knows it). Without that hint, strong evidence decides: an array of bulk
 strings naming a known command, or an inline command, is a command; another type decoded from a
@@ -51,7 +57,7 @@ from __future__ import annotations
 import re
 from collections import deque
 
-from correlator.segments import Operation, Segment
+from correlator.segments import Operation, Segment, stream_pos
 from correlator.semconv import ERR_CLOSED
 from correlator.spans import AttrValue
 
@@ -169,10 +175,11 @@ class _Msg:
     of the first few elements (for classification only; they never reach an Operation)."""
 
     __slots__ = ("kind", "start_ns", "end_ns", "seg", "pid", "tid", "count", "texts", "ints", "errs",
-                 "err", "inline", "all_bulk", "null")  # fmt: skip
+                 "err", "inline", "all_bulk", "null", "pos")  # fmt: skip
 
-    def __init__(self, seg: Segment, idx: int) -> None:
+    def __init__(self, seg: Segment, idx: int, pos: int | None) -> None:
         self.kind = -1  # the type byte of the message (after any attributes)
+        self.pos = pos  # the stream position of its first byte; None: not known to start there
         self.start_ns = seg.start_ns
         self.end_ns = seg.end_ns
         self.seg = idx  # feed index of the segment the message started in
@@ -206,19 +213,22 @@ class _Stream:
     """One direction's resumable RESP parser. Never raises on bad input: it reports a loss to the
     decoder and waits for a transfer that starts like a message."""
 
-    def __init__(self, dec: RedisDecoder, egress: bool) -> None:
+    def __init__(self, dec: RedisDecoder, egress: bool, from_start: bool) -> None:
         self.dec = dec
         self.egress = egress
         self.synced = True
         self.clean = True  # nothing lost yet in this direction
-        self.trusted = False  # a message was decoded since the last loss: the position is known
+        # A message was decoded since the last loss, or the stream is seen from its first byte: the
+        # position is known. Until then a message's start is where a transfer began, a guess.
+        self.trusted = from_start
         self.messages = 0
         self._reset()
 
     def _reset(self) -> None:
         self.stack: list[_Frame] = []
         self.line = bytearray()
-        self.line_at0 = False  # the current line began a transfer (inline commands must)
+        self.line_seg: Segment | None = None  # the segment the current line began in
+        self.line_at = -1  # its offset there (0: it began a transfer, as inline commands must)
         self.body = 0  # bytes of the current blob's content still to come
         self.crlf = 0  # bytes of its terminating CRLF still to come
         self.blob_kind = -1
@@ -325,7 +335,7 @@ class _Stream:
                     self._blob_done(seg)
                 continue
             if not self.line:
-                self.line_at0 = i == 0
+                self.line_seg, self.line_at = seg, i
             j = data.find(b"\n", i)
             if j < 0:
                 if len(self.line) + n - i > _LINE_MAX:
@@ -384,7 +394,7 @@ class _Stream:
         if self.msg is None:
             if is_cmd and t != _T_ARRAY:
                 return False
-            self.msg = _Msg(seg, idx)
+            self.msg = _Msg(seg, idx, self._start_pos(is_cmd))
         elif is_cmd and (len(self.stack) != 1 or t != _T_BULK):
             return False  # commands are flat arrays of bulk strings
         msg = self.msg
@@ -465,7 +475,7 @@ class _Stream:
         # Redis reads a line that does not start with "*" as an inline command (telnet style). Such
         # a client writes whole lines, so one must begin a transfer or follow a decoded message: a
         # line found anywhere else is far more likely the tail of a message picked up mid-stream.
-        if self.stack or self.msg is not None or self._is_cmd() is False or not (self.line_at0 or self.trusted):
+        if self.stack or self.msg is not None or self._is_cmd() is False or not (self.line_at == 0 or self.trusted):
             return False
         words = line.split()
         if not words or len(words[0]) > _TEXT_CAP:
@@ -473,13 +483,20 @@ class _Stream:
         name = words[0].upper()
         if name.decode("latin-1") not in _COMMANDS and _MODULE_NAME.fullmatch(words[0]) is None:
             return False
-        msg = _Msg(seg, idx)
+        msg = _Msg(seg, idx, self._start_pos(True))
         msg.kind = _T_ARRAY
         msg.inline = True
         msg.count = len(words)
         msg.texts = [w[:_TEXT_CAP] for w in words[:_KEEP_CHILDREN]]
         self._deliver(msg, seg)
         return True
+
+    def _start_pos(self, is_cmd: bool | None) -> int | None:
+        """The stream position of the line that starts a message, from the segment it began in
+        (never counted across segments: a gap between them is skipped, not copied)."""
+        if is_cmd is False or not self.trusted or self.line_seg is None:
+            return None  # a reply (never named), or a start found by a resync (a guess)
+        return stream_pos(self.line_seg, self.line_at)
 
     def _take_cap(self) -> bytes | None:
         cap, self.cap = self.cap, None
@@ -546,7 +563,7 @@ class _Pending:
     """A command waiting for its reply. Holds its name and shape only, never its arguments."""
 
     __slots__ = ("name", "text", "ns", "start_ns", "end_ns", "seg", "pid", "tid", "sub", "expect", "got",
-                 "queued", "select", "hello3", "lost", "noreply")  # fmt: skip
+                 "queued", "select", "hello3", "lost", "noreply", "pos")  # fmt: skip
 
     def __init__(self) -> None:
         self.name = ""
@@ -565,6 +582,7 @@ class _Pending:
         self.hello3 = False
         self.lost = False  # a marker: commands lost here
         self.noreply = False  # CLIENT REPLY OFF/SKIP: the server sends nothing
+        self.pos: int | None = None  # the command's first byte in the command stream (Operation.req_pos)
 
 
 class RedisDecoder:
@@ -575,7 +593,7 @@ class RedisDecoder:
     def __init__(self, client: bool | None = None, from_start: bool = False) -> None:
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._cmd_egress: bool | None = client
-        self._streams = {True: _Stream(self, True), False: _Stream(self, False)}
+        self._streams = {True: _Stream(self, True, from_start), False: _Stream(self, False, from_start)}
         self._pending: deque[_Pending] = deque()
         self._db: str | None = "0" if from_start else None  # the index the next command runs in
         self._resp3 = False
@@ -632,6 +650,7 @@ class RedisDecoder:
         for st in self._streams.values():
             st._reset()
             st.synced = False
+            st.trusted = False
         self._pending.clear()
         self._txn = []
 
@@ -721,7 +740,7 @@ class RedisDecoder:
         if name not in _NO_TEXT:
             shown = min(nargs, MAX_PLACEHOLDERS)
             p.text = name + " ?" * shown + (" ..." if nargs > shown else "")
-        p.start_ns, p.end_ns, p.seg, p.pid, p.tid = msg.start_ns, msg.end_ns, msg.seg, msg.pid, msg.tid
+        p.start_ns, p.end_ns, p.seg, p.pid, p.tid, p.pos = msg.start_ns, msg.end_ns, msg.seg, msg.pid, msg.tid, msg.pos
         first = st.messages == 1 and st.clean and not self._replies_seen
         if first and self._db is None and name in _HANDSHAKE:
             self._db = "0"
@@ -896,5 +915,5 @@ class RedisDecoder:
             attrs["db.response.status_code"] = err
         return Operation(
             protocol=PROTOCOL, client=bool(self._cmd_egress), start_ns=p.start_ns, end_ns=max(end_ns, p.end_ns),
-            name=p.name, attributes=attrs, error=err, error_message=message, pid=p.pid, tid=p.tid,
+            name=p.name, attributes=attrs, error=err, error_message=message, pid=p.pid, tid=p.tid, req_pos=p.pos,
         )

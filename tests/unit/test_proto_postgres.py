@@ -7,6 +7,7 @@ come out, and bad input."""
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from correlator.protocols.postgres import PostgresDecoder
-from correlator.segments import Operation, Segment
+from correlator.segments import SEGMENT_DATA, Operation, Segment
 from tests.support.dbservers import postgres_server
 from tests.support.relay import Relay, relaying
 from tests.support.segment_cuts import merge_runs, mutate, recut
@@ -221,6 +222,20 @@ def test_truncated_big_values(pg_port: int) -> None:
             assert counters["gap_bytes"] > 0
             assert counters["query_text_cut"] == 1
             assert "decode_errors" not in counters
+        # Positions past the stepped-over values are the full copies' own; where a gap ended the
+        # framing, the request found after it has none (a guess), the rest theirs.
+        for client, cut, whole in ((True, r.client_segments(), r.client_segments(full=True)),
+                                   (False, r.server_segments(), r.server_segments(full=True))):  # fmt: skip
+            want = _req_pos(with_pos(whole[0], client))
+            got, counters = decode(with_pos(cut[0], client))
+            assert None not in want and len(got) == len(want)
+            assert all(o.req_pos in (None, w) for o, w in zip(got, want, strict=True))
+            assert 1 <= sum(o.req_pos is None for o in got) <= counters.get("resynchronised", 0)
+            assert got[0].req_pos == want[0] and got[1].req_pos == want[1]  # the 3 KB Query: stepped over
+        # Any transfer boundaries, the copies cut: never a wrong position.
+        _RUNS_POS[:] = merge_runs(r.client_segments(full=True)[0])
+        _FULL_POS[:] = _req_pos(with_pos(r.client_segments(full=True)[0], True))
+        _recut_positions()
 
 
 def test_garbage_on_the_port(pg_port: int) -> None:
@@ -312,3 +327,271 @@ def test_any_transfer_boundaries_cut_to_512_bytes(workload: Relay) -> None:
     """The workload's bytes written in transfers of any size, each copied up to 512 bytes."""
     _RUNS[:] = merge_runs(workload.client_segments(full=True)[0])
     _rechunked_like_the_kernel()
+
+
+# -- request positions (Operation.req_pos) -----------------------------------------------------
+
+M32 = 0xFFFFFFFF
+C2S_ISN, S2C_ISN = 0x9E3779B9, 0x12345678  # initial sequence numbers of the two directions
+
+
+def with_pos(segs: list[Segment], client_view: bool, isn: tuple[int, int] = (C2S_ISN, S2C_ISN)) -> list[Segment]:
+    """The segments with their stream positions as the kernel's TCP sequence numbers give them:
+    the direction's initial number plus the bytes that direction carried before (copied or not).
+    Both ends' views of one connection name a byte alike."""
+    sent = {True: 0, False: 0}  # by direction: True = client to server
+    out: list[Segment] = []
+    for s in segs:
+        c2s = s.egress == client_view
+        out.append(replace(s, pos=((isn[0] if c2s else isn[1]) + sent[c2s]) & M32))
+        sent[c2s] += s.length
+    return out
+
+
+def _m(t: bytes, body: bytes) -> bytes:
+    return t + struct.pack(">I", len(body) + 4) + body
+
+
+_PARAMS = b"user\x00kspan\x00database\x00kspandb\x00\x00"
+STARTUP = struct.pack(">II", 8 + len(_PARAMS), 196608) + _PARAMS
+SYNC, DESCRIBE, EXECUTE = _m(b"S", b""), _m(b"D", b"P\x00"), _m(b"E", b"\x00\x00\x00\x00\x00")
+READY, DONE = _m(b"Z", b"I"), _m(b"C", b"SELECT 1\x00")
+HELLO = _m(b"R", b"\x00\x00\x00\x00") + READY  # AuthenticationOk, ReadyForQuery
+EXT_OK = _m(b"1", b"") + _m(b"2", b"") + _m(b"n", b"") + DONE  # Parse/BindComplete, NoData, CommandComplete
+
+
+def _query(sql: bytes) -> bytes:
+    return _m(b"Q", sql + b"\x00")
+
+
+def _parse(sql: bytes, name: bytes = b"") -> bytes:
+    return _m(b"P", name + b"\x00" + sql + b"\x00\x00\x00")
+
+
+def _bind(stmt: bytes = b"", value: bytes | None = None) -> bytes:
+    params = b"\x00\x00" if value is None else b"\x00\x01" + struct.pack(">I", len(value)) + value
+    return _m(b"B", b"\x00" + stmt + b"\x00\x00\x00" + params + b"\x00\x00")
+
+
+def _conv(client: bool, chunks: list[tuple[bool, bytes]], isn: tuple[int, int] = (C2S_ISN, S2C_ISN)) -> list[Segment]:
+    """(frontend, bytes) transfers in order, as the traced end saw them (copied up to
+    SEGMENT_DATA bytes), positioned."""
+    segs = [Segment(1, 1, 1, front == client, i, i, len(b), b[:SEGMENT_DATA]) for i, (front, b) in enumerate(chunks)]
+    return with_pos(segs, client, isn)
+
+
+class _Front:
+    """A frontend stream being written: where each request starts in it."""
+
+    def __init__(self, isn: int = C2S_ISN) -> None:
+        self.isn, self.sent = isn, 0
+
+    def at(self, req: bytes) -> int:
+        """The position of req's first byte, req being written next."""
+        pos = (self.isn + self.sent) & M32
+        self.sent += len(req)
+        return pos
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_one_request_per_transfer(client: bool) -> None:
+    f = _Front()
+    f.at(STARTUP)
+    q, ext, prep = _query(b"SELECT 1"), _parse(b"SELECT $1") + _bind() + DESCRIBE + EXECUTE + SYNC, _parse(
+        b"SELECT 2", b"s1") + DESCRIBE + SYNC  # fmt: skip
+    named = _bind(b"s1") + EXECUTE + SYNC  # a prepared statement run: the request opens with its Bind
+    want = [f.at(q), f.at(ext)]
+    f.at(prep)  # prepared, not run: no operation
+    want.append(f.at(named))
+    chunks = [(True, STARTUP), (False, HELLO), (True, q), (False, DONE + READY), (True, ext), (False, EXT_OK + READY),
+              (True, prep), (False, _m(b"1", b"") + _m(b"n", b"") + READY), (True, named),
+              (False, _m(b"2", b"") + DONE + READY)]  # fmt: skip
+    ops, counters = decode(_conv(client, chunks))
+    assert [(o.name, o.client, o.req_pos) for o in ops] == [("SELECT kspandb", client, p) for p in want]
+    assert "unmatched_responses" not in counters
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_pipelined_in_one_transfer(client: bool) -> None:
+    f = _Front(isn=4000)
+    f.at(STARTUP)
+    one = _parse(b"SELECT 1") + _bind() + DESCRIBE + EXECUTE
+    two = _parse(b"SELECT 2") + _bind() + DESCRIBE + EXECUTE
+    three = _bind() + EXECUTE  # the unnamed statement again: its Bind opens the request
+    again = EXECUTE  # the portal run again (suspended at its row limit): the Execute itself
+    want = [f.at(one), f.at(two), f.at(three), f.at(again)]
+    f.at(SYNC)
+    back = EXT_OK * 2 + _m(b"2", b"") + _m(b"s", b"") + DONE + READY
+    ops, _ = decode(_conv(client, [(True, STARTUP), (False, HELLO), (True, one + two + three + again + SYNC),
+                                   (False, back)], isn=(4000, S2C_ISN)))  # fmt: skip
+    assert [o.req_pos for o in ops] == want and len(set(want)) == 4
+    # Simple queries pipelined in one write.
+    qs = [_query(b"SELECT %d" % i) for i in range(3)]
+    f = _Front(isn=4000)
+    f.at(STARTUP)
+    want = [f.at(q) for q in qs]
+    ops, _ = decode(_conv(client, [(True, STARTUP), (False, HELLO), (True, b"".join(qs)), (False, (DONE + READY) * 3)],
+                          isn=(4000, S2C_ISN)))  # fmt: skip
+    assert [o.req_pos for o in ops] == want
+
+
+def _workload_chunks() -> tuple[list[tuple[bool, bytes]], list[int]]:
+    f = _Front()
+    f.at(STARTUP)
+    q = _query(b"SELECT 1")
+    ext = _parse(b"SELECT $1") + _bind(value=b"7") + DESCRIBE + EXECUTE + SYNC
+    bad = _parse(b"SELEC oops") + _bind() + DESCRIBE + EXECUTE + SYNC  # refused at its Parse
+    err = _m(b"E", b"SERROR\x00C42601\x00Msyntax error\x00\x00")
+    want = [f.at(q), f.at(ext), f.at(bad)]
+    return [(True, STARTUP), (False, HELLO), (True, q), (False, DONE + READY), (True, ext), (False, EXT_OK + READY),
+            (True, bad), (False, err + READY)], want  # fmt: skip
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_the_same_however_the_bytes_are_cut(client: bool) -> None:
+    chunks, want = _workload_chunks()
+    whole, _ = decode(_conv(client, chunks))
+    assert [o.req_pos for o in whole] == want and whole[-1].error == "42601"
+    for n in (1, 2, 5, 9):
+        split = [(front, b[i : i + n]) for front, b in chunks for i in range(0, len(b), n)]
+        ops, counters = decode(_conv(client, split))
+        assert [(o.name, o.req_pos) for o in ops] == [(o.name, o.req_pos) for o in whole], n
+        assert "unsynced_segments" not in counters
+    # Each side's transfers coalesced into one: the same.
+    ops, _ = decode(_conv(client, [(True, STARTUP), (False, HELLO), (True, b"".join(b for fr, b in chunks[2:] if fr)),
+                                   (False, b"".join(b for fr, b in chunks[2:] if not fr))]))  # fmt: skip
+    assert [o.req_pos for o in ops] == want
+
+
+def test_req_pos_wraps_at_2_32() -> None:
+    chunks, _ = _workload_chunks()
+    isn = 2**32 - len(STARTUP) - 3  # the first request begins 3 bytes before the wrap
+    f = _Front(isn)
+    f.at(STARTUP)
+    want = [f.at(b) for fr, b in chunks[2:] if fr]
+    assert want[0] == 2**32 - 3 and want[1] < want[0]
+    for n in (1000, 1, 4):
+        split = [(front, b[i : i + n]) for front, b in chunks for i in range(0, len(b), n)]
+        ops, _ = decode(_conv(True, split, isn=(isn, S2C_ISN)))
+        assert [o.req_pos for o in ops] == want
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_after_gaps(client: bool) -> None:
+    """Messages beyond the copy are stepped over by their length and positions stay exact: each
+    segment carries its own. When a gap swallows a boundary, the request found where decoding
+    resumes may have begun in the lost bytes: no position until the next request boundary."""
+    f = _Front()
+    f.at(STARTUP)
+    long_q = _query(b"SELECT '" + b"x" * 3000 + b"'")
+    q2, q3, q4 = _query(b"SELECT 2"), _query(b"SELECT 3"), _query(b"SELECT 4")
+    big_bind = _parse(b"INSERT INTO t VALUES ($1)") + _bind(value=b"v" * 2000) + DESCRIBE + EXECUTE + SYNC
+    want = [f.at(long_q), f.at(q2), f.at(big_bind)]
+    f.at(q3)  # where decoding resumes after the Bind's gap: a guess
+    want += [None, f.at(q4)]
+    chunks = [(True, STARTUP), (False, HELLO), (True, long_q), (False, DONE + READY), (True, q2),
+              (False, DONE + READY), (True, big_bind), (False, EXT_OK + READY), (True, q3), (False, DONE + READY),
+              (True, q4), (False, DONE + READY)]  # fmt: skip
+    segs = _conv(client, chunks)
+    assert segs[2].truncated and segs[6].truncated and segs[4].pos == (C2S_ISN + len(STARTUP) + len(long_q)) & M32
+    ops, counters = decode(segs)
+    assert [o.req_pos for o in ops] == want
+    assert counters["inferred_executes"] == 1 and counters["resynchronised"] == 1
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_of_a_failed_prepare(client: bool) -> None:
+    f = _Front()
+    f.at(STARTUP)
+    prep = _parse(b"SELEC oops", b"s1") + DESCRIBE + SYNC  # no Execute: the operation is the Parse's
+    want = f.at(prep)
+    err = _m(b"E", b"SERROR\x00C42601\x00Msyntax error\x00\x00")
+    ops, _ = decode(_conv(client, [(True, STARTUP), (False, HELLO), (True, prep), (False, err + READY)]))
+    assert [(o.error, o.req_pos) for o in ops] == [("42601", want)]
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_picked_up_mid_stream(client: bool) -> None:
+    """No startup seen: the first bytes are a resync's guess, so the request they start has no
+    position; the ones after the next boundary do."""
+    _, want = _workload_chunks()
+    chunks, _ = _workload_chunks()
+    ops, counters = decode(_conv(client, chunks[2:], isn=(want[0], S2C_ISN)))
+    assert [o.req_pos for o in ops] == [None, want[1], want[2]]
+    assert counters["no_startup"] == 1
+    # Picked up inside an extended request's write: the Bind found there does not open it.
+    ext = chunks[4][1]
+    at = len(_parse(b"SELECT $1"))
+    assert ext[at:].startswith(b"B")
+    tail = [(True, ext[at:]), (False, EXT_OK + READY), *chunks[6:]]
+    ops, _ = decode(_conv(client, tail, isn=(want[1] + at, S2C_ISN)))
+    assert [o.req_pos for o in ops] == [None, want[2]]
+
+
+def _c2s(segs: list[Segment], client_view: bool) -> bytes:
+    return b"".join(s.data for s in segs if s.egress == client_view)
+
+
+def _req_pos(segs: list[Segment]) -> list[int | None]:
+    return [o.req_pos for o in decode(segs)[0]]
+
+
+def test_recorded_req_pos_exact_on_both_ends(workload: Relay) -> None:
+    """psycopg's traffic: each operation named by its request's first byte (a Query, or the Parse
+    or Bind opening an extended request), distinct, the same on both ends and however the bytes
+    were cut."""
+    full: dict[bool, list[int | None]] = {}
+    for client, view in ((True, workload.client_segments(full=True)), (False, workload.server_segments(full=True))):
+        segs = with_pos(view[0], client)
+        got = _req_pos(segs)
+        assert len(got) == len(WORKLOAD_OPS) and None not in got and len(set(got)) == len(got)
+        stream = _c2s(segs, client)
+        at = [(p - C2S_ISN) & M32 for p in got if p is not None]
+        assert at == sorted(at) and {stream[a : a + 1] for a in at} <= {b"Q", b"P", b"B"}
+        assert stream[at[-1] : at[-1] + 1] == b"Q" and b"SELECT 1; SELECT 2" in stream[at[-1] : at[-1] + 30]
+        full[client] = got
+        # The 512-byte copies: nothing of the workload lies beyond a message's stepped-over rest.
+        cut = workload.client_segments()[0] if client else workload.server_segments()[0]
+        assert _req_pos(with_pos(cut, client)) == got
+        split = [replace(s, data=s.data[i : i + 7], length=len(s.data[i : i + 7])) for s in view[0]
+                 for i in range(0, len(s.data), 7)]  # fmt: skip
+        assert _req_pos(with_pos(split, client)) == got
+        assert _req_pos(with_pos(merge_runs(view[0]), client)) == got
+    assert full[True] == full[False]
+    _RUNS_POS[:] = merge_runs(workload.client_segments(full=True)[0])
+    _FULL_POS[:] = full[True]
+    _recut_positions()
+    _whole_cuts_positions()
+
+
+_RUNS_POS: list[Segment] = []
+_FULL_POS: list[int | None] = []
+
+
+def _cut_whole(runs: list[Segment], sizes: list[int]) -> list[Segment]:
+    """Each run written in transfers of the given sizes in turn, none beyond the copy."""
+    segs: list[Segment] = []
+    for run in runs:
+        i = k = 0
+        while i < len(run.data):
+            chunk = run.data[i : i + sizes[k % len(sizes)]]
+            segs.append(replace(run, data=chunk, length=len(chunk)))
+            i += len(chunk)
+            k += 1
+    return segs
+
+
+@given(st.data())
+def _recut_positions(data: st.DataObject) -> None:
+    # Transfers of any size, cut to the copy: the positions given are true ones.
+    segs = with_pos(recut(_RUNS_POS, data), True)
+    ops, counters = decode(segs)
+    assert "decode_errors" not in counters
+    got = [o.req_pos for o in ops if o.req_pos is not None]
+    assert set(got) <= set(_FULL_POS) and len(set(got)) == len(got)
+
+
+@given(st.lists(st.integers(1, SEGMENT_DATA), min_size=1, max_size=8))
+def _whole_cuts_positions(sizes: list[int]) -> None:
+    # Transfers within the copy: every operation, at the recorded positions.
+    assert _req_pos(with_pos(_cut_whole(_RUNS_POS, sizes), True)) == _FULL_POS

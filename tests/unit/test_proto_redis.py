@@ -20,6 +20,7 @@ from correlator.protocols.redis import COUNTERS, MAX_PENDING, RedisDecoder
 from correlator.segments import SEGMENT_DATA, Operation, Segment
 from tests.support.dbservers import Server, redis_server
 from tests.support.relay import Relay, relaying
+from tests.support.segment_cuts import merge_runs, recut
 
 SECRET = "sekrit-42"  # planted in keys, values, channel names and messages
 PASSWORD = "pw-Sekrit-77"  # the AUTH server's requirepass
@@ -634,3 +635,228 @@ def test_resp_roundtrip_any_split(cmds: list[tuple[str, list[bytes], bytes]], cu
     assert d.counters["replies_unpaired"] == d.counters["protocol_errors"] == 0
     for o in ops:
         assert SECRET not in repr((o.name, o.attributes, o.error, o.error_message))
+
+
+# -- request positions (Operation.req_pos) -----------------------------------------------------
+
+M32 = 0xFFFFFFFF
+C2S_ISN, S2C_ISN = 0x9E3779B9, 0x12345678  # initial sequence numbers of the two directions
+
+
+def _cmd(*words: bytes) -> bytes:
+    return b"*%d\r\n" % len(words) + b"".join(_bulk(w) for w in words)
+
+
+def with_pos(segs: list[Segment], client_view: bool, isn: tuple[int, int] = (C2S_ISN, S2C_ISN)) -> list[Segment]:
+    """The segments with their stream positions as the kernel's TCP sequence numbers give them:
+    the direction's initial number plus the bytes that direction carried before (copied or not).
+    Both ends' views of one connection name a byte alike."""
+    sent = {True: 0, False: 0}  # by direction: True = client to server
+    out: list[Segment] = []
+    for s in segs:
+        c2s = s.egress == client_view
+        out.append(replace(s, pos=((isn[0] if c2s else isn[1]) + sent[c2s]) & M32))
+        sent[c2s] += s.length
+    return out
+
+
+def _flight(cmd_egress: bool, writes: list[bytes], replies: list[bytes], pos: int = C2S_ISN) -> list[Segment]:
+    """Each write a transfer (copied up to SEGMENT_DATA bytes), then each reply, positioned."""
+    segs = [Segment(1, 1, 1, cmd_egress, i, i, len(w), w[:SEGMENT_DATA]) for i, w in enumerate(writes)]
+    segs += [Segment(1, 1, 1, not cmd_egress, 100 + i, 100 + i, len(r), r) for i, r in enumerate(replies)]
+    return with_pos(segs, cmd_egress, (pos, S2C_ISN))
+
+
+SET_C, GET_C, DEL_C = _cmd(b"SET", b"k", SECRET.encode()), _cmd(b"GET", b"k"), _cmd(b"DEL", b"k", b"j")
+REPLIES = [b"+OK\r\n", _bulk(SECRET.encode()), b":1\r\n"]
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_one_command_per_transfer(client: bool) -> None:
+    segs = _flight(client, [SET_C, GET_C, DEL_C], REPLIES)
+    want = [C2S_ISN, C2S_ISN + len(SET_C), C2S_ISN + len(SET_C) + len(GET_C)]
+    for hint in (client, None):
+        ops, _ = decode(segs, client=hint, from_start=True)  # type: ignore[arg-type]
+        assert [(o.name, o.client, o.req_pos) for o in ops] == [
+            ("SET", client, want[0]), ("GET", client, want[1]), ("DEL", client, want[2])]  # fmt: skip
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_pipelined_in_one_transfer(client: bool) -> None:
+    ops, _ = decode(_flight(client, [SET_C + GET_C + DEL_C], [b"".join(REPLIES)], pos=5000), client=client,
+                    from_start=True)  # fmt: skip
+    assert [o.req_pos for o in ops] == [5000, 5000 + len(SET_C), 5000 + len(SET_C) + len(GET_C)]
+    # Inline commands (telnet style), several lines in one write: each line its own start.
+    ops, _ = decode(_flight(client, [b"PING\r\nECHO hi\r\n\r\nPING\r\n"], [b"+PONG\r\n$2\r\nhi\r\n+PONG\r\n"],
+                            pos=77), client=client, from_start=True)  # fmt: skip
+    assert [(o.name, o.req_pos) for o in ops] == [("PING", 77), ("ECHO", 83), ("PING", 94)]
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_the_same_however_the_bytes_are_cut(client: bool) -> None:
+    wire = SET_C + GET_C + DEL_C
+    whole, _ = decode(_flight(client, [wire], REPLIES), client=client, from_start=True)
+    assert len(whole) == 3 and all(o.req_pos is not None for o in whole)
+    for n in (1, 2, 3, 7, len(SET_C) - 1):
+        parts = [wire[i : i + n] for i in range(0, len(wire), n)]
+        ops, d = decode(_flight(client, parts, REPLIES), client=client, from_start=True)
+        assert [(o.name, o.req_pos) for o in ops] == [(o.name, o.req_pos) for o in whole], n
+        assert d.counters["protocol_errors"] == 0
+
+
+def test_req_pos_wraps_at_2_32() -> None:
+    start = 2**32 - len(SET_C) - 3  # the GET's first byte lies 3 bytes before the wrap, DEL's after
+    wire = SET_C + GET_C + DEL_C
+    for cut in (len(wire), 1, 5):
+        parts = [wire[i : i + cut] for i in range(0, len(wire), cut)]
+        ops, _ = decode(_flight(True, parts, REPLIES, pos=start), client=True, from_start=True)
+        assert [o.req_pos for o in ops] == [start, 2**32 - 3, len(GET_C) - 3]
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_after_a_gap(client: bool) -> None:
+    """A value beyond the copy is stepped over: the next command's position is its own segment's,
+    which the kernel gives past the uncopied bytes."""
+    big = _cmd(b"SET", b"big", b"v" * 3000)
+    replies = [b"+OK\r\n", b"$-1\r\n", b"+OK\r\n", b":0\r\n"]
+    segs = _flight(client, [big, GET_C, big[:1500], big[1500:], DEL_C], replies)
+    assert segs[0].truncated and segs[2].truncated and segs[3].truncated
+    assert segs[1].pos == (C2S_ISN + len(big)) & M32
+    ops, d = decode(segs, client=client, from_start=True)
+    at = C2S_ISN + len(big) + len(GET_C)
+    assert [(o.name, o.req_pos) for o in ops] == [
+        ("SET", C2S_ISN), ("GET", C2S_ISN + len(big)), ("SET", at), ("DEL", (at + len(big)) & M32)]  # fmt: skip
+    assert d.counters["bulk_bytes_skipped"] > 0 and d.counters["commands_lost"] == 0
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_req_pos_is_none_where_decoding_resumes_on_a_guess(client: bool) -> None:
+    # A cut pipelined write: its copy ends inside a command's header, the rest is unknown; the
+    # next transfer starts like a command, a guess (it could be a value's tail), the one after
+    # follows a decoded command.
+    flight = SET_C * 30
+    segs = _flight(client, [flight, GET_C, DEL_C], [])
+    assert segs[0].truncated
+    ops, d = decode(segs, client=client, from_start=True)
+    whole = SEGMENT_DATA // len(SET_C)  # the SETs copied whole; the rest of the flight is lost
+    assert [(o.name, o.req_pos) for o in ops] == [("SET", C2S_ISN + i * len(SET_C)) for i in range(whole)] + [
+        ("GET", None), ("DEL", (C2S_ISN + len(flight) + len(GET_C)) & M32)]  # fmt: skip
+    assert d.counters["resyncs"] == 1 and d.counters["commands_lost"] == 1
+    # Not seen from its start: the first command's start is as much a guess.
+    ops, _ = decode(_flight(client, [GET_C, DEL_C], REPLIES[1:]), client=client)
+    assert [o.req_pos for o in ops] == [None, C2S_ISN + len(GET_C)]
+
+
+def test_req_pos_of_a_transaction() -> None:
+    """The commands queued in MULTI end at EXEC's reply, each still named by its own start."""
+    multi, exec_ = _cmd(b"MULTI"), _cmd(b"EXEC")
+    wire = multi + SET_C + GET_C + exec_
+    ops, _ = decode(_flight(True, [wire], [b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n$1\r\nv\r\n"], pos=9),
+                    client=True, from_start=True)  # fmt: skip
+    starts = {"MULTI": 9, "SET": 9 + len(multi), "GET": 9 + len(multi) + len(SET_C),
+              "EXEC": 9 + len(multi) + len(SET_C) + len(GET_C)}  # fmt: skip
+    assert sorted((o.name, o.req_pos) for o in ops) == sorted(starts.items())
+
+
+@given(st.lists(st.tuples(st.sampled_from(_CMDS), st.lists(st.binary(max_size=300), max_size=3)), min_size=1,
+                max_size=12),
+       st.lists(st.integers(1, 700), min_size=1, max_size=8), st.integers(0, 2**32 - 1), st.booleans())  # fmt: skip
+def test_req_pos_any_split_any_copy(cmds: list[tuple[str, list[bytes]]], cuts: list[int], isn: int,
+                                    client: bool) -> None:  # fmt: skip
+    """Commands written in transfers of any size and copied up to SEGMENT_DATA bytes: every
+    position given is the command's true first byte; with whole copies every command has one."""
+    wire, starts = b"", []
+    for name, args in cmds:
+        starts.append((isn + len(wire)) & M32)
+        wire += _cmd(name.encode(), *(SECRET.encode() + a for a in args))
+    writes, i, k = [], 0, 0
+    while i < len(wire):
+        writes.append(wire[i : i + cuts[k % len(cuts)]])
+        i += cuts[k % len(cuts)]
+        k += 1
+    segs = _flight(client, writes, [], pos=isn)
+    ops, _ = decode(segs, client=client, from_start=True)
+    got = [o.req_pos for o in ops]
+    assert {p for p in got if p is not None} <= set(starts)
+    assert len(set(got) - {None}) == len([p for p in got if p is not None])  # distinct
+    if not any(s.truncated for s in segs):
+        assert got == starts
+
+
+def _c2s(segs: list[Segment], client_view: bool) -> bytes:
+    return b"".join(s.data for s in segs if s.egress == client_view)
+
+
+def test_recorded_req_pos_exact_on_both_ends(server: Server) -> None:
+    """Real redis-py traffic: each command named by its first byte, the same on both ends; 512-byte
+    copies give the positions they can and never a wrong one."""
+    with relaying(("127.0.0.1", server.port)) as r:
+        c = redis.Redis(port=r.port)
+        c.set("a", SECRET)
+        c.get("a")
+        p = c.pipeline(transaction=False)
+        for _ in range(50):
+            p.incr(f"{SECRET}:n")
+        p.execute()
+        t = c.pipeline(transaction=True)
+        t.set("t", "1").incr("t").get("t")
+        t.execute()
+        c.set("big", SECRET * 300)
+        c.delete("a", "t", "big", f"{SECRET}:n")
+        c.close()
+        settle(r, 1)
+    full: dict[bool, set[int]] = {}
+    for client, segs in views(r, 0, full=True):
+        segs = with_pos(segs, client)
+        ops, _ = decode(segs, client=client, from_start=True)
+        assert len(ops) >= 60 and all(o.req_pos is not None for o in ops)
+        got = [o.req_pos for o in ops if o.req_pos is not None]
+        assert len(set(got)) == len(got)
+        stream = _c2s(segs, client)
+        for o in ops:
+            assert o.req_pos is not None
+            at = (o.req_pos - C2S_ISN) & M32
+            assert stream[at : at + 1] == b"*"  # a command's first byte, and this command's:
+            assert stream[at:].split(b"\r\n", 3)[2].upper().decode() == o.name.split(" ")[0]
+        full[client] = set(got)
+    assert full[True] == full[False]
+    for client, segs in views(r, 0):
+        assert any(s.truncated for s in segs)
+        ops, _ = decode(with_pos(segs, client), client=client, from_start=True)
+        got = [o.req_pos for o in ops if o.req_pos is not None]
+        assert len(got) >= 10 and set(got) <= full[client] and len(set(got)) == len(got)
+    _RECORDED[:] = merge_runs(with_pos(r.client_segments(full=True)[0], True))
+    _FULL_POS[:] = [o.req_pos for o in decode(with_pos(r.client_segments(full=True)[0], True), client=True,
+                                              from_start=True)[0]]  # fmt: skip
+    _recut_recorded()
+
+
+_RECORDED: list[Segment] = []
+_FULL_POS: list[int | None] = []
+
+
+def _cut_whole(runs: list[Segment], sizes: list[int]) -> list[Segment]:
+    """Each run written in transfers of the given sizes in turn, none beyond the copy."""
+    segs: list[Segment] = []
+    for run in runs:
+        i = k = 0
+        while i < len(run.data):
+            chunk = run.data[i : i + sizes[k % len(sizes)]]
+            segs.append(replace(run, data=chunk, length=len(chunk)))
+            i += len(chunk)
+            k += 1
+    return segs
+
+
+@given(st.data())
+def _recut_recorded(data: st.DataObject) -> None:
+    # Transfers of any size, cut to the copy: the positions given are true ones.
+    segs = with_pos(recut(_RECORDED, data), True)
+    ops, d = decode(segs, client=True, from_start=True)
+    assert d.counters["decoder_errors"] == 0
+    got = [o.req_pos for o in ops if o.req_pos is not None]
+    assert set(got) <= set(_FULL_POS) and len(set(got)) == len(got)
+    # Transfers within the copy: every command, the same positions as the recorded cuts gave.
+    sizes = data.draw(st.lists(st.integers(1, SEGMENT_DATA), min_size=1, max_size=8))
+    ops, _ = decode(with_pos(_cut_whole(_RECORDED, sizes), True), client=True, from_start=True)
+    assert [o.req_pos for o in ops] == _FULL_POS
