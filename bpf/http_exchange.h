@@ -257,7 +257,8 @@ enum kspan_counter {
     KSPAN_CNT_CTX_PARSED = 24,      /* contexts read from a peer's TCP option into ctx_in */
     KSPAN_CNT_CTX_MALFORMED = 25,   /* kind-25 options that are not kspan's (wrong length, zero ids) */
     KSPAN_CNT_SEGMENTS = 26,        /* segment records of other protocols (Redis, PostgreSQL, MySQL, HTTP/2) */
-    KSPAN_CNT_MAX = 27,
+    KSPAN_CNT_H2_UNSYNCED = 27,     /* HTTP/2 directions whose frame walk lost the frame boundaries */
+    KSPAN_CNT_MAX = 28,
 };
 
 struct {
@@ -2123,6 +2124,330 @@ static __always_inline __u8 kspan_proto_port(__u16 port)
     return 0;
 }
 
+/* ---- HTTP/2: bounded frames ----
+ * An HTTP/2 transfer is walked frame by frame instead of copied from its start: every frame's
+ * 9-byte header and the payload of every frame but DATA (HEADERS, CONTINUATION, SETTINGS,
+ * RST_STREAM, GOAWAY...: what spans and HPACK need), never a DATA payload, so a gRPC response's
+ * trailers after a large message are not lost past the copy's end. The segment's data is then a
+ * run of entries (struct kspan_h2_entry + its bytes), each starting at a transfer offset; what
+ * lies between two entries' bytes was not copied. A frame may straddle transfers: the direction's
+ * walk state says how much of the current frame is still to come, whether it is copied, and the
+ * bytes of a frame header cut by the transfer's end. */
+struct kspan_h2_entry {
+    __u32 off;     /* where the bytes start in the transfer */
+    __u16 copied;  /* bytes that follow */
+    __u16 flags;
+};
+#define KSPAN_H2_PIECES 64  /* iovecs a scattered transfer is walked across */
+
+/* The walk state of one direction, in fields a protocol state does not use otherwise
+ * (struct kspan_conn: HTTP's scan fields). */
+#define KSPAN_H2_HN_MASK 0xf     /* bytes of a frame header carried from the previous transfer */
+#define KSPAN_H2_COPY 0x100      /* the rest of the current frame is copied (not DATA) */
+#define KSPAN_H2_LOST 0x200      /* the frame boundaries are lost: copy transfers' starts as before */
+
+/* One walk, per CPU (too large for the stack). The helpers below are global functions that find
+ * it and the segment buffer themselves: each is verified once, not inline at every call. */
+struct kspan_h2_walk {
+    __u64 base[KSPAN_H2_PIECES];
+    __u32 end[KSPAN_H2_PIECES];   /* transfer offset where piece i ends */
+    __u32 npieces;
+    __u32 len;      /* the transfer's bytes */
+    __u32 avail;    /* its readable bytes, from its start */
+    __u32 off;      /* the next frame header's transfer offset */
+    __u32 o;        /* bytes of seg.data used */
+    __u32 skip;     /* out: bytes of the last frame past the transfer */
+    __u32 state;    /* out: KSPAN_H2_* for the next transfer */
+    __u32 full;     /* no room left in seg.data: the walk goes on, copying nothing */
+    __u64 hdr;      /* out: header bytes cut by the transfer's end */
+    __u8 h[16];     /* the frame header being read */
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_h2_walk);
+} kspan_h2_walks SEC(".maps");
+
+struct kspan_h2_copying {
+    __u32 off;      /* transfer offset of the next byte */
+    __u32 left;     /* bytes still to copy */
+    __u32 done;
+    __u32 i;        /* the piece holding off */
+    int to_data;
+};
+
+/* One piece's share of a copy (a bpf_loop callback: a frame's payload may span many iovecs,
+ * gRPC's C core writes each header field as its own). */
+static long kspan_h2_copy_step(__u32 k, void *c)
+{
+    struct kspan_h2_copying *cp = c;
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
+    if (!w || !sb || !cp->left || cp->i >= w->npieces || cp->i >= KSPAN_H2_PIECES)
+        return 1;
+    __u32 i = cp->i & (KSPAN_H2_PIECES - 1);
+    __u32 start = i ? w->end[(i - 1) & (KSPAN_H2_PIECES - 1)] : 0;
+    __u32 chunk = w->end[i] - cp->off;
+    if (chunk > cp->left)
+        chunk = cp->left;
+    const void *src = (const void *)(w->base[i] + (cp->off - start));
+    if (cp->to_data) {
+        if (w->o >= KSPAN_SEG_DATA)
+            return 1;
+        if (chunk > KSPAN_SEG_DATA - w->o)
+            chunk = KSPAN_SEG_DATA - w->o;
+        __u32 o = w->o;
+        asm volatile("" : "+r"(chunk), "+r"(o));
+        chunk &= 2 * KSPAN_SEG_DATA - 1;
+        o &= KSPAN_SEG_DATA - 1;
+        if (chunk && bpf_probe_read_user(&sb->seg.data[o], chunk, src) != 0)
+            return 1;
+        w->o += chunk;
+    } else {
+        __u32 o = cp->done;
+        asm volatile("" : "+r"(chunk), "+r"(o));
+        chunk &= 15;
+        o &= 7;
+        if (chunk > 9)
+            chunk = 9;
+        if (chunk && bpf_probe_read_user(&w->h[o], chunk, src) != 0)
+            return 1;
+    }
+    cp->done += chunk;
+    cp->left -= chunk > cp->left ? cp->left : chunk;
+    cp->off += chunk;
+    cp->i++;
+    return 0;
+}
+
+/* Copy n (<= KSPAN_SEG_DATA) bytes at transfer offset off into seg.data at the walk's o (to_data)
+ * or into its header buffer (at most 9); the bytes copied. */
+__attribute__((noinline)) int kspan_h2_copy(__u32 off, __u32 n, int to_data)
+{
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    if (!w)
+        return 0;
+    if (!to_data && n > 9)
+        n = 9;
+    __u32 i = 0;
+    for (; i < KSPAN_H2_PIECES; i++) {
+        if (i >= w->npieces || off < w->end[i])
+            break;
+    }
+    struct kspan_h2_copying cp = {.off = off, .left = n, .i = i, .to_data = to_data};
+    bpf_loop(KSPAN_H2_PIECES, kspan_h2_copy_step, &cp, 0);
+    return cp.done;
+}
+
+/* An entry header at seg.data[o] for bytes at transfer offset off; 0 when out of room. */
+__attribute__((noinline)) int kspan_h2_entry(__u32 off)
+{
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
+    if (!w || !sb || w->full)
+        return 0;
+    if (w->o + sizeof(struct kspan_h2_entry) + 1 > KSPAN_SEG_DATA) {
+        w->full = 1;
+        return 0;
+    }
+    __u32 o = w->o & (KSPAN_SEG_DATA - 1);
+    struct kspan_h2_entry e = {.off = off};
+    __builtin_memcpy(&sb->seg.data[o], &e, sizeof(e));
+    w->o += sizeof(e);
+    return o + 1;
+}
+
+/* Add n to the copied count of the entry kspan_h2_entry returned (at o + 1). */
+__attribute__((noinline)) int kspan_h2_grow(__u32 at, __u32 n)
+{
+    int z = 0;
+    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
+    if (!sb || !at)
+        return 0;
+    __u32 o = (at - 1) & (KSPAN_SEG_DATA - 1);
+    if (o + sizeof(struct kspan_h2_entry) > KSPAN_SEG_DATA)
+        return 0;
+    struct kspan_h2_entry *e = (struct kspan_h2_entry *)&sb->seg.data[o];
+    e->copied += n;
+    return 1;
+}
+
+/* One frame at the walk's off (a bpf_loop callback): an entry with its header and, unless DATA,
+ * its payload's bytes in this transfer. */
+static long kspan_h2_step(__u32 j, void *c)
+{
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    if (!w)
+        return 1;
+    __u32 off = w->off;
+    if (off >= w->len)
+        return 1;
+    if (off >= w->avail) {
+        w->state = KSPAN_H2_LOST;  /* not readable here: the boundaries are lost */
+        return 1;
+    }
+    __u32 left = w->len - off;
+    __u32 hn = left < 9 ? left : 9;
+    if (kspan_h2_copy(off, hn, 0) != (int)hn) {
+        w->state = KSPAN_H2_LOST;
+        return 1;
+    }
+    int at = kspan_h2_entry(off);
+    if (at)
+        kspan_h2_grow(at, kspan_h2_copy(off, hn, 1));
+    /* the map value may have moved on? no: per-CPU arrays keep their address */
+    if (hn < 9) {
+        /* the header is cut by the transfer's end: carry its bytes */
+        __u64 v = 0;
+        __builtin_memcpy(&v, w->h, 8);
+        w->hdr = v;
+        w->state = hn;
+        w->off = w->len;
+        return 1;
+    }
+    __u32 flen = ((__u32)w->h[0] << 16) | ((__u32)w->h[1] << 8) | w->h[2];
+    int copy = w->h[3] != 0;  /* type 0: DATA */
+    if (copy && at) {
+        __u32 want = flen < left - 9 ? flen : left - 9;
+        kspan_h2_grow(at, kspan_h2_copy(off + 9, want, 1));
+    }
+    __u32 next = off + 9 + flen;
+    if (next > w->len) {
+        w->skip = next - w->len;
+        w->state = copy ? KSPAN_H2_COPY : 0;
+    }
+    w->off = next;
+    return 0;
+}
+
+/* Walk the HTTP/2 transfer in kspan_args on conn_id into seg.data as entries: the bytes of
+ * seg.data used, or -1 when this direction's frame boundaries are lost (the caller then copies
+ * the transfer's start, as for the other protocols). */
+__attribute__((noinline)) int kspan_h2_frames(__u64 conn_id)
+{
+    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return -1;
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &z);
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!w || !sb || !a || !st)
+        return -1;
+    int egress = a->dir == KSPAN_DIR_EGRESS;
+    __u32 state = egress ? st->scan_n : st->scan_end;
+    __u32 skip = egress ? st->cl_pos : st->te_pos;
+    __u64 hdr = egress ? st->content_length : st->resp_head_end;
+    if (state & KSPAN_H2_LOST)
+        return -1;
+    w->len = a->len;
+    w->o = 0;
+    w->full = 0;
+    w->npieces = 0;
+    if (a->iov && a->vlen > 1) {
+        __u32 nv = a->vlen < KSPAN_H2_PIECES ? a->vlen : KSPAN_H2_PIECES;
+        __u32 acc = 0;
+        for (__u32 i = 0; i < KSPAN_H2_PIECES; i++) {
+            if (i >= nv || acc >= a->len)
+                break;
+            struct kspan_iovec_u v = {};
+            if (bpf_probe_read_user(&v, sizeof(v), (const void *)(a->iov + (__u64)i * sizeof(v))) != 0)
+                break;
+            if (i == 0 && a->iov_skip < v.len) {
+                v.base += a->iov_skip;
+                v.len -= a->iov_skip;
+            }
+            if (v.len > a->len - acc)
+                v.len = a->len - acc;
+            acc += v.len;
+            w->base[i] = v.base;
+            w->end[i] = acc;
+            w->npieces = i + 1;
+        }
+        w->avail = acc;
+    } else {
+        w->base[0] = (__u64)a->buf;
+        w->avail = kspan_readable(a);
+        w->end[0] = w->avail;
+        w->npieces = a->buf ? 1 : 0;
+    }
+    __u32 hn = state & KSPAN_H2_HN_MASK;
+    __u32 off = 0;
+    w->skip = 0;
+    w->state = 0;
+    w->hdr = 0;
+    int lost = 0;
+    if (hn) {
+        /* complete the header the previous transfer cut (its first hn bytes are in hdr) */
+        __u32 need = 9 - hn;
+        int at = kspan_h2_entry(0);
+        if (need > w->len || !at || kspan_h2_copy(0, need, 0) != (int)need) {
+            lost = 1;
+        } else {
+            kspan_h2_grow(at, kspan_h2_copy(0, need, 1));
+            /* the header's length and type: the carried bytes first, then this transfer's */
+            __u8 h[4] = {};
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                h[i] = i < (int)hn ? (hdr >> (8 * i)) & 0xff : w->h[(i - hn) & 7];
+            __u32 flen = ((__u32)h[0] << 16) | ((__u32)h[1] << 8) | h[2];
+            int copy = h[3] != 0;
+            if (copy) {
+                __u32 want = flen < w->len - need ? flen : w->len - need;
+                kspan_h2_grow(at, kspan_h2_copy(need, want, 1));
+            }
+            off = need + flen;
+            if (off > w->len) {
+                w->skip = off - w->len;
+                w->state = copy ? KSPAN_H2_COPY : 0;
+            }
+        }
+    } else if (skip) {
+        /* the rest of a frame the previous transfer began */
+        __u32 rest = skip < w->len ? skip : w->len;
+        if (state & KSPAN_H2_COPY) {
+            int at = kspan_h2_entry(0);
+            if (at)
+                kspan_h2_grow(at, kspan_h2_copy(0, rest, 1));
+        }
+        off = rest;
+        if (skip > w->len) {
+            w->skip = skip - w->len;
+            w->state = state & KSPAN_H2_COPY;
+        }
+    }
+    if (!lost) {
+        w->off = off;
+        bpf_loop(64, kspan_h2_step, 0, 0);
+        if ((w->off < w->len) || (w->state & KSPAN_H2_LOST))
+            lost = 1;  /* more frames than the walk takes, or bytes it could not read */
+    }
+    st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st)
+        return -1;
+    __u32 nstate = lost ? KSPAN_H2_LOST : w->state;
+    if (lost)
+        kspan_count(KSPAN_CNT_H2_UNSYNCED, 1);
+    if (egress) {
+        st->scan_n = nstate;
+        st->cl_pos = w->skip;
+        st->content_length = w->hdr;
+    } else {
+        st->scan_end = nstate;
+        st->te_pos = w->skip;
+        st->resp_head_end = w->hdr;
+    }
+    /* a walk that lost the boundaries keeps the entries it made: they are still right */
+    if (!w->o && lost)
+        return -1;
+    return w->o > KSPAN_SEG_DATA ? KSPAN_SEG_DATA : w->o;
+}
+
 /* One transfer (the per-CPU kspan_args) on a connection of another protocol, or its close: a
  * segment record with the first KSPAN_SEG_DATA bytes. A client's write carries the trace its
  * request joins, by the same parent rules and sampling as an HTTP request. */
@@ -2208,9 +2533,15 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
         }
         n = kspan_readable(a);
         __u32 gathered = 0;
-        if (a->iov && a->vlen > 1 && n < a->len && n < KSPAN_SEG_DATA)
+        int framed = st->method == KSPAN_PROTO_HTTP2 ? kspan_h2_frames(conn_id) : -1;
+        if (framed >= 0) {
+            n = framed;
+            seg->seg_flags |= KSPAN_SEG_H2_FRAMES;
+        } else if (a->iov && a->vlen > 1 && n < a->len && n < KSPAN_SEG_DATA) {
             gathered = kspan_proto_gather(sb, a);
-        if (gathered) {
+        }
+        if (framed >= 0) {
+        } else if (gathered) {
             n = gathered;
         } else {
             if (n > KSPAN_SEG_DATA)
@@ -2257,6 +2588,19 @@ static __always_inline int kspan_proto_begin(struct kspan_data_args *a, __u8 pro
     st->ex.req_bytes = 0;
     st->ex.parent_kind = from_start;
     st->ex.flags = (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) | a->flags;
+    /* the HTTP/2 frame walk's state (kspan_h2_frames): the fields were HTTP's scan results */
+    st->cl_pos = st->te_pos = st->scan_n = st->scan_end = 0;
+    st->content_length = st->resp_head_end = 0;
+    if (proto == KSPAN_PROTO_HTTP2 && from_start) {
+        /* the 24-byte connection preface is not a frame: copied whole, then frames begin */
+        if (a->dir == KSPAN_DIR_EGRESS) {
+            st->cl_pos = 24;
+            st->scan_n = KSPAN_H2_COPY;
+        } else {
+            st->te_pos = 24;
+            st->scan_end = KSPAN_H2_COPY;
+        }
+    }
     kspan_proto_data(a->conn_id, 0);
     return 1;
 }

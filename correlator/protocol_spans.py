@@ -137,12 +137,15 @@ class ProtocolSpans:
                 self._tally(conn)
             else:
                 seg = rec.seg
+                pieces = rec.pieces or (seg,)
                 if not rec.seq_known:
                     # no sequence number (TLS plaintext, an old recording): positions count this
                     # end's bytes, unique on the connection though the other end cannot match them
                     d = 1 if seg.egress else 0
-                    seg = dataclasses.replace(seg, pos=conn.pos[d])
-                    conn.pos[d] = (conn.pos[d] + seg.length) & _MASK
+                    base = conn.pos[d]
+                    pieces = tuple(dataclasses.replace(p, pos=(base + p.pos - seg.pos) & _MASK) for p in pieces)
+                    seg = dataclasses.replace(seg, pos=base)
+                    conn.pos[d] = (base + seg.length) & _MASK
                 end = (seg.pos + seg.length) & _MASK
                 if rec.client and seg.egress and rec.trace_id:
                     conn.contexts.append((seg.pos, end, seg.start_ns, rec))
@@ -152,7 +155,9 @@ class ProtocolSpans:
                     conn.peers.append((rec.ctx_seq, rec.ctx_end, rec))
                     if len(conn.peers) > _CONTEXTS_PER_CONN:
                         del conn.peers[0]
-                ops = conn.decoder.feed(seg)
+                ops = []
+                for piece in pieces:
+                    ops.extend(conn.decoder.feed(piece))
         except Exception:  # noqa: BLE001 - a decoder bug must never stop the agent: count it
             self.counters["decoder_errors"] += 1
             return []

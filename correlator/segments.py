@@ -77,6 +77,9 @@ class SegmentRecord:
     peer: bool = False
     ctx_seq: int = 0
     ctx_end: int = 0
+    # HTTP/2 walked by the kernel frame by frame: the transfer as frame-aligned sub-transfers (seg's
+    # own data is then only the first one's); a decoder is fed these in order instead of seg.
+    pieces: tuple[Segment, ...] = ()
 
 
 @dataclass(slots=True)

@@ -319,6 +319,8 @@ SEG_CLOSED = 0x1
 SEG_START = 0x2
 SEG_SEQ = 0x4
 SEG_PEER = 0x8
+SEG_H2_FRAMES = 0x10
+_H2_ENTRY = struct.Struct("<IHH")  # struct kspan_h2_entry: transfer offset, bytes copied, flags
 
 
 class RawSegment(ctypes.Structure):
@@ -383,8 +385,20 @@ def decode_segment(data: bytes) -> SegmentRecord:
     client_write = r.role == Role.CLIENT and r.dir == 1
     peer = bool(r.seg_flags & SEG_PEER) and r.role == Role.SERVER and any(tid)
     seq_known = bool(r.seg_flags & SEG_SEQ)
+    body = bytes(data[head : head + n])
+    pos = r.tcp_seq if seq_known else 0
+    pieces: tuple[Segment, ...] = ()
+    if r.seg_flags & SEG_H2_FRAMES:
+        pieces = _h2_pieces(r, body, pos)
+        # seg.data keeps its meaning, the transfer's first bytes: the pieces copied whole from 0
+        whole = []
+        for p in pieces:
+            whole.append(p.data)
+            if len(p.data) < p.length:
+                break
+        body = b"".join(whole)
     seg = Segment(conn_id=r.conn_id, pid=r.pid, tid=r.tid, egress=r.dir == 1, start_ns=r.start_ns,
-                  end_ns=r.end_ns, length=r.len, data=bytes(data[head : head + n]), pos=r.tcp_seq if seq_known else 0)
+                  end_ns=r.end_ns, length=r.len, data=body, pos=pos)
     return SegmentRecord(
         seg=seg, proto=r.proto, client=r.role == Role.CLIENT, closed=bool(r.seg_flags & SEG_CLOSED), seq=r.seq,
         from_start=bool(r.seg_flags & SEG_START),
@@ -400,4 +414,29 @@ def decode_segment(data: bytes) -> SegmentRecord:
         peer=peer and known,
         ctx_seq=r.ctx_seq if peer else 0,
         ctx_end=r.ctx_end if peer else 0,
+        pieces=pieces,
     )
+
+
+def _h2_pieces(r: RawSegment, body: bytes, pos: int) -> tuple[Segment, ...]:
+    """An HTTP/2 transfer the kernel walked frame by frame (bpf/http_exchange.h, kspan_h2_frames):
+    its entries as frame-aligned sub-transfers, each covering the transfer up to the next entry,
+    so a decoder steps over the DATA payloads the kernel did not copy as it steps over any gap.
+    Bytes before the first entry (the rest of a DATA frame) are a piece with no data."""
+    entries: list[tuple[int, bytes]] = []
+    i = 0
+    while i + _H2_ENTRY.size <= len(body):
+        off, copied, _ = _H2_ENTRY.unpack_from(body, i)
+        i += _H2_ENTRY.size
+        if off > r.len or (entries and off < entries[-1][0]):
+            break  # malformed: the rest is a gap the decoder counts
+        entries.append((off, body[i : i + copied]))
+        i += copied
+    if not entries or entries[0][0] > 0:
+        entries.insert(0, (0, b""))
+    out = []
+    for k, (off, chunk) in enumerate(entries):
+        end = entries[k + 1][0] if k + 1 < len(entries) else r.len
+        out.append(Segment(conn_id=r.conn_id, pid=r.pid, tid=r.tid, egress=r.dir == 1, start_ns=r.start_ns,
+                           end_ns=r.end_ns, length=end - off, data=chunk[: end - off], pos=(pos + off) & 0xFFFFFFFF))
+    return tuple(p for p in out if p.length)
