@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from tests.support import nginx_h2
 from tests.support.agent import free_port, running_agent, service
 from tests.support.ebpf import fail_or_skip, require_ebpf
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.tls import make_cert
 
 pytestmark = pytest.mark.ebpf
 
@@ -107,43 +107,118 @@ def test_grpc_calls_become_server_and_client_spans(tmp_path: Path, monkeypatch: 
 
 
 
-
-def test_curl_http2_prior_knowledge_against_nginx_becomes_http_spans(tmp_path: Path) -> None:
-    """Plain HTTP/2 (h2c) follows the HTTP conventions like HTTP/1: nginx's server spans and
-    curl's client spans, with the status of each stream; no header value but the conventions'."""
-    require_ebpf()
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
+def _need_nginx() -> None:
+    if not Path(shutil.which("nginx") or "/usr/sbin/nginx").exists():
         fail_or_skip("nginx is not installed (apt-get install nginx-light)")
-    port = free_port()
-    conf = nginx_h2.write_conf(tmp_path, port)
-    wrapper = tmp_path / "run_nginx.sh"
-    wrapper.write_text(f"#!/bin/sh\necho listening\nexec {nginx} -p {tmp_path} -c {conf} -e {tmp_path}/error.log\n")
-    wrapper.chmod(0o755)
-    with OtlpReceiver() as rx, service([str(wrapper)]):
-        time.sleep(0.3)  # nginx binds after printing
-        args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
-                "--no-metrics", "--port", str(port)]
-        with running_agent(args, tmp_path) as agent:
-            # the header from a config file: a command line is a resource attribute
-            (tmp_path / "curl.cfg").write_text(f'header = "X-Secret: {SECRET}"\n')
-            for path, want in (("/", "200"), ("/missing", "404"), ("/boom", "503")):
-                got = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
-                                      "--http2-prior-knowledge", "-K", str(tmp_path / "curl.cfg"),
-                                      f"http://127.0.0.1:{port}{path}"],
-                                     capture_output=True, text=True, timeout=20).stdout
-                assert got == want, got
 
-            def ready(spans: list[dict[str, Any]]) -> bool:
-                h2 = [s for s in spans if _attr(s, "network.protocol.version") == "2"]
-                return sum(s["kind"] == SERVER for s in h2) >= 3 and sum(s["kind"] == CLIENT for s in h2) >= 3
 
-            spans = rx.wait_for_spans(ready, timeout_s=30)
-        assert agent.returncode == 0, agent.stderr
+def _curl(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """curl with a planted secret header (from a config file: a command line is a resource
+    attribute), printing `{status} {HTTP version}` and its -v trace on stderr."""
+    (tmp_path / "curl.cfg").write_text(f'header = "X-Secret: {SECRET}"\n')
+    return subprocess.run(["curl", "-sv", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--max-time", "10",
+                           "-K", str(tmp_path / "curl.cfg"), *args], capture_output=True, text=True, timeout=20)
+
+
+def _agent_args(rx: OtlpReceiver, *ports: int) -> list[str]:
+    return ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet", "--no-metrics",
+            *(a for p in ports for a in ("--port", str(p)))]
+
+
+def _h2_ready(spans: list[dict[str, Any]]) -> bool:
+    h2 = [s for s in spans if _attr(s, "network.protocol.version") == "2"]
+    return sum(s["kind"] == SERVER for s in h2) >= 3 and sum(s["kind"] == CLIENT for s in h2) >= 3
+
+
+def _assert_h2_spans(spans: list[dict[str, Any]], scheme: str, port: int) -> None:
     h2 = [s for s in spans if _attr(s, "network.protocol.version") == "2"]
     for kind in (SERVER, CLIENT):
         codes = sorted(_attr(s, "http.response.status_code") for s in h2 if s["kind"] == kind)
         assert codes == [200, 404, 503], (kind, codes)
         assert all(_attr(s, "http.request.method") == "GET" for s in h2 if s["kind"] == kind)
-    assert {_attr(s, "url.path") for s in h2 if s["kind"] == SERVER} == {"/", "/missing", "/boom"}
+    servers = [s for s in h2 if s["kind"] == SERVER]
+    assert {_attr(s, "url.path") for s in servers} == {"/", "/missing", "/boom"}
+    assert {_attr(s, "url.scheme") for s in servers} == {scheme}
+    assert {_attr(s, "url.full") for s in h2 if s["kind"] == CLIENT} == \
+        {f"{scheme}://127.0.0.1:{port}{p}" for p in ("/", "/missing", "/boom")}
+    # 5xx fails both ends, 4xx only the client's
+    failed = sorted((s["kind"], _attr(s, "http.response.status_code")) for s in h2 if s["status_code"] == 2)
+    assert failed == [(SERVER, 503), (CLIENT, 404), (CLIENT, 503)], failed
+    assert SECRET not in json.dumps(spans)
+
+
+def test_curl_http2_prior_knowledge_against_nginx_becomes_http_spans(tmp_path: Path) -> None:
+    """Plain HTTP/2 (h2c) follows the HTTP conventions like HTTP/1: nginx's server spans and
+    curl's client spans, with the status of each stream; no header value but the conventions'."""
+    require_ebpf()
+    _need_nginx()
+    port = free_port()
+    conf = nginx_h2.write_conf(tmp_path, port)
+    with OtlpReceiver() as rx, nginx_h2.running(tmp_path, conf, [port]):
+        with running_agent(_agent_args(rx, port), tmp_path) as agent:
+            for path, want in (("/", "200 2"), ("/missing", "404 2"), ("/boom", "503 2")):
+                got = _curl(tmp_path, "--http2-prior-knowledge", f"http://127.0.0.1:{port}{path}")
+                assert got.stdout == want, got.stderr
+            spans = rx.wait_for_spans(_h2_ready, timeout_s=30)
+        assert agent.returncode == 0, agent.stderr
+    _assert_h2_spans(spans, "http", port)
+
+
+def test_curl_http2_over_tls_against_nginx_becomes_http_spans(tmp_path: Path) -> None:
+    """h2 over TLS, chosen by ALPN, OpenSSL at both ends (Debian's curl and nginx): the OpenSSL
+    probes' plaintext opens with the HTTP/2 preface and gives the same spans as h2c, with the
+    https scheme."""
+    require_ebpf()
+    _need_nginx()
+    port = free_port()
+    cert, key = make_cert(tmp_path)
+    conf = nginx_h2.write_conf(tmp_path, free_port(), tls_port=port, cert=cert, key=key)
+    with OtlpReceiver() as rx, nginx_h2.running(tmp_path, conf, [port]):
+        with running_agent(_agent_args(rx, port), tmp_path) as agent:
+            for path, want in (("/", "200 2"), ("/missing", "404 2"), ("/boom", "503 2")):
+                got = _curl(tmp_path, "--http2", "--cacert", str(cert), f"https://127.0.0.1:{port}{path}")
+                assert got.stdout == want, got.stderr
+                assert "ALPN: server accepted h2" in got.stderr, got.stderr
+            spans = rx.wait_for_spans(_h2_ready, timeout_s=30)
+        assert agent.returncode == 0, agent.stderr
+    _assert_h2_spans(spans, "https", port)
+
+
+def test_curl_http2_upgrade_offer_over_plain_http_stays_http1(tmp_path: Path) -> None:
+    """curl --http2 on plain http sends an HTTP/1.1 request offering `Upgrade: h2c`. nginx 1.22
+    never upgrades: its HTTP/1.1 listener answers in HTTP/1.1, so both ends' spans are HTTP/1.1
+    with the status; its h2c listener (prior knowledge only) answers the HTTP/1.1 request with
+    HTTP/2 frames (SETTINGS, then GOAWAY) that are no HTTP/1 response, and curl fails: HTTP/1.1
+    spans ended by the close, with no status. Neither is taken for HTTP/2."""
+    require_ebpf()
+    _need_nginx()
+    h2c, plain = free_port(), free_port()
+    conf = nginx_h2.write_conf(tmp_path, h2c, plain_port=plain)
+    with OtlpReceiver() as rx, nginx_h2.running(tmp_path, conf, [h2c, plain]):
+        with running_agent(_agent_args(rx, h2c, plain), tmp_path) as agent:
+            for path, want in (("/", "200 1.1"), ("/missing", "404 1.1"), ("/boom", "503 1.1")):
+                got = _curl(tmp_path, "--http2", f"http://127.0.0.1:{plain}{path}")
+                assert got.stdout == want and "> Upgrade: h2c" in got.stderr, got.stderr
+            got = _curl(tmp_path, "--http2", f"http://127.0.0.1:{h2c}/")
+            assert "> Upgrade: h2c" in got.stderr and "Received HTTP/0.9" in got.stderr, got.stderr
+            assert got.returncode == 1 and got.stdout == "000 0", (got.returncode, got.stdout)
+
+            def ready(spans: list[dict[str, Any]]) -> bool:
+                ends = [s for s in spans if _attr(s, "network.protocol.version") == "1.1"]
+                return sum(s["kind"] == SERVER for s in ends) >= 4 and sum(s["kind"] == CLIENT for s in ends) >= 4
+
+            spans = rx.wait_for_spans(ready, timeout_s=30)
+        assert agent.returncode == 0, agent.stderr
+    mine = [s for s in spans if h2c in (_attr(s, "server.port"), _attr(s, "network.peer.port"))
+            or plain in (_attr(s, "server.port"), _attr(s, "network.peer.port"))]
+    assert not [s for s in spans if _attr(s, "network.protocol.version") == "2"], mine
+    assert all(_attr(s, "network.protocol.version") == "1.1" for s in mine), mine
+    for kind in (SERVER, CLIENT):
+        ends = [s for s in mine if s["kind"] == kind]
+        on_plain = sorted(_attr(s, "http.response.status_code") for s in ends if plain in
+                          (_attr(s, "server.port"), _attr(s, "network.peer.port")))
+        assert on_plain == [200, 404, 503], (kind, on_plain)
+        on_h2c = [s for s in ends if h2c in (_attr(s, "server.port"), _attr(s, "network.peer.port"))]
+        assert [(_attr(s, "http.response.status_code"), _attr(s, "error.type"), s["status_code"]) for s in on_h2c] \
+            == [(None, "connection_closed", 2)], on_h2c
     assert SECRET not in json.dumps(spans)
