@@ -7,6 +7,7 @@
  *
  * Programs (all attached by their SEC()):
  *   kspan_inet_sock_set_state  tp/sock/inet_sock_set_state  (always needed)
+ *   kspan_tcp_destroy_sock     tp/tcp/tcp_destroy_sock      (always needed: see kspan_conn_done)
  *   kspan_tcp_retransmit       tp/tcp/tcp_retransmit_skb    \
  *   kspan_tcp_receive_reset    tp/tcp/tcp_receive_reset      | network events only: they return at
  *   kspan_tcp_send_reset       tp/tcp/tcp_send_reset         | once without kspan_network_events,
@@ -135,6 +136,21 @@ static __always_inline void kspan_tcp_emit(__u32 event, int pid, __u64 sk, __u16
                            (ctx)->daddr_v6, 0);                                                   \
     } while (0)
 
+/* The connection's end: what is open on it is emitted, and its tuple and TLS mark go. */
+static __always_inline void kspan_conn_done(void *ctx, __u64 sk)
+{
+    kspan_on_close(ctx, sk);
+    bpf_map_delete_elem(&tuples, &sk);
+    bpf_map_delete_elem(&tls_conns, &sk);
+}
+
+SEC("tp/tcp/tcp_destroy_sock")
+int kspan_tcp_destroy_sock(struct trace_event_raw_tcp_event_sk *ctx)
+{
+    kspan_conn_done(ctx, (__u64)ctx->skaddr);
+    return 0;
+}
+
 SEC("tp/sock/inet_sock_set_state")
 int kspan_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 {
@@ -158,9 +174,12 @@ int kspan_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
             }
             bpf_map_delete_elem(&rtt_last, &sk);
         }
-        kspan_on_close(ctx, sk);
-        bpf_map_delete_elem(&tuples, &sk);
-        bpf_map_delete_elem(&tls_conns, &sk);
+        /* TCP_CLOSE also comes while the process still holds the socket: an RST, or the peer's
+         * FIN after the process's own shutdown(SHUT_WR). Data queued before it is still read
+         * then, so the connection ends only once the socket is orphaned (closed by the process);
+         * otherwise when it is destroyed. */
+        if (!BPF_CORE_READ((struct sock *)sk, sk_socket))
+            kspan_conn_done(ctx, sk);
         return 0;
     }
     if (ns != KSPAN_TCP_ESTABLISHED && ns != KSPAN_TCP_SYN_SENT && ns != KSPAN_TCP_SYN_RECV)

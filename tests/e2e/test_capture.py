@@ -758,3 +758,42 @@ def test_method_prefix_that_is_not_http_is_counted_not_traced(rec: Recorder, raw
         assert e.req_head == request.encode() and e.req_bytes == len(request)
         assert e.end == EndReason.CLOSED and e.resp_start_ns == 0
     assert rec.cap.counters()["unparsed_bytes"] - before["unparsed_bytes"] >= 2
+
+
+HALF_CLOSE_CLIENT = textwrap.dedent("""
+    import socket, sys, time
+    c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    c.sendall(b"GET /half HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    c.shutdown(socket.SHUT_WR)  # the request is all: FIN now
+    time.sleep(0.3)  # the reply and the server's FIN arrive: FIN_WAIT2 -> TIME_WAIT, TCP_CLOSE
+    data = b""
+    while chunk := c.recv(4096):
+        data += chunk
+    c.close()
+    print(data.split(b"\\r\\n", 1)[0].decode())
+""")
+
+
+def test_a_reply_read_after_the_socket_reached_tcp_close_completes_the_exchange(rec: Recorder,
+                                                                                tmp_module: Path) -> None:
+    """The kernel sets TCP_CLOSE on a socket its process still holds (the peer's FIN after the
+    process's own shutdown(SHUT_WR), or an RST): data queued before it is still read, so the
+    connection must not end there but when the process closes the socket."""
+    rec.clear()
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        rec.watch(port)
+        script = tmp_module / "half_close_client.py"
+        script.write_text(HALF_CLOSE_CLIENT)
+        proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True)
+        s, _ = srv.accept()
+        with s:
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += s.recv(4096)
+            s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        out, _ = proc.communicate(timeout=10)
+    assert out.strip() == "HTTP/1.1 200 OK"
+    (ex,) = rec.take(lambda g: len(g) >= 1, pids={proc.pid})
+    assert ex.role == Role.CLIENT and ex.req_head.startswith(b"GET /half ")
+    assert ex.status == 200 and ex.end == EndReason.COMPLETE, ex
