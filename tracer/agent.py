@@ -544,8 +544,14 @@ class Agent:
 
     def _print_summary(self, kernel: dict[str, int], correlator: Correlator, out: SpanOutput,
                        processes: ProcessTable) -> None:
-        counts = {k: v for k, v in {**kernel, **correlator.stats.as_dict(), **out.stats()}.items()
-                  if isinstance(v, int) and v}
+        stats = correlator.stats.as_dict()
+        counts = {k: v for k, v in {**kernel, **stats, **out.stats()}.items() if isinstance(v, int) and v}
+        # both count unparsed bytes (the kernel's that never began a request, the correlator's of
+        # exchanges it could not parse), as kspan.bytes.unparsed does: the correlator's alone hid the kernel's
+        unparsed = int(kernel.get("unparsed_bytes", 0)) + int(stats.get("unparsed_bytes", 0))
+        counts.pop("unparsed_bytes", None)
+        if unparsed:
+            counts["unparsed_bytes"] = unparsed
         counts["live_kernel_connections"] = kernel.get("live_kernel_connections", -1)
         counts["live_processes"] = processes.traced
         counts["exchanges_sampled"], counts["exchanges_unsampled"] = _sampling_counts(correlator)
