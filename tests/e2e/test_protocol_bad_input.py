@@ -198,6 +198,8 @@ def test_redis_bad_input_is_counted_and_later_calls_give_spans(tmp_path: Path) -
         for c in (new, old, probe):
             c.close()
     counts = _summary(agent)
+    # the stop line counts the kernel's unparsed bytes too, as the metric does
+    assert counts.get("unparsed_bytes", 0) >= 2 * len(GARBAGE), counts
     redis_spans = [s for s in spans if _attr(s, "db.system.name") == "redis"]
 
     def of(kind: int, names: tuple[str, ...], port: int | None = None) -> Spans:
@@ -210,6 +212,11 @@ def test_redis_bad_input_is_counted_and_later_calls_give_spans(tmp_path: Path) -
     assert _ops(of(CLIENT, ("INCRBY", "LPUSH"))) == picked, _ops(redis_spans)
     # The fresh connection: each command with its status, at both ends.
     fresh = [("SET", None, 0), ("GET", None, 0), ("HSET", "WRONGTYPE", ERROR)]
+    # both ends traced on one host: each of Redis's spans is its client call's child
+    clients = {s["span_id"]: s for s in of(CLIENT, ("SET", "GET", "HSET"))}
+    for s in of(SERVER, ("SET", "GET", "HSET"), new_port):
+        c = clients.get(s.get("parent_span_id") or "")
+        assert c is not None and c["name"] == s["name"] and c["trace_id"] == s["trace_id"], (s, clients)
     for end in (of(SERVER, ("SET", "GET", "HSET"), new_port), of(CLIENT, ("SET", "GET", "HSET"))):
         assert _ops(end) == fresh, _ops(redis_spans)
         assert [_attr(s, "db.query.text") for s in sorted(end, key=lambda s: s["start_ns"])] == \
