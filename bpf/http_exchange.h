@@ -2607,11 +2607,29 @@ static __always_inline int kspan_proto_begin(struct kspan_data_args *a, __u8 pro
 
 /* An untracked connection's transfer that starts no request: another protocol's first bytes, or
  * a connection to or from a well-known server port picked up mid-stream. */
+/* Whether a socket transfer carries its direction's first bytes on the connection: the TCP
+ * counts of what the process sent (acked or in flight) or read so far are this transfer's alone.
+ * First bytes that open a protocol prove nothing on their own: any Redis command does. */
+static __always_inline int kspan_first_transfer(struct kspan_data_args *a)
+{
+    struct tcp_sock *tp = (struct tcp_sock *)a->conn_id;
+    if (a->source != KSPAN_SRC_SOCKET || !bpf_core_field_exists(tp->bytes_acked) ||
+        !bpf_core_field_exists(tp->bytes_received))
+        return 1;
+    if (a->dir == KSPAN_DIR_EGRESS) {
+        /* an active opener's bytes_acked also counts its SYN's sequence number */
+        __u32 unacked = BPF_CORE_READ(tp, write_seq) - BPF_CORE_READ(tp, snd_una);
+        return BPF_CORE_READ(tp, bytes_acked) + unacked <= (__u64)a->len + 1;
+    }
+    __u32 unread = BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
+    return BPF_CORE_READ(tp, bytes_received) - unread <= a->len;
+}
+
 static __always_inline int kspan_proto_try(struct kspan_data_args *a, __u64 w, __u32 n)
 {
     __u8 role = 0;
     __u8 proto = kspan_proto_first(w, n, a->dir, &role);
-    __u8 from_start = proto != 0;
+    __u8 from_start = proto != 0 && kspan_first_transfer(a);
     if (!proto) {
         struct kspan_tuple *t = bpf_map_lookup_elem(&tuples, &a->conn_id);
         if (!t)

@@ -298,3 +298,27 @@ def test_both_ends_of_a_local_connection_place_each_byte_alike(segs: Segments) -
     assert reply.seq_known and got_reply.seg.pos == reply.seg.pos
     read_to = (reads[-1].seg.pos + reads[-1].seg.length) & mask
     assert reply.peer and reply.ctx_end == read_to and reply.trace_id == writes[-1].trace_id
+
+
+def test_only_a_connections_first_bytes_open_it_from_its_start(segs: Segments) -> None:
+    """Any Redis command looks like a connection's first bytes: a protocol is taken as seen from
+    its start (the decoder may assume the defaults a new connection has, e.g. database 0) only
+    when nothing had crossed the connection in that direction before."""
+    starts = {}
+    for name, before in (("fresh", b""), ("picked_up", b"hello there\n")):
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            c = socket.create_connection(srv.getsockname())
+            s, _ = srv.accept()
+            if before:
+                c.sendall(before)  # not a protocol's first bytes: no state yet
+                assert s.recv(100) == before
+            c.sendall(REDIS_PING)
+            assert s.recv(100) == REDIS_PING
+            local = c.getsockname()[1]
+            c.close()
+            s.close()
+        mine = segs.wait(lambda recs, p=local: sum(r.closed for r in _of(recs, p)) >= 2)
+        firsts = [r for r in _of(mine, local) if r.seq == 0]
+        assert {(r.client, r.seg.data) for r in firsts} == {(True, REDIS_PING), (False, REDIS_PING)}, firsts
+        starts[name] = {r.from_start for r in firsts}
+    assert starts == {"fresh": {True}, "picked_up": {False}}
