@@ -322,3 +322,59 @@ def test_only_a_connections_first_bytes_open_it_from_its_start(segs: Segments) -
         assert {(r.client, r.seg.data) for r in firsts} == {(True, REDIS_PING), (False, REDIS_PING)}, firsts
         starts[name] = {r.from_start for r in firsts}
     assert starts == {"fresh": {True}, "picked_up": {False}}
+
+
+def _frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _copied(rec: SegmentRecord) -> dict[int, bytes]:
+    """A frame-walked transfer's copied bytes by their offset in the transfer."""
+    return {(p.pos - rec.seg.pos) & 0xFFFFFFFF: p.data for p in rec.pieces}
+
+
+def test_http2_transfers_are_walked_frame_by_frame(segs: Segments) -> None:
+    """The kernel copies every HTTP/2 frame header and every payload but DATA's, wherever they fall
+    in a transfer: a response's trailers after a large message, a frame header cut between two
+    writes, a HEADERS payload continued in the next write, a frame scattered over many iovecs."""
+    headers = _frame(1, 4, 1, b"h" * 20)
+    body = _frame(0, 0, 1, b"\xdd" * 3000)
+    trailers = _frame(1, 5, 1, b"t" * 30)
+    cut = _frame(0, 0, 3, b"\xdd" * 100)  # its header is cut 4 bytes in by the first write's end
+    cont = _frame(1, 4, 3, b"c" * 60)  # its payload continues into the third write
+    pieces = [_frame(1, 4, 5, b"")[:9]] + [bytes([i]) * 7 for i in range(10)]  # header + 10 slices
+    writes = [H2_PREFACE + _frame(4, 0, 0, b""), headers + body + trailers]
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        c = socket.create_connection(srv.getsockname())
+        s, _ = srv.accept()
+        local = c.getsockname()[1]
+        c.sendall(writes[0])
+        c.sendall(writes[1])
+        c.sendall(cut[:4])
+        c.sendall(cut[4:] + cont[:30])
+        c.sendall(cont[30:])
+        scattered = _frame(1, 4, 5, b"".join(pieces[1:]))
+        c.sendmsg([scattered[:9], *pieces[1:]])
+        got, want = b"", b"".join(writes) + cut + cont + scattered
+        while len(got) < len(want):
+            got += s.recv(65536)
+        c.close()
+        s.close()
+    mine = segs.wait(lambda recs: sum(r.closed for r in _of(recs, local)) >= 2)
+    sent = [r for r in _of(mine, local) if r.client and r.seg.egress and not r.closed]
+    assert [r.seg.length for r in sent] == [len(writes[0]), len(writes[1]), 4, len(cut) - 4 + 30, len(cont) - 30,
+                                            len(scattered)]
+    assert all(r.pieces for r in sent)
+    assert _copied(sent[0]) == {0: H2_PREFACE, 24: _frame(4, 0, 0, b"")}  # the preface is not a frame
+    big = _copied(sent[1])
+    t_at = len(headers) + len(body)
+    assert big == {0: headers, len(headers): body[:9], t_at: trailers}  # no DATA payload byte
+    assert _copied(sent[2]) == {0: cut[:4]}
+    assert _copied(sent[3]) == {0: cut[4:9], 5 + 100: cont[:30]}
+    assert _copied(sent[4]) == {0: cont[30:]}
+    assert _copied(sent[5]) == {0: scattered}
+    # the server's reads are walked alike: every frame header and non-DATA payload it read
+    read = b"".join(p.data for r in _of(mine, local) if not r.client and not r.seg.egress for p in r.pieces)
+    for part in (H2_PREFACE, headers, body[:9], trailers, cont, scattered):
+        assert part in read
+    assert b"\xdd" * 64 not in read
