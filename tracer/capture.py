@@ -71,6 +71,7 @@ COUNTER_NAMES = [
     "context_options_parsed",  # contexts read from a peer's TCP option
     "context_options_malformed",  # kind-25 options that are not kspan's
     "segments",  # transfers of other protocols (Redis, PostgreSQL, MySQL, HTTP/2) sent as segment records
+    "h2_unsynced",  # HTTP/2 directions whose kernel frame walk lost the frame boundaries
 ]
 
 PROC_EXEC = 1
