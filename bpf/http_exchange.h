@@ -2325,26 +2325,10 @@ static long kspan_h2_step(__u32 j, void *c)
     return 0;
 }
 
-/* Walk the HTTP/2 transfer in kspan_args on conn_id into seg.data as entries: the bytes of
- * seg.data used, or -1 when this direction's frame boundaries are lost (the caller then copies
- * the transfer's start, as for the other protocols). */
-__attribute__((noinline)) int kspan_h2_frames(__u64 conn_id)
+/* The walk's view of a transfer: its bytes as pieces (the iovecs of a scattered one, else its
+ * one buffer), each with the transfer offset where it ends. */
+static __always_inline void kspan_h2_pieces(struct kspan_h2_walk *w, struct kspan_data_args *a)
 {
-    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
-        return -1;
-    int z = 0;
-    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
-    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
-    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &z);
-    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
-    if (!w || !sb || !a || !st)
-        return -1;
-    int egress = a->dir == KSPAN_DIR_EGRESS;
-    __u32 state = egress ? st->scan_n : st->scan_end;
-    __u32 skip = egress ? st->cl_pos : st->te_pos;
-    __u64 hdr = egress ? st->content_length : st->resp_head_end;
-    if (state & KSPAN_H2_LOST)
-        return -1;
     w->len = a->len;
     w->o = 0;
     w->full = 0;
@@ -2376,6 +2360,114 @@ __attribute__((noinline)) int kspan_h2_frames(__u64 conn_id)
         w->end[0] = w->avail;
         w->npieces = a->buf ? 1 : 0;
     }
+}
+
+/* An untracked connection's transfer that is a whole chain of valid HTTP/2 frames, ending exactly
+ * at the transfer's end, with a HEADERS, SETTINGS, PING, GOAWAY or WINDOW_UPDATE among them: an
+ * HTTP/2 connection picked up after its preface (kspan started later). */
+static long kspan_h2_chain_step(__u32 j, void *c)
+{
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    if (!w)
+        return 1;
+    __u32 off = w->off;
+    if (off >= w->len)
+        return 1;
+    if (w->len - off < 9 || off >= w->avail || kspan_h2_copy(off, 9, 0) != 9) {
+        w->full = 1;  /* not a frame chain */
+        return 1;
+    }
+    __u32 flen = ((__u32)w->h[0] << 16) | ((__u32)w->h[1] << 8) | w->h[2];
+    __u8 type = w->h[3];
+    __u32 stream = ((__u32)(w->h[5] & 0x7f) << 24) | ((__u32)w->h[6] << 16) | ((__u32)w->h[7] << 8) | w->h[8];
+    int ok = flen <= 16384 && type <= 9 && !(w->h[5] & 0x80);
+    if (type == 4 || type == 6 || type == 7)  /* SETTINGS, PING, GOAWAY: the connection's */
+        ok = ok && stream == 0;
+    else if (type != 8)                        /* WINDOW_UPDATE may be either */
+        ok = ok && stream != 0;
+    if (type == 4)
+        ok = ok && flen % 6 == 0 && (!(w->h[4] & 1) || flen == 0);
+    if (type == 6)
+        ok = ok && flen == 8;
+    if (type == 8 || type == 3)
+        ok = ok && flen == 4;
+    if (type == 2)
+        ok = ok && flen == 5;
+    if (!ok) {
+        w->full = 1;
+        return 1;
+    }
+    if (type == 1 || type == 4 || type == 6 || type == 7 || type == 8)
+        w->state++;
+    if (type == 1 && !w->skip) {
+        /* which end sent it: a header block opens with its pseudo-headers, a response's with
+         * :status (static entries 8-14), a request's with :method, :scheme, :path or :authority
+         * (1-7); encoders send these exact matches as static indexes */
+        __u32 at = off + 9 + ((w->h[4] & 0x8) ? 1 : 0) + ((w->h[4] & 0x20) ? 5 : 0);
+        if (at < off + 9 + flen && at < w->len && kspan_h2_copy(at, 1, 0) == 1) {
+            __u8 b = w->h[0];
+            __u8 idx = (b & 0x80) ? (b & 0x7f) : (b & 0xc0) == 0x40 ? (b & 0x3f) : (b & 0xe0) == 0 ? (b & 0x0f) : 0;
+            if (idx >= 8 && idx <= 14)
+                w->skip = 2;  /* a response: its sender is the server */
+            else if (idx >= 1 && idx <= 7)
+                w->skip = 1;  /* a request: its sender is the client */
+        }
+    }
+    w->off = off + 9 + flen;
+    return 0;
+}
+
+/* 0: not a chain of frames; 1: one with a request's header block, 2: with a response's, 3: with
+ * neither (its sender's end is not told). */
+__attribute__((noinline)) int kspan_h2_chain(void)
+{
+    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return 0;
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &z);
+    if (!w || !a)
+        return 0;
+    kspan_h2_pieces(w, a);
+    w->off = 0;
+    w->state = 0;
+    w->full = 0;
+    w->skip = 0;  /* here: 1 a request's header block was seen, 2 a response's */
+    bpf_loop(16, kspan_h2_chain_step, 0, 0);
+    if (w->full || w->off != w->len || !w->state)
+        return 0;
+    return w->skip ? (int)w->skip : 3;
+}
+
+/* The first word of a transfer (n of its len bytes, the first in the low byte) could start an
+ * HTTP/2 frame: a length of at most 16 KiB, a known type, the stream id's reserved bit clear. */
+static __always_inline int kspan_h2_frame_start(__u64 w, __u32 n, __u32 len)
+{
+    return n >= 6 && len >= 9 && (w & 0xff) == 0 && ((w >> 8) & 0xff) <= 0x40 && ((w >> 24) & 0xff) <= 9 && !((w >> 40) & 0x80);
+}
+
+/* Walk the HTTP/2 transfer in kspan_args on conn_id into seg.data as entries: the bytes of
+ * seg.data used, or -1 when this direction's frame boundaries are lost (the caller then copies
+ * the transfer's start, as for the other protocols). */
+__attribute__((noinline)) int kspan_h2_frames(__u64 conn_id)
+{
+    if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+        return -1;
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &z);
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!w || !sb || !a || !st)
+        return -1;
+    int egress = a->dir == KSPAN_DIR_EGRESS;
+    __u32 state = egress ? st->scan_n : st->scan_end;
+    __u32 skip = egress ? st->cl_pos : st->te_pos;
+    __u64 hdr = egress ? st->content_length : st->resp_head_end;
+    if (state & KSPAN_H2_LOST)
+        return -1;
+    kspan_h2_pieces(w, a);
     __u32 hn = state & KSPAN_H2_HN_MASK;
     __u32 off = 0;
     w->skip = 0;
@@ -2631,7 +2723,8 @@ static __always_inline int kspan_proto_try(struct kspan_data_args *a, __u64 w, _
     __u8 proto = kspan_proto_first(w, n, a->dir, &role);
     __u8 from_start = proto != 0 && kspan_first_transfer(a);
     if (!proto) {
-        struct kspan_tuple *t = bpf_map_lookup_elem(&tuples, &a->conn_id);
+        /* a connection older than the agent (the case for these hints) has no tuple yet */
+        struct kspan_tuple *t = kspan_tuple_of(a->conn_id);
         if (!t)
             return 0;
         proto = kspan_proto_port(t->remote_port);
@@ -2639,6 +2732,25 @@ static __always_inline int kspan_proto_try(struct kspan_data_args *a, __u64 w, _
         if (!proto) {
             proto = kspan_proto_port(t->local_port);
             role = KSPAN_ROLE_SERVER;
+        }
+        if (!proto && kspan_h2_frame_start(w, n, a->len)) {
+            /* HTTP/2 picked up after its preface has no port to go by: a transfer of whole
+             * frames says it. Its end: a request's or a response's header block says who sent
+             * it; without one (the block opens with an entry of the lost dynamic table), the
+             * socket whose port its process bound is the server (an accepted socket inherits its
+             * listener's SOCK_BINDPORT_LOCK; connect() binds none: nor does a listener bound to
+             * port 0, the one case taken the wrong way round) */
+            int chain = kspan_h2_chain();
+            int egress = a->dir == KSPAN_DIR_EGRESS;
+            if (chain == 1 || chain == 2) {
+                proto = KSPAN_PROTO_HTTP2;
+                role = (chain == 1) == egress ? KSPAN_ROLE_CLIENT : KSPAN_ROLE_SERVER;
+            } else if (chain == 3) {
+                struct sock *sk = (struct sock *)a->conn_id;
+                __u8 locks = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_userlocks);
+                proto = KSPAN_PROTO_HTTP2;
+                role = (locks & 8) ? KSPAN_ROLE_SERVER : KSPAN_ROLE_CLIENT;
+            }
         }
         if (!proto)
             return 0;

@@ -226,3 +226,63 @@ def test_curl_http2_upgrade_offer_over_plain_http_stays_http1(tmp_path: Path) ->
         assert [(_attr(s, "http.response.status_code"), _attr(s, "error.type"), s["status_code"]) for s in on_h2c] \
             == [(None, "connection_closed", 2)], on_h2c
     assert SECRET not in json.dumps(spans)
+
+
+PICKUP_CLIENT = textwrap.dedent('''
+    import sys
+    import grpc
+
+    port, n = sys.argv[1], int(sys.argv[2])
+    with grpc.insecure_channel("127.0.0.1:" + port, options=[("grpc.enable_http_proxy", 0)]) as ch:
+        add = ch.unary_unary("/shop.Cart/Add")
+        # before the agent: it never sees the preface, nor the headers this call puts in HPACK's table
+        assert add(b"before", timeout=10) == b"added:before"
+        print("connected", flush=True)
+        sys.stdin.readline()
+        for i in range(n):
+            assert add(b"later-%d" % i, timeout=10) == b"added:later-%d" % i
+    print("done", flush=True)
+''')
+
+
+def test_an_http2_connection_picked_up_after_its_start(tmp_path: Path) -> None:
+    """A gRPC connection open before the agent started: no preface to go by, so a transfer of whole
+    HTTP/2 frames says what it is. Its spans carry what can be decoded without the HPACK table's
+    history (the method and status, from the static table), the rest is counted, never guessed."""
+    require_ebpf()
+    n = 4
+    port = free_port()
+    (tmp_path / "cart_grpc.py").write_text(GRPC_SERVER)
+    (tmp_path / "pickup.py").write_text(PICKUP_CLIENT)
+    with OtlpReceiver() as rx, service([sys.executable, str(tmp_path / "cart_grpc.py"), str(port)]):
+        client = subprocess.Popen([sys.executable, str(tmp_path / "pickup.py"), str(port), str(n)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout is not None and client.stdin is not None
+            assert client.stdout.readline().strip() == "connected"
+            args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
+                    "--no-metrics", "--port", str(port)]
+            with running_agent(args, tmp_path) as agent:
+                client.stdin.write("go\n")
+                client.stdin.flush()
+                assert client.stdout.readline().strip() == "done"
+
+                def ready(spans: list[dict[str, Any]]) -> bool:
+                    h2 = [s for s in spans if _attr(s, "network.protocol.version") == "2"]
+                    return all(sum(s["kind"] == k for s in h2) >= n for k in (SERVER, CLIENT))
+
+                spans = rx.wait_for_spans(ready, timeout_s=30)
+        finally:
+            client.kill()
+            client.wait()
+        assert agent.returncode == 0, agent.stderr
+    h2 = [s for s in spans if _attr(s, "network.protocol.version") == "2"]
+    for kind in (SERVER, CLIENT):
+        mine = [s for s in h2 if s["kind"] == kind]
+        assert len(mine) == n, mine
+        assert all(_attr(s, "http.request.method") == "POST" and _attr(s, "http.response.status_code") == 200
+                   for s in mine), mine
+        # the path went into HPACK's table before the agent: never guessed, so no gRPC name
+        assert all(s["name"] in ("POST", f"{SERVICE}/Add") for s in mine), [s["name"] for s in mine]
+    summary = next(ln for ln in agent.stderr.splitlines() if ln.startswith("kspan: stopped;"))
+    assert "http2_header_fields_unknown=" in summary, summary
