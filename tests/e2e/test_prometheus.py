@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import ROOT, free_port, running_agent, service
+from tests.support.agent import ROOT, free_port, running_agent, service, stop_process
 from tests.support.ebpf import fail_or_skip, require_ebpf
 from tests.support.promql import dashboard_queries, metric_names, substitute_variables
 
@@ -100,12 +100,7 @@ def prometheus_scraping(target: str, tmp_path: Path) -> Iterator[Prometheus]:
             time.sleep(0.2)
         yield Prometheus(url, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _curl(url: str) -> None:

@@ -1,4 +1,5 @@
-"""Run the real `kspan` agent as a subprocess for end-to-end tests."""
+"""Run the real `kspan` agent as a subprocess for end-to-end tests, and the processes and ports
+of the services the tests run beside it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,28 @@ def free_port(family: int = socket.AF_INET) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it outlives timeout: a hung service must not hang the test run."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class AgentProcess:
@@ -98,12 +121,7 @@ def service(cmd: list[str], cwd: Path | None = None, ready: str = "listening",
                 raise AssertionError(f"{cmd} not ready in {timeout}s: {seen.decode(errors='replace')}")
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 5)
 
 
 def go_binary(src_dir: Path, out: Path, version: str = "1.27") -> Path:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support.agent import stop_process
+
 
 @dataclass
 class Server:
@@ -57,12 +59,7 @@ def redis_server(password: str | None = None) -> Iterator[Server]:
                     time.sleep(0.05)
             yield Server(port, password)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 PG_BIN = "/usr/lib/postgresql/15/bin"

@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support.tls import wait_port
+from tests.support.agent import stop_process, wait_port
 
 CONF = """\
 daemon off;
@@ -74,9 +74,4 @@ def running(d: Path, conf: Path, ports: list[int]) -> Iterator[subprocess.Popen[
                 raise AssertionError(f"nginx did not listen on {port}: {log}") from None
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)  # with master_process on, SIGTERM to the master stops its workers too

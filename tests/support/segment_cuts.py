@@ -3,11 +3,37 @@ boundaries, or with bytes flipped, the way the kernel's bounded copies may hand 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 
 from hypothesis import strategies as st
 
-from correlator.segments import SEGMENT_DATA, Segment
+from correlator.segments import SEGMENT_DATA, Operation, Segment
+
+M32 = 0xFFFFFFFF
+C2S_ISN, S2C_ISN = 0x9E3779B9, 0x12345678  # initial sequence numbers of the two directions
+
+
+def with_pos(segs: list[Segment], client_view: bool, isn: tuple[int, int] = (C2S_ISN, S2C_ISN)) -> list[Segment]:
+    """The segments with the positions TCP would give them: the direction's initial sequence number
+    (isn: client to server, server to client) plus the bytes that direction carried before, copied
+    or not. Keyed by direction, not by egress, so both ends' views of one connection name a byte
+    alike."""
+    sent = {True: 0, False: 0}  # by direction: True = client to server
+    out: list[Segment] = []
+    for s in segs:
+        c2s = s.egress == client_view
+        out.append(replace(s, pos=((isn[0] if c2s else isn[1]) + sent[c2s]) & M32))
+        sent[c2s] += s.length
+    return out
+
+
+def true_positions(ops: list[Operation], truth: Collection[int | None]) -> list[int]:
+    """The request positions the operations were given, each asserted to be one of truth and none
+    shared: a decoder may lose a position where bytes were not copied, never invent one."""
+    got = [o.req_pos for o in ops if o.req_pos is not None]
+    assert set(got) <= set(truth) and len(set(got)) == len(got), (got, truth)
+    return got
 
 
 def merge_runs(segs: list[Segment]) -> list[Segment]:
@@ -19,6 +45,19 @@ def merge_runs(segs: list[Segment]) -> list[Segment]:
         else:
             runs.append(s)
     return runs
+
+
+def cut_whole(runs: list[Segment], sizes: list[int]) -> list[Segment]:
+    """Each run written in transfers of the given sizes in turn, none beyond the copy."""
+    segs: list[Segment] = []
+    for run in runs:
+        i = k = 0
+        while i < len(run.data):
+            chunk = run.data[i : i + sizes[k % len(sizes)]]
+            segs.append(replace(run, data=chunk, length=len(chunk)))
+            i += len(chunk)
+            k += 1
+    return segs
 
 
 def recut(runs: list[Segment], data: st.DataObject) -> list[Segment]:

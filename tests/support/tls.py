@@ -14,14 +14,14 @@ import contextlib
 import http.client
 import http.server
 import os
-import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.nginx_h2 import running
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,18 +36,6 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
         check=True, capture_output=True, timeout=60,
     )
     return cert, key
-
-
-def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"nothing listens on {host}:{port} after {timeout}s") from None
-            time.sleep(0.05)
 
 
 NGINX_CONF = """\
@@ -83,22 +71,8 @@ def nginx(prefix: Path, port: int, plain_port: int, cert: Path, key: Path) -> It
     conf = prefix / "nginx.conf"
     conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, plain_port=f"127.0.0.1:{plain_port}",
                                       cert=cert, key=key))
-    proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        try:
-            wait_port(port)
-        except AssertionError:
-            log = (prefix / "error.log").read_text(errors="replace") if (prefix / "error.log").exists() else ""
-            raise AssertionError(f"nginx did not start: {log}") from None
+    with running(prefix, conf, [port]) as proc:
         yield proc
-    finally:
-        proc.terminate()  # SIGTERM to the master stops its workers
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def python_cmd(*args: str) -> list[str]:

@@ -32,8 +32,7 @@ from correlator.segments import Operation, Segment
 from tests.support import nginx_h2
 from tests.support.agent import free_port
 from tests.support.relay import Relay, relaying
-from tests.support.segment_cuts import merge_runs, recut
-from tests.support.tls import wait_port
+from tests.support.segment_cuts import M32, merge_runs, recut, true_positions, with_pos
 
 SECRET = "sekrit-42"
 SERVICE = "kspan.test.Echo"
@@ -54,23 +53,9 @@ def assert_no_secret(ops: list[Operation]) -> None:
         assert SECRET not in text, text
 
 
-MASK = 0xFFFFFFFF
 REQ_BASE = 0xFFFFFF80  # the client's first sequence number: positions wrap past 2**32 early on
 RESP_BASE = 0x2000
-
-
-def placed(segs: list[Segment], client_view: bool, req_base: int = REQ_BASE,
-           resp_base: int = RESP_BASE) -> list[Segment]:  # fmt: skip
-    """The segments with the positions TCP would give them: the stream offset of each one's first
-    byte in its direction from that direction's first sequence number. Keyed by direction (client to
-    server or back), not by egress, so both ends' views give a byte the same position."""
-    nxt = {True: req_base, False: resp_base}
-    out: list[Segment] = []
-    for s in segs:
-        c2s = s.egress == client_view
-        out.append(replace(s, pos=nxt[c2s]))
-        nxt[c2s] = (nxt[c2s] + s.length) & MASK
-    return out
+ISN = (REQ_BASE, RESP_BASE)
 
 
 def request_positions(stream: bytes, base: int = REQ_BASE) -> list[int]:
@@ -90,7 +75,7 @@ def request_positions(stream: bytes, base: int = REQ_BASE) -> list[int]:
         sid = int.from_bytes(stream[i + 5 : i + 9], "big") & 0x7FFFFFFF
         if stream[i + 3] == 1 and sid % 2 and sid not in seen:
             seen.add(sid)
-            out.append((base + i) & MASK)
+            out.append((base + i) & M32)
         i += 9 + int.from_bytes(stream[i : i + 3], "big")
     return out
 
@@ -105,7 +90,7 @@ def assert_request_positions(r: Relay) -> None:
         for client_view in (True, False):
             for full in (False, True):
                 view = (r.client_segments if client_view else r.server_segments)(full)[idx]
-                ops, counters = decode(placed(view, client_view))
+                ops, counters = decode(with_pos(view, client_view, ISN))
                 got = [o.req_pos for o in ops if o.req_pos is not None]
                 where = (idx, client_view, full, got, truth, counters)
                 assert len(set(got)) == len(got) and set(got) <= truth, where
@@ -303,7 +288,7 @@ def test_grpc_connection_picked_up_mid_stream(grpc_port: int) -> None:
         segs = conns[0]
         ops, counters = decode(segs[mark:])
         # Each later request's HEADERS carries :method: it opens its stream, placed exactly.
-        picked, _ = decode(placed(segs, view == "client")[mark:])
+        picked, _ = decode(with_pos(segs, view == "client", ISN)[mark:])
         assert [o.req_pos for o in picked] == truth[-2:]  # sequential calls, in order
         assert counters["midstream_pickups"] == 1
         assert counters.get("resyncs", 0) >= 1
@@ -333,18 +318,8 @@ def nginx_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     port = free_port()
     conf = nginx_h2.write_conf(d, port)
     (d / "www" / "big.bin").write_bytes(bytes(range(256)) * 800)  # 200 KB: many DATA frames
-    proc = subprocess.Popen([nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        try:
-            wait_port(port)
-        except AssertionError:
-            log = (d / "error.log").read_text(errors="replace") if (d / "error.log").exists() else ""
-            raise AssertionError(f"nginx did not start: {log}") from None
+    with nginx_h2.running(d, conf, [port]):
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _curl(*args: str) -> str:
@@ -687,7 +662,7 @@ def test_server_push_and_a_smaller_header_table() -> None:
     assert "hpack_errors" not in d.counters and "header_fields_unknown" not in d.counters
     assert_no_secret(ops)
     # The pushed stream's request is the server's promise, no byte of the request direction: none.
-    positions, _ = decode(placed(segs, False))
+    positions, _ = decode(with_pos(segs, False, ISN))
     assert [o.req_pos for o in positions] == [None, *request_positions(b"".join(x.data for x in segs if not x.egress))]
 
 
@@ -719,7 +694,7 @@ def test_truncated_copy_of_a_continued_header_block() -> None:
     assert "decoder_errors" not in counters
     # Stream 1's HEADERS was framed before the loss: it opens its stream, placed exactly.
     first = request_positions(b"".join(x.data for x in segs if x.egress) + raw)[0]
-    assert [o.req_pos for o in decode(placed(cut, True))[0]] == [first]
+    assert [o.req_pos for o in decode(with_pos(cut, True, ISN))[0]] == [first]
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -799,7 +774,7 @@ def test_upgrade_settings_bound_the_servers_table() -> None:
     # Stream 1's request is the upgrade request: named by its first byte, from either end.
     for client_view in (True, False):
         flipped = [replace(x, egress=x.egress == client_view) for x in segs]
-        assert [o.req_pos for o in decode(placed(flipped, client_view, req_base=77))[0]] == [77]
+        assert [o.req_pos for o in decode(with_pos(flipped, client_view, (77, RESP_BASE)))[0]] == [77]
 
 
 def test_open_streams_are_bounded() -> None:
@@ -841,11 +816,10 @@ _TRUTH: set[int] = set()
 
 @given(st.data())
 def _recut_keeps_the_positions(data: st.DataObject) -> None:
-    segs = placed(recut(_RUNS, data), True)
+    segs = with_pos(recut(_RUNS, data), True, ISN)
     ops, counters = decode(segs)
     assert "decoder_errors" not in counters
-    got = [o.req_pos for o in ops if o.req_pos is not None]
-    assert len(set(got)) == len(got) and set(got) <= _TRUTH  # never a wrong or shared position
+    got = true_positions(ops, _TRUTH)
     # Nothing cut and the start seen: every stream, each named. (A first transfer too short to tell
     # the server's SETTINGS from a mid-stream pick-up leaves both directions to resynchronise.)
     if not any(x.truncated for x in segs) and "midstream_pickups" not in counters:
@@ -919,7 +893,7 @@ def _concurrent(r: int) -> tuple[list[tuple[bool, bytes, int]], list[int]]:
     for sid, prev in ((3, 1), (5, 3), (7, 5)):
         at[sid] = at[prev] + len(requests[prev // 2])
     flights = [(True, data, r), (False, SETTINGS_FRAME + _ok(5) + _ok(7) + _ok(1) + _ok(3), 0)]
-    return flights, [(r + at[sid]) & MASK for sid in (5, 7, 1, 3)]
+    return flights, [(r + at[sid]) & M32 for sid in (5, 7, 1, 3)]
 
 
 def test_req_pos_of_concurrent_streams_in_one_transfer() -> None:
@@ -933,7 +907,7 @@ def test_req_pos_byte_by_byte_and_across_the_wrap_is_the_whole_transfers() -> No
     r = 2**32 - 10  # the preface straddles the wrap, every frame is after it
     flights, want = _concurrent(r)
     assert max(want) < 200
-    split = [(c2s, data[i : i + 1], (pos + i) & MASK) for c2s, data, pos in flights for i in range(len(data))]
+    split = [(c2s, data[i : i + 1], (pos + i) & M32) for c2s, data, pos in flights for i in range(len(data))]
     for f in (flights, split):
         for ops, _ in _decode_views(f).values():
             assert [o.req_pos for o in ops] == want
@@ -946,9 +920,9 @@ def test_req_pos_after_gaps_and_a_loss() -> None:
     five = _get(5, 0x04) + _frame(0, 0, 5, b"x" * 1000) + _frame(0, 0x01, 5, b"end")
     at = [r]
     for n in (len(one), len(_get(3)), len(five), len(_get(7))):
-        at.append((at[-1] + n) & MASK)
+        at.append((at[-1] + n) & M32)
     client = [one, _get(3), five, _get(7), _frame(1, 0x05, 9, NO_METHOD)]
-    flights = [(True, PREFACE + SETTINGS_FRAME, (r - len(PREFACE) - 9) & MASK), (False, SETTINGS_FRAME, 0)]
+    flights = [(True, PREFACE + SETTINGS_FRAME, (r - len(PREFACE) - 9) & M32), (False, SETTINGS_FRAME, 0)]
     for i, data in enumerate(client):
         flights += [(True, data, at[i]), (False, _ok(2 * i + 1), 9 + 10 * i)]
     for ops, counters in _decode_views(flights, {2: len(one), 6: len(five)}).values():

@@ -24,7 +24,7 @@ from correlator.protocols.mysql import MySQLDecoder
 from correlator.segments import Operation, Segment
 from tests.support.dbservers import mariadb_server
 from tests.support.relay import Relay, relaying
-from tests.support.segment_cuts import merge_runs, mutate, recut
+from tests.support.segment_cuts import M32, merge_runs, mutate, recut, true_positions, with_pos
 
 SECRET = "sekrit-42"
 PASSWORD = "pw-sekrit-77"  # the application user's (scrambled on the wire)
@@ -90,23 +90,9 @@ def decode(segs: list[Segment]) -> tuple[list[Operation], dict[str, int]]:
     return ops, d.counters
 
 
-MASK = 0xFFFFFFFF
 REQ_BASE = 0xFFFFFE00  # the client's first sequence number: the workload's positions wrap past 2**32
 RESP_BASE = 0x5000
-
-
-def placed(segs: list[Segment], client_view: bool, req_base: int = REQ_BASE,
-           resp_base: int = RESP_BASE) -> list[Segment]:  # fmt: skip
-    """The segments with the positions TCP would give them: the stream offset of each one's first
-    byte in its direction from that direction's first sequence number. Keyed by direction (client to
-    server or back), not by egress, so both ends' views give a byte the same position."""
-    nxt = {True: req_base, False: resp_base}
-    out: list[Segment] = []
-    for s in segs:
-        c2s = s.egress == client_view
-        out.append(replace(s, pos=nxt[c2s]))
-        nxt[c2s] = (nxt[c2s] + s.length) & MASK
-    return out
+ISN = (REQ_BASE, RESP_BASE)
 
 
 def command_positions(segs: list[Segment], client_view: bool) -> list[int]:
@@ -120,7 +106,7 @@ def command_positions(segs: list[Segment], client_view: bool) -> list[int]:
         n = int.from_bytes(stream[i : i + 3], "little")
         if stream[i + 3] == 0 and stream[i + 4] in (COMMAND.COM_QUERY, COMMAND.COM_INIT_DB, COMMAND.COM_STMT_PREPARE,
                                                     COMMAND.COM_STMT_EXECUTE):  # fmt: skip
-            out.append((REQ_BASE + i) & MASK)
+            out.append((REQ_BASE + i) & M32)
         i += 4 + n
     return out
 
@@ -219,7 +205,7 @@ def test_recorded_commands_are_named_by_their_stream_positions(workload: Relay) 
     for client_view, view in ((True, workload.client_segments()), (False, workload.server_segments()),
                               (True, workload.client_segments(full=True)),
                               (False, workload.server_segments(full=True))):  # fmt: skip
-        ops, _ = decode(placed(view[0], client_view))
+        ops, _ = decode(with_pos(view[0], client_view, ISN))
         assert [o.req_pos for o in ops] == truth, client_view  # each exact, so distinct; both ends alike
 
 
@@ -239,7 +225,7 @@ def test_picked_up_mid_stream(workload: Relay) -> None:
     segs = workload.client_segments()[0]
     k = next(i for i, s in enumerate(segs) if s.egress and b"INSERT INTO items" in s.data)
     truth = command_positions(workload.client_segments(full=True)[0], True)
-    segs = placed(segs, True)
+    segs = with_pos(segs, True, ISN)
     ops, counters = decode(segs[k:])
     assert [o.req_pos for o in ops] == truth[2:]  # from the first command after the pick-up
     expected = [(n.removesuffix(" kspandb"), op, coll, text, None, *rest)
@@ -267,7 +253,7 @@ def test_split_and_coalesced_give_the_same_operations(workload: Relay) -> None:
     assert [_summary(o) for o in parts] == [_summary(o) for o in whole] == WORKLOAD_OPS
     assert "unsynced_segments" not in counters
     truth = command_positions(segs, False)
-    assert [o.req_pos for o in decode(placed(split, False))[0]] == truth
+    assert [o.req_pos for o in decode(with_pos(split, False, ISN))[0]] == truth
     coalesced: list[Segment] = []
     for s in segs:
         if coalesced and coalesced[-1].egress == s.egress:
@@ -277,7 +263,7 @@ def test_split_and_coalesced_give_the_same_operations(workload: Relay) -> None:
             coalesced.append(s)
     ops, _ = decode(coalesced)
     assert [_summary(o) for o in ops] == WORKLOAD_OPS
-    assert [o.req_pos for o in decode(placed(coalesced, False))[0]] == truth
+    assert [o.req_pos for o in decode(with_pos(coalesced, False, ISN))[0]] == truth
 
 
 def test_truncated_big_values(my_port: int) -> None:
@@ -298,7 +284,7 @@ def test_truncated_big_values(my_port: int) -> None:
         truth = command_positions(r.client_segments(full=True)[0], True)
         for client_view, view in ((True, r.client_segments()), (False, r.server_segments())):
             # The 3 KB query and the big results ran past their copies: positions stay exact.
-            assert [o.req_pos for o in decode(placed(view[0], client_view))[0]] == truth
+            assert [o.req_pos for o in decode(with_pos(view[0], client_view, ISN))[0]] == truth
             ops, counters = decode(view[0])
             names = [o.name for o in ops]
             assert names == ["SET kspandb", "CREATE TABLE big", "INSERT big", "SELECT seq_1_to_300", "SELECT big",
@@ -378,13 +364,12 @@ def test_mutated_real_traffic_never_raises(workload: Relay) -> None:
 
 @given(st.data())
 def _rechunked_like_the_kernel(data: st.DataObject) -> None:
-    segs = placed(recut(_RUNS, data), True)
+    segs = with_pos(recut(_RUNS, data), True, ISN)
     ops, counters = decode(segs)
     assert "decode_errors" not in counters
     assert "sekrit" not in exported(ops)
     assert len(ops) <= len(WORKLOAD_OPS)  # lost ones are counted, none invented
-    got = [o.req_pos for o in ops if o.req_pos is not None]
-    assert set(got) <= set(_TRUTH) and len(set(got)) == len(got)  # never a wrong or shared position
+    true_positions(ops, _TRUTH)
     if not any(s.truncated for s in segs):  # nothing cut: exactly the workload
         assert [_summary(o) for o in ops] == WORKLOAD_OPS
         assert [o.req_pos for o in ops] == _TRUTH
@@ -453,11 +438,11 @@ def test_req_pos_of_commands_pipelined_in_one_transfer() -> None:
 
 def test_req_pos_byte_by_byte_and_across_the_wrap_is_the_whole_transfers() -> None:
     r = 2**32 - 6  # Q1's header straddles the wrap, Q2 starts after it
-    whole = [_flight(Q1, True, r), _flight(OK, False, 0), _flight(Q2, True, (r + len(Q1)) & MASK),
+    whole = [_flight(Q1, True, r), _flight(OK, False, 0), _flight(Q2, True, (r + len(Q1)) & M32),
              _flight(OK, False, 11)]  # fmt: skip
     split: list[tuple[bool, bytes, int, int]] = []
     for c2s, data, pos, _ in whole:
-        split += [_flight(data[i : i + 1], c2s, (pos + i) & MASK) for i in range(len(data))]
+        split += [_flight(data[i : i + 1], c2s, (pos + i) & M32) for i in range(len(data))]
     want = [2**32 - 6, len(Q1) - 6]
     for flights in (whole, split):
         for ops, _ in _decode_views(flights).values():
@@ -467,16 +452,16 @@ def test_req_pos_byte_by_byte_and_across_the_wrap_is_the_whole_transfers() -> No
 def test_req_pos_after_an_uncopied_gap() -> None:
     big = _query("SELECT '" + "x" * 2000 + "'")  # 2 KB: its copy ends at 512 bytes
     r = 2**32 - 100
-    after = (r + len(big)) & MASK
+    after = (r + len(big)) & M32
     # A command written in two transfers, the first copied short: its rest, then the next command.
     first, rest = big[:1800], big[1800:]
-    at = (after + len(Q1)) & MASK
+    at = (after + len(Q1)) & M32
     flights = [_flight(big, True, r), _flight(OK, False, 0), _flight(Q1, True, after), _flight(OK, False, 11),
-               _flight(first, True, at), _flight(rest + Q2, True, (at + 1800) & MASK), _flight(OK, False, 22),
+               _flight(first, True, at), _flight(rest + Q2, True, (at + 1800) & M32), _flight(OK, False, 22),
                _flight(OK, False, 33)]  # fmt: skip
     for ops, counters in _decode_views(flights).values():
         assert counters["gap_bytes"] == sum(length - 512 for _, _, _, length in flights if length > 512)
-        assert [o.req_pos for o in ops] == [r, after, at, (at + len(big)) & MASK]
+        assert [o.req_pos for o in ops] == [r, after, at, (at + len(big)) & M32]
 
 
 def test_req_pos_is_unknown_when_the_boundary_was_found_inside_a_transfer() -> None:

@@ -21,7 +21,17 @@ from correlator.protocols.postgres import PostgresDecoder
 from correlator.segments import SEGMENT_DATA, Operation, Segment
 from tests.support.dbservers import postgres_server
 from tests.support.relay import Relay, relaying
-from tests.support.segment_cuts import merge_runs, mutate, recut
+from tests.support.segment_cuts import (
+    C2S_ISN,
+    M32,
+    S2C_ISN,
+    cut_whole,
+    merge_runs,
+    mutate,
+    recut,
+    true_positions,
+    with_pos,
+)
 
 SECRET = "sekrit-42"
 PASSWORD = "pw-sekrit-77"  # the superuser's (SCRAM) password
@@ -331,23 +341,6 @@ def test_any_transfer_boundaries_cut_to_512_bytes(workload: Relay) -> None:
 
 # -- request positions (Operation.req_pos) -----------------------------------------------------
 
-M32 = 0xFFFFFFFF
-C2S_ISN, S2C_ISN = 0x9E3779B9, 0x12345678  # initial sequence numbers of the two directions
-
-
-def with_pos(segs: list[Segment], client_view: bool, isn: tuple[int, int] = (C2S_ISN, S2C_ISN)) -> list[Segment]:
-    """The segments with their stream positions as the kernel's TCP sequence numbers give them:
-    the direction's initial number plus the bytes that direction carried before (copied or not).
-    Both ends' views of one connection name a byte alike."""
-    sent = {True: 0, False: 0}  # by direction: True = client to server
-    out: list[Segment] = []
-    for s in segs:
-        c2s = s.egress == client_view
-        out.append(replace(s, pos=((isn[0] if c2s else isn[1]) + sent[c2s]) & M32))
-        sent[c2s] += s.length
-    return out
-
-
 def _m(t: bytes, body: bytes) -> bytes:
     return t + struct.pack(">I", len(body) + 4) + body
 
@@ -568,30 +561,16 @@ _RUNS_POS: list[Segment] = []
 _FULL_POS: list[int | None] = []
 
 
-def _cut_whole(runs: list[Segment], sizes: list[int]) -> list[Segment]:
-    """Each run written in transfers of the given sizes in turn, none beyond the copy."""
-    segs: list[Segment] = []
-    for run in runs:
-        i = k = 0
-        while i < len(run.data):
-            chunk = run.data[i : i + sizes[k % len(sizes)]]
-            segs.append(replace(run, data=chunk, length=len(chunk)))
-            i += len(chunk)
-            k += 1
-    return segs
-
-
 @given(st.data())
 def _recut_positions(data: st.DataObject) -> None:
     # Transfers of any size, cut to the copy: the positions given are true ones.
     segs = with_pos(recut(_RUNS_POS, data), True)
     ops, counters = decode(segs)
     assert "decode_errors" not in counters
-    got = [o.req_pos for o in ops if o.req_pos is not None]
-    assert set(got) <= set(_FULL_POS) and len(set(got)) == len(got)
+    true_positions(ops, _FULL_POS)
 
 
 @given(st.lists(st.integers(1, SEGMENT_DATA), min_size=1, max_size=8))
 def _whole_cuts_positions(sizes: list[int]) -> None:
     # Transfers within the copy: every operation, at the recorded positions.
-    assert _req_pos(with_pos(_cut_whole(_RUNS_POS, sizes), True)) == _FULL_POS
+    assert _req_pos(with_pos(cut_whole(_RUNS_POS, sizes), True)) == _FULL_POS

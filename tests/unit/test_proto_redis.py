@@ -20,7 +20,7 @@ from correlator.protocols.redis import COUNTERS, MAX_PENDING, RedisDecoder
 from correlator.segments import SEGMENT_DATA, Operation, Segment
 from tests.support.dbservers import Server, redis_server
 from tests.support.relay import Relay, relaying
-from tests.support.segment_cuts import merge_runs, recut
+from tests.support.segment_cuts import C2S_ISN, M32, S2C_ISN, cut_whole, merge_runs, recut, true_positions, with_pos
 
 SECRET = "sekrit-42"  # planted in keys, values, channel names and messages
 PASSWORD = "pw-Sekrit-77"  # the AUTH server's requirepass
@@ -639,25 +639,8 @@ def test_resp_roundtrip_any_split(cmds: list[tuple[str, list[bytes], bytes]], cu
 
 # -- request positions (Operation.req_pos) -----------------------------------------------------
 
-M32 = 0xFFFFFFFF
-C2S_ISN, S2C_ISN = 0x9E3779B9, 0x12345678  # initial sequence numbers of the two directions
-
-
 def _cmd(*words: bytes) -> bytes:
     return b"*%d\r\n" % len(words) + b"".join(_bulk(w) for w in words)
-
-
-def with_pos(segs: list[Segment], client_view: bool, isn: tuple[int, int] = (C2S_ISN, S2C_ISN)) -> list[Segment]:
-    """The segments with their stream positions as the kernel's TCP sequence numbers give them:
-    the direction's initial number plus the bytes that direction carried before (copied or not).
-    Both ends' views of one connection name a byte alike."""
-    sent = {True: 0, False: 0}  # by direction: True = client to server
-    out: list[Segment] = []
-    for s in segs:
-        c2s = s.egress == client_view
-        out.append(replace(s, pos=((isn[0] if c2s else isn[1]) + sent[c2s]) & M32))
-        sent[c2s] += s.length
-    return out
 
 
 def _flight(cmd_egress: bool, writes: list[bytes], replies: list[bytes], pos: int = C2S_ISN) -> list[Segment]:
@@ -823,8 +806,7 @@ def test_recorded_req_pos_exact_on_both_ends(server: Server) -> None:
     for client, segs in views(r, 0):
         assert any(s.truncated for s in segs)
         ops, _ = decode(with_pos(segs, client), client=client, from_start=True)
-        got = [o.req_pos for o in ops if o.req_pos is not None]
-        assert len(got) >= 10 and set(got) <= full[client] and len(set(got)) == len(got)
+        assert len(true_positions(ops, full[client])) >= 10
     _RECORDED[:] = merge_runs(with_pos(r.client_segments(full=True)[0], True))
     _FULL_POS[:] = [o.req_pos for o in decode(with_pos(r.client_segments(full=True)[0], True), client=True,
                                               from_start=True)[0]]  # fmt: skip
@@ -835,28 +817,14 @@ _RECORDED: list[Segment] = []
 _FULL_POS: list[int | None] = []
 
 
-def _cut_whole(runs: list[Segment], sizes: list[int]) -> list[Segment]:
-    """Each run written in transfers of the given sizes in turn, none beyond the copy."""
-    segs: list[Segment] = []
-    for run in runs:
-        i = k = 0
-        while i < len(run.data):
-            chunk = run.data[i : i + sizes[k % len(sizes)]]
-            segs.append(replace(run, data=chunk, length=len(chunk)))
-            i += len(chunk)
-            k += 1
-    return segs
-
-
 @given(st.data())
 def _recut_recorded(data: st.DataObject) -> None:
     # Transfers of any size, cut to the copy: the positions given are true ones.
     segs = with_pos(recut(_RECORDED, data), True)
     ops, d = decode(segs, client=True, from_start=True)
     assert d.counters["decoder_errors"] == 0
-    got = [o.req_pos for o in ops if o.req_pos is not None]
-    assert set(got) <= set(_FULL_POS) and len(set(got)) == len(got)
+    true_positions(ops, _FULL_POS)
     # Transfers within the copy: every command, the same positions as the recorded cuts gave.
     sizes = data.draw(st.lists(st.integers(1, SEGMENT_DATA), min_size=1, max_size=8))
-    ops, _ = decode(with_pos(_cut_whole(_RECORDED, sizes), True), client=True, from_start=True)
+    ops, _ = decode(with_pos(cut_whole(_RECORDED, sizes), True), client=True, from_start=True)
     assert [o.req_pos for o in ops] == _FULL_POS
