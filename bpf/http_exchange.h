@@ -2276,16 +2276,24 @@ __attribute__((noinline)) int kspan_h2_grow(__u32 at, __u32 n)
     return 1;
 }
 
+/* The walk, and the transfer offset of its next frame, when there is one left to look at. */
+static __always_inline struct kspan_h2_walk *kspan_h2_next(__u32 *off)
+{
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    if (!w || w->off >= w->len)
+        return 0;
+    *off = w->off;
+    return w;
+}
+
 /* One frame at the walk's off (a bpf_loop callback): an entry with its header and, unless DATA,
  * its payload's bytes in this transfer. */
 static long kspan_h2_step(__u32 j, void *c)
 {
-    int z = 0;
-    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    __u32 off = 0;
+    struct kspan_h2_walk *w = kspan_h2_next(&off);
     if (!w)
-        return 1;
-    __u32 off = w->off;
-    if (off >= w->len)
         return 1;
     if (off >= w->avail) {
         w->state = KSPAN_H2_LOST;  /* not readable here: the boundaries are lost */
@@ -2367,12 +2375,9 @@ static __always_inline void kspan_h2_pieces(struct kspan_h2_walk *w, struct kspa
  * HTTP/2 connection picked up after its preface (kspan started later). */
 static long kspan_h2_chain_step(__u32 j, void *c)
 {
-    int z = 0;
-    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    __u32 off = 0;
+    struct kspan_h2_walk *w = kspan_h2_next(&off);
     if (!w)
-        return 1;
-    __u32 off = w->off;
-    if (off >= w->len)
         return 1;
     if (w->len - off < 9 || off >= w->avail || kspan_h2_copy(off, 9, 0) != 9) {
         w->full = 1;  /* not a frame chain */
