@@ -1996,7 +1996,7 @@ static __always_inline void kspan_seg_peer(struct kspan_segment *seg, struct ksp
  * variable offset is seen as offset <= KSPAN_SEG_DATA - 1 plus up to 2 * KSPAN_SEG_DATA - 1 bytes. */
 struct kspan_segbuf_val {
     struct kspan_segment seg;
-    char spare[2 * KSPAN_SEG_DATA];
+    char spare[7 * KSPAN_SEG_DATA];  /* and an HTTP/2 frame walk's KSPAN_H2_DATA (see kspan_h2_copy_step) */
 };
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -2139,6 +2139,12 @@ struct kspan_h2_entry {
     __u16 flags;
 };
 #define KSPAN_H2_PIECES 64  /* iovecs a scattered transfer is walked across */
+#define KSPAN_H2_FRAMES 128 /* frames a transfer is walked across */
+/* Bytes of frame entries a walked transfer carries: more than a copy of the transfer's start, as
+ * a busy connection's transfer holds many streams' small frames. A copy at a masked offset
+ * (< 4 * KSPAN_SEG_DATA) of a masked size fits in kspan_segbuf_val's data and spare. */
+#define KSPAN_H2_DATA (3 * KSPAN_SEG_DATA)
+#define KSPAN_H2_MASK (4 * KSPAN_SEG_DATA - 1)
 
 /* The walk state of one direction, in fields a protocol state does not use otherwise
  * (struct kspan_conn: HTTP's scan fields). */
@@ -2194,14 +2200,14 @@ static long kspan_h2_copy_step(__u32 k, void *c)
         chunk = cp->left;
     const void *src = (const void *)(w->base[i] + (cp->off - start));
     if (cp->to_data) {
-        if (w->o >= KSPAN_SEG_DATA)
+        if (w->o >= KSPAN_H2_DATA)
             return 1;
-        if (chunk > KSPAN_SEG_DATA - w->o)
-            chunk = KSPAN_SEG_DATA - w->o;
+        if (chunk > KSPAN_H2_DATA - w->o)
+            chunk = KSPAN_H2_DATA - w->o;
         __u32 o = w->o;
         asm volatile("" : "+r"(chunk), "+r"(o));
-        chunk &= 2 * KSPAN_SEG_DATA - 1;
-        o &= KSPAN_SEG_DATA - 1;
+        chunk &= KSPAN_H2_MASK;
+        o &= KSPAN_H2_MASK;
         if (chunk && bpf_probe_read_user(&sb->seg.data[o], chunk, src) != 0)
             return 1;
         w->o += chunk;
@@ -2222,7 +2228,7 @@ static long kspan_h2_copy_step(__u32 k, void *c)
     return 0;
 }
 
-/* Copy n (<= KSPAN_SEG_DATA) bytes at transfer offset off into seg.data at the walk's o (to_data)
+/* Copy n (<= KSPAN_H2_DATA) bytes at transfer offset off into seg.data at the walk's o (to_data)
  * or into its header buffer (at most 9); the bytes copied. */
 __attribute__((noinline)) int kspan_h2_copy(__u32 off, __u32 n, int to_data)
 {
@@ -2250,11 +2256,11 @@ __attribute__((noinline)) int kspan_h2_entry(__u32 off)
     struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
     if (!w || !sb || w->full)
         return 0;
-    if (w->o + sizeof(struct kspan_h2_entry) + 1 > KSPAN_SEG_DATA) {
+    if (w->o + sizeof(struct kspan_h2_entry) + 1 > KSPAN_H2_DATA) {
         w->full = 1;
         return 0;
     }
-    __u32 o = w->o & (KSPAN_SEG_DATA - 1);
+    __u32 o = w->o & KSPAN_H2_MASK;
     struct kspan_h2_entry e = {.off = off};
     __builtin_memcpy(&sb->seg.data[o], &e, sizeof(e));
     w->o += sizeof(e);
@@ -2268,24 +2274,32 @@ __attribute__((noinline)) int kspan_h2_grow(__u32 at, __u32 n)
     struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
     if (!sb || !at)
         return 0;
-    __u32 o = (at - 1) & (KSPAN_SEG_DATA - 1);
-    if (o + sizeof(struct kspan_h2_entry) > KSPAN_SEG_DATA)
+    __u32 o = (at - 1) & KSPAN_H2_MASK;
+    if (o + sizeof(struct kspan_h2_entry) > KSPAN_H2_DATA)
         return 0;
     struct kspan_h2_entry *e = (struct kspan_h2_entry *)&sb->seg.data[o];
     e->copied += n;
     return 1;
 }
 
+/* The walk, and the transfer offset of its next frame, when there is one left to look at. */
+static __always_inline struct kspan_h2_walk *kspan_h2_next(__u32 *off)
+{
+    int z = 0;
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    if (!w || w->off >= w->len)
+        return 0;
+    *off = w->off;
+    return w;
+}
+
 /* One frame at the walk's off (a bpf_loop callback): an entry with its header and, unless DATA,
  * its payload's bytes in this transfer. */
 static long kspan_h2_step(__u32 j, void *c)
 {
-    int z = 0;
-    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    __u32 off = 0;
+    struct kspan_h2_walk *w = kspan_h2_next(&off);
     if (!w)
-        return 1;
-    __u32 off = w->off;
-    if (off >= w->len)
         return 1;
     if (off >= w->avail) {
         w->state = KSPAN_H2_LOST;  /* not readable here: the boundaries are lost */
@@ -2367,12 +2381,9 @@ static __always_inline void kspan_h2_pieces(struct kspan_h2_walk *w, struct kspa
  * HTTP/2 connection picked up after its preface (kspan started later). */
 static long kspan_h2_chain_step(__u32 j, void *c)
 {
-    int z = 0;
-    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
+    __u32 off = 0;
+    struct kspan_h2_walk *w = kspan_h2_next(&off);
     if (!w)
-        return 1;
-    __u32 off = w->off;
-    if (off >= w->len)
         return 1;
     if (w->len - off < 9 || off >= w->avail || kspan_h2_copy(off, 9, 0) != 9) {
         w->full = 1;  /* not a frame chain */
@@ -2515,7 +2526,7 @@ __attribute__((noinline)) int kspan_h2_frames(__u64 conn_id)
     }
     if (!lost) {
         w->off = off;
-        bpf_loop(64, kspan_h2_step, 0, 0);
+        bpf_loop(KSPAN_H2_FRAMES, kspan_h2_step, 0, 0);
         if ((w->off < w->len) || (w->state & KSPAN_H2_LOST))
             lost = 1;  /* more frames than the walk takes, or bytes it could not read */
     }
@@ -2537,7 +2548,7 @@ __attribute__((noinline)) int kspan_h2_frames(__u64 conn_id)
     /* a walk that lost the boundaries keeps the entries it made: they are still right */
     if (!w->o && lost)
         return -1;
-    return w->o > KSPAN_SEG_DATA ? KSPAN_SEG_DATA : w->o;
+    return w->o > KSPAN_H2_DATA ? KSPAN_H2_DATA : w->o;
 }
 
 /* One transfer (the per-CPU kspan_args) on a connection of another protocol, or its close: a
@@ -2571,6 +2582,7 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
     seg->ctx_end = 0;
     seg->data_len = 0;
     __u32 n = 0;
+    __u32 cap = KSPAN_SEG_DATA;
     if (closed) {
         seg->pid = st->ex.pid;
         seg->tid = st->ex.tid;
@@ -2645,15 +2657,19 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
             if (n && bpf_probe_read_user(seg->data, n, a->buf) != 0)
                 n = 0;
         }
-        if (n > KSPAN_SEG_DATA)
-            n = KSPAN_SEG_DATA;
+        if (framed >= 0)
+            cap = KSPAN_H2_DATA;
+        if (n > cap)
+            n = cap;
         seg->data_len = n;
     }
     /* bound the size where the verifier sees it (the compiler merged the clamps above) */
     asm volatile("" : "+r"(n));
-    n &= 2 * KSPAN_SEG_DATA - 1;
-    if (n > KSPAN_SEG_DATA)
-        n = KSPAN_SEG_DATA;
+    n &= KSPAN_H2_MASK;
+    if (n > cap)
+        n = cap;
+    if (n > KSPAN_H2_DATA)
+        n = KSPAN_H2_DATA;
     __u32 size = __builtin_offsetof(struct kspan_segment, data) + n;
     if (bpf_ringbuf_output(&events, seg, size, BPF_RB_NO_WAKEUP) == 0)
         kspan_count(KSPAN_CNT_SEGMENTS, 1);
