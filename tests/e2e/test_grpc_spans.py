@@ -304,10 +304,12 @@ def test_curl_http2_upgrade_h2c_through_the_agent(tmp_path: Path) -> None:
         args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
                 "--no-metrics", "--port", str(port)]
         with running_agent(args, tmp_path) as agent:
-            out = subprocess.run(["curl", "-s", "--http2", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null",
-                                  "-w", "%{http_code} ", "--max-time", "10",
-                                  f"http://127.0.0.1:{port}/up?token={SECRET}", f"http://127.0.0.1:{port}/next",
-                                  f"http://127.0.0.1:{port}/missing"],
+            # the URLs and a secret header from a config file: a command line is a resource attribute
+            cfg = tmp_path / "curl.cfg"
+            cfg.write_text(f'header = "X-Secret: {SECRET}"\n' + "".join(
+                f'url = "http://127.0.0.1:{port}{path}"\noutput = "/dev/null"\n'
+                for path in (f"/up?token={SECRET}", "/next", "/missing")))
+            out = subprocess.run(["curl", "-s", "--http2", "-w", "%{http_code} ", "--max-time", "10", "-K", str(cfg)],
                                  capture_output=True, text=True, timeout=20).stdout
             assert out.split() == ["200", "200", "404"], out
 
