@@ -1748,6 +1748,51 @@ static __always_inline void kspan_begin_response(struct kspan_conn *st, struct k
     asm volatile("" ::: "memory");
 }
 
+/* An HTTP/2 frame walk's state for one direction (kspan_h2_frames), in fields a protocol state
+ * does not use otherwise (struct kspan_conn: HTTP's scan fields). */
+#define KSPAN_H2_HN_MASK 0xf     /* bytes of a frame header carried from the previous transfer */
+#define KSPAN_H2_COPY 0x100      /* the rest of the current frame is copied (not DATA) */
+#define KSPAN_H2_LOST 0x200      /* the frame boundaries are lost: copy transfers' starts as before */
+
+/* A 101 response that switches the connection to HTTP/2 ("Upgrade: h2c" in its head), with
+ * switch == 0; with switch == 1, after the exchange was emitted: the connection becomes an HTTP/2
+ * protocol state seen from its start, so the server's first frames (stream 1's answer, sent
+ * before the client's preface arrives) and the client's preface are walked as frames. */
+__attribute__((noinline)) int kspan_h2c_upgrade(__u64 conn_id, int switch_now)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st)
+        return 0;
+    if (!switch_now) {
+        __u32 len = st->ex.resp_head_len;
+        if (len > KSPAN_RESP_HEAD)
+            len = KSPAN_RESP_HEAD;
+        for (__u32 i = 0; i + 3 <= len && i < KSPAN_RESP_HEAD - 3; i++) {
+            __u8 a = st->ex.resp_head[i] | 0x20, b = st->ex.resp_head[i + 1], c = st->ex.resp_head[i + 2] | 0x20;
+            if (a == 'h' && b == '2' && c == 'c')
+                return 1;
+        }
+        return 0;
+    }
+    st->phase = KSPAN_PH_PROTO;
+    st->method = KSPAN_PROTO_HTTP2;
+    st->pend_n = 0;
+    st->ex.type = 0;  /* no exchange: the sweeper and the close path leave it alone */
+    st->ex.req_bytes = 0;
+    st->ex.parent_kind = 1;
+    st->cl_pos = st->te_pos = st->scan_n = st->scan_end = 0;
+    st->content_length = st->resp_head_end = 0;
+    /* the client's preface (24 bytes, not a frame) is still to come */
+    if (st->ex.role == KSPAN_ROLE_CLIENT) {
+        st->cl_pos = 24;
+        st->scan_n = KSPAN_H2_COPY;
+    } else {
+        st->te_pos = 24;
+        st->scan_end = KSPAN_H2_COPY;
+    }
+    return 1;
+}
+
 /* Response bytes on a response in progress: count, keep the head and tail, check completion. */
 static __always_inline void kspan_response_data(struct kspan_conn *st, struct kspan_data_args *a)
 {
@@ -1788,8 +1833,12 @@ static __always_inline void kspan_response_data(struct kspan_conn *st, struct ks
         done = st->ex.resp_bytes >= st->resp_head_end + st->content_length;
     else if (st->framing == KSPAN_FR_CHUNKED)
         done = st->tail_n >= 7 && (st->tail & KSPAN_CHUNKED_END_MASK) == KSPAN_CHUNKED_END;
-    if (done)
+    if (done) {
+        int h2c = st->ex.status == 101 && kspan_h2c_upgrade(a->conn_id, 0);
         kspan_emit(st, KSPAN_END_COMPLETE);
+        if (h2c)
+            kspan_h2c_upgrade(a->conn_id, 1);
+    }
 }
 
 /* Hold a whole transfer (w: its bytes after any pending ones in its direction, n of them) as
@@ -2146,11 +2195,6 @@ struct kspan_h2_entry {
 #define KSPAN_H2_DATA (3 * KSPAN_SEG_DATA)
 #define KSPAN_H2_MASK (4 * KSPAN_SEG_DATA - 1)
 
-/* The walk state of one direction, in fields a protocol state does not use otherwise
- * (struct kspan_conn: HTTP's scan fields). */
-#define KSPAN_H2_HN_MASK 0xf     /* bytes of a frame header carried from the previous transfer */
-#define KSPAN_H2_COPY 0x100      /* the rest of the current frame is copied (not DATA) */
-#define KSPAN_H2_LOST 0x200      /* the frame boundaries are lost: copy transfers' starts as before */
 
 /* One walk, per CPU (too large for the stack). The helpers below are global functions that find
  * it and the segment buffer themselves: each is verified once, not inline at every call. */

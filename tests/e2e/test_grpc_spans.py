@@ -12,12 +12,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import nginx_h2
+from tests.support import h2c_upgrade, nginx_h2
 from tests.support.agent import free_port, running_agent, service
 from tests.support.ebpf import fail_or_skip, require_ebpf
 from tests.support.otlp_receiver import OtlpReceiver
@@ -72,6 +73,11 @@ GRPC_CLIENT = textwrap.dedent('''
 
 def _attr(span: dict[str, Any], key: str) -> Any:
     return span["attributes"].get(key)
+
+
+def _path(span: dict[str, Any]) -> str:
+    """A server span's url.path, a client span's from its url.full."""
+    return str(_attr(span, "url.path") or urllib.parse.urlsplit(str(_attr(span, "url.full") or "")).path)
 
 
 def test_grpc_calls_become_server_and_client_spans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,3 +292,38 @@ def test_an_http2_connection_picked_up_after_its_start(tmp_path: Path) -> None:
         assert all(s["name"] in ("POST", f"{SERVICE}/Add") for s in mine), [s["name"] for s in mine]
     summary = next(ln for ln in agent.stderr.splitlines() if ln.startswith("kspan: stopped;"))
     assert "http2_header_fields_unknown=" in summary, summary
+
+
+def test_curl_http2_upgrade_h2c_through_the_agent(tmp_path: Path) -> None:
+    """curl's `Upgrade: h2c` against a server that takes it (hyper-h2): the upgrade request is an
+    HTTP/1.1 exchange answered `101 Switching Protocols` (its HTTP/2 answer, stream 1, rides on the
+    server's first transfer after the 101, which the HTTP/1 path ends on), and the requests after it
+    on the upgraded connection are HTTP/2 streams, decoded from the client's preface on."""
+    require_ebpf()
+    with h2c_upgrade.serving(SECRET) as port, OtlpReceiver() as rx:
+        args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
+                "--no-metrics", "--port", str(port)]
+        with running_agent(args, tmp_path) as agent:
+            # the URLs and a secret header from a config file: a command line is a resource attribute
+            cfg = tmp_path / "curl.cfg"
+            cfg.write_text(f'header = "X-Secret: {SECRET}"\n' + "".join(
+                f'url = "http://127.0.0.1:{port}{path}"\noutput = "/dev/null"\n'
+                for path in (f"/up?token={SECRET}", "/next", "/missing")))
+            out = subprocess.run(["curl", "-s", "--http2", "-w", "%{http_code} ", "--max-time", "10", "-K", str(cfg)],
+                                 capture_output=True, text=True, timeout=20).stdout
+            assert out.split() == ["200", "200", "404"], out
+
+            def ready(spans: list[dict[str, Any]]) -> bool:
+                h2 = [s for s in spans if _attr(s, "network.protocol.version") == "2"]
+                return sum(s["kind"] == SERVER for s in h2) >= 2 and sum(s["kind"] == CLIENT for s in h2) >= 2
+
+            spans = rx.wait_for_spans(ready, timeout_s=30)
+        assert agent.returncode == 0, agent.stderr
+    h2 = [s for s in spans if _attr(s, "network.protocol.version") == "2"]
+    for kind in (SERVER, CLIENT):
+        got = sorted((_path(s), _attr(s, "http.response.status_code")) for s in h2 if s["kind"] == kind)
+        assert got == [("/missing", 404), ("/next", 200)], (kind, got)
+    up = [s for s in spans if _attr(s, "network.protocol.version") == "1.1"]
+    assert {s["kind"] for s in up} == {SERVER, CLIENT}, up
+    assert all(_path(s) == "/up" and _attr(s, "http.response.status_code") == 101 for s in up), up
+    assert SECRET not in json.dumps(spans)

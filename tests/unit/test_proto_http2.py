@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +27,7 @@ from hypothesis import strategies as st
 
 from correlator.protocols.http2 import PREFACE, Http2Decoder
 from correlator.segments import Operation, Segment
-from tests.support import nginx_h2
+from tests.support import h2c_upgrade, nginx_h2
 from tests.support.agent import free_port
 from tests.support.relay import Relay, relaying
 from tests.support.segment_cuts import M32, merge_runs, recut, true_positions, with_pos
@@ -493,71 +491,11 @@ def test_go_client_and_server_concurrent_streams(go_h2c: Path) -> None:
 
 # -- curl's Upgrade: h2c against an h2 (hyper-h2) server --------------------------------------
 
-def _h2c_upgrade_server(listener: socket.socket, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            sock, _ = listener.accept()
-        except OSError:
-            return
-        threading.Thread(target=_h2c_serve, args=(sock,), daemon=True).start()
-
-
-def _h2c_respond(conn: h2.connection.H2Connection, sid: int, path: str) -> None:
-    status = "404" if path.startswith("/missing") else "200"
-    conn.send_headers(sid, [(":status", status), ("content-type", "text/plain"), ("x-server-secret", SECRET)])
-    conn.send_data(sid, f"hello {path}\n".encode(), end_stream=True)
-
-
-def _h2c_serve(sock: socket.socket) -> None:
-    with sock:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return
-            buf += chunk
-        head, rest = buf.split(b"\r\n\r\n", 1)
-        lines = head.split(b"\r\n")
-        path = lines[0].split(b" ")[1].decode()
-        settings = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"http2-settings:"))
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        conn.initiate_upgrade_connection(settings)
-        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
-        _h2c_respond(conn, 1, path)
-        sock.sendall(conn.data_to_send())
-        data = rest
-        while True:
-            if data:
-                for ev in conn.receive_data(data):
-                    if isinstance(ev, h2.events.RequestReceived):
-                        hdrs = dict(ev.headers)
-                        _h2c_respond(conn, ev.stream_id, hdrs[b":path"].decode())
-                    elif isinstance(ev, h2.events.ConnectionTerminated):
-                        return
-                sock.sendall(conn.data_to_send())
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-
-
 def test_curl_upgrade_h2c() -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    stop = threading.Event()
-    t = threading.Thread(target=_h2c_upgrade_server, args=(listener, stop), daemon=True)
-    t.start()
-    try:
-        with relaying(("127.0.0.1", listener.getsockname()[1])) as r:
-            assert _curl("--http2", f"http://127.0.0.1:{r.port}/up?token={SECRET}") == "200"
-            v = views(r)
-            assert_request_positions(r)
-    finally:
-        stop.set()
-        listener.close()
+    with h2c_upgrade.serving(SECRET) as port, relaying(("127.0.0.1", port)) as r:
+        assert _curl("--http2", f"http://127.0.0.1:{r.port}/up?token={SECRET}") == "200"
+        v = views(r)
+        assert_request_positions(r)
     for view, conns in v.items():
         assert conns[0][0].data.startswith(b"GET /up?")  # HTTP/1.1 first: the upgrade request
         ops, counters = decode(conns[0])
