@@ -75,6 +75,7 @@ class _Pkt:
     complete: bool
     seg: Segment
     pos: int | None  # the stream position of its header's first byte (None: not placed)
+    start_ns: int  # when its first byte came: the start of the segment that held it
 
 
 def _lenenc(b: bytes, pos: int) -> tuple[int, int]:
@@ -101,6 +102,7 @@ class _Frames:
         self.quiet = True
         self.dead = False
         self.buf_pos: int | None = None  # the stream position of buf[0]
+        self.buf_ns = 0  # the start of the segment buf[0] came in
         # Packet boundaries are placed (their stream positions known) when the framing started at
         # a transfer's first byte. A resynchronisation that skipped bytes found its boundary by
         # content, which a chain of random bytes passes often enough: its packets are not placed
@@ -161,14 +163,16 @@ class _Frames:
         # of them at lead_pos), the rest are seg.data from offset `off` on. Each position is taken
         # from the segment its byte is in, never counted across segments (gaps, lost segments).
         lead, lead_pos, off = 0, None, 0
+        lead_ns = seg.start_ns  # when the earlier bytes' first came
         if not self.synced and self.quiet:  # the direction's first bytes
             if len(self.buf) + len(data) < 4 and gap <= 0:
                 if not self.buf:
                     self.buf_pos = stream_pos(seg, 0)
+                    self.buf_ns = seg.start_ns
                 self.buf += data  # too short to tell a packet header yet
                 return out
             if self.buf:
-                lead, lead_pos = len(self.buf), self.buf_pos
+                lead, lead_pos, lead_ns = len(self.buf), self.buf_pos, self.buf_ns
             data = bytes(self.buf) + data
             self.buf.clear()
         if not self.synced:
@@ -196,7 +200,7 @@ class _Frames:
             self.skip -= take
             self._count("stepped_over_bytes", take)
         if self.buf:  # the start of a packet, from earlier segments
-            lead, lead_pos = len(self.buf), self.buf_pos
+            lead, lead_pos, lead_ns = len(self.buf), self.buf_pos, self.buf_ns
         self.buf += data
         buf = self.buf
         placed = self.placed
@@ -205,15 +209,17 @@ class _Frames:
             length = int.from_bytes(buf[pos : pos + 3], "little")
             end = pos + 4 + length
             at = self._where(seg, pos, lead, lead_pos, off) if placed else None
+            ns = lead_ns if pos < lead else seg.start_ns
             if end > len(buf):
                 if len(buf) - pos >= _KEEP:
-                    out.append(_Pkt(buf[pos + 3], bytes(buf[pos + 4 :]), length, False, seg, at))
+                    out.append(_Pkt(buf[pos + 3], bytes(buf[pos + 4 :]), length, False, seg, at, ns))
                     self.skip = end - len(buf)
                     pos = len(buf)
                 break
-            out.append(_Pkt(buf[pos + 3], bytes(buf[pos + 4 : end]), length, True, seg, at))
+            out.append(_Pkt(buf[pos + 3], bytes(buf[pos + 4 : end]), length, True, seg, at, ns))
             pos = end
         self.buf_pos = self._where(seg, pos, lead, lead_pos, off) if placed else None
+        self.buf_ns = lead_ns if pos < lead else seg.start_ns
         del buf[:pos]
         if gap > 0:
             self._count("gap_bytes", gap)
@@ -225,7 +231,7 @@ class _Frames:
             elif len(buf) >= 4:
                 length = int.from_bytes(buf[0:3], "little")
                 need = 4 + length - len(buf)
-                out.append(_Pkt(buf[3], bytes(buf[4:]), length, False, seg, self.buf_pos))
+                out.append(_Pkt(buf[3], bytes(buf[4:]), length, False, seg, self.buf_pos, self.buf_ns))
                 buf.clear()
                 if gap <= need:
                     self.skip = need - gap
@@ -431,7 +437,7 @@ class MySQLDecoder:
             self._count("query_text_cut")
         if cmd_byte in _NO_RESPONSE or cmd_byte == COM_CHANGE_USER:
             return
-        cmd = _Cmd(kind, text, seg.start_ns, seg.pid, seg.tid, req_pos=pkt.pos)
+        cmd = _Cmd(kind, text, pkt.start_ns, seg.pid, seg.tid, req_pos=pkt.pos)
         if kind == "init_db":
             cmd.schema = identifier(p[1:]) if pkt.complete else None
             if cmd.schema is None:

@@ -449,6 +449,18 @@ def test_req_pos_byte_by_byte_and_across_the_wrap_is_the_whole_transfers() -> No
             assert [o.req_pos for o in ops] == want
 
 
+def test_a_command_split_over_transfers_starts_at_its_first_byte() -> None:
+    """An operation's start is when its command packet's first byte came, not its last."""
+    flights: list[tuple[bool, bytes, int, int]] = []
+    starts = []
+    for c2s, data in ((True, Q1), (False, OK), (True, Q2), (False, OK)):
+        if c2s:
+            starts.append(len(flights))
+        flights += [_flight(data[i : i + 3], c2s, i) for i in range(0, len(data), 3)]
+    for ops, _ in _decode_views(flights).values():
+        assert [o.start_ns for o in ops] == starts, ops
+
+
 def test_req_pos_after_an_uncopied_gap() -> None:
     big = _query("SELECT '" + "x" * 2000 + "'")  # 2 KB: its copy ends at 512 bytes
     r = 2**32 - 100
