@@ -1753,12 +1753,15 @@ static __always_inline void kspan_begin_response(struct kspan_conn *st, struct k
 #define KSPAN_H2_HN_MASK 0xf     /* bytes of a frame header carried from the previous transfer */
 #define KSPAN_H2_COPY 0x100      /* the rest of the current frame is copied (not DATA) */
 #define KSPAN_H2_LOST 0x200      /* the frame boundaries are lost: copy transfers' starts as before */
+#define KSPAN_H2_NOTH2 0x400     /* the bytes to skip are not HTTP/2 (the 101 response's head) */
+
+__attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed);
 
 /* A 101 response that switches the connection to HTTP/2 ("Upgrade: h2c" in its head), with
  * switch == 0; with switch == 1, after the exchange was emitted: the connection becomes an HTTP/2
  * protocol state seen from its start, so the server's first frames (stream 1's answer, sent
  * before the client's preface arrives) and the client's preface are walked as frames. */
-__attribute__((noinline)) int kspan_h2c_upgrade(__u64 conn_id, int switch_now)
+__attribute__((noinline)) int kspan_h2c_upgrade(__u64 conn_id, int switch_now, __u32 lead, __u32 len, int egress)
 {
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
     if (!st)
@@ -1790,7 +1793,18 @@ __attribute__((noinline)) int kspan_h2c_upgrade(__u64 conn_id, int switch_now)
         st->te_pos = 24;
         st->scan_end = KSPAN_H2_COPY;
     }
-    return 1;
+    /* the rest of this transfer, past the 101's head (lead bytes), is HTTP/2 already: the
+     * server's first frames, stream 1's answer among them, when they came in the same transfer */
+    if (!lead || lead >= len)
+        return 1;
+    if (egress) {
+        st->cl_pos = lead;
+        st->scan_n = KSPAN_H2_NOTH2;
+    } else {
+        st->te_pos = lead;
+        st->scan_end = KSPAN_H2_NOTH2;
+    }
+    return 2;
 }
 
 /* Response bytes on a response in progress: count, keep the head and tail, check completion. */
@@ -1834,10 +1848,11 @@ static __always_inline void kspan_response_data(struct kspan_conn *st, struct ks
     else if (st->framing == KSPAN_FR_CHUNKED)
         done = st->tail_n >= 7 && (st->tail & KSPAN_CHUNKED_END_MASK) == KSPAN_CHUNKED_END;
     if (done) {
-        int h2c = st->ex.status == 101 && kspan_h2c_upgrade(a->conn_id, 0);
+        int h2c = st->ex.status == 101 && kspan_h2c_upgrade(a->conn_id, 0, 0, 0, 0);
+        __u32 lead = h2c && st->resp_head_end > before ? st->resp_head_end - before : 0;
         kspan_emit(st, KSPAN_END_COMPLETE);
-        if (h2c)
-            kspan_h2c_upgrade(a->conn_id, 1);
+        if (h2c && kspan_h2c_upgrade(a->conn_id, 1, lead, a->len, a->dir == KSPAN_DIR_EGRESS) == 2)
+            kspan_proto_data(a->conn_id, 0);
     }
 }
 
@@ -2681,6 +2696,9 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
         }
         n = kspan_readable(a);
         __u32 gathered = 0;
+        if (st->method == KSPAN_PROTO_HTTP2 &&
+            ((a->dir == KSPAN_DIR_EGRESS ? st->scan_n : st->scan_end) & KSPAN_H2_NOTH2))
+            seg->seg_flags |= KSPAN_SEG_H2_TAIL;
         int framed = st->method == KSPAN_PROTO_HTTP2 ? kspan_h2_frames(conn_id) : -1;
         if (framed >= 0) {
             n = framed;

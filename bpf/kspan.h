@@ -130,6 +130,7 @@ enum kspan_proto {
 #define KSPAN_SEG_CLOSED 0x1  /* the connection closed: no data (the decoder ends what is open) */
 #define KSPAN_SEG_START 0x2   /* the connection's first bytes opened the protocol: seen from its start */
 #define KSPAN_SEG_SEQ 0x4     /* tcp_seq is the TCP sequence number of the transfer's first byte */
+#define KSPAN_SEG_H2_TAIL 0x20  /* H2_FRAMES: the bytes before the first entry are not HTTP/2 (a 101's head) */
 #define KSPAN_SEG_H2_FRAMES 0x10 /* data is HTTP/2 frame entries (struct kspan_h2_entry runs), not the transfer's start */
 #define KSPAN_SEG_PEER 0x8    /* a server's read: trace_id is the local client's, from its write at ctx_seq */
 

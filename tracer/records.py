@@ -320,6 +320,7 @@ SEG_START = 0x2
 SEG_SEQ = 0x4
 SEG_PEER = 0x8
 SEG_H2_FRAMES = 0x10
+SEG_H2_TAIL = 0x20
 _H2_ENTRY = struct.Struct("<IHH")  # struct kspan_h2_entry: transfer offset, bytes copied, flags
 
 
@@ -422,7 +423,8 @@ def _h2_pieces(r: RawSegment, body: bytes, pos: int) -> tuple[Segment, ...]:
     """An HTTP/2 transfer the kernel walked frame by frame (bpf/http_exchange.h, kspan_h2_frames):
     its entries as frame-aligned sub-transfers, each covering the transfer up to the next entry,
     so a decoder steps over the DATA payloads the kernel did not copy as it steps over any gap.
-    Bytes before the first entry (the rest of a DATA frame) are a piece with no data."""
+    Bytes before the first entry (the rest of a DATA frame) are a piece with no data, unless they
+    are not HTTP/2 at all (SEG_H2_TAIL: the head of the 101 that switched the connection)."""
     entries: list[tuple[int, bytes]] = []
     i = 0
     while i + _H2_ENTRY.size <= len(body):
@@ -432,8 +434,8 @@ def _h2_pieces(r: RawSegment, body: bytes, pos: int) -> tuple[Segment, ...]:
             break  # malformed: the rest is a gap the decoder counts
         entries.append((off, body[i : i + copied]))
         i += copied
-    if not entries or entries[0][0] > 0:
-        entries.insert(0, (0, b""))
+    if (not entries or entries[0][0] > 0) and not r.seg_flags & SEG_H2_TAIL:
+        entries.insert(0, (0, b""))  # the rest of a frame the previous transfer began
     out = []
     for k, (off, chunk) in enumerate(entries):
         end = entries[k + 1][0] if k + 1 < len(entries) else r.len

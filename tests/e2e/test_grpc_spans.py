@@ -294,13 +294,15 @@ def test_an_http2_connection_picked_up_after_its_start(tmp_path: Path) -> None:
     assert "http2_header_fields_unknown=" in summary, summary
 
 
-def test_curl_http2_upgrade_h2c_through_the_agent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["101-apart", "101-with-frames"])
+def test_curl_http2_upgrade_h2c_through_the_agent(tmp_path: Path, together: bool) -> None:
     """curl's `Upgrade: h2c` against a server that takes it (hyper-h2): the upgrade request is an
     HTTP/1.1 exchange answered `101 Switching Protocols` (its HTTP/2 answer, stream 1, rides on the
     server's first transfer after the 101, which the HTTP/1 path ends on), and the requests after it
-    on the upgraded connection are HTTP/2 streams, decoded from the client's preface on."""
+    on the upgraded connection are HTTP/2 streams. The server's first frames may share the 101's
+    transfer (together), at either end: they are walked from the 101's head on."""
     require_ebpf()
-    with h2c_upgrade.serving(SECRET) as port, OtlpReceiver() as rx:
+    with h2c_upgrade.serving(SECRET, together) as port, OtlpReceiver() as rx:
         args = ["run", "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol", "grpc", "--quiet",
                 "--no-metrics", "--port", str(port)]
         with running_agent(args, tmp_path) as agent:

@@ -15,13 +15,14 @@ import h2.events
 
 
 @contextmanager
-def serving(secret: str) -> Iterator[int]:
-    """The server on a loopback port, for the block's duration."""
+def serving(secret: str, together: bool = False) -> Iterator[int]:
+    """The server on a loopback port, for the block's duration. together: the 101 and the first
+    HTTP/2 frames (stream 1's answer) in one write, as a buffered server sends them."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     stop = threading.Event()
-    threading.Thread(target=_accept, args=(listener, stop, secret), daemon=True).start()
+    threading.Thread(target=_accept, args=(listener, stop, secret, together), daemon=True).start()
     try:
         yield listener.getsockname()[1]
     finally:
@@ -29,13 +30,13 @@ def serving(secret: str) -> Iterator[int]:
         listener.close()
 
 
-def _accept(listener: socket.socket, stop: threading.Event, secret: str) -> None:
+def _accept(listener: socket.socket, stop: threading.Event, secret: str, together: bool) -> None:
     while not stop.is_set():
         try:
             sock, _ = listener.accept()
         except OSError:
             return
-        threading.Thread(target=_serve, args=(sock, secret), daemon=True).start()
+        threading.Thread(target=_serve, args=(sock, secret, together), daemon=True).start()
 
 
 def _respond(conn: h2.connection.H2Connection, sid: int, path: str, secret: str) -> None:
@@ -44,7 +45,7 @@ def _respond(conn: h2.connection.H2Connection, sid: int, path: str, secret: str)
     conn.send_data(sid, f"hello {path}\n".encode(), end_stream=True)
 
 
-def _serve(sock: socket.socket, secret: str) -> None:
+def _serve(sock: socket.socket, secret: str, together: bool) -> None:
     with sock:
         buf = b""
         while b"\r\n\r\n" not in buf:
@@ -58,9 +59,12 @@ def _serve(sock: socket.socket, secret: str) -> None:
         settings = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"http2-settings:"))
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         conn.initiate_upgrade_connection(settings)
-        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+        switching = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        if not together:
+            sock.sendall(switching)
+            switching = b""
         _respond(conn, 1, path, secret)
-        sock.sendall(conn.data_to_send())
+        sock.sendall(switching + conn.data_to_send())
         data = rest
         while True:
             if data:
