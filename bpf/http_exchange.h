@@ -1757,35 +1757,22 @@ static __always_inline void kspan_begin_response(struct kspan_conn *st, struct k
 
 __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed);
 
-/* A 101 response that switches the connection to HTTP/2 ("Upgrade: h2c" in its head), with
- * switch == 0; with switch == 1, after the exchange was emitted: the connection becomes an HTTP/2
- * protocol state seen from its start, so the server's first frames (stream 1's answer, sent
- * before the client's preface arrives) and the client's preface are walked as frames. */
-__attribute__((noinline)) int kspan_h2c_upgrade(__u64 conn_id, int switch_now, __u32 lead, __u32 len, int egress)
+/* A connection state becomes another protocol's (st->ex.role already set): its segments count
+ * from 0, and for HTTP/2 the frame walk starts afresh in fields that were HTTP's scan results.
+ * Seen from its start, HTTP/2 opens with the client's 24-byte preface, which is not a frame:
+ * copied whole, then frames begin. */
+static __always_inline void kspan_proto_state(struct kspan_conn *st, __u8 proto, __u8 from_start)
 {
-    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
-    if (!st)
-        return 0;
-    if (!switch_now) {
-        __u32 len = st->ex.resp_head_len;
-        if (len > KSPAN_RESP_HEAD)
-            len = KSPAN_RESP_HEAD;
-        for (__u32 i = 0; i + 3 <= len && i < KSPAN_RESP_HEAD - 3; i++) {
-            __u8 a = st->ex.resp_head[i] | 0x20, b = st->ex.resp_head[i + 1], c = st->ex.resp_head[i + 2] | 0x20;
-            if (a == 'h' && b == '2' && c == 'c')
-                return 1;
-        }
-        return 0;
-    }
     st->phase = KSPAN_PH_PROTO;
-    st->method = KSPAN_PROTO_HTTP2;
+    st->method = proto;
     st->pend_n = 0;
     st->ex.type = 0;  /* no exchange: the sweeper and the close path leave it alone */
     st->ex.req_bytes = 0;
-    st->ex.parent_kind = 1;
+    st->ex.parent_kind = from_start;
     st->cl_pos = st->te_pos = st->scan_n = st->scan_end = 0;
     st->content_length = st->resp_head_end = 0;
-    /* the client's preface (24 bytes, not a frame) is still to come */
+    if (proto != KSPAN_PROTO_HTTP2 || !from_start)
+        return;
     if (st->ex.role == KSPAN_ROLE_CLIENT) {
         st->cl_pos = 24;
         st->scan_n = KSPAN_H2_COPY;
@@ -1793,8 +1780,35 @@ __attribute__((noinline)) int kspan_h2c_upgrade(__u64 conn_id, int switch_now, _
         st->te_pos = 24;
         st->scan_end = KSPAN_H2_COPY;
     }
-    /* the rest of this transfer, past the 101's head (lead bytes), is HTTP/2 already: the
-     * server's first frames, stream 1's answer among them, when they came in the same transfer */
+}
+
+/* Whether a 101 response switches the connection to HTTP/2: "h2c" in its head (Upgrade: h2c). */
+__attribute__((noinline)) int kspan_h2c_offered(__u64 conn_id)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st)
+        return 0;
+    __u32 len = st->ex.resp_head_len;
+    if (len > KSPAN_RESP_HEAD)
+        len = KSPAN_RESP_HEAD;
+    for (__u32 i = 0; i + 3 <= len && i < KSPAN_RESP_HEAD - 3; i++) {
+        __u8 a = st->ex.resp_head[i] | 0x20, b = st->ex.resp_head[i + 1], c = st->ex.resp_head[i + 2] | 0x20;
+        if (a == 'h' && b == '2' && c == 'c')
+            return 1;
+    }
+    return 0;
+}
+
+/* After the 101's exchange was emitted: the connection becomes an HTTP/2 protocol state seen from
+ * its start, so the server's first frames (stream 1's answer, sent before the client's preface
+ * arrives) and the client's preface are walked as frames. 2: the rest of this transfer (len
+ * bytes, past the 101's head of lead bytes) is HTTP/2 already, for the caller to walk. */
+__attribute__((noinline)) int kspan_h2c_switch(__u64 conn_id, __u32 lead, __u32 len, int egress)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st)
+        return 0;
+    kspan_proto_state(st, KSPAN_PROTO_HTTP2, 1);
     if (!lead || lead >= len)
         return 1;
     if (egress) {
@@ -1848,10 +1862,10 @@ static __always_inline void kspan_response_data(struct kspan_conn *st, struct ks
     else if (st->framing == KSPAN_FR_CHUNKED)
         done = st->tail_n >= 7 && (st->tail & KSPAN_CHUNKED_END_MASK) == KSPAN_CHUNKED_END;
     if (done) {
-        int h2c = st->ex.status == 101 && kspan_h2c_upgrade(a->conn_id, 0, 0, 0, 0);
+        int h2c = st->ex.status == 101 && kspan_h2c_offered(a->conn_id);
         __u32 lead = h2c && st->resp_head_end > before ? st->resp_head_end - before : 0;
         kspan_emit(st, KSPAN_END_COMPLETE);
-        if (h2c && kspan_h2c_upgrade(a->conn_id, 1, lead, a->len, a->dir == KSPAN_DIR_EGRESS) == 2)
+        if (h2c && kspan_h2c_switch(a->conn_id, lead, a->len, a->dir == KSPAN_DIR_EGRESS) == 2)
             kspan_proto_data(a->conn_id, 0);
     }
 }
@@ -2373,7 +2387,6 @@ static long kspan_h2_step(__u32 j, void *c)
     int at = kspan_h2_entry(off);
     if (at)
         kspan_h2_grow(at, kspan_h2_copy(off, hn, 1));
-    /* the map value may have moved on? no: per-CPU arrays keep their address */
     if (hn < 9) {
         /* the header is cut by the transfer's end: carry its bytes */
         __u64 v = 0;
@@ -2700,13 +2713,11 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
             ((a->dir == KSPAN_DIR_EGRESS ? st->scan_n : st->scan_end) & KSPAN_H2_NOTH2))
             seg->seg_flags |= KSPAN_SEG_H2_TAIL;
         int framed = st->method == KSPAN_PROTO_HTTP2 ? kspan_h2_frames(conn_id) : -1;
+        if (framed < 0 && a->iov && a->vlen > 1 && n < a->len && n < KSPAN_SEG_DATA)
+            gathered = kspan_proto_gather(sb, a);
         if (framed >= 0) {
             n = framed;
             seg->seg_flags |= KSPAN_SEG_H2_FRAMES;
-        } else if (a->iov && a->vlen > 1 && n < a->len && n < KSPAN_SEG_DATA) {
-            gathered = kspan_proto_gather(sb, a);
-        }
-        if (framed >= 0) {
         } else if (gathered) {
             n = gathered;
         } else {
@@ -2748,35 +2759,16 @@ static __always_inline int kspan_proto_begin(struct kspan_data_args *a, __u8 pro
         st = kspan_new_conn(a);
     if (!st)
         return 0;
-    st->phase = KSPAN_PH_PROTO;
-    st->method = proto;
-    st->pend_n = 0;
-    st->ex.type = 0;  /* no exchange: the sweeper and the close path leave it alone */
     st->ex.role = role;
     st->ex.pid = a->pid;
     st->ex.tid = a->tid;
-    st->ex.req_bytes = 0;
-    st->ex.parent_kind = from_start;
     st->ex.flags = (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) | a->flags;
-    /* the HTTP/2 frame walk's state (kspan_h2_frames): the fields were HTTP's scan results */
-    st->cl_pos = st->te_pos = st->scan_n = st->scan_end = 0;
-    st->content_length = st->resp_head_end = 0;
-    if (proto == KSPAN_PROTO_HTTP2 && from_start) {
-        /* the 24-byte connection preface is not a frame: copied whole, then frames begin */
-        if (a->dir == KSPAN_DIR_EGRESS) {
-            st->cl_pos = 24;
-            st->scan_n = KSPAN_H2_COPY;
-        } else {
-            st->te_pos = 24;
-            st->scan_end = KSPAN_H2_COPY;
-        }
-    }
+    /* an HTTP/2 preface opening the connection came from its client: role says which way */
+    kspan_proto_state(st, proto, from_start);
     kspan_proto_data(a->conn_id, 0);
     return 1;
 }
 
-/* An untracked connection's transfer that starts no request: another protocol's first bytes, or
- * a connection to or from a well-known server port picked up mid-stream. */
 /* Whether a socket transfer carries its direction's first bytes on the connection: the TCP
  * counts of what the process sent (acked or in flight) or read so far are this transfer's alone.
  * First bytes that open a protocol prove nothing on their own: any Redis command does. */
@@ -2795,6 +2787,8 @@ static __always_inline int kspan_first_transfer(struct kspan_data_args *a)
     return BPF_CORE_READ(tp, bytes_received) - unread <= a->len;
 }
 
+/* An untracked connection's transfer that starts no request: another protocol's first bytes, or
+ * a connection to or from a well-known server port (or of whole HTTP/2 frames) picked up mid-stream. */
 static __always_inline int kspan_proto_try(struct kspan_data_args *a, __u64 w, __u32 n)
 {
     __u8 role = 0;
