@@ -10,6 +10,7 @@ import atexit
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -17,6 +18,13 @@ from collections.abc import Sequence
 from typing import IO
 
 _started: list[Managed] = []
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, for a server the benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class Managed:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.processes import Managed
+from bench.processes import Managed, free_port
 
 REDIS_OPS = 40_000  # SET and GET, 20,000 each
 GRPC_CALLS = 4_000
@@ -48,12 +48,6 @@ GRPC_CLIENT = textwrap.dedent('''
             list(ex.map(lambda i: say(b"x" * 32, timeout=10), range(n)))
         print(n / (time.monotonic() - t0), flush=True)
 ''')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, timeout_s: float = 15.0) -> None:
@@ -116,7 +110,7 @@ def run(bench: Any) -> list[dict[str, Any]]:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found: run `make setup` (Debian package redis-server)")
-        port = _free_port()
+        port = free_port()
         redis = Managed("redis-server", [exe, "--save", "", "--appendonly", "no", "--port", str(port),
                                          "--bind", "127.0.0.1", "--dir", tmp], log_path=bench.log)
         try:
@@ -128,7 +122,7 @@ def run(bench: Any) -> list[dict[str, Any]]:
             f.write(GRPC_SERVER)
         with open(os.path.join(tmp, "client.py"), "w") as f:
             f.write(GRPC_CLIENT)
-        gport = _free_port()
+        gport = free_port()
         grpc_srv = Managed("grpc-server", [sys.executable, os.path.join(tmp, "server.py"), str(gport)],
                            log_path=bench.log)
         try:

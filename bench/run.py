@@ -25,7 +25,7 @@ from bench.bpfcounters import delta, enable_run_time_stats, programs_by_name
 from bench.gobuild import REPO, build
 from bench.load import run_goload, start_goload
 from bench.nginx import Nginx
-from bench.processes import Managed, stop_all
+from bench.processes import Managed, free_port, stop_all
 from bench.sink import Sink
 from bench.wrk import run_wrk
 
@@ -158,7 +158,7 @@ class Bench:
             gosrv, addr = self.go_server()
             pids = [gosrv.pid]
         elif server == "nginx":
-            port = _free_port()
+            port = free_port()
             nginx = Nginx(port, os.path.join(a.out, "nginx-tmp"), a.nginx_workers, self.log)
             nginx.start()
             addr = f"127.0.0.1:{port}"
@@ -383,14 +383,6 @@ def _top_programs(before: dict[str, tuple[int, int]], after: dict[str, tuple[int
 
 def _kdelta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
     return None if before is None or after is None else delta(before, after)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _kspan_usable(kspan: str | None) -> tuple[str | None, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,19 +15,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support.agent import stop_process
+from tests.support.agent import free_port, stop_process
 
 
 @dataclass
 class Server:
     port: int
     password: str | None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
