@@ -392,8 +392,9 @@ def decode_segment(data: bytes) -> SegmentRecord:
     if r.seg_flags & SEG_H2_FRAMES:
         pieces = _h2_pieces(r, body, pos)
         # seg.data keeps its meaning, the transfer's first bytes: the pieces copied whole from 0
+        # (none when the first piece starts past a 101's head)
         whole = []
-        for p in pieces:
+        for p in pieces if pieces and pieces[0].pos == pos else ():
             whole.append(p.data)
             if len(p.data) < p.length:
                 break
