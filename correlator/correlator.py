@@ -124,6 +124,7 @@ class Correlator:
         self._max_pipelined = cfg.max_pipelined
         self.last_error = ""  # repr of the last internal error, for `kspan doctor`/logs
         self._heads: dict[bytes, _Parsed] = {}
+        self._shapes: dict[bytes, object] = {}  # head without its target -> template _Parsed or _NO_SHAPE
         self._resps: dict[bytes, object] = {}
         self._hosts: dict[bytes, object] = {}
         self._sampler = cfg.sampler
@@ -211,7 +212,8 @@ class Correlator:
             if not reqs:
                 memo = _UNPARSED
             else:
-                _, attrs, _, _, _, has_host, auto_route = self._derive(reqs[0], server, tls)
+                req = reqs[0]
+                _, attrs, _, _, _, has_host, auto_route = self._derive(req, server, tls, self._head_part(req, tls))
                 h = red.head_part(attrs, server, has_host)
                 overflow = None
                 if auto_route is not None:
@@ -285,11 +287,44 @@ class Correlator:
         pollers repeat the same head, and a hit skips parsing and attribute derivation."""
         p = self._heads.get(head)
         if p is None:
-            p = _Parsed(http1.parse_requests(head, self._max_pipelined))
+            p = self._shaped(head)
+            if p is None:
+                p = _Parsed(http1.parse_requests(head, self._max_pipelined))
             if len(self._heads) >= _MEMO_SIZE:
                 self._heads.clear()
             self._heads[head] = p
         return p
+
+    def _shaped(self, head: bytes) -> _Parsed | None:
+        """The parse of a one-request head with an origin-form target, from the memo of heads
+        that differ only in their target (ids in paths make most heads unique, their shape
+        repeats): the template's parse with this target, its head length moved by the target's.
+        None for any other head, which takes the full parse."""
+        sp1 = head.find(b" ")
+        le = head.find(b"\r\n")
+        if not 0 < sp1 < le or head[sp1 + 1] != 0x2F:
+            return None
+        sp2 = head.rfind(b" ", sp1 + 1, le)
+        if sp2 <= sp1:
+            return None
+        target = head[sp1 + 1 : sp2]
+        if _CTL_OR_SPACE.search(target) is not None:
+            return None
+        shape = head[: sp1 + 1] + head[sp2:]
+        base = self._shapes.get(shape)
+        if base is None:
+            p = _Parsed(http1.parse_requests(head, self._max_pipelined))
+            reqs = p.reqs
+            # Only a lone request whose parse took exactly this target can stand for its shape:
+            # a pipelined one's later offsets are not the first's.
+            base = p if len(reqs) == 1 and reqs[0].target == target else _NO_SHAPE
+            if len(self._shapes) >= _MEMO_SIZE:
+                self._shapes.clear()
+            self._shapes[shape] = base
+            return p
+        if base is _NO_SHAPE:
+            return None
+        return base.retarget(target)  # type: ignore[union-attr]
 
     def _response(self, head: bytes) -> http1.ResponseHead | None:
         r = self._resps.get(head, _MISSING)
@@ -479,14 +514,36 @@ class Correlator:
             spans.append(span)
         return spans
 
-    def _derive(self, req: http1.RequestHead, server: bool, tls: bool) -> _Derived:
-        """Everything a span takes from its request head alone: (name, request attributes,
-        scheme, path for url.full, query, whether a Host/authority named the server)."""
+    def _head_part(self, req: http1.RequestHead, tls: bool) -> _HeadPart:
+        """What a span takes from its request head apart from the target: the same for every
+        head of one shape."""
         method = semconv.KNOWN_METHODS.get(req.method)
         original = None
         if method is None:
             method, original = semconv.normalize_method(req.method)
-        scheme = "https" if tls else "http"
+        hostport = self._hostport(req.host) if req.host else None
+        tail: dict[str, AttrValue] = {}
+        if req.version:
+            tail["network.protocol.version"] = req.version
+        if req.user_agent:
+            tail["user_agent.original"] = req.user_agent.decode("utf-8", "replace")
+        if req.content_length is not None:
+            tail["http.request.body.size"] = req.content_length
+        return (method, original, "https" if tls else "http", hostport, tail)
+
+    def _hostport(self, hb: bytes) -> tuple[str, int | None] | None:
+        hostport = self._hosts.get(hb, _MISSING)
+        if hostport is _MISSING:
+            hostport = semconv.split_host_port(hb.decode("utf-8", "replace"))
+            if len(self._hosts) >= _MEMO_SIZE:
+                self._hosts.clear()
+            self._hosts[hb] = hostport
+        return hostport  # type: ignore[return-value]
+
+    def _derive(self, req: http1.RequestHead, server: bool, tls: bool, head: _HeadPart) -> _Derived:
+        """Everything a span takes from its request head alone: (name, request attributes,
+        scheme, path for url.full, query, whether a Host/authority named the server)."""
+        method, original, scheme, hostport, tail = head
 
         # Request target (RFC 9112 3.2): origin-form "/p?q", absolute-form "http://h/p?q"
         # (proxies), authority-form (CONNECT), asterisk-form (OPTIONS *).
@@ -515,6 +572,9 @@ class Correlator:
             q = pq.find(b"?")
             path_b = (pq if q < 0 else pq[:q]) or b"/"
             query_b = None if q < 0 else pq[q + 1 :]
+        if authority is not None:
+            # An absolute or authority form names the server; Host does not count then.
+            hostport = self._hostport(authority) if authority else None
         path = path_b.decode("utf-8", "replace")
         query: str | None = None
         if query_b is not None and self._query != "drop":
@@ -523,16 +583,6 @@ class Correlator:
                 query = semconv.redact_query(query)
         # A URL path for url.full: "" for CONNECT (authority only), "*" is not a path either.
         url_path = path if path_b and path_b != b"*" else ""
-
-        hostport = None
-        hb = authority if authority is not None else req.host
-        if hb:
-            hostport = self._hosts.get(hb, _MISSING)  # type: ignore[assignment]
-            if hostport is _MISSING:
-                hostport = semconv.split_host_port(hb.decode("utf-8", "replace"))
-                if len(self._hosts) >= _MEMO_SIZE:
-                    self._hosts.clear()
-                self._hosts[hb] = hostport
 
         a: dict[str, AttrValue] = {"http.request.method": method}
         if original is not None:
@@ -563,12 +613,8 @@ class Correlator:
             a["server.address"] = host
             a["server.port"] = port
             a["url.full"] = _url_full(scheme, host, port, url_path, query)
-        if req.version:
-            a["network.protocol.version"] = req.version
-        if req.user_agent:
-            a["user_agent.original"] = req.user_agent.decode("utf-8", "replace")
-        if req.content_length is not None:
-            a["http.request.body.size"] = req.content_length
+        if tail:
+            a.update(tail)
         if method == semconv.OTHER_METHOD:
             name = "HTTP" if route is None else f"HTTP {route}"
         else:
@@ -593,7 +639,11 @@ class Correlator:
         memo = parsed.memo
         d = memo.get(mk)
         if d is None:
-            d = memo[mk] = self._derive(req, server, tls)
+            heads = parsed.heads
+            h = heads.get(mk)
+            if h is None:
+                h = heads[mk] = self._head_part(req, tls)
+            d = memo[mk] = self._derive(req, server, tls, h)
         name, base, scheme, url_path, query, has_host, auto_route = d
         a = base.copy()
         if auto_route is not None:
@@ -724,23 +774,48 @@ _UNSET = StatusCode.UNSET
 
 
 class _Parsed:
-    """A request head's parse and what the correlator derived from it, memoised together."""
+    """A request head's parse and what the correlator derived from it, memoised together; heads
+    of one shape (the same but for the target) share `heads`, what is derived from the rest."""
 
-    __slots__ = ("reqs", "memo", "tp", "tp_raw", "tp_sampled", "trace_state")
+    __slots__ = ("reqs", "memo", "heads", "tp", "tp_raw", "tp_sampled", "trace_state")
 
     def __init__(self, reqs: list[http1.RequestHead]) -> None:
         self.reqs = reqs
         self.memo: dict[int, _Derived] = {}
+        self.heads: dict[int, _HeadPart] = {}
         first = reqs[0] if reqs else None
         self.tp_raw = first.traceparent if first is not None else None
         self.tp = parse_traceparent(self.tp_raw) if self.tp_raw is not None else None
         self.tp_sampled = traceparent_sampled(self.tp_raw) if self.tp is not None and self.tp_raw else False
         self.trace_state = clean_tracestate(first.tracestate) if self.tp is not None and first else ""
 
+    def retarget(self, target: bytes) -> _Parsed:
+        """This one-request parse with another origin-form target of the same head shape."""
+        r0 = self.reqs[0]
+        r = http1.RequestHead.__new__(http1.RequestHead)
+        for name in _REQ_SLOTS:
+            setattr(r, name, getattr(r0, name))
+        r.target = target
+        if r0.head_len >= 0:
+            r.head_len = r0.head_len + len(target) - len(r0.target)
+        p = _Parsed.__new__(_Parsed)
+        p.reqs = [r]
+        p.memo = {}
+        p.heads = self.heads
+        p.tp, p.tp_raw, p.tp_sampled, p.trace_state = self.tp, self.tp_raw, self.tp_sampled, self.trace_state
+        return p
+
+
+_REQ_SLOTS = http1.RequestHead.__slots__
+_NO_SHAPE = object()
+
 
 # (name, request attributes, scheme, path for url.full, query, Host/authority named the server,
 # the heuristic's route or None when a template named it or there is none)
 _Derived = tuple[str, dict[str, AttrValue], str, str, "str | None", bool, "str | None"]
+# (method, method_original or None, scheme, Host as (host, port or None) or None, the request
+# attributes after the target's: protocol version, user agent, body size)
+_HeadPart = tuple[str, "str | None", str, "tuple[str, int | None] | None", dict[str, AttrValue]]
 
 
 def _url_full(scheme: str, host: str, port: int, path: str, query: str | None) -> str:
