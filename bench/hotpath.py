@@ -26,6 +26,7 @@ reading the ring buffer, the HTTP export, and the agent's per-poll work (see ben
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
@@ -44,7 +45,7 @@ from correlator.spans import ProcessInfo, Span
 from exporters.metrics import MetricsAggregator
 from exporters.otlp_proto import ResourceOverrides, WireEncoder
 from tracer import records
-from tracer.agent import RecordDispatch
+from tracer.agent import GC_THRESHOLDS, RecordDispatch
 from tracer.processes import ProcessTable
 from tracer.recording import RecordingMeta, read_recording
 from tracer.records import RawExchange
@@ -133,6 +134,7 @@ def _time_passes(rec: Recording, recs: list[bytes], passes: int, encode: bool,
     """Minimum stage times (ns) over `passes` timed passes over `recs`, after warm-up passes that
     bring the correlator's remembered identities to their steady-state size (max_resolved)."""
     table, correlator = _setup(rec)
+    gc.set_threshold(*GC_THRESHOLDS)  # the running agent's
     dispatch = RecordDispatch(correlator, table)
     agg = MetricsAggregator()
     enc = WireEncoder(ResourceOverrides())

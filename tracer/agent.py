@@ -224,6 +224,10 @@ class _Session:
     dispatch: RecordDispatch | None = None
 
 
+# The cyclic GC's thresholds while the agent runs (see Agent.run); bench/hotpath.py uses the same.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
 class RecordDispatch:
     """Exchange, metric, segment and TCP records into the correlator, a poll's batch at a time: the
     agent's per-record hot path (bench/hotpath.py measures exactly this)."""
@@ -370,6 +374,11 @@ class Agent:
             # agent: keep the cyclic GC from rescanning it on every collection of per-request garbage.
             gc.collect()
             gc.freeze()
+            # Spans, their attribute dicts and the poll's records are containers that live until
+            # their batch is exported, then die by reference counting, never in cycles: at the
+            # default 700 allocations a poll of 1,024 records ran some 15 young collections that
+            # each rescanned what the last one kept (about 0.5 us per record, bench.hotpath).
+            gc.set_threshold(*GC_THRESHOLDS)
             if opts.sampler.code:
                 print(f"kspan: head sampling {opts.sampler.describe()}, decided in the kernel at each trace's root; "
                       "metrics count every request", file=sys.stderr)
