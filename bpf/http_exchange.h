@@ -146,6 +146,27 @@ struct kspan_inflight {
     __u32 _pad;
 };
 
+/* Per-CPU scratch for the identity functions' structs, which lived on the stack. The verifier adds
+ * up the frames of a call chain (a program, the global functions it calls, theirs...) and refuses
+ * more than 512 bytes in all where the kernel gives the program no private stack: kprobe-type
+ * programs on 6.18.44, so the uprobes' kspan_exchange_kp (256 bytes of its own, then
+ * kspan_fix_client -> kspan_client_pre -> kspan_fix_server: 800) was refused. One member per
+ * function: they call one another, and a program run is not interrupted by another on its CPU. */
+struct kspan_fix_scratch {
+    struct kspan_conn_key fs_k;   /* kspan_fix_server */
+    __u8 fs_tid[16];
+    __u8 fc_tid[16];              /* kspan_fix_client */
+    struct kspan_exchange_ref sm_me;   /* kspan_begin_request (inlined in the state machine) */
+    struct kspan_inflight sm_nf;
+    struct kspan_conn_key sm_k;
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_fix_scratch);
+} kspan_fix_scratch SEC(".maps");
+
 enum kspan_phase {
     KSPAN_PH_IDLE = 0,       /* between exchanges (keep-alive) */
     KSPAN_PH_REQ = 1,        /* request seen, no response yet */
@@ -485,13 +506,19 @@ static __always_inline void kspan_conn_key_of(struct kspan_conn_key *k, struct k
 /* The same key from an exchange's own tuple (reversed = 1: the key its peer registered under). */
 static __always_inline void kspan_conn_key_of_ex(struct kspan_conn_key *k, struct kspan_conn *st, int reversed)
 {
-    struct kspan_tuple t = {};
-    t.family = st->ex.family;
-    t.local_port = st->ex.local_port;
-    t.remote_port = st->ex.remote_port;
-    __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
-    __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
-    kspan_conn_key_of(k, &t, reversed);
+    /* straight from the state, without a struct kspan_tuple copy on the stack (see kspan_scratch) */
+    __u16 family = st->ex.family;
+    if (!reversed) {
+        kspan_norm_addr(k->local_addr, family, st->ex.local_addr);
+        kspan_norm_addr(k->remote_addr, family, st->ex.remote_addr);
+        k->local_port = st->ex.local_port;
+        k->remote_port = st->ex.remote_port;
+    } else {
+        kspan_norm_addr(k->local_addr, family, st->ex.remote_addr);
+        kspan_norm_addr(k->remote_addr, family, st->ex.local_addr);
+        k->local_port = st->ex.remote_port;
+        k->remote_port = st->ex.local_port;
+    }
 }
 
 /* The agent's own sends: remember the local end, so the receiving end (a collector on this host)
@@ -822,14 +849,19 @@ __attribute__((noinline)) int kspan_fix_server(__u64 conn_id, __u64 req_start_ns
         return 0;
     if (st->ex.flags & KSPAN_FLAG_IDS)
         return 1;
+    __u32 z = 0;
+    struct kspan_fix_scratch *fx = bpf_map_lookup_elem(&kspan_fix_scratch, &z);
+    if (!fx)
+        return 0;
     /* two CPUs may both need it (children on two threads): one fixes it, the other links nothing */
     if (__sync_val_compare_and_swap(&st->id_claim, 0, 1) != 0)
         return (st->ex.flags & KSPAN_FLAG_IDS) ? 1 : 0;
     __u32 sampled = 0;
     if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-        struct kspan_conn_key k = {};
-        kspan_conn_key_of_ex(&k, st, 1);
-        struct kspan_exchange_ref *peer = bpf_map_lookup_elem(&client_conns, &k);
+        struct kspan_conn_key *k = &fx->fs_k;
+        __builtin_memset(k, 0, sizeof(*k));
+        kspan_conn_key_of_ex(k, st, 1);
+        struct kspan_exchange_ref *peer = bpf_map_lookup_elem(&client_conns, k);
         /* the client's request started before this one was read, is not the one the previous
          * request on this connection took, and its connection was still open then */
         if (peer && peer->span_id && peer->req_start_ns <= st->ex.req_start_ns &&
@@ -846,7 +878,8 @@ __attribute__((noinline)) int kspan_fix_server(__u64 conn_id, __u64 req_start_ns
             return 1;
         }
     }
-    __u8 tid[16] = {};
+    __u8 *tid = fx->fs_tid;
+    __builtin_memset(tid, 0, 16);
     __u64 sid = 0;
     __u32 fl = 0;
     if (kspan_traceparent(st, tid, &sid, &fl)) {
@@ -1147,6 +1180,31 @@ struct {
     __type(value, struct kspan_client_id);
 } client_pre SEC(".maps");
 
+/* The same per-CPU scratch (see struct kspan_fix_scratch) for the client-side functions. */
+struct kspan_id_scratch {
+    struct kspan_client_id pre_id;     /* kspan_client_pre */
+    struct kspan_conn_key pre_k;
+    struct kspan_trace_ctx pre_c;
+    struct kspan_exchange_ref pre_me;
+    struct kspan_conn_key tls_k;       /* kspan_tls_pre */
+    struct kspan_trace_ctx tls_c;
+    struct kspan_client_id seg_id;     /* kspan_seg_pre, kspan_proto_data (never nested) */
+    struct kspan_conn_key note_k;      /* kspan_seg_ctx_note */
+    struct kspan_conn_key peer_k;      /* kspan_seg_peer */
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_id_scratch);
+} kspan_id_scratch SEC(".maps");
+
+static __always_inline struct kspan_id_scratch *kspan_id_scratch_get(void)
+{
+    __u32 z = 0;
+    return bpf_map_lookup_elem(&kspan_id_scratch, &z);
+}
+
 /* Decide the identity of a client request that thread pid_tgid starts on socket sk: its parent
  * by the kernel's rules (the goroutine that made the call, a thread serving exactly one request,
  * a process with exactly one in flight; an event loop serving several: none, counted), the
@@ -1234,9 +1292,13 @@ static __always_inline void kspan_client_decide(struct kspan_client_id *id, __u6
 __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 buf)
 {
     int before_wire = buf != 0;
-    struct kspan_client_id id = {};
-    kspan_client_decide(&id, sk, pid_tgid, buf, 1);
-    bpf_map_update_elem(&client_pre, &sk, &id, BPF_ANY);
+    struct kspan_id_scratch *x = kspan_id_scratch_get();
+    if (!x)
+        return 0;
+    struct kspan_client_id *id = &x->pre_id;
+    __builtin_memset(id, 0, sizeof(*id));
+    kspan_client_decide(id, sk, pid_tgid, buf, 1);
+    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
     /* For the TCP-option program: this connection's next data segments carry the context. Only
      * before the request's bytes reach the wire: written later, it would ride on the NEXT
      * request's segments, a wrong parent on the other host. */
@@ -1244,28 +1306,31 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
         return 1;
     struct kspan_tuple *tu = kspan_tuple_of(sk);
     if (tu) {
-        struct kspan_conn_key k = {};
-        kspan_conn_key_of(&k, tu, 0);
-        struct kspan_trace_ctx c = {};
-        __builtin_memcpy(c.trace_id, id.trace_id, 16);
-        c.span_id = id.span_id;
-        c.flags = (id.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
-        c.ts_ns = bpf_ktime_get_ns();
+        struct kspan_conn_key *k = &x->pre_k;
+        __builtin_memset(k, 0, sizeof(*k));
+        kspan_conn_key_of(k, tu, 0);
+        struct kspan_trace_ctx *c = &x->pre_c;
+        __builtin_memset(c, 0, sizeof(*c));
+        __builtin_memcpy(c->trace_id, id->trace_id, 16);
+        c->span_id = id->span_id;
+        c->flags = (id->flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
+        c->ts_ns = bpf_ktime_get_ns();
         /* the sequence number the request's first byte will take: the option rides exactly the
          * segment that starts the request, and its retransmits */
-        c.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-        bpf_map_update_elem(&ctx_out, &k, &c, BPF_ANY);
+        c->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+        bpf_map_update_elem(&ctx_out, k, c, BPF_ANY);
         /* The local server on the other end may read the request (and fix its identity) before
          * this write returns, when the writer is preempted on its way out of the send: it finds
          * the client here already. The state machine rewrites the entry when the request begins. */
-        struct kspan_exchange_ref me = {};
-        me.conn_id = sk;
-        me.req_start_ns = c.ts_ns;
-        me.pid = pid_tgid >> 32;
-        me.flags = id.flags & KSPAN_FLAG_SAMPLED;
-        __builtin_memcpy(me.trace_id, id.trace_id, 16);
-        me.span_id = id.span_id;
-        bpf_map_update_elem(&client_conns, &k, &me, BPF_ANY);
+        struct kspan_exchange_ref *me = &x->pre_me;
+        __builtin_memset(me, 0, sizeof(*me));
+        me->conn_id = sk;
+        me->req_start_ns = c->ts_ns;
+        me->pid = pid_tgid >> 32;
+        me->flags = id->flags & KSPAN_FLAG_SAMPLED;
+        __builtin_memcpy(me->trace_id, id->trace_id, 16);
+        me->span_id = id->span_id;
+        bpf_map_update_elem(&client_conns, k, me, BPF_ANY);
     }
     return 1;
 }
@@ -1297,18 +1362,23 @@ __attribute__((noinline)) int kspan_tls_pre(__u64 sk, __u64 pid_tgid, __u64 plai
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
     if (st && st->ex.role == KSPAN_ROLE_CLIENT && st->phase == KSPAN_PH_REQ && (st->ex.flags & KSPAN_FLAG_IDS) &&
         st->ex.pid == (pid_tgid >> 32) && (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)) {
-        struct kspan_conn_key k = {};
-        kspan_conn_key_of_ex(&k, st, 0);
-        struct kspan_trace_ctx *cur = bpf_map_lookup_elem(&ctx_out, &k);
+        struct kspan_id_scratch *x = kspan_id_scratch_get();
+        if (!x)
+            return 0;
+        struct kspan_conn_key *k = &x->tls_k;
+        __builtin_memset(k, 0, sizeof(*k));
+        kspan_conn_key_of_ex(k, st, 0);
+        struct kspan_trace_ctx *cur = bpf_map_lookup_elem(&ctx_out, k);
         if (cur && cur->span_id == st->ex.span_id)
             return 0;  /* published by an earlier write of the same request */
-        struct kspan_trace_ctx c = {};
-        __builtin_memcpy(c.trace_id, st->ex.trace_id, 16);
-        c.span_id = st->ex.span_id;
-        c.flags = (st->ex.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
-        c.ts_ns = bpf_ktime_get_ns();
-        c.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-        bpf_map_update_elem(&ctx_out, &k, &c, BPF_ANY);
+        struct kspan_trace_ctx *c = &x->tls_c;
+        __builtin_memset(c, 0, sizeof(*c));
+        __builtin_memcpy(c->trace_id, st->ex.trace_id, 16);
+        c->span_id = st->ex.span_id;
+        c->flags = (st->ex.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
+        c->ts_ns = bpf_ktime_get_ns();
+        c->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+        bpf_map_update_elem(&ctx_out, k, c, BPF_ANY);
         return 1;
     }
     __u64 w = 0;
@@ -1317,21 +1387,19 @@ __attribute__((noinline)) int kspan_tls_pre(__u64 sk, __u64 pid_tgid, __u64 plai
     return kspan_client_pre(sk, pid_tgid, plain_buf);
 }
 
-/* The client exchange in conns[conn_id] takes the identity decided at its start (or decides it
- * now); as a root, an instrumented application's own outgoing traceparent names its trace. */
+/* The client exchange in conns[conn_id] takes the identity decided at its start; as a root, an
+ * instrumented application's own outgoing traceparent names its trace. 2: none was decided at its
+ * start, for the caller to decide now (kspan_client_pre) and call again: called from here, the
+ * two frames stacked on the state machine's went past the verifier's 512 bytes (see struct
+ * kspan_fix_scratch). */
 __attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid)
 {
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
     if (!st || st->ex.role != KSPAN_ROLE_CLIENT)
         return 0;
     struct kspan_client_id *id = bpf_map_lookup_elem(&client_pre, &conn_id);
-    if (!id || id->pid_tgid != pid_tgid) {
-        /* not seen at its entry: decided now, after its bytes left (no TCP option) */
-        kspan_client_pre(conn_id, pid_tgid, 0);
-        id = bpf_map_lookup_elem(&client_pre, &conn_id);
-        if (!id)
-            return 0;
-    }
+    if (!id || id->pid_tgid != pid_tgid)
+        return 2;
     st->ex.parent_kind = id->parent_kind;
     st->ex.parent_conn_id = id->parent_conn_id;
     st->ex.parent_req_start_ns = id->parent_req_start_ns;
@@ -1341,7 +1409,12 @@ __attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid)
     st->ex.parent_span_id = id->parent_span_id;
     st->ex.flags |= id->flags | KSPAN_FLAG_IDS;
     bpf_map_delete_elem(&client_pre, &conn_id);
-    __u8 tid[16] = {};
+    __u32 z = 0;
+    struct kspan_fix_scratch *fx = bpf_map_lookup_elem(&kspan_fix_scratch, &z);
+    if (!fx)
+        return 1;
+    __u8 *tid = fx->fc_tid;
+    __builtin_memset(tid, 0, 16);
     __u64 sid = 0;
     __u32 fl = 0;
     /* an event loop forwarding its request's traceparent names the trace even when it cannot
@@ -1469,63 +1542,76 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
     KSPAN_APPEND(req_head, KSPAN_REQ_HEAD, req_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_REQ_HEAD_FULL);
 
     __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
+    __u32 zero = 0;
+    struct kspan_fix_scratch *fx = bpf_map_lookup_elem(&kspan_fix_scratch, &zero);
+    if (!fx)
+        return;
     if (st->ex.role == KSPAN_ROLE_SERVER) {
-        struct kspan_exchange_ref me = {};
-        me.conn_id = st->ex.conn_id;
-        me.req_start_ns = st->ex.req_start_ns;
-        me.pid = a->pid;
+        struct kspan_exchange_ref *me = &fx->sm_me;
+        __builtin_memset(me, 0, sizeof(*me));
+        me->conn_id = st->ex.conn_id;
+        me->req_start_ns = st->ex.req_start_ns;
+        me->pid = a->pid;
         struct kspan_exchange_ref *cur = bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
         if (cur && cur->inflight > 0) {
             /* a second request in flight on this thread: an event loop */
             __sync_fetch_and_add(&cur->inflight, 1);
             cur->ambiguous = 1;
-            cur->conn_id = me.conn_id;
-            cur->req_start_ns = me.req_start_ns;
+            cur->conn_id = me->conn_id;
+            cur->req_start_ns = me->req_start_ns;
         } else {
-            me.inflight = 1;
-            bpf_map_update_elem(&thread_ctx, &pid_tgid, &me, BPF_ANY);
+            me->inflight = 1;
+            bpf_map_update_elem(&thread_ctx, &pid_tgid, me, BPF_ANY);
         }
         __u32 pid = a->pid;
         struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
         if (f) {
             if (__sync_fetch_and_add(&f->count, 1) > 0)
                 f->ambiguous = 1;
-            f->conn_id = me.conn_id;
-            f->req_start_ns = me.req_start_ns;
+            f->conn_id = st->ex.conn_id;
+            f->req_start_ns = st->ex.req_start_ns;
         } else {
-            struct kspan_inflight nf = {};
-            nf.count = 1;
-            nf.conn_id = me.conn_id;
-            nf.req_start_ns = me.req_start_ns;
-            bpf_map_update_elem(&proc_inflight, &pid, &nf, BPF_ANY);
+            struct kspan_inflight *nf = &fx->sm_nf;
+            __builtin_memset(nf, 0, sizeof(*nf));
+            nf->count = 1;
+            nf->conn_id = st->ex.conn_id;
+            nf->req_start_ns = st->ex.req_start_ns;
+            bpf_map_update_elem(&proc_inflight, &pid, nf, BPF_ANY);
         }
         kspan_serving_add(st->ex.conn_id, pid_tgid);
         /* the peer host's kspan context for this request, parsed from its TCP option before
          * these bytes could be read; taken now, before the next request's can replace it */
         if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-            struct kspan_conn_key k = {};
-            kspan_conn_key_of_ex(&k, st, 0);
-            struct kspan_trace_ctx *in = bpf_map_lookup_elem(&ctx_in, &k);
+            struct kspan_conn_key *k = &fx->sm_k;
+            __builtin_memset(k, 0, sizeof(*k));
+            kspan_conn_key_of_ex(k, st, 0);
+            struct kspan_trace_ctx *in = bpf_map_lookup_elem(&ctx_in, k);
             if (in) {
                 __builtin_memcpy(st->ex.trace_id, in->trace_id, 16);
                 st->ex.parent_span_id = in->span_id;
                 st->tcp_in = 0x100 | in->flags;
-                bpf_map_delete_elem(&ctx_in, &k);
+                bpf_map_delete_elem(&ctx_in, k);
             }
         }
     } else {
-        kspan_fix_client(st->ex.conn_id, pid_tgid);
+        if (kspan_fix_client(st->ex.conn_id, pid_tgid) == 2) {
+            /* not seen at its entry: decided now, after its bytes left (no TCP option) */
+            kspan_client_pre(st->ex.conn_id, pid_tgid, 0);
+            kspan_fix_client(st->ex.conn_id, pid_tgid);
+        }
         if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-            struct kspan_conn_key k = {};
-            kspan_conn_key_of_ex(&k, st, 0);
-            struct kspan_exchange_ref me = {};
-            me.conn_id = st->ex.conn_id;
-            me.req_start_ns = st->ex.req_start_ns;
-            me.pid = a->pid;
-            me.flags = st->ex.flags & KSPAN_FLAG_SAMPLED;
-            __builtin_memcpy(me.trace_id, st->ex.trace_id, 16);
-            me.span_id = st->ex.span_id;
-            bpf_map_update_elem(&client_conns, &k, &me, BPF_ANY);
+            struct kspan_conn_key *k = &fx->sm_k;
+            __builtin_memset(k, 0, sizeof(*k));
+            kspan_conn_key_of_ex(k, st, 0);
+            struct kspan_exchange_ref *me = &fx->sm_me;
+            __builtin_memset(me, 0, sizeof(*me));
+            me->conn_id = st->ex.conn_id;
+            me->req_start_ns = st->ex.req_start_ns;
+            me->pid = a->pid;
+            me->flags = st->ex.flags & KSPAN_FLAG_SAMPLED;
+            __builtin_memcpy(me->trace_id, st->ex.trace_id, 16);
+            me->span_id = st->ex.span_id;
+            bpf_map_update_elem(&client_conns, k, me, BPF_ANY);
         }
     }
 }
@@ -1755,7 +1841,9 @@ static __always_inline void kspan_begin_response(struct kspan_conn *st, struct k
 #define KSPAN_H2_LOST 0x200      /* the frame boundaries are lost: copy transfers' starts as before */
 #define KSPAN_H2_NOTH2 0x400     /* the bytes to skip are not HTTP/2 (the 101 response's head) */
 
-__attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed);
+__attribute__((noinline)) int kspan_proto_head(__u64 conn_id, int closed);
+__attribute__((noinline)) int kspan_proto_body(__u64 conn_id, int closed);
+static __always_inline int kspan_proto_data(__u64 conn_id, int closed);
 
 /* A connection state becomes another protocol's (st->ex.role already set): its segments count
  * from 0, and for HTTP/2 the frame walk starts afresh in fields that were HTTP's scan results.
@@ -1993,18 +2081,29 @@ struct {
     __type(key, struct kspan_conn_key);
     __type(value, struct kspan_seg_ctx);
 } seg_ctx SEC(".maps");
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_seg_ctx);
+} kspan_seg_ctx_zero SEC(".maps"); /* never written: a new connection's empty slots (kept off the stack) */
 
 static __always_inline void kspan_seg_ctx_note(struct kspan_conn *st, __u32 seq, struct kspan_client_id *id)
 {
     if (!(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) || (st->ex.flags & KSPAN_FLAG_TLS))
         return;
-    struct kspan_conn_key k = {};
-    kspan_conn_key_of_ex(&k, st, 0);
-    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, &k);
+    __u32 zero = 0;
+    struct kspan_id_scratch *x = kspan_id_scratch_get();
+    struct kspan_seg_ctx *empty = bpf_map_lookup_elem(&kspan_seg_ctx_zero, &zero);
+    if (!x || !empty)
+        return;
+    struct kspan_conn_key *k = &x->note_k;
+    __builtin_memset(k, 0, sizeof(*k));
+    kspan_conn_key_of_ex(k, st, 0);
+    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, k);
     if (!c) {
-        struct kspan_seg_ctx z = {};
-        bpf_map_update_elem(&seg_ctx, &k, &z, BPF_NOEXIST);
-        c = bpf_map_lookup_elem(&seg_ctx, &k);
+        bpf_map_update_elem(&seg_ctx, k, empty, BPF_NOEXIST);
+        c = bpf_map_lookup_elem(&seg_ctx, k);
         if (!c)
             return;
     }
@@ -2031,44 +2130,20 @@ __attribute__((noinline)) int kspan_seg_pre(__u64 sk, __u64 pid_tgid)
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
     if (!st || st->phase != KSPAN_PH_PROTO || st->ex.role != KSPAN_ROLE_CLIENT || (st->ex.flags & KSPAN_FLAG_TLS))
         return 0;
-    struct kspan_client_id id = {};
-    kspan_client_decide(&id, sk, pid_tgid, 0, 0);
-    id.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-    bpf_map_update_elem(&client_pre, &sk, &id, BPF_ANY);
+    struct kspan_id_scratch *x = kspan_id_scratch_get();
+    if (!x)
+        return 0;
+    struct kspan_client_id *id = &x->seg_id;
+    __builtin_memset(id, 0, sizeof(*id));
+    kspan_client_decide(id, sk, pid_tgid, 0, 0);
+    id->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
     st = bpf_map_lookup_elem(&conns, &sk);
     if (st)
-        kspan_seg_ctx_note(st, id.seq, &id);
+        kspan_seg_ctx_note(st, id->seq, id);
     return 1;
 }
 
-/* The latest write of the local client on the other end that began before end_seq (the server's
- * read position): its trace into seg, KSPAN_SEG_PEER set. Writes older than 1 GiB of stream are
- * not taken (sequence numbers wrap at 4 GiB). */
-static __always_inline void kspan_seg_peer(struct kspan_segment *seg, struct kspan_conn *st, __u32 end_seq)
-{
-    struct kspan_conn_key k = {};
-    kspan_conn_key_of_ex(&k, st, 1);
-    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, &k);
-    if (!c)
-        return;
-    __u32 best = 0, best_d = 1U << 30;
-#pragma unroll
-    for (int i = 0; i < KSPAN_SEG_CTX_SLOTS; i++) {
-        __u32 d = end_seq - c->seq[i];
-        if (c->flags[i] && d > 0 && d < best_d) {
-            best_d = d;
-            best = i + 1;
-        }
-    }
-    if (!best)
-        return;
-    __u32 i = (best - 1) & (KSPAN_SEG_CTX_SLOTS - 1);
-    seg->seg_flags |= KSPAN_SEG_PEER;
-    seg->ctx_seq = c->seq[i];
-    seg->ctx_end = end_seq;
-    __builtin_memcpy(seg->trace_id, c->trace_id[i], 16);
-    seg->flags |= c->flags[i] & KSPAN_FLAG_SAMPLED;
-}
 
 /* The segment being built, with room past its data for the verifier: a copy into data at a
  * variable offset is seen as offset <= KSPAN_SEG_DATA - 1 plus up to 2 * KSPAN_SEG_DATA - 1 bytes. */
@@ -2626,7 +2701,46 @@ __attribute__((noinline)) int kspan_h2_frames(__u64 conn_id)
 /* One transfer (the per-CPU kspan_args) on a connection of another protocol, or its close: a
  * segment record with the first KSPAN_SEG_DATA bytes. A client's write carries the trace its
  * request joins, by the same parent rules and sampling as an HTTP request. */
-__attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
+/* The latest write of the local client on the other end that began before end_seq (the server's
+ * read position): its trace into seg, KSPAN_SEG_PEER set. Writes older than 1 GiB of stream are
+ * not taken (sequence numbers wrap at 4 GiB). */
+/* Global, so its locals stay off kspan_proto_head's frame (see struct kspan_fix_scratch). */
+__attribute__((noinline)) int kspan_seg_peer(__u64 conn_id, __u32 end_seq)
+{
+    int z = 0;
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
+    struct kspan_id_scratch *x = kspan_id_scratch_get();
+    if (!st || !sb || !x)
+        return 0;
+    struct kspan_segment *seg = &sb->seg;
+    struct kspan_conn_key *k = &x->peer_k;
+    __builtin_memset(k, 0, sizeof(*k));
+    kspan_conn_key_of_ex(k, st, 1);
+    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, k);
+    if (!c)
+        return 0;
+    __u32 best = 0, best_d = 1U << 30;
+#pragma unroll
+    for (int i = 0; i < KSPAN_SEG_CTX_SLOTS; i++) {
+        __u32 d = end_seq - c->seq[i];
+        if (c->flags[i] && d > 0 && d < best_d) {
+            best_d = d;
+            best = i + 1;
+        }
+    }
+    if (!best)
+        return 0;
+    __u32 i = (best - 1) & (KSPAN_SEG_CTX_SLOTS - 1);
+    seg->seg_flags |= KSPAN_SEG_PEER;
+    seg->ctx_seq = c->seq[i];
+    seg->ctx_end = end_seq;
+    __builtin_memcpy(seg->trace_id, c->trace_id[i], 16);
+    seg->flags |= c->flags[i] & KSPAN_FLAG_SAMPLED;
+    return 1;
+}
+
+__attribute__((noinline)) int kspan_proto_head(__u64 conn_id, int closed)
 {
     int z = 0;
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
@@ -2653,8 +2767,6 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
     seg->ctx_seq = 0;
     seg->ctx_end = 0;
     seg->data_len = 0;
-    __u32 n = 0;
-    __u32 cap = KSPAN_SEG_DATA;
     if (closed) {
         seg->pid = st->ex.pid;
         seg->tid = st->ex.tid;
@@ -2683,30 +2795,50 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
             seg->tcp_seq = end_seq - (__u32)a->len;
             seg->seg_flags |= KSPAN_SEG_SEQ;
         }
-        if (a->dir == KSPAN_DIR_EGRESS && st->ex.role == KSPAN_ROLE_CLIENT) {
-            struct kspan_client_id id = {};
+        struct kspan_id_scratch *x = kspan_id_scratch_get();
+        if (x && a->dir == KSPAN_DIR_EGRESS && st->ex.role == KSPAN_ROLE_CLIENT) {
+            struct kspan_client_id *id = &x->seg_id;
+            __builtin_memset(id, 0, sizeof(*id));
             __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
             struct kspan_client_id *pre = bpf_map_lookup_elem(&client_pre, &conn_id);
             if (pre && pre->pid_tgid == pid_tgid && plain_tcp && pre->seq == seg->tcp_seq) {
                 /* decided at the write's entry (kspan_seg_pre) and published then */
-                __builtin_memcpy(&id, pre, sizeof(id));
+                __builtin_memcpy(id, pre, sizeof(*id));
                 bpf_map_delete_elem(&client_pre, &conn_id);
             } else {
-                kspan_client_decide(&id, conn_id, pid_tgid, 0, 0);
+                kspan_client_decide(id, conn_id, pid_tgid, 0, 0);
                 if (plain_tcp)
-                    kspan_seg_ctx_note(st, seg->tcp_seq, &id);
+                    kspan_seg_ctx_note(st, seg->tcp_seq, id);
             }
-            seg->parent_kind = id.parent_kind;
-            __builtin_memcpy(seg->trace_id, id.trace_id, 16);
-            seg->parent_span_id = id.parent_span_id;
-            seg->flags |= id.flags & (KSPAN_FLAG_SAMPLED | KSPAN_FLAG_AMBIGUOUS);
+            seg->parent_kind = id->parent_kind;
+            __builtin_memcpy(seg->trace_id, id->trace_id, 16);
+            seg->parent_span_id = id->parent_span_id;
+            seg->flags |= id->flags & (KSPAN_FLAG_SAMPLED | KSPAN_FLAG_AMBIGUOUS);
         } else if (st->ex.role == KSPAN_ROLE_SERVER && plain_tcp) {
             /* a reply looks again, up to what the server has read: a client's first write is
              * published only at its exit, which a server on another CPU may read before */
             if (a->dir == KSPAN_DIR_EGRESS)
                 end_seq = BPF_CORE_READ((struct tcp_sock *)conn_id, copied_seq);
-            kspan_seg_peer(seg, st, end_seq);
+            kspan_seg_peer(conn_id, end_seq);
         }
+    }
+    return 1;
+}
+
+/* The segment's data (frames walked, iovecs gathered or its first bytes) and its output, after
+ * kspan_proto_head. */
+__attribute__((noinline)) int kspan_proto_body(__u64 conn_id, int closed)
+{
+    int z = 0;
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &z);
+    if (!st || !sb || !a)
+        return 0;
+    struct kspan_segment *seg = &sb->seg;
+    __u32 n = 0;
+    __u32 cap = KSPAN_SEG_DATA;
+    if (!closed) {
         n = kspan_readable(a);
         __u32 gathered = 0;
         if (st->method == KSPAN_PROTO_HTTP2 &&
@@ -2749,6 +2881,16 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
     else
         kspan_count(KSPAN_CNT_LOST, 1);
     return 1;
+}
+
+/* A transfer on a connection in a protocol state as a segment record (closed: the connection's
+ * end, no bytes). Two global functions called one after the other, not one: the verifier adds up
+ * the frames of a call chain (see struct kspan_fix_scratch), and the identity part's chain
+ * (kspan_client_decide -> kspan_fix_server) and the frame walk's (kspan_h2_frames -> its bpf_loop
+ * steps) each fit on the state machine's frame only without the other's locals. */
+static __always_inline int kspan_proto_data(__u64 conn_id, int closed)
+{
+    return kspan_proto_head(conn_id, closed) && kspan_proto_body(conn_id, closed);
 }
 
 /* A connection state for a transfer that opens another protocol (same filters as a request). */
