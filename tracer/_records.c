@@ -346,6 +346,19 @@ static void input_release(input *in)
         PyBuffer_Release(&in->view);
 }
 
+/* One record through one decoder. legacy: exchange records' layout (-1: by the length). */
+static PyObject *decode(PyObject *data, PyObject *(*from)(const input *, int), int legacy)
+{
+    if (check_ready() < 0)
+        return NULL;
+    input in;
+    if (input_get(data, &in) < 0)
+        return NULL;
+    PyObject *r = from(&in, legacy);
+    input_release(&in);
+    return r;
+}
+
 /* The bytes [at, at + min(len, cap)), cut at the record's end. */
 static PyObject *head_bytes(const input *in, size_t at, size_t len, size_t cap)
 {
@@ -440,7 +453,9 @@ static PyObject *exchange_from(const input *in, int legacy)
     PyObject *parent;
     if (h.parent_kind) {
         PyObject *idv[2] = {U(h.parent_conn_id), U(h.parent_req_start_ns)};
-        PyObject *hintv[3] = {Py_NewRef(parent_kinds[h.parent_kind]), U(h.parent_pid), build_slotted(&exchange_id_cls, idv)};
+        PyObject *hintv[3] = {
+            Py_NewRef(parent_kinds[h.parent_kind]), U(h.parent_pid), build_slotted(&exchange_id_cls, idv),
+        };
         parent = build_slotted(&parent_hint_cls, hintv);
     } else {
         parent = Py_NewRef(Py_None);
@@ -465,7 +480,8 @@ static PyObject *exchange_from(const input *in, int legacy)
     return build_slotted(&exchange_cls, v);
 }
 
-static PyObject *py_decode_exchange(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+static PyObject *py_decode_exchange(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs,
+                                    PyObject *kwnames)
 {
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     PyObject *legacy_arg = nargs == 2 ? args[1] : Py_None;
@@ -479,17 +495,10 @@ static PyObject *py_decode_exchange(PyObject *Py_UNUSED(m), PyObject *const *arg
     int legacy = -1;
     if (legacy_arg != Py_None && (legacy = PyObject_IsTrue(legacy_arg)) < 0)
         return NULL;
-    if (check_ready() < 0)
-        return NULL;
-    input in;
-    if (input_get(args[0], &in) < 0)
-        return NULL;
-    PyObject *r = exchange_from(&in, legacy);
-    input_release(&in);
-    return r;
+    return decode(args[0], exchange_from, legacy);
 }
 
-static PyObject *metric_from(const input *in)
+static PyObject *metric_from(const input *in, int Py_UNUSED(legacy))
 {
     if (in->n < (Py_ssize_t)REQ_AT)
         return PyErr_Format(PyExc_ValueError, "metric record is %zd bytes, expected at least %zu", in->n, REQ_AT);
@@ -542,14 +551,7 @@ static PyObject *metric_from(const input *in)
 
 static PyObject *py_decode_metric(PyObject *Py_UNUSED(m), PyObject *data)
 {
-    if (check_ready() < 0)
-        return NULL;
-    input in;
-    if (input_get(data, &in) < 0)
-        return NULL;
-    PyObject *r = metric_from(&in);
-    input_release(&in);
-    return r;
+    return decode(data, metric_from, -1);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -659,7 +661,7 @@ static PyObject *h2_pieces(const struct kspan_segment *h, const uint8_t *body, s
     return pieces;
 }
 
-static PyObject *segment_from(const input *in)
+static PyObject *segment_from(const input *in, int Py_UNUSED(legacy))
 {
     Py_ssize_t n = in->n;
     if (n < (Py_ssize_t)SEGMENT_HEADER_V1)
@@ -725,14 +727,7 @@ static PyObject *segment_from(const input *in)
 
 static PyObject *py_decode_segment(PyObject *Py_UNUSED(m), PyObject *data)
 {
-    if (check_ready() < 0)
-        return NULL;
-    input in;
-    if (input_get(data, &in) < 0)
-        return NULL;
-    PyObject *r = segment_from(&in);
-    input_release(&in);
-    return r;
+    return decode(data, segment_from, -1);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -745,32 +740,21 @@ typedef struct {
     size_t offset, size;
 } field;
 
+#define EX(f) FIELD(kspan_exchange, f)
+#define SEG(f) FIELD(kspan_segment, f)
 static const field EXCHANGE_LAYOUT[] = {
-    FIELD(kspan_exchange, type), FIELD(kspan_exchange, pid), FIELD(kspan_exchange, tid),
-    FIELD(kspan_exchange, role), FIELD(kspan_exchange, end_reason), FIELD(kspan_exchange, source),
-    FIELD(kspan_exchange, parent_kind), FIELD(kspan_exchange, flags), FIELD(kspan_exchange, family),
-    FIELD(kspan_exchange, local_port), FIELD(kspan_exchange, remote_port), FIELD(kspan_exchange, status),
-    FIELD(kspan_exchange, local_addr), FIELD(kspan_exchange, remote_addr), FIELD(kspan_exchange, _pad0),
-    FIELD(kspan_exchange, conn_id), FIELD(kspan_exchange, req_start_ns), FIELD(kspan_exchange, req_end_ns),
-    FIELD(kspan_exchange, resp_start_ns), FIELD(kspan_exchange, resp_end_ns), FIELD(kspan_exchange, req_bytes),
-    FIELD(kspan_exchange, resp_bytes), FIELD(kspan_exchange, parent_conn_id),
-    FIELD(kspan_exchange, parent_req_start_ns), FIELD(kspan_exchange, parent_pid),
-    FIELD(kspan_exchange, req_head_len), FIELD(kspan_exchange, resp_head_len), FIELD(kspan_exchange, resp_tail_len),
-    FIELD(kspan_exchange, _pad), FIELD(kspan_exchange, trace_id), FIELD(kspan_exchange, span_id),
-    FIELD(kspan_exchange, parent_span_id), FIELD(kspan_exchange, req_head), FIELD(kspan_exchange, resp_head),
-    FIELD(kspan_exchange, resp_tail), {NULL, 0, 0},
+    EX(type), EX(pid), EX(tid), EX(role), EX(end_reason), EX(source), EX(parent_kind), EX(flags), EX(family),
+    EX(local_port), EX(remote_port), EX(status), EX(local_addr), EX(remote_addr), EX(_pad0), EX(conn_id),
+    EX(req_start_ns), EX(req_end_ns), EX(resp_start_ns), EX(resp_end_ns), EX(req_bytes), EX(resp_bytes),
+    EX(parent_conn_id), EX(parent_req_start_ns), EX(parent_pid), EX(req_head_len), EX(resp_head_len),
+    EX(resp_tail_len), EX(_pad), EX(trace_id), EX(span_id), EX(parent_span_id), EX(req_head), EX(resp_head),
+    EX(resp_tail), {NULL, 0, 0},
 };
-
 static const field SEGMENT_LAYOUT[] = {
-    FIELD(kspan_segment, type), FIELD(kspan_segment, pid), FIELD(kspan_segment, tid), FIELD(kspan_segment, dir),
-    FIELD(kspan_segment, proto), FIELD(kspan_segment, role), FIELD(kspan_segment, parent_kind),
-    FIELD(kspan_segment, flags), FIELD(kspan_segment, family), FIELD(kspan_segment, local_port),
-    FIELD(kspan_segment, remote_port), FIELD(kspan_segment, data_len), FIELD(kspan_segment, local_addr),
-    FIELD(kspan_segment, remote_addr), FIELD(kspan_segment, seg_flags), FIELD(kspan_segment, tcp_seq),
-    FIELD(kspan_segment, conn_id), FIELD(kspan_segment, start_ns), FIELD(kspan_segment, end_ns),
-    FIELD(kspan_segment, len), FIELD(kspan_segment, seq), FIELD(kspan_segment, trace_id),
-    FIELD(kspan_segment, parent_span_id), FIELD(kspan_segment, ctx_seq), FIELD(kspan_segment, ctx_end),
-    FIELD(kspan_segment, data), {NULL, 0, 0},
+    SEG(type), SEG(pid), SEG(tid), SEG(dir), SEG(proto), SEG(role), SEG(parent_kind), SEG(flags), SEG(family),
+    SEG(local_port), SEG(remote_port), SEG(data_len), SEG(local_addr), SEG(remote_addr), SEG(seg_flags),
+    SEG(tcp_seq), SEG(conn_id), SEG(start_ns), SEG(end_ns), SEG(len), SEG(seq), SEG(trace_id),
+    SEG(parent_span_id), SEG(ctx_seq), SEG(ctx_end), SEG(data), {NULL, 0, 0},
 };
 
 static const struct {
