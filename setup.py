@@ -12,7 +12,9 @@ _FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-fiel
 
 setup(
     ext_modules=[
-        Extension("tracer._records", ["tracer/_records.c"], extra_compile_args=_FLAGS),
+        # compiled against the kernel's record layouts themselves (tracer/records.py checks its ctypes
+        # mirrors against the result at import)
+        Extension("tracer._records", ["tracer/_records.c"], depends=["bpf/kspan.h"], extra_compile_args=_FLAGS),
         Extension("exporters._wire", ["exporters/_wire.c"], extra_compile_args=_FLAGS),
     ]
 )

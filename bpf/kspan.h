@@ -1,5 +1,7 @@
 /* kspan records: the only contract between the kernel programs and user space.
- * tracer/records.py mirrors every struct here with ctypes; change both together.
+ * tracer/_records.c is compiled against this header (the decoding of exchange, metric and segment
+ * records); tracer/records.py mirrors every struct here with ctypes and checks its mirrors against
+ * that module at import: change the header and the mirrors together.
  * Fixed-size arrays keep each record one bpf_ringbuf_output() copy from a map value (the BPF
  * stack is 512 bytes, an exchange is larger). */
 #ifndef KSPAN_H

@@ -20,6 +20,8 @@ from correlator.spans import AttrValue
 SEGMENT_DATA = 512
 
 
+# Segment and SegmentRecord are built by tracer/_records.c, slot by slot (see correlator/records.py's
+# Exchange): their fields and its are changed together.
 @dataclass(frozen=True, slots=True)
 class Segment:
     conn_id: int  # the kernel's struct sock address: one connection, one end

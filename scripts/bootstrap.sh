@@ -74,11 +74,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 # The compiled hot path (setup.py: tracer/_records.c, exporters/_wire.c), built in place so the
-# source tree imports it like the editable install does; rebuilt when a C source or setup.py is
-# newer than its module.
+# source tree imports it like the editable install does; rebuilt when a C source, setup.py or
+# bpf/kspan.h (whose structs tracer/_records.c reads) is newer than its module.
 for src in tracer/_records.c exporters/_wire.c; do
   so=$(ls "${src%.c}".cpython-*.so 2>/dev/null | head -1 || true)
-  if [ -z "$so" ] || [ "$src" -nt "$so" ] || [ setup.py -nt "$so" ]; then
+  if [ -z "$so" ] || [ "$src" -nt "$so" ] || [ setup.py -nt "$so" ] || [ bpf/kspan.h -nt "$so" ]; then
     say "compiling the hot path's C extensions (gcc)"
     .venv/bin/python setup.py -q build_ext --inplace >/dev/null 2>.venv/ext.log || { cat .venv/ext.log >&2; exit 1; }
     break
