@@ -17,6 +17,7 @@ import json
 import logging
 import operator
 import socket
+import sys
 import threading
 import time
 from bisect import bisect_left, bisect_right
@@ -108,6 +109,16 @@ TCP_CONNECT_FAILURES = MetricDef("kspan.network.tcp.connect_failures", "{connect
 TCP_RTT = MetricDef("kspan.network.tcp.rtt", "s", "Smoothed TCP round-trip time samples.", "histogram", RTT_BUCKETS)
 
 
+# In arrival order, one addition at a time: the total a running `total += v` gives, to the bit, at C
+# speed. sum() adds floats just so before Python 3.12; from 3.12 on it compensates its additions
+# (gh-100425), as math.fsum always does, which can change the last bits.
+if sys.version_info < (3, 12):
+    _running_total: Callable[[list[float], float], float] = sum
+else:
+    def _running_total(vals: list[float], start: float) -> float:
+        return reduce(operator.add, vals, start)
+
+
 class _Hist:
     """One histogram stream. Observations are appended to `vals` and folded into the counts at the
     end of the batch (fold): the fold's sort, bisect and reduce run in C, where updating five
@@ -134,9 +145,7 @@ class _Hist:
 
     def fold(self) -> None:
         vals = self.vals
-        # In arrival order, one addition at a time: the sum a running total gives, to the bit
-        # (sum() compensates its additions from Python 3.12 on, math.fsum always).
-        self.total = reduce(operator.add, vals, self.total)
+        self.total = _running_total(vals, self.total)
         self.n += len(vals)
         counts, bounds = self.counts, self.bounds
         if len(vals) < 16:
@@ -503,10 +512,10 @@ class MetricsAggregator:
                 elif e.metric is not None:
                     e.hist = self._observe(res, e.metric, e.attrs, seconds, now_ns)
                 peer_pid = s.peer_pid
-                if peer_pid and e.endpoint is not None and len(endpoints) < 4096:
+                endpoint = e.endpoint
+                if endpoint is not None and peer_pid and len(endpoints) < 4096:
                     peer_svc = services.get(peer_pid)
-                    endpoints[e.endpoint] = (peer_svc[1] if peer_svc is not None
-                                             else self._service_name(peer_pid))
+                    endpoints[endpoint] = peer_svc[1] if peer_svc is not None else self._service_name(peer_pid)
                 failed = s.status == _ERROR
                 client = kind == _CLIENT
                 if e.database is not None:
@@ -628,12 +637,16 @@ class MetricsAggregator:
             e.total.value += 1
             if failed:
                 e.failed.value += 1
-            for h, v in ((e.server, server_s), (e.client, client_s)):
-                if v is not None:
-                    vals = h.vals  # type: ignore[union-attr]  # _Hist.add, inlined
-                    if not vals:
-                        self._dirty.append(h)  # type: ignore[arg-type]
-                    vals.append(v)
+            if server_s is not None:
+                vals = e.server.vals  # type: ignore[union-attr]  # _Hist.add, inlined
+                if not vals:
+                    self._dirty.append(e.server)  # type: ignore[arg-type]
+                vals.append(server_s)
+            if client_s is not None:
+                vals = e.client.vals  # type: ignore[union-attr]
+                if not vals:
+                    self._dirty.append(e.client)  # type: ignore[arg-type]
+                vals.append(client_s)
             return
         attrs: AttrKey = (("client", client), ("connection_type", connection_type), ("server", server))
         res = self.agent_resource
