@@ -235,6 +235,7 @@ class _Edge:
 
 
 _MEMO_SIZE = 4096  # memoised attribute sets; the memo starts over when full
+_SERVICE_CACHE_SIZE = 8192  # pids' resolved services; the cache starts over when full
 # Module constants: a global lookup instead of a global and an attribute lookup per span.
 _SERVER, _CLIENT, _ERROR = SpanKind.SERVER, SpanKind.CLIENT, StatusCode.ERROR
 
@@ -304,7 +305,7 @@ class MetricsAggregator:
         attrs = resource_attributes(pid, info, self._overrides)
         key = self._resource_id(tuple(sorted((k, v) for k, v in attrs.items() if k not in _PER_PROCESS_KEYS)))
         name = str(attrs.get("service.name", UNKNOWN_SERVICE))
-        if len(self._service_res) >= 8192:
+        if len(self._service_res) >= _SERVICE_CACHE_SIZE:
             self._service_res.clear()
             self._batch_services.clear()
         self._service_res[pid] = (info, key, name)

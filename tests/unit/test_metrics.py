@@ -156,6 +156,22 @@ def test_unpaired_half_is_counted_after_the_timeout() -> None:
     assert agg.unpaired_edges == 1
 
 
+def test_an_edge_first_counted_from_one_side_takes_both_durations_later() -> None:
+    # The edge's first count is an expired client half (no server-side duration): a later pair of
+    # the same services still adds its server-side duration.
+    agg = MetricsAggregator(pair_timeout_s=0.0)
+    server, client, _ = chain_trace()
+    agg.record_spans([client], processes())
+    agg._last_sweep = 0.0  # force the sweep on the next call
+    agg.record_spans([], processes())
+    agg.record_spans([server, client], processes())
+    pts = _points(agg)
+    edge = {"client": "frontend", "server": "backend"}
+    assert _one(pts, "traces_service_graph_request_total", **edge)["value"] == 2
+    assert _one(pts, "traces_service_graph_request_client_seconds", **edge)["count"] == 2
+    assert _one(pts, "traces_service_graph_request_server_seconds", **edge)["count"] == 1
+
+
 def test_network_metrics_per_service_pair() -> None:
     agg = MetricsAggregator()
     agg.record_spans(chain_trace(), processes())  # learns backend listens on 8081, reached at 127.0.0.1:8081

@@ -26,6 +26,7 @@ from bench import hotpath
 from correlator.red import RedFacts
 from correlator.spans import ProcessInfo, Span, SpanKind, StatusCode
 from exporters.metrics import DB_BUCKETS, DURATION_BUCKETS, MetricsAggregator
+from exporters.otlp_proto import ResourceOverrides
 from tracer.agent import RecordDispatch
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "metrics-golden.json.gz")
@@ -33,13 +34,18 @@ PASSES = 2  # the second pass's shifted connection ids are new exchanges into wa
 # Variants: default limits; tight ones, so pair expiry (by age and by max_pending) and the
 # cardinality overflow stream are exercised too; and both again with the recorded spans and facts
 # varied (the recorded load is one route of one service pair: a handful of series).
-_DEFAULT = {"pair_timeout_s": 10.0, "max_pending": 10000, "cardinality": metrics.CARDINALITY_LIMIT}
-_TIGHT = {"pair_timeout_s": 1.0, "max_pending": 40, "cardinality": 6}
+_DEFAULT = {"pair_timeout_s": 10.0, "max_pending": 10000, "cardinality": metrics.CARDINALITY_LIMIT,
+            "memo": metrics._MEMO_SIZE, "services": metrics._SERVICE_CACHE_SIZE}
+# Tiny caches too: memos and the pid cache start over every few spans.
+_TIGHT = {"pair_timeout_s": 1.0, "max_pending": 40, "cardinality": 6, "memo": 3, "services": 2}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {**_DEFAULT, "mutate": False},
     "tight": {**_TIGHT, "mutate": False},
     "varied": {**_DEFAULT, "mutate": True},
     "varied-tight": {**_TIGHT, "mutate": True},
+    # A configured service name: a pid without process info is then named by it only while the
+    # pid cache still holds the pid, else unknown_service (what the tiny pid cache exercises).
+    "varied-tight-named": {**_TIGHT, "cardinality": metrics.CARDINALITY_LIMIT, "mutate": True, "service_name": "shop"},
 }
 
 
@@ -184,10 +190,13 @@ def snapshot(recording: str, variant: str) -> dict[str, Any]:
     dispatch = RecordDispatch(correlator, table)
     clock = _Clock()
     rng = random.Random(f"{recording}/{variant}")
-    saved = metrics.time, metrics.CARDINALITY_LIMIT
-    metrics.time, metrics.CARDINALITY_LIMIT = clock, v["cardinality"]  # type: ignore[assignment]
+    saved = metrics.time, metrics.CARDINALITY_LIMIT, metrics._MEMO_SIZE, metrics._SERVICE_CACHE_SIZE
+    metrics.time = clock  # type: ignore[assignment]
+    metrics.CARDINALITY_LIMIT, metrics._MEMO_SIZE, metrics._SERVICE_CACHE_SIZE = (
+        v["cardinality"], v["memo"], v["services"])
     try:
-        agg = MetricsAggregator(pair_timeout_s=v["pair_timeout_s"], max_pending=v["max_pending"])
+        agg = MetricsAggregator(ResourceOverrides(service_name=v.get("service_name")),
+                                pair_timeout_s=v["pair_timeout_s"], max_pending=v["max_pending"])
         for n in range(PASSES):
             recs = hotpath._shifted(rec.records, n)
             for i in range(0, len(recs), hotpath.POLL_BATCH):
@@ -210,7 +219,7 @@ def snapshot(recording: str, variant: str) -> dict[str, Any]:
         return {"points": before_expiry, "after_expiry": after,
                 "overflowed": agg.overflowed, "unpaired_edges": agg.unpaired_edges}
     finally:
-        metrics.time, metrics.CARDINALITY_LIMIT = saved  # type: ignore[assignment]
+        metrics.time, metrics.CARDINALITY_LIMIT, metrics._MEMO_SIZE, metrics._SERVICE_CACHE_SIZE = saved  # type: ignore[assignment]
 
 
 def _canonical(x: Any) -> Any:
