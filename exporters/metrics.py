@@ -4,7 +4,7 @@ Aggregation is kspan's own (plain dicts and bucket arrays), exported as the Open
 metric data model through the SDK's OTLP metric exporters (or as OTLP-JSON lines for the embedded
 default). Why not the SDK's instruments: one Histogram.record() costs ~9 us here and every traced
 request needs four or five of them; aggregating in place costs ~1.5 us per span and under 1 us per
-unsampled exchange, which matters to an agent whose budget is a few microseconds per request. What
+unsampled exchange, which matters to an agent whose budget is about 10 us per request. What
 makes it cheap: a span's attribute values (or a RedFacts' memoised attribute tuple) find all their
 streams in one dict lookup, pids resolve once per batch, and histogram values are folded per batch.
 
