@@ -154,6 +154,15 @@ def test_unpaired_half_is_counted_after_the_timeout() -> None:
     pts = _points(agg)
     assert _one(pts, "traces_service_graph_request_total", client="frontend", server="backend")["value"] == 1
     assert agg.unpaired_edges == 1
+    # The edge's first count had no server-side duration: a later pair of the same services still
+    # adds its own.
+    server, client, _ = chain_trace("t2")
+    agg.record_spans([server, client], processes())
+    pts = _points(agg)
+    edge = {"client": "frontend", "server": "backend"}
+    assert _one(pts, "traces_service_graph_request_total", **edge)["value"] == 2
+    assert _one(pts, "traces_service_graph_request_client_seconds", **edge)["count"] == 2
+    assert _one(pts, "traces_service_graph_request_server_seconds", **edge)["count"] == 1
 
 
 def test_network_metrics_per_service_pair() -> None:

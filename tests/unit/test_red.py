@@ -11,7 +11,7 @@ import pytest
 
 from correlator.clock import WallClock
 from correlator.correlator import Correlator, CorrelatorConfig
-from correlator.records import EndReason, Exchange, MetricExchange, ParentKind, Role
+from correlator.records import EndReason, Exchange, MetricExchange, ParentKind, Role, TcpEvent, TcpEventKind
 from correlator.spans import ProcessInfo
 from exporters.metrics import MetricsAggregator
 from tests.support.exchanges import hint, make_exchange, request_bytes, response_bytes
@@ -132,6 +132,21 @@ def test_service_graph_pairs_unsampled_halves_by_kernel_span_ids() -> None:
     assert edges == {("kspan", (("client", "front"), ("connection_type", "virtual_node"),
                                 ("server", "127.0.0.1"))): 1}
     assert agg.unpaired_edges == 0
+
+
+def test_unsampled_servers_teach_the_network_metrics_their_listening_port() -> None:
+    """A TCP event on the port a server's unsampled requests arrived at is the server's: its far end
+    is named by address alone (the client's port is ephemeral)."""
+    server = make_exchange(request_bytes("GET", "/b"), response_bytes(200), pid=20,
+                           local=("127.0.0.1", 8000), remote=("127.0.0.1", 40000))
+    f = Correlator(WallClock(0), CorrelatorConfig()).metric(_metric(server))
+    assert f is not None and f.local_port == 8000
+    agg = MetricsAggregator()
+    agg.record_red([f, f], PROCS)
+    agg.record_tcp([TcpEvent(TcpEventKind.RESET_SENT, 20, 1, 7, socket.AF_INET, "127.0.0.1", 8000, "10.1.1.1", 40000,
+                             0)], PROCS)
+    assert _hist(agg, "kspan.network.tcp.resets") == {
+        ("kspan", (("destination", "10.1.1.1"), ("direction", "sent"), ("source", "back"))): 1}
 
 
 # Heads that share everything but their target, and targets the memo by head shape must not
