@@ -106,13 +106,20 @@ static __always_inline void kspan_tcp_call_end(void *ctx, __u64 id, struct kspan
     if (kspan_tls_socket(id, call->sk))
         return;
     __u8 dir = call->dir;
-    struct kspan_data_args a = {};
-    kspan_socket_args(&a, id, call->sk, dir, ret, call->start_ns, bpf_ktime_get_ns());
+    /* Built in the per-CPU kspan_args entry the state machine reads, not on the stack and copied
+     * there (kspan_on_data): the 96-byte copy on this program's frame put the chain down to
+     * kspan_fix_server past the verifier's 512 bytes (see struct kspan_fix_scratch). */
+    int zero = 0;
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &zero);
+    if (!a)
+        return;
+    __builtin_memset(a, 0, sizeof(*a));
+    kspan_socket_args(a, id, call->sk, dir, ret, call->start_ns, bpf_ktime_get_ns());
     if (call->kind == KSPAN_KP_UBUF)
-        a.buf = (const char *)call->ptr;
+        a->buf = (const char *)call->ptr;
     else if (call->kind == KSPAN_KP_IOV)
-        kspan_iov_args(&a, call->ptr, call->nr_segs, call->skip, ret);
-    kspan_on_data(ctx, &a);
+        kspan_iov_args(a, call->ptr, call->nr_segs, call->skip, ret);
+    kspan_exchange_body(ctx, a);
 }
 
 /* The call in progress per thread, between entry (where the buffer is known) and return (where
