@@ -118,6 +118,12 @@ static PyObject *get_slot(PyObject *o, const Slot *slots, int i) {
     return v;
 }
 
+/* A slot's truth value: 1, 0, or -1 with an error set. */
+static int truth_slot(PyObject *o, const Slot *slots, int i) {
+    PyObject *v = get_slot(o, slots, i);
+    return v == NULL ? -1 : PyObject_IsTrue(v);
+}
+
 #define GET(var, o, slots, i)                  \
     do {                                        \
         if (((var) = get_slot((o), (slots), (i))) == NULL) \
@@ -308,46 +314,75 @@ static PyObject *has_no_body(PyObject *mod, PyObject *const *args, Py_ssize_t na
     return PyBool_FromLong(r);
 }
 
+/* server.address and server.port from a (host, port or None) pair: borrowed host, and *port the
+ * port or the scheme's default. NULL on error. */
+static PyObject *host_port(PyObject *hostport, PyObject *scheme, PyObject **port) {
+    if (!PyTuple_Check(hostport) || PyTuple_GET_SIZE(hostport) != 2) {
+        PyErr_SetString(PyExc_TypeError, "hostport must be a (host, port) tuple");
+        return NULL;
+    }
+    *port = PyTuple_GET_ITEM(hostport, 1);
+    if (*port == Py_None && (*port = default_port(scheme)) == NULL)
+        return NULL;
+    return PyTuple_GET_ITEM(hostport, 0);
+}
+
+/* *err: the error.type of an exchange the kernel ended this way before its response was complete
+ * (borrowed), NULL for an end that is no transport failure. -1 on error. */
+static int aborted_err(PyObject *end, PyObject **err) {
+    *err = PyDict_GetItemWithError(M.aborted_err, end);
+    return *err == NULL && PyErr_Occurred() ? -1 : 0;
+}
+
+/* The transport failure of an exchange whose response started: a closed connection is one only
+ * when the response is known to be incomplete; a timeout or eviction, unless it is known to be
+ * complete (cut is then 0). */
+static int cut_short(PyObject *stats, PyObject *end, int incomplete, int cut, PyObject **err) {
+    int closed = eq(end, M.closed);
+    if (closed < 0)
+        return -1;
+    if (closed) {
+        if (!incomplete)
+            return 0;
+        *err = M.err_incomplete;
+        return bump(stats, c_responses_incomplete, 1);
+    }
+    return cut ? aborted_err(end, err) : 0;
+}
+
 /* ---- the assembler: one per Correlator ---------------------------------------------------- */
 
 enum { QUERY_KEEP, QUERY_REDACT, QUERY_DROP };
 
+/* The assembler's objects, which are also its constructor's keywords (in this order):
+ * stats       CorrelatorStats: the rare counters are bumped here
+ * offset      monotonic -> wall clock, ns
+ * admit       RouteCap.admit
+ * span_id     Linker.span_id, for pipelined requests after the first
+ * head_part   Correlator._head_part
+ * hostport    Correlator._hostport
+ * match       RouteTable.match, or None without templates
+ * resps       Correlator._resps: response head bytes -> ResponseHead or None */
+#define ASM_OBJECTS(X) X(stats) X(offset) X(admit) X(span_id) X(head_part) X(hostport) X(match) X(resps)
+#define AS_FIELD(f) PyObject *f;
+#define AS_VISIT(f) Py_VISIT(self->f);
+#define AS_CLEAR(f) Py_CLEAR(self->f);
+
 typedef struct {
     PyObject_HEAD
-    PyObject *stats;     /* CorrelatorStats: the rare counters are bumped here */
-    PyObject *offset;    /* monotonic -> wall clock, ns */
-    PyObject *admit;     /* RouteCap.admit */
-    PyObject *span_id;   /* Linker.span_id, for pipelined requests after the first */
-    PyObject *head_part; /* Correlator._head_part */
-    PyObject *hostport;  /* Correlator._hostport */
-    PyObject *match;     /* RouteTable.match, or None without templates */
-    PyObject *resps;     /* Correlator._resps: response head bytes -> ResponseHead or None */
+    ASM_OBJECTS(AS_FIELD)
     Py_ssize_t memo_size;
     int auto_routes;
     int query;
 } Asm;
 
 static int asm_traverse(Asm *self, visitproc visit, void *arg) {
-    Py_VISIT(self->stats);
-    Py_VISIT(self->offset);
-    Py_VISIT(self->admit);
-    Py_VISIT(self->span_id);
-    Py_VISIT(self->head_part);
-    Py_VISIT(self->hostport);
-    Py_VISIT(self->match);
-    Py_VISIT(self->resps);
+    ASM_OBJECTS(AS_VISIT)
     return 0;
 }
 
 static int asm_clear(Asm *self) {
-    Py_CLEAR(self->stats);
-    Py_CLEAR(self->offset);
-    Py_CLEAR(self->admit);
-    Py_CLEAR(self->span_id);
-    Py_CLEAR(self->head_part);
-    Py_CLEAR(self->hostport);
-    Py_CLEAR(self->match);
-    Py_CLEAR(self->resps);
+    ASM_OBJECTS(AS_CLEAR)
     return 0;
 }
 
@@ -357,17 +392,24 @@ static void asm_dealloc(Asm *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+#define AS_NAME(f) #f,
+#define AS_LOCAL(f) PyObject *f;
+#define AS_ADDR(f) , &f
+#define AS_SET(f) self->f = Py_NewRef(f);
+
 static int asm_init(Asm *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"stats", "offset", "admit", "span_id", "head_part", "hostport", "match",
-                             "auto_routes", "query", "resps", "memo_size", NULL};
-    PyObject *stats, *offset, *admit, *span_id, *head_part, *hostport, *match, *resps;
+    static char *kwlist[] = {ASM_OBJECTS(AS_NAME) "auto_routes", "query", "memo_size", NULL};
+    ASM_OBJECTS(AS_LOCAL)
     int auto_routes;
     const char *query;
     Py_ssize_t memo_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOOOOpsO!n", kwlist, &stats, &offset, &admit, &span_id,
-                                     &head_part, &hostport, &match, &auto_routes, &query, &PyDict_Type, &resps,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOOOOOpsn", kwlist ASM_OBJECTS(AS_ADDR), &auto_routes, &query,
                                      &memo_size))
         return -1;
+    if (!PyDict_Check(resps)) {
+        PyErr_SetString(PyExc_TypeError, "resps must be a dict");
+        return -1;
+    }
     if (!M.ready) {
         PyErr_SetString(PyExc_RuntimeError, "correlator._spans.setup() was not called");
         return -1;
@@ -387,17 +429,21 @@ static int asm_init(Asm *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     asm_clear(self);
-    self->stats = Py_NewRef(stats);
-    self->offset = Py_NewRef(offset);
-    self->admit = Py_NewRef(admit);
-    self->span_id = Py_NewRef(span_id);
-    self->head_part = Py_NewRef(head_part);
-    self->hostport = Py_NewRef(hostport);
-    self->match = Py_NewRef(match);
-    self->resps = Py_NewRef(resps);
+    ASM_OBJECTS(AS_SET)
     self->auto_routes = auto_routes;
     self->memo_size = memo_size;
     return 0;
+}
+
+/* "path?query" into its path and query (*q NULL when there is no "?"). */
+static void split_query(const char *t, Py_ssize_t n, const char **p, Py_ssize_t *pn, const char **q, Py_ssize_t *qn) {
+    const char *m = memchr(t, '?', n);
+    *p = t;
+    *pn = m ? m - t : n;
+    if (m) {
+        *q = m + 1;
+        *qn = n - *pn - 1;
+    }
 }
 
 /* What a span takes from its request head alone (the head part from Correlator._head_part):
@@ -431,13 +477,7 @@ static PyObject *derive(Asm *self, PyObject *req, int server, PyObject *head) {
     const char *pb, *qb = NULL; /* path, query (NULL: none) */
     Py_ssize_t pn, qn = 0;
     if (t[0] == '/') {
-        const char *q = memchr(t, '?', tn);
-        pb = t;
-        pn = q ? q - t : tn;
-        if (q) {
-            qb = q + 1;
-            qn = tn - pn - 1;
-        }
+        split_query(t, tn, &pb, &pn, &qb, &qn);
     } else {
         GET(rmethod, req, req_slots, Q_METHOD);
         int connect = eq(rmethod, b_connect);
@@ -475,15 +515,7 @@ static PyObject *derive(Asm *self, PyObject *req, int server, PyObject *head) {
             authority = PyBytes_FromStringAndSize(rest + au, s - au);
             if (authority == NULL)
                 goto fail;
-            const char *pq = rest + s;
-            Py_ssize_t pqn = rn - s;
-            const char *q = memchr(pq, '?', pqn);
-            pb = pq;
-            pn = q ? q - pq : pqn;
-            if (q) {
-                qb = q + 1;
-                qn = pqn - pn - 1;
-            }
+            split_query(rest + s, rn - s, &pb, &pn, &qb, &qn);
             if (pn == 0) {
                 pb = "/";
                 pn = 1;
@@ -546,26 +578,13 @@ static PyObject *derive(Asm *self, PyObject *req, int server, PyObject *head) {
         if (query != NULL && set_item(a, k_query, query) < 0)
             goto fail;
         if (hostport != Py_None) {
-            if (!PyTuple_Check(hostport) || PyTuple_GET_SIZE(hostport) != 2) {
-                PyErr_SetString(PyExc_TypeError, "hostport must be a (host, port) tuple");
-                goto fail;
-            }
-            PyObject *port = PyTuple_GET_ITEM(hostport, 1);
-            if (port == Py_None && (port = default_port(scheme)) == NULL)
-                goto fail;
-            if (set_item(a, k_server_address, PyTuple_GET_ITEM(hostport, 0)) < 0 ||
-                set_item(a, k_server_port, port) < 0)
+            PyObject *port, *host = host_port(hostport, scheme, &port);
+            if (host == NULL || set_item(a, k_server_address, host) < 0 || set_item(a, k_server_port, port) < 0)
                 goto fail;
         }
     } else if (hostport != Py_None) {
-        if (!PyTuple_Check(hostport) || PyTuple_GET_SIZE(hostport) != 2) {
-            PyErr_SetString(PyExc_TypeError, "hostport must be a (host, port) tuple");
-            goto fail;
-        }
-        PyObject *host = PyTuple_GET_ITEM(hostport, 0), *port = PyTuple_GET_ITEM(hostport, 1);
-        if (port == Py_None && (port = default_port(scheme)) == NULL)
-            goto fail;
-        if (set_item(a, k_server_address, host) < 0 || set_item(a, k_server_port, port) < 0 ||
+        PyObject *port, *host = host_port(hostport, scheme, &port);
+        if (host == NULL || set_item(a, k_server_address, host) < 0 || set_item(a, k_server_port, port) < 0 ||
             set_new(a, k_url_full, url_full(scheme, host, port, url_path, query ? query : Py_None)) < 0)
             goto fail;
     }
@@ -640,7 +659,7 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
     PyObject *peer_addr = NULL, *peer_port = NULL, *local = NULL, *start = NULL, *end_w = NULL, *span = NULL;
     PyObject *memo, *heads, *d, *family, *v, *w;
     PyObject *code = NULL, *terr = NULL; /* borrowed */
-    PyObject *status;
+    PyObject *status, *etype = NULL;
 
     if ((tls = PyObject_IsTrue(c->tls)) < 0)
         goto fail;
@@ -743,21 +762,8 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
             if (fc == NULL)
                 goto fail;
             Py_DECREF(fc); /* compared by identity only: True, False or None */
-            if ((r = eq(end, M.closed)) < 0)
+            if (cut_short(self->stats, end, fc == Py_False, fc != Py_True, &terr) < 0)
                 goto fail;
-            if (r) {
-                if (fc == Py_False) {
-                    terr = M.err_incomplete;
-                    if (bump(self->stats, c_responses_incomplete, 1) < 0)
-                        goto fail;
-                }
-            } else if (fc != Py_True) {
-                if ((terr = PyDict_GetItemWithError(M.aborted_err, end)) == NULL) {
-                    if (!PyErr_Occurred())
-                        PyErr_SetObject(PyExc_KeyError, end);
-                    goto fail;
-                }
-            }
         }
     } else {
         int started = -1;
@@ -767,10 +773,7 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
             if ((started = PyObject_IsTrue(resp_start)) < 0)
                 goto fail;
             if (!started) {
-                terr = PyDict_GetItemWithError(M.aborted_err, end);
-                if (terr == NULL && PyErr_Occurred())
-                    goto fail;
-                if ((r = eq(end, M.closed)) < 0)
+                if (aborted_err(end, &terr) < 0 || (r = eq(end, M.closed)) < 0)
                     goto fail;
                 if (r) {
                     if (bump(self->stats, c_closed_no_response, 1) < 0)
@@ -789,19 +792,8 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
                     if (r)
                         code = ks;
                 }
-                if ((r = eq(end, M.closed)) < 0)
+                if (cut_short(self->stats, end, code == NULL, 1, &terr) < 0)
                     goto fail;
-                if (r) {
-                    if (code == NULL) {
-                        terr = M.err_incomplete;
-                        if (bump(self->stats, c_responses_incomplete, 1) < 0)
-                            goto fail;
-                    }
-                } else {
-                    terr = PyDict_GetItemWithError(M.aborted_err, end);
-                    if (terr == NULL && PyErr_Occurred())
-                        goto fail;
-                }
             }
         }
     }
@@ -830,8 +822,7 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
     }
     if (has_peer && (set_item(a, k_peer_address, peer_addr) < 0 || set_item(a, k_peer_port, peer_port) < 0))
         goto fail;
-    GET(v, req, req_slots, Q_VERSION);
-    if ((r = PyObject_IsTrue(v)) < 0)
+    if ((r = truth_slot(req, req_slots, Q_VERSION)) < 0)
         goto fail;
     if (!r && resp != Py_None) {
         GET(w, resp, resp_slots, R_VERSION);
@@ -845,43 +836,28 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
         int err = cmp_long(code, 500, Py_GE);
         if (err == 0 && (err = cmp_long(code, 400, Py_GE)) > 0)
             err = !server;
-        if (err < 0)
+        if (err < 0 || (err && (etype = PyObject_Str(code)) == NULL))
             goto fail;
-        if (err) {
-            status = M.error;
-            if (set_new(a, k_error_type, PyObject_Str(code)) < 0)
-                goto fail;
-        } else if (terr != NULL) {
-            status = M.error;
-            if (set_item(a, k_error_type, terr) < 0)
-                goto fail;
-        } else
-            status = M.unset;
-    } else if (terr != NULL) {
-        status = M.error;
-        if (set_item(a, k_error_type, terr) < 0)
-            goto fail;
-    } else
-        status = M.unset;
+    }
+    /* error.type: the status code when it is an error, else the transport failure */
+    if (etype == NULL && terr != NULL)
+        etype = Py_NewRef(terr);
+    status = etype != NULL ? M.error : M.unset;
+    if (etype != NULL && set_new(a, k_error_type, etype) < 0)
+        goto fail;
 
     /* Body sizes: from Content-Length, else from the byte counts when one exchange is one request
      * and its head was fully captured (chunked sizes include the chunk framing). */
-    GET(v, req, req_slots, Q_CHUNKED);
-    if ((r = PyObject_IsTrue(v)) < 0)
+    if ((r = truth_slot(req, req_slots, Q_CHUNKED)) < 0 || (r && (r = truth_slot(req, req_slots, Q_COMPLETE)) < 0))
         goto fail;
-    if (r) {
-        GET(v, req, req_slots, Q_COMPLETE);
-        if ((r = PyObject_IsTrue(v)) < 0)
+    if (r && c->n == 1) {
+        PyObject *rb, *hl;
+        GET(rb, ex, ex_slots, X_REQ_BYTES);
+        GET(hl, req, req_slots, Q_HEAD_LEN);
+        if ((r = PyObject_RichCompareBool(rb, hl, Py_GT)) < 0)
             goto fail;
-        if (r && c->n == 1) {
-            PyObject *rb, *hl;
-            GET(rb, ex, ex_slots, X_REQ_BYTES);
-            GET(hl, req, req_slots, Q_HEAD_LEN);
-            if ((r = PyObject_RichCompareBool(rb, hl, Py_GT)) < 0)
-                goto fail;
-            if (r && set_new(a, k_req_body, PyNumber_Subtract(rb, hl)) < 0)
-                goto fail;
-        }
+        if (r && set_new(a, k_req_body, PyNumber_Subtract(rb, hl)) < 0)
+            goto fail;
     }
     if (resp != Py_None) {
         PyObject *rmethod, *rstatus;
@@ -1073,26 +1049,17 @@ static PyObject *asm_spans(Asm *self, PyObject *const *args, Py_ssize_t nargs) {
         }
     }
     /* A head cut by the capture limits still makes a span: counted. */
-    GET(v, PyList_GET_ITEM(reqs, c.n - 1), req_slots, Q_COMPLETE);
-    int cut = PyObject_IsTrue(v);
-    if (cut < 0)
-        goto fail;
-    cut = !cut;
-    if (!cut && c.n_resps) {
-        GET(v, resps ? PyList_GET_ITEM(resps, c.n_resps - 1) : resp, resp_slots, R_COMPLETE);
-        if ((cut = PyObject_IsTrue(v)) < 0)
-            goto fail;
-        cut = !cut;
-    } else if (!cut) {
-        GET(v, ex, ex_slots, X_RESP_HEAD_TRUNCATED);
-        if ((cut = PyObject_IsTrue(v)) < 0)
-            goto fail;
+    int whole = truth_slot(PyList_GET_ITEM(reqs, c.n - 1), req_slots, Q_COMPLETE);
+    if (whole == 1 && c.n_resps)
+        whole = truth_slot(resps ? PyList_GET_ITEM(resps, c.n_resps - 1) : resp, resp_slots, R_COMPLETE);
+    else if (whole == 1) {
+        int cut = truth_slot(ex, ex_slots, X_RESP_HEAD_TRUNCATED);
+        whole = cut < 0 ? -1 : !cut;
     }
-    if (cut && bump(self->stats, c_truncated_heads, 1) < 0)
+    if (whole < 0 || (!whole && bump(self->stats, c_truncated_heads, 1) < 0))
         goto fail;
     if (!c.n_resps) {
-        GET(v, ex, ex_slots, X_RESP_START_NS);
-        if ((r = PyObject_IsTrue(v)) < 0 || (r && (r = PyObject_IsTrue(resp_head)) < 0))
+        if ((r = truth_slot(ex, ex_slots, X_RESP_START_NS)) < 0 || (r && (r = PyObject_IsTrue(resp_head)) < 0))
             goto fail;
         if (r && bump(self->stats, c_unparsed_responses, 1) < 0)
             goto fail;

@@ -15,12 +15,12 @@ import pytest
 
 from correlator import _spans
 from correlator.clock import WallClock
-from correlator.correlator import Correlator, CorrelatorConfig
+from correlator.correlator import Correlator
 from correlator.records import EndReason, Exchange, ParentKind, Role
 from correlator.spans import Span, SpanKind, StatusCode
 from tests.support.exchanges import chunk, hint, make_exchange, request_bytes, response_bytes
+from tests.unit.test_correlator import OFFSET, feed_all
 
-OFFSET = 1_700_000_000_000_000_000
 GET_A = request_bytes("GET", "/a", host=None, user_agent=None)
 
 # GET /a without Host at the server: the server's address comes from the socket, after the
@@ -40,17 +40,11 @@ SOURCE = ("kspan.parent.source", "none")
 
 
 def feed(*exs: Exchange, **cfg: object) -> tuple[list[Span], Correlator]:
-    c = Correlator(WallClock(OFFSET), CorrelatorConfig(**cfg))  # type: ignore[arg-type]
-    out: list[Span] = []
-    for ex in exs:
-        out += c.feed(ex)
-    out += c.flush()
-    assert c.stats.internal_errors == 0, c.last_error
-    return out, c
+    return feed_all(list(exs), **cfg)
 
 
 def one(ex: Exchange, **cfg: object) -> tuple[Span, Correlator]:
-    spans, c = feed(ex, **cfg)
+    spans, c = feed_all([ex], **cfg)
     assert len(spans) == 1
     return spans[0], c
 
@@ -135,44 +129,33 @@ def test_closed_mid_response_is_incomplete() -> None:
     assert c.stats.responses_incomplete == 1
 
 
-def test_closed_after_a_complete_response_is_no_error() -> None:
-    s, c = one(make_exchange(GET_A, response_bytes(200, body=b"abc"), end=EndReason.CLOSED))
-    assert items(s) == SERVER_A + [("http.response.status_code", 200), ("http.response.body.size", 3), SOURCE]
-    assert s.status is StatusCode.UNSET and c.stats.responses_incomplete == 0
+@pytest.mark.parametrize(
+    ("end", "resp", "size"),
+    [
+        (EndReason.CLOSED, response_bytes(200, body=b"abc"), 3),
+        # without Content-Length the size is the bytes after the head, chunk framing included
+        (EndReason.TIMEOUT, response_bytes(200, body=b"abc", chunked=True), 13),
+        (EndReason.EVICTED, response_bytes(200, body=b"xy"), 2),
+    ],
+)
+def test_aborted_after_a_complete_response_is_no_error(end: EndReason, resp: bytes, size: int) -> None:
+    s, c = one(make_exchange(GET_A, resp, end=end))
+    assert items(s) == SERVER_A + [("http.response.status_code", 200), ("http.response.body.size", size), SOURCE]
+    assert s.status is StatusCode.UNSET and s.status_message == ""
+    assert c.stats.responses_incomplete == 0 and c.stats.closed_no_response == 0
 
 
-def test_timeout_with_a_response_delimited_by_close() -> None:
-    # No Content-Length, not chunked: whether it was complete is unknown, so the timeout stands.
-    resp = response_bytes(200, body=b"abc", content_length=False)
+@pytest.mark.parametrize(("status", "err"), [(200, "timeout"), (502, "502")])
+def test_timeout_with_a_response_delimited_by_close(status: int, err: str) -> None:
+    # No Content-Length, not chunked: whether it was complete is unknown, so the timeout stands
+    # (and explains a 5xx, which names the error).
+    resp = response_bytes(status, body=b"abc", content_length=False)
     s, c = one(make_exchange(GET_A, resp, end=EndReason.TIMEOUT))
     assert items(s) == SERVER_A + [
-        ("http.response.status_code", 200), ("error.type", "timeout"), ("http.response.body.size", 3), SOURCE,
+        ("http.response.status_code", status), ("error.type", err), ("http.response.body.size", 3), SOURCE,
     ]  # fmt: skip
     assert s.status is StatusCode.ERROR and s.status_message == "no complete response before the timeout"
     assert c.stats.timeouts == 1
-
-
-def test_timeout_after_a_complete_chunked_response_is_no_error() -> None:
-    resp = response_bytes(200, body=b"abc", chunked=True)
-    s, _ = one(make_exchange(GET_A, resp, end=EndReason.TIMEOUT))
-    # without Content-Length the size is the bytes after the head, chunk framing included
-    assert items(s) == SERVER_A + [("http.response.status_code", 200), ("http.response.body.size", 13), SOURCE]
-    assert s.status is StatusCode.UNSET
-
-
-def test_evicted_after_a_complete_response_is_no_error() -> None:
-    s, c = one(make_exchange(GET_A, response_bytes(201, body=b"xy"), end=EndReason.EVICTED))
-    assert items(s) == SERVER_A + [("http.response.status_code", 201), ("http.response.body.size", 2), SOURCE]
-    assert s.status is StatusCode.UNSET and c.stats.evicted == 1
-
-
-def test_server_error_and_timeout_name_the_code_and_explain_the_timeout() -> None:
-    resp = response_bytes(502, body=b"x", content_length=False)
-    s, _ = one(make_exchange(GET_A, resp, end=EndReason.TIMEOUT))
-    assert items(s) == SERVER_A + [
-        ("http.response.status_code", 502), ("error.type", "502"), ("http.response.body.size", 1), SOURCE,
-    ]  # fmt: skip
-    assert s.status is StatusCode.ERROR and s.status_message == "no complete response before the timeout"
 
 
 # responses without a status line: the kernel's status ---------------------------------------
@@ -260,17 +243,6 @@ def test_server_host_without_port_takes_the_scheme_default() -> None:
     ]  # fmt: skip
 
 
-def test_client_host_names_the_server() -> None:
-    req = request_bytes("GET", "/a", host="[::1]:9000", user_agent=None)
-    s, _ = one(make_exchange(req, response_bytes(200), role=Role.CLIENT))
-    assert items(s) == [
-        ("http.request.method", "GET"), ("server.address", "::1"), ("server.port", 9000),
-        ("url.full", "http://[::1]:9000/a"), ("network.protocol.version", "1.1"),
-        ("network.peer.address", "192.0.2.10"), ("network.peer.port", 40000), ("http.response.status_code", 200),
-        ("http.response.body.size", 0), SOURCE,
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("family", "remote", "tls", "address", "url"),
     [
@@ -326,14 +298,22 @@ def test_server_without_local_address_names_no_server() -> None:
     ]  # fmt: skip
 
 
-def test_absolute_form_target_names_the_server_without_userinfo() -> None:
-    req = request_bytes("GET", "http://u:pw@proxy.example:3128/p?token=abc&x=1", host="ignored", user_agent=None)
+@pytest.mark.parametrize(
+    ("target", "host", "address", "port", "url"),
+    [
+        ("/a", "[::1]:9000", "::1", 9000, "http://[::1]:9000/a"),
+        # an absolute-form target names the server, not Host; userinfo is a credential
+        ("http://u:pw@proxy.example:3128/p?token=abc&x=1", "ignored", "proxy.example", 3128,
+         "http://proxy.example:3128/p?token=REDACTED&x=1"),
+    ],
+)  # fmt: skip
+def test_client_request_names_the_server(target: str, host: str, address: str, port: int, url: str) -> None:
+    req = request_bytes("GET", target, host=host, user_agent=None)
     s, _ = one(make_exchange(req, response_bytes(200), role=Role.CLIENT))
     assert items(s) == [
-        ("http.request.method", "GET"), ("server.address", "proxy.example"), ("server.port", 3128),
-        ("url.full", "http://proxy.example:3128/p?token=REDACTED&x=1"), ("network.protocol.version", "1.1"),
-        ("network.peer.address", "192.0.2.10"), ("network.peer.port", 40000), ("http.response.status_code", 200),
-        ("http.response.body.size", 0), SOURCE,
+        ("http.request.method", "GET"), ("server.address", address), ("server.port", port), ("url.full", url),
+        ("network.protocol.version", "1.1"), ("network.peer.address", "192.0.2.10"), ("network.peer.port", 40000),
+        ("http.response.status_code", 200), ("http.response.body.size", 0), SOURCE,
     ]  # fmt: skip
 
 
