@@ -1,7 +1,8 @@
 """The compiled part of kspan's per-record hot path (everything else is in pyproject.toml).
 
 Each extension is the one implementation of its job, not an accelerator with a Python twin:
-tracer/_records.c decodes the kernel's records, exporters/_wire.c writes OTLP span bytes.
+tracer/_records.c decodes the kernel's records, correlator/_spans.c assembles HTTP/1 spans from them,
+exporters/_wire.c writes OTLP span bytes.
 Built by Debian's gcc against python3-dev; scripts/bootstrap.sh rebuilds them in place when a
 source is newer than its module.
 """
@@ -15,6 +16,7 @@ setup(
         # compiled against the kernel's record layouts themselves (tracer/records.py checks its ctypes
         # mirrors against the result at import)
         Extension("tracer._records", ["tracer/_records.c"], depends=["bpf/kspan.h"], extra_compile_args=_FLAGS),
+        Extension("correlator._spans", ["correlator/_spans.c"], extra_compile_args=_FLAGS),
         Extension("exporters._wire", ["exporters/_wire.c"], extra_compile_args=_FLAGS),
     ]
 )

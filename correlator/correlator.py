@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-from correlator import http1, red, semconv
+from correlator import _spans, http1, red, semconv
 from correlator.clock import WallClock
 from correlator.linker import PARENT_SOURCE_ATTR, Linker, make_linker, parent_source
 from correlator.peers import PeerMatcher
@@ -21,13 +21,6 @@ from correlator.sampling import ALWAYS_ON, SamplerConfig, keeps_remote, keeps_ro
 from correlator.segments import SegmentRecord
 from correlator.spans import AttrValue, Span, SpanKind, StatusCode
 from correlator.tracecontext import clean_tracestate, parse_traceparent, traceparent_sampled
-
-_SERVER = SpanKind.SERVER
-_CLIENT = SpanKind.CLIENT
-_CLOSED = EndReason.CLOSED
-_TIMEOUT = EndReason.TIMEOUT
-_EVICTED = EndReason.EVICTED
-_ABORTED_ERR = {_CLOSED: semconv.ERR_CLOSED, _TIMEOUT: semconv.ERR_TIMEOUT, _EVICTED: semconv.ERR_EVICTED}
 
 
 @dataclass
@@ -111,7 +104,6 @@ class Correlator:
         cfg.validate()
         self.config = cfg
         self.clock = clock
-        self._offset = clock.offset_ns
         self._stats = CorrelatorStats()
         self._linker: Linker = make_linker(cfg.id_salt, cfg.max_hold_s, cfg.max_held_spans, cfg.max_resolved)
         # Protocols beyond HTTP/1: one decoder per connection, a span per operation.
@@ -120,12 +112,11 @@ class Correlator:
         self._routes = semconv.RouteTable(cfg.routes)
         self._auto_routes = cfg.auto_routes
         self._route_cap = RouteCap(cfg.max_routes)
-        self._query = cfg.query
         self._max_pipelined = cfg.max_pipelined
         self.last_error = ""  # repr of the last internal error, for `kspan doctor`/logs
         self._heads: dict[bytes, _Parsed] = {}
         self._shapes: dict[bytes, object] = {}  # head without its target -> template _Parsed or _NO_SHAPE
-        self._resps: dict[bytes, object] = {}
+        self._resps: dict[bytes, http1.ResponseHead | None] = {}  # final response by head bytes
         self._hosts: dict[bytes, object] = {}
         self._sampler = cfg.sampler
         self._metric_heads: dict[tuple[bytes, bool, bool], _MetricMemo] = {}
@@ -136,6 +127,13 @@ class Correlator:
         # trace id -> an incoming traceparent's sampled flag, for parentbased_* decisions on
         # records without kernel ids (their trace id is the traceparent's: linker rules).
         self._remote_sampled: dict[bytes, bool] = {}
+        # Span assembly (correlator/_spans.c), with what it needs of this correlator.
+        self._asm = _spans.Assembler(
+            stats=self._stats, offset=clock.offset_ns, admit=self._route_cap.admit, span_id=self._linker.span_id,
+            head_part=self._head_part, hostport=self._hostport,
+            match=None if self._routes.empty else self._routes.match, auto_routes=cfg.auto_routes,
+            query=cfg.query, resps=self._resps, memo_size=_MEMO_SIZE,
+        )  # fmt: skip
 
     # public API -------------------------------------------------------------------------------
 
@@ -213,7 +211,7 @@ class Correlator:
                 memo = _UNPARSED
             else:
                 req = reqs[0]
-                _, attrs, _, _, _, has_host, auto_route = self._derive(req, server, tls, self._head_part(req, tls))
+                _, attrs, _, _, _, has_host, auto_route = self._asm.derive(req, server, self._head_part(req, tls))
                 h = red.head_part(attrs, server, has_host)
                 overflow = None
                 if auto_route is not None:
@@ -324,16 +322,7 @@ class Correlator:
             return p
         if base is _NO_SHAPE:
             return None
-        return base.retarget(target)  # type: ignore[union-attr]
-
-    def _response(self, head: bytes) -> http1.ResponseHead | None:
-        r = self._resps.get(head, _MISSING)
-        if r is _MISSING:
-            r = http1.parse_final_response(head)
-            if len(self._resps) >= _MEMO_SIZE:
-                self._resps.clear()
-            self._resps[head] = r
-        return r  # type: ignore[return-value]
+        return _spans.retarget(base, target)
 
     def _feed(self, ex: Exchange) -> list[Span]:
         st = self._stats
@@ -371,7 +360,7 @@ class Correlator:
                     self._remote_sampled[tp[0]] = parsed.tp_sampled
 
         sid, root_trace = self._linker.ids(ex.conn_id, ex.req_start_ns)
-        spans = self._spans(ex, parsed, reqs, end_ns, sid)
+        spans = self._asm.spans(ex, parsed, end_ns, sid, b"", None, None, True)
         if tp is not None:
             spans[0].trace_state = parsed.trace_state
         args = (key, spans, ex.pid, tp, end_ns, root_trace)
@@ -443,7 +432,10 @@ class Correlator:
             st.unparsed_exchanges += 1
             st.unparsed_bytes += (ex.req_bytes + ex.resp_bytes) or len(ex.req_head)
             return linker.remember(key, trace, parent, end_ns)
-        spans = self._spans(ex, parsed, reqs, end_ns, ex.span_id)
+        hint = ex.parent
+        source = parent_source(hint.kind) if hint is not None else "none"
+        sampled = ex.sampled
+        spans = self._asm.spans(ex, parsed, end_ns, ex.span_id, trace, parent, source, sampled)
         tp = parsed.tp
         if parsed.tp_raw is not None:
             if tp is None:
@@ -452,8 +444,6 @@ class Correlator:
                 st.traceparents += 1
                 if tp[0] == trace:
                     spans[0].trace_state = parsed.trace_state
-        hint = ex.parent
-        source = parent_source(hint.kind) if hint is not None else "none"
         peers = self._peer_pids
         if hint is not None and hint.kind == _PEER:
             # The server end of a local connection usually ends first: its client span, when it
@@ -466,12 +456,6 @@ class Correlator:
             if peer:
                 for s in spans:
                     s.peer_pid = peer
-        sampled = ex.sampled
-        for s in spans:
-            s.trace_id = trace
-            s.parent_span_id = parent
-            s.attributes[PARENT_SOURCE_ATTR] = source
-            s.sampled = sampled
         if sampled:
             st.sampled_exchanges += 1
         else:
@@ -480,38 +464,6 @@ class Correlator:
         late = linker.remember(key, trace, spans[0].span_id, end_ns)
         if late:
             spans.extend(self._decide(late))
-        return spans
-
-    def _spans(self, ex: Exchange, parsed: _Parsed, reqs: list[http1.RequestHead], end_ns: int,
-               sid: bytes) -> list[Span]:
-        """The spans of one exchange (several when requests were pipelined), ids aside from the
-        first one's: the later pipelined requests take ids hashed from its identity and index."""
-        st = self._stats
-        n = len(reqs)
-        end = ex.end
-        if end == _TIMEOUT:
-            st.timeouts += 1
-        elif end == _EVICTED:
-            st.evicted += 1
-        if n == 1:
-            resp = self._response(ex.resp_head) if ex.resp_head else None
-            resps = [resp] if resp is not None else []
-        else:
-            st.pipelined_splits += n - 1
-            resps = http1.parse_responses(ex.resp_head, [r.method for r in reqs])
-        if not reqs[-1].complete or (resps and not resps[-1].complete) or (not resps and ex.resp_head_truncated):
-            st.truncated_heads += 1
-        if not resps and ex.resp_start_ns and ex.resp_head:
-            st.unparsed_responses += 1
-        if n == 1:
-            span = self._span(ex, parsed, 0, resps[0] if resps else None, 1, len(resps), end_ns)
-            span.span_id = sid
-            return [span]
-        spans = []
-        for i in range(n):
-            span = self._span(ex, parsed, i, resps[i] if i < len(resps) else None, n, len(resps), end_ns)
-            span.span_id = sid if i == 0 else self._linker.span_id(ex.conn_id, ex.req_start_ns, i)
-            spans.append(span)
         return spans
 
     def _head_part(self, req: http1.RequestHead, tls: bool) -> _HeadPart:
@@ -540,224 +492,6 @@ class Correlator:
             self._hosts[hb] = hostport
         return hostport  # type: ignore[return-value]
 
-    def _derive(self, req: http1.RequestHead, server: bool, tls: bool, head: _HeadPart) -> _Derived:
-        """Everything a span takes from its request head alone: (name, request attributes,
-        scheme, path for url.full, query, whether a Host/authority named the server)."""
-        method, original, scheme, hostport, tail = head
-
-        # Request target (RFC 9112 3.2): origin-form "/p?q", absolute-form "http://h/p?q"
-        # (proxies), authority-form (CONNECT), asterisk-form (OPTIONS *).
-        target = req.target
-        authority: bytes | None = None
-        if target[0] == 0x2F:
-            q = target.find(b"?")
-            path_b = target if q < 0 else target[:q]
-            query_b = None if q < 0 else target[q + 1 :]
-        elif req.method == b"CONNECT":
-            authority, path_b, query_b = target, b"", None
-        elif target == b"*":
-            path_b, query_b = b"*", None
-        else:
-            rest = target[target.find(b"://") + 3 :]
-            s = len(rest)
-            for sep in (b"/", b"?"):
-                j = rest.find(sep)
-                if 0 <= j < s:
-                    s = j
-            authority = rest[:s]
-            at = authority.rfind(b"@")
-            if at >= 0:
-                authority = authority[at + 1 :]  # userinfo is a credential: never exported
-            pq = rest[s:]
-            q = pq.find(b"?")
-            path_b = (pq if q < 0 else pq[:q]) or b"/"
-            query_b = None if q < 0 else pq[q + 1 :]
-        if authority is not None:
-            # An absolute or authority form names the server; Host does not count then.
-            hostport = self._hostport(authority) if authority else None
-        path = path_b.decode("utf-8", "replace")
-        query: str | None = None
-        if query_b is not None and self._query != "drop":
-            query = query_b.decode("utf-8", "replace")
-            if self._query == "redact":
-                query = semconv.redact_query(query)
-        # A URL path for url.full: "" for CONNECT (authority only), "*" is not a path either.
-        url_path = path if path_b and path_b != b"*" else ""
-
-        a: dict[str, AttrValue] = {"http.request.method": method}
-        if original is not None:
-            a["http.request.method_original"] = original
-        route = None
-        auto = False
-        if server:
-            a["url.scheme"] = scheme
-            if path_b:
-                a["url.path"] = path
-                if path_b[0] == 0x2F:
-                    if not self._routes.empty:
-                        route = self._routes.match(path)
-                    if route is None and self._auto_routes:
-                        route = route_template(path)
-                        auto = True
-                    if route is not None:
-                        a["http.route"] = route
-            if query is not None:
-                a["url.query"] = query
-            if hostport is not None:
-                a["server.address"] = hostport[0]
-                a["server.port"] = hostport[1] if hostport[1] is not None else semconv.default_port(scheme)
-        elif hostport is not None:
-            host, port = hostport
-            if port is None:
-                port = semconv.default_port(scheme)
-            a["server.address"] = host
-            a["server.port"] = port
-            a["url.full"] = _url_full(scheme, host, port, url_path, query)
-        if tail:
-            a.update(tail)
-        if method == semconv.OTHER_METHOD:
-            name = "HTTP" if route is None else f"HTTP {route}"
-        else:
-            name = method if route is None else f"{method} {route}"
-        return (name, a, scheme, url_path, query, hostport is not None, route if auto else None)
-
-    def _span(
-        self,
-        ex: Exchange,
-        parsed: _Parsed,
-        index: int,
-        resp: http1.ResponseHead | None,
-        n: int,
-        n_resps: int,
-        end_ns: int,
-    ) -> Span:
-        st = self._stats
-        req = parsed.reqs[index]
-        server = ex.role == _ROLE_SERVER
-        tls = ex.tls
-        mk = index * 4 + (2 if server else 0) + (1 if tls else 0)
-        memo = parsed.memo
-        d = memo.get(mk)
-        if d is None:
-            heads = parsed.heads
-            h = heads.get(mk)
-            if h is None:
-                h = heads[mk] = self._head_part(req, tls)
-            d = memo[mk] = self._derive(req, server, tls, h)
-        name, base, scheme, url_path, query, has_host, auto_route = d
-        a = base.copy()
-        if auto_route is not None:
-            # The cap depends on what the service served before: applied per span, after the memo.
-            service = (ex.local_addr, ex.local_port) if ex.family else ex.pid
-            if self._route_cap.admit(service, auto_route) != auto_route:
-                a["http.route"] = OVERFLOW_ROUTE
-                name = name[: len(name) - len(auto_route)] + OVERFLOW_ROUTE
-
-        if ex.family:
-            peer_addr = ex.remote_addr
-            if peer_addr.startswith("::ffff:") and "." in peer_addr:
-                peer_addr = peer_addr[7:]
-            peer_port = ex.remote_port
-        else:
-            peer_addr, peer_port = "", 0
-
-        # Outcome: status code, and a transport failure when the response never came or was cut.
-        code: int | None = None
-        terr: str | None = None
-        end = ex.end
-        if resp is not None:
-            code = resp.status
-            if end in _ABORTED_ERR and index == n - 1 and index == n_resps - 1:
-                fc = http1.framing_complete(req.method, resp, ex.resp_bytes, ex.resp_tail)
-                if end == _CLOSED:
-                    if fc is False:
-                        terr = semconv.ERR_INCOMPLETE
-                        st.responses_incomplete += 1
-                elif fc is not True:
-                    terr = _ABORTED_ERR[end]
-        elif index == 0 or not ex.resp_start_ns:
-            if not ex.resp_start_ns:
-                terr = _ABORTED_ERR.get(end)
-                if end == _CLOSED:
-                    st.closed_no_response += 1
-                elif terr is None and index == 0:
-                    st.no_response += 1
-            else:
-                # Response bytes came but no status line parsed: fall back to the kernel's status.
-                if 100 <= ex.status <= 599:
-                    code = ex.status
-                if end == _CLOSED:
-                    if code is None:
-                        terr = semconv.ERR_INCOMPLETE
-                        st.responses_incomplete += 1
-                elif end in _ABORTED_ERR:
-                    terr = _ABORTED_ERR[end]
-
-        if server:
-            if not has_host and ex.family and ex.local_addr:
-                local = ex.local_addr
-                if local.startswith("::ffff:") and "." in local:
-                    local = local[7:]
-                a["server.address"] = local
-                a["server.port"] = ex.local_port
-            if peer_addr:
-                a["client.address"] = peer_addr
-        elif not has_host and peer_addr:
-            a["server.address"] = peer_addr
-            a["server.port"] = peer_port
-            a["url.full"] = _url_full(scheme, peer_addr, peer_port, url_path, query)
-        if peer_addr:
-            a["network.peer.address"] = peer_addr
-            a["network.peer.port"] = peer_port
-        if not req.version and resp is not None:
-            a["network.protocol.version"] = resp.version
-        if code is not None:
-            a["http.response.status_code"] = code
-            if code >= 500 or (code >= 400 and not server):
-                status = _ERROR
-                a["error.type"] = str(code)
-            elif terr is not None:
-                status = _ERROR
-                a["error.type"] = terr
-            else:
-                status = _UNSET
-        elif terr is not None:
-            status = _ERROR
-            a["error.type"] = terr
-        else:
-            status = _UNSET
-
-        # Body sizes: from Content-Length, else from the byte counts when one exchange is one
-        # request and its head was fully captured (chunked sizes include the chunk framing).
-        if req.chunked and req.complete and n == 1 and ex.req_bytes > req.head_len:
-            a["http.request.body.size"] = ex.req_bytes - req.head_len
-        if resp is not None and not http1.has_no_body(req.method, resp.status):
-            got = ex.resp_bytes - resp.head_end if (resp.head_end >= 0 and n == 1) else -1
-            if resp.content_length is not None:
-                a["http.response.body.size"] = min(resp.content_length, got) if got >= 0 else resp.content_length
-            elif got >= 0:
-                a["http.response.body.size"] = got
-
-        off = self._offset
-        start = ex.req_start_ns + off
-        end_w = end_ns + off
-        span = Span(
-            b"",
-            b"",
-            None,
-            name,
-            _SERVER if server else _CLIENT,
-            start,
-            end_w if end_w > start else start,
-            ex.pid,
-            a,
-            status,
-            semconv.STATUS_MESSAGES[terr] if terr is not None and status == _ERROR else "",
-        )
-        if server and ex.parent is not None and ex.parent.kind == _PEER:
-            span.peer_pid = ex.parent.pid
-        return span
-
 
 _MEMO_SIZE = 1024  # distinct heads remembered; cleared (not LRU) when full: cheap and bounded
 _MISSING = object()
@@ -769,8 +503,6 @@ _CTL_OR_SPACE = re.compile(rb"[\x00-\x20\x7f]")
 _ROLE_SERVER = Role.SERVER
 _PEER = ParentKind.PEER
 _REMOTE_KINDS = (ParentKind.TRACEPARENT, ParentKind.TCP_OPTION)
-_ERROR = StatusCode.ERROR
-_UNSET = StatusCode.UNSET
 
 
 class _Parsed:
@@ -789,38 +521,29 @@ class _Parsed:
         self.tp_sampled = traceparent_sampled(self.tp_raw) if self.tp is not None and self.tp_raw else False
         self.trace_state = clean_tracestate(first.tracestate) if self.tp is not None and first else ""
 
-    def retarget(self, target: bytes) -> _Parsed:
-        """This one-request parse with another origin-form target of the same head shape."""
-        r0 = self.reqs[0]
-        r = http1.RequestHead.__new__(http1.RequestHead)
-        for name in _REQ_SLOTS:
-            setattr(r, name, getattr(r0, name))
-        r.target = target
-        if r0.head_len >= 0:
-            r.head_len = r0.head_len + len(target) - len(r0.target)
-        p = _Parsed.__new__(_Parsed)
-        p.reqs = [r]
-        p.memo = {}
-        p.heads = self.heads
-        p.tp, p.tp_raw, p.tp_sampled, p.trace_state = self.tp, self.tp_raw, self.tp_sampled, self.trace_state
-        return p
 
-
-_REQ_SLOTS = http1.RequestHead.__slots__
 _NO_SHAPE = object()
 
+_spans.setup(
+    span=Span, span_fields=tuple(f.name for f in fields(Span)), exchange=Exchange, request=http1.RequestHead,
+    response=http1.ResponseHead, parsed=_Parsed, request_slots=http1.RequestHead.__slots__,
+    parsed_slots=_Parsed.__slots__, kind_server=SpanKind.SERVER, kind_client=SpanKind.CLIENT,
+    unset=StatusCode.UNSET, error=StatusCode.ERROR, role_server=Role.SERVER, peer_kind=ParentKind.PEER,
+    closed=EndReason.CLOSED, timeout=EndReason.TIMEOUT, evicted=EndReason.EVICTED,
+    # error.type of an exchange the kernel ended before its response was complete
+    aborted_err={EndReason.CLOSED: semconv.ERR_CLOSED, EndReason.TIMEOUT: semconv.ERR_TIMEOUT,
+                 EndReason.EVICTED: semconv.ERR_EVICTED},
+    err_incomplete=semconv.ERR_INCOMPLETE, status_messages=semconv.STATUS_MESSAGES, overflow_route=OVERFLOW_ROUTE,
+    other_method=semconv.OTHER_METHOD, source_attr=PARENT_SOURCE_ATTR, framing_complete=http1.framing_complete,
+    parse_final_response=http1.parse_final_response, parse_responses=http1.parse_responses,
+    route_template=route_template, redact_query=semconv.redact_query,
+)  # fmt: skip
 
-# (name, request attributes, scheme, path for url.full, query, Host/authority named the server,
-# the heuristic's route or None when a template named it or there is none)
+
+# What correlator/_spans.c's derive makes of a request head: (name, request attributes, scheme,
+# path for url.full, query, Host/authority named the server, the heuristic's route or None when a
+# template named it or there is none)
 _Derived = tuple[str, dict[str, AttrValue], str, str, "str | None", bool, "str | None"]
 # (method, method_original or None, scheme, Host as (host, port or None) or None, the request
 # attributes after the target's: protocol version, user agent, body size)
 _HeadPart = tuple[str, "str | None", str, "tuple[str, int | None] | None", dict[str, AttrValue]]
-
-
-def _url_full(scheme: str, host: str, port: int, path: str, query: str | None) -> str:
-    hp = semconv.url_host(host)
-    if port != semconv.default_port(scheme):
-        hp = f"{hp}:{port}"
-    full = f"{scheme}://{hp}{path}"
-    return f"{full}?{query}" if query is not None else full

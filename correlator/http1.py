@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import re
 
+# has_no_body(method, status), RFC 9112 6.3: responses that end at their head whatever their
+# headers say. In C: span assembly asks it for every response.
+from correlator._spans import has_no_body
+
 # RFC 9110 tchar: the bytes a method token may contain.
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # A request target never holds control bytes or spaces (RFC 9112 3.2).
@@ -270,17 +274,6 @@ def parse_final_response(buf: bytes, start: int = 0) -> ResponseHead | None:
             return None
         interim += 1
         start = r.head_end
-
-
-def has_no_body(method: bytes, status: int) -> bool:
-    """RFC 9112 6.3: responses that end at their head whatever their headers say."""
-    return (
-        method == b"HEAD"
-        or status == 204
-        or status == 304
-        or 100 <= status < 200
-        or (method == b"CONNECT" and 200 <= status < 300)
-    )
 
 
 def _response_end(buf: bytes, method: bytes, r: ResponseHead) -> int:

@@ -74,7 +74,7 @@ def outcome(code: int | None, end: int, responded: bool, server: bool) -> tuple[
 
 def head_part(attrs: dict[str, AttrValue], server: bool, has_host: bool) -> HeadPart:
     """The part of the RED key a request head decides, from a span's request attributes
-    (Correlator._derive), so both paths share one derivation."""
+    (derive in correlator/_spans.c), so both paths share one derivation."""
     method = ("http.request.method", attrs["http.request.method"])
     route = attrs.get("http.route")
     rest: AttrKey = (("http.route", route),) if server and route else ()

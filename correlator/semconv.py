@@ -160,13 +160,8 @@ def split_host_port(value: str) -> tuple[str, int | None] | None:
     return host, None
 
 
-def default_port(scheme: str) -> int:
-    return 443 if scheme == "https" else 80
-
-
-def url_host(host: str) -> str:
-    return "[" + host + "]" if ":" in host else host
-
+# url.full (the scheme's default port left out, an IPv6 host in brackets) is built with the span,
+# in correlator/_spans.c.
 
 # error.type values for transport failures (low cardinality, stable).
 ERR_CLOSED = "connection_closed"  # closed before any response byte

@@ -73,10 +73,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
-# The compiled hot path (setup.py: tracer/_records.c, exporters/_wire.c), built in place so the
-# source tree imports it like the editable install does; rebuilt when a C source, setup.py or
-# bpf/kspan.h (whose structs tracer/_records.c reads) is newer than its module.
-for src in tracer/_records.c exporters/_wire.c; do
+# The compiled hot path (setup.py: tracer/_records.c, correlator/_spans.c, exporters/_wire.c),
+# built in place so the source tree imports it like the editable install does; rebuilt when a C
+# source, setup.py or bpf/kspan.h (whose structs tracer/_records.c reads) is newer than its module.
+for src in tracer/_records.c correlator/_spans.c exporters/_wire.c; do
   so=$(ls "${src%.c}".cpython-*.so 2>/dev/null | head -1 || true)
   if [ -z "$so" ] || [ "$src" -nt "$so" ] || [ setup.py -nt "$so" ] || [ bpf/kspan.h -nt "$so" ]; then
     say "compiling the hot path's C extensions (gcc)"
