@@ -1292,6 +1292,12 @@ static __always_inline void kspan_client_decide(struct kspan_client_id *id, __u6
 __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 buf)
 {
     int before_wire = buf != 0;
+    if (!before_wire) {
+        /* the state machine beginning a request: only if it was not seen at its write's entry */
+        struct kspan_client_id *seen = bpf_map_lookup_elem(&client_pre, &sk);
+        if (seen && seen->pid_tgid == pid_tgid)
+            return 1;
+    }
     struct kspan_id_scratch *x = kspan_id_scratch_get();
     if (!x)
         return 0;
@@ -1389,9 +1395,9 @@ __attribute__((noinline)) int kspan_tls_pre(__u64 sk, __u64 pid_tgid, __u64 plai
 
 /* The client exchange in conns[conn_id] takes the identity decided at its start; as a root, an
  * instrumented application's own outgoing traceparent names its trace. 2: none was decided at its
- * start, for the caller to decide now (kspan_client_pre) and call again: called from here, the
- * two frames stacked on the state machine's went past the verifier's 512 bytes (see struct
- * kspan_fix_scratch). */
+ * start. The state machine runs kspan_client_pre(conn_id, pid_tgid, 0) just before, which decides
+ * it then: called from here instead, the two frames stacked on the state machine's went past the
+ * verifier's 512 bytes (see struct kspan_fix_scratch). */
 __attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid)
 {
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
@@ -1594,11 +1600,11 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
             }
         }
     } else {
-        if (kspan_fix_client(st->ex.conn_id, pid_tgid) == 2) {
-            /* not seen at its entry: decided now, after its bytes left (no TCP option) */
-            kspan_client_pre(st->ex.conn_id, pid_tgid, 0);
-            kspan_fix_client(st->ex.conn_id, pid_tgid);
-        }
+        /* Not seen at its write's entry: decided now, after its bytes left (no TCP option). Both
+         * calls unconditionally, their results unused: a branch on a global function's result here
+         * made the verifier walk the rest of the state machine twice (484k -> 766k instructions). */
+        kspan_client_pre(st->ex.conn_id, pid_tgid, 0);
+        kspan_fix_client(st->ex.conn_id, pid_tgid);
         if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
             struct kspan_conn_key *k = &fx->sm_k;
             __builtin_memset(k, 0, sizeof(*k));
