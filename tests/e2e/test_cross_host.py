@@ -234,7 +234,11 @@ def test_a_retransmit_of_the_first_segment_carries_the_context_again(hosts: tupl
         assert client.stdin is not None
         client.stdin.write(b"go\n")
         client.stdin.flush()
-        time.sleep(0.6)  # sent and lost, then retransmitted (RTO 200 ms here) and lost again
+        # sent and lost, then retransmitted (RTO 200 ms here) and lost again; on a loaded machine
+        # the client may take a while to send at all
+        deadline = time.monotonic() + 5
+        while _counter(cap, "context_options_written") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _counter(cap, "context_options_written") >= 2, "each retransmit carries it"
         assert _counter(cap, "context_options_parsed") == 0
         b.link("up")
@@ -243,7 +247,9 @@ def test_a_retransmit_of_the_first_segment_carries_the_context_again(hosts: tupl
         sent = ctx.unpack(cap.map("ctx_out").lookup(out_key) or b"")
         assert (parsed["trace_id"], parsed["span_id"]) == (bytes(range(7, 23)), 0x7777)
         assert parsed["seq"] == sent["seq"] != 0
-        assert _counter(cap, "context_options_written") >= 2 and _counter(cap, "context_options_parsed") == 1
+        # Segments the down link held back may be delivered with the retransmit once it is up:
+        # each carries the same context, so B may parse it more than once.
+        assert _counter(cap, "context_options_written") >= 2 and _counter(cap, "context_options_parsed") >= 1
     finally:
         for p in (client, server):
             if p is not None:
