@@ -81,6 +81,9 @@ for src in tracer/_records.c correlator/_spans.c exporters/_wire.c; do
   if [ -z "$so" ] || [ "$src" -nt "$so" ] || [ setup.py -nt "$so" ] || [ bpf/kspan.h -nt "$so" ]; then
     say "compiling the hot path's C extensions (gcc)"
     .venv/bin/python setup.py -q build_ext --inplace >/dev/null 2>.venv/ext.log || { cat .venv/ext.log >&2; exit 1; }
+    # setuptools leaves a module it found up to date untouched: mark them all as checked now, or
+    # an older one would send every later run here again
+    touch tracer/_records.cpython-*.so correlator/_spans.cpython-*.so exporters/_wire.cpython-*.so
     break
   fi
 done
