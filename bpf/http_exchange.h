@@ -67,7 +67,9 @@ struct kspan_data_args {
     __u32 tid;
     __u8 dir;             /* KSPAN_DIR_* */
     __u8 source;          /* enum kspan_source */
-    __u16 _pad;
+    /* Set by the state machine: the transfer's first pre_n bytes are in the per-CPU scan buffer
+     * (kspan_scan), read once there for every copy that needs them. Callers leave it 0. */
+    __u16 pre_n;
     __u32 flags;          /* KSPAN_FLAG_* to set on the exchange (e.g. KSPAN_FLAG_TLS) */
     const char *buf;      /* user memory; NULL: bytes are counted, not read (sendfile) */
     __u32 len;            /* bytes actually transferred */
@@ -202,17 +204,23 @@ struct kspan_conn {
     __u64 pend_start_ns;
     __u8 pend_n;
     __u8 pend_dir;          /* KSPAN_DIR_* of the pending bytes */
-    __u8 _pad_pend[6];
+    __u8 tls;               /* a TLS probe owns the connection: the socket path skips it (its
+                             * bytes are ciphertext) without a tls_conns lookup */
+    __u8 serving;           /* the server exchange holds a thread_serving slot (kspan_serving_add) */
+    __u8 nonhttp;           /* the last transfer that could have begun a request did not: the
+                             * next one is not read ahead (kspan_read_ahead) */
+    __u8 _pad_pend[3];
     /* Identity (see kspan_fix_server): the client request a PEER link last used (a keep-alive
      * connection's next request must not take it again), and the claim on fixing the ids. */
     __u64 peer_used_ns;
     __u64 id_claim;         /* 64-bit: BPF's cmpxchg before -mcpu=v3 has no 32-bit form */
     __u16 tcp_in;           /* 0x100 | W3C flags: the peer's TCP option gave trace_id/parent_span_id */
     __u16 _pad_id[3];
+    __u64 fd_key;           /* tgid<<32|fd whose fd_sk entry the socket path last checked */
     /* Room for the verifier: an append into req_head is seen as offset <= 511 plus up to 1023
-     * bytes (the mask it can follow), which must stay inside the map value; 112 is the size of
+     * bytes (the mask it can follow), which must stay inside the map value; 120 is the size of
      * the fields above between resp_tail and spare. */
-    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 112];
+    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 120];
 };
 
 /* The response-header scan reads the transfer here (per CPU: a program runs to its end on one
@@ -227,6 +235,14 @@ struct {
     __type(key, __u32);
     __type(value, struct kspan_scan_buf);
 } kspan_scan SEC(".maps");
+
+/* Per-CPU copy of the transfer's arguments: see kspan_args_copy. */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_data_args);
+} kspan_args SEC(".maps");
 
 /* Counters, readable from user space by name (tracer/capture.py COUNTER_NAMES, same order). */
 enum kspan_counter {
@@ -310,6 +326,45 @@ struct {
     __type(key, __u64);
     __type(value, struct kspan_ssl_call);
 } ssl_active SEC(".maps"); /* pid_tgid -> SSL call in progress */
+
+/* What every socket transfer would otherwise look up to learn it has nothing to do. One ARRAY
+ * entry: its lookup is inlined, a hash lookup is not. */
+struct kspan_gate {
+    __s64 ssl_calls;        /* ssl_active's entries (bpf/openssl.bpf.c counts its inserts and
+                             * deletes): 0 means no thread is inside an SSL call */
+    __u32 ctx_in_seen;      /* a peer's context option was parsed once (bpf/tcp_context.bpf.c):
+                             * before that, ctx_in is empty */
+    __u32 client_seen;      /* a client request was written to client_conns once: before that, a
+                             * server has no local client to look up (kspan_fix_server) */
+    __u32 _pad;
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_gate);
+} kspan_gates SEC(".maps");
+
+static __always_inline struct kspan_gate *kspan_gate(void)
+{
+    __u32 z = 0;
+    return bpf_map_lookup_elem(&kspan_gates, &z);
+}
+
+/* Before a write to client_conns (a flag set once: no cache line shared by CPUs is written after). */
+static __always_inline void kspan_client_seen(void)
+{
+    struct kspan_gate *g = kspan_gate();
+    if (g && !g->client_seen)
+        g->client_seen = 1;
+}
+
+/* Whether this thread may be inside an SSL call (ssl_active worth a lookup). */
+static __always_inline int kspan_ssl_calls_maybe(void)
+{
+    struct kspan_gate *g = kspan_gate();
+    return !g || g->ssl_calls > 0;
+}
 
 /* Parent hints. */
 struct {
@@ -467,31 +522,34 @@ static __always_inline struct kspan_tuple *kspan_tuple_of(__u64 sk)
     return bpf_map_lookup_elem(&tuples, &sk);
 }
 
-static __always_inline void kspan_conn_key_of(struct kspan_conn_key *k, struct kspan_tuple *t, int reversed)
+static __always_inline void kspan_conn_key_from(struct kspan_conn_key *k, __u16 family, const __u8 *laddr,
+                                                 const __u8 *raddr, __u16 lport, __u16 rport, int reversed)
 {
     if (!reversed) {
-        kspan_norm_addr(k->local_addr, t->family, t->local_addr);
-        kspan_norm_addr(k->remote_addr, t->family, t->remote_addr);
-        k->local_port = t->local_port;
-        k->remote_port = t->remote_port;
+        kspan_norm_addr(k->local_addr, family, laddr);
+        kspan_norm_addr(k->remote_addr, family, raddr);
+        k->local_port = lport;
+        k->remote_port = rport;
     } else {
-        kspan_norm_addr(k->local_addr, t->family, t->remote_addr);
-        kspan_norm_addr(k->remote_addr, t->family, t->local_addr);
-        k->local_port = t->remote_port;
-        k->remote_port = t->local_port;
+        kspan_norm_addr(k->local_addr, family, raddr);
+        kspan_norm_addr(k->remote_addr, family, laddr);
+        k->local_port = rport;
+        k->remote_port = lport;
     }
 }
 
-/* The same key from an exchange's own tuple (reversed = 1: the key its peer registered under). */
+static __always_inline void kspan_conn_key_of(struct kspan_conn_key *k, struct kspan_tuple *t, int reversed)
+{
+    kspan_conn_key_from(k, t->family, t->local_addr, t->remote_addr, t->local_port, t->remote_port, reversed);
+}
+
+/* The same key from an exchange's own tuple (reversed = 1: the key its peer registered under),
+ * read from the map value in place: a copy on the stack would count against the 512 bytes every
+ * call chain of a kprobe program shares (see kspan_pre_scratch). */
 static __always_inline void kspan_conn_key_of_ex(struct kspan_conn_key *k, struct kspan_conn *st, int reversed)
 {
-    struct kspan_tuple t = {};
-    t.family = st->ex.family;
-    t.local_port = st->ex.local_port;
-    t.remote_port = st->ex.remote_port;
-    __builtin_memcpy(t.local_addr, st->ex.local_addr, 16);
-    __builtin_memcpy(t.remote_addr, st->ex.remote_addr, 16);
-    kspan_conn_key_of(k, &t, reversed);
+    kspan_conn_key_from(k, st->ex.family, st->ex.local_addr, st->ex.remote_addr, st->ex.local_port,
+                        st->ex.remote_port, reversed);
 }
 
 /* The agent's own sends: remember the local end, so the receiving end (a collector on this host)
@@ -584,7 +642,7 @@ static __always_inline __u32 kspan_readable(struct kspan_data_args *a)
 /* Append up to `room` bytes of user data to a head buffer at a variable offset. The asm barrier
  * stops clang from folding the mask away (it knows the value is already smaller), so the
  * verifier sees a bound; `spare` gives the room past the last head buffer. */
-#define KSPAN_APPEND(field, cap, lenfield, src, avail, flag)                       \
+#define KSPAN_APPEND_FROM(field, cap, lenfield, read, src, avail, flag)            \
     do {                                                                          \
         __u32 _off = st->ex.lenfield;                                             \
         if (_off < (cap)) {                                                       \
@@ -595,34 +653,22 @@ static __always_inline __u32 kspan_readable(struct kspan_data_args *a)
             asm volatile("" : "+r"(_n));                                          \
             _n &= (2 * (cap) - 1);                                                \
             _off &= ((cap) - 1);                                                  \
-            if (_n > 0 && bpf_probe_read_user(&st->ex.field[_off], _n, (src)) == 0) \
+            if (_n > 0 && read(&st->ex.field[_off], _n, (src)) == 0)              \
                 st->ex.lenfield = _off + _n;                                      \
             if (st->ex.lenfield >= (cap))                                         \
                 st->ex.flags |= (flag);                                           \
         }                                                                         \
     } while (0)
+#define KSPAN_APPEND(field, cap, lenfield, src, avail, flag) \
+    KSPAN_APPEND_FROM(field, cap, lenfield, bpf_probe_read_user, src, avail, flag)
 
 /* Global functions defined below (each verified once on its own). */
-__attribute__((noinline)) int kspan_serving_del(__u64 conn_id, __u64 pid_tgid);
+__attribute__((noinline)) int kspan_serving_end(__u64 conn_id);
 
 static __always_inline void kspan_release_hints(struct kspan_conn *st)
 {
-    if (st->ex.role == KSPAN_ROLE_SERVER) {
-        __u64 key = ((__u64)st->ex.pid << 32) | st->ex.tid;
-        struct kspan_exchange_ref *t = bpf_map_lookup_elem(&thread_ctx, &key);
-        if (t) {
-            /* the thread's last one: nothing is in flight on it any more */
-            if (t->inflight <= 1)
-                bpf_map_delete_elem(&thread_ctx, &key);
-            else
-                __sync_fetch_and_add(&t->inflight, -1);
-        }
-        kspan_serving_del(st->ex.conn_id, key);
-        __u32 pid = st->ex.pid;
-        struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
-        if (f && f->count > 0 && __sync_fetch_and_add(&f->count, -1) == 1)
-            f->ambiguous = 0;  /* idle again: the next one in flight is known for sure */
-    }
+    if (st->ex.role == KSPAN_ROLE_SERVER)
+        kspan_serving_end(st->ex.conn_id);
     /* A client's client_conns entry outlives its exchange: on loopback the server's own end can
      * fix its identity after the client has read the whole response (kspan_fix_server). The next
      * request replaces it; a close marks it (kspan_on_close). */
@@ -826,7 +872,8 @@ __attribute__((noinline)) int kspan_fix_server(__u64 conn_id, __u64 req_start_ns
     if (__sync_val_compare_and_swap(&st->id_claim, 0, 1) != 0)
         return (st->ex.flags & KSPAN_FLAG_IDS) ? 1 : 0;
     __u32 sampled = 0;
-    if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
+    struct kspan_gate *g = kspan_gate();
+    if ((!g || g->client_seen) && (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)) {
         struct kspan_conn_key k = {};
         kspan_conn_key_of_ex(&k, st, 1);
         struct kspan_exchange_ref *peer = bpf_map_lookup_elem(&client_conns, &k);
@@ -1018,13 +1065,15 @@ static long kspan_slot_conn_step(__u32 i, void *c)
     return 0;
 }
 
-/* A server request begins on thread pid_tgid: note it and its request line. */
-__attribute__((noinline)) int kspan_serving_add(__u64 conn_id, __u64 pid_tgid)
+/* The server request that began at req_start_ns on conn_id, served by thread pid_tgid: a slot
+ * with its request line, for evidence. */
+__attribute__((noinline)) int kspan_serving_add(__u64 conn_id, __u64 req_start_ns, __u64 pid_tgid)
 {
     if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
         return 0;
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
-    if (!st)
+    if (!st || st->ex.req_start_ns != req_start_ns || st->ex.role != KSPAN_ROLE_SERVER ||
+        st->ex.type != KSPAN_REC_EXCHANGE)
         return 0;
     __u32 n = st->ex.req_head_len;
     if (n > KSPAN_LINE_MAX)
@@ -1050,6 +1099,98 @@ __attribute__((noinline)) int kspan_serving_add(__u64 conn_id, __u64 pid_tgid)
     sl->req_start_ns = st->ex.req_start_ns;
     sl->line = line;
     sl->rid = kspan_rid_hash(st->ex.req_head, st->ex.req_head_len);
+    st->serving = 1;
+    return 1;
+}
+
+/* A server request begins on thread pid_tgid: the thread's and the process's load, which the
+ * parent rules read (kspan_client_decide). The thread's entry is updated in place and kept at
+ * inflight 0 when the thread goes idle: a delete and a new LRU insert per request cost more than
+ * the lookup. Serving slots (the evidence an event loop's calls are linked by) are taken only
+ * once the thread has two requests in flight, the first of them then too: until then the thread
+ * rule names its one request and no slot is read. */
+__attribute__((noinline)) int kspan_serving_begin(__u64 conn_id, __u64 pid_tgid)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st)
+        return 0;
+    __u64 start = st->ex.req_start_ns;
+    __u32 pid = pid_tgid >> 32;
+    __u64 first = 0, first_start = 0;
+    int several = 0;
+    struct kspan_exchange_ref *cur = bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
+    if (cur) {
+        /* (a 32-bit atomic's old value needs -mcpu=v3: read, then add) */
+        __u32 before = cur->inflight;
+        __sync_fetch_and_add(&cur->inflight, 1);
+        if (before > 0) {
+            /* a second request in flight on this thread: an event loop */
+            several = 1;
+            if (!cur->ambiguous) {
+                first = cur->conn_id;
+                first_start = cur->req_start_ns;
+            }
+            cur->ambiguous = 1;
+        }
+        cur->conn_id = conn_id;
+        cur->req_start_ns = start;
+        cur->pid = pid;
+    } else {
+        struct kspan_exchange_ref me = {};
+        me.conn_id = conn_id;
+        me.req_start_ns = start;
+        me.pid = pid;
+        me.inflight = 1;
+        bpf_map_update_elem(&thread_ctx, &pid_tgid, &me, BPF_ANY);
+    }
+    struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
+    if (f) {
+        if (__sync_fetch_and_add(&f->count, 1) > 0)
+            f->ambiguous = 1;
+        f->conn_id = conn_id;
+        f->req_start_ns = start;
+    } else {
+        struct kspan_inflight nf = {};
+        nf.count = 1;
+        nf.conn_id = conn_id;
+        nf.req_start_ns = start;
+        bpf_map_update_elem(&proc_inflight, &pid, &nf, BPF_ANY);
+    }
+    if (several) {
+        if (first)
+            kspan_serving_add(first, first_start, pid_tgid);
+        kspan_serving_add(conn_id, start, pid_tgid);
+    }
+    return 1;
+}
+
+__attribute__((noinline)) int kspan_serving_del(__u64 conn_id, __u64 pid_tgid);
+
+/* The server exchange on conn_id ends (emitted): undo kspan_serving_begin. */
+__attribute__((noinline)) int kspan_serving_end(__u64 conn_id)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st)
+        return 0;
+    __u64 key = ((__u64)st->ex.pid << 32) | st->ex.tid;
+    struct kspan_exchange_ref *t = bpf_map_lookup_elem(&thread_ctx, &key);
+    if (t) {
+        if (t->inflight <= 1) {
+            /* the thread's last one: idle, and known for sure again */
+            t->inflight = 0;
+            t->ambiguous = 0;
+        } else {
+            __sync_fetch_and_add(&t->inflight, -1);
+        }
+    }
+    if (st->serving) {
+        st->serving = 0;
+        kspan_serving_del(conn_id, key);
+    }
+    __u32 pid = st->ex.pid;
+    struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
+    if (f && f->count > 0 && __sync_fetch_and_add(&f->count, -1) == 1)
+        f->ambiguous = 0;  /* idle again: the next one in flight is known for sure */
     return 1;
 }
 
@@ -1231,12 +1372,53 @@ static __always_inline void kspan_client_decide(struct kspan_client_id *id, __u6
     }
 }
 
+/* Per-CPU room for a client request's identity while it is decided and published. A kprobe
+ * program (kspan_exchange_kp, which the uprobes tail-call) has no private stack: every call chain
+ * it makes shares one 512-byte stack (fix_client -> client_pre -> fix_server -> a bpf_loop
+ * callback is the deepest), so the structures are kept here. Each is used by one global function
+ * at a time: none of kspan_client_pre, kspan_seg_pre and kspan_proto_data calls another. */
+struct kspan_pre_scratch {
+    struct kspan_client_id id;
+    struct kspan_trace_ctx c;
+    struct kspan_exchange_ref me;
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_pre_scratch);
+} kspan_pre_buf SEC(".maps");
+
+/* The scratch zeroed, or 0. */
+static __always_inline struct kspan_pre_scratch *kspan_pre_scratch(void)
+{
+    __u32 z = 0;
+    struct kspan_pre_scratch *x = bpf_map_lookup_elem(&kspan_pre_buf, &z);
+    if (x)
+        __builtin_memset(x, 0, sizeof(*x));
+    return x;
+}
+
+/* Its `me` alone zeroed (the state machine's own client registration), or 0. */
+static __always_inline struct kspan_exchange_ref *kspan_pre_ref(void)
+{
+    __u32 z = 0;
+    struct kspan_pre_scratch *x = bpf_map_lookup_elem(&kspan_pre_buf, &z);
+    if (!x)
+        return 0;
+    __builtin_memset(&x->me, 0, sizeof(x->me));
+    return &x->me;
+}
+
 __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 buf)
 {
     int before_wire = buf != 0;
-    struct kspan_client_id id = {};
-    kspan_client_decide(&id, sk, pid_tgid, buf, 1);
-    bpf_map_update_elem(&client_pre, &sk, &id, BPF_ANY);
+    struct kspan_pre_scratch *x = kspan_pre_scratch();
+    if (!x)
+        return 0;
+    struct kspan_client_id *id = &x->id;
+    kspan_client_decide(id, sk, pid_tgid, buf, 1);
+    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
     /* For the TCP-option program: this connection's next data segments carry the context. Only
      * before the request's bytes reach the wire: written later, it would ride on the NEXT
      * request's segments, a wrong parent on the other host. */
@@ -1246,26 +1428,27 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
     if (tu) {
         struct kspan_conn_key k = {};
         kspan_conn_key_of(&k, tu, 0);
-        struct kspan_trace_ctx c = {};
-        __builtin_memcpy(c.trace_id, id.trace_id, 16);
-        c.span_id = id.span_id;
-        c.flags = (id.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
-        c.ts_ns = bpf_ktime_get_ns();
+        struct kspan_trace_ctx *c = &x->c;
+        __builtin_memcpy(c->trace_id, id->trace_id, 16);
+        c->span_id = id->span_id;
+        c->flags = (id->flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
+        c->ts_ns = bpf_ktime_get_ns();
         /* the sequence number the request's first byte will take: the option rides exactly the
          * segment that starts the request, and its retransmits */
-        c.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-        bpf_map_update_elem(&ctx_out, &k, &c, BPF_ANY);
+        c->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+        bpf_map_update_elem(&ctx_out, &k, c, BPF_ANY);
         /* The local server on the other end may read the request (and fix its identity) before
          * this write returns, when the writer is preempted on its way out of the send: it finds
          * the client here already. The state machine rewrites the entry when the request begins. */
-        struct kspan_exchange_ref me = {};
-        me.conn_id = sk;
-        me.req_start_ns = c.ts_ns;
-        me.pid = pid_tgid >> 32;
-        me.flags = id.flags & KSPAN_FLAG_SAMPLED;
-        __builtin_memcpy(me.trace_id, id.trace_id, 16);
-        me.span_id = id.span_id;
-        bpf_map_update_elem(&client_conns, &k, &me, BPF_ANY);
+        struct kspan_exchange_ref *me = &x->me;
+        me->conn_id = sk;
+        me->req_start_ns = c->ts_ns;
+        me->pid = pid_tgid >> 32;
+        me->flags = id->flags & KSPAN_FLAG_SAMPLED;
+        __builtin_memcpy(me->trace_id, id->trace_id, 16);
+        me->span_id = id->span_id;
+        kspan_client_seen();
+        bpf_map_update_elem(&client_conns, &k, me, BPF_ANY);
     }
     return 1;
 }
@@ -1325,11 +1508,17 @@ __attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid)
     if (!st || st->ex.role != KSPAN_ROLE_CLIENT)
         return 0;
     struct kspan_client_id *id = bpf_map_lookup_elem(&client_pre, &conn_id);
-    if (!id || id->pid_tgid != pid_tgid) {
-        /* not seen at its entry: decided now, after its bytes left (no TCP option) */
-        kspan_client_pre(conn_id, pid_tgid, 0);
-        id = bpf_map_lookup_elem(&client_pre, &conn_id);
-        if (!id)
+    int pre = id && id->pid_tgid == pid_tgid;
+    if (!pre) {
+        /* not seen at its entry: decided now, after its bytes left (no TCP option); decided in
+         * place rather than through kspan_client_pre, one call frame less (see kspan_pre_scratch) */
+        struct kspan_pre_scratch *x = kspan_pre_scratch();
+        if (!x)
+            return 0;
+        id = &x->id;
+        kspan_client_decide(id, conn_id, pid_tgid, 0, 1);
+        st = bpf_map_lookup_elem(&conns, &conn_id);
+        if (!st)
             return 0;
     }
     st->ex.parent_kind = id->parent_kind;
@@ -1340,7 +1529,8 @@ __attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid)
     st->ex.span_id = id->span_id;
     st->ex.parent_span_id = id->parent_span_id;
     st->ex.flags |= id->flags | KSPAN_FLAG_IDS;
-    bpf_map_delete_elem(&client_pre, &conn_id);
+    if (pre)
+        bpf_map_delete_elem(&client_pre, &conn_id);
     __u8 tid[16] = {};
     __u64 sid = 0;
     __u32 fl = 0;
@@ -1393,6 +1583,47 @@ static __always_inline void kspan_emit(struct kspan_conn *st, __u8 reason)
         kspan_count(KSPAN_CNT_CLOSED, 1);
     kspan_release_hints(st);
     st->phase = KSPAN_PH_IDLE;
+}
+
+/* The first KSPAN_SCAN bytes of a transfer that begins a request or a response, in the per-CPU
+ * scan buffer (zeroed past them), read once for the head copy, the header scan and the tail; the buffer, or 0 when they
+ * could not be read (st->scan_n: how many were). */
+static __always_inline struct kspan_scan_buf *kspan_scan_read(struct kspan_conn *st, struct kspan_data_args *a)
+{
+    int zero = 0;
+    struct kspan_scan_buf *sb = bpf_map_lookup_elem(&kspan_scan, &zero);
+    if (!sb)
+        return 0;
+    __u32 n = a->pre_n;  /* read ahead already (kspan_read_ahead) */
+    if (!n) {
+        n = kspan_readable(a);
+        if (n > KSPAN_SCAN)
+            n = KSPAN_SCAN;
+        asm volatile("" : "+r"(n));
+        n &= 1023;
+        if (n == 0 || bpf_probe_read_user(sb->b, n, a->buf) != 0)
+            return 0;
+        __builtin_memset(&sb->b[n & 1023], 0, 32);
+    }
+    st->scan_n = n;
+    return sb;
+}
+
+/* The request head's first bytes from this transfer (the per-CPU kspan_args), after any pending
+ * ones. Global: verified once, not on every path into kspan_begin_request. */
+__attribute__((noinline)) int kspan_req_head_copy(__u64 conn_id)
+{
+    int zero = 0;
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &zero);
+    if (!st || !a)
+        return 0;
+    struct kspan_scan_buf *sb = kspan_scan_read(st, a);
+    if (!sb)
+        return 0;
+    KSPAN_APPEND_FROM(req_head, KSPAN_REQ_HEAD, req_head_len, bpf_probe_read_kernel, sb->b, st->scan_n,
+                      KSPAN_FLAG_REQ_HEAD_FULL);
+    return 1;
 }
 
 /* Start a request on a connection state (new, idle, or replacing an unfinished exchange). */
@@ -1466,43 +1697,17 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
         __builtin_memcpy(st->ex.req_head, &pend, 8);
         st->ex.req_head_len = k;
     }
-    KSPAN_APPEND(req_head, KSPAN_REQ_HEAD, req_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_REQ_HEAD_FULL);
+    st->nonhttp = 0;
+    kspan_req_head_copy(st->ex.conn_id);
 
     __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
     if (st->ex.role == KSPAN_ROLE_SERVER) {
-        struct kspan_exchange_ref me = {};
-        me.conn_id = st->ex.conn_id;
-        me.req_start_ns = st->ex.req_start_ns;
-        me.pid = a->pid;
-        struct kspan_exchange_ref *cur = bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
-        if (cur && cur->inflight > 0) {
-            /* a second request in flight on this thread: an event loop */
-            __sync_fetch_and_add(&cur->inflight, 1);
-            cur->ambiguous = 1;
-            cur->conn_id = me.conn_id;
-            cur->req_start_ns = me.req_start_ns;
-        } else {
-            me.inflight = 1;
-            bpf_map_update_elem(&thread_ctx, &pid_tgid, &me, BPF_ANY);
-        }
-        __u32 pid = a->pid;
-        struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
-        if (f) {
-            if (__sync_fetch_and_add(&f->count, 1) > 0)
-                f->ambiguous = 1;
-            f->conn_id = me.conn_id;
-            f->req_start_ns = me.req_start_ns;
-        } else {
-            struct kspan_inflight nf = {};
-            nf.count = 1;
-            nf.conn_id = me.conn_id;
-            nf.req_start_ns = me.req_start_ns;
-            bpf_map_update_elem(&proc_inflight, &pid, &nf, BPF_ANY);
-        }
-        kspan_serving_add(st->ex.conn_id, pid_tgid);
+        kspan_serving_begin(st->ex.conn_id, pid_tgid);
         /* the peer host's kspan context for this request, parsed from its TCP option before
-         * these bytes could be read; taken now, before the next request's can replace it */
-        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
+         * these bytes could be read; taken now, before the next request's can replace it (none
+         * is there before the first option ever parsed) */
+        struct kspan_gate *g = kspan_gate();
+        if ((!g || g->ctx_in_seen) && (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)) {
             struct kspan_conn_key k = {};
             kspan_conn_key_of_ex(&k, st, 0);
             struct kspan_trace_ctx *in = bpf_map_lookup_elem(&ctx_in, &k);
@@ -1515,29 +1720,40 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
         }
     } else {
         kspan_fix_client(st->ex.conn_id, pid_tgid);
-        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
+        struct kspan_exchange_ref *me = (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) ? kspan_pre_ref() : 0;
+        if (me) {
             struct kspan_conn_key k = {};
             kspan_conn_key_of_ex(&k, st, 0);
-            struct kspan_exchange_ref me = {};
-            me.conn_id = st->ex.conn_id;
-            me.req_start_ns = st->ex.req_start_ns;
-            me.pid = a->pid;
-            me.flags = st->ex.flags & KSPAN_FLAG_SAMPLED;
-            __builtin_memcpy(me.trace_id, st->ex.trace_id, 16);
-            me.span_id = st->ex.span_id;
-            bpf_map_update_elem(&client_conns, &k, &me, BPF_ANY);
+            me->conn_id = st->ex.conn_id;
+            me->req_start_ns = st->ex.req_start_ns;
+            me->pid = a->pid;
+            me->flags = st->ex.flags & KSPAN_FLAG_SAMPLED;
+            __builtin_memcpy(me->trace_id, st->ex.trace_id, 16);
+            me->span_id = st->ex.span_id;
+            kspan_client_seen();
+            bpf_map_update_elem(&client_conns, &k, me, BPF_ANY);
         }
     }
 }
 
-/* Shift the newest bytes of this transfer into the tail register. */
-static __always_inline void kspan_update_tail(struct kspan_conn *st, struct kspan_data_args *a)
+/* Shift the newest bytes of this transfer into the tail register. sb: the scan buffer when it
+ * holds the whole transfer (read there by kspan_scan_read), else 0. */
+static __always_inline void kspan_update_tail(struct kspan_conn *st, struct kspan_data_args *a, const char *sb)
 {
     __u64 v = 0;
     __u32 k = 0;
     if (a->tail_n) {
         k = a->tail_n > 8 ? 8 : a->tail_n;
         v = a->tail;
+    } else if (sb) {
+        /* its last bytes are already in the scan buffer: no second read of user memory */
+        __u32 len = a->len;
+        k = len > 8 ? 8 : len;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            if (i < k)
+                v = (v << 8) | (__u8)sb[(len - k + i) & 1023];
+        }
     } else if (a->buf && (a->buf_len == 0 || a->buf_len >= a->len)) {
         __u8 b[16] = {};
         k = a->len > 8 ? 8 : a->len;
@@ -1613,23 +1829,19 @@ static __always_inline __u32 kspan_header_line(struct kspan_conn *st, const char
  * Only line starts are examined (one branch per byte otherwise), and results go to the map value
  * rather than registers: the verifier walks every iteration, and registers whose values differ
  * between paths keep it from merging them. */
-static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct kspan_data_args *a, __u64 before)
+/* The header scan of a transfer read by kspan_scan_read (sb; 0 if the read failed). */
+static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct kspan_data_args *a,
+                                               struct kspan_scan_buf *sb, __u64 before)
 {
-    __u32 n = kspan_readable(a);
-    if (n > KSPAN_SCAN)
-        n = KSPAN_SCAN;
-    asm volatile("" : "+r"(n));
-    n &= 1023;
-    int zero = 0;
-    struct kspan_scan_buf *sb = bpf_map_lookup_elem(&kspan_scan, &zero);
-    if (!sb || n == 0 || bpf_probe_read_user(sb->b, n, a->buf) != 0) {
+    if (!sb) {
         st->hdr_state = KSPAN_HS_GAVE_UP;
         kspan_count(KSPAN_CNT_HEAD_GAVE_UP, 1);
         return;
     }
     char *buf = sb->b;
-    __builtin_memset(&buf[n & 1023], 0, 32);
-    st->scan_n = n;
+    __u32 n = st->scan_n;
+    asm volatile("" : "+r"(n));
+    n &= 1023;
     st->cl_pos = 0;
     st->te_pos = 0;
     st->scan_end = 0;
@@ -1827,12 +2039,21 @@ static __always_inline void kspan_response_data(struct kspan_conn *st, struct ks
     __u64 before = st->ex.resp_bytes;
     st->ex.resp_bytes = before + a->len;
     st->ex.resp_end_ns = a->end_ns;
-    KSPAN_APPEND(resp_head, KSPAN_RESP_HEAD, resp_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_RESP_HEAD_FULL);
+    struct kspan_scan_buf *sb = 0;
+    if (st->hdr_state < KSPAN_HS_DONE)
+        sb = kspan_scan_read(st, a);
+    if (sb) {
+        /* the head from the bytes the scan read: one copy out of user memory, not three */
+        KSPAN_APPEND_FROM(resp_head, KSPAN_RESP_HEAD, resp_head_len, bpf_probe_read_kernel, sb->b, st->scan_n,
+                          KSPAN_FLAG_RESP_HEAD_FULL);
+    } else {
+        KSPAN_APPEND(resp_head, KSPAN_RESP_HEAD, resp_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_RESP_HEAD_FULL);
+    }
     kspan_parse_status(st);
-    kspan_update_tail(st, a);
+    kspan_update_tail(st, a, sb && a->len <= st->scan_n ? sb->b : 0);
 
     if (st->hdr_state < KSPAN_HS_DONE) {
-        kspan_scan_headers(st, a, before);
+        kspan_scan_headers(st, a, sb, before);
         if (st->hdr_state == KSPAN_HS_DONE) {
             kspan_parse_status(st);
             __u16 status = st->ex.status;
@@ -1951,6 +2172,8 @@ static __always_inline struct kspan_conn *kspan_new_conn(struct kspan_data_args 
         return 0;
     }
     st->ex.conn_id = a->conn_id;
+    if (a->flags & KSPAN_FLAG_TLS)
+        st->tls = 1;
     if (t) {
         st->ex.family = t->family;
         st->ex.local_port = t->local_port;
@@ -1964,13 +2187,6 @@ static __always_inline struct kspan_conn *kspan_new_conn(struct kspan_data_args 
     return st;
 }
 
-/* Per-CPU copy of the transfer's arguments: see kspan_args_copy. */
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 1);
-    __type(key, __u32);
-    __type(value, struct kspan_data_args);
-} kspan_args SEC(".maps");
 
 /* ---- protocols beyond HTTP/1: bounded segments, decoded in user space ---- */
 
@@ -1993,6 +2209,12 @@ struct {
     __type(key, struct kspan_conn_key);
     __type(value, struct kspan_seg_ctx);
 } seg_ctx SEC(".maps");
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_seg_ctx);
+} kspan_seg_ctx_zero SEC(".maps"); /* never written: a new connection's empty slots */
 
 static __always_inline void kspan_seg_ctx_note(struct kspan_conn *st, __u32 seq, struct kspan_client_id *id)
 {
@@ -2002,8 +2224,12 @@ static __always_inline void kspan_seg_ctx_note(struct kspan_conn *st, __u32 seq,
     kspan_conn_key_of_ex(&k, st, 0);
     struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, &k);
     if (!c) {
-        struct kspan_seg_ctx z = {};
-        bpf_map_update_elem(&seg_ctx, &k, &z, BPF_NOEXIST);
+        /* the empty value from a map, not the stack (see kspan_pre_scratch) */
+        __u32 zk = 0;
+        struct kspan_seg_ctx *z = bpf_map_lookup_elem(&kspan_seg_ctx_zero, &zk);
+        if (!z)
+            return;
+        bpf_map_update_elem(&seg_ctx, &k, z, BPF_NOEXIST);
         c = bpf_map_lookup_elem(&seg_ctx, &k);
         if (!c)
             return;
@@ -2031,13 +2257,16 @@ __attribute__((noinline)) int kspan_seg_pre(__u64 sk, __u64 pid_tgid)
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
     if (!st || st->phase != KSPAN_PH_PROTO || st->ex.role != KSPAN_ROLE_CLIENT || (st->ex.flags & KSPAN_FLAG_TLS))
         return 0;
-    struct kspan_client_id id = {};
-    kspan_client_decide(&id, sk, pid_tgid, 0, 0);
-    id.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-    bpf_map_update_elem(&client_pre, &sk, &id, BPF_ANY);
+    struct kspan_pre_scratch *x = kspan_pre_scratch();
+    if (!x)
+        return 0;
+    struct kspan_client_id *id = &x->id;
+    kspan_client_decide(id, sk, pid_tgid, 0, 0);
+    id->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
     st = bpf_map_lookup_elem(&conns, &sk);
     if (st)
-        kspan_seg_ctx_note(st, id.seq, &id);
+        kspan_seg_ctx_note(st, id->seq, id);
     return 1;
 }
 
@@ -2248,12 +2477,14 @@ struct {
     __type(value, struct kspan_h2_walk);
 } kspan_h2_walks SEC(".maps");
 
+/* 16 bytes, kspan_h2_copy's whole frame (every byte of a kprobe program's call chain counts,
+ * see kspan_pre_scratch): where the copy goes rides in left's top bit. */
+#define KSPAN_H2_TO_DATA 0x80000000U
 struct kspan_h2_copying {
     __u32 off;      /* transfer offset of the next byte */
-    __u32 left;     /* bytes still to copy */
+    __u32 left;     /* bytes still to copy, | KSPAN_H2_TO_DATA to copy into seg.data */
     __u32 done;
-    __u32 i;        /* the piece holding off */
-    int to_data;
+    __u32 i;        /* the piece holding off (found by the first step) */
 };
 
 /* One piece's share of a copy (a bpf_loop callback: a frame's payload may span many iovecs,
@@ -2264,15 +2495,18 @@ static long kspan_h2_copy_step(__u32 k, void *c)
     int z = 0;
     struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
     struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
-    if (!w || !sb || !cp->left || cp->i >= w->npieces || cp->i >= KSPAN_H2_PIECES)
+    if (!w || !sb)
+        return 1;
+    __u32 left = cp->left & ~KSPAN_H2_TO_DATA;
+    if (!left || cp->i >= w->npieces || cp->i >= KSPAN_H2_PIECES)
         return 1;
     __u32 i = cp->i & (KSPAN_H2_PIECES - 1);
     __u32 start = i ? w->end[(i - 1) & (KSPAN_H2_PIECES - 1)] : 0;
     __u32 chunk = w->end[i] - cp->off;
-    if (chunk > cp->left)
-        chunk = cp->left;
+    if (chunk > left)
+        chunk = left;
     const void *src = (const void *)(w->base[i] + (cp->off - start));
-    if (cp->to_data) {
+    if (cp->left & KSPAN_H2_TO_DATA) {
         if (w->o >= KSPAN_H2_DATA)
             return 1;
         if (chunk > KSPAN_H2_DATA - w->o)
@@ -2295,7 +2529,7 @@ static long kspan_h2_copy_step(__u32 k, void *c)
             return 1;
     }
     cp->done += chunk;
-    cp->left -= chunk > cp->left ? cp->left : chunk;
+    cp->left -= chunk;  /* chunk <= the count below the flag bit */
     cp->off += chunk;
     cp->i++;
     return 0;
@@ -2305,18 +2539,21 @@ static long kspan_h2_copy_step(__u32 k, void *c)
  * or into its header buffer (at most 9); the bytes copied. */
 __attribute__((noinline)) int kspan_h2_copy(__u32 off, __u32 n, int to_data)
 {
-    int z = 0;
-    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
-    if (!w)
-        return 0;
     if (!to_data && n > 9)
         n = 9;
+    if (n > KSPAN_H2_DATA)
+        n = KSPAN_H2_DATA;
+    struct kspan_h2_copying cp = {.off = off, .left = n | (to_data ? KSPAN_H2_TO_DATA : 0)};
+    /* cp.done, 0 here, is the lookup key: a key of its own would be one more stack slot */
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &cp.done);
+    if (!w)
+        return 0;
     __u32 i = 0;
     for (; i < KSPAN_H2_PIECES; i++) {
         if (i >= w->npieces || off < w->end[i])
             break;
     }
-    struct kspan_h2_copying cp = {.off = off, .left = n, .i = i, .to_data = to_data};
+    cp.i = i;
     bpf_loop(KSPAN_H2_PIECES, kspan_h2_copy_step, &cp, 0);
     return cp.done;
 }
@@ -2683,23 +2920,24 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
             seg->tcp_seq = end_seq - (__u32)a->len;
             seg->seg_flags |= KSPAN_SEG_SEQ;
         }
-        if (a->dir == KSPAN_DIR_EGRESS && st->ex.role == KSPAN_ROLE_CLIENT) {
-            struct kspan_client_id id = {};
+        struct kspan_pre_scratch *x = 0;
+        if (a->dir == KSPAN_DIR_EGRESS && st->ex.role == KSPAN_ROLE_CLIENT && (x = kspan_pre_scratch())) {
+            struct kspan_client_id *id = &x->id;
             __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
             struct kspan_client_id *pre = bpf_map_lookup_elem(&client_pre, &conn_id);
             if (pre && pre->pid_tgid == pid_tgid && plain_tcp && pre->seq == seg->tcp_seq) {
                 /* decided at the write's entry (kspan_seg_pre) and published then */
-                __builtin_memcpy(&id, pre, sizeof(id));
+                __builtin_memcpy(id, pre, sizeof(*id));
                 bpf_map_delete_elem(&client_pre, &conn_id);
             } else {
-                kspan_client_decide(&id, conn_id, pid_tgid, 0, 0);
+                kspan_client_decide(id, conn_id, pid_tgid, 0, 0);
                 if (plain_tcp)
-                    kspan_seg_ctx_note(st, seg->tcp_seq, &id);
+                    kspan_seg_ctx_note(st, seg->tcp_seq, id);
             }
-            seg->parent_kind = id.parent_kind;
-            __builtin_memcpy(seg->trace_id, id.trace_id, 16);
-            seg->parent_span_id = id.parent_span_id;
-            seg->flags |= id.flags & (KSPAN_FLAG_SAMPLED | KSPAN_FLAG_AMBIGUOUS);
+            seg->parent_kind = id->parent_kind;
+            __builtin_memcpy(seg->trace_id, id->trace_id, 16);
+            seg->parent_span_id = id->parent_span_id;
+            seg->flags |= id->flags & (KSPAN_FLAG_SAMPLED | KSPAN_FLAG_AMBIGUOUS);
         } else if (st->ex.role == KSPAN_ROLE_SERVER && plain_tcp) {
             /* a reply looks again, up to what the server has read: a client's first write is
              * published only at its exit, which a server on another CPU may read before */
@@ -2857,6 +3095,36 @@ static __always_inline struct kspan_data_args *kspan_args_copy(struct kspan_data
     return a;
 }
 
+/* A transfer that may begin a request (its connection is between exchanges) or a response (a
+ * request is in flight and this goes the other way) is read ahead, up to KSPAN_SCAN bytes, into
+ * the per-CPU scan buffer, and its head is copied from there (kspan_begin_request,
+ * kspan_response_data): a read of user memory costs about as much whatever its size (0.2 us on
+ * the development machine), the costliest step of a transfer. p gets its first 8 bytes. A
+ * connection whose last such transfer began nothing (WebSocket frames after a 101, say) is not
+ * read ahead until a request begins again. 0: not read ahead. */
+static __always_inline int kspan_read_ahead(struct kspan_conn *st, struct kspan_data_args *a, __u8 *p)
+{
+    if (!st)
+        return 0;
+    __u8 ph = st->phase;
+    if (!(((ph == KSPAN_PH_IDLE || ph == KSPAN_PH_PREFIX) && !st->nonhttp) ||
+          ((ph == KSPAN_PH_REQ || ph == KSPAN_PH_WAIT_FINAL) && a->dir != st->req_dir)))
+        return 0;
+    __u32 n = kspan_readable(a);
+    if (n > KSPAN_SCAN)
+        n = KSPAN_SCAN;
+    asm volatile("" : "+r"(n));
+    n &= 1023;
+    int zero = 0;
+    struct kspan_scan_buf *sb = bpf_map_lookup_elem(&kspan_scan, &zero);
+    if (!sb || n == 0 || bpf_probe_read_user(sb->b, n, a->buf) != 0)
+        return 0;
+    __builtin_memset(&sb->b[n & 1023], 0, 32);
+    a->pre_n = n;
+    __builtin_memcpy(p, sb->b, 8);
+    return 1;
+}
+
 /* The exchange state machine on the map-resident arguments `a` (kspan_args_copy). Each program
  * that inlines it costs the verifier a walk of ~250k instructions at load, so only the socket
  * programs inline it (kspan_on_data); the uprobe programs tail-call into the one program of
@@ -2877,13 +3145,20 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
         return;
     if (a->len == 0)
         return;
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
+    if (st && (a->flags & KSPAN_FLAG_TLS))
+        st->tls = 1;  /* plaintext from a TLS probe: the socket path leaves this connection alone */
+    if (st && st->phase == KSPAN_PH_PROTO) {
+        kspan_proto_data(a->conn_id, 0);
+        return;
+    }
     __u8 p[16] = {};
     __u32 pn = kspan_readable(a);
     if (pn > 8)
         pn = 8;
     asm volatile("" : "+r"(pn));
     pn &= 15;
-    if (pn && bpf_probe_read_user(p, pn, a->buf) != 0)
+    if (pn && !kspan_read_ahead(st, a, p) && bpf_probe_read_user(p, pn, a->buf) != 0)
         pn = 0;
 
     __u64 w = 0;
@@ -2893,11 +3168,6 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
     /* Every path that starts a request ends at the one kspan_begin_request() call below: each
      * inlined copy of it costs compile time and verifier work. */
     __u8 m = 0;
-    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
-    if (st && st->phase == KSPAN_PH_PROTO) {
-        kspan_proto_data(a->conn_id, 0);
-        return;
-    }
     if (st && st->pend_n && st->pend_dir == a->dir) {
         /* this transfer continues pending bytes: judge them together (a method token or
          * "HTTP/1." split at any byte across transfers) */
@@ -2951,6 +3221,7 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
             kspan_count(KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
             kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
             kspan_drop_pending(st, a);
+            st->nonhttp = 1;
             if (st->phase == KSPAN_PH_PREFIX && !st->pend_n) {
                 /* not a request after all; a state made only to hold the bytes goes */
                 if (st->ex.type != KSPAN_REC_EXCHANGE)
@@ -3110,23 +3381,38 @@ struct kspan_iovec {
 };
 
 /* TLS sockets: inside SSL_read/SSL_write (ssl_active has the thread) the socket bytes are
- * ciphertext; the TLS probe reports the plaintext. Returns 1 when the socket path must skip. */
-static __always_inline int kspan_tls_socket(__u64 pid_tgid, __u64 sk)
+ * ciphertext; the TLS probe reports the plaintext. Returns 1 when the socket path must skip.
+ * st is the socket's connection state or 0: a state knows whether a TLS probe owns the
+ * connection (kspan_conn.tls, set wherever tls_conns is), so only a socket without one needs
+ * tls_conns. */
+static __always_inline int kspan_tls_socket(__u64 pid_tgid, __u64 sk, struct kspan_conn *st)
 {
-    struct kspan_ssl_call *sc = bpf_map_lookup_elem(&ssl_active, &pid_tgid);
+    struct kspan_ssl_call *sc = kspan_ssl_calls_maybe() ? bpf_map_lookup_elem(&ssl_active, &pid_tgid) : 0;
     if (sc) {
         sc->sk = sk;
+        if (st)
+            st->tls = 1;
         __u8 one = 1;
         if (!bpf_map_lookup_elem(&tls_conns, &sk))
             bpf_map_update_elem(&tls_conns, &sk, &one, BPF_ANY);
         kspan_count(KSPAN_CNT_TLS_SKIPPED, 1);
         return 1;
     }
-    if (bpf_map_lookup_elem(&tls_conns, &sk)) {
+    if (st ? st->tls : bpf_map_lookup_elem(&tls_conns, &sk) != 0) {
         kspan_count(KSPAN_CNT_TLS_SKIPPED, 1);
         return 1;
     }
     return 0;
+}
+
+/* A TLS probe takes the connection: the socket path must skip its ciphertext from now on. */
+static __always_inline void kspan_tls_mark(__u64 sk)
+{
+    __u8 one = 1;
+    bpf_map_update_elem(&tls_conns, &sk, &one, BPF_ANY);
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
+    if (st)
+        st->tls = 1;
 }
 
 /* Read k (<= 8) bytes ending at `end` and shift them into v (newest in the low byte). */

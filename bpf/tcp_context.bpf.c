@@ -218,6 +218,10 @@ static __always_inline void kspan_parse_hdr_opt(struct bpf_sock_ops *skops)
     v.ts_ns = bpf_ktime_get_ns();
     bpf_map_update_elem(&ctx_in, &k, &v, BPF_ANY);
     kspan_count(KSPAN_CNT_CTX_PARSED, 1);
+    /* from now on a server request looks for its context in ctx_in (kspan_begin_request) */
+    struct kspan_gate *g = kspan_gate();
+    if (g && !g->ctx_in_seen)
+        g->ctx_in_seen = 1;
 }
 
 SEC("sockops")
