@@ -217,10 +217,11 @@ struct kspan_conn {
     __u16 tcp_in;           /* 0x100 | W3C flags: the peer's TCP option gave trace_id/parent_span_id */
     __u16 _pad_id[3];
     __u64 fd_key;           /* tgid<<32|fd whose fd_sk entry the socket path last checked */
+    __u64 rtt_ns;           /* when the connection's RTT was last sampled (kspan_rtt_sample) */
     /* Room for the verifier: an append into req_head is seen as offset <= 511 plus up to 1023
-     * bytes (the mask it can follow), which must stay inside the map value; 120 is the size of
+     * bytes (the mask it can follow), which must stay inside the map value; 128 is the size of
      * the fields above between resp_tail and spare. */
-    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 120];
+    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 128];
 };
 
 /* The response-header scan reads the transfer here (per CPU: a program runs to its end on one
@@ -3095,6 +3096,38 @@ static __always_inline struct kspan_data_args *kspan_args_copy(struct kspan_data
     return a;
 }
 
+/* Network metrics (kspan_network_events): the connection's smoothed RTT as a KSPAN_TCP_RTT record,
+ * taken when its process transfers on it, at most once a second (kspan_exchange_body). The state
+ * machine has the connection in hand then; a hook of its own (tcp:tcp_probe) ran on every
+ * segment every TCP connection on the host received, and looked its connection up each time.
+ * Global: verified once. */
+__attribute__((noinline)) int kspan_rtt_sample(__u64 conn_id, __u32 pid, __u64 now)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st || !(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN))
+        return 0;
+    __u32 srtt = BPF_CORE_READ((struct tcp_sock *)conn_id, srtt_us) >> 3;  /* kept << 3 */
+    if (!srtt)
+        return 0;
+    struct kspan_tcp r = {};
+    r.type = KSPAN_REC_TCP;
+    r.pid = pid;
+    r.event = KSPAN_TCP_RTT;
+    r.value = srtt;
+    r.ts_ns = now;
+    r.conn_id = conn_id;
+    r.family = st->ex.family;
+    r.local_port = st->ex.local_port;
+    r.remote_port = st->ex.remote_port;
+    __builtin_memcpy(r.local_addr, st->ex.local_addr, 16);
+    __builtin_memcpy(r.remote_addr, st->ex.remote_addr, 16);
+    if (bpf_ringbuf_output(&events, &r, sizeof(r), BPF_RB_NO_WAKEUP) == 0)
+        kspan_count(KSPAN_CNT_TCP_RECORDS, 1);
+    else
+        kspan_count(KSPAN_CNT_LOST, 1);
+    return 1;
+}
+
 /* A transfer that may begin a request (its connection is between exchanges) or a response (a
  * request is in flight and this goes the other way) is read ahead, up to KSPAN_SCAN bytes, into
  * the per-CPU scan buffer, and its head is copied from there (kspan_begin_request,
@@ -3148,6 +3181,10 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
     if (st && (a->flags & KSPAN_FLAG_TLS))
         st->tls = 1;  /* plaintext from a TLS probe: the socket path leaves this connection alone */
+    if (kspan_network_events && st && a->end_ns - st->rtt_ns >= 1000000000ULL) {
+        st->rtt_ns = a->end_ns;
+        kspan_rtt_sample(a->conn_id, a->pid, a->end_ns);
+    }
     if (st && st->phase == KSPAN_PH_PROTO) {
         kspan_proto_data(a->conn_id, 0);
         return;

@@ -89,12 +89,11 @@ MULTI_ATTACH: dict[str, tuple[tuple[str, ...], ...]] = {
 # x86_64 register path (write start times only). One of the two sets is loaded.
 PORTABLE_PREFIXES = ("kspan_sys_enter_", "kspan_sys_exit_")
 REGS_PREFIXES = ("kspan_ws_",)
-# tcp_events programs that only feed network metrics (tcp_probe fires on every ACK).
-NETWORK_EVENT_PROGRAMS = ("kspan_tcp_retransmit", "kspan_tcp_receive_reset", "kspan_tcp_send_reset",
-                          "kspan_tcp_probe")
+# tcp_events programs that only feed network metrics (RTT samples come from the state machine).
+NETWORK_EVENT_PROGRAMS = ("kspan_tcp_retransmit", "kspan_tcp_receive_reset", "kspan_tcp_send_reset")
 
 # Maps sized by --max-connections (per-connection state, LRU).
-CONNECTION_MAPS = ("conns", "tuples", "fd_sk", "tls_conns", "client_conns", "rtt_last", "ctx_out", "ctx_in")
+CONNECTION_MAPS = ("conns", "tuples", "fd_sk", "tls_conns", "client_conns", "ctx_out", "ctx_in")
 
 # The sock_ops program of the tcp_context object (bpf/tcp_context.bpf.c), attached to a cgroup.
 CONTEXT_PROGRAM = "kspan_tcp_context"
