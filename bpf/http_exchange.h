@@ -337,7 +337,7 @@ struct kspan_gate {
                              * before that, ctx_in is empty */
     __u32 client_seen;      /* a client request was written to client_conns once: before that, a
                              * server has no local client to look up (kspan_fix_server) */
-    __u32 _pad;
+    __u32 go_seen;          /* bpf/go_http.bpf.c wrote go_client_parent once (kspan_client_decide) */
 };
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
@@ -419,6 +419,67 @@ struct {
     __type(value, __u8);
 } allowed_pids SEC(".maps");
 
+/* allowed_pids' generations: [0] moved by the kernel's writers (bpf/process.bpf.c), [1] by user
+ * space's (tracer/capture.py), each after its change, each by one side only (user space writes
+ * its element whole). A cached verdict is good while both are what they were when it was read. */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2);
+    __type(key, __u32);
+    __type(value, __u64);
+} pid_gen SEC(".maps");
+
+/* Per CPU, the verdicts of the last processes seen (by tgid, direct-mapped): every socket
+ * transfer and write of a filtered run asks, and a hash lookup in allowed_pids cost ~100 ns
+ * where these two ARRAY lookups are inlined. */
+#define KSPAN_PID_SLOTS 16
+struct kspan_pid_slot {
+    __u32 pid;
+    __u32 traced;
+    __u64 kgen;
+    __u64 ugen;
+};
+struct kspan_pid_cache {
+    struct kspan_pid_slot slot[KSPAN_PID_SLOTS];
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_pid_cache);
+} pid_cache SEC(".maps");
+
+/* After a kernel-side change to allowed_pids. */
+static __always_inline void kspan_pid_gen_bump(void)
+{
+    __u32 k = 0;
+    __u64 *g = bpf_map_lookup_elem(&pid_gen, &k);
+    if (g)
+        __sync_fetch_and_add(g, 1);
+}
+
+/* Whether --pid/--exe let the process (tgid) through. */
+static __always_inline int kspan_pid_allowed(__u32 pid)
+{
+    __u32 k0 = 0, k1 = 1;
+    __u64 *kg = bpf_map_lookup_elem(&pid_gen, &k0);
+    __u64 *ug = bpf_map_lookup_elem(&pid_gen, &k1);
+    struct kspan_pid_cache *c = bpf_map_lookup_elem(&pid_cache, &k0);
+    if (!kg || !ug || !c)
+        return bpf_map_lookup_elem(&allowed_pids, &pid) != 0;
+    /* the generations before the lookup: a change after it moves them past what is cached */
+    __u64 kgen = *kg, ugen = *ug;
+    struct kspan_pid_slot *s = &c->slot[pid & (KSPAN_PID_SLOTS - 1)];
+    if (s->pid == pid && s->kgen == kgen && s->ugen == ugen)
+        return s->traced;
+    int traced = bpf_map_lookup_elem(&allowed_pids, &pid) != 0;
+    s->pid = pid;
+    s->traced = traced;
+    s->kgen = kgen;
+    s->ugen = ugen;
+    return traced;
+}
+
 /* cgroup v2 id -> 1 trace, 0 skip; written by tracer/kubernetes.py as pods come and go. The id
  * is the inode number of the cgroup's directory; every cgroup of a pod (the pod's own and each
  * container's) has an entry. */
@@ -451,7 +512,7 @@ static __always_inline int kspan_pid_skipped(__u32 pid)
 {
     if (pid == kspan_self_pid)
         return 1;
-    if (kspan_filter_pids && !bpf_map_lookup_elem(&allowed_pids, &pid))
+    if (kspan_filter_pids && !kspan_pid_allowed(pid))
         return 1;
     if (kspan_cgroup_skipped())
         return 1;
@@ -1301,7 +1362,8 @@ static __always_inline void kspan_client_decide(struct kspan_client_id *id, __u6
     id->pid_tgid = pid_tgid;
     id->span_id = kspan_rand64();
     __u32 pid = pid_tgid >> 32;
-    struct kspan_exchange_ref *g = bpf_map_lookup_elem(&go_client_parent, &sk);
+    struct kspan_gate *gate = kspan_gate();
+    struct kspan_exchange_ref *g = !gate || gate->go_seen ? bpf_map_lookup_elem(&go_client_parent, &sk) : 0;
     struct kspan_exchange_ref *t = g ? 0 : bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
     if (g) {
         id->parent_kind = KSPAN_PARENT_GOROUTINE;
@@ -1419,7 +1481,13 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
         return 0;
     struct kspan_client_id *id = &x->id;
     kspan_client_decide(id, sk, pid_tgid, buf, 1);
-    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
+    /* a keep-alive connection's entry is rewritten in place (its writer and its reader,
+     * kspan_fix_client, are the same thread, one after the other): no LRU update per request */
+    struct kspan_client_id *old = bpf_map_lookup_elem(&client_pre, &sk);
+    if (old)
+        __builtin_memcpy(old, id, sizeof(*id));
+    else
+        bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
     /* For the TCP-option program: this connection's next data segments carry the context. Only
      * before the request's bytes reach the wire: written later, it would ride on the NEXT
      * request's segments, a wrong parent on the other host. */
@@ -1531,7 +1599,7 @@ __attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid)
     st->ex.parent_span_id = id->parent_span_id;
     st->ex.flags |= id->flags | KSPAN_FLAG_IDS;
     if (pre)
-        bpf_map_delete_elem(&client_pre, &conn_id);
+        id->pid_tgid = 0;  /* taken: no later write takes it again (a store, not an LRU delete) */
     __u8 tid[16] = {};
     __u64 sid = 0;
     __u32 fl = 0;
@@ -1642,6 +1710,40 @@ static __always_inline void kspan_reset_framing(struct kspan_conn *st)
     st->tail_n = 0;
 }
 
+/* A client exchange begins (ids fixed): its client_conns entry, which its server end on this
+ * host links by (PEER). kspan_client_pre registered the request at its write's entry already,
+ * unless the write was not seen then: only its start moves, one 8-byte store that a reader on
+ * another CPU sees whole or not at all, where a new entry is an LRU update. */
+static __always_inline void kspan_client_register(struct kspan_conn *st)
+{
+    struct kspan_conn_key k = {};
+    kspan_conn_key_of_ex(&k, st, 0);
+    struct kspan_exchange_ref *cur = bpf_map_lookup_elem(&client_conns, &k);
+    if (cur && cur->conn_id == st->ex.conn_id && cur->span_id == st->ex.span_id && !cur->closed_ns &&
+        cur->flags == (st->ex.flags & KSPAN_FLAG_SAMPLED)) {
+        __u64 c0, c1, t0, t1;
+        __builtin_memcpy(&c0, cur->trace_id, 8);
+        __builtin_memcpy(&c1, cur->trace_id + 8, 8);
+        __builtin_memcpy(&t0, st->ex.trace_id, 8);
+        __builtin_memcpy(&t1, st->ex.trace_id + 8, 8);
+        if (c0 == t0 && c1 == t1) {
+            cur->req_start_ns = st->ex.req_start_ns;
+            return;
+        }
+    }
+    struct kspan_exchange_ref *me = kspan_pre_ref();
+    if (!me)
+        return;
+    me->conn_id = st->ex.conn_id;
+    me->req_start_ns = st->ex.req_start_ns;
+    me->pid = st->ex.pid;
+    me->flags = st->ex.flags & KSPAN_FLAG_SAMPLED;
+    __builtin_memcpy(me->trace_id, st->ex.trace_id, 16);
+    me->span_id = st->ex.span_id;
+    kspan_client_seen();
+    bpf_map_update_elem(&client_conns, &k, me, BPF_ANY);
+}
+
 static __always_inline void kspan_begin_request(struct kspan_conn *st, struct kspan_data_args *a, __u8 method)
 {
     kspan_count(KSPAN_CNT_REQUESTS, 1);
@@ -1721,19 +1823,8 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
         }
     } else {
         kspan_fix_client(st->ex.conn_id, pid_tgid);
-        struct kspan_exchange_ref *me = (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) ? kspan_pre_ref() : 0;
-        if (me) {
-            struct kspan_conn_key k = {};
-            kspan_conn_key_of_ex(&k, st, 0);
-            me->conn_id = st->ex.conn_id;
-            me->req_start_ns = st->ex.req_start_ns;
-            me->pid = a->pid;
-            me->flags = st->ex.flags & KSPAN_FLAG_SAMPLED;
-            __builtin_memcpy(me->trace_id, st->ex.trace_id, 16);
-            me->span_id = st->ex.span_id;
-            kspan_client_seen();
-            bpf_map_update_elem(&client_conns, &k, me, BPF_ANY);
-        }
+        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)
+            kspan_client_register(st);
     }
 }
 
@@ -3171,8 +3262,8 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
     }
     /* The key is the map copy's field, not a stack variable: with the key on the stack the
      * verifier's walk of the state machine below doubled (263k -> 506k instructions with --pid). */
-    if (kspan_filter_pids && !bpf_map_lookup_elem(&allowed_pids, &a->pid))
-        return;
+    if (kspan_filter_pids && a->source != KSPAN_SRC_SOCKET && !bpf_map_lookup_elem(&allowed_pids, &a->pid))
+        return;  /* the socket paths checked before they got here */
     /* The uprobe families' (OpenSSL, Go) only cgroup check; the socket probes checked already. */
     if (kspan_cgroup_skipped())
         return;

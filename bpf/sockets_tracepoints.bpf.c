@@ -340,7 +340,7 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
         kspan_note_self(sk);  /* harmless for its reads: the endpoint is the same */
         return 0;
     }
-    if (kspan_filter_pids && !bpf_map_lookup_elem(&allowed_pids, &pid))
+    if (kspan_filter_pids && !kspan_pid_allowed(pid))
         return 0;
     if (kspan_cgroup_skipped()) {
         kspan_count(KSPAN_CNT_CGROUP_SKIPPED, 1);

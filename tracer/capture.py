@@ -564,6 +564,7 @@ class Capture:
             table = self._objs.map("allowed_pids")
             for pid in allowed:
                 table.update(struct.pack("<I", pid), _ONE)
+            self._pid_gen_bump()
 
     def set_cgroup_verdicts(self, trace: dict[int, bool], forget: Iterable[int] = ()) -> int:
         """Set the kernel's verdict for cgroup v2 ids (True: trace) and drop those of `forget`
@@ -594,6 +595,17 @@ class Capture:
         if self._objs is None or pid == self.config.self_pid:
             return
         self._objs.map("allowed_pids").update(struct.pack("<I", pid), _ONE)
+        self._pid_gen_bump()
+
+    def _pid_gen_bump(self) -> None:
+        """After a change to allowed_pids: the probes cache its verdicts per CPU while pid_gen
+        stays put (bpf/http_exchange.h, kspan_pid_allowed). Element 1 is user space's alone."""
+        assert self._objs is not None
+        gen = self._objs.map("pid_gen")
+        key = struct.pack("<I", 1)
+        cur = gen.lookup(key)
+        n = int.from_bytes(cur, "little") if cur else 0
+        gen.update(key, (n + 1).to_bytes(8, "little"))
 
     def is_traced(self, pid: int) -> bool:
         """Whether the filters (--pid/--exe, with children) let `pid` through: the kernel's own
