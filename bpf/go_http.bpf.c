@@ -166,5 +166,8 @@ int kspan_go_roundtrip_enter(struct pt_regs *ctx)
     ref.req_start_ns = srv->ex.req_start_ns;
     ref.pid = tgid;
     bpf_map_update_elem(&go_client_parent, &client_sk, &ref, BPF_ANY);
+    struct kspan_gate *g = kspan_gate();
+    if (g && !g->go_seen)
+        g->go_seen = 1;  /* from now on kspan_client_decide looks go_client_parent up */
     return 0;
 }

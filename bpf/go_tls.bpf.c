@@ -85,9 +85,8 @@ static __always_inline int kspan_go_tls_enter(struct pt_regs *ctx, __u8 dir)
     c.sk = kspan_go_tls_sk(tgid, ctx->ax, o);
     if (c.sk) {
         /* before this call's own syscalls: the socket path must skip its ciphertext */
-        __u8 one = 1;
         if (!bpf_map_lookup_elem(&tls_conns, &c.sk))
-            bpf_map_update_elem(&tls_conns, &c.sk, &one, BPF_ANY);
+            kspan_tls_mark(c.sk);
     }
     if (dir == KSPAN_DIR_EGRESS) {
         /* (*Conn).Write writes all of b or fails, so the bytes are known here. Reporting them at

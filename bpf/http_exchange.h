@@ -67,7 +67,9 @@ struct kspan_data_args {
     __u32 tid;
     __u8 dir;             /* KSPAN_DIR_* */
     __u8 source;          /* enum kspan_source */
-    __u16 _pad;
+    /* Set by the state machine: the transfer's first pre_n bytes are in the per-CPU scan buffer
+     * (kspan_scan), read once there for every copy that needs them. Callers leave it 0. */
+    __u16 pre_n;
     __u32 flags;          /* KSPAN_FLAG_* to set on the exchange (e.g. KSPAN_FLAG_TLS) */
     const char *buf;      /* user memory; NULL: bytes are counted, not read (sendfile) */
     __u32 len;            /* bytes actually transferred */
@@ -146,27 +148,6 @@ struct kspan_inflight {
     __u32 _pad;
 };
 
-/* Per-CPU scratch for the identity functions' structs, which lived on the stack. The verifier adds
- * up the frames of a call chain (a program, the global functions it calls, theirs...) and refuses
- * more than 512 bytes in all where the kernel gives the program no private stack: kprobe-type
- * programs on 6.18.44, so the uprobes' kspan_exchange_kp (256 bytes of its own, then
- * kspan_fix_client -> kspan_client_pre -> kspan_fix_server: 800) was refused. One member per
- * function: they call one another, and a program run is not interrupted by another on its CPU. */
-struct kspan_fix_scratch {
-    struct kspan_conn_key fs_k;   /* kspan_fix_server */
-    __u8 fs_tid[16];
-    __u8 fc_tid[16];              /* kspan_fix_client */
-    struct kspan_exchange_ref sm_me;   /* kspan_begin_request (inlined in the state machine) */
-    struct kspan_inflight sm_nf;
-    struct kspan_conn_key sm_k;
-};
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 1);
-    __type(key, __u32);
-    __type(value, struct kspan_fix_scratch);
-} kspan_fix_scratch SEC(".maps");
-
 enum kspan_phase {
     KSPAN_PH_IDLE = 0,       /* between exchanges (keep-alive) */
     KSPAN_PH_REQ = 1,        /* request seen, no response yet */
@@ -223,17 +204,24 @@ struct kspan_conn {
     __u64 pend_start_ns;
     __u8 pend_n;
     __u8 pend_dir;          /* KSPAN_DIR_* of the pending bytes */
-    __u8 _pad_pend[6];
+    __u8 tls;               /* a TLS probe owns the connection: the socket path skips it (its
+                             * bytes are ciphertext) without a tls_conns lookup */
+    __u8 serving;           /* the server exchange holds a thread_serving slot (kspan_serving_add) */
+    __u8 nonhttp;           /* the last transfer that could have begun a request did not: the
+                             * next one is not read ahead (kspan_read_ahead) */
+    __u8 _pad_pend[3];
     /* Identity (see kspan_fix_server): the client request a PEER link last used (a keep-alive
      * connection's next request must not take it again), and the claim on fixing the ids. */
     __u64 peer_used_ns;
     __u64 id_claim;         /* 64-bit: BPF's cmpxchg before -mcpu=v3 has no 32-bit form */
     __u16 tcp_in;           /* 0x100 | W3C flags: the peer's TCP option gave trace_id/parent_span_id */
     __u16 _pad_id[3];
+    __u64 fd_key;           /* tgid<<32|fd whose fd_sk entry the socket path last checked */
+    __u64 rtt_ns;           /* when the connection's RTT was last sampled (kspan_rtt_sample) */
     /* Room for the verifier: an append into req_head is seen as offset <= 511 plus up to 1023
-     * bytes (the mask it can follow), which must stay inside the map value; 112 is the size of
+     * bytes (the mask it can follow), which must stay inside the map value; 128 is the size of
      * the fields above between resp_tail and spare. */
-    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 112];
+    char spare[KSPAN_REQ_HEAD + KSPAN_REQ_HEAD - KSPAN_RESP_HEAD - KSPAN_TAIL - 128];
 };
 
 /* The response-header scan reads the transfer here (per CPU: a program runs to its end on one
@@ -248,6 +236,14 @@ struct {
     __type(key, __u32);
     __type(value, struct kspan_scan_buf);
 } kspan_scan SEC(".maps");
+
+/* Per-CPU copy of the transfer's arguments: see kspan_args_copy. */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_data_args);
+} kspan_args SEC(".maps");
 
 /* Counters, readable from user space by name (tracer/capture.py COUNTER_NAMES, same order). */
 enum kspan_counter {
@@ -332,6 +328,45 @@ struct {
     __type(value, struct kspan_ssl_call);
 } ssl_active SEC(".maps"); /* pid_tgid -> SSL call in progress */
 
+/* What every socket transfer would otherwise look up to learn it has nothing to do. One ARRAY
+ * entry: its lookup is inlined, a hash lookup is not. */
+struct kspan_gate {
+    __s64 ssl_calls;        /* ssl_active's entries (bpf/openssl.bpf.c counts its inserts and
+                             * deletes): 0 means no thread is inside an SSL call */
+    __u32 ctx_in_seen;      /* a peer's context option was parsed once (bpf/tcp_context.bpf.c):
+                             * before that, ctx_in is empty */
+    __u32 client_seen;      /* a client request was written to client_conns once: before that, a
+                             * server has no local client to look up (kspan_fix_server) */
+    __u32 go_seen;          /* bpf/go_http.bpf.c wrote go_client_parent once (kspan_client_decide) */
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_gate);
+} kspan_gates SEC(".maps");
+
+static __always_inline struct kspan_gate *kspan_gate(void)
+{
+    __u32 z = 0;
+    return bpf_map_lookup_elem(&kspan_gates, &z);
+}
+
+/* Before a write to client_conns (a flag set once: no cache line shared by CPUs is written after). */
+static __always_inline void kspan_client_seen(void)
+{
+    struct kspan_gate *g = kspan_gate();
+    if (g && !g->client_seen)
+        g->client_seen = 1;
+}
+
+/* Whether this thread may be inside an SSL call (ssl_active worth a lookup). */
+static __always_inline int kspan_ssl_calls_maybe(void)
+{
+    struct kspan_gate *g = kspan_gate();
+    return !g || g->ssl_calls > 0;
+}
+
 /* Parent hints. */
 struct {
     __uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -384,6 +419,67 @@ struct {
     __type(value, __u8);
 } allowed_pids SEC(".maps");
 
+/* allowed_pids' generations: [0] moved by the kernel's writers (bpf/process.bpf.c), [1] by user
+ * space's (tracer/capture.py), each after its change, each by one side only (user space writes
+ * its element whole). A cached verdict is good while both are what they were when it was read. */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2);
+    __type(key, __u32);
+    __type(value, __u64);
+} pid_gen SEC(".maps");
+
+/* Per CPU, the verdicts of the last processes seen (by tgid, direct-mapped): every socket
+ * transfer and write of a filtered run asks, and a hash lookup in allowed_pids cost ~100 ns
+ * where these two ARRAY lookups are inlined. */
+#define KSPAN_PID_SLOTS 16
+struct kspan_pid_slot {
+    __u32 pid;
+    __u32 traced;
+    __u64 kgen;
+    __u64 ugen;
+};
+struct kspan_pid_cache {
+    struct kspan_pid_slot slot[KSPAN_PID_SLOTS];
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_pid_cache);
+} pid_cache SEC(".maps");
+
+/* After a kernel-side change to allowed_pids. */
+static __always_inline void kspan_pid_gen_bump(void)
+{
+    __u32 k = 0;
+    __u64 *g = bpf_map_lookup_elem(&pid_gen, &k);
+    if (g)
+        __sync_fetch_and_add(g, 1);
+}
+
+/* Whether --pid/--exe let the process (tgid) through. */
+static __always_inline int kspan_pid_allowed(__u32 pid)
+{
+    __u32 k0 = 0, k1 = 1;
+    __u64 *kg = bpf_map_lookup_elem(&pid_gen, &k0);
+    __u64 *ug = bpf_map_lookup_elem(&pid_gen, &k1);
+    struct kspan_pid_cache *c = bpf_map_lookup_elem(&pid_cache, &k0);
+    if (!kg || !ug || !c)
+        return bpf_map_lookup_elem(&allowed_pids, &pid) != 0;
+    /* the generations before the lookup: a change after it moves them past what is cached */
+    __u64 kgen = *kg, ugen = *ug;
+    struct kspan_pid_slot *s = &c->slot[pid & (KSPAN_PID_SLOTS - 1)];
+    if (s->pid == pid && s->kgen == kgen && s->ugen == ugen)
+        return s->traced;
+    int traced = bpf_map_lookup_elem(&allowed_pids, &pid) != 0;
+    s->pid = pid;
+    s->traced = traced;
+    s->kgen = kgen;
+    s->ugen = ugen;
+    return traced;
+}
+
 /* cgroup v2 id -> 1 trace, 0 skip; written by tracer/kubernetes.py as pods come and go. The id
  * is the inode number of the cgroup's directory; every cgroup of a pod (the pod's own and each
  * container's) has an entry. */
@@ -416,7 +512,7 @@ static __always_inline int kspan_pid_skipped(__u32 pid)
 {
     if (pid == kspan_self_pid)
         return 1;
-    if (kspan_filter_pids && !bpf_map_lookup_elem(&allowed_pids, &pid))
+    if (kspan_filter_pids && !kspan_pid_allowed(pid))
         return 1;
     if (kspan_cgroup_skipped())
         return 1;
@@ -488,37 +584,34 @@ static __always_inline struct kspan_tuple *kspan_tuple_of(__u64 sk)
     return bpf_map_lookup_elem(&tuples, &sk);
 }
 
-static __always_inline void kspan_conn_key_of(struct kspan_conn_key *k, struct kspan_tuple *t, int reversed)
+static __always_inline void kspan_conn_key_from(struct kspan_conn_key *k, __u16 family, const __u8 *laddr,
+                                                 const __u8 *raddr, __u16 lport, __u16 rport, int reversed)
 {
     if (!reversed) {
-        kspan_norm_addr(k->local_addr, t->family, t->local_addr);
-        kspan_norm_addr(k->remote_addr, t->family, t->remote_addr);
-        k->local_port = t->local_port;
-        k->remote_port = t->remote_port;
+        kspan_norm_addr(k->local_addr, family, laddr);
+        kspan_norm_addr(k->remote_addr, family, raddr);
+        k->local_port = lport;
+        k->remote_port = rport;
     } else {
-        kspan_norm_addr(k->local_addr, t->family, t->remote_addr);
-        kspan_norm_addr(k->remote_addr, t->family, t->local_addr);
-        k->local_port = t->remote_port;
-        k->remote_port = t->local_port;
+        kspan_norm_addr(k->local_addr, family, raddr);
+        kspan_norm_addr(k->remote_addr, family, laddr);
+        k->local_port = rport;
+        k->remote_port = lport;
     }
 }
 
-/* The same key from an exchange's own tuple (reversed = 1: the key its peer registered under). */
+static __always_inline void kspan_conn_key_of(struct kspan_conn_key *k, struct kspan_tuple *t, int reversed)
+{
+    kspan_conn_key_from(k, t->family, t->local_addr, t->remote_addr, t->local_port, t->remote_port, reversed);
+}
+
+/* The same key from an exchange's own tuple (reversed = 1: the key its peer registered under),
+ * read from the map value in place: a copy on the stack would count against the 512 bytes every
+ * call chain of a kprobe program shares (see kspan_pre_scratch). */
 static __always_inline void kspan_conn_key_of_ex(struct kspan_conn_key *k, struct kspan_conn *st, int reversed)
 {
-    /* straight from the state, without a struct kspan_tuple copy on the stack (see kspan_scratch) */
-    __u16 family = st->ex.family;
-    if (!reversed) {
-        kspan_norm_addr(k->local_addr, family, st->ex.local_addr);
-        kspan_norm_addr(k->remote_addr, family, st->ex.remote_addr);
-        k->local_port = st->ex.local_port;
-        k->remote_port = st->ex.remote_port;
-    } else {
-        kspan_norm_addr(k->local_addr, family, st->ex.remote_addr);
-        kspan_norm_addr(k->remote_addr, family, st->ex.local_addr);
-        k->local_port = st->ex.remote_port;
-        k->remote_port = st->ex.local_port;
-    }
+    kspan_conn_key_from(k, st->ex.family, st->ex.local_addr, st->ex.remote_addr, st->ex.local_port,
+                        st->ex.remote_port, reversed);
 }
 
 /* The agent's own sends: remember the local end, so the receiving end (a collector on this host)
@@ -611,7 +704,7 @@ static __always_inline __u32 kspan_readable(struct kspan_data_args *a)
 /* Append up to `room` bytes of user data to a head buffer at a variable offset. The asm barrier
  * stops clang from folding the mask away (it knows the value is already smaller), so the
  * verifier sees a bound; `spare` gives the room past the last head buffer. */
-#define KSPAN_APPEND(field, cap, lenfield, src, avail, flag)                       \
+#define KSPAN_APPEND_FROM(field, cap, lenfield, read, src, avail, flag)            \
     do {                                                                          \
         __u32 _off = st->ex.lenfield;                                             \
         if (_off < (cap)) {                                                       \
@@ -622,34 +715,22 @@ static __always_inline __u32 kspan_readable(struct kspan_data_args *a)
             asm volatile("" : "+r"(_n));                                          \
             _n &= (2 * (cap) - 1);                                                \
             _off &= ((cap) - 1);                                                  \
-            if (_n > 0 && bpf_probe_read_user(&st->ex.field[_off], _n, (src)) == 0) \
+            if (_n > 0 && read(&st->ex.field[_off], _n, (src)) == 0)              \
                 st->ex.lenfield = _off + _n;                                      \
             if (st->ex.lenfield >= (cap))                                         \
                 st->ex.flags |= (flag);                                           \
         }                                                                         \
     } while (0)
+#define KSPAN_APPEND(field, cap, lenfield, src, avail, flag) \
+    KSPAN_APPEND_FROM(field, cap, lenfield, bpf_probe_read_user, src, avail, flag)
 
 /* Global functions defined below (each verified once on its own). */
-__attribute__((noinline)) int kspan_serving_del(__u64 conn_id, __u64 pid_tgid);
+__attribute__((noinline)) int kspan_serving_end(__u64 conn_id);
 
 static __always_inline void kspan_release_hints(struct kspan_conn *st)
 {
-    if (st->ex.role == KSPAN_ROLE_SERVER) {
-        __u64 key = ((__u64)st->ex.pid << 32) | st->ex.tid;
-        struct kspan_exchange_ref *t = bpf_map_lookup_elem(&thread_ctx, &key);
-        if (t) {
-            /* the thread's last one: nothing is in flight on it any more */
-            if (t->inflight <= 1)
-                bpf_map_delete_elem(&thread_ctx, &key);
-            else
-                __sync_fetch_and_add(&t->inflight, -1);
-        }
-        kspan_serving_del(st->ex.conn_id, key);
-        __u32 pid = st->ex.pid;
-        struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
-        if (f && f->count > 0 && __sync_fetch_and_add(&f->count, -1) == 1)
-            f->ambiguous = 0;  /* idle again: the next one in flight is known for sure */
-    }
+    if (st->ex.role == KSPAN_ROLE_SERVER)
+        kspan_serving_end(st->ex.conn_id);
     /* A client's client_conns entry outlives its exchange: on loopback the server's own end can
      * fix its identity after the client has read the whole response (kspan_fix_server). The next
      * request replaces it; a close marks it (kspan_on_close). */
@@ -849,19 +930,15 @@ __attribute__((noinline)) int kspan_fix_server(__u64 conn_id, __u64 req_start_ns
         return 0;
     if (st->ex.flags & KSPAN_FLAG_IDS)
         return 1;
-    __u32 z = 0;
-    struct kspan_fix_scratch *fx = bpf_map_lookup_elem(&kspan_fix_scratch, &z);
-    if (!fx)
-        return 0;
     /* two CPUs may both need it (children on two threads): one fixes it, the other links nothing */
     if (__sync_val_compare_and_swap(&st->id_claim, 0, 1) != 0)
         return (st->ex.flags & KSPAN_FLAG_IDS) ? 1 : 0;
     __u32 sampled = 0;
-    if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-        struct kspan_conn_key *k = &fx->fs_k;
-        __builtin_memset(k, 0, sizeof(*k));
-        kspan_conn_key_of_ex(k, st, 1);
-        struct kspan_exchange_ref *peer = bpf_map_lookup_elem(&client_conns, k);
+    struct kspan_gate *g = kspan_gate();
+    if ((!g || g->client_seen) && (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)) {
+        struct kspan_conn_key k = {};
+        kspan_conn_key_of_ex(&k, st, 1);
+        struct kspan_exchange_ref *peer = bpf_map_lookup_elem(&client_conns, &k);
         /* the client's request started before this one was read, is not the one the previous
          * request on this connection took, and its connection was still open then */
         if (peer && peer->span_id && peer->req_start_ns <= st->ex.req_start_ns &&
@@ -878,8 +955,7 @@ __attribute__((noinline)) int kspan_fix_server(__u64 conn_id, __u64 req_start_ns
             return 1;
         }
     }
-    __u8 *tid = fx->fs_tid;
-    __builtin_memset(tid, 0, 16);
+    __u8 tid[16] = {};
     __u64 sid = 0;
     __u32 fl = 0;
     if (kspan_traceparent(st, tid, &sid, &fl)) {
@@ -1051,13 +1127,15 @@ static long kspan_slot_conn_step(__u32 i, void *c)
     return 0;
 }
 
-/* A server request begins on thread pid_tgid: note it and its request line. */
-__attribute__((noinline)) int kspan_serving_add(__u64 conn_id, __u64 pid_tgid)
+/* The server request that began at req_start_ns on conn_id, served by thread pid_tgid: a slot
+ * with its request line, for evidence. */
+__attribute__((noinline)) int kspan_serving_add(__u64 conn_id, __u64 req_start_ns, __u64 pid_tgid)
 {
     if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
         return 0;
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
-    if (!st)
+    if (!st || st->ex.req_start_ns != req_start_ns || st->ex.role != KSPAN_ROLE_SERVER ||
+        st->ex.type != KSPAN_REC_EXCHANGE)
         return 0;
     __u32 n = st->ex.req_head_len;
     if (n > KSPAN_LINE_MAX)
@@ -1083,6 +1161,98 @@ __attribute__((noinline)) int kspan_serving_add(__u64 conn_id, __u64 pid_tgid)
     sl->req_start_ns = st->ex.req_start_ns;
     sl->line = line;
     sl->rid = kspan_rid_hash(st->ex.req_head, st->ex.req_head_len);
+    st->serving = 1;
+    return 1;
+}
+
+/* A server request begins on thread pid_tgid: the thread's and the process's load, which the
+ * parent rules read (kspan_client_decide). The thread's entry is updated in place and kept at
+ * inflight 0 when the thread goes idle: a delete and a new LRU insert per request cost more than
+ * the lookup. Serving slots (the evidence an event loop's calls are linked by) are taken only
+ * once the thread has two requests in flight, the first of them then too: until then the thread
+ * rule names its one request and no slot is read. */
+__attribute__((noinline)) int kspan_serving_begin(__u64 conn_id, __u64 pid_tgid)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st)
+        return 0;
+    __u64 start = st->ex.req_start_ns;
+    __u32 pid = pid_tgid >> 32;
+    __u64 first = 0, first_start = 0;
+    int several = 0;
+    struct kspan_exchange_ref *cur = bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
+    if (cur) {
+        /* (a 32-bit atomic's old value needs -mcpu=v3: read, then add) */
+        __u32 before = cur->inflight;
+        __sync_fetch_and_add(&cur->inflight, 1);
+        if (before > 0) {
+            /* a second request in flight on this thread: an event loop */
+            several = 1;
+            if (!cur->ambiguous) {
+                first = cur->conn_id;
+                first_start = cur->req_start_ns;
+            }
+            cur->ambiguous = 1;
+        }
+        cur->conn_id = conn_id;
+        cur->req_start_ns = start;
+        cur->pid = pid;
+    } else {
+        struct kspan_exchange_ref me = {};
+        me.conn_id = conn_id;
+        me.req_start_ns = start;
+        me.pid = pid;
+        me.inflight = 1;
+        bpf_map_update_elem(&thread_ctx, &pid_tgid, &me, BPF_ANY);
+    }
+    struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
+    if (f) {
+        if (__sync_fetch_and_add(&f->count, 1) > 0)
+            f->ambiguous = 1;
+        f->conn_id = conn_id;
+        f->req_start_ns = start;
+    } else {
+        struct kspan_inflight nf = {};
+        nf.count = 1;
+        nf.conn_id = conn_id;
+        nf.req_start_ns = start;
+        bpf_map_update_elem(&proc_inflight, &pid, &nf, BPF_ANY);
+    }
+    if (several) {
+        if (first)
+            kspan_serving_add(first, first_start, pid_tgid);
+        kspan_serving_add(conn_id, start, pid_tgid);
+    }
+    return 1;
+}
+
+__attribute__((noinline)) int kspan_serving_del(__u64 conn_id, __u64 pid_tgid);
+
+/* The server exchange on conn_id ends (emitted): undo kspan_serving_begin. */
+__attribute__((noinline)) int kspan_serving_end(__u64 conn_id)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st)
+        return 0;
+    __u64 key = ((__u64)st->ex.pid << 32) | st->ex.tid;
+    struct kspan_exchange_ref *t = bpf_map_lookup_elem(&thread_ctx, &key);
+    if (t) {
+        if (t->inflight <= 1) {
+            /* the thread's last one: idle, and known for sure again */
+            t->inflight = 0;
+            t->ambiguous = 0;
+        } else {
+            __sync_fetch_and_add(&t->inflight, -1);
+        }
+    }
+    if (st->serving) {
+        st->serving = 0;
+        kspan_serving_del(conn_id, key);
+    }
+    __u32 pid = st->ex.pid;
+    struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
+    if (f && f->count > 0 && __sync_fetch_and_add(&f->count, -1) == 1)
+        f->ambiguous = 0;  /* idle again: the next one in flight is known for sure */
     return 1;
 }
 
@@ -1180,31 +1350,6 @@ struct {
     __type(value, struct kspan_client_id);
 } client_pre SEC(".maps");
 
-/* The same per-CPU scratch (see struct kspan_fix_scratch) for the client-side functions. */
-struct kspan_id_scratch {
-    struct kspan_client_id pre_id;     /* kspan_client_pre */
-    struct kspan_conn_key pre_k;
-    struct kspan_trace_ctx pre_c;
-    struct kspan_exchange_ref pre_me;
-    struct kspan_conn_key tls_k;       /* kspan_tls_pre */
-    struct kspan_trace_ctx tls_c;
-    struct kspan_client_id seg_id;     /* kspan_seg_pre, kspan_proto_data (never nested) */
-    struct kspan_conn_key note_k;      /* kspan_seg_ctx_note */
-    struct kspan_conn_key peer_k;      /* kspan_seg_peer */
-};
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 1);
-    __type(key, __u32);
-    __type(value, struct kspan_id_scratch);
-} kspan_id_scratch SEC(".maps");
-
-static __always_inline struct kspan_id_scratch *kspan_id_scratch_get(void)
-{
-    __u32 z = 0;
-    return bpf_map_lookup_elem(&kspan_id_scratch, &z);
-}
-
 /* Decide the identity of a client request that thread pid_tgid starts on socket sk: its parent
  * by the kernel's rules (the goroutine that made the call, a thread serving exactly one request,
  * a process with exactly one in flight; an event loop serving several: none, counted), the
@@ -1217,7 +1362,8 @@ static __always_inline void kspan_client_decide(struct kspan_client_id *id, __u6
     id->pid_tgid = pid_tgid;
     id->span_id = kspan_rand64();
     __u32 pid = pid_tgid >> 32;
-    struct kspan_exchange_ref *g = bpf_map_lookup_elem(&go_client_parent, &sk);
+    struct kspan_gate *gate = kspan_gate();
+    struct kspan_exchange_ref *g = !gate || gate->go_seen ? bpf_map_lookup_elem(&go_client_parent, &sk) : 0;
     struct kspan_exchange_ref *t = g ? 0 : bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
     if (g) {
         id->parent_kind = KSPAN_PARENT_GOROUTINE;
@@ -1289,22 +1435,59 @@ static __always_inline void kspan_client_decide(struct kspan_client_id *id, __u6
     }
 }
 
+/* Per-CPU room for a client request's identity while it is decided and published. A kprobe
+ * program (kspan_exchange_kp, which the uprobes tail-call) has no private stack: every call chain
+ * it makes shares one 512-byte stack (fix_client -> client_pre -> fix_server -> a bpf_loop
+ * callback is the deepest), so the structures are kept here. Each is used by one global function
+ * at a time: none of kspan_client_pre, kspan_seg_pre and kspan_proto_data calls another. */
+struct kspan_pre_scratch {
+    struct kspan_client_id id;
+    struct kspan_trace_ctx c;
+    struct kspan_exchange_ref me;
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_pre_scratch);
+} kspan_pre_buf SEC(".maps");
+
+/* The scratch zeroed, or 0. */
+static __always_inline struct kspan_pre_scratch *kspan_pre_scratch(void)
+{
+    __u32 z = 0;
+    struct kspan_pre_scratch *x = bpf_map_lookup_elem(&kspan_pre_buf, &z);
+    if (x)
+        __builtin_memset(x, 0, sizeof(*x));
+    return x;
+}
+
+/* Its `me` alone zeroed (the state machine's own client registration), or 0. */
+static __always_inline struct kspan_exchange_ref *kspan_pre_ref(void)
+{
+    __u32 z = 0;
+    struct kspan_pre_scratch *x = bpf_map_lookup_elem(&kspan_pre_buf, &z);
+    if (!x)
+        return 0;
+    __builtin_memset(&x->me, 0, sizeof(x->me));
+    return &x->me;
+}
+
 __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 buf)
 {
     int before_wire = buf != 0;
-    if (!before_wire) {
-        /* the state machine beginning a request: only if it was not seen at its write's entry */
-        struct kspan_client_id *seen = bpf_map_lookup_elem(&client_pre, &sk);
-        if (seen && seen->pid_tgid == pid_tgid)
-            return 1;
-    }
-    struct kspan_id_scratch *x = kspan_id_scratch_get();
+    struct kspan_pre_scratch *x = kspan_pre_scratch();
     if (!x)
         return 0;
-    struct kspan_client_id *id = &x->pre_id;
-    __builtin_memset(id, 0, sizeof(*id));
+    struct kspan_client_id *id = &x->id;
     kspan_client_decide(id, sk, pid_tgid, buf, 1);
-    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
+    /* a keep-alive connection's entry is rewritten in place (its writer and its reader,
+     * kspan_fix_client, are the same thread, one after the other): no LRU update per request */
+    struct kspan_client_id *old = bpf_map_lookup_elem(&client_pre, &sk);
+    if (old)
+        __builtin_memcpy(old, id, sizeof(*id));
+    else
+        bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
     /* For the TCP-option program: this connection's next data segments carry the context. Only
      * before the request's bytes reach the wire: written later, it would ride on the NEXT
      * request's segments, a wrong parent on the other host. */
@@ -1312,11 +1495,9 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
         return 1;
     struct kspan_tuple *tu = kspan_tuple_of(sk);
     if (tu) {
-        struct kspan_conn_key *k = &x->pre_k;
-        __builtin_memset(k, 0, sizeof(*k));
-        kspan_conn_key_of(k, tu, 0);
-        struct kspan_trace_ctx *c = &x->pre_c;
-        __builtin_memset(c, 0, sizeof(*c));
+        struct kspan_conn_key k = {};
+        kspan_conn_key_of(&k, tu, 0);
+        struct kspan_trace_ctx *c = &x->c;
         __builtin_memcpy(c->trace_id, id->trace_id, 16);
         c->span_id = id->span_id;
         c->flags = (id->flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
@@ -1324,19 +1505,19 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
         /* the sequence number the request's first byte will take: the option rides exactly the
          * segment that starts the request, and its retransmits */
         c->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-        bpf_map_update_elem(&ctx_out, k, c, BPF_ANY);
+        bpf_map_update_elem(&ctx_out, &k, c, BPF_ANY);
         /* The local server on the other end may read the request (and fix its identity) before
          * this write returns, when the writer is preempted on its way out of the send: it finds
          * the client here already. The state machine rewrites the entry when the request begins. */
-        struct kspan_exchange_ref *me = &x->pre_me;
-        __builtin_memset(me, 0, sizeof(*me));
+        struct kspan_exchange_ref *me = &x->me;
         me->conn_id = sk;
         me->req_start_ns = c->ts_ns;
         me->pid = pid_tgid >> 32;
         me->flags = id->flags & KSPAN_FLAG_SAMPLED;
         __builtin_memcpy(me->trace_id, id->trace_id, 16);
         me->span_id = id->span_id;
-        bpf_map_update_elem(&client_conns, k, me, BPF_ANY);
+        kspan_client_seen();
+        bpf_map_update_elem(&client_conns, &k, me, BPF_ANY);
     }
     return 1;
 }
@@ -1368,23 +1549,18 @@ __attribute__((noinline)) int kspan_tls_pre(__u64 sk, __u64 pid_tgid, __u64 plai
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
     if (st && st->ex.role == KSPAN_ROLE_CLIENT && st->phase == KSPAN_PH_REQ && (st->ex.flags & KSPAN_FLAG_IDS) &&
         st->ex.pid == (pid_tgid >> 32) && (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)) {
-        struct kspan_id_scratch *x = kspan_id_scratch_get();
-        if (!x)
-            return 0;
-        struct kspan_conn_key *k = &x->tls_k;
-        __builtin_memset(k, 0, sizeof(*k));
-        kspan_conn_key_of_ex(k, st, 0);
-        struct kspan_trace_ctx *cur = bpf_map_lookup_elem(&ctx_out, k);
+        struct kspan_conn_key k = {};
+        kspan_conn_key_of_ex(&k, st, 0);
+        struct kspan_trace_ctx *cur = bpf_map_lookup_elem(&ctx_out, &k);
         if (cur && cur->span_id == st->ex.span_id)
             return 0;  /* published by an earlier write of the same request */
-        struct kspan_trace_ctx *c = &x->tls_c;
-        __builtin_memset(c, 0, sizeof(*c));
-        __builtin_memcpy(c->trace_id, st->ex.trace_id, 16);
-        c->span_id = st->ex.span_id;
-        c->flags = (st->ex.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
-        c->ts_ns = bpf_ktime_get_ns();
-        c->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-        bpf_map_update_elem(&ctx_out, k, c, BPF_ANY);
+        struct kspan_trace_ctx c = {};
+        __builtin_memcpy(c.trace_id, st->ex.trace_id, 16);
+        c.span_id = st->ex.span_id;
+        c.flags = (st->ex.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
+        c.ts_ns = bpf_ktime_get_ns();
+        c.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+        bpf_map_update_elem(&ctx_out, &k, &c, BPF_ANY);
         return 1;
     }
     __u64 w = 0;
@@ -1393,19 +1569,27 @@ __attribute__((noinline)) int kspan_tls_pre(__u64 sk, __u64 pid_tgid, __u64 plai
     return kspan_client_pre(sk, pid_tgid, plain_buf);
 }
 
-/* The client exchange in conns[conn_id] takes the identity decided at its start; as a root, an
- * instrumented application's own outgoing traceparent names its trace. 2: none was decided at its
- * start. The state machine runs kspan_client_pre(conn_id, pid_tgid, 0) just before, which decides
- * it then: called from here instead, the two frames stacked on the state machine's went past the
- * verifier's 512 bytes (see struct kspan_fix_scratch). */
+/* The client exchange in conns[conn_id] takes the identity decided at its start (or decides it
+ * now); as a root, an instrumented application's own outgoing traceparent names its trace. */
 __attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid)
 {
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
     if (!st || st->ex.role != KSPAN_ROLE_CLIENT)
         return 0;
     struct kspan_client_id *id = bpf_map_lookup_elem(&client_pre, &conn_id);
-    if (!id || id->pid_tgid != pid_tgid)
-        return 2;
+    int pre = id && id->pid_tgid == pid_tgid;
+    if (!pre) {
+        /* not seen at its entry: decided now, after its bytes left (no TCP option); decided in
+         * place rather than through kspan_client_pre, one call frame less (see kspan_pre_scratch) */
+        struct kspan_pre_scratch *x = kspan_pre_scratch();
+        if (!x)
+            return 0;
+        id = &x->id;
+        kspan_client_decide(id, conn_id, pid_tgid, 0, 1);
+        st = bpf_map_lookup_elem(&conns, &conn_id);
+        if (!st)
+            return 0;
+    }
     st->ex.parent_kind = id->parent_kind;
     st->ex.parent_conn_id = id->parent_conn_id;
     st->ex.parent_req_start_ns = id->parent_req_start_ns;
@@ -1414,13 +1598,9 @@ __attribute__((noinline)) int kspan_fix_client(__u64 conn_id, __u64 pid_tgid)
     st->ex.span_id = id->span_id;
     st->ex.parent_span_id = id->parent_span_id;
     st->ex.flags |= id->flags | KSPAN_FLAG_IDS;
-    bpf_map_delete_elem(&client_pre, &conn_id);
-    __u32 z = 0;
-    struct kspan_fix_scratch *fx = bpf_map_lookup_elem(&kspan_fix_scratch, &z);
-    if (!fx)
-        return 1;
-    __u8 *tid = fx->fc_tid;
-    __builtin_memset(tid, 0, 16);
+    if (pre)
+        id->pid_tgid = 0;  /* taken: no later write takes it again (a store, not an LRU delete) */
+    __u8 tid[16] = {};
     __u64 sid = 0;
     __u32 fl = 0;
     /* an event loop forwarding its request's traceparent names the trace even when it cannot
@@ -1474,6 +1654,47 @@ static __always_inline void kspan_emit(struct kspan_conn *st, __u8 reason)
     st->phase = KSPAN_PH_IDLE;
 }
 
+/* The first KSPAN_SCAN bytes of a transfer that begins a request or a response, in the per-CPU
+ * scan buffer (zeroed past them), read once for the head copy, the header scan and the tail; the buffer, or 0 when they
+ * could not be read (st->scan_n: how many were). */
+static __always_inline struct kspan_scan_buf *kspan_scan_read(struct kspan_conn *st, struct kspan_data_args *a)
+{
+    int zero = 0;
+    struct kspan_scan_buf *sb = bpf_map_lookup_elem(&kspan_scan, &zero);
+    if (!sb)
+        return 0;
+    __u32 n = a->pre_n;  /* read ahead already (kspan_read_ahead) */
+    if (!n) {
+        n = kspan_readable(a);
+        if (n > KSPAN_SCAN)
+            n = KSPAN_SCAN;
+        asm volatile("" : "+r"(n));
+        n &= 1023;
+        if (n == 0 || bpf_probe_read_user(sb->b, n, a->buf) != 0)
+            return 0;
+        __builtin_memset(&sb->b[n & 1023], 0, 32);
+    }
+    st->scan_n = n;
+    return sb;
+}
+
+/* The request head's first bytes from this transfer (the per-CPU kspan_args), after any pending
+ * ones. Global: verified once, not on every path into kspan_begin_request. */
+__attribute__((noinline)) int kspan_req_head_copy(__u64 conn_id)
+{
+    int zero = 0;
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &zero);
+    if (!st || !a)
+        return 0;
+    struct kspan_scan_buf *sb = kspan_scan_read(st, a);
+    if (!sb)
+        return 0;
+    KSPAN_APPEND_FROM(req_head, KSPAN_REQ_HEAD, req_head_len, bpf_probe_read_kernel, sb->b, st->scan_n,
+                      KSPAN_FLAG_REQ_HEAD_FULL);
+    return 1;
+}
+
 /* Start a request on a connection state (new, idle, or replacing an unfinished exchange). */
 /* Forget what the previous response's head said about its framing: a new request, or the final
  * response after a 1xx interim one, is framed afresh. */
@@ -1487,6 +1708,40 @@ static __always_inline void kspan_reset_framing(struct kspan_conn *st)
     st->resp_head_end = 0;
     st->tail = 0;
     st->tail_n = 0;
+}
+
+/* A client exchange begins (ids fixed): its client_conns entry, which its server end on this
+ * host links by (PEER). kspan_client_pre registered the request at its write's entry already,
+ * unless the write was not seen then: only its start moves, one 8-byte store that a reader on
+ * another CPU sees whole or not at all, where a new entry is an LRU update. */
+static __always_inline void kspan_client_register(struct kspan_conn *st)
+{
+    struct kspan_conn_key k = {};
+    kspan_conn_key_of_ex(&k, st, 0);
+    struct kspan_exchange_ref *cur = bpf_map_lookup_elem(&client_conns, &k);
+    if (cur && cur->conn_id == st->ex.conn_id && cur->span_id == st->ex.span_id && !cur->closed_ns &&
+        cur->flags == (st->ex.flags & KSPAN_FLAG_SAMPLED)) {
+        __u64 c0, c1, t0, t1;
+        __builtin_memcpy(&c0, cur->trace_id, 8);
+        __builtin_memcpy(&c1, cur->trace_id + 8, 8);
+        __builtin_memcpy(&t0, st->ex.trace_id, 8);
+        __builtin_memcpy(&t1, st->ex.trace_id + 8, 8);
+        if (c0 == t0 && c1 == t1) {
+            cur->req_start_ns = st->ex.req_start_ns;
+            return;
+        }
+    }
+    struct kspan_exchange_ref *me = kspan_pre_ref();
+    if (!me)
+        return;
+    me->conn_id = st->ex.conn_id;
+    me->req_start_ns = st->ex.req_start_ns;
+    me->pid = st->ex.pid;
+    me->flags = st->ex.flags & KSPAN_FLAG_SAMPLED;
+    __builtin_memcpy(me->trace_id, st->ex.trace_id, 16);
+    me->span_id = st->ex.span_id;
+    kspan_client_seen();
+    bpf_map_update_elem(&client_conns, &k, me, BPF_ANY);
 }
 
 static __always_inline void kspan_begin_request(struct kspan_conn *st, struct kspan_data_args *a, __u8 method)
@@ -1545,91 +1800,52 @@ static __always_inline void kspan_begin_request(struct kspan_conn *st, struct ks
         __builtin_memcpy(st->ex.req_head, &pend, 8);
         st->ex.req_head_len = k;
     }
-    KSPAN_APPEND(req_head, KSPAN_REQ_HEAD, req_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_REQ_HEAD_FULL);
+    st->nonhttp = 0;
+    kspan_req_head_copy(st->ex.conn_id);
 
     __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
-    __u32 zero = 0;
-    struct kspan_fix_scratch *fx = bpf_map_lookup_elem(&kspan_fix_scratch, &zero);
-    if (!fx)
-        return;
     if (st->ex.role == KSPAN_ROLE_SERVER) {
-        struct kspan_exchange_ref *me = &fx->sm_me;
-        __builtin_memset(me, 0, sizeof(*me));
-        me->conn_id = st->ex.conn_id;
-        me->req_start_ns = st->ex.req_start_ns;
-        me->pid = a->pid;
-        struct kspan_exchange_ref *cur = bpf_map_lookup_elem(&thread_ctx, &pid_tgid);
-        if (cur && cur->inflight > 0) {
-            /* a second request in flight on this thread: an event loop */
-            __sync_fetch_and_add(&cur->inflight, 1);
-            cur->ambiguous = 1;
-            cur->conn_id = me->conn_id;
-            cur->req_start_ns = me->req_start_ns;
-        } else {
-            me->inflight = 1;
-            bpf_map_update_elem(&thread_ctx, &pid_tgid, me, BPF_ANY);
-        }
-        __u32 pid = a->pid;
-        struct kspan_inflight *f = bpf_map_lookup_elem(&proc_inflight, &pid);
-        if (f) {
-            if (__sync_fetch_and_add(&f->count, 1) > 0)
-                f->ambiguous = 1;
-            f->conn_id = st->ex.conn_id;
-            f->req_start_ns = st->ex.req_start_ns;
-        } else {
-            struct kspan_inflight *nf = &fx->sm_nf;
-            __builtin_memset(nf, 0, sizeof(*nf));
-            nf->count = 1;
-            nf->conn_id = st->ex.conn_id;
-            nf->req_start_ns = st->ex.req_start_ns;
-            bpf_map_update_elem(&proc_inflight, &pid, nf, BPF_ANY);
-        }
-        kspan_serving_add(st->ex.conn_id, pid_tgid);
+        kspan_serving_begin(st->ex.conn_id, pid_tgid);
         /* the peer host's kspan context for this request, parsed from its TCP option before
-         * these bytes could be read; taken now, before the next request's can replace it */
-        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-            struct kspan_conn_key *k = &fx->sm_k;
-            __builtin_memset(k, 0, sizeof(*k));
-            kspan_conn_key_of_ex(k, st, 0);
-            struct kspan_trace_ctx *in = bpf_map_lookup_elem(&ctx_in, k);
+         * these bytes could be read; taken now, before the next request's can replace it (none
+         * is there before the first option ever parsed) */
+        struct kspan_gate *g = kspan_gate();
+        if ((!g || g->ctx_in_seen) && (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)) {
+            struct kspan_conn_key k = {};
+            kspan_conn_key_of_ex(&k, st, 0);
+            struct kspan_trace_ctx *in = bpf_map_lookup_elem(&ctx_in, &k);
             if (in) {
                 __builtin_memcpy(st->ex.trace_id, in->trace_id, 16);
                 st->ex.parent_span_id = in->span_id;
                 st->tcp_in = 0x100 | in->flags;
-                bpf_map_delete_elem(&ctx_in, k);
+                bpf_map_delete_elem(&ctx_in, &k);
             }
         }
     } else {
-        /* Not seen at its write's entry: decided now, after its bytes left (no TCP option). Both
-         * calls unconditionally, their results unused: a branch on a global function's result here
-         * made the verifier walk the rest of the state machine twice (484k -> 766k instructions). */
-        kspan_client_pre(st->ex.conn_id, pid_tgid, 0);
         kspan_fix_client(st->ex.conn_id, pid_tgid);
-        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) {
-            struct kspan_conn_key *k = &fx->sm_k;
-            __builtin_memset(k, 0, sizeof(*k));
-            kspan_conn_key_of_ex(k, st, 0);
-            struct kspan_exchange_ref *me = &fx->sm_me;
-            __builtin_memset(me, 0, sizeof(*me));
-            me->conn_id = st->ex.conn_id;
-            me->req_start_ns = st->ex.req_start_ns;
-            me->pid = a->pid;
-            me->flags = st->ex.flags & KSPAN_FLAG_SAMPLED;
-            __builtin_memcpy(me->trace_id, st->ex.trace_id, 16);
-            me->span_id = st->ex.span_id;
-            bpf_map_update_elem(&client_conns, k, me, BPF_ANY);
-        }
+        if (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)
+            kspan_client_register(st);
     }
 }
 
-/* Shift the newest bytes of this transfer into the tail register. */
-static __always_inline void kspan_update_tail(struct kspan_conn *st, struct kspan_data_args *a)
+/* Shift the newest bytes of this transfer into the tail register. sb: the scan buffer when it
+ * holds the whole transfer (read there by kspan_scan_read), else 0. */
+static __always_inline void kspan_update_tail(struct kspan_conn *st, struct kspan_data_args *a, const char *sb)
 {
     __u64 v = 0;
     __u32 k = 0;
     if (a->tail_n) {
         k = a->tail_n > 8 ? 8 : a->tail_n;
         v = a->tail;
+    } else if (sb) {
+        /* its last bytes are already in the scan buffer: no second read of user memory */
+        __u32 len = a->len;
+        k = len > 8 ? 8 : len;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            if (i < k)
+                v = (v << 8) | (__u8)sb[(len - k + i) & 1023];
+        }
     } else if (a->buf && (a->buf_len == 0 || a->buf_len >= a->len)) {
         __u8 b[16] = {};
         k = a->len > 8 ? 8 : a->len;
@@ -1705,23 +1921,19 @@ static __always_inline __u32 kspan_header_line(struct kspan_conn *st, const char
  * Only line starts are examined (one branch per byte otherwise), and results go to the map value
  * rather than registers: the verifier walks every iteration, and registers whose values differ
  * between paths keep it from merging them. */
-static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct kspan_data_args *a, __u64 before)
+/* The header scan of a transfer read by kspan_scan_read (sb; 0 if the read failed). */
+static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct kspan_data_args *a,
+                                               struct kspan_scan_buf *sb, __u64 before)
 {
-    __u32 n = kspan_readable(a);
-    if (n > KSPAN_SCAN)
-        n = KSPAN_SCAN;
-    asm volatile("" : "+r"(n));
-    n &= 1023;
-    int zero = 0;
-    struct kspan_scan_buf *sb = bpf_map_lookup_elem(&kspan_scan, &zero);
-    if (!sb || n == 0 || bpf_probe_read_user(sb->b, n, a->buf) != 0) {
+    if (!sb) {
         st->hdr_state = KSPAN_HS_GAVE_UP;
         kspan_count(KSPAN_CNT_HEAD_GAVE_UP, 1);
         return;
     }
     char *buf = sb->b;
-    __builtin_memset(&buf[n & 1023], 0, 32);
-    st->scan_n = n;
+    __u32 n = st->scan_n;
+    asm volatile("" : "+r"(n));
+    n &= 1023;
     st->cl_pos = 0;
     st->te_pos = 0;
     st->scan_end = 0;
@@ -1847,9 +2059,7 @@ static __always_inline void kspan_begin_response(struct kspan_conn *st, struct k
 #define KSPAN_H2_LOST 0x200      /* the frame boundaries are lost: copy transfers' starts as before */
 #define KSPAN_H2_NOTH2 0x400     /* the bytes to skip are not HTTP/2 (the 101 response's head) */
 
-__attribute__((noinline)) int kspan_proto_head(__u64 conn_id, int closed);
-__attribute__((noinline)) int kspan_proto_body(__u64 conn_id, int closed);
-static __always_inline int kspan_proto_data(__u64 conn_id, int closed);
+__attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed);
 
 /* A connection state becomes another protocol's (st->ex.role already set): its segments count
  * from 0, and for HTTP/2 the frame walk starts afresh in fields that were HTTP's scan results.
@@ -1921,12 +2131,21 @@ static __always_inline void kspan_response_data(struct kspan_conn *st, struct ks
     __u64 before = st->ex.resp_bytes;
     st->ex.resp_bytes = before + a->len;
     st->ex.resp_end_ns = a->end_ns;
-    KSPAN_APPEND(resp_head, KSPAN_RESP_HEAD, resp_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_RESP_HEAD_FULL);
+    struct kspan_scan_buf *sb = 0;
+    if (st->hdr_state < KSPAN_HS_DONE)
+        sb = kspan_scan_read(st, a);
+    if (sb) {
+        /* the head from the bytes the scan read: one copy out of user memory, not three */
+        KSPAN_APPEND_FROM(resp_head, KSPAN_RESP_HEAD, resp_head_len, bpf_probe_read_kernel, sb->b, st->scan_n,
+                          KSPAN_FLAG_RESP_HEAD_FULL);
+    } else {
+        KSPAN_APPEND(resp_head, KSPAN_RESP_HEAD, resp_head_len, a->buf, kspan_readable(a), KSPAN_FLAG_RESP_HEAD_FULL);
+    }
     kspan_parse_status(st);
-    kspan_update_tail(st, a);
+    kspan_update_tail(st, a, sb && a->len <= st->scan_n ? sb->b : 0);
 
     if (st->hdr_state < KSPAN_HS_DONE) {
-        kspan_scan_headers(st, a, before);
+        kspan_scan_headers(st, a, sb, before);
         if (st->hdr_state == KSPAN_HS_DONE) {
             kspan_parse_status(st);
             __u16 status = st->ex.status;
@@ -2045,6 +2264,8 @@ static __always_inline struct kspan_conn *kspan_new_conn(struct kspan_data_args 
         return 0;
     }
     st->ex.conn_id = a->conn_id;
+    if (a->flags & KSPAN_FLAG_TLS)
+        st->tls = 1;
     if (t) {
         st->ex.family = t->family;
         st->ex.local_port = t->local_port;
@@ -2058,13 +2279,6 @@ static __always_inline struct kspan_conn *kspan_new_conn(struct kspan_data_args 
     return st;
 }
 
-/* Per-CPU copy of the transfer's arguments: see kspan_args_copy. */
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 1);
-    __type(key, __u32);
-    __type(value, struct kspan_data_args);
-} kspan_args SEC(".maps");
 
 /* ---- protocols beyond HTTP/1: bounded segments, decoded in user space ---- */
 
@@ -2092,24 +2306,23 @@ struct {
     __uint(max_entries, 1);
     __type(key, __u32);
     __type(value, struct kspan_seg_ctx);
-} kspan_seg_ctx_zero SEC(".maps"); /* never written: a new connection's empty slots (kept off the stack) */
+} kspan_seg_ctx_zero SEC(".maps"); /* never written: a new connection's empty slots */
 
 static __always_inline void kspan_seg_ctx_note(struct kspan_conn *st, __u32 seq, struct kspan_client_id *id)
 {
     if (!(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) || (st->ex.flags & KSPAN_FLAG_TLS))
         return;
-    __u32 zero = 0;
-    struct kspan_id_scratch *x = kspan_id_scratch_get();
-    struct kspan_seg_ctx *empty = bpf_map_lookup_elem(&kspan_seg_ctx_zero, &zero);
-    if (!x || !empty)
-        return;
-    struct kspan_conn_key *k = &x->note_k;
-    __builtin_memset(k, 0, sizeof(*k));
-    kspan_conn_key_of_ex(k, st, 0);
-    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, k);
+    struct kspan_conn_key k = {};
+    kspan_conn_key_of_ex(&k, st, 0);
+    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, &k);
     if (!c) {
-        bpf_map_update_elem(&seg_ctx, k, empty, BPF_NOEXIST);
-        c = bpf_map_lookup_elem(&seg_ctx, k);
+        /* the empty value from a map, not the stack (see kspan_pre_scratch) */
+        __u32 zk = 0;
+        struct kspan_seg_ctx *z = bpf_map_lookup_elem(&kspan_seg_ctx_zero, &zk);
+        if (!z)
+            return;
+        bpf_map_update_elem(&seg_ctx, &k, z, BPF_NOEXIST);
+        c = bpf_map_lookup_elem(&seg_ctx, &k);
         if (!c)
             return;
     }
@@ -2136,11 +2349,10 @@ __attribute__((noinline)) int kspan_seg_pre(__u64 sk, __u64 pid_tgid)
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
     if (!st || st->phase != KSPAN_PH_PROTO || st->ex.role != KSPAN_ROLE_CLIENT || (st->ex.flags & KSPAN_FLAG_TLS))
         return 0;
-    struct kspan_id_scratch *x = kspan_id_scratch_get();
+    struct kspan_pre_scratch *x = kspan_pre_scratch();
     if (!x)
         return 0;
-    struct kspan_client_id *id = &x->seg_id;
-    __builtin_memset(id, 0, sizeof(*id));
+    struct kspan_client_id *id = &x->id;
     kspan_client_decide(id, sk, pid_tgid, 0, 0);
     id->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
     bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
@@ -2150,6 +2362,34 @@ __attribute__((noinline)) int kspan_seg_pre(__u64 sk, __u64 pid_tgid)
     return 1;
 }
 
+/* The latest write of the local client on the other end that began before end_seq (the server's
+ * read position): its trace into seg, KSPAN_SEG_PEER set. Writes older than 1 GiB of stream are
+ * not taken (sequence numbers wrap at 4 GiB). */
+static __always_inline void kspan_seg_peer(struct kspan_segment *seg, struct kspan_conn *st, __u32 end_seq)
+{
+    struct kspan_conn_key k = {};
+    kspan_conn_key_of_ex(&k, st, 1);
+    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, &k);
+    if (!c)
+        return;
+    __u32 best = 0, best_d = 1U << 30;
+#pragma unroll
+    for (int i = 0; i < KSPAN_SEG_CTX_SLOTS; i++) {
+        __u32 d = end_seq - c->seq[i];
+        if (c->flags[i] && d > 0 && d < best_d) {
+            best_d = d;
+            best = i + 1;
+        }
+    }
+    if (!best)
+        return;
+    __u32 i = (best - 1) & (KSPAN_SEG_CTX_SLOTS - 1);
+    seg->seg_flags |= KSPAN_SEG_PEER;
+    seg->ctx_seq = c->seq[i];
+    seg->ctx_end = end_seq;
+    __builtin_memcpy(seg->trace_id, c->trace_id[i], 16);
+    seg->flags |= c->flags[i] & KSPAN_FLAG_SAMPLED;
+}
 
 /* The segment being built, with room past its data for the verifier: a copy into data at a
  * variable offset is seen as offset <= KSPAN_SEG_DATA - 1 plus up to 2 * KSPAN_SEG_DATA - 1 bytes. */
@@ -2329,12 +2569,14 @@ struct {
     __type(value, struct kspan_h2_walk);
 } kspan_h2_walks SEC(".maps");
 
+/* 16 bytes, kspan_h2_copy's whole frame (every byte of a kprobe program's call chain counts,
+ * see kspan_pre_scratch): where the copy goes rides in left's top bit. */
+#define KSPAN_H2_TO_DATA 0x80000000U
 struct kspan_h2_copying {
     __u32 off;      /* transfer offset of the next byte */
-    __u32 left;     /* bytes still to copy */
+    __u32 left;     /* bytes still to copy, | KSPAN_H2_TO_DATA to copy into seg.data */
     __u32 done;
-    __u32 i;        /* the piece holding off */
-    int to_data;
+    __u32 i;        /* the piece holding off (found by the first step) */
 };
 
 /* One piece's share of a copy (a bpf_loop callback: a frame's payload may span many iovecs,
@@ -2345,15 +2587,18 @@ static long kspan_h2_copy_step(__u32 k, void *c)
     int z = 0;
     struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
     struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
-    if (!w || !sb || !cp->left || cp->i >= w->npieces || cp->i >= KSPAN_H2_PIECES)
+    if (!w || !sb)
+        return 1;
+    __u32 left = cp->left & ~KSPAN_H2_TO_DATA;
+    if (!left || cp->i >= w->npieces || cp->i >= KSPAN_H2_PIECES)
         return 1;
     __u32 i = cp->i & (KSPAN_H2_PIECES - 1);
     __u32 start = i ? w->end[(i - 1) & (KSPAN_H2_PIECES - 1)] : 0;
     __u32 chunk = w->end[i] - cp->off;
-    if (chunk > cp->left)
-        chunk = cp->left;
+    if (chunk > left)
+        chunk = left;
     const void *src = (const void *)(w->base[i] + (cp->off - start));
-    if (cp->to_data) {
+    if (cp->left & KSPAN_H2_TO_DATA) {
         if (w->o >= KSPAN_H2_DATA)
             return 1;
         if (chunk > KSPAN_H2_DATA - w->o)
@@ -2376,7 +2621,7 @@ static long kspan_h2_copy_step(__u32 k, void *c)
             return 1;
     }
     cp->done += chunk;
-    cp->left -= chunk > cp->left ? cp->left : chunk;
+    cp->left -= chunk;  /* chunk <= the count below the flag bit */
     cp->off += chunk;
     cp->i++;
     return 0;
@@ -2386,18 +2631,21 @@ static long kspan_h2_copy_step(__u32 k, void *c)
  * or into its header buffer (at most 9); the bytes copied. */
 __attribute__((noinline)) int kspan_h2_copy(__u32 off, __u32 n, int to_data)
 {
-    int z = 0;
-    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &z);
-    if (!w)
-        return 0;
     if (!to_data && n > 9)
         n = 9;
+    if (n > KSPAN_H2_DATA)
+        n = KSPAN_H2_DATA;
+    struct kspan_h2_copying cp = {.off = off, .left = n | (to_data ? KSPAN_H2_TO_DATA : 0)};
+    /* cp.done, 0 here, is the lookup key: a key of its own would be one more stack slot */
+    struct kspan_h2_walk *w = bpf_map_lookup_elem(&kspan_h2_walks, &cp.done);
+    if (!w)
+        return 0;
     __u32 i = 0;
     for (; i < KSPAN_H2_PIECES; i++) {
         if (i >= w->npieces || off < w->end[i])
             break;
     }
-    struct kspan_h2_copying cp = {.off = off, .left = n, .i = i, .to_data = to_data};
+    cp.i = i;
     bpf_loop(KSPAN_H2_PIECES, kspan_h2_copy_step, &cp, 0);
     return cp.done;
 }
@@ -2707,46 +2955,7 @@ __attribute__((noinline)) int kspan_h2_frames(__u64 conn_id)
 /* One transfer (the per-CPU kspan_args) on a connection of another protocol, or its close: a
  * segment record with the first KSPAN_SEG_DATA bytes. A client's write carries the trace its
  * request joins, by the same parent rules and sampling as an HTTP request. */
-/* The latest write of the local client on the other end that began before end_seq (the server's
- * read position): its trace into seg, KSPAN_SEG_PEER set. Writes older than 1 GiB of stream are
- * not taken (sequence numbers wrap at 4 GiB). */
-/* Global, so its locals stay off kspan_proto_head's frame (see struct kspan_fix_scratch). */
-__attribute__((noinline)) int kspan_seg_peer(__u64 conn_id, __u32 end_seq)
-{
-    int z = 0;
-    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
-    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
-    struct kspan_id_scratch *x = kspan_id_scratch_get();
-    if (!st || !sb || !x)
-        return 0;
-    struct kspan_segment *seg = &sb->seg;
-    struct kspan_conn_key *k = &x->peer_k;
-    __builtin_memset(k, 0, sizeof(*k));
-    kspan_conn_key_of_ex(k, st, 1);
-    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, k);
-    if (!c)
-        return 0;
-    __u32 best = 0, best_d = 1U << 30;
-#pragma unroll
-    for (int i = 0; i < KSPAN_SEG_CTX_SLOTS; i++) {
-        __u32 d = end_seq - c->seq[i];
-        if (c->flags[i] && d > 0 && d < best_d) {
-            best_d = d;
-            best = i + 1;
-        }
-    }
-    if (!best)
-        return 0;
-    __u32 i = (best - 1) & (KSPAN_SEG_CTX_SLOTS - 1);
-    seg->seg_flags |= KSPAN_SEG_PEER;
-    seg->ctx_seq = c->seq[i];
-    seg->ctx_end = end_seq;
-    __builtin_memcpy(seg->trace_id, c->trace_id[i], 16);
-    seg->flags |= c->flags[i] & KSPAN_FLAG_SAMPLED;
-    return 1;
-}
-
-__attribute__((noinline)) int kspan_proto_head(__u64 conn_id, int closed)
+__attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
 {
     int z = 0;
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
@@ -2773,6 +2982,8 @@ __attribute__((noinline)) int kspan_proto_head(__u64 conn_id, int closed)
     seg->ctx_seq = 0;
     seg->ctx_end = 0;
     seg->data_len = 0;
+    __u32 n = 0;
+    __u32 cap = KSPAN_SEG_DATA;
     if (closed) {
         seg->pid = st->ex.pid;
         seg->tid = st->ex.tid;
@@ -2801,10 +3012,9 @@ __attribute__((noinline)) int kspan_proto_head(__u64 conn_id, int closed)
             seg->tcp_seq = end_seq - (__u32)a->len;
             seg->seg_flags |= KSPAN_SEG_SEQ;
         }
-        struct kspan_id_scratch *x = kspan_id_scratch_get();
-        if (x && a->dir == KSPAN_DIR_EGRESS && st->ex.role == KSPAN_ROLE_CLIENT) {
-            struct kspan_client_id *id = &x->seg_id;
-            __builtin_memset(id, 0, sizeof(*id));
+        struct kspan_pre_scratch *x = 0;
+        if (a->dir == KSPAN_DIR_EGRESS && st->ex.role == KSPAN_ROLE_CLIENT && (x = kspan_pre_scratch())) {
+            struct kspan_client_id *id = &x->id;
             __u64 pid_tgid = ((__u64)a->pid << 32) | a->tid;
             struct kspan_client_id *pre = bpf_map_lookup_elem(&client_pre, &conn_id);
             if (pre && pre->pid_tgid == pid_tgid && plain_tcp && pre->seq == seg->tcp_seq) {
@@ -2825,26 +3035,8 @@ __attribute__((noinline)) int kspan_proto_head(__u64 conn_id, int closed)
              * published only at its exit, which a server on another CPU may read before */
             if (a->dir == KSPAN_DIR_EGRESS)
                 end_seq = BPF_CORE_READ((struct tcp_sock *)conn_id, copied_seq);
-            kspan_seg_peer(conn_id, end_seq);
+            kspan_seg_peer(seg, st, end_seq);
         }
-    }
-    return 1;
-}
-
-/* The segment's data (frames walked, iovecs gathered or its first bytes) and its output, after
- * kspan_proto_head. */
-__attribute__((noinline)) int kspan_proto_body(__u64 conn_id, int closed)
-{
-    int z = 0;
-    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
-    struct kspan_segbuf_val *sb = bpf_map_lookup_elem(&kspan_segbuf, &z);
-    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &z);
-    if (!st || !sb || !a)
-        return 0;
-    struct kspan_segment *seg = &sb->seg;
-    __u32 n = 0;
-    __u32 cap = KSPAN_SEG_DATA;
-    if (!closed) {
         n = kspan_readable(a);
         __u32 gathered = 0;
         if (st->method == KSPAN_PROTO_HTTP2 &&
@@ -2887,16 +3079,6 @@ __attribute__((noinline)) int kspan_proto_body(__u64 conn_id, int closed)
     else
         kspan_count(KSPAN_CNT_LOST, 1);
     return 1;
-}
-
-/* A transfer on a connection in a protocol state as a segment record (closed: the connection's
- * end, no bytes). Two global functions called one after the other, not one: the verifier adds up
- * the frames of a call chain (see struct kspan_fix_scratch), and the identity part's chain
- * (kspan_client_decide -> kspan_fix_server) and the frame walk's (kspan_h2_frames -> its bpf_loop
- * steps) each fit on the state machine's frame only without the other's locals. */
-static __always_inline int kspan_proto_data(__u64 conn_id, int closed)
-{
-    return kspan_proto_head(conn_id, closed) && kspan_proto_body(conn_id, closed);
 }
 
 /* A connection state for a transfer that opens another protocol (same filters as a request). */
@@ -3005,6 +3187,68 @@ static __always_inline struct kspan_data_args *kspan_args_copy(struct kspan_data
     return a;
 }
 
+/* Network metrics (kspan_network_events): the connection's smoothed RTT as a KSPAN_TCP_RTT record,
+ * taken when its process transfers on it, at most once a second (kspan_exchange_body). The state
+ * machine has the connection in hand then; a hook of its own (tcp:tcp_probe) ran on every
+ * segment every TCP connection on the host received, and looked its connection up each time.
+ * Global: verified once. */
+__attribute__((noinline)) int kspan_rtt_sample(__u64 conn_id, __u32 pid, __u64 now)
+{
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &conn_id);
+    if (!st || !(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN))
+        return 0;
+    __u32 srtt = BPF_CORE_READ((struct tcp_sock *)conn_id, srtt_us) >> 3;  /* kept << 3 */
+    if (!srtt)
+        return 0;
+    struct kspan_tcp r = {};
+    r.type = KSPAN_REC_TCP;
+    r.pid = pid;
+    r.event = KSPAN_TCP_RTT;
+    r.value = srtt;
+    r.ts_ns = now;
+    r.conn_id = conn_id;
+    r.family = st->ex.family;
+    r.local_port = st->ex.local_port;
+    r.remote_port = st->ex.remote_port;
+    __builtin_memcpy(r.local_addr, st->ex.local_addr, 16);
+    __builtin_memcpy(r.remote_addr, st->ex.remote_addr, 16);
+    if (bpf_ringbuf_output(&events, &r, sizeof(r), BPF_RB_NO_WAKEUP) == 0)
+        kspan_count(KSPAN_CNT_TCP_RECORDS, 1);
+    else
+        kspan_count(KSPAN_CNT_LOST, 1);
+    return 1;
+}
+
+/* A transfer that may begin a request (its connection is between exchanges) or a response (a
+ * request is in flight and this goes the other way) is read ahead, up to KSPAN_SCAN bytes, into
+ * the per-CPU scan buffer, and its head is copied from there (kspan_begin_request,
+ * kspan_response_data): a read of user memory costs about as much whatever its size (0.2 us on
+ * the development machine), the costliest step of a transfer. p gets its first 8 bytes. A
+ * connection whose last such transfer began nothing (WebSocket frames after a 101, say) is not
+ * read ahead until a request begins again. 0: not read ahead. */
+static __always_inline int kspan_read_ahead(struct kspan_conn *st, struct kspan_data_args *a, __u8 *p)
+{
+    if (!st)
+        return 0;
+    __u8 ph = st->phase;
+    if (!(((ph == KSPAN_PH_IDLE || ph == KSPAN_PH_PREFIX) && !st->nonhttp) ||
+          ((ph == KSPAN_PH_REQ || ph == KSPAN_PH_WAIT_FINAL) && a->dir != st->req_dir)))
+        return 0;
+    __u32 n = kspan_readable(a);
+    if (n > KSPAN_SCAN)
+        n = KSPAN_SCAN;
+    asm volatile("" : "+r"(n));
+    n &= 1023;
+    int zero = 0;
+    struct kspan_scan_buf *sb = bpf_map_lookup_elem(&kspan_scan, &zero);
+    if (!sb || n == 0 || bpf_probe_read_user(sb->b, n, a->buf) != 0)
+        return 0;
+    __builtin_memset(&sb->b[n & 1023], 0, 32);
+    a->pre_n = n;
+    __builtin_memcpy(p, sb->b, 8);
+    return 1;
+}
+
 /* The exchange state machine on the map-resident arguments `a` (kspan_args_copy). Each program
  * that inlines it costs the verifier a walk of ~250k instructions at load, so only the socket
  * programs inline it (kspan_on_data); the uprobe programs tail-call into the one program of
@@ -3018,20 +3262,31 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
     }
     /* The key is the map copy's field, not a stack variable: with the key on the stack the
      * verifier's walk of the state machine below doubled (263k -> 506k instructions with --pid). */
-    if (kspan_filter_pids && !bpf_map_lookup_elem(&allowed_pids, &a->pid))
-        return;
+    if (kspan_filter_pids && a->source != KSPAN_SRC_SOCKET && !bpf_map_lookup_elem(&allowed_pids, &a->pid))
+        return;  /* the socket paths checked before they got here */
     /* The uprobe families' (OpenSSL, Go) only cgroup check; the socket probes checked already. */
     if (kspan_cgroup_skipped())
         return;
     if (a->len == 0)
         return;
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
+    if (st && (a->flags & KSPAN_FLAG_TLS))
+        st->tls = 1;  /* plaintext from a TLS probe: the socket path leaves this connection alone */
+    if (kspan_network_events && st && a->end_ns - st->rtt_ns >= 1000000000ULL) {
+        st->rtt_ns = a->end_ns;
+        kspan_rtt_sample(a->conn_id, a->pid, a->end_ns);
+    }
+    if (st && st->phase == KSPAN_PH_PROTO) {
+        kspan_proto_data(a->conn_id, 0);
+        return;
+    }
     __u8 p[16] = {};
     __u32 pn = kspan_readable(a);
     if (pn > 8)
         pn = 8;
     asm volatile("" : "+r"(pn));
     pn &= 15;
-    if (pn && bpf_probe_read_user(p, pn, a->buf) != 0)
+    if (pn && !kspan_read_ahead(st, a, p) && bpf_probe_read_user(p, pn, a->buf) != 0)
         pn = 0;
 
     __u64 w = 0;
@@ -3041,11 +3296,6 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
     /* Every path that starts a request ends at the one kspan_begin_request() call below: each
      * inlined copy of it costs compile time and verifier work. */
     __u8 m = 0;
-    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
-    if (st && st->phase == KSPAN_PH_PROTO) {
-        kspan_proto_data(a->conn_id, 0);
-        return;
-    }
     if (st && st->pend_n && st->pend_dir == a->dir) {
         /* this transfer continues pending bytes: judge them together (a method token or
          * "HTTP/1." split at any byte across transfers) */
@@ -3099,6 +3349,7 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
             kspan_count(KSPAN_CNT_NON_HTTP_SEGMENTS, 1);
             kspan_count(KSPAN_CNT_UNPARSED_BYTES, a->len);
             kspan_drop_pending(st, a);
+            st->nonhttp = 1;
             if (st->phase == KSPAN_PH_PREFIX && !st->pend_n) {
                 /* not a request after all; a state made only to hold the bytes goes */
                 if (st->ex.type != KSPAN_REC_EXCHANGE)
@@ -3258,23 +3509,38 @@ struct kspan_iovec {
 };
 
 /* TLS sockets: inside SSL_read/SSL_write (ssl_active has the thread) the socket bytes are
- * ciphertext; the TLS probe reports the plaintext. Returns 1 when the socket path must skip. */
-static __always_inline int kspan_tls_socket(__u64 pid_tgid, __u64 sk)
+ * ciphertext; the TLS probe reports the plaintext. Returns 1 when the socket path must skip.
+ * st is the socket's connection state or 0: a state knows whether a TLS probe owns the
+ * connection (kspan_conn.tls, set wherever tls_conns is), so only a socket without one needs
+ * tls_conns. */
+static __always_inline int kspan_tls_socket(__u64 pid_tgid, __u64 sk, struct kspan_conn *st)
 {
-    struct kspan_ssl_call *sc = bpf_map_lookup_elem(&ssl_active, &pid_tgid);
+    struct kspan_ssl_call *sc = kspan_ssl_calls_maybe() ? bpf_map_lookup_elem(&ssl_active, &pid_tgid) : 0;
     if (sc) {
         sc->sk = sk;
+        if (st)
+            st->tls = 1;
         __u8 one = 1;
         if (!bpf_map_lookup_elem(&tls_conns, &sk))
             bpf_map_update_elem(&tls_conns, &sk, &one, BPF_ANY);
         kspan_count(KSPAN_CNT_TLS_SKIPPED, 1);
         return 1;
     }
-    if (bpf_map_lookup_elem(&tls_conns, &sk)) {
+    if (st ? st->tls : bpf_map_lookup_elem(&tls_conns, &sk) != 0) {
         kspan_count(KSPAN_CNT_TLS_SKIPPED, 1);
         return 1;
     }
     return 0;
+}
+
+/* A TLS probe takes the connection: the socket path must skip its ciphertext from now on. */
+static __always_inline void kspan_tls_mark(__u64 sk)
+{
+    __u8 one = 1;
+    bpf_map_update_elem(&tls_conns, &sk, &one, BPF_ANY);
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
+    if (st)
+        st->tls = 1;
 }
 
 /* Read k (<= 8) bytes ending at `end` and shift them into v (newest in the low byte). */

@@ -87,8 +87,7 @@ static __always_inline __u64 kspan_ssl_known_sk(struct kspan_ssl_key *key, __u64
         return 0;
     __u64 sk = *fsk;
     bpf_map_update_elem(&ssl_sk, key, &sk, BPF_ANY);
-    __u8 one = 1;
-    bpf_map_update_elem(&tls_conns, &sk, &one, BPF_ANY);
+    kspan_tls_mark(sk);
     return sk;
 }
 
@@ -120,7 +119,15 @@ static __always_inline int kspan_ssl_enter(struct pt_regs *ctx, __u64 outp, __u8
     c.ssl = PT_REGS_PARM1(ctx);
     c.buf = (const char *)PT_REGS_PARM2(ctx);
     c.start_ns = bpf_ktime_get_ns();
-    bpf_map_update_elem(&ssl_active, &id, &c, BPF_ANY);
+    /* kspan_gate.ssl_calls counts ssl_active's entries, so the socket path looks this map up only
+     * while some thread is inside an SSL call */
+    struct kspan_gate *g = kspan_gate();
+    if (bpf_map_update_elem(&ssl_active, &id, &c, BPF_NOEXIST) == 0) {
+        if (g)
+            __sync_fetch_and_add(&g->ssl_calls, 1);
+    } else {
+        bpf_map_update_elem(&ssl_active, &id, &c, BPF_ANY);
+    }
     struct kspan_ssl_extra x = {};
     x.outp = outp;
     __u64 sk = 0;
@@ -158,7 +165,9 @@ static __always_inline int kspan_ssl_exit(struct pt_regs *ctx, __u8 dir, int ex)
     if (!c)
         return 0;
     struct kspan_ssl_call call = *c;
-    bpf_map_delete_elem(&ssl_active, &id);
+    struct kspan_gate *g = kspan_gate();
+    if (bpf_map_delete_elem(&ssl_active, &id) == 0 && g)
+        __sync_fetch_and_add(&g->ssl_calls, -1);
     struct kspan_ssl_extra x = {};
     struct kspan_ssl_extra *xp = bpf_map_lookup_elem(&ssl_extra, &id);
     if (xp) {

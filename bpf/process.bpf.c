@@ -48,6 +48,7 @@ int kspan_proc_exec(struct trace_event_raw_sched_process_exec *ctx)
             __u8 one = 1;
             __u32 pid = r.pid;
             bpf_map_update_elem(&allowed_pids, &pid, &one, BPF_ANY);
+            kspan_pid_gen_bump();
         }
     }
     kspan_proc_emit(&r);
@@ -66,6 +67,7 @@ int kspan_proc_fork(struct trace_event_raw_sched_process_fork *ctx)
     __u32 child = ctx->child_pid;
     __u8 one = 1;
     bpf_map_update_elem(&allowed_pids, &child, &one, BPF_ANY);
+    kspan_pid_gen_bump();
     return 0;
 }
 
@@ -78,11 +80,13 @@ int kspan_proc_exit(void *ctx)
     bpf_map_delete_elem(&thread_ctx, &id);
     if (pid != tid) {
         /* a thread: fork() above may have allowed its tid */
-        bpf_map_delete_elem(&allowed_pids, &tid);
+        if (bpf_map_delete_elem(&allowed_pids, &tid) == 0)
+            kspan_pid_gen_bump();
         return 0;
     }
     bpf_map_delete_elem(&proc_inflight, &pid);
-    bpf_map_delete_elem(&allowed_pids, &pid);
+    if (bpf_map_delete_elem(&allowed_pids, &pid) == 0)
+        kspan_pid_gen_bump();
     struct kspan_proc r = {};
     r.type = KSPAN_REC_PROC;
     r.pid = pid;

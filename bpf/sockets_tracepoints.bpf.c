@@ -110,16 +110,22 @@ static __always_inline void kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u
     if (kind == KSPAN_IO_IOV && bpf_probe_read_user(&buf, sizeof(buf), (const void *)ptr) != 0)
         return;  /* the first iovec's base */
     __u64 w = 0;
-    if (buf && bpf_probe_read_user(&w, 8, (const void *)buf) == 0 && kspan_method(w, 8)) {
-        kspan_pre_request_at(id, kspan_fd_sock(id, fd), buf);  /* its first bytes were read just above */
-        return;
+    if (buf && bpf_probe_read_user(&w, 8, (const void *)buf) == 0) {
+        if (kspan_method(w, 8)) {
+            kspan_pre_request_at(id, kspan_fd_sock(id, fd), buf);  /* its first bytes were read just above */
+            return;
+        }
+        /* a status line: no identity to publish, and neither TLS ciphertext nor another
+         * protocol's request (the checks below) starts so */
+        if (kspan_is_response(w, 8))
+            return;
     }
     /* not plaintext HTTP: maybe a TLS record of a request (an OpenSSL call in progress on this
      * thread, or a connection the TLS probes already know) */
     __u64 fdkey = (id & 0xffffffff00000000ULL) | (__u32)fd;
     __u64 *known = bpf_map_lookup_elem(&fd_sk, &fdkey);
     __u64 sk = known ? *known : 0;
-    struct kspan_ssl_call *sc = bpf_map_lookup_elem(&ssl_active, &id);
+    struct kspan_ssl_call *sc = kspan_ssl_calls_maybe() ? bpf_map_lookup_elem(&ssl_active, &id) : 0;
     __u64 plain = 0;
     if (sc)
         plain = (__u64)sc->buf;
@@ -258,11 +264,18 @@ KSPAN_SYS_EXIT(sendfile64)
 /* ---- both paths ---- */
 
 /* A closed descriptor number is reused: forget its socket so the TLS probes never map an fd to a
- * stale socket. */
+ * stale socket, and make the socket's state check fd_sk again on its next transfer (the
+ * descriptor it remembers, kspan_conn.fd_key, may come back to it: dup, close, dup). */
 SEC("tp/syscalls/sys_enter_close")
 int kspan_fd_close(struct trace_event_raw_sys_enter *ctx)
 {
     __u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (__u32)ctx->args[0];
+    __u64 *sk = bpf_map_lookup_elem(&fd_sk, &key);
+    if (!sk)
+        return 0;
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, sk);
+    if (st && st->fd_key == key)
+        st->fd_key = 0;
     bpf_map_delete_elem(&fd_sk, &key);
     return 0;
 }
@@ -272,16 +285,17 @@ int kspan_fd_close(struct trace_event_raw_sys_enter *ctx)
  * user ABI there (di, si, dx = first three arguments, orig_ax = syscall number), and syscall
  * numbers never change. This also covers a call already in progress when the probes attached (a
  * server blocked in read() on a keep-alive connection). */
-static __always_inline int kspan_regs_args(struct kspan_sys_args *sa)
+static __always_inline int kspan_regs_args(struct kspan_sys_args *sa, __u64 now)
 {
+    /* bpf_task_pt_regs gives a BTF-typed pointer: its fields are plain loads (the verifier makes
+     * them fault-safe), not three bpf_probe_read_kernel calls */
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    __u64 nr = 0, di = 0, si = 0;
-    if (!regs || bpf_core_read(&nr, sizeof(nr), &regs->orig_ax) != 0 ||
-        bpf_core_read(&di, sizeof(di), &regs->di) != 0 || bpf_core_read(&si, sizeof(si), &regs->si) != 0)
+    if (!regs)
         return 0;
-    sa->start_ns = bpf_ktime_get_ns();
-    sa->fd = di;
-    sa->ptr = si;
+    __u64 nr = regs->orig_ax;
+    sa->start_ns = now;
+    sa->fd = regs->di;
+    sa->ptr = regs->si;
     switch (nr) {
     case 0:  /* read */
     case 45: /* recvfrom */
@@ -296,7 +310,7 @@ static __always_inline int kspan_regs_args(struct kspan_sys_args *sa)
     case 19: /* readv */
     case 20: /* writev */
         sa->kind = KSPAN_IO_IOV;
-        sa->vlen = BPF_CORE_READ(regs, dx);
+        sa->vlen = regs->dx;
         sa->dir = nr == 19 ? KSPAN_DIR_INGRESS : KSPAN_DIR_EGRESS;
         return 1;
     case 47: /* recvmsg */
@@ -326,19 +340,20 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
         kspan_note_self(sk);  /* harmless for its reads: the endpoint is the same */
         return 0;
     }
-    if (kspan_filter_pids && !bpf_map_lookup_elem(&allowed_pids, &pid))
+    if (kspan_filter_pids && !kspan_pid_allowed(pid))
         return 0;
     if (kspan_cgroup_skipped()) {
         kspan_count(KSPAN_CNT_CGROUP_SKIPPED, 1);
         return 0;
     }
+    __u64 now = bpf_ktime_get_ns();
 #if defined(__TARGET_ARCH_x86)
     struct kspan_sys_args regs_args = {};
 #endif
     struct kspan_sys_args *sa = 0;
     if (kspan_regs_path()) {
 #if defined(__TARGET_ARCH_x86)
-        if (!kspan_regs_args(&regs_args)) {
+        if (!kspan_regs_args(&regs_args, now)) {
             kspan_count(KSPAN_CNT_NO_SYSCALL_ARGS, 1);
             return 0;
         }
@@ -359,16 +374,23 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
     __u8 dir = sa->dir;
     if (dir == KSPAN_DIR_INGRESS && (flags & KSPAN_MSG_PEEK))
         return 0;
+    /* fd_sk (for the TLS probes and the write-entry hook) is checked once per descriptor of a
+     * connection with a state, not per transfer: the state remembers the descriptor it checked */
+    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
     __u64 fdkey = (id & 0xffffffff00000000ULL) | sa->fd;
-    __u64 *known = bpf_map_lookup_elem(&fd_sk, &fdkey);
-    if (!known || *known != sk)
-        bpf_map_update_elem(&fd_sk, &fdkey, &sk, BPF_ANY);
+    if (!st || st->fd_key != fdkey) {
+        __u64 *known = bpf_map_lookup_elem(&fd_sk, &fdkey);
+        if (!known || *known != sk)
+            bpf_map_update_elem(&fd_sk, &fdkey, &sk, BPF_ANY);
+        if (st)
+            st->fd_key = fdkey;
+    }
 
-    if (kspan_tls_socket(id, sk))
+    if (kspan_tls_socket(id, sk, st))
         return 0;
 
     struct kspan_data_args a = {};
-    kspan_socket_args(&a, id, sk, dir, ret, sa->start_ns, bpf_ktime_get_ns());
+    kspan_socket_args(&a, id, sk, dir, ret, sa->start_ns, now);
     __u32 kind = sa->kind;
     if (kind == KSPAN_IO_BUF) {
         a.buf = (const char *)(sa->ptr + sa->consumed);

@@ -104,21 +104,22 @@ static __always_inline int kspan_ctx_pending(struct kspan_trace_ctx *c, __u32 sn
 
 static __always_inline void kspan_hdr_opt_len(struct bpf_sock_ops *skops)
 {
+    int sizing = skops->args[0] == BPF_WRITE_HDR_TCP_CURRENT_MSS;
+    if (!sizing && (skops->skb_len == 0 || (skops->skb_tcp_flags & KSPAN_TCPHDR_SYN)))
+        return;  /* pure ACK, FIN, SYN: the context goes with the request's bytes (no lookup) */
     struct kspan_conn_key k = {};
     if (kspan_skops_key(skops, &k))
         return;
     struct kspan_trace_ctx *c = bpf_map_lookup_elem(&ctx_out, &k);
     if (!c || !kspan_ctx_pending(c, skops->snd_una))
         return;
-    if (skops->args[0] == BPF_WRITE_HDR_TCP_CURRENT_MSS) {
+    if (sizing) {
         /* The kernel sizes segments (no skb): leave room while a request is pending, or its
          * segments would be MSS-sized and the option would push them past the path MTU. */
         bpf_reserve_hdr_opt(skops, KSPAN_CTX_OPT_LEN, 0);
         return;
     }
     __u32 len = skops->skb_len; /* payload: the header is not written yet */
-    if (len == 0 || (skops->skb_tcp_flags & KSPAN_TCPHDR_SYN))
-        return;  /* pure ACK, FIN: the context goes with the request's bytes */
     if (c->state == KSPAN_CTX_PENDING && c->seq != 0 && kspan_seq_ge(c->seq, skops->snd_nxt + len))
         return;  /* new data that ends before the request starts (snd_nxt is its first byte) */
     long rc = bpf_reserve_hdr_opt(skops, KSPAN_CTX_OPT_LEN, 0);
@@ -218,6 +219,26 @@ static __always_inline void kspan_parse_hdr_opt(struct bpf_sock_ops *skops)
     v.ts_ns = bpf_ktime_get_ns();
     bpf_map_update_elem(&ctx_in, &k, &v, BPF_ANY);
     kspan_count(KSPAN_CNT_CTX_PARSED, 1);
+    /* from now on a server request looks for its context in ctx_in (kspan_begin_request) */
+    struct kspan_gate *g = kspan_gate();
+    if (g && !g->ctx_in_seen)
+        g->ctx_in_seen = 1;
+}
+
+/* The agent's own client sockets (its exports) never carry a context: they get no option
+ * callbacks, which would otherwise run twice for every request they send (the sizing of each send
+ * and of each data segment) to find nothing in ctx_out. Their process is tuples' pid from
+ * SYN_SENT: connect() runs in the connecting process (bpf/tcp_events.bpf.c). Processes the
+ * filters leave out keep the callbacks: a ctx_out entry is what decides (user space may allow a
+ * pid after its connections exist, and tests write ctx_out themselves). */
+static __always_inline int kspan_client_is_self(struct bpf_sock_ops *skops)
+{
+    struct bpf_sock *bsk = skops->sk;
+    if (!bsk)
+        return 0;
+    __u64 sk = (__u64)bsk;  /* the struct sock address: the tuples key */
+    struct kspan_tuple *t = bpf_map_lookup_elem(&tuples, &sk);
+    return t && t->pid && t->pid == kspan_self_pid;
 }
 
 SEC("sockops")
@@ -226,7 +247,8 @@ int kspan_tcp_context(struct bpf_sock_ops *skops)
     switch (skops->op) {
     case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
         /* Client sockets write; only callbacks for connections made after the agent started. */
-        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | KSPAN_CB_WRITE);
+        if (!kspan_client_is_self(skops))
+            bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | KSPAN_CB_WRITE);
         break;
     case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
         bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | KSPAN_CB_PARSE);

@@ -2,16 +2,18 @@
  *
  * sock:inet_sock_set_state carries the socket address and its 4-tuple on every TCP state change:
  * it feeds the tuple map (no kernel struct reads), ends exchanges on close and reports failed
- * connects. With kspan_network_events, retransmits, resets and sampled RTTs become
- * struct kspan_tcp records.
+ * connects. With kspan_network_events, retransmits and resets become struct kspan_tcp records
+ * (RTT samples come from the state machine: kspan_rtt_sample in http_exchange.h).
  *
  * Programs (all attached by their SEC()):
  *   kspan_inet_sock_set_state  tp/sock/inet_sock_set_state  (always needed)
  *   kspan_tcp_destroy_sock     tp/tcp/tcp_destroy_sock      (always needed: see kspan_conn_done)
  *   kspan_tcp_retransmit       tp/tcp/tcp_retransmit_skb    \
  *   kspan_tcp_receive_reset    tp/tcp/tcp_receive_reset      | network events only: they return at
- *   kspan_tcp_send_reset       tp/tcp/tcp_send_reset         | once without kspan_network_events,
- *   kspan_tcp_probe            tp/tcp/tcp_probe             /  the loader may leave them unloaded
+ *   kspan_tcp_send_reset       tp/tcp/tcp_send_reset        /  once without kspan_network_events,
+ *                                                              the loader may leave them unloaded
+ * (No tcp:tcp_probe: it ran on every segment every TCP connection received, for RTT samples the
+ * state machine now takes when the traced process transfers, kspan_rtt_sample.)
  *
  * Tracepoint records are kernel structs too: every field is relocated against the running
  * kernel's BTF (struct trace_event_raw_<class>), and records that changed shape are told apart
@@ -26,13 +28,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define KSPAN_TCP_SYN_RECV 3
 #define KSPAN_TCP_CLOSE 7
 #define KSPAN_TCP_LISTEN 10
-
-struct {
-    __uint(type, BPF_MAP_TYPE_LRU_HASH);
-    __uint(max_entries, KSPAN_MAX_CONNS);
-    __type(key, __u64);
-    __type(value, __u64);
-} rtt_last SEC(".maps"); /* sk -> last RTT sample time */
 
 /* The record of tcp_retransmit_skb and (before it got its own record) tcp_send_reset, shared as
  * the event class tcp_event_sk_skb; current kernels dropped the class (vmlinux.h here has no such
@@ -172,7 +167,6 @@ int kspan_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
                                        ctx->saddr_v6, ctx->daddr_v6, 0);
                 }
             }
-            bpf_map_delete_elem(&rtt_last, &sk);
         }
         /* TCP_CLOSE also comes while the process still holds the socket: an RST, or the peer's
          * FIN after the process's own shutdown(SHUT_WR). Data queued before it is still read
@@ -230,7 +224,7 @@ int kspan_tcp_receive_reset(struct trace_event_raw_tcp_event_sk *ctx)
     return 0;
 }
 
-/* tcp_send_reset (own record) and tcp_probe carry the addresses as struct sockaddr_in /
+/* tcp_send_reset (own record) carries the addresses as struct sockaddr_in /
  * sockaddr_in6 in a byte array: the UAPI layout below, which never changes. */
 struct kspan_sockaddr {
     __u16 family;
@@ -276,23 +270,3 @@ int kspan_tcp_send_reset(void *raw)
     return 0;
 }
 
-/* tcp_probe fires on every ACK processed: sample the smoothed RTT at most once per second per
- * connection, and look at the clock before any other map. The record has the socket address
- * (`skaddr`) only on recent kernels; without it there is no connection to attribute a sample to. */
-SEC("tp/tcp/tcp_probe")
-int kspan_tcp_probe(struct trace_event_raw_tcp_probe *ctx)
-{
-    if (!kspan_network_events || !bpf_core_field_exists(ctx->skaddr))
-        return 0;
-    __u64 sk = (__u64)ctx->skaddr;
-    __u64 now = bpf_ktime_get_ns();
-    __u64 *last = bpf_map_lookup_elem(&rtt_last, &sk);
-    if (last && now - *last < 1000000000ULL)
-        return 0;
-    if (last)
-        *last = now;
-    else
-        bpf_map_update_elem(&rtt_last, &sk, &now, BPF_ANY);
-    kspan_tcp_emit_sa(KSPAN_TCP_RTT, sk, ctx->saddr, ctx->daddr, ctx->srtt);
-    return 0;
-}

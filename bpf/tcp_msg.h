@@ -98,28 +98,23 @@ static __always_inline int kspan_tcp_call_begin(struct kspan_kp_call *c, struct 
     return 1;
 }
 
-/* The transfer at the return of tcp_sendmsg/tcp_recvmsg: `call` is a copy of what the entry saved. */
-static __always_inline void kspan_tcp_call_end(void *ctx, __u64 id, struct kspan_kp_call *call, int ret)
+/* The transfer at the return of tcp_sendmsg/tcp_recvmsg, from what the entry saved (call), built
+ * straight in the per-CPU kspan_args that the state machine reads: neither it nor a copy of call
+ * sits on the stack, which a kprobe program shares with every function its state machine calls
+ * (512 bytes in all, see kspan_pre_scratch). 0: nothing for the state machine. */
+static __always_inline struct kspan_data_args *kspan_tcp_call_end(__u64 id, struct kspan_kp_call *call, int ret)
 {
-    if (ret <= 0)
-        return;
-    if (kspan_tls_socket(id, call->sk))
-        return;
-    __u8 dir = call->dir;
-    /* Built in the per-CPU kspan_args entry the state machine reads, not on the stack and copied
-     * there (kspan_on_data): the 96-byte copy on this program's frame put the chain down to
-     * kspan_fix_server past the verifier's 512 bytes (see struct kspan_fix_scratch). */
     int zero = 0;
-    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &zero);
+    struct kspan_data_args *a = ret > 0 ? bpf_map_lookup_elem(&kspan_args, &zero) : 0;
     if (!a)
-        return;
+        return 0;
     __builtin_memset(a, 0, sizeof(*a));
-    kspan_socket_args(a, id, call->sk, dir, ret, call->start_ns, bpf_ktime_get_ns());
+    kspan_socket_args(a, id, call->sk, call->dir, ret, call->start_ns, bpf_ktime_get_ns());
     if (call->kind == KSPAN_KP_UBUF)
         a->buf = (const char *)call->ptr;
     else if (call->kind == KSPAN_KP_IOV)
         kspan_iov_args(a, call->ptr, call->nr_segs, call->skip, ret);
-    kspan_exchange_body(ctx, a);
+    return a;
 }
 
 /* The call in progress per thread, between entry (where the buffer is known) and return (where
@@ -147,7 +142,7 @@ static __always_inline void kspan_tcp_call_save(struct sock *sk, struct msghdr *
             buf += c.skip;
         if (c.kind == KSPAN_KP_UBUF || c.kind == KSPAN_KP_IOV)
             kspan_pre_request(id, c.sk, buf);
-        struct kspan_ssl_call *sc = bpf_map_lookup_elem(&ssl_active, &id);
+        struct kspan_ssl_call *sc = kspan_ssl_calls_maybe() ? bpf_map_lookup_elem(&ssl_active, &id) : 0;
         if (sc || bpf_map_lookup_elem(&tls_conns, &c.sk))
             kspan_tls_pre(c.sk, id, sc ? (__u64)sc->buf : 0);
         else
@@ -162,9 +157,14 @@ static __always_inline void kspan_tcp_call_done(void *ctx, int ret)
     struct kspan_kp_call *c = bpf_map_lookup_elem(&tcp_calls, &id);
     if (!c)
         return;
-    struct kspan_kp_call call = *c;
-    bpf_map_delete_elem(&tcp_calls, &id);
-    kspan_tcp_call_end(ctx, id, &call, ret);
+    struct kspan_data_args *a = kspan_tcp_call_end(id, c, ret);
+    bpf_map_delete_elem(&tcp_calls, &id);  /* after the last read of c */
+    if (!a || kspan_tls_socket(id, a->conn_id, bpf_map_lookup_elem(&conns, &a->conn_id)))
+        return;
+    /* the state machine must not see the values the paths above left in registers (see
+     * kspan_on_data): it reads the map copy */
+    asm volatile("" ::: "memory");
+    kspan_exchange_body(ctx, a);
 }
 
 #endif

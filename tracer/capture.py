@@ -89,12 +89,11 @@ MULTI_ATTACH: dict[str, tuple[tuple[str, ...], ...]] = {
 # x86_64 register path (write start times only). One of the two sets is loaded.
 PORTABLE_PREFIXES = ("kspan_sys_enter_", "kspan_sys_exit_")
 REGS_PREFIXES = ("kspan_ws_",)
-# tcp_events programs that only feed network metrics (tcp_probe fires on every ACK).
-NETWORK_EVENT_PROGRAMS = ("kspan_tcp_retransmit", "kspan_tcp_receive_reset", "kspan_tcp_send_reset",
-                          "kspan_tcp_probe")
+# tcp_events programs that only feed network metrics (RTT samples come from the state machine).
+NETWORK_EVENT_PROGRAMS = ("kspan_tcp_retransmit", "kspan_tcp_receive_reset", "kspan_tcp_send_reset")
 
 # Maps sized by --max-connections (per-connection state, LRU).
-CONNECTION_MAPS = ("conns", "tuples", "fd_sk", "tls_conns", "client_conns", "rtt_last", "ctx_out", "ctx_in")
+CONNECTION_MAPS = ("conns", "tuples", "fd_sk", "tls_conns", "client_conns", "ctx_out", "ctx_in")
 
 # The sock_ops program of the tcp_context object (bpf/tcp_context.bpf.c), attached to a cgroup.
 CONTEXT_PROGRAM = "kspan_tcp_context"
@@ -565,6 +564,7 @@ class Capture:
             table = self._objs.map("allowed_pids")
             for pid in allowed:
                 table.update(struct.pack("<I", pid), _ONE)
+            self._pid_gen_bump()
 
     def set_cgroup_verdicts(self, trace: dict[int, bool], forget: Iterable[int] = ()) -> int:
         """Set the kernel's verdict for cgroup v2 ids (True: trace) and drop those of `forget`
@@ -595,6 +595,17 @@ class Capture:
         if self._objs is None or pid == self.config.self_pid:
             return
         self._objs.map("allowed_pids").update(struct.pack("<I", pid), _ONE)
+        self._pid_gen_bump()
+
+    def _pid_gen_bump(self) -> None:
+        """After a change to allowed_pids: the probes cache its verdicts per CPU while pid_gen
+        stays put (bpf/http_exchange.h, kspan_pid_allowed). Element 1 is user space's alone."""
+        assert self._objs is not None
+        gen = self._objs.map("pid_gen")
+        key = struct.pack("<I", 1)
+        cur = gen.lookup(key)
+        n = int.from_bytes(cur, "little") if cur else 0
+        gen.update(key, (n + 1).to_bytes(8, "little"))
 
     def is_traced(self, pid: int) -> bool:
         """Whether the filters (--pid/--exe, with children) let `pid` through: the kernel's own

@@ -38,7 +38,6 @@ COMMON = {
     "kspan_proc_fork",
     "kspan_proc_exit",
     "kspan_inet_sock_set_state",
-    "kspan_tcp_probe",
     "kspan_tcp_retransmit",
     "kspan_tcp_context",  # sock_ops: trace context in a TCP option (bpf/tcp_context.bpf.c)
 }
