@@ -1917,6 +1917,40 @@ static __always_inline __u32 kspan_header_line(struct kspan_conn *st, const char
     return 0;
 }
 
+/* Eight bytes of the header scan per call (a bpf_loop callback, verified once): a word with no
+ * '\n', most of them, is passed over with one test. end: the end of the headers once found. */
+struct kspan_line_scan {
+    struct kspan_conn *st;
+    const char *buf;        /* the scan buffer (zeroed past n) */
+    __u32 n;
+    __u32 end;
+};
+
+static long kspan_line_step(__u32 i, void *c)
+{
+    struct kspan_line_scan *x = c;
+    __u32 base = i * 8;
+    if (base + 1 >= x->n)
+        return 1;
+    __u64 v = kspan_word(x->buf, base) ^ 0x0a0a0a0a0a0a0a0aULL;
+    if (!((v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL))
+        return 0;
+#pragma unroll
+    for (__u32 k = 0; k < 8; k++) {
+        __u32 j = base + k;
+        if (j + 1 >= x->n)
+            return 1;
+        if (x->buf[j & 1023] != '\n')
+            continue;
+        __u32 e = kspan_header_line(x->st, x->buf, j + 1);
+        if (e) {
+            x->end = e;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* Find the end of the response headers in this transfer, and Content-Length / chunked on the way.
  * Only line starts are examined (one branch per byte otherwise), and results go to the map value
  * rather than registers: the verifier walks every iteration, and registers whose values differ
@@ -1939,7 +1973,12 @@ static __always_inline void kspan_scan_headers(struct kspan_conn *st, struct ksp
     st->scan_end = 0;
     if (st->hdr_state == KSPAN_HS_LINE)
         st->scan_end = kspan_header_line(st, buf, 0);
-    if (!st->scan_end) {
+    if (!st->scan_end && bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop)) {
+        struct kspan_line_scan x = {.st = st, .buf = buf, .n = n};
+        bpf_loop(KSPAN_SCAN / 8, kspan_line_step, &x, 0);
+        st->scan_end = x.end;
+    } else if (!st->scan_end) {
+        /* before 5.17, a byte at a time */
 #pragma clang loop unroll(disable)
         for (__u32 i = 0; i < KSPAN_SCAN; i++) {
             if (i + 1 >= n)
