@@ -178,12 +178,9 @@ class Correlator:
             # route from it: the rest of the head (method, version, headers) is memoised without
             # the target, and the route comes from the path alone. Anything unusual (no full
             # request line, a target that is not a plain origin-form path) takes the full parse.
-            sp1 = head.find(b" ")
-            le = head.find(b"\r\n")
-            if 0 < sp1 < le and head[sp1 + 1] == 0x2F:
-                sp2 = head.rfind(b" ", sp1 + 1, le)
-                if sp2 > sp1 and _CTL_OR_SPACE.search(head, sp1 + 1, sp2) is None:
-                    memo = self._metric_shaped(head, sp1, sp2, server, mx.tls)
+            line = _origin_line(head)
+            if line is not None:
+                memo = self._metric_shaped(head, line[0], line[1], server, mx.tls)
             if memo is None:
                 memo = self._metric_head(head, server, mx.tls)
             if memo is _UNPARSED:
@@ -298,16 +295,11 @@ class Correlator:
         that differ only in their target (ids in paths make most heads unique, their shape
         repeats): the template's parse with this target, its head length moved by the target's.
         None for any other head, which takes the full parse."""
-        sp1 = head.find(b" ")
-        le = head.find(b"\r\n")
-        if not 0 < sp1 < le or head[sp1 + 1] != 0x2F:
+        line = _origin_line(head)
+        if line is None:
             return None
-        sp2 = head.rfind(b" ", sp1 + 1, le)
-        if sp2 <= sp1:
-            return None
+        sp1, sp2 = line
         target = head[sp1 + 1 : sp2]
-        if _CTL_OR_SPACE.search(target) is not None:
-            return None
         shape = head[: sp1 + 1] + head[sp2:]
         base = self._shapes.get(shape)
         if base is None:
@@ -520,6 +512,20 @@ class _Parsed:
         self.tp = parse_traceparent(self.tp_raw) if self.tp_raw is not None else None
         self.tp_sampled = traceparent_sampled(self.tp_raw) if self.tp is not None and self.tp_raw else False
         self.trace_state = clean_tracestate(first.tracestate) if self.tp is not None and first else ""
+
+
+def _origin_line(head: bytes) -> tuple[int, int] | None:
+    """The two spaces of a request line whose target is an origin-form path (head[sp1 + 1:sp2],
+    no control bytes or spaces), or None for any other head: the metric and span paths' memos
+    of heads without their target both start here."""
+    sp1 = head.find(b" ")
+    le = head.find(b"\r\n")
+    if not 0 < sp1 < le or head[sp1 + 1] != 0x2F:
+        return None
+    sp2 = head.rfind(b" ", sp1 + 1, le)
+    if sp2 <= sp1 or _CTL_OR_SPACE.search(head, sp1 + 1, sp2) is not None:
+        return None
+    return sp1, sp2
 
 
 _NO_SHAPE = object()
