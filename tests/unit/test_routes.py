@@ -202,3 +202,87 @@ def test_command_line() -> None:
     assert (cfg.auto_routes, cfg.max_routes) == (True, 100)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--max-routes", "0"])
+
+
+# What the C implementation (correlator/_routes.c) handles beyond the corpus ---------------------
+
+NON_ASCII = [
+    ("/café/42", "/café/{id}"),  # a word stays, whatever its alphabet
+    ("/搜索/結果", "/搜索/結果"),
+    ("/users/١٢٣", "/users/١٢٣"),  # Arabic-Indic digits: not a decimal id in ASCII, but...
+    ("/orders/ord-١٢٣٤", "/orders/{id}"),  # ...four digits (str.isdigit) among other characters are
+    ("/x/²³⁴⁵", "/x/{id}"),  # superscripts are digits too
+    ("/files/résumé.pdf", "/files/résumé.pdf"),
+    ("/files/résumé-2024-01-15.pdf", "/files/{id}.pdf"),
+    ("/bad/\ufffd\ufffd/7", "/bad/\ufffd\ufffd/{id}"),  # bytes that were not UTF-8, decoded with "replace"
+    ("/𝟘𝟙𝟚𝟛/9f86d081884c7d65", "/{id}/{id}"),  # mathematical digits; the hex stays ASCII-only
+    ("/ünïcödé-" + "ä" * 40, "/{id}"),  # longer than 40 characters (not bytes)
+    ("/" + "ä" * 40, "/" + "ä" * 40),
+]
+
+
+@pytest.mark.parametrize(("path", "route"), NON_ASCII, ids=[p for p, _ in NON_ASCII])
+def test_non_ascii_paths(path: str, route: str) -> None:
+    assert route_template(path) == route
+    assert route_template(route) == route
+
+
+def test_deep_paths_keep_their_first_segments_and_end_in_one_id() -> None:
+    from correlator.routes import MAX_SEGMENTS
+
+    words = [f"w{i % 7}" for i in range(MAX_SEGMENTS * 3)]
+    # path.split("/") of "/a/b" is ["", "a", "b"]: MAX_SEGMENTS segments after the leading one
+    exactly = "/" + "/".join(words[:MAX_SEGMENTS])
+    assert route_template(exactly) == exactly
+    deeper = "/" + "/".join(words[: MAX_SEGMENTS + 1])
+    assert route_template(deeper) == "/" + "/".join(words[:MAX_SEGMENTS]) + "/" + ID
+    deepest = "/" + "/".join(words) + "/42"
+    assert route_template(deepest) == "/" + "/".join(words[:MAX_SEGMENTS]) + "/" + ID
+    assert route_template("/" * 1000) == "/" * (MAX_SEGMENTS + 1) + ID
+    ids = "/" + "/".join(str(i) for i in range(MAX_SEGMENTS - 1)) + "/x/y"
+    assert route_template(ids) == "/" + "/".join([ID] * (MAX_SEGMENTS - 1)) + "/x/" + ID
+
+
+def test_very_long_paths() -> None:
+    long_word = "a" * 100_000
+    assert route_template("/" + long_word) == "/" + ID
+    assert route_template("/static/" + long_word + ".js") == "/static/{id}.js"
+    path = "/users/" + "9" * 100_000 + "/orders"
+    assert route_template(path) == "/users/{id}/orders"
+
+
+def test_segment_memo_starts_over_when_full() -> None:
+    from correlator.routes import SEGMENT_MEMO, segment_template
+
+    # More distinct segments than the memo holds (it clears, more than once), each still
+    # templated right, and the ones memoised before the clears still right after them.
+    first = [("/a/x" + "k" * (i % 5) + f"q{i}", "/a/x" + "k" * (i % 5) + f"q{i}") for i in range(50)]
+    first += [(f"/t/t{i:04d}z", "/t/{id}") for i in range(50)]
+    for path, route in first:
+        assert route_template(path) == route
+    for i in range(SEGMENT_MEMO * 2 + 100):
+        seg = f"s{i}x"  # a word below 1000, an id (four digits) from there
+        assert route_template("/p/" + seg) == "/p/" + segment_template(seg)
+    assert segment_template("s999x") == "s999x" and segment_template("s1000x") == ID
+    for path, route in first:
+        assert route_template(path) == route
+
+
+def test_cap_returns_the_route_it_was_given_and_refreshes_a_service_it_sees() -> None:
+    cap = RouteCap(max_routes=1, max_services=2)
+    route = "".join(["/r", "1"])  # built at run time: not an interned constant
+    assert cap.admit("a", route) is route
+    again = "".join(["/r", "1"])
+    assert cap.admit("a", again) is again  # admitted before, by value
+    assert cap.admit("a", "/r2") is OVERFLOW_ROUTE and cap.overflowed == 1
+    cap.admit("b", "/y")
+    cap.admit("a", "/r1")  # "a" is now the most recently used
+    cap.admit("c", "/z")  # so "b" goes
+    assert cap.routes_of("b") == frozenset() and cap.routes_of("a") == {"/r1"} and cap.services_forgotten == 1
+    assert (cap.max_routes, cap.max_services) == (1, 2)
+    with pytest.raises(ValueError):
+        RouteCap(max_services=0)
+    with pytest.raises(TypeError):
+        cap.admit(["unhashable"], "/x")
+    with pytest.raises(TypeError):
+        route_template(b"/bytes")  # type: ignore[arg-type]
