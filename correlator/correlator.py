@@ -119,10 +119,6 @@ class Correlator:
         self._resps: dict[bytes, http1.ResponseHead | None] = {}  # final response by head bytes
         self._hosts: dict[bytes, object] = {}
         self._sampler = cfg.sampler
-        self._metric_heads: dict[tuple[bytes, bool, bool], _MetricMemo] = {}
-        self._metric_shapes: dict[tuple[bytes, bool, bool], object] = {}
-        self._metric_routes: dict[tuple[red.HeadPart, str | None, bool], _MetricMemo] = {}
-        self._facts = red.FactsBuilder(_MEMO_SIZE)
         self._peer_pids: dict[tuple[int, int], int] = {}  # client exchange -> pid of its local server end
         # trace id -> an incoming traceparent's sampled flag, for parentbased_* decisions on
         # records without kernel ids (their trace id is the traceparent's: linker rules).
@@ -133,6 +129,12 @@ class Correlator:
             head_part=self._head_part, hostport=self._hostport,
             match=None if self._routes.empty else self._routes.match, auto_routes=cfg.auto_routes,
             query=cfg.query, resps=self._resps, memo_size=_MEMO_SIZE,
+        )  # fmt: skip
+        # Metric records (correlator/_red.c), with the same route cap and route rules as spans.
+        self._metrics = red.MetricPath(
+            derive=self._metric_head, admit=self._route_cap.admit, route_template=route_template,
+            match=None if self._routes.empty else self._routes.match, auto_routes=cfg.auto_routes,
+            memo_size=_MEMO_SIZE,
         )  # fmt: skip
 
     # public API -------------------------------------------------------------------------------
@@ -149,6 +151,8 @@ class Correlator:
         st.self_hints = c.self_hints
         st.peer_links_by_tuple = self._peers.links
         st.routes_overflowed = self._route_cap.overflowed
+        st.metric_records = self._metrics.records
+        st.metric_unparsed = self._metrics.unparsed
         st.held = self._linker.held_count
         st.peer_waiting = self._peers.pending_count
         st.resolved_remembered = self._linker.resolved_count
@@ -168,96 +172,24 @@ class Correlator:
     def metric(self, mx: MetricExchange) -> red.RedFacts | None:
         """What an unsampled exchange (a metric record) adds to metrics; None when its request
         head is not HTTP/1.x, as such an exchange would make no span either."""
-        st = self._stats
-        st.metric_records += 1
         try:
-            server = mx.role == _ROLE_SERVER
-            head = mx.req_head
-            memo = None
-            # Requests differ mostly by their target (ids in paths), and the metrics take only the
-            # route from it: the rest of the head (method, version, headers) is memoised without
-            # the target, and the route comes from the path alone. Anything unusual (no full
-            # request line, a target that is not a plain origin-form path) takes the full parse.
-            line = _origin_line(head)
-            if line is not None:
-                memo = self._metric_shaped(head, line[0], line[1], server, mx.tls)
-            if memo is None:
-                memo = self._metric_head(head, server, mx.tls)
-            if memo is _UNPARSED:
-                st.metric_unparsed += 1
-                return None
-            h, auto_route, overflow = memo
-            if auto_route is not None:
-                # the same per-service cap as the span path, keyed the same way
-                service = (self._facts.addr(mx.family, mx.local_addr), mx.local_port) if mx.family else mx.pid
-                if self._route_cap.admit(service, auto_route) is not auto_route:
-                    h = overflow
-            return self._facts.facts(mx, h)
+            return self._metrics.metric(mx)
         except Exception as e:  # noqa: BLE001 - bad input must never stop the agent: count it
-            st.internal_errors += 1
+            self._stats.internal_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             return None
 
-    def _metric_head(self, head: bytes, server: bool, tls: bool) -> _MetricMemo:
-        """A metric record's head part from the full parse, memoised by the exact head."""
-        mk = (head, server, tls)
-        memo = self._metric_heads.get(mk)
-        if memo is None:
-            reqs = http1.parse_requests(head, 1)
-            if not reqs:
-                memo = _UNPARSED
-            else:
-                req = reqs[0]
-                _, attrs, _, _, _, has_host, auto_route = self._asm.derive(req, server, self._head_part(req, tls))
-                h = red.head_part(attrs, server, has_host)
-                overflow = None
-                if auto_route is not None:
-                    overflow = red.head_part({**attrs, "http.route": OVERFLOW_ROUTE}, server, has_host)
-                memo = (h, auto_route, overflow)
-            if len(self._metric_heads) >= _MEMO_SIZE:
-                self._metric_heads.clear()
-            self._metric_heads[mk] = memo
-        return memo
-
-    def _metric_shaped(self, head: bytes, sp1: int, sp2: int, server: bool, tls: bool) -> _MetricMemo:
-        """_metric_head for an origin-form request line (head[sp1 + 1:sp2] is a path, possibly with
-        a query): the same result, memoised by the head without its target plus the route."""
-        shape = (head[: sp1 + 1] + head[sp2:], server, tls)
-        base = self._metric_shapes.get(shape)
-        if base is None:
-            full = self._metric_head(head, server, tls)
-            if full is _UNPARSED or not server:
-                base = full  # a client's head part does not depend on its target
-            else:
-                base = full[0]._replace(route=())
-            if len(self._metric_shapes) >= _MEMO_SIZE:
-                self._metric_shapes.clear()
-            self._metric_shapes[shape] = base
-            return full
-        if not isinstance(base, red.HeadPart):
-            return base  # type: ignore[return-value]
-        target = head[sp1 + 1 : sp2]
-        q = target.find(b"?")
-        path = (target if q < 0 else target[:q]).decode("utf-8", "replace")
-        route = None
-        auto = False
-        if not self._routes.empty:
-            route = self._routes.match(path)
-        if route is None and self._auto_routes:
-            route = route_template(path)
-            auto = True
-        rk = (base, route, auto)
-        memo = self._metric_routes.get(rk)
-        if memo is None:
-            if route is None:
-                memo = (base, None, None)
-            else:
-                h = base._replace(route=(("http.route", route),))
-                memo = (h, route, base._replace(route=(("http.route", OVERFLOW_ROUTE),))) if auto else (h, None, None)
-            if len(self._metric_routes) >= _MEMO_SIZE:
-                self._metric_routes.clear()
-            self._metric_routes[rk] = memo
-        return memo
+    def _metric_head(self, head: bytes, server: bool, tls: bool) -> tuple[red.HeadPart, str | None] | None:
+        """A metric record's head part from the full parse, for correlator/_red.c to memoise (by
+        the exact head, and by the head without its target): the RED head part as the span
+        path derives it and the heuristic's route (None when a template named it or there is
+        none), or None when the head is not HTTP/1.x."""
+        reqs = http1.parse_requests(head, 1)
+        if not reqs:
+            return None
+        req = reqs[0]
+        _, attrs, _, _, _, has_host, auto_route = self._asm.derive(req, server, self._head_part(req, tls))
+        return red.head_part(attrs, server, has_host), auto_route
 
     def advance(self, mono_now_ns: int) -> list[Span]:
         out = self._release_unmatched(self._peers.expire(mono_now_ns))
@@ -487,12 +419,7 @@ class Correlator:
 
 _MEMO_SIZE = 1024  # distinct heads remembered; cleared (not LRU) when full: cheap and bounded
 _MISSING = object()
-# A metric record's memoised head part: (RED head part, the heuristic's route or None, the head
-# part with OVERFLOW_ROUTE), or _UNPARSED when the head is not HTTP/1.x.
-_MetricMemo = tuple
-_UNPARSED: tuple = tuple([None, None, None])  # compared by identity
 _CTL_OR_SPACE = re.compile(rb"[\x00-\x20\x7f]")
-_ROLE_SERVER = Role.SERVER
 _PEER = ParentKind.PEER
 _REMOTE_KINDS = (ParentKind.TRACEPARENT, ParentKind.TCP_OPTION)
 
@@ -516,8 +443,8 @@ class _Parsed:
 
 def _origin_line(head: bytes) -> tuple[int, int] | None:
     """The two spaces of a request line whose target is an origin-form path (head[sp1 + 1:sp2],
-    no control bytes or spaces), or None for any other head: the metric and span paths' memos
-    of heads without their target both start here."""
+    no control bytes or spaces), or None for any other head: the span path's memo of heads
+    without their target starts here (the metric path's, correlator/_red.c, by the same rule)."""
     sp1 = head.find(b" ")
     le = head.find(b"\r\n")
     if not 0 < sp1 < le or head[sp1 + 1] != 0x2F:

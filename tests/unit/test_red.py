@@ -181,3 +181,63 @@ def test_metric_memo_by_head_shape_matches_the_span_path(routes: list[str], role
     assert seen >= len(heads)
     assert warm.stats.metric_unparsed == spans.stats.unparsed_exchanges
     assert warm.stats.routes_overflowed == spans.stats.routes_overflowed
+
+
+# What correlator/_red.c handles beyond the cases above --------------------------------------------
+
+
+def test_metric_memos_start_over_when_full_and_agree_with_the_span_path() -> None:
+    """More distinct head shapes, exact heads and outcomes than the memos hold (1,024 each): every
+    record still gets the attributes its span would, and the facts of a repeated set share one
+    attribute tuple (exporters/metrics.py keys its series by the tuple's identity)."""
+    warm = Correlator(WallClock(0), CorrelatorConfig(max_routes=5000))
+    spans = Correlator(WallClock(0), CorrelatorConfig(max_routes=5000))
+    for i in range(3000):
+        # a new shape (user agent) and an absolute-form target (memoised whole) every time
+        head = request_bytes("GET", f"/users/{i}/p{i % 7}", host="api:9000") if i % 2 else (
+            f"GET http://api/users/{i} HTTP/1.1\r\nHost: api\r\nUser-Agent: ua{i}\r\n\r\n".encode())
+        ex = make_exchange(head, response_bytes(200 + i % 300), role=Role.SERVER if i % 3 else Role.CLIENT,
+                           conn_id=i + 1)
+        (span,) = spans.feed(ex)
+        f = warm.metric(_metric(ex))
+        assert f is not None and f.attrs == MetricsAggregator._red_attrs(span), head
+    ex = make_exchange(request_bytes("GET", "/users/1", host="new"), response_bytes(200))
+    a = warm.metric(_metric(ex))
+    b = warm.metric(_metric(replace(ex, req_head=request_bytes("GET", "/users/2", host="new"))))
+    assert a is not None and b is not None and a.attrs is b.attrs  # the first of its shape too
+
+
+@pytest.mark.parametrize(("local", "remote", "local_peer", "peer"), [
+    (("::1", 8080), ("::1", 40000), True, "::1"),
+    (("::ffff:10.0.0.5", 8080), ("::ffff:10.0.0.9", 40000), False, "10.0.0.9"),  # dual-stack: the IPv4 text
+    (("2001:db8::5", 8080), ("2001:db8::5", 40000), True, "2001:db8::5"),  # this host's own address
+    (("10.0.0.5", 8080), ("127.0.0.2", 40000), True, "127.0.0.2"),
+], ids=["loopback6", "dual-stack", "own address", "loopback4"])  # fmt: skip
+def test_peer_addresses(local: tuple[str, int], remote: tuple[str, int], local_peer: bool, peer: str) -> None:
+    corr = Correlator(WallClock(0), CorrelatorConfig())
+    ex = make_exchange(request_bytes("GET", "/a"), response_bytes(200), family=socket.AF_INET6 if ":" in local[0]
+                       else socket.AF_INET, local=local, remote=remote)
+    f = corr.metric(_metric(ex))
+    assert f is not None and (f.local_peer, f.peer, f.local_port) == (local_peer, peer, 8080)
+    client = corr.metric(_metric(replace(ex, role=Role.CLIENT, req_head=request_bytes("GET", "/a", host=None))))
+    assert client is not None and client.peer == peer  # no Host: the far end is named by its address
+    assert ("server.address", peer) in client.attrs
+
+
+def test_odd_metric_records() -> None:
+    corr = Correlator(WallClock(0), CorrelatorConfig())
+    ex = make_exchange(request_bytes("GET", "/a"), response_bytes(200))
+    mx = _metric(ex)
+    backwards = corr.metric(mx._replace(end_ns=mx.start_ns - 5))
+    assert backwards is not None and backwards.seconds == 0.0
+    huge = corr.metric(mx._replace(start_ns=0, end_ns=2**70))
+    assert huge is not None and huge.seconds == 2**70 / 1e9
+    odd = corr.metric(mx._replace(status=1000))  # not a status code: as if no status line was parsed
+    assert odd is not None and all(k != "http.response.status_code" for k, _ in odd.attrs)
+    assert corr.metric(mx._replace(req_head=b"")) is None
+    assert corr.stats.internal_errors == 0
+    assert corr.metric(mx._replace(req_head="GET / HTTP/1.1\r\n\r\n")) is None  # type: ignore[arg-type]
+    assert corr.metric(("not", "a", "record")) is None  # type: ignore[arg-type]
+    st = corr.stats
+    assert st.internal_errors == 2 and corr.last_error
+    assert st.metric_records == 6 and st.metric_unparsed == 1
