@@ -2,7 +2,8 @@
 
 Each extension is the one implementation of its job, not an accelerator with a Python twin:
 tracer/_records.c decodes the kernel's records, correlator/_spans.c assembles HTTP/1 spans from them,
-exporters/_wire.c writes OTLP span bytes.
+exporters/_wire.c writes OTLP span bytes, exporters/_metrics.c folds spans and unsampled exchanges into
+the metrics aggregator's streams.
 Built by Debian's gcc against python3-dev; scripts/bootstrap.sh rebuilds them in place when a
 source is newer than its module.
 """
@@ -18,5 +19,6 @@ setup(
         Extension("tracer._records", ["tracer/_records.c"], depends=["bpf/kspan.h"], extra_compile_args=_FLAGS),
         Extension("correlator._spans", ["correlator/_spans.c"], extra_compile_args=_FLAGS),
         Extension("exporters._wire", ["exporters/_wire.c"], extra_compile_args=_FLAGS),
+        Extension("exporters._metrics", ["exporters/_metrics.c"], extra_compile_args=_FLAGS),
     ]
 )

@@ -73,17 +73,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
-# The compiled hot path (setup.py: tracer/_records.c, correlator/_spans.c, exporters/_wire.c),
+# The compiled hot path (setup.py: tracer/_records.c, correlator/_spans.c, exporters/_wire.c,
+# exporters/_metrics.c),
 # built in place so the source tree imports it like the editable install does; rebuilt when a C
 # source, setup.py or bpf/kspan.h (whose structs tracer/_records.c reads) is newer than its module.
-for src in tracer/_records.c correlator/_spans.c exporters/_wire.c; do
+for src in tracer/_records.c correlator/_spans.c exporters/_wire.c exporters/_metrics.c; do
   so=$(ls "${src%.c}".cpython-*.so 2>/dev/null | head -1 || true)
   if [ -z "$so" ] || [ "$src" -nt "$so" ] || [ setup.py -nt "$so" ] || [ bpf/kspan.h -nt "$so" ]; then
     say "compiling the hot path's C extensions (gcc)"
     .venv/bin/python setup.py -q build_ext --inplace >/dev/null 2>.venv/ext.log || { cat .venv/ext.log >&2; exit 1; }
     # setuptools leaves a module it found up to date untouched: mark them all as checked now, or
     # an older one would send every later run here again
-    touch tracer/_records.cpython-*.so correlator/_spans.cpython-*.so exporters/_wire.cpython-*.so
+    touch tracer/_records.cpython-*.so correlator/_spans.cpython-*.so exporters/_wire.cpython-*.so \
+      exporters/_metrics.cpython-*.so
     break
   fi
 done
