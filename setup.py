@@ -3,7 +3,8 @@
 Each extension is the one implementation of its job, not an accelerator with a Python twin:
 tracer/_records.c decodes the kernel's records, correlator/_spans.c assembles HTTP/1 spans from them,
 correlator/_routes.c is the route heuristic and cap, correlator/_red.c turns metric records into
-RedFacts, exporters/_wire.c writes OTLP span bytes.
+RedFacts, exporters/_wire.c writes OTLP span bytes, exporters/_metrics.c folds spans and unsampled
+exchanges into the metrics aggregator's streams.
 Built by Debian's gcc against python3-dev; scripts/bootstrap.sh rebuilds them in place when a
 source is newer than its module.
 """
@@ -21,5 +22,6 @@ setup(
         Extension("correlator._routes", ["correlator/_routes.c"], extra_compile_args=_FLAGS),
         Extension("correlator._red", ["correlator/_red.c"], extra_compile_args=_FLAGS),
         Extension("exporters._wire", ["exporters/_wire.c"], extra_compile_args=_FLAGS),
+        Extension("exporters._metrics", ["exporters/_metrics.c"], extra_compile_args=_FLAGS),
     ]
 )

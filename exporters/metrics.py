@@ -3,10 +3,13 @@
 Aggregation is kspan's own (plain dicts and bucket arrays), exported as the OpenTelemetry SDK's
 metric data model through the SDK's OTLP metric exporters (or as OTLP-JSON lines for the embedded
 default). Why not the SDK's instruments: one Histogram.record() costs ~9 us here and every traced
-request needs four or five of them; aggregating in place costs ~1.5 us per span and under 1 us per
+request needs four or five of them; aggregating in place costs ~0.5 us per span and ~0.2-0.3 us per
 unsampled exchange, which matters to an agent whose budget is about 10 us per request. What
-makes it cheap: a span's attribute values (or a RedFacts' memoised attribute tuple) find all their
-streams in one dict lookup, pids resolve once per batch, and histogram values are folded per batch.
+makes it cheap: the per-record fold is C (exporters/_metrics.c: the streams, the series memo's
+lookup, the service graph's pairing), a span's attribute values (or a RedFacts' memoised attribute
+tuple) find all their streams in one dict lookup, and pids resolve once per batch. Whatever creates
+or ages state (memo entries, streams and the cardinality limit, edges, pids' services, expiry) is
+here, called back from the C.
 
 Resources: RED metrics belong to the traced service (one resource per service, never per pid: the
 pid, command line and executable are left out to bound cardinality). The service graph, network and
@@ -17,15 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import socket
-import sys
 import threading
 import time
-from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import reduce
 from typing import IO, Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -48,6 +47,12 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from correlator.records import TcpEvent, TcpEventKind
 from correlator.red import RedFacts
 from correlator.spans import AttrValue, ProcessInfo, Span, SpanKind, StatusCode
+from exporters._metrics import Counter as _Counter
+from exporters._metrics import Edge as _Edge
+from exporters._metrics import Hist as _Hist
+from exporters._metrics import Series as _Series
+from exporters._metrics import record_red as _record_red
+from exporters._metrics import record_spans as _record_spans
 from exporters.config import ConfigError, ExporterConfig, OtlpTarget
 from exporters.otlp_proto import KSPAN_VERSION, SCOPE_NAME, SDK_ATTRIBUTES, ResourceOverrides, resource_attributes
 
@@ -111,79 +116,6 @@ TCP_CONNECT_FAILURES = MetricDef("kspan.network.tcp.connect_failures", "{connect
 TCP_RTT = MetricDef("kspan.network.tcp.rtt", "s", "Smoothed TCP round-trip time samples.", "histogram", RTT_BUCKETS)
 
 
-# In arrival order, one addition at a time: the total a running `total += v` gives, to the bit, at C
-# speed. sum() adds floats just so before Python 3.12; from 3.12 on it compensates its additions
-# (gh-100425), as math.fsum always does, which can change the last bits.
-if sys.version_info < (3, 12):
-    _running_total: Callable[[list[float], float], float] = sum
-else:
-    def _running_total(vals: list[float], start: float) -> float:
-        return reduce(operator.add, vals, start)
-
-
-class _Hist:
-    """One histogram stream. Observations are appended to `vals` and folded into the counts at the
-    end of the batch (fold), before the lock is released: the fold's sort, bisections and sum run
-    in C, where updating five fields per observation in bytecode costs about twice as much."""
-
-    __slots__ = ("counts", "total", "n", "lo", "hi", "start_ns", "bounds", "vals", "dirty")
-
-    def __init__(self, bounds: tuple[float, ...], start_ns: int, dirty: list[_Hist]) -> None:
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-        self.n = 0
-        self.lo = float("inf")
-        self.hi = float("-inf")
-        self.start_ns = start_ns
-        self.bounds = bounds
-        self.vals: list[float] = []
-        self.dirty = dirty  # the aggregator's list of streams with unfolded values
-
-    def add(self, value: float) -> None:
-        vals = self.vals
-        if not vals:
-            self.dirty.append(self)
-        vals.append(value)
-
-    def fold(self) -> None:
-        vals = self.vals
-        self.total = _running_total(vals, self.total)
-        self.n += len(vals)
-        counts, bounds = self.counts, self.bounds
-        if len(vals) < 16:
-            lo, hi = self.lo, self.hi
-            for v in vals:
-                # OTLP explicit buckets are upper-inclusive: bucket i holds (bounds[i-1], bounds[i]].
-                counts[bisect_left(bounds, v)] += 1
-                if v < lo:
-                    lo = v
-                if v > hi:
-                    hi = v
-            self.lo, self.hi = lo, hi
-        else:
-            # Sorted, a bucket's count is the difference of two bisections of the values.
-            ordered = sorted(vals)
-            below = 0
-            for i, b in enumerate(bounds):
-                upto = bisect_right(ordered, b)
-                counts[i] += upto - below
-                below = upto
-            counts[-1] += len(ordered) - below
-            if ordered[0] < self.lo:
-                self.lo = ordered[0]
-            if ordered[-1] > self.hi:
-                self.hi = ordered[-1]
-        vals.clear()
-
-
-class _Counter:
-    __slots__ = ("value", "start_ns")
-
-    def __init__(self, start_ns: int) -> None:
-        self.value = 0
-        self.start_ns = start_ns
-
-
 AttrKey = tuple[tuple[str, AttrValue], ...]
 ResourceKey = tuple[tuple[str, AttrValue], ...]
 
@@ -205,41 +137,10 @@ class _Health:
 _Pending = tuple[str, str | None, float, bool, float, str]
 
 
-class _Series:
-    """What one span attribute set (or one RedFacts attribute tuple) of one resource resolves to,
-    memoised so a span costs one dict lookup: its duration stream (None until the stream exists,
-    and for good once its metric overflowed the cardinality limit, so every such observation counts
-    the overflow again), and what the service graph and the TCP far-end names need of the span."""
-
-    __slots__ = ("metric", "attrs", "hist", "endpoint", "local", "peer", "database", "port")
-
-    def __init__(self, metric: MetricDef | None, attrs: AttrKey, hist: _Hist | _Counter | None) -> None:
-        self.metric = metric  # None: no duration metric (a database's own server-side span)
-        self.attrs = attrs
-        self.hist = hist
-        self.endpoint: tuple[str, int] | None = None  # client: where its traced server listens
-        self.local = False  # client: the far end is on this host
-        self.peer = UNKNOWN_SERVICE  # client: the far end's name for a virtual node
-        self.database: str | None = None  # the db.system.name node of a database span
-        self.port = 0  # server: the listening port last learned through this entry
-
-
-class _Edge:
-    """The service-graph streams of one (client, server, connection_type), once they all exist."""
-
-    __slots__ = ("total", "failed", "server", "client")
-
-    def __init__(self, total: _Counter, failed: _Counter, server: _Hist | None, client: _Hist | None) -> None:
-        self.total = total
-        self.failed = failed
-        self.server = server
-        self.client = client
-
-
 _MEMO_SIZE = 4096  # memoised attribute sets; the memo starts over when full
 _SERVICE_CACHE_SIZE = 8192  # pids' resolved services; the cache starts over when full
-# Module constants: a global lookup instead of a global and an attribute lookup per span.
-_SERVER, _CLIENT, _ERROR = SpanKind.SERVER, SpanKind.CLIENT, StatusCode.ERROR
+# What exporters/_metrics.c compares spans' kinds and statuses with, and names an unknown caller.
+_SPAN_CONSTS = (SpanKind.SERVER, SpanKind.CLIENT, StatusCode.ERROR, UNKNOWN_SERVICE)
 
 
 class MetricsAggregator:
@@ -253,7 +154,6 @@ class MetricsAggregator:
         # dict lookups mostly compare by identity.
         self._streams: dict[tuple[int, MetricDef, AttrKey], _Hist | _Counter] = {}
         self._stream_counts: dict[tuple[int, MetricDef], int] = {}
-        self._dirty: list[_Hist] = []
         self._resource_ids: dict[ResourceKey, int] = {}
         self._resources: list[ResourceKey] = []
         self._service_res: dict[int, tuple[ProcessInfo | None, int, str]] = {}
@@ -341,7 +241,7 @@ class MetricsAggregator:
                 key = (res, m, _OVERFLOW_KEY)
                 st = self._streams.get(key)
             if st is None:
-                st = _Hist(m.bounds, now_ns, self._dirty) if m.kind == "histogram" else _Counter(now_ns)
+                st = _Hist(m.bounds, now_ns) if m.kind == "histogram" else _Counter(now_ns)
                 self._streams[key] = st
                 self._stream_counts[(res, m)] = n + 1
         return st
@@ -362,27 +262,20 @@ class MetricsAggregator:
             c = self._state(res, m, attrs, now_ns)
         c.value += n  # type: ignore[union-attr]
 
-    def _fold(self) -> None:
-        for h in self._dirty:
-            h.fold()
-        self._dirty.clear()
-
-    def _begin(self, processes: Mapping[int, ProcessInfo]) -> tuple[dict[int, tuple[int, str]], list[_Hist], int]:
-        """A batch's context, kept on self rather than passed in every call (each argument costs);
-        returns what the batch's loop keeps in locals: the batch's services by pid, the streams with
-        unfolded values, the wall clock. A batch's processes mapping is its own: pids resolve afresh."""
+    def _begin(self, processes: Mapping[int, ProcessInfo]) -> int:
+        """A batch's context, kept on self (exporters/_metrics.c reads it there): its processes
+        mapping (a batch's is its own: pids resolve afresh), the clocks. Returns the wall clock."""
         self._processes = processes
         self._now_ns = time.time_ns()
         self._now = time.monotonic()
         self._batch_services.clear()
-        return self._batch_services, self._dirty, self._now_ns
+        return self._now_ns
 
     def _end(self) -> None:
         now = self._now
         if now - self._last_sweep >= 1.0:
             self._last_sweep = now
             self._expire(now - self._pair_timeout_s, self._now_ns)
-        self._fold()
 
     # --- spans ---
 
@@ -470,143 +363,39 @@ class MetricsAggregator:
         return e
 
     def record_spans(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
+        """Each span's duration into its RED stream, the far end it teaches, and its half of a
+        service-graph edge: exporters/_metrics.c's record_spans, which calls back the methods
+        below (_span_series_miss, _series_of, _observe, _edge...) for what does not exist yet."""
         with self._lock:
-            services, dirty, now_ns = self._begin(processes)
-            memo = self._span_series
-            endpoints = self._endpoint_service
-            for s in spans:
-                res, service = services.get(s.pid) or self._batch_service(s.pid)
-                ns = s.end_ns - s.start_ns
-                seconds = ns / 1e9 if ns > 0 else 0.0
-                a = s.attributes
-                kind = s.kind
-                if "db.system.name" in a or "rpc.system" in a:
-                    e = self._series_of(s, res, service)
-                else:
-                    # Every attribute _series_of reads of an HTTP span, and no other: the
-                    # server's is the request's (route, port), the client's its far end. The key
-                    # compares values with ==, as stream keys do; status codes and ports are ints
-                    # (the correlator's), so a 500 never meets a 500.0 that isinstance would tell apart.
-                    get = a.get
-                    if kind == _SERVER:
-                        key: tuple[Any, ...] = (
-                            res, kind, s.status, get("http.request.method"), get("http.response.status_code"),
-                            get("error.type"), get("http.route"), get("server.port"), get("url.scheme"),
-                            get("network.protocol.version"))
-                    else:
-                        key = (res, kind, s.status, get("http.request.method"), get("http.response.status_code"),
-                               get("error.type"), get("server.address"), get("server.port"), get("url.scheme"),
-                               get("network.protocol.version"), get("network.peer.address"),
-                               get("network.peer.port"))
-                    e = memo.get(key)  # type: ignore[assignment]
-                    if e is None:
-                        if len(memo) >= _MEMO_SIZE:
-                            memo.clear()
-                        e = memo[key] = self._series_of(s, res, service)
-                h = e.hist
-                if h is not None:
-                    vals = h.vals  # _Hist.add, inlined: a call costs as much as the rest of it
-                    if not vals:
-                        dirty.append(h)
-                    vals.append(seconds)
-                elif e.metric is not None:
-                    e.hist = self._observe(res, e.metric, e.attrs, seconds, now_ns)
-                peer_pid = s.peer_pid
-                endpoint = e.endpoint
-                if endpoint is not None and peer_pid and len(endpoints) < 4096:
-                    peer_svc = services.get(peer_pid)
-                    endpoints[endpoint] = peer_svc[1] if peer_svc is not None else self._service_name(peer_pid)
-                failed = s.status == _ERROR
-                client = kind == _CLIENT
-                if e.database is not None:
-                    if client:
-                        self._edge(service, e.database, "database", failed, None, seconds, now_ns)
-                elif client:
-                    self._client_half(service, seconds, failed, s.span_id, peer_pid, e.local, e.peer)
-                else:
-                    self._server_half(service, seconds, failed, s.parent_span_id or b"", peer_pid,
-                                      "" if peer_pid else str(a.get("client.address") or UNKNOWN_SERVICE))
+            self._begin(processes)
+            _record_spans(self, spans, _SPAN_CONSTS)
             self._end()
 
-    def _client_half(self, service: str, seconds: float, failed: bool, span_id: bytes, peer_pid: int, local: bool,
-                     peer: str) -> None:
-        """A client's half of a service-graph edge. Both ends traced on this host: the halves pair by
-        span id (the server's parent is the client's span) and count once with both durations.
-        peer: the far end's name (server.address) for when it is not traced."""
-        if not peer_pid and not (local and span_id):
-            # The far end is not traced: a virtual node named by the address the client called.
-            self._edge(service, peer, "virtual_node", failed, None, seconds, self._now_ns)
-            return
-        match = self._pending_servers.pop(span_id, None)
-        if match is not None:
-            self._edge(service, match[1], "", failed or match[3], match[2], seconds,  # type: ignore[arg-type]
-                       self._now_ns)
-            return
-        # Kernel-identified spans leave before their far end is known: a local client without a
-        # peer waits for a server span naming it, and counts as a virtual node if none comes.
-        server = self._service_name(peer_pid) if peer_pid else None
-        self._pending_clients[span_id] = (service, server, seconds, failed, self._now, peer)
-        if len(self._pending_clients) + len(self._pending_servers) > self._max_pending:
-            self._expire(float("inf"), self._now_ns)
-
-    def _server_half(self, service: str, seconds: float, failed: bool, parent: bytes, peer_pid: int,
-                     peer: str) -> None:
-        """A server's half of a service-graph edge (see _client_half). peer: the caller's name
-        (client.address) for when it is not traced."""
-        if not peer_pid:
-            # No traced caller: a root span was called by a user (the collector's servicegraph
-            # connector names it "user"); otherwise by an untraced process at client.address.
-            self._edge("user" if not parent else peer, service, "virtual_node", failed, seconds, None, self._now_ns)
-            return
-        match = self._pending_clients.pop(parent, None)
-        if match is not None:
-            self._edge(match[0], service, "", failed or match[3], seconds, match[2], self._now_ns)
-            return
-        svc = self._batch_services.get(peer_pid)
-        client = svc[1] if svc is not None else self._service_name(peer_pid)
-        self._pending_servers[parent] = (client, service, seconds, failed, self._now, "")
-        if len(self._pending_clients) + len(self._pending_servers) > self._max_pending:
-            self._expire(float("inf"), self._now_ns)
+    def _span_series_miss(self, s: Span, res: int, service: str, key: tuple[Any, ...]) -> _Series:
+        """An HTTP span whose memo key (built by exporters/_metrics.c from every attribute
+        _series_of reads of it, its resource, kind and status) is not memoised yet."""
+        memo = self._span_series
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        e = memo[key] = self._series_of(s, res, service)
+        return e
 
     def record_red(self, facts: Sequence[RedFacts], processes: Mapping[int, ProcessInfo]) -> None:
         """Unsampled exchanges: the same RED and service-graph metrics a span would give, from
-        correlator/red.py's facts (no span is built for them)."""
+        correlator/red.py's facts (no span is built for them), by exporters/_metrics.c's record_red."""
         with self._lock:
-            services, dirty, now_ns = self._begin(processes)
-            memo = self._fact_series
-            for f in facts:
-                res, service = services.get(f.pid) or self._batch_service(f.pid)
-                server = f.server
-                attrs = f.attrs
-                key = (res, server, id(attrs))
-                e = memo.get(key)
-                if e is None:
-                    if len(memo) >= _MEMO_SIZE:
-                        memo.clear()
-                    m = SERVER_DURATION if server else CLIENT_DURATION
-                    e = memo[key] = _Series(m, attrs, self._streams.get((res, m, attrs)))
-                seconds = f.seconds
-                h = e.hist
-                if h is not None:
-                    vals = h.vals  # _Hist.add, inlined
-                    if not vals:
-                        dirty.append(h)
-                    vals.append(seconds)
-                else:
-                    e.hist = self._observe(res, e.metric, attrs, seconds, now_ns)  # type: ignore[arg-type]
-                if server:
-                    port = f.local_port
-                    if port and port != e.port:
-                        # Adding a port again changes nothing (the set only grows, and once full
-                        # takes no more): each entry learns its port once.
-                        e.port = port
-                        ports = self._listen_ports.setdefault(service, set())
-                        if len(ports) < 64:
-                            ports.add(port)
-                    self._server_half(service, seconds, f.failed, f.parent_span_id, f.peer_pid, f.peer)
-                else:
-                    self._client_half(service, seconds, f.failed, f.span_id, f.peer_pid, f.local_peer, f.peer)
+            self._begin(processes)
+            _record_red(self, facts)
             self._end()
+
+    def _fact_series_miss(self, res: int, server: bool, attrs: AttrKey, key: tuple[int, bool, int]) -> _Series:
+        """A RedFacts attribute tuple not memoised yet; key is (res, server, id(attrs))."""
+        memo = self._fact_series
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        m = SERVER_DURATION if server else CLIENT_DURATION
+        e = memo[key] = _Series(m, attrs, self._streams.get((res, m, attrs)))
+        return e
 
     def _expire(self, older_than: float, now_ns: int) -> None:
         # The other half never came (dropped, or its process is not traced after all): count the edge
@@ -627,19 +416,14 @@ class MetricsAggregator:
               server_s: float | None, client_s: float | None, now_ns: int) -> None:
         e = self._edges.get((client, server, connection_type))
         if e is not None and (server_s is None or e.server is not None) and (client_s is None or e.client is not None):
+            # (exporters/_metrics.c counts an edge that exists in place; this is for _expire's)
             e.total.value += 1
             if failed:
                 e.failed.value += 1
             if server_s is not None:
-                vals = e.server.vals  # type: ignore[union-attr]  # _Hist.add, inlined
-                if not vals:
-                    self._dirty.append(e.server)  # type: ignore[arg-type]
-                vals.append(server_s)
+                e.server.add(server_s)  # type: ignore[union-attr]
             if client_s is not None:
-                vals = e.client.vals  # type: ignore[union-attr]
-                if not vals:
-                    self._dirty.append(e.client)  # type: ignore[arg-type]
-                vals.append(client_s)
+                e.client.add(client_s)  # type: ignore[union-attr]
             return
         attrs: AttrKey = (("client", client), ("connection_type", connection_type), ("server", server))
         res = self.agent_resource
@@ -676,7 +460,7 @@ class MetricsAggregator:
     def record_tcp(self, events: Iterable[TcpEvent], processes: Mapping[int, ProcessInfo]) -> None:
         res = self.agent_resource
         with self._lock:
-            now_ns = self._begin(processes)[2]
+            now_ns = self._begin(processes)
             for e in events:
                 service = self._service_name(e.pid)
                 attrs: AttrKey = (("destination", self._far_end(e, service)), ("source", service))
@@ -691,7 +475,6 @@ class MetricsAggregator:
                     self._add(res, TCP_CONNECT_FAILURES, attrs, 1, now_ns)
                 elif k == TcpEventKind.RTT:
                     self._observe(res, TCP_RTT, attrs, e.value / 1e6, now_ns)
-            self._fold()
 
     # --- health ---
 
@@ -707,7 +490,6 @@ class MetricsAggregator:
         """A cumulative snapshot in the SDK's data model (what its OTLP metric exporters take)."""
         now_ns = time.time_ns()
         with self._lock:
-            self._fold()
             grouped: dict[int, dict[MetricDef, list[tuple[AttrKey, _Hist | _Counter]]]] = {}
             for (res, m, attrs), st in self._streams.items():
                 grouped.setdefault(res, {}).setdefault(m, []).append((attrs, st))
