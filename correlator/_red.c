@@ -327,8 +327,8 @@ fail:
 }
 
 /* The two spaces of a request line whose target is an origin-form path (head[sp1 + 1:sp2], no
- * control bytes or spaces): the rule of correlator.py's _origin_line, for the span path's memo
- * of heads without their target. */
+ * control bytes or spaces): the same rule as correlator.py's _origin_line, with which the span
+ * path memoises its heads without their target. */
 static int origin_line(const char *h, Py_ssize_t n, Py_ssize_t *sp1, Py_ssize_t *sp2) {
     if (n < 2)
         return 0;
@@ -457,14 +457,24 @@ static PyObject *head_of(Path *self, PyObject *head, int server, int tls) {
     Py_DECREF(key);
     if (v == Py_None || !((Head *)v)->base)
         return Py_NewRef(v);
-    /* this record's too, so that one shape and route are one Head (and one attribute tuple) */
-    return routed(self, (Head *)v, h + sp1 + 1, sp2 - sp1 - 1);
+    /* this record's too, so that one shape and route are one Head (and one attribute tuple); held
+     * while routed() calls into Python (RouteTable.match) */
+    Py_INCREF(v);
+    PyObject *r = routed(self, (Head *)v, h + sp1 + 1, sp2 - sp1 - 1);
+    Py_DECREF(v);
+    return r;
 fail:
     Py_DECREF(key);
     return NULL;
 }
 
-static long as_long(PyObject *v) { return PyLong_Check(v) ? PyLong_AsLong(v) : (PyErr_SetString(PyExc_TypeError, "an integer field is not an int"), -1); }
+/* An int field's value; -1 with an error set when it is not an int (or too large). */
+static long as_long(PyObject *v) {
+    if (PyLong_Check(v))
+        return PyLong_AsLong(v);
+    PyErr_SetString(PyExc_TypeError, "an integer field is not an int");
+    return -1;
+}
 
 /* (error.type or NULL, failed) as a span of the exchange would have them. Without the
  * response's tail, a response that has a status line is taken as complete unless the exchange

@@ -110,7 +110,6 @@ class Correlator:
         self.protocols = ProtocolSpans(clock, cfg.id_salt)
         self._peers = PeerMatcher(int(cfg.peer_wait_s * 1e9), max_entries=cfg.max_held_spans)
         self._routes = semconv.RouteTable(cfg.routes)
-        self._auto_routes = cfg.auto_routes
         self._route_cap = RouteCap(cfg.max_routes)
         self._max_pipelined = cfg.max_pipelined
         self.last_error = ""  # repr of the last internal error, for `kspan doctor`/logs
