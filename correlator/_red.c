@@ -327,8 +327,8 @@ fail:
 }
 
 /* The two spaces of a request line whose target is an origin-form path (head[sp1 + 1:sp2], no
- * control bytes or spaces): the same rule as correlator.py's _origin_line, with which the span
- * path memoises its heads without their target. */
+ * control bytes or spaces): the one rule both the metric path and the span path (correlator.py's
+ * _shaped, through py_origin_line) use to memoise heads without their target. */
 static int origin_line(const char *h, Py_ssize_t n, Py_ssize_t *sp1, Py_ssize_t *sp2) {
     if (n < 2)
         return 0;
@@ -732,7 +732,21 @@ static PyTypeObject Path_Type = {
 
 /* ---- module ------------------------------------------------------------------------------ */
 
+static PyObject *py_origin_line(PyObject *mod, PyObject *head) {
+    (void)mod;
+    if (!PyBytes_Check(head)) {
+        PyErr_SetString(PyExc_TypeError, "origin_line() takes bytes");
+        return NULL;
+    }
+    Py_ssize_t sp1, sp2;
+    if (!origin_line(PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head), &sp1, &sp2))
+        Py_RETURN_NONE;
+    return Py_BuildValue("(nn)", sp1, sp2);
+}
+
 static PyMethodDef methods[] = {
+    {"origin_line", (PyCFunction)py_origin_line, METH_O,
+     "origin_line(head) -> (sp1, sp2), the spaces around an origin-form target, or None"},
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
      "setup(*, red_facts, facts_fields, metric_fields, head_fields, format_addr, aborted_err, err_incomplete, "
      "overflow_route, closed, server, peer): correlator/red.py's types and constants, once"},

@@ -7,10 +7,9 @@ the same spans, which is what makes `kspan replay` and recorded-stream tests exa
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 
-from correlator import _spans, http1, red, semconv
+from correlator import _red, _spans, http1, red, semconv
 from correlator.clock import WallClock
 from correlator.linker import PARENT_SOURCE_ATTR, Linker, make_linker, parent_source
 from correlator.peers import PeerMatcher
@@ -226,7 +225,7 @@ class Correlator:
         that differ only in their target (ids in paths make most heads unique, their shape
         repeats): the template's parse with this target, its head length moved by the target's.
         None for any other head, which takes the full parse."""
-        line = _origin_line(head)
+        line = _red.origin_line(head)
         if line is None:
             return None
         sp1, sp2 = line
@@ -418,7 +417,6 @@ class Correlator:
 
 _MEMO_SIZE = 1024  # distinct heads remembered; cleared (not LRU) when full: cheap and bounded
 _MISSING = object()
-_CTL_OR_SPACE = re.compile(rb"[\x00-\x20\x7f]")
 _PEER = ParentKind.PEER
 _REMOTE_KINDS = (ParentKind.TRACEPARENT, ParentKind.TCP_OPTION)
 
@@ -438,20 +436,6 @@ class _Parsed:
         self.tp = parse_traceparent(self.tp_raw) if self.tp_raw is not None else None
         self.tp_sampled = traceparent_sampled(self.tp_raw) if self.tp is not None and self.tp_raw else False
         self.trace_state = clean_tracestate(first.tracestate) if self.tp is not None and first else ""
-
-
-def _origin_line(head: bytes) -> tuple[int, int] | None:
-    """The two spaces of a request line whose target is an origin-form path (head[sp1 + 1:sp2],
-    no control bytes or spaces), or None for any other head: the span path's memo of heads
-    without their target starts here (the metric path's, correlator/_red.c, by the same rule)."""
-    sp1 = head.find(b" ")
-    le = head.find(b"\r\n")
-    if not 0 < sp1 < le or head[sp1 + 1] != 0x2F:
-        return None
-    sp2 = head.rfind(b" ", sp1 + 1, le)
-    if sp2 <= sp1 or _CTL_OR_SPACE.search(head, sp1 + 1, sp2) is not None:
-        return None
-    return sp1, sp2
 
 
 _NO_SHAPE = object()

@@ -241,3 +241,16 @@ def test_odd_metric_records() -> None:
     st = corr.stats
     assert st.internal_errors == 2 and corr.last_error
     assert st.metric_records == 6 and st.metric_unparsed == 1
+
+
+def test_origin_line_finds_only_plain_origin_form_targets() -> None:
+    from correlator import _red
+
+    assert _red.origin_line(b"GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\n") == (3, 8)
+    assert _red.origin_line(b"GET /a b HTTP/1.1\r\n\r\n") is None  # a space inside the target
+    assert _red.origin_line(b"GET /a\x01b HTTP/1.1\r\n\r\n") is None  # control byte in the target
+    assert _red.origin_line(b"GET http://x/ HTTP/1.1\r\n\r\n") is None  # absolute form
+    assert _red.origin_line(b"GET /a HTTP/1.1") is None  # no line end
+    assert _red.origin_line(b" /a HTTP/1.1\r\n\r\n") is None  # no method
+    assert _red.origin_line(b"GET /a\r\n\r\n") is None  # one space: no version
+    assert _red.origin_line(b"") is None
