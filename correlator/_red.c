@@ -327,8 +327,8 @@ fail:
 }
 
 /* The two spaces of a request line whose target is an origin-form path (head[sp1 + 1:sp2], no
- * control bytes or spaces): the one rule both the metric path and the span path (correlator.py's
- * _shaped, through py_origin_line) use to memoise heads without their target. */
+ * control bytes or spaces): the one rule both the metric path and the span path (correlator/_spans.c's
+ * head memo, through the ORIGIN_LINE_CAPSULE) use to memoise heads without their target. */
 static int origin_line(const char *h, Py_ssize_t n, Py_ssize_t *sp1, Py_ssize_t *sp2) {
     if (n < 2)
         return 0;
@@ -778,6 +778,13 @@ PyMODINIT_FUNC PyInit__red(void) {
     if ((empty_tuple = PyTuple_New(0)) == NULL || (zero = PyLong_FromLong(0)) == NULL ||
         PyModule_AddObjectRef(m, "MetricPath", (PyObject *)&Path_Type) < 0)
         goto fail;
+    /* correlator/_spans.c takes origin_line through this capsule: one rule for both paths, without
+     * a header shared between two extensions. */
+    PyObject *cap = PyCapsule_New((void *)origin_line, "correlator._red._origin_line", NULL);
+    if (cap == NULL || PyModule_AddObject(m, "_origin_line", cap) < 0) {
+        Py_XDECREF(cap);
+        goto fail;
+    }
     return m;
 fail:
     Py_DECREF(m);

@@ -1,5 +1,12 @@
-/* correlator/_spans.c: the HTTP/1 spans of one exchange record, the correlator's per-record
- * hot path (correlator/correlator.py calls it for every exchange).
+/* correlator/_spans.c: the HTTP/1 spans of exchange records, the correlator's per-record hot path
+ * (Correlator.feed and feed_batch are a Feeder's, below).
+ *
+ * A record whose ids and sampling the kernel fixed goes through here whole (Feeder): the repeat
+ * check against the linker's held spans and its Memory of released identities, the head memo (by
+ * exact head, and by head shape: the head without its target), span assembly, the traceparent
+ * counters and trace_state, the peer pid table, the counters (Counters), and the Memory entry
+ * that lets a later record without kernel ids link to it. Records without kernel ids go to
+ * correlator.py's Python linking (correlator/linker.py), which shares the Memory and Counters.
  *
  * What a span takes from its request target (derive: url.path, url.query, http.route, url.full,
  * server.address/port from an absolute-form target), and what it takes from the record
@@ -17,6 +24,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <stdint.h>
 #include <string.h>
 
 #ifndef Py_T_OBJECT_EX
@@ -32,14 +40,23 @@ typedef struct {
 
 enum {
     X_PID, X_ROLE, X_END, X_TLS, X_CONN_ID, X_FAMILY, X_LOCAL_ADDR, X_LOCAL_PORT, X_REMOTE_ADDR,
-    X_REMOTE_PORT, X_REQ_START_NS, X_RESP_START_NS, X_REQ_BYTES, X_RESP_BYTES, X_STATUS, X_PARENT,
-    X_RESP_HEAD, X_RESP_TAIL, X_RESP_HEAD_TRUNCATED, X_N
+    X_REMOTE_PORT, X_REQ_START_NS, X_REQ_END_NS, X_RESP_START_NS, X_RESP_END_NS, X_REQ_BYTES, X_RESP_BYTES,
+    X_STATUS, X_PARENT, X_REQ_HEAD, X_RESP_HEAD, X_RESP_TAIL, X_RESP_HEAD_TRUNCATED, X_PARENT_AMBIGUOUS,
+    X_TRACE_ID, X_SPAN_ID, X_PARENT_SPAN_ID, X_SAMPLED, X_KERNEL_IDS, X_N
 };
 static Slot ex_slots[X_N] = {
     {"pid"}, {"role"}, {"end"}, {"tls"}, {"conn_id"}, {"family"}, {"local_addr"}, {"local_port"},
-    {"remote_addr"}, {"remote_port"}, {"req_start_ns"}, {"resp_start_ns"}, {"req_bytes"},
-    {"resp_bytes"}, {"status"}, {"parent"}, {"resp_head"}, {"resp_tail"}, {"resp_head_truncated"},
+    {"remote_addr"}, {"remote_port"}, {"req_start_ns"}, {"req_end_ns"}, {"resp_start_ns"}, {"resp_end_ns"},
+    {"req_bytes"}, {"resp_bytes"}, {"status"}, {"parent"}, {"req_head"}, {"resp_head"}, {"resp_tail"},
+    {"resp_head_truncated"}, {"parent_ambiguous"}, {"trace_id"}, {"span_id"}, {"parent_span_id"}, {"sampled"},
+    {"kernel_ids"},
 };
+
+/* correlator.records.ParentHint and ExchangeId, read by the feed path */
+enum { H_KIND, H_PID, H_EXCHANGE, H_N };
+static Slot hint_slots[H_N] = {{"kind"}, {"pid"}, {"exchange"}};
+enum { I_CONN_ID, I_REQ_START_NS, I_N };
+static Slot exid_slots[I_N] = {{"conn_id"}, {"req_start_ns"}};
 
 enum { Q_METHOD, Q_TARGET, Q_VERSION, Q_CHUNKED, Q_HEAD_LEN, Q_COMPLETE, Q_N };
 static Slot req_slots[Q_N] = {{"method"}, {"target"}, {"version"}, {"chunked"}, {"head_len"}, {"complete"}};
@@ -47,8 +64,8 @@ static Slot req_slots[Q_N] = {{"method"}, {"target"}, {"version"}, {"chunked"}, 
 enum { R_STATUS, R_VERSION, R_CONTENT_LENGTH, R_HEAD_END, R_COMPLETE, R_N };
 static Slot resp_slots[R_N] = {{"status"}, {"version"}, {"content_length"}, {"head_end"}, {"complete"}};
 
-enum { P_REQS, P_MEMO, P_HEADS, P_N };
-static Slot parsed_slots[P_N] = {{"reqs"}, {"memo"}, {"heads"}};
+enum { P_REQS, P_MEMO, P_HEADS, P_TP, P_TP_RAW, P_TRACE_STATE, P_N };
+static Slot parsed_slots[P_N] = {{"reqs"}, {"memo"}, {"heads"}, {"tp"}, {"tp_raw"}, {"trace_state"}};
 
 /* Every field of correlator.spans.Span, in declaration order: setup() checks this list against
  * dataclasses.fields(Span), so each span built here has every field set. */
@@ -132,10 +149,14 @@ static int truth_slot(PyObject *o, const Slot *slots, int i) {
 
 /* ---- module state (set once by setup) ---------------------------------------------------- */
 
+typedef int (*origin_line_fn)(const char *h, Py_ssize_t n, Py_ssize_t *sp1, Py_ssize_t *sp2);
+
 static struct {
     int ready;
-    PyTypeObject *span_t, *ex_t, *req_t, *resp_t, *parsed_t;
-    PyObject *kind_server, *kind_client, *unset, *error, *role_server, *peer_kind, *closed, *timeout, *evicted;
+    PyTypeObject *span_t, *ex_t, *req_t, *resp_t, *parsed_t, *hint_t, *exid_t;
+    PyObject *kind_server, *kind_client, *unset, *error, *role_server, *role_client, *peer_kind, *closed, *timeout,
+        *evicted;
+    origin_line_fn origin_line; /* correlator/_red.c's, through its capsule */
     PyObject *aborted_err, *err_incomplete, *status_messages, *overflow_route, *other_method;
     PyObject *source_attr;
     PyObject *framing_complete, *parse_final_response, *parse_responses, *route_template, *redact_query;
@@ -147,7 +168,7 @@ static PyObject *k_method, *k_method_original, *k_scheme, *k_path, *k_route, *k_
     *k_status_code, *k_error_type, *k_req_body, *k_resp_body;
 static PyObject *c_timeouts, *c_evicted, *c_pipelined_splits, *c_truncated_heads, *c_unparsed_responses,
     *c_responses_incomplete, *c_closed_no_response, *c_no_response;
-static PyObject *a_kind, *a_pid;
+static PyObject *a_kind, *a_pid, *a_kernel_ids, *s_none;
 static PyObject *s_empty, *s_https, *s_http_name, *s_mapped_prefix, *b_empty, *b_head, *b_connect, *i_zero,
     *i_minus_one, *i_80, *i_443;
 
@@ -166,7 +187,8 @@ static struct {
     {&c_truncated_heads, "truncated_heads"}, {&c_unparsed_responses, "unparsed_responses"},
     {&c_responses_incomplete, "responses_incomplete"}, {&c_closed_no_response, "closed_no_response"},
     {&c_no_response, "no_response"}, {&a_kind, "kind"}, {&a_pid, "pid"},
-    {&s_empty, ""}, {&s_https, "https"}, {&s_http_name, "HTTP"}, {&s_mapped_prefix, "::ffff:"},
+    {&s_empty, ""}, {&s_none, "none"}, {&a_kernel_ids, "kernel_ids"}, {&s_https, "https"}, {&s_http_name, "HTTP"},
+    {&s_mapped_prefix, "::ffff:"},
 };
 
 /* ---- small helpers ----------------------------------------------------------------------- */
@@ -350,12 +372,465 @@ static int cut_short(PyObject *stats, PyObject *end, int incomplete, int cut, Py
     return cut ? aborted_err(end, err) : 0;
 }
 
+/* ---- counters: the correlator's, bumped in place ------------------------------------------ */
+
+/* Every counter of correlator.CorrelatorStats that the record path bumps (the gauges and the
+ * counters other objects own are read at stats time). One object per correlator, shared by this
+ * module's feed path, correlator.py and correlator/linker.py, so a bump on the per-record path is
+ * one add instead of a Python attribute read and write. */
+#define COUNTERS(X)                                                                                              \
+    X(exchanges) X(spans) X(unparsed_exchanges) X(unparsed_bytes) X(unparsed_responses) X(orphaned_spans)      \
+    X(held_dropped) X(truncated_heads) X(pipelined_splits) X(timeouts) X(closed_no_response)                    \
+    X(responses_incomplete) X(evicted) X(no_response) X(traceparents) X(traceparents_invalid) X(late_links)      \
+    X(duplicate_ids) X(duplicate_exchanges) X(ambiguous_parents) X(self_hints) X(internal_errors)               \
+    X(kernel_identified) X(sampled_exchanges) X(unsampled_exchanges)
+#define CT_FIELD(f) long long f;
+#define CT_MEMBER(f) {#f, T_LONGLONG, offsetof(Counters, f), 0, NULL},
+#define CT_NAME(f) #f,
+
+typedef struct {
+    PyObject_HEAD
+    COUNTERS(CT_FIELD)
+} Counters;
+
+static PyMemberDef counters_members[] = {COUNTERS(CT_MEMBER){NULL}};
+static const char *counter_names[] = {COUNTERS(CT_NAME) NULL};
+
+static PyTypeObject CountersType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "correlator._spans.Counters",
+    .tp_basicsize = sizeof(Counters),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Counters(): a correlator's record counters (correlator.CorrelatorStats names them), all 0.",
+    .tp_members = counters_members,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---- identities: (conn_id, req_start_ns) as two u64 --------------------------------------- */
+
+/* An identity as the kernel's two u64 (the id hash masks them the same way, so two identities
+ * equal here also have the same span id). -1 with TypeError for a non-int. */
+static int key_of(PyObject *conn, PyObject *start, uint64_t *a, uint64_t *b) {
+    if (!PyLong_Check(conn) || !PyLong_Check(start)) {
+        PyErr_SetString(PyExc_TypeError, "an exchange identity is two ints");
+        return -1;
+    }
+    *a = PyLong_AsUnsignedLongLongMask(conn);
+    *b = PyLong_AsUnsignedLongLongMask(start);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static int key_of_tuple(PyObject *key, uint64_t *a, uint64_t *b) {
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
+        PyErr_SetString(PyExc_TypeError, "an exchange identity is a (conn_id, req_start_ns) tuple");
+        return -1;
+    }
+    return key_of(PyTuple_GET_ITEM(key, 0), PyTuple_GET_ITEM(key, 1), a, b);
+}
+
+static inline uint64_t key_hash(uint64_t a, uint64_t b) {
+    /* splitmix64's finaliser over both words: kernel socket addresses share their high bits and
+     * request starts their low ones, so neither word alone spreads. */
+    uint64_t x = a * 0x9E3779B97F4A7C15ull ^ b;
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+/* An open-addressing table from identity to a 64-bit value: linear probing, at most half full,
+ * deletion by backward shift (no tombstones, so a table that turns over forever never degrades). */
+typedef struct {
+    uint64_t a, b;
+    long long v;
+    int used;
+} TSlot;
+
+typedef struct {
+    TSlot *s;
+    size_t mask; /* slots - 1; 0 with s NULL before the first insert */
+    Py_ssize_t n;
+} Table;
+
+static Py_ssize_t t_find(const Table *t, uint64_t a, uint64_t b) {
+    if (t->s == NULL)
+        return -1;
+    for (size_t i = key_hash(a, b) & t->mask;; i = (i + 1) & t->mask) {
+        const TSlot *e = &t->s[i];
+        if (!e->used)
+            return -1;
+        if (e->a == a && e->b == b)
+            return (Py_ssize_t)i;
+    }
+}
+
+static int t_grow(Table *t, size_t slots) {
+    TSlot *old = t->s, *s = PyMem_Calloc(slots, sizeof(TSlot));
+    size_t old_n = old ? t->mask + 1 : 0;
+    if (s == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    t->s = s;
+    t->mask = slots - 1;
+    for (size_t j = 0; j < old_n; j++) {
+        if (!old[j].used)
+            continue;
+        size_t i = key_hash(old[j].a, old[j].b) & t->mask;
+        while (s[i].used)
+            i = (i + 1) & t->mask;
+        s[i] = old[j];
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* Insert or replace. -1 with MemoryError. */
+static int t_set(Table *t, uint64_t a, uint64_t b, long long v) {
+    Py_ssize_t at = t_find(t, a, b);
+    if (at >= 0) {
+        t->s[at].v = v;
+        return 0;
+    }
+    if (t->s == NULL || (size_t)(t->n + 1) * 2 > t->mask + 1) {
+        if (t_grow(t, t->s == NULL ? 64 : (t->mask + 1) * 2) < 0)
+            return -1;
+    }
+    size_t i = key_hash(a, b) & t->mask;
+    while (t->s[i].used)
+        i = (i + 1) & t->mask;
+    t->s[i] = (TSlot){a, b, v, 1};
+    t->n++;
+    return 0;
+}
+
+/* Remove; 1 and *v when it was there, 0 when not. */
+static int t_pop(Table *t, uint64_t a, uint64_t b, long long *v) {
+    Py_ssize_t found = t_find(t, a, b);
+    if (found < 0)
+        return 0;
+    if (v)
+        *v = t->s[found].v;
+    size_t i = (size_t)found, j = i;
+    for (;;) {
+        j = (j + 1) & t->mask;
+        if (!t->s[j].used)
+            break;
+        size_t k = key_hash(t->s[j].a, t->s[j].b) & t->mask;
+        /* the entry at j stays unless its home k lies cyclically outside (i, j] */
+        if (i <= j ? (i < k && k <= j) : (i < k || k <= j))
+            continue;
+        t->s[i] = t->s[j];
+        i = j;
+    }
+    t->s[i].used = 0;
+    t->n--;
+    return 1;
+}
+
+static void t_clear(Table *t) {
+    if (t->s != NULL)
+        memset(t->s, 0, (t->mask + 1) * sizeof(TSlot));
+    t->n = 0;
+}
+
+static void t_free(Table *t) {
+    PyMem_Free(t->s);
+    t->s = NULL;
+    t->mask = 0;
+    t->n = 0;
+}
+
+/* ---- the memory of released identities (correlator/linker.py's, and the feed path's) -------- */
+
+/* Each identity released (by the linker, or sent at once with kernel ids) is remembered with its
+ * trace id and the span id its children link to, for max_hold of stream time and at most
+ * max_entries of them, oldest out first: a child that arrives after its parent still links to it,
+ * and a repeat of an identity is recognised. A ring of entries in release order, and an index from
+ * identity to ring position (linear probing, at most half full, backward-shift deletion): about 80
+ * bytes an identity, no Python object each. */
+typedef struct {
+    uint64_t a, b, at;
+    unsigned char trace[16], link[8];
+    unsigned char tlen, llen; /* llen 0: no link (None) */
+} MEntry;
+
+/* An index slot: ring position + 1 (0: empty) and the identity's hash, whose low bits are its home
+ * slot and which spares reading the ring entry of every other identity on the probe path. */
+typedef struct {
+    uint32_t pos1, h;
+} ISlot;
+
+typedef struct {
+    PyObject_HEAD
+    MEntry *ring;
+    Py_ssize_t cap, head, n, max;
+    ISlot *idx;
+    size_t imask;
+    unsigned long long now; /* stream time: the latest time seen in a record or advance() */
+} Memory;
+
+static void mem_dealloc(Memory *self) {
+    PyMem_Free(self->ring);
+    PyMem_Free(self->idx);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int mem_init(Memory *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"max_entries", NULL};
+    Py_ssize_t max;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "n", kwlist, &max))
+        return -1;
+    if (max < 1 || max > (Py_ssize_t)1 << 30) {
+        PyErr_SetString(PyExc_ValueError, "max_entries must be >= 1 and < 2**30");
+        return -1;
+    }
+    PyMem_Free(self->ring);
+    PyMem_Free(self->idx);
+    self->ring = NULL;
+    self->idx = NULL;
+    self->imask = 0;
+    self->cap = self->head = self->n = 0;
+    self->max = max;
+    self->now = 0;
+    return 0;
+}
+
+static inline MEntry *mem_at(const Memory *m, Py_ssize_t pos) { return &m->ring[pos]; }
+
+/* The index slot of an identity, or -1. */
+static Py_ssize_t idx_slot(const Memory *m, uint64_t a, uint64_t b) {
+    if (m->idx == NULL)
+        return -1;
+    uint32_t h = (uint32_t)key_hash(a, b);
+    for (size_t i = h & m->imask;; i = (i + 1) & m->imask) {
+        const ISlot *s = &m->idx[i];
+        if (s->pos1 == 0)
+            return -1;
+        if (s->h == h) {
+            const MEntry *e = mem_at(m, s->pos1 - 1);
+            if (e->a == a && e->b == b)
+                return (Py_ssize_t)i;
+        }
+    }
+}
+
+static Py_ssize_t mem_find(const Memory *m, uint64_t a, uint64_t b) {
+    Py_ssize_t i = idx_slot(m, a, b);
+    return i < 0 ? -1 : (Py_ssize_t)m->idx[i].pos1 - 1;
+}
+
+static void idx_insert(Memory *m, uint32_t h, Py_ssize_t pos) {
+    size_t i = h & m->imask;
+    while (m->idx[i].pos1)
+        i = (i + 1) & m->imask;
+    m->idx[i] = (ISlot){(uint32_t)(pos + 1), h};
+}
+
+static void mem_pop_front(Memory *m) {
+    MEntry *e = mem_at(m, m->head);
+    Py_ssize_t found = idx_slot(m, e->a, e->b);
+    if (found >= 0) {
+        size_t i = (size_t)found, j = i;
+        for (;;) {
+            j = (j + 1) & m->imask;
+            if (!m->idx[j].pos1)
+                break;
+            size_t k = m->idx[j].h & m->imask;
+            /* the slot at j stays unless its home k lies cyclically outside (i, j] */
+            if (i <= j ? (i < k && k <= j) : (i < k || k <= j))
+                continue;
+            m->idx[i] = m->idx[j];
+            i = j;
+        }
+        m->idx[i].pos1 = 0;
+    }
+    m->head = (m->head + 1) % m->cap;
+    m->n--;
+}
+
+/* A bigger ring, the entries moved to its start in order, and the index rebuilt for it. */
+static int mem_grow(Memory *m) {
+    Py_ssize_t cap = m->cap ? m->cap * 2 : 256;
+    if (cap > m->max)
+        cap = m->max;
+    size_t slots = 64;
+    while (slots < (size_t)cap * 2)
+        slots *= 2;
+    MEntry *ring = PyMem_Malloc((size_t)cap * sizeof(MEntry));
+    ISlot *idx = PyMem_Calloc(slots, sizeof(ISlot));
+    if (ring == NULL || idx == NULL) {
+        PyMem_Free(ring);
+        PyMem_Free(idx);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < m->n; j++)
+        ring[j] = m->ring[(m->head + j) % m->cap];
+    PyMem_Free(m->ring);
+    PyMem_Free(m->idx);
+    m->ring = ring;
+    m->idx = idx;
+    m->imask = slots - 1;
+    m->cap = cap;
+    m->head = 0;
+    for (Py_ssize_t j = 0; j < m->n; j++)
+        idx_insert(m, (uint32_t)key_hash(ring[j].a, ring[j].b), j);
+    return 0;
+}
+
+/* Stream time moves to at when it is later (a negative time never is). */
+static int mem_touch(Memory *m, PyObject *at) {
+    if (!PyLong_Check(at)) {
+        PyErr_SetString(PyExc_TypeError, "a time must be an int");
+        return -1;
+    }
+    if (_PyLong_Sign(at) < 0)
+        return 0;
+    unsigned long long t = PyLong_AsUnsignedLongLong(at);
+    if (t == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (t > m->now)
+        m->now = t;
+    return 0;
+}
+
+static int copy_id(PyObject *o, unsigned char *dst, unsigned char *len, Py_ssize_t max, const char *what) {
+    if (o == Py_None) {
+        *len = 0;
+        return 0;
+    }
+    if (!PyBytes_Check(o) || PyBytes_GET_SIZE(o) > max) {
+        PyErr_Format(PyExc_ValueError, "%s must be bytes of at most %zd", what, max);
+        return -1;
+    }
+    *len = (unsigned char)PyBytes_GET_SIZE(o);
+    memcpy(dst, PyBytes_AS_STRING(o), *len);
+    return 0;
+}
+
+/* identity -> (trace, link or None), resolved now; an identity already there keeps its place
+ * (an insertion-ordered dict's assignment), a new one goes last and the oldest beyond
+ * max_entries go. */
+static int mem_put(Memory *m, uint64_t a, uint64_t b, PyObject *trace, PyObject *link) {
+    MEntry e = {a, b, m->now, {0}, {0}, 0, 0};
+    if (copy_id(trace, e.trace, &e.tlen, 16, "a trace id") < 0 ||
+        copy_id(link == Py_None || (PyBytes_Check(link) && PyBytes_GET_SIZE(link) == 0) ? Py_None : link, e.link,
+                &e.llen, 8, "a span id") < 0)
+        return -1;
+    Py_ssize_t pos = mem_find(m, a, b);
+    if (pos >= 0) {
+        *mem_at(m, pos) = e;
+        return 0;
+    }
+    if (m->n == m->max)
+        mem_pop_front(m);
+    if (m->n == m->cap && mem_grow(m) < 0)
+        return -1;
+    pos = (m->head + m->n) % m->cap;
+    *mem_at(m, pos) = e;
+    idx_insert(m, (uint32_t)key_hash(a, b), pos);
+    m->n++;
+    return 0;
+}
+
+static Py_ssize_t mem_len(Memory *self) { return self->n; }
+
+static int mem_contains(Memory *self, PyObject *key) {
+    uint64_t a, b;
+    if (key_of_tuple(key, &a, &b) < 0)
+        return -1;
+    return mem_find(self, a, b) >= 0;
+}
+
+/* get(key) -> (trace, link or None) | None */
+static PyObject *mem_get(Memory *self, PyObject *key) {
+    uint64_t a, b;
+    if (key_of_tuple(key, &a, &b) < 0)
+        return NULL;
+    Py_ssize_t pos = mem_find(self, a, b);
+    if (pos < 0)
+        Py_RETURN_NONE;
+    MEntry *e = mem_at(self, pos);
+    if (e->llen == 0)
+        return Py_BuildValue("(y#O)", (const char *)e->trace, (Py_ssize_t)e->tlen, Py_None);
+    return Py_BuildValue("(y#y#)", (const char *)e->trace, (Py_ssize_t)e->tlen, (const char *)e->link,
+                         (Py_ssize_t)e->llen);
+}
+
+/* put(key, trace, link) */
+static PyObject *mem_put_py(Memory *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t a, b;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "put(key, trace, link)");
+        return NULL;
+    }
+    if (key_of_tuple(args[0], &a, &b) < 0 || mem_put(self, a, b, args[1], args[2]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* expire(deadline): forget the identities resolved at or before deadline (stream time). */
+static PyObject *mem_expire(Memory *self, PyObject *deadline) {
+    if (!PyLong_Check(deadline)) {
+        PyErr_SetString(PyExc_TypeError, "expire(deadline: int)");
+        return NULL;
+    }
+    if (_PyLong_Sign(deadline) < 0)
+        Py_RETURN_NONE;
+    unsigned long long d = PyLong_AsUnsignedLongLong(deadline);
+    if (d == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear(); /* beyond every u64 time: all go */
+        d = (unsigned long long)-1;
+    }
+    while (self->n && mem_at(self, self->head)->at <= d)
+        mem_pop_front(self);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef mem_methods[] = {
+    {"get", (PyCFunction)mem_get, METH_O, "get(key) -> (trace, link or None), or None when not remembered"},
+    {"put", (PyCFunction)(void (*)(void))mem_put_py, METH_FASTCALL,
+     "put(key, trace, link): remember key resolved now, with its trace and the span id its children link to"},
+    {"expire", (PyCFunction)mem_expire, METH_O, "expire(deadline): forget the identities resolved at or before it"},
+    {NULL},
+};
+
+static PyMemberDef mem_members[] = {
+    {"now", T_ULONGLONG, offsetof(Memory, now), 0, "stream time (ns): the latest seen in a record or advance()"},
+    {"max_entries", T_PYSSIZET, offsetof(Memory, max), READONLY, "the bound on remembered identities"},
+    {NULL},
+};
+
+static PySequenceMethods mem_as_sequence = {
+    .sq_length = (lenfunc)mem_len,
+    .sq_contains = (objobjproc)mem_contains,
+};
+
+static PyTypeObject MemoryType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "correlator._spans.Memory",
+    .tp_basicsize = sizeof(Memory),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Memory(max_entries): released identities, (conn_id, req_start_ns) -> (trace id, child link), "
+              "oldest out first.",
+    .tp_dealloc = (destructor)mem_dealloc,
+    .tp_init = (initproc)mem_init,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = mem_methods,
+    .tp_members = mem_members,
+    .tp_as_sequence = &mem_as_sequence,
+};
+
 /* ---- the assembler: one per Correlator ---------------------------------------------------- */
 
 enum { QUERY_KEEP, QUERY_REDACT, QUERY_DROP };
 
 /* The assembler's objects, which are also its constructor's keywords (in this order):
- * stats       CorrelatorStats: the rare counters are bumped here
+ * stats       the correlator's Counters: the rare counters are bumped here
  * offset      monotonic -> wall clock, ns
  * admit       RouteCap.admit
  * span_id     Linker.span_id, for pipelined requests after the first
@@ -978,20 +1453,15 @@ static void set_span_slot(PyObject *span, int i, PyObject *v) {
  * sid, the later ones ids hashed from its identity and index. trace, parent and sampled go on
  * every span, and source as the last attribute (kspan.parent.source) unless it is None: the
  * kernel fixed them (Correlator._feed_identified), or the linker sets them later. */
-static PyObject *asm_spans(Asm *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "spans(ex, parsed, end_ns, sid, trace, parent, source, sampled)");
-        return NULL;
-    }
-    PyObject *ex = args[0], *parsed = args[1], *sid = args[3], *trace = args[4], *parent = args[5];
-    PyObject *source = args[6], *sampled = args[7];
+static PyObject *spans_impl(Asm *self, PyObject *ex, PyObject *parsed, PyObject *end_ns, PyObject *sid,
+                            PyObject *trace, PyObject *parent, PyObject *source, PyObject *sampled) {
     if (!PyObject_TypeCheck(ex, M.ex_t) || !PyObject_TypeCheck(parsed, M.parsed_t)) {
         PyErr_SetString(PyExc_TypeError, "spans: an Exchange and a _Parsed");
         return NULL;
     }
     PyObject *reqs, *end, *resp_head, *v, *role;
     PyObject *resps = NULL, *resp = Py_None, *methods = NULL, *out = NULL, *idx = NULL;
-    Ctx c = {ex, parsed, NULL, args[2], NULL, 0, 0, 0};
+    Ctx c = {ex, parsed, NULL, end_ns, NULL, 0, 0, 0};
     int r;
     GET(reqs, parsed, parsed_slots, P_REQS);
     if (!PyList_Check(reqs) || (c.n = PyList_GET_SIZE(reqs)) == 0) {
@@ -1104,6 +1574,14 @@ fail:
     return NULL;
 }
 
+static PyObject *asm_spans(Asm *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "spans(ex, parsed, end_ns, sid, trace, parent, source, sampled)");
+        return NULL;
+    }
+    return spans_impl(self, args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7]);
+}
+
 static PyMethodDef asm_methods[] = {
     {"spans", (PyCFunction)(void (*)(void))asm_spans, METH_FASTCALL,
      "spans(ex, parsed, end_ns, sid, trace, parent, source, sampled) -> list[Span]"},
@@ -1197,6 +1675,562 @@ fail:
     return NULL;
 }
 
+/* ---- the feed path: an exchange record in, its spans out ---------------------------------- */
+
+/* A Feeder is one correlator's per-record entry (Correlator.feed and feed_batch). A record whose
+ * ids and sampling the kernel fixed (kernel_ids, nearly every record) is handled here whole: the
+ * repeat check, the head memo, span assembly, traceparent counters and trace_state, the peer pid
+ * table, and the memory of its identity (which releases any span the linker held for it). Other
+ * records (the agent's timeout sweep, old recordings) go to `slow`, correlator.py's Python
+ * linking. Either way a record that raises is counted (internal_errors, last_error) and makes no
+ * span: bad input never stops the agent.
+ *
+ * Its objects, which are also its constructor's keywords:
+ * assembler   this correlator's Assembler
+ * counters    its Counters
+ * memory      its linker's Memory
+ * held        Linker.held: identity -> node waiting for its parent (a repeat of one is dropped)
+ * waiting     Linker.waiting: parent identity -> the held children waiting for it
+ * release     Linker.release_children(key, trace, link) -> spans that waited for key
+ * decide      Correlator._decide (head sampling of those released spans, which had no kernel ids)
+ * parse       head -> _Parsed (the full parse, on a memo miss)
+ * slow        Correlator._feed_unidentified
+ * sources     correlator.linker's parent kind -> kspan.parent.source table */
+#define FEEDER_OBJECTS(X)                                                                                        \
+    X(assembler) X(counters) X(memory) X(held) X(waiting) X(release) X(decide) X(parse) X(slow) X(sources)
+#define FD_FIELD(f) PyObject *f;
+#define FD_VISIT(f) Py_VISIT(self->f);
+#define FD_DROP(f) Py_CLEAR(self->f);
+
+typedef struct {
+    PyObject_HEAD
+    FEEDER_OBJECTS(FD_FIELD)
+    PyObject *heads;  /* request head -> _Parsed */
+    PyObject *shapes; /* head without its target -> a _Parsed standing for its shape, or None */
+    PyObject *last_error;
+    Table peers; /* client exchange -> pid of its local server end */
+    Py_ssize_t memo_size;
+} Feeder;
+
+static int fd_traverse(Feeder *self, visitproc visit, void *arg) {
+    FEEDER_OBJECTS(FD_VISIT)
+    Py_VISIT(self->heads);
+    Py_VISIT(self->shapes);
+    return 0;
+}
+
+static int fd_clear(Feeder *self) {
+    FEEDER_OBJECTS(FD_DROP)
+    Py_CLEAR(self->heads);
+    Py_CLEAR(self->shapes);
+    Py_CLEAR(self->last_error);
+    return 0;
+}
+
+static void fd_dealloc(Feeder *self) {
+    PyObject_GC_UnTrack(self);
+    fd_clear(self);
+    t_free(&self->peers);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+#define FD_KW(f) #f,
+#define FD_LOCAL(f) PyObject *f;
+#define FD_ADDR(f) , &f
+#define FD_ASSIGN(f) self->f = Py_NewRef(f);
+
+static int fd_init(Feeder *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {FEEDER_OBJECTS(FD_KW) "memo_size", NULL};
+    FEEDER_OBJECTS(FD_LOCAL)
+    Py_ssize_t memo_size;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$O!O!O!O!O!OOOOO!n", kwlist, &AsmType, &assembler, &CountersType,
+                                     &counters, &MemoryType, &memory, &PyDict_Type, &held, &PyDict_Type, &waiting,
+                                     &release, &decide, &parse, &slow, &PyDict_Type, &sources, &memo_size))
+        return -1;
+    if (!M.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "correlator._spans.setup() was not called");
+        return -1;
+    }
+    if (memo_size < 1) {
+        PyErr_SetString(PyExc_ValueError, "memo_size must be >= 1");
+        return -1;
+    }
+    PyObject *heads = PyDict_New(), *shapes = PyDict_New();
+    if (heads == NULL || shapes == NULL) {
+        Py_XDECREF(heads);
+        Py_XDECREF(shapes);
+        return -1;
+    }
+    fd_clear(self);
+    t_free(&self->peers);
+    FEEDER_OBJECTS(FD_ASSIGN)
+    self->heads = heads;
+    self->shapes = shapes;
+    self->last_error = Py_NewRef(s_empty);
+    self->memo_size = memo_size;
+    return 0;
+}
+
+#define CNT(self) ((Counters *)(self)->counters)
+#define MEM(self) ((Memory *)(self)->memory)
+
+/* A new _Parsed from `parse`, checked: span assembly reads its slots in place. */
+static PyObject *full_parse(Feeder *self, PyObject *head) {
+    PyObject *p = PyObject_CallOneArg(self->parse, head);
+    if (p != NULL && !Py_IS_TYPE(p, M.parsed_t)) {
+        PyErr_SetString(PyExc_TypeError, "parse must return a correlator._Parsed");
+        Py_CLEAR(p);
+    }
+    return p;
+}
+
+static int memo_put(PyObject *memo, PyObject *k, PyObject *v, Py_ssize_t size) {
+    if (PyDict_GET_SIZE(memo) >= size)
+        PyDict_Clear(memo); /* not LRU: cheap and bounded */
+    return PyDict_SetItem(memo, k, v);
+}
+
+/* The parse of a one-request head with an origin-form target, from the memo of heads that differ
+ * only in their target (ids in paths make most heads unique, their shape repeats): the template's
+ * parse with this target, its head length moved by the target's (retarget). 0 for any other head,
+ * which takes the full parse; 1 with *out (new reference); -1 on error. */
+static int shaped(Feeder *self, PyObject *head, PyObject **out) {
+    const char *h = PyBytes_AS_STRING(head);
+    Py_ssize_t n = PyBytes_GET_SIZE(head), sp1, sp2;
+    if (!M.origin_line(h, n, &sp1, &sp2))
+        return 0;
+    int r = -1;
+    PyObject *target = PyBytes_FromStringAndSize(h + sp1 + 1, sp2 - sp1 - 1), *p = NULL, *base;
+    PyObject *shape = PyBytes_FromStringAndSize(NULL, sp1 + 1 + n - sp2);
+    if (target == NULL || shape == NULL)
+        goto done;
+    memcpy(PyBytes_AS_STRING(shape), h, sp1 + 1);
+    memcpy(PyBytes_AS_STRING(shape) + sp1 + 1, h + sp2, n - sp2);
+    if ((base = PyDict_GetItemWithError(self->shapes, shape)) == NULL) {
+        if (PyErr_Occurred() || (p = full_parse(self, head)) == NULL)
+            goto done;
+        PyObject *reqs, *r0, *t0;
+        base = Py_None;
+        GET(reqs, p, parsed_slots, P_REQS);
+        /* Only a lone request whose parse took exactly this target can stand for its shape: a
+         * pipelined one's later offsets are not the first's. */
+        if (PyList_Check(reqs) && PyList_GET_SIZE(reqs) == 1 &&
+            PyObject_TypeCheck((r0 = PyList_GET_ITEM(reqs, 0)), M.req_t)) {
+            GET(t0, r0, req_slots, Q_TARGET);
+            int same = eq(t0, target);
+            if (same < 0)
+                goto done;
+            if (same)
+                base = p;
+        }
+        if (memo_put(self->shapes, shape, base, self->memo_size) < 0)
+            goto done;
+        *out = p;
+        p = NULL;
+        r = 1;
+    } else if (base == Py_None) {
+        r = 0;
+    } else {
+        PyObject *ra[2] = {base, target};
+        if ((*out = retarget(NULL, ra, 2)) != NULL)
+            r = 1;
+    }
+done:
+fail:
+    Py_XDECREF(target);
+    Py_XDECREF(shape);
+    Py_XDECREF(p);
+    return r;
+}
+
+/* The parsed request head, memoised by its exact bytes: keep-alive clients, health checks and
+ * pollers repeat the same head, and a hit skips parsing and attribute derivation. New ref. */
+static PyObject *parsed_head(Feeder *self, PyObject *head) {
+    if (!PyBytes_Check(head)) {
+        PyErr_SetString(PyExc_TypeError, "a request head must be bytes");
+        return NULL;
+    }
+    PyObject *p = PyDict_GetItemWithError(self->heads, head);
+    if (p != NULL)
+        return Py_NewRef(p);
+    if (PyErr_Occurred())
+        return NULL;
+    int r = shaped(self, head, &p);
+    if (r < 0 || (r == 0 && (p = full_parse(self, head)) == NULL))
+        return NULL;
+    if (memo_put(self->heads, head, p, self->memo_size) < 0) {
+        Py_DECREF(p);
+        return NULL;
+    }
+    return p;
+}
+
+static PyObject *fd_parsed(Feeder *self, PyObject *head) { return parsed_head(self, head); }
+
+/* Remember an identity the kernel identified as if the linker had released it, so a record the
+ * kernel could not identify (the agent's timeout sweep) still links to it: the spans the linker
+ * held for it, now released (new list). */
+static PyObject *remember(Feeder *self, uint64_t a, uint64_t b, PyObject *conn, PyObject *start, PyObject *trace,
+                          PyObject *link, PyObject *at) {
+    Memory *m = MEM(self);
+    if (mem_touch(m, at) < 0 || mem_put(m, a, b, trace, link) < 0)
+        return NULL;
+    if (PyDict_GET_SIZE(self->waiting) == 0)
+        return PyList_New(0);
+    PyObject *key = PyTuple_Pack(2, conn, start);
+    if (key == NULL)
+        return NULL;
+    int w = PyDict_Contains(self->waiting, key);
+    PyObject *out = NULL;
+    if (w > 0) {
+        PyObject *ra[3] = {key, trace, link};
+        out = PyObject_Vectorcall(self->release, ra, 3, NULL);
+        if (out != NULL && !PyList_Check(out)) {
+            PyErr_SetString(PyExc_TypeError, "release must return a list");
+            Py_CLEAR(out);
+        }
+    } else if (w == 0)
+        out = PyList_New(0);
+    Py_DECREF(key);
+    return out;
+}
+
+/* Python's max() of the four times: the latest the record saw. Borrowed. */
+static PyObject *end_of(PyObject *ex) {
+    static const int order[4] = {X_RESP_END_NS, X_RESP_START_NS, X_REQ_END_NS, X_REQ_START_NS};
+    PyObject *best = NULL;
+    for (int i = 0; i < 4; i++) {
+        PyObject *v = get_slot(ex, ex_slots, order[i]);
+        if (v == NULL)
+            return NULL;
+        if (best == NULL)
+            best = v;
+        else {
+            int gt = PyObject_RichCompareBool(v, best, Py_GT);
+            if (gt < 0)
+                return NULL;
+            if (gt)
+                best = v;
+        }
+    }
+    return best;
+}
+
+/* A slot of an exact type, or the attribute of anything else (a hint built elsewhere). New ref. */
+static PyObject *field(PyObject *o, PyTypeObject *t, const Slot *slots, int i) {
+    if (Py_IS_TYPE(o, t)) {
+        PyObject *v = get_slot(o, slots, i);
+        return v ? Py_NewRef(v) : NULL;
+    }
+    return PyObject_GetAttrString(o, slots[i].name);
+}
+
+static int sum_into(long long *c, PyObject *v) {
+    long long d = PyLong_AsLongLong(v);
+    if (d == -1 && PyErr_Occurred())
+        return -1;
+    *c += d;
+    return 0;
+}
+
+/* A record whose ids and sampling the kernel fixed: its spans leave at once, nothing waits for a
+ * parent or a peer. New list. */
+static PyObject *identified(Feeder *self, PyObject *ex) {
+    Counters *cnt = CNT(self);
+    PyObject *conn, *start, *head, *trace, *v, *parent, *hint, *sid, *sampled, *reqs, *role, *end_ns;
+    PyObject *parsed = NULL, *spans = NULL, *kind = NULL, *late = NULL, *tmp = NULL;
+    uint64_t a, b;
+    int r;
+    GET(conn, ex, ex_slots, X_CONN_ID);
+    GET(start, ex, ex_slots, X_REQ_START_NS);
+    if (key_of(conn, start, &a, &b) < 0)
+        return NULL;
+    r = mem_find(MEM(self), a, b) >= 0;
+    if (!r && PyDict_GET_SIZE(self->held)) {
+        PyObject *key = PyTuple_Pack(2, conn, start);
+        if (key == NULL)
+            return NULL;
+        r = PyDict_Contains(self->held, key);
+        Py_DECREF(key);
+        if (r < 0)
+            return NULL;
+    }
+    if (r) {
+        /* A repeat (a recording replayed twice, or the sweep's TIMEOUT record for an exchange the
+         * kernel emitted in the same poll): it would bring the same span id again. */
+        cnt->duplicate_exchanges++;
+        return PyList_New(0);
+    }
+    cnt->kernel_identified++;
+    if ((r = truth_slot(ex, ex_slots, X_PARENT_AMBIGUOUS)) < 0)
+        return NULL;
+    if (r)
+        cnt->ambiguous_parents++;
+    if ((end_ns = end_of(ex)) == NULL)
+        return NULL;
+    GET(head, ex, ex_slots, X_REQ_HEAD);
+    if ((parsed = parsed_head(self, head)) == NULL)
+        return NULL;
+    GET(reqs, parsed, parsed_slots, P_REQS);
+    GET(trace, ex, ex_slots, X_TRACE_ID);
+    GET(v, ex, ex_slots, X_PARENT_SPAN_ID);
+    if ((r = PyObject_IsTrue(v)) < 0)
+        goto fail;
+    parent = r ? v : Py_None;
+    if ((r = PyObject_IsTrue(reqs)) < 0)
+        goto fail;
+    if (!r) {
+        PyObject *rq, *rs;
+        cnt->unparsed_exchanges++;
+        GET(rq, ex, ex_slots, X_REQ_BYTES);
+        GET(rs, ex, ex_slots, X_RESP_BYTES);
+        if ((tmp = PyNumber_Add(rq, rs)) == NULL || (r = PyObject_IsTrue(tmp)) < 0)
+            goto fail;
+        if (r ? sum_into(&cnt->unparsed_bytes, tmp) < 0 : (cnt->unparsed_bytes += PyBytes_GET_SIZE(head), 0))
+            goto fail;
+        /* what the linker held for it goes out as the linker released it: no sampling pass */
+        spans = remember(self, a, b, conn, start, trace, parent, end_ns);
+        goto done;
+    }
+    GET(hint, ex, ex_slots, X_PARENT);
+    PyObject *source = s_none;
+    if (hint != Py_None) {
+        if ((kind = field(hint, M.hint_t, hint_slots, H_KIND)) == NULL)
+            goto fail;
+        source = PyDict_GetItemWithError(self->sources, kind);
+        if (source == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            source = s_none;
+        }
+    }
+    GET(sid, ex, ex_slots, X_SPAN_ID);
+    GET(sampled, ex, ex_slots, X_SAMPLED);
+    spans = spans_impl((Asm *)self->assembler, ex, parsed, end_ns, sid, trace, parent, source, sampled);
+    if (spans == NULL)
+        goto fail;
+    PyObject *tp_raw, *tp, *first = PyList_GET_ITEM(spans, 0);
+    GET(tp_raw, parsed, parsed_slots, P_TP_RAW);
+    if (tp_raw != Py_None) {
+        GET(tp, parsed, parsed_slots, P_TP);
+        if (tp == Py_None)
+            cnt->traceparents_invalid++;
+        else {
+            cnt->traceparents++;
+            if (!PyTuple_Check(tp) || PyTuple_GET_SIZE(tp) < 1) {
+                PyErr_SetString(PyExc_TypeError, "a parsed traceparent is a tuple");
+                goto fail;
+            }
+            if ((r = eq(PyTuple_GET_ITEM(tp, 0), trace)) < 0)
+                goto fail;
+            if (r) {
+                GET(v, parsed, parsed_slots, P_TRACE_STATE);
+                set_span_slot(first, S_TRACE_STATE, v);
+            }
+        }
+    }
+    if (kind != NULL && (r = eq(kind, M.peer_kind)) != 0) {
+        /* The server end of a local connection usually ends first: its client span, when it
+         * comes, learns which process answered it (metrics name the edge by it). */
+        PyObject *pid, *pc, *ps;
+        uint64_t pa, pb;
+        long long p;
+        if (r < 0 || (tmp = field(hint, M.hint_t, hint_slots, H_EXCHANGE)) == NULL)
+            goto fail;
+        if ((pc = field(tmp, M.exid_t, exid_slots, I_CONN_ID)) == NULL)
+            goto fail;
+        ps = field(tmp, M.exid_t, exid_slots, I_REQ_START_NS);
+        r = ps == NULL ? -1 : key_of(pc, ps, &pa, &pb);
+        Py_DECREF(pc);
+        Py_XDECREF(ps);
+        if (r < 0)
+            goto fail;
+        GET(pid, ex, ex_slots, X_PID);
+        if ((p = PyLong_AsLongLong(pid)) == -1 && PyErr_Occurred())
+            goto fail;
+        if (self->peers.n >= self->memo_size * 4)
+            t_clear(&self->peers);
+        if (t_set(&self->peers, pa, pb, p) < 0)
+            goto fail;
+    } else if (self->peers.n) {
+        GET(role, ex, ex_slots, X_ROLE);
+        long long peer = 0;
+        if ((r = eq(role, M.role_client)) < 0)
+            goto fail;
+        if (r && t_pop(&self->peers, a, b, &peer) && peer) {
+            PyObject *pp = PyLong_FromLongLong(peer);
+            if (pp == NULL)
+                goto fail;
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++)
+                set_span_slot(PyList_GET_ITEM(spans, i), S_PEER_PID, pp);
+            Py_DECREF(pp);
+        }
+    }
+    if ((r = PyObject_IsTrue(sampled)) < 0)
+        goto fail;
+    if (r)
+        cnt->sampled_exchanges++;
+    else
+        cnt->unsampled_exchanges++;
+    cnt->spans += PyList_GET_SIZE(spans);
+    GET(v, first, span_slots, S_SPAN_ID);
+    if ((late = remember(self, a, b, conn, start, trace, v, end_ns)) == NULL)
+        goto fail;
+    if (PyList_GET_SIZE(late)) {
+        PyObject *decided = PyObject_CallOneArg(self->decide, late);
+        if (decided == NULL)
+            goto fail;
+        r = PyList_SetSlice(spans, PyList_GET_SIZE(spans), PyList_GET_SIZE(spans), decided);
+        Py_DECREF(decided);
+        if (r < 0)
+            goto fail;
+    }
+    goto done;
+fail:
+    Py_CLEAR(spans);
+done:
+    Py_XDECREF(parsed);
+    Py_XDECREF(kind);
+    Py_XDECREF(tmp);
+    Py_XDECREF(late);
+    return spans;
+}
+
+/* A record that raised: counted, and the reason kept for `kspan doctor`/logs. 0, or -1 when the
+ * error is no Exception (KeyboardInterrupt, SystemExit: those propagate). */
+static int count_error(Feeder *self) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    CNT(self)->internal_errors++;
+    PyObject *name = v ? PyType_GetName(Py_TYPE(v)) : NULL;
+    PyObject *msg = name ? PyUnicode_FromFormat("%U: %S", name, v) : NULL;
+    if (msg == NULL) {
+        PyErr_Clear(); /* str(e) itself raised: the type's name alone */
+        msg = name ? Py_NewRef(name) : PyUnicode_FromString("internal error");
+    }
+    if (msg != NULL)
+        Py_SETREF(self->last_error, msg);
+    PyErr_Clear();
+    Py_XDECREF(name);
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    return 0;
+}
+
+/* One record's spans (new list), or NULL only for an error that must propagate. */
+static PyObject *feed_one(Feeder *self, PyObject *ex) {
+    CNT(self)->exchanges++;
+    PyObject *out;
+    int ids;
+    if (PyObject_TypeCheck(ex, M.ex_t))
+        ids = truth_slot(ex, ex_slots, X_KERNEL_IDS);
+    else {
+        PyObject *v = PyObject_GetAttr(ex, a_kernel_ids);
+        ids = v == NULL ? -1 : PyObject_IsTrue(v);
+        Py_XDECREF(v);
+        if (ids > 0) {
+            PyErr_SetString(PyExc_TypeError, "a record with kernel ids must be a correlator.records.Exchange");
+            ids = -1;
+        }
+    }
+    if (ids < 0)
+        out = NULL;
+    else if (ids)
+        out = identified(self, ex);
+    else {
+        out = PyObject_CallOneArg(self->slow, ex);
+        if (out != NULL && !PyList_Check(out)) {
+            PyErr_SetString(PyExc_TypeError, "slow must return a list");
+            Py_CLEAR(out);
+        }
+    }
+    if (out == NULL && count_error(self) == 0)
+        out = PyList_New(0);
+    return out;
+}
+
+static PyObject *fd_feed(Feeder *self, PyObject *ex) { return feed_one(self, ex); }
+
+static PyObject *fd_feed_batch(Feeder *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "feed_batch(exchanges, spans_out: list)");
+        return NULL;
+    }
+    PyObject *out = args[1], *ex, *it = PyObject_GetIter(args[0]);
+    if (it == NULL)
+        return NULL;
+    while ((ex = PyIter_Next(it)) != NULL) {
+        PyObject *spans = feed_one(self, ex);
+        Py_DECREF(ex);
+        if (spans == NULL)
+            break;
+        Py_ssize_t n = PyList_GET_SIZE(out);
+        int r = PyList_GET_SIZE(spans) ? PyList_SetSlice(out, n, n, spans) : 0;
+        Py_DECREF(spans);
+        if (r < 0)
+            break;
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *fd_peer_pids(Feeder *self, void *closure) { return PyLong_FromSsize_t(self->peers.n); }
+
+static PyObject *fd_get_last_error(Feeder *self, void *closure) { return Py_NewRef(self->last_error); }
+
+static int fd_set_last_error(Feeder *self, PyObject *v, void *closure) {
+    if (v == NULL || !PyUnicode_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "last_error must be a str");
+        return -1;
+    }
+    Py_SETREF(self->last_error, Py_NewRef(v));
+    return 0;
+}
+
+static PyGetSetDef fd_getset[] = {
+    {"peer_pids", (getter)fd_peer_pids, NULL, "client exchanges whose local server end's pid is kept", NULL},
+    {"last_error", (getter)fd_get_last_error, (setter)fd_set_last_error,
+     "the last record error, 'Type: message' (\"\" before any)", NULL},
+    {NULL},
+};
+
+static PyMemberDef fd_members[] = {
+    {"heads", T_OBJECT_EX, offsetof(Feeder, heads), READONLY, "the head memo: request head -> _Parsed"},
+    {"shapes", T_OBJECT_EX, offsetof(Feeder, shapes), READONLY,
+     "the shape memo: head without its target -> _Parsed standing for the shape, or None"},
+    {NULL},
+};
+
+static PyMethodDef fd_methods[] = {
+    {"feed", (PyCFunction)fd_feed, METH_O, "feed(ex) -> list[Span]: one exchange record's spans"},
+    {"feed_batch", (PyCFunction)(void (*)(void))fd_feed_batch, METH_FASTCALL,
+     "feed_batch(exchanges, spans_out): feed() of each, in order, their spans appended to spans_out"},
+    {"parsed", (PyCFunction)fd_parsed, METH_O, "parsed(head) -> _Parsed, from the head memo"},
+    {NULL},
+};
+
+static PyTypeObject FeederType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "correlator._spans.Feeder",
+    .tp_basicsize = sizeof(Feeder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One correlator's per-record path: exchange records in, spans out.",
+    .tp_traverse = (traverseproc)fd_traverse,
+    .tp_clear = (inquiry)fd_clear,
+    .tp_dealloc = (destructor)fd_dealloc,
+    .tp_methods = fd_methods,
+    .tp_members = fd_members,
+    .tp_getset = fd_getset,
+    .tp_init = (initproc)fd_init,
+    .tp_new = PyType_GenericNew,
+};
+
 /* ---- setup --------------------------------------------------------------------------------- */
 
 static PyObject *setup(PyObject *mod, PyObject *args, PyObject *kw) {
@@ -1205,15 +2239,20 @@ static PyObject *setup(PyObject *mod, PyObject *args, PyObject *kw) {
         "kind_server", "kind_client",
         "unset", "error", "role_server", "peer_kind", "closed", "timeout", "evicted", "aborted_err",
         "err_incomplete", "status_messages", "overflow_route", "other_method", "source_attr",
-        "framing_complete", "parse_final_response", "parse_responses", "route_template", "redact_query", NULL};
-    PyTypeObject *span_t, *ex_t, *req_t, *resp_t, *parsed_t;
+        "framing_complete", "parse_final_response", "parse_responses", "route_template", "redact_query",
+        "role_client", "hint", "exchange_id", NULL};
+    PyTypeObject *span_t, *ex_t, *req_t, *resp_t, *parsed_t, *hint_t, *exid_t;
     PyObject *fields, *req_names, *parsed_names, *o[21];
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$O!O!O!O!O!O!O!O!OOOOOOOOOO!OO!OOOOOOOO", kwlist, &PyType_Type, &span_t,
-                                     &PyTuple_Type, &fields, &PyType_Type, &ex_t, &PyType_Type, &req_t, &PyType_Type,
-                                     &resp_t, &PyType_Type, &parsed_t, &PyTuple_Type, &req_names, &PyTuple_Type,
-                                     &parsed_names, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$O!O!O!O!O!O!O!O!OOOOOOOOOO!OO!OOOOOOOOOO!O!", kwlist, &PyType_Type,
+                                     &span_t, &PyTuple_Type, &fields, &PyType_Type, &ex_t, &PyType_Type, &req_t,
+                                     &PyType_Type, &resp_t, &PyType_Type, &parsed_t, &PyTuple_Type, &req_names,
+                                     &PyTuple_Type, &parsed_names, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
                                      &o[6], &o[7], &o[8], &PyDict_Type, &o[9], &o[10], &PyDict_Type, &o[11], &o[12],
-                                     &o[13], &o[14], &o[15], &o[16], &o[17], &o[18], &o[19]))
+                                     &o[13], &o[14], &o[15], &o[16], &o[17], &o[18], &o[19], &o[20], &PyType_Type,
+                                     &hint_t, &PyType_Type, &exid_t))
+        return NULL;
+    origin_line_fn ol = (origin_line_fn)PyCapsule_Import("correlator._red._origin_line", 0);
+    if (ol == NULL)
         return NULL;
     if (PyTuple_GET_SIZE(fields) != S_N) {
         PyErr_Format(PyExc_TypeError, "Span has %zd fields, correlator/_spans.c sets %d", PyTuple_GET_SIZE(fields), S_N);
@@ -1232,6 +2271,7 @@ static PyObject *setup(PyObject *mod, PyObject *args, PyObject *kw) {
     }
     if (resolve(span_t, span_slots, S_N) < 0 || resolve(ex_t, ex_slots, X_N) < 0 || resolve(req_t, req_slots, Q_N) < 0 ||
         resolve(resp_t, resp_slots, R_N) < 0 || resolve(parsed_t, parsed_slots, P_N) < 0 ||
+        resolve(hint_t, hint_slots, H_N) < 0 || resolve(exid_t, exid_slots, I_N) < 0 ||
         resolve_all(req_t, req_names, req_all, &req_all_n) < 0 ||
         resolve_all(parsed_t, parsed_names, parsed_all, &parsed_all_n) < 0)
         return NULL;
@@ -1241,7 +2281,8 @@ static PyObject *setup(PyObject *mod, PyObject *args, PyObject *kw) {
     PyObject **dst[] = {&M.kind_server, &M.kind_client, &M.unset, &M.error, &M.role_server, &M.peer_kind, &M.closed,
                         &M.timeout, &M.evicted, &M.aborted_err, &M.err_incomplete, &M.status_messages,
                         &M.overflow_route, &M.other_method, &M.source_attr, &M.framing_complete,
-                        &M.parse_final_response, &M.parse_responses, &M.route_template, &M.redact_query};
+                        &M.parse_final_response, &M.parse_responses, &M.route_template, &M.redact_query,
+                        &M.role_client};
     for (size_t i = 0; i < sizeof dst / sizeof dst[0]; i++)
         Py_XSETREF(*dst[i], Py_NewRef(o[i]));
     Py_XSETREF(M.span_t, (PyTypeObject *)Py_NewRef(span_t));
@@ -1249,6 +2290,9 @@ static PyObject *setup(PyObject *mod, PyObject *args, PyObject *kw) {
     Py_XSETREF(M.req_t, (PyTypeObject *)Py_NewRef(req_t));
     Py_XSETREF(M.resp_t, (PyTypeObject *)Py_NewRef(resp_t));
     Py_XSETREF(M.parsed_t, (PyTypeObject *)Py_NewRef(parsed_t));
+    Py_XSETREF(M.hint_t, (PyTypeObject *)Py_NewRef(hint_t));
+    Py_XSETREF(M.exid_t, (PyTypeObject *)Py_NewRef(exid_t));
+    M.origin_line = ol;
     M.ready = 1;
     Py_RETURN_NONE;
 }
@@ -1274,12 +2318,27 @@ PyMODINIT_FUNC PyInit__spans(void) {
         (i_minus_one = PyLong_FromLong(-1)) == NULL || (i_80 = PyLong_FromLong(80)) == NULL ||
         (i_443 = PyLong_FromLong(443)) == NULL)
         return NULL;
-    if (PyType_Ready(&AsmType) < 0)
+    if (PyType_Ready(&AsmType) < 0 || PyType_Ready(&CountersType) < 0 || PyType_Ready(&MemoryType) < 0 ||
+        PyType_Ready(&FeederType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Assembler", (PyObject *)&AsmType) < 0) {
+    Py_ssize_t nc = sizeof counter_names / sizeof counter_names[0] - 1;
+    PyObject *names = PyTuple_New(nc);
+    for (Py_ssize_t i = 0; names != NULL && i < nc; i++) {
+        PyObject *n = PyUnicode_InternFromString(counter_names[i]);
+        if (n == NULL)
+            Py_CLEAR(names);
+        else
+            PyTuple_SET_ITEM(names, i, n);
+    }
+    if (names == NULL || PyModule_AddObject(m, "COUNTER_FIELDS", names) < 0 ||
+        PyModule_AddObjectRef(m, "Assembler", (PyObject *)&AsmType) < 0 ||
+        PyModule_AddObjectRef(m, "Counters", (PyObject *)&CountersType) < 0 ||
+        PyModule_AddObjectRef(m, "Memory", (PyObject *)&MemoryType) < 0 ||
+        PyModule_AddObjectRef(m, "Feeder", (PyObject *)&FeederType) < 0) {
+        Py_XDECREF(names);
         Py_DECREF(m);
         return NULL;
     }

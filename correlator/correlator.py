@@ -7,14 +7,15 @@ the same spans, which is what makes `kspan replay` and recorded-stream tests exa
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
-from correlator import _red, _spans, http1, red, semconv
+from correlator import _spans, http1, red, semconv
 from correlator.clock import WallClock
-from correlator.linker import PARENT_SOURCE_ATTR, Linker, make_linker, parent_source
+from correlator.linker import PARENT_SOURCE_ATTR, SOURCE_BY_KIND, Linker, make_linker
 from correlator.peers import PeerMatcher
 from correlator.protocol_spans import ProtocolSpans
-from correlator.records import EndReason, Exchange, MetricExchange, ParentHint, ParentKind, Role
+from correlator.records import EndReason, Exchange, ExchangeId, MetricExchange, ParentHint, ParentKind, Role
 from correlator.routes import DEFAULT_MAX_ROUTES, OVERFLOW_ROUTE, RouteCap, route_template
 from correlator.sampling import ALWAYS_ON, SamplerConfig, keeps_remote, keeps_root
 from correlator.segments import SegmentRecord
@@ -33,8 +34,8 @@ class CorrelatorConfig:
     # distinct per service (listening address and port), the rest OVERFLOW_ROUTE.
     auto_routes: bool = True
     max_routes: int = DEFAULT_MAX_ROUTES
-    # Identities remembered after release (about 300 bytes each, kept at most max_hold_s) so a
-    # child that arrives after its parent still links to it.
+    # Identities remembered after release (about 80 bytes each, kept at most max_hold_s) so a
+    # child that arrives after its parent still links to it, and a repeated record is dropped.
     max_resolved: int = 50_000
     max_pipelined: int = 16  # requests taken from one captured head
     # How long (stream time) a server exchange from a local peer without a kernel PEER hint waits
@@ -104,30 +105,39 @@ class Correlator:
         self.config = cfg
         self.clock = clock
         self._stats = CorrelatorStats()
-        self._linker: Linker = make_linker(cfg.id_salt, cfg.max_hold_s, cfg.max_held_spans, cfg.max_resolved)
+        # The counters CorrelatorStats reports, bumped in place by correlator/_spans.c, the linker and
+        # the Python path below.
+        self._c = _spans.Counters()
+        self._linker: Linker = make_linker(cfg.id_salt, cfg.max_hold_s, cfg.max_held_spans, cfg.max_resolved, self._c)
         # Protocols beyond HTTP/1: one decoder per connection, a span per operation.
         self.protocols = ProtocolSpans(clock, cfg.id_salt)
         self._peers = PeerMatcher(int(cfg.peer_wait_s * 1e9), max_entries=cfg.max_held_spans)
         self._routes = semconv.RouteTable(cfg.routes)
         self._route_cap = RouteCap(cfg.max_routes)
         self._max_pipelined = cfg.max_pipelined
-        self.last_error = ""  # repr of the last internal error, for `kspan doctor`/logs
-        self._heads: dict[bytes, _Parsed] = {}
-        self._shapes: dict[bytes, object] = {}  # head without its target -> template _Parsed or _NO_SHAPE
         self._resps: dict[bytes, http1.ResponseHead | None] = {}  # final response by head bytes
         self._hosts: dict[bytes, object] = {}
         self._sampler = cfg.sampler
-        self._peer_pids: dict[tuple[int, int], int] = {}  # client exchange -> pid of its local server end
         # trace id -> an incoming traceparent's sampled flag, for parentbased_* decisions on
         # records without kernel ids (their trace id is the traceparent's: linker rules).
         self._remote_sampled: dict[bytes, bool] = {}
         # Span assembly (correlator/_spans.c), with what it needs of this correlator.
         self._asm = _spans.Assembler(
-            stats=self._stats, offset=clock.offset_ns, admit=self._route_cap.admit, span_id=self._linker.span_id,
+            stats=self._c, offset=clock.offset_ns, admit=self._route_cap.admit, span_id=self._linker.span_id,
             head_part=self._head_part, hostport=self._hostport,
             match=None if self._routes.empty else self._routes.match, auto_routes=cfg.auto_routes,
             query=cfg.query, resps=self._resps, memo_size=_MEMO_SIZE,
         )  # fmt: skip
+        # The per-record path (correlator/_spans.c): records with kernel ids whole, the others
+        # through _feed_unidentified; the head memo (memo_size heads and head shapes) and the peer
+        # pid table (4 * memo_size) are its own.
+        linker = self._linker
+        self._feeder = _spans.Feeder(
+            assembler=self._asm, counters=self._c, memory=linker.memory, held=linker.held, waiting=linker.waiting,
+            release=linker.release_children, decide=self._decide, parse=self._parse, slow=self._feed_unidentified,
+            sources=SOURCE_BY_KIND, memo_size=_MEMO_SIZE,
+        )  # fmt: skip
+        self._parsed = self._feeder.parsed
         # Metric records (correlator/_red.c), with the same route cap and route rules as spans.
         self._metrics = red.MetricPath(
             derive=self._metric_head, admit=self._route_cap.admit, route_template=route_template,
@@ -140,13 +150,9 @@ class Correlator:
     @property
     def stats(self) -> CorrelatorStats:
         st = self._stats
-        c = self._linker.c
-        st.spans = c.spans
-        st.orphaned_spans = c.orphaned_spans
-        st.held_dropped = c.held_dropped
-        st.late_links = c.late_links
-        st.duplicate_ids = c.duplicate_ids
-        st.self_hints = c.self_hints
+        c = self._c
+        for name in _spans.COUNTER_FIELDS:
+            setattr(st, name, getattr(c, name))
         st.peer_links_by_tuple = self._peers.links
         st.routes_overflowed = self._route_cap.overflowed
         st.metric_records = self._metrics.records
@@ -157,15 +163,29 @@ class Correlator:
         return st
 
     def feed(self, ex: Exchange) -> list[Span]:
-        self._stats.exchanges += 1
-        try:
-            if ex.kernel_ids:
-                return self._feed_identified(ex)
-            return self._decide(self._feed(ex))
-        except Exception as e:  # noqa: BLE001 - bad input must never stop the agent: count it
-            self._stats.internal_errors += 1
-            self.last_error = f"{type(e).__name__}: {e}"
-            return []
+        """One exchange record's spans. A record that raises inside the correlator makes none and
+        is counted (internal_errors; last_error says why): bad input never stops the agent."""
+        return self._feeder.feed(ex)
+
+    def feed_batch(self, exchanges: Iterable[Exchange], spans_out: list[Span]) -> None:
+        """feed() of each exchange in order, in one call into correlator/_spans.c: their spans
+        are appended to spans_out. Exactly what a feed() per record would do, counters included
+        (an error in a record counts as in feed() and the batch goes on). What else shares state
+        with the span path keeps its place in the stream only if the caller keeps it: metric()
+        takes the same route cap (which routes are admitted before the cap is full), and
+        segment()/advance() run between records as the caller orders them; so a poll's records
+        go in as runs of consecutive exchange records, each run one call."""
+        self._feeder.feed_batch(exchanges, spans_out)
+
+    @property
+    def last_error(self) -> str:
+        """'Type: message' of the last record that raised inside the correlator, for `kspan
+        doctor`/logs ("" before any)."""
+        return self._feeder.last_error
+
+    @last_error.setter
+    def last_error(self, value: str) -> None:
+        self._feeder.last_error = value
 
     def metric(self, mx: MetricExchange) -> red.RedFacts | None:
         """What an unsampled exchange (a metric record) adds to metrics; None when its request
@@ -173,7 +193,7 @@ class Correlator:
         try:
             return self._metrics.metric(mx)
         except Exception as e:  # noqa: BLE001 - bad input must never stop the agent: count it
-            self._stats.internal_errors += 1
+            self._c.internal_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             return None
 
@@ -207,47 +227,17 @@ class Correlator:
 
     # internals --------------------------------------------------------------------------------
 
-    def _parsed(self, head: bytes) -> _Parsed:
-        """Parsed request head, memoised by its exact bytes: keep-alive clients, health checks and
-        pollers repeat the same head, and a hit skips parsing and attribute derivation."""
-        p = self._heads.get(head)
-        if p is None:
-            p = self._shaped(head)
-            if p is None:
-                p = _Parsed(http1.parse_requests(head, self._max_pipelined))
-            if len(self._heads) >= _MEMO_SIZE:
-                self._heads.clear()
-            self._heads[head] = p
-        return p
+    def _parse(self, head: bytes) -> _Parsed:
+        """The full parse of a request head (correlator/_spans.c's head memo calls it on a miss)."""
+        return _Parsed(http1.parse_requests(head, self._max_pipelined))
 
-    def _shaped(self, head: bytes) -> _Parsed | None:
-        """The parse of a one-request head with an origin-form target, from the memo of heads
-        that differ only in their target (ids in paths make most heads unique, their shape
-        repeats): the template's parse with this target, its head length moved by the target's.
-        None for any other head, which takes the full parse."""
-        line = _red.origin_line(head)
-        if line is None:
-            return None
-        sp1, sp2 = line
-        target = head[sp1 + 1 : sp2]
-        shape = head[: sp1 + 1] + head[sp2:]
-        base = self._shapes.get(shape)
-        if base is None:
-            p = _Parsed(http1.parse_requests(head, self._max_pipelined))
-            reqs = p.reqs
-            # Only a lone request whose parse took exactly this target can stand for its shape:
-            # a pipelined one's later offsets are not the first's.
-            base = p if len(reqs) == 1 and reqs[0].target == target else _NO_SHAPE
-            if len(self._shapes) >= _MEMO_SIZE:
-                self._shapes.clear()
-            self._shapes[shape] = base
-            return p
-        if base is _NO_SHAPE:
-            return None
-        return _spans.retarget(base, target)
+    def _feed_unidentified(self, ex: Exchange) -> list[Span]:
+        """A record the kernel gave no ids (the agent's timeout sweep, recordings made before):
+        linked here, and head-sampled as the kernel would have."""
+        return self._decide(self._feed(ex))
 
     def _feed(self, ex: Exchange) -> list[Span]:
-        st = self._stats
+        st = self._c
         key = (ex.conn_id, ex.req_start_ns)
         if self._peers.is_pending(key):
             # A repeated identity while the first record still waits for its local client: a
@@ -317,7 +307,7 @@ class Correlator:
         per trace (so a trace is kept or dropped whole), an incoming traceparent's flag under
         parentbased_*."""
         cfg = self._sampler
-        st = self._stats
+        st = self._c
         if cfg.code == ALWAYS_ON:
             st.sampled_exchanges += len(spans)
             return spans
@@ -329,63 +319,6 @@ class Correlator:
                 st.sampled_exchanges += 1
             else:
                 st.unsampled_exchanges += 1
-        return spans
-
-    def _feed_identified(self, ex: Exchange) -> list[Span]:
-        """A record whose ids and sampling the kernel fixed: its spans leave at once, nothing waits
-        for a parent or a peer."""
-        st = self._stats
-        key = (ex.conn_id, ex.req_start_ns)
-        linker = self._linker
-        if linker.seen(key):
-            # A repeat (a recording replayed twice, or the sweep's TIMEOUT record for an exchange
-            # the kernel emitted in the same poll): it would bring the same span id again.
-            st.duplicate_exchanges += 1
-            return []
-        st.kernel_identified += 1
-        if ex.parent_ambiguous:
-            st.ambiguous_parents += 1
-        end_ns = max(ex.resp_end_ns, ex.resp_start_ns, ex.req_end_ns, ex.req_start_ns)
-        parsed = self._parsed(ex.req_head)
-        reqs = parsed.reqs
-        trace = ex.trace_id
-        parent = ex.parent_span_id or None
-        if not reqs:
-            st.unparsed_exchanges += 1
-            st.unparsed_bytes += (ex.req_bytes + ex.resp_bytes) or len(ex.req_head)
-            return linker.remember(key, trace, parent, end_ns)
-        hint = ex.parent
-        source = parent_source(hint.kind) if hint is not None else "none"
-        sampled = ex.sampled
-        spans = self._asm.spans(ex, parsed, end_ns, ex.span_id, trace, parent, source, sampled)
-        tp = parsed.tp
-        if parsed.tp_raw is not None:
-            if tp is None:
-                st.traceparents_invalid += 1
-            else:
-                st.traceparents += 1
-                if tp[0] == trace:
-                    spans[0].trace_state = parsed.trace_state
-        peers = self._peer_pids
-        if hint is not None and hint.kind == _PEER:
-            # The server end of a local connection usually ends first: its client span, when it
-            # comes, learns which process answered it (metrics name the edge by it).
-            if len(peers) >= _MEMO_SIZE * 4:
-                peers.clear()
-            peers[(hint.exchange.conn_id, hint.exchange.req_start_ns)] = ex.pid
-        elif ex.role == Role.CLIENT and peers:
-            peer = peers.pop(key, 0)
-            if peer:
-                for s in spans:
-                    s.peer_pid = peer
-        if sampled:
-            st.sampled_exchanges += 1
-        else:
-            st.unsampled_exchanges += 1
-        linker.c.spans += len(spans)
-        late = linker.remember(key, trace, spans[0].span_id, end_ns)
-        if late:
-            spans.extend(self._decide(late))
         return spans
 
     def _head_part(self, req: http1.RequestHead, tls: bool) -> _HeadPart:
@@ -417,7 +350,6 @@ class Correlator:
 
 _MEMO_SIZE = 1024  # distinct heads remembered; cleared (not LRU) when full: cheap and bounded
 _MISSING = object()
-_PEER = ParentKind.PEER
 _REMOTE_KINDS = (ParentKind.TRACEPARENT, ParentKind.TCP_OPTION)
 
 
@@ -438,8 +370,6 @@ class _Parsed:
         self.trace_state = clean_tracestate(first.tracestate) if self.tp is not None and first else ""
 
 
-_NO_SHAPE = object()
-
 _spans.setup(
     span=Span, span_fields=tuple(f.name for f in fields(Span)), exchange=Exchange, request=http1.RequestHead,
     response=http1.ResponseHead, parsed=_Parsed, request_slots=http1.RequestHead.__slots__,
@@ -452,7 +382,8 @@ _spans.setup(
     err_incomplete=semconv.ERR_INCOMPLETE, status_messages=semconv.STATUS_MESSAGES, overflow_route=OVERFLOW_ROUTE,
     other_method=semconv.OTHER_METHOD, source_attr=PARENT_SOURCE_ATTR, framing_complete=http1.framing_complete,
     parse_final_response=http1.parse_final_response, parse_responses=http1.parse_responses,
-    route_template=route_template, redact_query=semconv.redact_query,
+    route_template=route_template, redact_query=semconv.redact_query, role_client=Role.CLIENT, hint=ParentHint,
+    exchange_id=ExchangeId,
 )  # fmt: skip
 
 

@@ -22,7 +22,8 @@ Rules (the issue was silent on some; these are the choices):
   and so a parent that was merely slower than max_hold (a long request) and turns out to be a
   root without traceparent lands in the same trace as the children released before it.
 - Resolved identities are remembered (bounded, for max_hold) so a child that arrives after its
-  parent still links to it.
+  parent still links to it. The memory is correlator/_spans.c's Memory, shared with the feed path
+  there, which remembers every exchange the kernel identified and releases what was held for it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import struct
 from collections import OrderedDict, deque
 from hashlib import blake2b
 
+from correlator import _spans
 from correlator.records import ParentHint, ParentKind
 from correlator.spans import Span
 
@@ -47,7 +49,8 @@ _Z15_1 = b"\0" * 15 + b"\1"
 
 # `kspan.parent.source` on every span: how its parent was found, so a user can audit a link.
 PARENT_SOURCE_ATTR = "kspan.parent.source"
-_SOURCE_BY_KIND = {
+# (parent_source here, and correlator/_spans.c's feed path, read this one table)
+SOURCE_BY_KIND = {
     int(ParentKind.THREAD): "thread",
     int(ParentKind.PROCESS): "process",
     int(ParentKind.PEER): "peer",
@@ -59,7 +62,7 @@ _SOURCE_BY_KIND = {
 
 
 def parent_source(kind: int) -> str:
-    return _SOURCE_BY_KIND.get(kind, "none")
+    return SOURCE_BY_KIND.get(kind, "none")
 
 
 class _Node:
@@ -85,38 +88,25 @@ class _Node:
         self.since = 0
 
 
-class LinkerCounters:
-    """Counters the linker updates; the correlator exposes them in CorrelatorStats."""
-
-    __slots__ = ("spans", "orphaned_spans", "held_dropped", "late_links", "duplicate_ids", "self_hints")
-
-    def __init__(self) -> None:
-        self.spans = 0
-        self.orphaned_spans = 0
-        self.held_dropped = 0
-        self.late_links = 0
-        self.duplicate_ids = 0
-        self.self_hints = 0
-
-
 class Linker:
-    def __init__(self, salt: bytes, max_hold_ns: int, max_held: int, max_resolved: int) -> None:
+    def __init__(
+        self, salt: bytes, max_hold_ns: int, max_held: int, max_resolved: int, counters: _spans.Counters | None = None
+    ) -> None:
         # blake2b keys are at most 64 bytes: a longer salt is hashed down once.
         self._salt = salt if len(salt) <= 64 else blake2b(salt, digest_size=64).digest()
         self.max_hold_ns = max_hold_ns
         self.max_held = max(1, max_held)
         self.max_resolved = max(1, max_resolved)
         self._h24 = blake2b(digest_size=24, key=self._salt)
-        self.c = LinkerCounters()
-        self._held: OrderedDict[Key, _Node] = OrderedDict()  # oldest first (since is monotonic)
-        self._waiting: dict[Key, list[Key]] = {}  # parent identity -> held children, in arrival order
-        # identity -> trace_id (16) + id children link to (8, absent when None) + resolved at (8,
-        # little-endian): one bytes object per entry, oldest first. It holds up to max_resolved
-        # entries (50,000 by default), so a tuple of three objects each would cost 9 MB more.
-        # An OrderedDict, not a dict: the oldest entry goes at every insert once full, and a plain
-        # dict's next(iter()) skips every slot deleted since its last resize (tens of us each).
-        self._resolved: OrderedDict[Key, bytes] = OrderedDict()
-        self._now = 0  # stream time: the latest time seen in a record or advance()
+        # spans, orphaned_spans, held_dropped, late_links, duplicate_ids, self_hints are the linker's
+        self.c = counters if counters is not None else _spans.Counters()
+        # held and waiting are read by correlator/_spans.c's feed path too (a repeat of a held
+        # identity is dropped there; a kernel-identified parent releases its waiting children).
+        self.held: OrderedDict[Key, _Node] = OrderedDict()  # oldest first (since is monotonic)
+        self.waiting: dict[Key, list[Key]] = {}  # parent identity -> held children, in arrival order
+        # identity -> (trace id, the id children link to), oldest first, and stream time (now): up
+        # to max_resolved entries (50,000 by default), in C without a Python object per entry.
+        self.memory = _spans.Memory(self.max_resolved)
 
     # ids -------------------------------------------------------------------------------------
 
@@ -149,34 +139,23 @@ class Linker:
 
     @property
     def held_count(self) -> int:
-        return len(self._held)
+        return len(self.held)
 
     @property
     def resolved_count(self) -> int:
-        return len(self._resolved)
+        return len(self.memory)
 
-    def seen(self, key: Key) -> bool:
-        """Whether this identity was taken already (held, or released and still remembered)."""
-        return key in self._held or key in self._resolved
-
-    def remember(self, key: Key, trace: bytes, link: bytes | None, at_ns: int) -> list[Span]:
-        """An exchange whose span the kernel identified went out directly: remember it as if the
-        linker had released it, so a record the kernel could not identify (the agent's timeout
-        sweep) still links to it. Returns held spans that were waiting for it, now released.
-        The caller checks seen() first: a repeat must not replace the first."""
-        if at_ns > self._now:
-            self._now = at_ns
-        self._resolved[key] = trace + (link or b"") + (self._now & _M64).to_bytes(8, "little")
+    def release_children(self, key: Key, trace: bytes, link: bytes | None) -> list[Span]:
+        """The held spans that waited for key, released now that key went out with this trace
+        and link (correlator/_spans.c's feed path calls it for an exchange the kernel identified,
+        once key is remembered)."""
         out: list[Span] = []
-        kids = self._waiting.pop(key, None) if self._waiting else None
+        kids = self.waiting.pop(key, None)
         if kids:
             for ck in kids:
-                ch = self._held.pop(ck, None)
+                ch = self.held.pop(ck, None)
                 if ch is not None:
                     self._release(ch, trace, link, out)
-        resolved = self._resolved
-        while len(resolved) > self.max_resolved:
-            resolved.popitem(last=False)
         return out
 
     def add(
@@ -192,10 +171,11 @@ class Linker:
         """Take the spans of one exchange (several when pipelined, none when it was not HTTP) and
         return every span whose trace id became known. root_trace: ids(key)[1] if the caller has
         it already (saves a hash)."""
-        if at_ns > self._now:
-            self._now = at_ns
+        mem = self.memory
+        if at_ns > mem.now:
+            mem.now = at_ns
         out: list[Span] = []
-        if key in self._held or key in self._resolved:
+        if key in self.held or key in mem:
             # The kernel names an exchange once; a repeat (replayed or corrupt record) must not
             # steal the first one's children. Its spans go out unlinked as their own trace.
             self.c.duplicate_ids += 1
@@ -210,12 +190,12 @@ class Linker:
                 self.c.self_hints += 1
                 parent_key = None
         node = _Node(key, spans, parent_key, kind, pid, tp[0] if tp else None, tp[1] if tp else None)
-        node.since = self._now
-        kids = self._waiting.get(key)
+        node.since = mem.now
+        kids = self.waiting.get(key)
         if kids and spans:
             # A client span whose server end (PEER child) is already here: record the peer.
             for ck in kids:
-                c = self._held.get(ck)
+                c = self.held.get(ck)
                 if c is not None and c.hint_kind == ParentKind.PEER:
                     for s in spans:
                         if not s.peer_pid:
@@ -224,49 +204,45 @@ class Linker:
         if parent_key is None:
             self._release_root(node, out, root_trace)
             return out
-        r = self._resolved.get(parent_key)
+        r = mem.get(parent_key)
         if r is not None:
             self.c.late_links += 1
-            self._release(node, r[:16], r[16:24] if len(r) == 32 else None, out)
+            self._release(node, r[0], r[1], out)
             return out
-        p = self._held.get(parent_key)
+        p = self.held.get(parent_key)
         if p is not None and kind == ParentKind.PEER:
             for s in p.spans:
                 if not s.peer_pid:
                     s.peer_pid = pid
-        self._held[key] = node
-        self._waiting.setdefault(parent_key, []).append(key)
-        while len(self._held) > self.max_held:
-            _, oldest = next(iter(self._held.items()))
+        self.held[key] = node
+        self.waiting.setdefault(parent_key, []).append(key)
+        while len(self.held) > self.max_held:
+            _, oldest = next(iter(self.held.items()))
             n = self._orphan(oldest, out)
             self.c.held_dropped += n
         return out
 
     def expire(self, now_ns: int) -> list[Span]:
         """Release as orphans the held spans whose parent did not come within max_hold."""
-        if now_ns > self._now:
-            self._now = now_ns
+        mem = self.memory
+        if now_ns > mem.now:
+            mem.now = now_ns
         out: list[Span] = []
-        deadline = self._now - self.max_hold_ns
-        held = self._held
+        deadline = mem.now - self.max_hold_ns
+        held = self.held
         while held:
             _, oldest = next(iter(held.items()))
             if oldest.since > deadline:
                 break
             self.c.orphaned_spans += self._orphan(oldest, out)
-        resolved = self._resolved
-        while resolved:
-            k, r = next(iter(resolved.items()))
-            if int.from_bytes(r[-8:], "little") > deadline:
-                break
-            resolved.popitem(last=False)
+        mem.expire(deadline)
         return out
 
     def drain(self) -> list[Span]:
         """Shutdown: release every held span (as orphans: their parents never came)."""
         out: list[Span] = []
-        while self._held:
-            _, oldest = next(iter(self._held.items()))
+        while self.held:
+            _, oldest = next(iter(self.held.items()))
             self.c.orphaned_spans += self._orphan(oldest, out)
         return out
 
@@ -284,12 +260,12 @@ class Linker:
 
     def _subtree_traceparent(self, key: Key) -> bytes | None:
         """First traceparent trace id among the held descendants of key, breadth first."""
-        kids = self._waiting.get(key)
+        kids = self.waiting.get(key)
         if not kids:
             return None
         q = deque(kids)
         seen: set[Key] = {key}
-        held = self._held
+        held = self.held
         while q:
             k = q.popleft()
             if k in seen:
@@ -300,7 +276,7 @@ class Linker:
                 continue
             if n.tp_trace is not None:
                 return n.tp_trace
-            more = self._waiting.get(k)
+            more = self.waiting.get(k)
             if more:
                 q.extend(more)
         return None
@@ -318,22 +294,22 @@ class Linker:
         top = node
         seen = {node.key}
         while top.parent_key is not None:
-            p = self._held.get(top.parent_key)
+            p = self.held.get(top.parent_key)
             if p is None or p.key in seen:
                 break
             seen.add(p.key)
             top = p
-        del self._held[top.key]
+        del self.held[top.key]
         pk = top.parent_key
         assert pk is not None  # only hinted nodes are held
-        sibs = self._waiting.get(pk)
+        sibs = self.waiting.get(pk)
         if sibs is not None:
             try:
                 sibs.remove(top.key)
             except ValueError:
                 pass
             if not sibs:
-                del self._waiting[pk]
+                del self.waiting[pk]
         trace = top.tp_trace or self._subtree_traceparent(top.key) or self.trace_id(pk)
         missing = self.span_id(pk[0], pk[1])
         before = len(out)
@@ -344,9 +320,8 @@ class Linker:
 
     def _release(self, node: _Node, trace: bytes, parent_link: bytes | None, out: list[Span]) -> None:
         """Give node its trace and parent, emit it, then its held descendants (breadth first)."""
-        resolved = self._resolved
-        waiting = self._waiting
-        now_b = (self._now & _M64).to_bytes(8, "little")
+        remember = self.memory.put
+        waiting = self.waiting
         c = self.c
         q: deque[tuple[_Node, bytes | None]] | None = None
         n, pl = node, parent_link
@@ -366,13 +341,13 @@ class Linker:
                 link = spans[0].span_id
             else:
                 link = pl  # not HTTP: its children hang on its own parent
-            resolved[n.key] = trace + (link or b"") + now_b
+            remember(n.key, trace, link)
             if waiting:
                 kids = waiting.pop(n.key, None)
                 if kids:
                     if q is None:
                         q = deque()
-                    held = self._held
+                    held = self.held
                     for ck in kids:
                         ch = held.pop(ck, None)
                         if ch is not None:
@@ -380,9 +355,9 @@ class Linker:
             if not q:
                 break
             n, pl = q.popleft()
-        while len(resolved) > self.max_resolved:
-            resolved.popitem(last=False)
 
 
-def make_linker(salt: bytes, max_hold_s: float, max_held: int, max_resolved: int) -> Linker:
-    return Linker(salt, int(max_hold_s * 1e9), max_held, max_resolved)
+def make_linker(
+    salt: bytes, max_hold_s: float, max_held: int, max_resolved: int, counters: _spans.Counters | None = None
+) -> Linker:
+    return Linker(salt, int(max_hold_s * 1e9), max_held, max_resolved, counters)
