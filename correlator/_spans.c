@@ -1452,7 +1452,7 @@ static void set_span_slot(PyObject *span, int i, PyObject *v) {
  * The spans of one exchange (several when requests were pipelined): the first takes span id
  * sid, the later ones ids hashed from its identity and index. trace, parent and sampled go on
  * every span, and source as the last attribute (kspan.parent.source) unless it is None: the
- * kernel fixed them (Correlator._feed_identified), or the linker sets them later. */
+ * kernel fixed them (the Feeder below), or the linker sets them later. */
 static PyObject *spans_impl(Asm *self, PyObject *ex, PyObject *parsed, PyObject *end_ns, PyObject *sid,
                             PyObject *trace, PyObject *parent, PyObject *source, PyObject *sampled) {
     if (!PyObject_TypeCheck(ex, M.ex_t) || !PyObject_TypeCheck(parsed, M.parsed_t)) {
@@ -1869,7 +1869,7 @@ static PyObject *fd_parsed(Feeder *self, PyObject *head) { return parsed_head(se
 
 /* Remember an identity the kernel identified as if the linker had released it, so a record the
  * kernel could not identify (the agent's timeout sweep) still links to it: the spans the linker
- * held for it, now released (new list). */
+ * held for it, now released and head-sampled (new list). */
 static PyObject *remember(Feeder *self, uint64_t a, uint64_t b, PyObject *conn, PyObject *start, PyObject *trace,
                           PyObject *link, PyObject *at) {
     Memory *m = MEM(self);
@@ -1884,9 +1884,16 @@ static PyObject *remember(Feeder *self, uint64_t a, uint64_t b, PyObject *conn, 
     PyObject *out = NULL;
     if (w > 0) {
         PyObject *ra[3] = {key, trace, link};
-        out = PyObject_Vectorcall(self->release, ra, 3, NULL);
+        PyObject *released = PyObject_Vectorcall(self->release, ra, 3, NULL);
+        /* Those spans had no kernel ids, so no kernel decision: head-sampled here as the kernel
+         * would have (per trace), whether or not the record releasing them made a span. */
+        if (released != NULL && PyList_Check(released) && PyList_GET_SIZE(released))
+            out = PyObject_CallOneArg(self->decide, released);
+        else
+            out = Py_XNewRef(released);
+        Py_XDECREF(released);
         if (out != NULL && !PyList_Check(out)) {
-            PyErr_SetString(PyExc_TypeError, "release must return a list");
+            PyErr_SetString(PyExc_TypeError, "release and decide must return a list");
             Py_CLEAR(out);
         }
     } else if (w == 0)
@@ -1988,7 +1995,7 @@ static PyObject *identified(Feeder *self, PyObject *ex) {
             goto fail;
         if (r ? sum_into(&cnt->unparsed_bytes, tmp) < 0 : (cnt->unparsed_bytes += PyBytes_GET_SIZE(head), 0))
             goto fail;
-        /* what the linker held for it goes out as the linker released it: no sampling pass */
+        /* no span of its own: its held children link to what it links to */
         spans = remember(self, a, b, conn, start, trace, parent, end_ns);
         goto done;
     }
@@ -2076,15 +2083,8 @@ static PyObject *identified(Feeder *self, PyObject *ex) {
     GET(v, first, span_slots, S_SPAN_ID);
     if ((late = remember(self, a, b, conn, start, trace, v, end_ns)) == NULL)
         goto fail;
-    if (PyList_GET_SIZE(late)) {
-        PyObject *decided = PyObject_CallOneArg(self->decide, late);
-        if (decided == NULL)
-            goto fail;
-        r = PyList_SetSlice(spans, PyList_GET_SIZE(spans), PyList_GET_SIZE(spans), decided);
-        Py_DECREF(decided);
-        if (r < 0)
-            goto fail;
-    }
+    if (PyList_GET_SIZE(late) && PyList_SetSlice(spans, PyList_GET_SIZE(spans), PyList_GET_SIZE(spans), late) < 0)
+        goto fail;
     goto done;
 fail:
     Py_CLEAR(spans);
