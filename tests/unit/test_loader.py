@@ -352,6 +352,37 @@ def test_globals_tracepoint_ringbuf_and_percpu(obj: BpfObject) -> None:
 
 
 @needs_root
+def test_ringbuf_drains_are_paced_an_interval_apart_unless_cut_by_their_limit(obj: BpfObject) -> None:
+    """A drain that emptied the ring is followed by the next one an interval later even when
+    records are committed meanwhile (a poll's batch is an interval's records); one cut by its
+    limit is followed at once; an empty ring waits out its timeout."""
+    obj.load()
+    records = obj.map("records")
+    reader = RingBufferReader(records.fd, records.max_entries)
+    try:
+        obj.attach("loader_getpid")
+        raw_getpid()
+        out: list[bytes] = []
+        assert reader.drain(out) == 1
+        t0 = time.monotonic()
+        for _ in range(3):
+            raw_getpid()
+        reader.wait(5_000, interval_s=0.3)
+        assert time.monotonic() - t0 >= 0.3  # committed at once, still paced
+        assert reader.drain(out, limit=2) == 2
+        t0 = time.monotonic()
+        reader.wait(5_000, interval_s=30.0)
+        assert time.monotonic() - t0 < 5.0  # the limit cut the drain: no pause
+        assert reader.drain(out) == 1
+        t0 = time.monotonic()
+        reader.wait(200, interval_s=0.05)  # nothing committed: the timeout
+        assert 0.2 <= time.monotonic() - t0 < 5.0 and not reader.pending()
+        reader.wait(0)  # a zero timeout never sleeps
+    finally:
+        reader.close()
+
+
+@needs_root
 def test_map_update_lookup_delete_and_keys(obj: BpfObject) -> None:
     obj.load()
     layout = obj.struct_layout("loader_test_layout")
