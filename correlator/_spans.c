@@ -170,7 +170,7 @@ static PyObject *c_timeouts, *c_evicted, *c_pipelined_splits, *c_truncated_heads
     *c_responses_incomplete, *c_closed_no_response, *c_no_response;
 static PyObject *a_kind, *a_pid, *a_kernel_ids, *s_none;
 static PyObject *s_empty, *s_https, *s_http_name, *s_mapped_prefix, *b_empty, *b_head, *b_connect, *i_zero,
-    *i_minus_one, *i_80, *i_443;
+    *i_minus_one, *i_80, *i_443, *s_scheme_sep, *s_lbracket, *s_rbracket, *s_colon, *s_qmark, *s_space;
 
 static struct {
     PyObject **p;
@@ -189,6 +189,7 @@ static struct {
     {&c_no_response, "no_response"}, {&a_kind, "kind"}, {&a_pid, "pid"},
     {&s_empty, ""}, {&s_none, "none"}, {&a_kernel_ids, "kernel_ids"}, {&s_https, "https"}, {&s_http_name, "HTTP"},
     {&s_mapped_prefix, "::ffff:"},
+    {&s_scheme_sep, "://"}, {&s_lbracket, "["}, {&s_rbracket, "]"}, {&s_colon, ":"}, {&s_qmark, "?"}, {&s_space, " "},
 };
 
 /* ---- small helpers ----------------------------------------------------------------------- */
@@ -278,6 +279,32 @@ static PyObject *default_port(PyObject *scheme) {
     return https ? i_443 : i_80;
 }
 
+/* The concatenation of n str objects, in one allocation (PyUnicode_FromFormat parses its format
+ * at every call: about 3x the cost for the few pieces of a span name or url.full). New ref. */
+static PyObject *join_str(PyObject *const *parts, int n) {
+    Py_ssize_t len = 0;
+    Py_UCS4 maxchar = 127;
+    for (int i = 0; i < n; i++) {
+        len += PyUnicode_GET_LENGTH(parts[i]);
+        Py_UCS4 m = PyUnicode_MAX_CHAR_VALUE(parts[i]);
+        if (m > maxchar)
+            maxchar = m;
+    }
+    PyObject *out = PyUnicode_New(len, maxchar);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t at = 0;
+    for (int i = 0; i < n; i++) {
+        Py_ssize_t k = PyUnicode_GET_LENGTH(parts[i]);
+        if (PyUnicode_CopyCharacters(out, at, parts[i], 0, k) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        at += k;
+    }
+    return out;
+}
+
 /* url.full: scheme://host[:port]path[?query], the port only when it is not the scheme's default,
  * an IPv6 host in brackets (RFC 3986 3.2.2). New reference. */
 static PyObject *url_full(PyObject *scheme, PyObject *host, PyObject *port, PyObject *path, PyObject *query) {
@@ -294,16 +321,28 @@ static PyObject *url_full(PyObject *scheme, PyObject *host, PyObject *port, PyOb
     int other = PyObject_RichCompareBool(port, dp, Py_NE);
     if (other < 0)
         return NULL;
-    PyObject *hp;
+    PyObject *port_s = NULL, *parts[10];
+    int n = 0;
+    parts[n++] = scheme;
+    parts[n++] = s_scheme_sep;
     if (colon >= 0)
-        hp = other ? PyUnicode_FromFormat("[%U]:%S", host, port) : PyUnicode_FromFormat("[%U]", host);
-    else
-        hp = other ? PyUnicode_FromFormat("%U:%S", host, port) : Py_NewRef(host);
-    if (hp == NULL)
-        return NULL;
-    PyObject *full = query != Py_None ? PyUnicode_FromFormat("%U://%U%U?%U", scheme, hp, path, query)
-                                      : PyUnicode_FromFormat("%U://%U%U", scheme, hp, path);
-    Py_DECREF(hp);
+        parts[n++] = s_lbracket;
+    parts[n++] = host;
+    if (colon >= 0)
+        parts[n++] = s_rbracket;
+    if (other) {
+        if ((port_s = PyObject_Str(port)) == NULL)
+            return NULL;
+        parts[n++] = s_colon;
+        parts[n++] = port_s;
+    }
+    parts[n++] = path;
+    if (query != Py_None) {
+        parts[n++] = s_qmark;
+        parts[n++] = query;
+    }
+    PyObject *full = join_str(parts, n);
+    Py_XDECREF(port_s);
     return full;
 }
 
@@ -1069,10 +1108,13 @@ static PyObject *derive(Asm *self, PyObject *req, int server, PyObject *head) {
     int other = eq(method, M.other_method);
     if (other < 0)
         goto fail;
-    if (other)
-        name = route ? PyUnicode_FromFormat("HTTP %S", route) : Py_NewRef(s_http_name);
-    else
-        name = route ? PyUnicode_FromFormat("%S %S", method, route) : Py_NewRef(method);
+    if ((route != NULL && need_str(route, "route") == NULL) || need_str(method, "method") == NULL)
+        goto fail;
+    if (route != NULL) {
+        PyObject *parts[3] = {other ? s_http_name : method, s_space, route};
+        name = join_str(parts, 3);
+    } else
+        name = Py_NewRef(other ? s_http_name : method);
     if (name == NULL)
         goto fail;
     out = PyTuple_Pack(7, name, a, scheme, url_path, query ? query : Py_None, hostport != Py_None ? Py_True : Py_False,
