@@ -1734,12 +1734,11 @@ fail:
  * held        Linker.held: identity -> node waiting for its parent (a repeat of one is dropped)
  * waiting     Linker.waiting: parent identity -> the held children waiting for it
  * release     Linker.release_children(key, trace, link) -> spans that waited for key
- * decide      Correlator._decide (head sampling of those released spans, which had no kernel ids)
  * parse       head -> _Parsed (the full parse, on a memo miss)
  * slow        Correlator._feed_unidentified
  * sources     correlator.linker's parent kind -> kspan.parent.source table */
 #define FEEDER_OBJECTS(X)                                                                                        \
-    X(assembler) X(counters) X(memory) X(held) X(waiting) X(release) X(decide) X(parse) X(slow) X(sources)
+    X(assembler) X(counters) X(memory) X(held) X(waiting) X(release) X(parse) X(slow) X(sources)
 #define FD_FIELD(f) PyObject *f;
 #define FD_VISIT(f) Py_VISIT(self->f);
 #define FD_DROP(f) Py_CLEAR(self->f);
@@ -1785,9 +1784,9 @@ static int fd_init(Feeder *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {FEEDER_OBJECTS(FD_KW) "memo_size", NULL};
     FEEDER_OBJECTS(FD_LOCAL)
     Py_ssize_t memo_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$O!O!O!O!O!OOOOO!n", kwlist, &AsmType, &assembler, &CountersType,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$O!O!O!O!O!OOOO!n", kwlist, &AsmType, &assembler, &CountersType,
                                      &counters, &MemoryType, &memory, &PyDict_Type, &held, &PyDict_Type, &waiting,
-                                     &release, &decide, &parse, &slow, &PyDict_Type, &sources, &memo_size))
+                                     &release, &parse, &slow, &PyDict_Type, &sources, &memo_size))
         return -1;
     if (!M.ready) {
         PyErr_SetString(PyExc_RuntimeError, "correlator._spans.setup() was not called");
@@ -1911,9 +1910,11 @@ static PyObject *fd_parsed(Feeder *self, PyObject *head) { return parsed_head(se
 
 /* Remember an identity the kernel identified as if the linker had released it, so a record the
  * kernel could not identify (the agent's timeout sweep) still links to it: the spans the linker
- * held for it, now released and head-sampled (new list). */
+ * held for it, now released (new list). They join its trace, so they take the kernel's decision
+ * for it (`sampled`): a trace is kept or dropped whole, and under parentbased_* a root decision
+ * made here could contradict the incoming traceparent the kernel honoured. */
 static PyObject *remember(Feeder *self, uint64_t a, uint64_t b, PyObject *conn, PyObject *start, PyObject *trace,
-                          PyObject *link, PyObject *at) {
+                          PyObject *link, PyObject *at, PyObject *sampled) {
     Memory *m = MEM(self);
     if (mem_touch(m, at) < 0 || mem_put(m, a, b, trace, link) < 0)
         return NULL;
@@ -1926,17 +1927,27 @@ static PyObject *remember(Feeder *self, uint64_t a, uint64_t b, PyObject *conn, 
     PyObject *out = NULL;
     if (w > 0) {
         PyObject *ra[3] = {key, trace, link};
-        PyObject *released = PyObject_Vectorcall(self->release, ra, 3, NULL);
-        /* Those spans had no kernel ids, so no kernel decision: head-sampled here as the kernel
-         * would have (per trace), whether or not the record releasing them made a span. */
-        if (released != NULL && PyList_Check(released) && PyList_GET_SIZE(released))
-            out = PyObject_CallOneArg(self->decide, released);
-        else
-            out = Py_XNewRef(released);
-        Py_XDECREF(released);
+        out = PyObject_Vectorcall(self->release, ra, 3, NULL);
         if (out != NULL && !PyList_Check(out)) {
-            PyErr_SetString(PyExc_TypeError, "release and decide must return a list");
+            PyErr_SetString(PyExc_TypeError, "release must return a list");
             Py_CLEAR(out);
+        }
+        int keep = out == NULL ? 0 : PyObject_IsTrue(sampled);
+        if (keep < 0)
+            Py_CLEAR(out);
+        Counters *cnt = CNT(self);
+        for (Py_ssize_t i = 0; out != NULL && i < PyList_GET_SIZE(out); i++) {
+            PyObject *sp = PyList_GET_ITEM(out, i);
+            if (!Py_IS_TYPE(sp, M.span_t)) {
+                PyErr_SetString(PyExc_TypeError, "release must return spans");
+                Py_CLEAR(out);
+                break;
+            }
+            set_span_slot(sp, S_SAMPLED, keep ? Py_True : Py_False);
+            if (keep)
+                cnt->sampled_exchanges++;
+            else
+                cnt->unsampled_exchanges++;
         }
     } else if (w == 0)
         out = PyList_New(0);
@@ -2038,7 +2049,8 @@ static PyObject *identified(Feeder *self, PyObject *ex) {
         if (r ? sum_into(&cnt->unparsed_bytes, tmp) < 0 : (cnt->unparsed_bytes += PyBytes_GET_SIZE(head), 0))
             goto fail;
         /* no span of its own: its held children link to what it links to */
-        spans = remember(self, a, b, conn, start, trace, parent, end_ns);
+        GET(sampled, ex, ex_slots, X_SAMPLED);
+        spans = remember(self, a, b, conn, start, trace, parent, end_ns, sampled);
         goto done;
     }
     GET(hint, ex, ex_slots, X_PARENT);
@@ -2123,7 +2135,7 @@ static PyObject *identified(Feeder *self, PyObject *ex) {
         cnt->unsampled_exchanges++;
     cnt->spans += PyList_GET_SIZE(spans);
     GET(v, first, span_slots, S_SPAN_ID);
-    if ((late = remember(self, a, b, conn, start, trace, v, end_ns)) == NULL)
+    if ((late = remember(self, a, b, conn, start, trace, v, end_ns, sampled)) == NULL)
         goto fail;
     if (PyList_GET_SIZE(late) && PyList_SetSlice(spans, PyList_GET_SIZE(spans), PyList_GET_SIZE(spans), late) < 0)
         goto fail;

@@ -134,7 +134,7 @@ class Correlator:
         linker = self._linker
         self._feeder = _spans.Feeder(
             assembler=self._asm, counters=self._c, memory=linker.memory, held=linker.held, waiting=linker.waiting,
-            release=linker.release_children, decide=self._decide, parse=self._parse, slow=self._feed_unidentified,
+            release=linker.release_children, parse=self._parse, slow=self._feed_unidentified,
             sources=SOURCE_BY_KIND, memo_size=_MEMO_SIZE,
         )  # fmt: skip
         self._parsed = self._feeder.parsed

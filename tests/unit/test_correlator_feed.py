@@ -269,3 +269,18 @@ def test_the_feed_path_holds_no_memory_per_record_once_warm() -> None:
         tracemalloc.stop()
     assert grown < 64 * 1024, grown  # 20,000 records: well under 4 bytes each
     assert corr.stats.resolved_remembered == 500
+
+
+def test_a_held_child_takes_the_kernels_decision_for_its_parents_trace() -> None:
+    """Under parentbased_always_off a root decision made in user space would drop it; its parent
+    came with an incoming traceparent the kernel honoured (sampled), so the whole trace is kept."""
+    tp_trace = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
+    chain = make_chain(("A", "B"))
+    server = _ids(chain.by_name["A.server"], tp_trace, 21, 0xB7AD6B7169203331, kind=ParentKind.TRACEPARENT)
+    child = replace(chain.by_name["A.client"], end=EndReason.TIMEOUT, resp_start_ns=0, resp_end_ns=0,
+                    resp_head=b"", resp_tail=b"", resp_bytes=0, status=0)
+    corr = _corr(sampler=parse_sampler("parentbased_always_off", None)[0])
+    assert corr.feed(child) == []
+    spans = corr.feed(server)
+    assert [s.sampled for s in spans] == [True, True] and spans[1].trace_id == tp_trace
+    assert corr.stats.sampled_exchanges == 2 and corr.stats.unsampled_exchanges == 0
