@@ -236,7 +236,7 @@ class RecordDispatch:
     def __init__(self, correlator: Correlator, processes: ProcessTable) -> None:
         self.correlator = correlator
         self.processes = processes
-        self.undecodable = 0  # exchange or metric records that did not decode (foreign, short): skipped
+        self.undecodable = 0  # exchange, metric, segment or tcp records that did not decode (foreign, short): skipped
 
     def feed(self, batch: Iterable[bytes]) -> tuple[list[Span], list[RedFacts], list[TcpEvent]]:
         spans: list[Span] = []
@@ -248,25 +248,34 @@ class RecordDispatch:
     def feed_into(self, batch: Iterable[bytes], spans: list[Span], facts: list[RedFacts],
                   tcp: list[TcpEvent]) -> None:
         correlator, processes = self.correlator, self.processes
+        get, feed_batch = processes.get, correlator.feed_batch
+        decode_exchange = records.decode_exchange
+        run: list[Exchange] = []  # consecutive exchange records: one call into the correlator
         for data in batch:
             kind = records.record_type(data)
             if kind == records.REC_EXCHANGE:
                 try:
-                    ex: Exchange = records.decode_exchange(data)
+                    ex: Exchange = decode_exchange(data)
                 except ValueError as e:
                     log.debug("kspan: undecodable record: %s", e)
                     self.undecodable += 1
                     continue
-                processes.get(ex.pid)  # read /proc while the process is alive
-                spans.extend(correlator.feed(ex))
-            elif kind == records.REC_METRIC:
+                get(ex.pid)  # read /proc while the process is alive
+                run.append(ex)
+                continue
+            # metric() takes the span path's route cap and segment() runs between exchanges as
+            # the stream orders them: the run before this record goes in first.
+            if run:
+                feed_batch(run, spans)
+                run = []
+            if kind == records.REC_METRIC:
                 try:
                     mx = records.decode_metric(data)
                 except ValueError as e:
                     log.debug("kspan: undecodable metric record: %s", e)
                     self.undecodable += 1
                     continue
-                processes.get(mx.pid)
+                get(mx.pid)
                 f = correlator.metric(mx)
                 if f is not None:
                     facts.append(f)
@@ -277,13 +286,16 @@ class RecordDispatch:
                     log.debug("kspan: undecodable segment record: %s", e)
                     self.undecodable += 1
                     continue
-                processes.get(seg.seg.pid)
+                get(seg.seg.pid)
                 spans.extend(correlator.segment(seg))
             elif kind == records.REC_TCP:
                 try:
                     tcp.append(records.decode_tcp(data))
-                except ValueError:
-                    continue
+                except ValueError as e:
+                    log.debug("kspan: undecodable tcp record: %s", e)
+                    self.undecodable += 1
+        if run:
+            feed_batch(run, spans)
 
 
 class Agent:
@@ -291,7 +303,7 @@ class Agent:
 
     @property
     def undecodable(self) -> int:
-        """Exchange or metric records that did not decode (foreign, short): skipped."""
+        """Exchange, metric, segment or tcp records that did not decode (foreign, short): skipped."""
         d = self._record_dispatch
         return d.undecodable if d is not None else 0
 
