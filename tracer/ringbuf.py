@@ -1,7 +1,9 @@
 """Reading a BPF ring buffer map directly from its memory mapping, in batches.
 
 A callback per record through ctypes costs about 5 us on this machine; reading the mapped pages
-here costs a fraction of that, which matters when every request yields a record at both ends.
+costs a fraction of that, which matters when every request yields a record at both ends. The walk
+over the records is tracer/_records.c's drain(), which also decodes them where they lie (no bytes
+object per record) for the agent.
 The programs submit with BPF_RB_NO_WAKEUP: a wakeup costs about 1.4 us inside the traced process
 at every record, so the reader drains on a short timer instead of waiting to be woken.
 Layout (kernel/bpf/ringbuf.c, stable since 5.8): page 0 is
@@ -15,10 +17,14 @@ from __future__ import annotations
 import mmap
 import struct
 import time
+from typing import Any
+
+from tracer import _records
+from tracer import records as _decoders  # noqa: F401 - sets up tracer/_records.c's decoders
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
-HEADER = 8
+HEADER = 8  # the walk itself is tracer/_records.c's drain()
 # How often an idle reader looks at the producer position: the latency a record can wait, and
 # the agent's only wake-ups when nothing happens.
 DRAIN_INTERVAL_S = 0.01
@@ -29,11 +35,24 @@ class RingBufferReader:
         if data_size <= 0 or data_size & (data_size - 1):
             raise ValueError(f"ring buffer size {data_size} is not a power of two")
         page = mmap.PAGESIZE
-        self._fd = map_fd
+        self._init(mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0),
+                   mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page),
+                   data_size)
+
+    @classmethod
+    def over(cls, consumer: mmap.mmap, producer: mmap.mmap, data_size: int) -> RingBufferReader:
+        """A reader of mappings laid out as the kernel's (the tests build a ring in plain memory)."""
+        reader = cls.__new__(cls)
+        reader._init(consumer, producer, data_size)
+        return reader
+
+    def _init(self, consumer: mmap.mmap, producer: mmap.mmap, data_size: int) -> None:
+        if data_size <= 0 or data_size & (data_size - 1):
+            raise ValueError(f"ring buffer size {data_size} is not a power of two")
         self._mask = data_size - 1
-        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._producer = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
-        self._data = memoryview(self._producer)[page:]
+        self._consumer = consumer
+        self._producer = producer
+        self._page = mmap.PAGESIZE
         self._closed = False
 
     def _positions(self) -> tuple[int, int]:
@@ -42,25 +61,13 @@ class RingBufferReader:
         return cons, prod
 
     def drain(self, out: list[bytes], limit: int = 1 << 20) -> int:
-        """Append every committed record to `out` (up to `limit`); returns how many."""
-        cons, prod = self._positions()
-        data, mask = self._data, self._mask
-        unpack = struct.unpack_from
-        n = 0
-        while cons < prod and n < limit:
-            off = cons & mask
-            length = unpack("<I", data, off)[0]
-            if length & BUSY_BIT:
-                break  # the producer has reserved but not yet committed this record
-            size = length & ~(BUSY_BIT | DISCARD_BIT)
-            if not length & DISCARD_BIT:
-                out.append(bytes(data[off + HEADER : off + HEADER + size]))
-                n += 1
-            cons += (size + HEADER + 7) & ~7
-            if n & 255 == 0:
-                struct.pack_into("<Q", self._consumer, 0, cons)  # give the kernel its space back early
-        struct.pack_into("<Q", self._consumer, 0, cons)
-        return n
+        """Append every committed record to `out` as bytes (up to `limit`); returns how many."""
+        return _records.drain(self._consumer, self._producer, self._page, self._mask + 1, limit, out, False)[0]
+
+    def drain_decoded(self, out: list[Any], limit: int = 1 << 20) -> tuple[int, int]:
+        """Every committed record (up to `limit`) decoded straight from the mapping into `out`, as
+        tracer/_records.c's decode_batch does from bytes; returns (records, undecodable)."""
+        return _records.drain(self._consumer, self._producer, self._page, self._mask + 1, limit, out, True)
 
     def pending(self) -> bool:
         cons, prod = self._positions()
@@ -85,6 +92,5 @@ class RingBufferReader:
         if self._closed:
             return
         self._closed = True
-        self._data.release()
         self._producer.close()
         self._consumer.close()
