@@ -1,6 +1,7 @@
 """tracer/_records.c's drain() through tracer/ringbuf.py's reader, on a ring laid out in plain memory
-as the kernel lays out a BPF ring buffer (kernel/bpf/ringbuf.c): the consumer page, the producer
-page, the data area mapped twice in a row. The live ring is the e2e tests' (tests/e2e/test_capture.py,
+as the kernel lays out a BPF ring buffer (kernel/bpf/ringbuf.c; bench/hotpath.py's MemoryRing,
+which bench.hotpath drains too): the consumer page, the producer page, the data area mapped twice
+in a row. The live ring is the e2e tests' (tests/e2e/test_capture.py,
 test_segments.py) and test_loader.py's."""
 
 from __future__ import annotations
@@ -17,49 +18,12 @@ from correlator.records import Exchange, MetricExchange
 from correlator.segments import SegmentRecord
 from tests.unit.test_dispatch import FIXTURES, _mixed
 from tracer import _records, records
-from tracer.ringbuf import BUSY_BIT, DISCARD_BIT, HEADER, RingBufferReader
 
 PAGE = mmap.PAGESIZE
 U64 = struct.Struct("<Q")
 
 
-class Ring:
-    """The kernel's side: reserve, fill and commit records (BUSY until committed, DISCARD), the
-    data area's second mapping kept equal to the first as the double mapping makes it."""
-
-    def __init__(self, size: int, start: int = 0) -> None:
-        self.size = size
-        self.consumer = mmap.mmap(-1, PAGE)
-        self.producer = mmap.mmap(-1, PAGE + 2 * size)
-        self.prod = start
-        U64.pack_into(self.consumer, 0, start)
-        U64.pack_into(self.producer, 0, start)
-        self.reader = RingBufferReader.over(self.consumer, self.producer, size)
-
-    def _write(self, pos: int, data: bytes) -> None:
-        off = pos % self.size
-        for base in (PAGE, PAGE + self.size):
-            first = min(len(data), self.size - off)
-            self.producer[base + off : base + off + first] = data[:first]
-            self.producer[base : base + len(data) - first] = data[first:]
-
-    def put(self, payload: bytes, busy: bool = False, discard: bool = False) -> int:
-        """A record at the producer position; returns its position."""
-        pos = self.prod
-        assert self.prod + HEADER + len(payload) - self.consumed <= self.size, "the ring is full"
-        length = len(payload) | (BUSY_BIT if busy else 0) | (DISCARD_BIT if discard else 0)
-        self._write(pos, struct.pack("<II", length, 0) + payload)
-        self.prod += (len(payload) + HEADER + 7) & ~7
-        U64.pack_into(self.producer, 0, self.prod)
-        return pos
-
-    def commit(self, pos: int) -> None:
-        length = struct.unpack_from("<I", self.producer, PAGE + pos % self.size)[0]
-        self._write(pos, struct.pack("<I", length & ~BUSY_BIT))
-
-    @property
-    def consumed(self) -> int:
-        return U64.unpack_from(self.consumer, 0)[0]
+Ring = hotpath.MemoryRing
 
 
 def _exchanges() -> list[bytes]:
@@ -86,7 +50,7 @@ def _fill_and_drain(ring: Ring, recs: list[bytes], decode: bool, limit: int = 1 
     undecodable = 0
     i = 0
     while i < len(recs):
-        while i < len(recs) and ring.prod + HEADER + len(recs[i]) + 8 - ring.consumed <= ring.size:
+        while i < len(recs) and ring.room(len(recs[i])):
             ring.put(recs[i])
             i += 1
         if decode:
@@ -231,7 +195,7 @@ def test_a_length_the_ring_cannot_hold_is_an_error_not_a_read_past_it() -> None:
     ring = Ring(8192)
     ring.put(b"\x01\0\0\0" + bytes(60))
     at = ring.prod
-    ring._write(at, struct.pack("<II", 9000, 0))  # longer than the ring
+    ring.write(at, struct.pack("<II", 9000, 0))  # longer than the ring
     ring.prod += 16
     U64.pack_into(ring.producer, 0, ring.prod)
     out: list[Any] = []
