@@ -295,7 +295,7 @@ class Agent:
 
     @property
     def undecodable(self) -> int:
-        """Exchange, metric, segment or tcp records that did not decode (foreign, short): skipped."""
+        """Records that did not decode (foreign, short, an unknown type): counted, skipped."""
         d = self._record_dispatch
         return d.undecodable if d is not None else 0
 

@@ -15,7 +15,7 @@ from correlator.correlator import Correlator
 from correlator.segments import PROTO_REDIS
 from correlator.spans import Span
 from tracer import records
-from tracer.agent import RecordDispatch
+from tracer.agent import Agent, RecordDispatch, RunOptions, _Session
 from tracer.processes import ProcessTable
 from tracer.records import RawExchange, RawSegment
 
@@ -183,3 +183,43 @@ def test_an_undecodable_record_is_counted_and_the_run_goes_on() -> None:
     spans, _, _ = dispatch.feed([recs[0], short, *recs[1:]])
     assert dispatch.undecodable == 1
     assert correlator.stats.exchanges == len(recs) and spans
+
+
+class _Hooks:
+    """An attacher's exec/exit hooks, noting how many exchanges the correlator had at each call."""
+
+    def __init__(self, correlator: Correlator) -> None:
+        self.correlator = correlator
+        self.calls: list[tuple[str, int, int]] = []
+
+    def on_exec(self, pid: int) -> None:
+        self.calls.append(("exec", pid, self.correlator.stats.exchanges))
+
+    def on_exit(self, pid: int) -> None:
+        self.calls.append(("exit", pid, self.correlator.stats.exchanges))
+
+
+class _Traced:
+    """The capture's trace filter (the live one is the kernel's map): every process."""
+
+    def is_traced(self, pid: int) -> bool:
+        return True
+
+
+def _proc(pid: int, event: int) -> bytes:
+    return bytes(records.RawProc(type=records.REC_PROC, pid=pid, event=event, ts_ns=1, comm=b"svc"))
+
+
+def test_exchanges_before_a_proc_record_are_fed_before_its_hooks_run() -> None:
+    path = FIXTURES["python_chain_ids"]
+    table, correlator, recs = _setup(path)
+    ex = [r for r in recs if records.record_type(r) == records.REC_EXCHANGE]
+    dispatch = RecordDispatch(correlator, table)
+    hooks = _Hooks(correlator)
+    ses = _Session(_Traced(), table, correlator, None, None, [hooks], dispatch)
+    polled: list[Any] = []
+    dispatch.decode([ex[0], ex[1], _proc(77, records.PROC_EXEC), ex[2], _proc(77, records.PROC_EXIT),
+                     _proc(78, 9)[:10], ex[3]], polled)
+    Agent(RunOptions())._dispatch(polled, ses)
+    assert hooks.calls == [("exec", 77, 2), ("exit", 77, 3)]
+    assert correlator.stats.exchanges == 4 and dispatch.undecodable == 1  # the short proc record
