@@ -11,7 +11,8 @@ with the kernel's PEER links), trimmed to their first 4,000 exchange or metric r
 hotpath-sampled.kspan.gz with `--sampler traceidratio --sampler-arg 1` (every record a full
 exchange), hotpath-ratio10.kspan.gz with `--sampler-arg 0.1` (about 90% compact metric records).
 
-Every pass runs the agent's own code (tracer/agent.py's RecordDispatch, exporters/metrics.py's
+Every pass runs the agent's own code (tracer/ringbuf.py's reader draining the records from a ring
+buffer laid out in memory as the kernel's, tracer/agent.py's RecordDispatch, exporters/metrics.py's
 aggregator, exporters/otlp_proto.py's encoder) on the whole recording, through one correlator,
 aggregator and encoder, as in a running agent: each pass moves the records' connection ids so the
 correlator takes them as new exchanges, and untimed passes first fill its memory of resolved
@@ -19,8 +20,8 @@ identities to its steady-state size (max_resolved), where every new one evicts t
 Times are this thread's CPU time (time.thread_time_ns), the minimum over the passes, so other
 work on a shared machine inflates them less than wall time would. The figures are per exchange
 record (both ends of a request are two exchanges); "unsampled" is the cost of one metric record
-alone (decode, correlator, metrics), the issue's per-unsampled-exchange target. Not included:
-reading the ring buffer, the HTTP export, and the agent's per-poll work (see bench/NOTES.md).
+alone (ring read and decode, correlator, metrics), the issue's per-unsampled-exchange target. Not
+included: the HTTP export, and the agent's per-poll work (see bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import gc
 import gzip
 import json
+import mmap
 import os
 import struct
 import sys
@@ -49,6 +51,7 @@ from tracer.agent import GC_THRESHOLDS, RecordDispatch
 from tracer.processes import ProcessTable
 from tracer.recording import RecordingMeta, read_recording
 from tracer.records import RawExchange
+from tracer.ringbuf import BUSY_BIT, DISCARD_BIT, HEADER, RingBufferReader
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 RECORDINGS = {
@@ -56,6 +59,7 @@ RECORDINGS = {
     "ratio10": os.path.join(DATA, "hotpath-ratio10.kspan.gz"),
 }
 POLL_BATCH = 1024  # tracer/capture.py's POLL_BATCH: records per dispatch
+RING_SIZE = 4096 * 4096  # the agent's default ring (--ringbuf-pages 4096)
 EXPORT_BATCH = 512  # exporters/pipeline.py's default max_batch
 WARM_PASSES_MAX = 15
 DEFAULT_PASSES = 5
@@ -125,6 +129,55 @@ def _shifted(recs: list[bytes], n: int) -> list[bytes]:
     return out
 
 
+class MemoryRing:
+    """A BPF ring buffer laid out in plain memory as the kernel lays one out (kernel/bpf/ringbuf.c;
+    tracer/ringbuf.py): the consumer page, the producer page, the data area twice in a row (the
+    second copy kept equal to the first, as the double mapping makes it). The kernel's side:
+    reserve and commit records (BUSY until committed, DISCARD); `reader` is the agent's side."""
+
+    PAGE = mmap.PAGESIZE
+    _U64 = struct.Struct("<Q")
+
+    def __init__(self, size: int, start: int = 0) -> None:
+        self.size = size
+        self.consumer = mmap.mmap(-1, self.PAGE)
+        self.producer = mmap.mmap(-1, self.PAGE + 2 * size)
+        self.prod = start
+        self._U64.pack_into(self.consumer, 0, start)
+        self._U64.pack_into(self.producer, 0, start)
+        self.reader = RingBufferReader.over(self.consumer, self.producer, size)
+
+    def write(self, pos: int, data: bytes) -> None:
+        """Bytes at a ring position, wrapping at the end (in both copies of the data area)."""
+        off = pos % self.size
+        first = min(len(data), self.size - off)
+        for base in (self.PAGE, self.PAGE + self.size):
+            self.producer[base + off : base + off + first] = data[:first]
+            self.producer[base : base + len(data) - first] = data[first:]
+
+    def room(self, payload: int) -> bool:
+        return self.prod + HEADER + payload + 8 - self.consumed <= self.size
+
+    def put(self, payload: bytes, busy: bool = False, discard: bool = False) -> int:
+        """A record at the producer position (committed unless busy); returns its position."""
+        if not self.room(len(payload)):
+            raise OverflowError("the ring is full")
+        pos = self.prod
+        length = len(payload) | (BUSY_BIT if busy else 0) | (DISCARD_BIT if discard else 0)
+        self.write(pos, struct.pack("<II", length, 0) + payload)
+        self.prod += (len(payload) + HEADER + 7) & ~7
+        self._U64.pack_into(self.producer, 0, self.prod)
+        return pos
+
+    def commit(self, pos: int) -> None:
+        length = struct.unpack_from("<I", self.producer, self.PAGE + pos % self.size)[0]
+        self.write(pos, struct.pack("<I", length & ~BUSY_BIT))
+
+    @property
+    def consumed(self) -> int:
+        return self._U64.unpack_from(self.consumer, 0)[0]
+
+
 def _cpu() -> int:
     return time.thread_time_ns()
 
@@ -136,6 +189,7 @@ def _time_passes(rec: Recording, recs: list[bytes], passes: int, encode: bool,
     table, correlator = _setup(rec)
     gc.set_threshold(*GC_THRESHOLDS)  # the running agent's
     dispatch = RecordDispatch(correlator, table)
+    ring = MemoryRing(RING_SIZE)
     agg = MetricsAggregator()
     enc = WireEncoder(ResourceOverrides())
     cap = correlator.config.max_resolved
@@ -149,8 +203,15 @@ def _time_passes(rec: Recording, recs: list[bytes], passes: int, encode: bool,
         t_dispatch = t_metrics = 0
         kept_all: list[Span] = []
         for batch in batches_l:
+            for r in batch:
+                ring.put(r)
+            spans: list[Span] = []
+            facts: list[Any] = []
+            tcp: list[Any] = []
+            polled: list[Any] = []
             t0 = _cpu()
-            spans, facts, _tcp = dispatch.feed(batch)
+            ring.reader.drain_decoded(polled, POLL_BATCH)  # as tracer/agent.py's _poll and _dispatch
+            dispatch.feed_decoded(polled, spans, facts, tcp)
             t1 = _cpu()
             procs = table.snapshot({s.pid for s in spans} | {s.peer_pid for s in spans if s.peer_pid}
                                    | {f.pid for f in facts} | {f.peer_pid for f in facts if f.peer_pid})

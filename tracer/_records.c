@@ -731,6 +731,206 @@ static PyObject *py_decode_segment(PyObject *Py_UNUSED(m), PyObject *data)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* A poll's records, decoded where they lie: straight from the ring buffer's mapping (drain) or
+ * from bytes (decode_batch: the agent's timeout sweep, recordings). Either way the output is what
+ * tracer/agent.py's RecordDispatch feeds, in stream order: a list per run of consecutive exchange
+ * records (one Correlator.feed_batch call), a MetricExchange or SegmentRecord per record (metric()
+ * and segment() share state with the span path, so they keep their place between runs), and the
+ * raw bytes of proc and tcp records (the agent's exec/exit hooks; the network metrics). A record
+ * that does not decode (short, foreign, an unknown type) is counted, never appended. */
+
+typedef struct {
+    PyObject *out;  /* list */
+    PyObject *run;  /* borrowed: the open run of exchanges, out's last item; NULL when none */
+    Py_ssize_t undecodable;
+} sink;
+
+/* ValueError (the decoders' verdict on a bad record): counted. Anything else propagates. */
+static int sink_bad(sink *s)
+{
+    if (!PyErr_ExceptionMatches(PyExc_ValueError))
+        return -1;
+    PyErr_Clear();
+    s->undecodable++;
+    return 0;
+}
+
+/* One record of n bytes at p; raw: the same bytes as an object when the caller has one. */
+static int sink_record(sink *s, const uint8_t *p, Py_ssize_t n, PyObject *raw)
+{
+    uint32_t t = 0;
+    if (n >= 4)
+        memcpy(&t, p, 4);
+    const input in = {.p = p, .n = n, .viewed = 0};
+    PyObject *o;
+    switch (t) {
+    case KSPAN_REC_EXCHANGE:
+        o = exchange_from(&in, -1);
+        if (o == NULL)
+            return sink_bad(s);
+        if (s->run == NULL) {
+            PyObject *run = PyList_New(0);
+            if (run == NULL || PyList_Append(s->out, run) < 0) {
+                Py_XDECREF(run);
+                Py_DECREF(o);
+                return -1;
+            }
+            Py_DECREF(run); /* out holds it */
+            s->run = run;
+        }
+        int r = PyList_Append(s->run, o);
+        Py_DECREF(o);
+        return r;
+    case KSPAN_REC_METRIC:
+        o = metric_from(&in, -1);
+        break;
+    case KSPAN_REC_SEGMENT:
+        o = segment_from(&in, -1);
+        break;
+    case KSPAN_REC_PROC:
+    case KSPAN_REC_TCP:
+        o = raw != NULL ? Py_NewRef(raw) : PyBytes_FromStringAndSize((const char *)p, n);
+        if (o == NULL)
+            return -1;
+        break;
+    default:
+        s->undecodable++; /* another version's record, or shorter than its type */
+        return 0;
+    }
+    if (o == NULL)
+        return sink_bad(s);
+    s->run = NULL;
+    int r = PyList_Append(s->out, o);
+    Py_DECREF(o);
+    return r;
+}
+
+static PyObject *py_decode_batch(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "decode_batch(records, out: list)");
+        return NULL;
+    }
+    if (check_ready() < 0)
+        return NULL;
+    PyObject *it = PyObject_GetIter(args[0]);
+    if (it == NULL)
+        return NULL;
+    sink s = {.out = args[1], .run = NULL, .undecodable = 0};
+    PyObject *rec;
+    while ((rec = PyIter_Next(it)) != NULL) {
+        input in;
+        int r = input_get(rec, &in);
+        if (r == 0) {
+            r = sink_record(&s, in.p, in.n, PyBytes_CheckExact(rec) ? rec : NULL);
+            input_release(&in);
+        }
+        Py_DECREF(rec);
+        if (r < 0)
+            break;
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromSsize_t(s.undecodable);
+}
+
+/* The ring (kernel/bpf/ringbuf.c, stable since 5.8; tracer/ringbuf.py maps it): the consumer
+ * position is ours, the producer position and each record's header the kernel's. Each record
+ * starts with a u32 length carrying BUSY (reserved, not yet committed: stop there, the records
+ * behind it are not ours yet, even if committed) and DISCARD (skip it), and a u32 page offset;
+ * records are 8-byte aligned. The data area is mapped twice in a row, so a record that wraps
+ * around the end reads as one run of bytes. The kernel publishes the producer position and a
+ * committed length with release stores: read them with acquire loads, so the record's bytes read
+ * after them are the committed ones. Writing the consumer position (a release store, as libbpf's
+ * ring_buffer__consume) hands the space back. */
+#define RB_BUSY (1U << 31)
+#define RB_DISCARD (1U << 30)
+#define RB_HEADER 8
+/* Records consumed between write-backs of the consumer position while draining: the kernel gets
+ * its space back during a long drain, not only at the end. */
+#define RB_GIVE_BACK 256
+
+static PyObject *py_drain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t page, size, limit;
+    int decode;
+    if (nargs != 7 || !PyList_Check(args[5]) || (page = PyLong_AsSsize_t(args[2])) < 0 ||
+        (size = PyLong_AsSsize_t(args[3])) < 0 || (limit = PyLong_AsSsize_t(args[4])) < 0 ||
+        (decode = PyObject_IsTrue(args[6])) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "drain(consumer, producer, page, size, limit, out: list, decode)");
+        return NULL;
+    }
+    if (size < RB_HEADER || (size & (size - 1)) != 0 || page < 8 || page % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "ring buffer of %zd bytes after a %zd-byte page: not a power of two", size,
+                     page);
+        return NULL;
+    }
+    if (decode && check_ready() < 0)
+        return NULL;
+    Py_buffer cv, pv;
+    if (PyObject_GetBuffer(args[0], &cv, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &pv, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&cv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (cv.len < 8 || pv.len < page + 2 * size || ((uintptr_t)cv.buf | (uintptr_t)pv.buf) % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "drain: the mappings are smaller than the ring they should hold");
+        goto done;
+    }
+    uint64_t *consumer = cv.buf;
+    const uint64_t *producer = pv.buf;
+    const uint8_t *data = (const uint8_t *)pv.buf + page;
+    const uint64_t mask = (uint64_t)size - 1;
+    uint64_t cons = __atomic_load_n(consumer, __ATOMIC_RELAXED); /* only we write it */
+    const uint64_t prod = __atomic_load_n(producer, __ATOMIC_ACQUIRE);
+    sink s = {.out = args[5], .run = NULL, .undecodable = 0};
+    Py_ssize_t n = 0, consumed = 0;
+    int failed = 0;
+    while (cons < prod && n < limit) {
+        const uint64_t off = cons & mask;
+        const uint32_t len = __atomic_load_n((const uint32_t *)(data + off), __ATOMIC_ACQUIRE);
+        if (len & RB_BUSY)
+            break;
+        const uint32_t rlen = len & ~(RB_BUSY | RB_DISCARD);
+        const uint64_t step = ((uint64_t)rlen + RB_HEADER + 7) & ~(uint64_t)7;
+        if (step > (uint64_t)size || step > prod - cons) {
+            /* the kernel never commits a record larger than its ring or past its own position */
+            PyErr_Format(PyExc_ValueError, "ring buffer record at %llu claims %u bytes: the ring is corrupt",
+                         (unsigned long long)cons, (unsigned)rlen);
+            failed = 1;
+            break;
+        }
+        if (!(len & RB_DISCARD)) {
+            const uint8_t *p = data + off + RB_HEADER;
+            if (decode) {
+                failed = sink_record(&s, p, rlen, NULL) < 0;
+            } else {
+                PyObject *b = PyBytes_FromStringAndSize((const char *)p, rlen);
+                failed = b == NULL || PyList_Append(s.out, b) < 0;
+                Py_XDECREF(b);
+            }
+            if (failed)
+                break; /* the record stays in the ring: the next drain reads it again */
+            n++;
+        }
+        cons += step;
+        if (++consumed % RB_GIVE_BACK == 0)
+            __atomic_store_n(consumer, cons, __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(consumer, cons, __ATOMIC_RELEASE);
+    if (!failed)
+        result = Py_BuildValue("(nn)", n, s.undecodable);
+done:
+    PyBuffer_Release(&pv);
+    PyBuffer_Release(&cv);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* The module. LAYOUT and CONSTANTS are bpf/kspan.h as this module was compiled against it:
  * tracer/records.py checks its ctypes mirrors against them at import. */
 
@@ -821,6 +1021,15 @@ static PyMethodDef methods[] = {
     {"decode_segment", py_decode_segment, METH_O,
      "decode_segment(data) -> SegmentRecord: one struct kspan_segment (its header, then data_len bytes). "
      "Raises ValueError on a short or foreign record."},
+    {"decode_batch", (PyCFunction)(void (*)(void))py_decode_batch, METH_FASTCALL,
+     "decode_batch(records, out) -> undecodable: the records decoded into out in stream order (a list per run "
+     "of exchanges, a MetricExchange or SegmentRecord per record, proc and tcp records as bytes); returns how "
+     "many did not decode (counted, skipped)."},
+    {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL,
+     "drain(consumer, producer, page, size, limit, out, decode) -> (records, undecodable): up to limit "
+     "committed records read from a BPF ring buffer's mappings (consumer: its writable first page; producer: "
+     "the producer page, then the size-byte data area twice), appended to out decoded as decode_batch does "
+     "(decode true) or as bytes; the consumer position is written back."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,9 +19,10 @@ from typing import Any
 
 from correlator.clock import WallClock
 from correlator.correlator import Correlator, CorrelatorConfig
-from correlator.records import Exchange, TcpEvent
+from correlator.records import MetricExchange, TcpEvent
 from correlator.red import RedFacts
 from correlator.sampling import SamplerConfig
+from correlator.segments import SegmentRecord
 from correlator.spans import ProcessInfo, Span
 from tracer import records
 from tracer.processes import ProcessTable
@@ -226,17 +227,28 @@ class _Session:
 
 # The cyclic GC's thresholds while the agent runs (see Agent.run); bench/hotpath.py uses the same.
 GC_THRESHOLDS = (20_000, 50, 100)
+# The record type is a little-endian u32: comparing its bytes skips a call per record.
 _PROC_TYPE = records.REC_PROC.to_bytes(4, "little")
+_TCP_TYPE = records.REC_TCP.to_bytes(4, "little")
 
 
 class RecordDispatch:
     """Exchange, metric, segment and TCP records into the correlator, a poll's batch at a time: the
-    agent's per-record hot path (bench/hotpath.py measures exactly this)."""
+    agent's per-record hot path (bench/hotpath.py measures exactly this). The records come decoded
+    by tracer/_records.c (straight from the ring buffer's mapping, or from bytes: decode()) in
+    stream order: a list per run of consecutive exchange records, which goes to the correlator in
+    one call; a metric or segment record each (metric() takes the span path's route cap and
+    segment() runs between exchanges as the stream orders them, so they keep their place); proc and
+    tcp records as bytes."""
 
     def __init__(self, correlator: Correlator, processes: ProcessTable) -> None:
         self.correlator = correlator
         self.processes = processes
-        self.undecodable = 0  # exchange or metric records that did not decode (foreign, short): skipped
+        self.undecodable = 0  # records that did not decode (foreign, short, unknown type): skipped
+
+    def decode(self, batch: Iterable[bytes], out: list[Any]) -> None:
+        """Raw records (the timeout sweep's, a recording's) decoded into `out` as the ring's are."""
+        self.undecodable += records.decode_batch(batch, out)
 
     def feed(self, batch: Iterable[bytes]) -> tuple[list[Span], list[RedFacts], list[TcpEvent]]:
         spans: list[Span] = []
@@ -247,43 +259,35 @@ class RecordDispatch:
 
     def feed_into(self, batch: Iterable[bytes], spans: list[Span], facts: list[RedFacts],
                   tcp: list[TcpEvent]) -> None:
-        correlator, processes = self.correlator, self.processes
-        for data in batch:
-            kind = records.record_type(data)
-            if kind == records.REC_EXCHANGE:
-                try:
-                    ex: Exchange = records.decode_exchange(data)
-                except ValueError as e:
-                    log.debug("kspan: undecodable record: %s", e)
-                    self.undecodable += 1
-                    continue
-                processes.get(ex.pid)  # read /proc while the process is alive
-                spans.extend(correlator.feed(ex))
-            elif kind == records.REC_METRIC:
-                try:
-                    mx = records.decode_metric(data)
-                except ValueError as e:
-                    log.debug("kspan: undecodable metric record: %s", e)
-                    self.undecodable += 1
-                    continue
-                processes.get(mx.pid)
-                f = correlator.metric(mx)
+        decoded: list[Any] = []
+        self.decode(batch, decoded)
+        self.feed_decoded(decoded, spans, facts, tcp)
+
+    def feed_decoded(self, decoded: Iterable[Any], spans: list[Span], facts: list[RedFacts],
+                     tcp: list[TcpEvent]) -> None:
+        """Decoded records (see the class) into the correlator; proc records are the agent's."""
+        correlator, get = self.correlator, self.processes.get
+        feed_batch = correlator.feed_batch
+        for item in decoded:
+            t = type(item)
+            if t is list:
+                for ex in item:
+                    get(ex.pid)  # read /proc while the process is alive
+                feed_batch(item, spans)
+            elif t is MetricExchange:
+                get(item.pid)
+                f = correlator.metric(item)
                 if f is not None:
                     facts.append(f)
-            elif kind == records.REC_SEGMENT:
+            elif t is SegmentRecord:
+                get(item.seg.pid)
+                spans.extend(correlator.segment(item))
+            elif item[:4] == _TCP_TYPE:
                 try:
-                    seg = records.decode_segment(data)
+                    tcp.append(records.decode_tcp(item))
                 except ValueError as e:
-                    log.debug("kspan: undecodable segment record: %s", e)
+                    log.debug("kspan: undecodable tcp record: %s", e)
                     self.undecodable += 1
-                    continue
-                processes.get(seg.seg.pid)
-                spans.extend(correlator.segment(seg))
-            elif kind == records.REC_TCP:
-                try:
-                    tcp.append(records.decode_tcp(data))
-                except ValueError:
-                    continue
 
 
 class Agent:
@@ -291,7 +295,7 @@ class Agent:
 
     @property
     def undecodable(self) -> int:
-        """Exchange or metric records that did not decode (foreign, short): skipped."""
+        """Records that did not decode (foreign, short, an unknown type): counted, skipped."""
         d = self._record_dispatch
         return d.undecodable if d is not None else 0
 
@@ -467,11 +471,15 @@ class Agent:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
-            raw = capture.poll(100)
+            polled = self._poll(ses, 100)
             if now >= next_sweep:
-                raw = raw + capture.sweep(time.monotonic_ns())
+                swept = capture.sweep(time.monotonic_ns())
+                if ses.dispatch is not None:
+                    ses.dispatch.decode(swept, polled)
+                else:
+                    polled.extend(swept)
                 next_sweep = now + SWEEP_INTERVAL_S
-            self._dispatch(raw, ses)
+            self._dispatch(polled, ses)
             for a in ses.attachers:
                 # A process loads libssl when it first needs it (Python on `import ssl`), after its
                 # exec: the attacher looks again at recently started processes.
@@ -486,61 +494,74 @@ class Agent:
         # Records the kernel emitted before the stop are still in the ring buffer: drain them so a
         # request answered just before SIGTERM still becomes a span.
         for _ in range(100):
-            raw = capture.poll(0)
-            if not raw:
+            polled = self._poll(ses, 0)
+            if not polled:
                 break
-            self._dispatch(raw, ses)
+            self._dispatch(polled, ses)
 
-    def _dispatch(self, raw: Iterable[bytes], ses: _Session) -> None:
-        processes, out, writer = ses.processes, ses.out, ses.writer
+    @staticmethod
+    def _poll(ses: _Session, timeout_ms: int) -> list[Any]:
+        """A poll's records: decoded from the ring's memory for the correlator (`kspan run`), or the
+        raw bytes the recording keeps (`kspan record`)."""
+        if ses.dispatch is None:
+            return ses.capture.poll(timeout_ms)
+        polled: list[Any] = []
+        ses.dispatch.undecodable += ses.capture.poll_decoded(timeout_ms, polled)
+        return polled
+
+    def _dispatch(self, polled: Iterable[Any], ses: _Session) -> None:
+        processes, out, writer, dispatch = ses.processes, ses.out, ses.writer, ses.dispatch
         spans: list[Span] = []
         facts: list[RedFacts] = []
         tcp: list[Any] = []
-        run: list[bytes] = []  # consecutive exchange/metric/tcp records, fed as one batch
-        feed = ses.dispatch.feed_into if ses.dispatch is not None else None
-        for data in raw:
-            # The record type is a little-endian u32: comparing its bytes skips a call per record.
-            if writer is None and data[:4] != _PROC_TYPE:
-                run.append(data)
-                continue
-            kind = records.record_type(data)
-            if run:
-                if feed is not None:
-                    feed(run, spans, facts, tcp)
-                run = []
-            if kind == records.REC_PROC:
-                try:
-                    proc = records.decode_proc(data)
-                except ValueError:
-                    continue
-                if proc.event == records.PROC_EXEC:
-                    processes.note_exec(proc.pid, proc.comm)
-                # Reading a binary's symbols and DWARF costs up to seconds: only for processes the
-                # filters let through (exits are cheap and clean up state).
-                exec_traced = proc.event == records.PROC_EXEC and ses.capture.is_traced(proc.pid)
-                for a in ses.attachers:
-                    if proc.event == records.PROC_EXEC and not exec_traced:
-                        break
-                    hook = getattr(a, "on_exec" if proc.event == records.PROC_EXEC else "on_exit", None)
-                    if hook is None:
-                        continue
-                    try:
-                        hook(proc.pid)
-                    except Exception as e:  # noqa: BLE001 - keep tracing the rest of the host
-                        log.warning("kspan: %s pid %d: %s", type(a).__name__, proc.pid, e)
+        run: list[Any] = []  # the decoded records up to the next proc record, fed as one batch
+        for item in polled:
+            if type(item) is not bytes or item[:4] != _PROC_TYPE:
                 if writer is not None:
-                    writer.record(data)
+                    kind = records.record_type(item)
+                    if kind == records.REC_EXCHANGE or kind == records.REC_METRIC:
+                        writer.process(processes.get(int.from_bytes(item[4:8], "little")))
+                    writer.record(item)
+                else:
+                    run.append(item)
                 continue
+            # Exchanges before an exec are fed before its hooks run, as the kernel ordered them.
+            if run and dispatch is not None:
+                dispatch.feed_decoded(run, spans, facts, tcp)
+            run = []
+            self._proc(item, ses)
             if writer is not None:
-                if kind == records.REC_EXCHANGE or kind == records.REC_METRIC:
-                    writer.process(processes.get(int.from_bytes(data[4:8], "little")))
-                writer.record(data)
-        if run and feed is not None:
-            feed(run, spans, facts, tcp)
+                writer.record(item)
+        if run and dispatch is not None:
+            dispatch.feed_decoded(run, spans, facts, tcp)
         if out is not None:
             out.spans(spans)
             out.red(facts)
             out.tcp(tcp)
+
+    @staticmethod
+    def _proc(data: bytes, ses: _Session) -> None:
+        try:
+            proc = records.decode_proc(data)
+        except ValueError:
+            if ses.dispatch is not None:
+                ses.dispatch.undecodable += 1
+            return
+        if proc.event == records.PROC_EXEC:
+            ses.processes.note_exec(proc.pid, proc.comm)
+        # Reading a binary's symbols and DWARF costs up to seconds: only for processes the
+        # filters let through (exits are cheap and clean up state).
+        exec_traced = proc.event == records.PROC_EXEC and ses.capture.is_traced(proc.pid)
+        for a in ses.attachers:
+            if proc.event == records.PROC_EXEC and not exec_traced:
+                break
+            hook = getattr(a, "on_exec" if proc.event == records.PROC_EXEC else "on_exit", None)
+            if hook is None:
+                continue
+            try:
+                hook(proc.pid)
+            except Exception as e:  # noqa: BLE001 - keep tracing the rest of the host
+                log.warning("kspan: %s pid %d: %s", type(a).__name__, proc.pid, e)
 
     @staticmethod
     def _kernel_summary(capture: Any) -> dict[str, int]:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from tracer import sweeper
 from tracer.capabilities import Capabilities, cgroup2_mount, choose_backend, context_propagation_problem
@@ -650,20 +651,37 @@ class Capture:
 
     # -- reading -----------------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> list[bytes]:
-        """Every record available now (waiting up to timeout_ms for the first)."""
+        """Every record available now (waiting up to timeout_ms for the first), as bytes."""
         if self._objs is None or self._reader is None:
             return []
         self._reader.wait(timeout_ms)
         batch: list[bytes] = []
         self._reader.drain(batch, POLL_BATCH)
-        if self.config.exe_names:
-            for rec in batch:
-                if record_type(rec) == REC_PROC and len(rec) >= RAW_PROC_SIZE:
-                    proc = RawProc.from_buffer_copy(rec[:RAW_PROC_SIZE])
-                    if proc.event == PROC_EXEC and _exe_matches(proc.pid, self.config.exe_names):
-                        self.allow_pid(proc.pid)
-                        self._exe_added += 1
+        self._note_execs(batch)
         return batch
+
+    def poll_decoded(self, timeout_ms: int, out: list[Any]) -> int:
+        """poll(), decoded straight from the ring's memory into `out` (tracer/_records.c's drain:
+        runs of exchanges, metric and segment records, proc and tcp records as bytes); returns
+        how many records did not decode."""
+        if self._objs is None or self._reader is None:
+            return 0
+        self._reader.wait(timeout_ms)
+        start = len(out)
+        _, undecodable = self._reader.drain_decoded(out, POLL_BATCH)
+        self._note_execs(out[start:])
+        return undecodable
+
+    def _note_execs(self, polled: list[Any]) -> None:
+        """--exe: a process that execs a named binary is traced from its first record on."""
+        if not self.config.exe_names:
+            return
+        for rec in polled:
+            if type(rec) is bytes and record_type(rec) == REC_PROC and len(rec) >= RAW_PROC_SIZE:
+                proc = RawProc.from_buffer_copy(rec[:RAW_PROC_SIZE])
+                if proc.event == PROC_EXEC and _exe_matches(proc.pid, self.config.exe_names):
+                    self.allow_pid(proc.pid)
+                    self._exe_added += 1
 
     def sweep(self, now_mono_ns: int | None = None) -> list[bytes]:
         """Take out exchanges with no progress within the response timeout, as TIMEOUT records.

@@ -27,6 +27,7 @@ from correlator.records import (
 from correlator.red import format_addr
 from correlator.segments import Segment, SegmentRecord
 from tracer import _records
+from tracer._records import decode_batch as decode_batch
 from tracer._records import decode_exchange as decode_exchange
 from tracer._records import decode_metric as decode_metric
 from tracer._records import decode_segment as decode_segment

@@ -1,7 +1,9 @@
 """Reading a BPF ring buffer map directly from its memory mapping, in batches.
 
 A callback per record through ctypes costs about 5 us on this machine; reading the mapped pages
-here costs a fraction of that, which matters when every request yields a record at both ends.
+costs a fraction of that, which matters when every request yields a record at both ends. The walk
+over the records is tracer/_records.c's drain(), which also decodes them where they lie (no bytes
+object per record) for the agent.
 The programs submit with BPF_RB_NO_WAKEUP: a wakeup costs about 1.4 us inside the traced process
 at every record, so the reader drains on a short timer instead of waiting to be woken. The timer
 paces the drains: after one that emptied the ring the next comes a whole interval later, even if
@@ -20,10 +22,14 @@ from __future__ import annotations
 import mmap
 import struct
 import time
+from typing import Any
+
+from tracer import _records
+from tracer import records as _decoders  # noqa: F401 - sets up tracer/_records.c's decoders
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
-HEADER = 8
+HEADER = 8  # the walk itself is tracer/_records.c's drain()
 # How often the reader drains: the latency a record can wait before the agent sees it (spans are
 # exported in batches up to a second apart anyway), and the agent's only wake-ups when idle.
 DRAIN_INTERVAL_S = 0.05
@@ -34,11 +40,24 @@ class RingBufferReader:
         if data_size <= 0 or data_size & (data_size - 1):
             raise ValueError(f"ring buffer size {data_size} is not a power of two")
         page = mmap.PAGESIZE
-        self._fd = map_fd
+        self._init(mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0),
+                   mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page),
+                   data_size)
+
+    @classmethod
+    def over(cls, consumer: mmap.mmap, producer: mmap.mmap, data_size: int) -> RingBufferReader:
+        """A reader of mappings laid out as the kernel's (the tests build a ring in plain memory)."""
+        reader = cls.__new__(cls)
+        reader._init(consumer, producer, data_size)
+        return reader
+
+    def _init(self, consumer: mmap.mmap, producer: mmap.mmap, data_size: int) -> None:
+        if data_size <= 0 or data_size & (data_size - 1):
+            raise ValueError(f"ring buffer size {data_size} is not a power of two")
         self._mask = data_size - 1
-        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._producer = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
-        self._data = memoryview(self._producer)[page:]
+        self._consumer = consumer
+        self._producer = producer
+        self._page = mmap.PAGESIZE
         self._closed = False
         self._backlog = False  # the last drain stopped at its limit: more is committed
         self._drained_at = float("-inf")  # time.monotonic() of the last drain
@@ -49,27 +68,21 @@ class RingBufferReader:
         return cons, prod
 
     def drain(self, out: list[bytes], limit: int = 1 << 20) -> int:
-        """Append every committed record to `out` (up to `limit`); returns how many."""
-        cons, prod = self._positions()
-        data, mask = self._data, self._mask
-        unpack = struct.unpack_from
-        n = 0
-        while cons < prod and n < limit:
-            off = cons & mask
-            length = unpack("<I", data, off)[0]
-            if length & BUSY_BIT:
-                break  # the producer has reserved but not yet committed this record
-            size = length & ~(BUSY_BIT | DISCARD_BIT)
-            if not length & DISCARD_BIT:
-                out.append(bytes(data[off + HEADER : off + HEADER + size]))
-                n += 1
-            cons += (size + HEADER + 7) & ~7
-            if n & 255 == 0:
-                struct.pack_into("<Q", self._consumer, 0, cons)  # give the kernel its space back early
-        struct.pack_into("<Q", self._consumer, 0, cons)
+        """Append every committed record to `out` as bytes (up to `limit`); returns how many."""
+        n = _records.drain(self._consumer, self._producer, self._page, self._mask + 1, limit, out, False)[0]
+        self._drained(n, limit)
+        return n
+
+    def drain_decoded(self, out: list[Any], limit: int = 1 << 20) -> tuple[int, int]:
+        """Every committed record (up to `limit`) decoded straight from the mapping into `out`, as
+        tracer/_records.c's decode_batch does from bytes; returns (records, undecodable)."""
+        got = _records.drain(self._consumer, self._producer, self._page, self._mask + 1, limit, out, True)
+        self._drained(got[0], limit)
+        return got
+
+    def _drained(self, n: int, limit: int) -> None:
         self._backlog = n >= limit
         self._drained_at = time.monotonic()
-        return n
 
     def pending(self) -> bool:
         cons, prod = self._positions()
@@ -96,6 +109,5 @@ class RingBufferReader:
         if self._closed:
             return
         self._closed = True
-        self._data.release()
         self._producer.close()
         self._consumer.close()
