@@ -13,9 +13,8 @@ import logging
 import random
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Mapping, Sequence
-from itertools import islice
 from operator import attrgetter
 from typing import Any
 
@@ -30,12 +29,9 @@ REJECT_LOG_INTERVAL_S = 60.0
 
 _PID = attrgetter("pid")
 
-
-def _counts(refs: Counter[int], spans: Sequence[Span]) -> set[int]:
-    """Add each span's pid to refs; returns the pids seen."""
-    pids = list(map(_PID, spans))
-    refs.update(pids)
-    return set(pids)
+# A queued submission: its spans and the processes they reference, kept with them until they leave
+# (a process may exit, and the agent forget it, before its spans are exported).
+_Chunk = tuple[list[Span], Mapping[int, ProcessInfo]]
 
 
 def _describe(exporter: SpanExporter) -> str:
@@ -44,7 +40,8 @@ def _describe(exporter: SpanExporter) -> str:
 
 
 class _Lane:
-    """One exporter's queue and worker thread."""
+    """One exporter's queue and worker thread. The queue holds whole submissions (one per poll of
+    the capture loop), so the producer does no work per span; the worker cuts batches from them."""
 
     def __init__(
         self,
@@ -58,16 +55,13 @@ class _Lane:
         self.exporter = exporter
         self.name = _describe(exporter)
         self.max_queue = max_queue_spans
-        self.max_batch = max_batch
+        self.max_batch = max(1, max_batch)
         self.max_delay_s = max_delay_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.cond = threading.Condition()
-        self.queue: deque[Span] = deque()
-        # ProcessInfo of every pid referenced by queued spans, kept until those spans leave: a
-        # process may exit (and the agent forget it) before its spans are exported.
-        self.processes: dict[int, ProcessInfo] = {}
-        self.pid_refs: Counter[int] = Counter()
+        self.chunks: deque[_Chunk] = deque()
+        self.queued = 0  # spans in chunks
         self.oldest_enqueued = 0.0
         self.stopping = False
         self.deadline = float("inf")
@@ -85,31 +79,28 @@ class _Lane:
 
     # --- producer side (capture loop) ---
 
-    def offer(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
+    def offer(self, spans: list[Span], processes: Mapping[int, ProcessInfo]) -> None:
+        """spans and processes are the pipeline's own copies, shared by every lane, never mutated."""
         with self.cond:
             if self.stopping:
                 self.dropped_shutdown += len(spans)
                 return
-            room = self.max_queue - len(self.queue)
-            accepted: Sequence[Span] = spans
+            before = self.queued
+            room = self.max_queue - before
             if len(spans) > room:
                 accepted = self._fit_whole_traces(spans, room)
                 self.dropped_queue_full += len(spans) - len(accepted)
                 if not accepted:
                     return
-            was_empty = not self.queue
-            self.queue.extend(accepted)
-            # Counted a batch at a time (Counter.update counts in C): a span costs no Python here.
-            known = self.processes
-            for pid in _counts(self.pid_refs, accepted):
-                if pid not in known:
-                    info = processes.get(pid)
-                    if info is not None:
-                        known[pid] = info
-            if was_empty:
+                spans = accepted
+            self.chunks.append((spans, processes))
+            self.queued = before + len(spans)
+            # The worker waits only while the queue is empty or short of a batch: wake it when either
+            # changes, not on every submission.
+            if not before:
                 self.oldest_enqueued = time.monotonic()
                 self.cond.notify()
-            elif len(self.queue) >= self.max_batch:
+            elif before < self.max_batch <= self.queued:
                 self.cond.notify()
 
     @staticmethod
@@ -128,14 +119,15 @@ class _Lane:
 
     # --- consumer side (worker thread) ---
 
-    def _take_batch(self) -> tuple[list[Span], dict[int, ProcessInfo]] | None:
-        """Wait for a batch worth sending; None when stopping with nothing left (or past the deadline)."""
+    def _take_batch(self) -> tuple[list[Span], Mapping[int, ProcessInfo], int] | None:
+        """Wait for a batch worth sending: its spans, their processes and how many chunks it took
+        (for _release). None when stopping with nothing left (or past the deadline)."""
         with self.cond:
             while True:
-                if self.stopping and (not self.queue or time.monotonic() >= self.deadline):
+                if self.stopping and (not self.queued or time.monotonic() >= self.deadline):
                     return None
-                if self.queue:
-                    if self.stopping or len(self.queue) >= self.max_batch:
+                if self.queued:
+                    if self.stopping or self.queued >= self.max_batch:
                         break
                     wait = self.oldest_enqueued + self.max_delay_s - time.monotonic()
                     if wait <= 0:
@@ -143,23 +135,34 @@ class _Lane:
                     self.cond.wait(wait)
                 else:
                     self.cond.wait()
-            n = min(self.max_batch, len(self.queue))
-            # Peek, do not pop: on failure the same spans stay at the head of the queue.
-            batch = list(islice(self.queue, n))
-            known = self.processes
-            procs = {pid: known[pid] for pid in set(map(_PID, batch)) if pid in known}
-            return batch, procs
+            # Peek, do not pop: on failure the same spans stay at the head of the queue. A chunk that
+            # straddles the batch's end is split in two where it ends.
+            chunks = self.chunks
+            taken = n = 0
+            while n < self.max_batch and taken < len(chunks):
+                spans, procs = chunks[taken]
+                room = self.max_batch - n
+                if len(spans) > room:
+                    chunks[taken] = (spans[room:], procs)
+                    chunks.insert(taken, (spans[:room], procs))
+                    spans = spans[:room]
+                n += len(spans)
+                taken += 1
+            if taken == 1:
+                return chunks[0][0], chunks[0][1], 1
+            batch: list[Span] = []
+            merged: dict[int, ProcessInfo] = {}
+            for i in range(taken):
+                spans, procs = chunks[i]
+                batch += spans
+                merged.update(procs)
+            return batch, merged, taken
 
-    def _release(self, n: int) -> None:
+    def _release(self, taken: int) -> None:
         with self.cond:
-            popleft = self.queue.popleft
-            gone = [popleft() for _ in range(min(n, len(self.queue)))]  # shutdown may have cleared it
-            refs = self.pid_refs
-            refs.subtract(map(_PID, gone))
-            for pid in set(map(_PID, gone)):
-                if refs[pid] <= 0:
-                    del refs[pid]
-                    self.processes.pop(pid, None)
+            popleft = self.chunks.popleft
+            for _ in range(min(taken, len(self.chunks))):  # shutdown may have cleared them
+                self.queued -= len(popleft()[0])
             # oldest_enqueued stays: what remains is no older than it, so at worst it leaves early.
 
     def _sleep(self, seconds: float) -> None:
@@ -180,7 +183,7 @@ class _Lane:
             item = self._take_batch()
             if item is None:
                 return
-            batch, procs = item
+            batch, procs, taken = item
             t0 = time.perf_counter()
             try:
                 ok = bool(self.exporter.export(batch, procs))
@@ -192,11 +195,11 @@ class _Lane:
             if ok:
                 self.exported += len(batch)
                 self.batches += 1
-                self._release(len(batch))
+                self._release(taken)
                 if self.outage_since is not None:
                     log.warning(
                         "kspan: export to %s resumed after %.1f s (%d failed attempts); %d spans still queued",
-                        self.name, time.monotonic() - self.outage_since, self.outage_failures, len(self.queue),
+                        self.name, time.monotonic() - self.outage_since, self.outage_failures, self.queued,
                     )
                     self.outage_since = None
                     self.outage_failures = 0
@@ -207,7 +210,7 @@ class _Lane:
             if getattr(self.exporter, "last_failure_permanent", False):
                 # The endpoint refused these spans for good: retrying would block the queue forever.
                 self.dropped_rejected += len(batch)
-                self._release(len(batch))
+                self._release(taken)
                 now = time.monotonic()
                 # Rate-limited: a closed stdout or a misconfigured endpoint rejects every batch.
                 if now - self.last_reject_log >= REJECT_LOG_INTERVAL_S:
@@ -221,7 +224,7 @@ class _Lane:
                 log.warning(
                     "kspan: cannot reach %s: %s; spans are queued (%d, at most %d) and the excess "
                     "dropped; %s",
-                    self.name, reason, len(self.queue), self.max_queue, hint,
+                    self.name, reason, self.queued, self.max_queue, hint,
                 )
             self.outage_failures += 1
             # An endpoint that says when to come back (HTTP Retry-After) is obeyed, within reason.
@@ -235,7 +238,7 @@ class _Lane:
                 "exporter": self.name,
                 "exported": self.exported,
                 "batches": self.batches,
-                "queued": len(self.queue),
+                "queued": self.queued,
                 "dropped_queue_full": self.dropped_queue_full,
                 "dropped_rejected": self.dropped_rejected,
                 "dropped_shutdown": self.dropped_shutdown,
@@ -278,13 +281,17 @@ class ExportPipeline:
             lane.thread.start()
 
     def submit(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> None:
+        """processes: at least the pids of these spans. Both are copied (once, for every exporter):
+        the caller may reuse them, and the queue keeps them until the spans leave."""
         if not spans:
             return
         try:
+            owned = list(spans)
+            procs = dict(processes)
             with self._count_lock:
-                self.submitted += len(spans)
+                self.submitted += len(owned)
             for lane in self._lanes:
-                lane.offer(spans, processes)
+                lane.offer(owned, procs)
         except Exception:  # never let export trouble reach the capture loop
             self.submit_errors += 1
             log.exception("kspan: bug: submitting %d spans failed", len(spans))
@@ -332,12 +339,11 @@ class ExportPipeline:
             lane.thread.join(max(0.0, deadline - time.monotonic()) + 0.5)
         for lane in self._lanes:
             with lane.cond:
-                left = len(lane.queue)
+                left = lane.queued
                 if left:
                     lane.dropped_shutdown += left
-                    lane.queue.clear()
-                    lane.processes.clear()
-                    lane.pid_refs.clear()
+                    lane.chunks.clear()
+                    lane.queued = 0
             if left:
                 log.warning(
                     "kspan: shutdown: %d spans could not be exported to %s within %.1f s (%s)",

@@ -74,6 +74,59 @@ def test_batches_by_size_and_by_delay() -> None:
     assert exp.shut
 
 
+def test_batches_are_cut_across_submissions_in_order_with_their_processes() -> None:
+    """The queue holds whole submissions; a batch spans several and splits one at its end."""
+    exp = RecordingExporter(fail=True)
+    p = ExportPipeline([exp], max_batch=5, max_delay_s=0.05, backoff_initial_s=0.02, backoff_max_s=0.02)
+    procs = processes()
+    submitted: list[Span] = []
+    try:
+        for i in range(7):  # 7 x 3 spans, each submission naming only its own processes
+            trace = chain_trace(f"c{i}")
+            submitted += trace
+            p.submit(trace, {pid: procs[pid] for pid in (101, 202)})
+            procs = processes()  # fresh objects: a batch must carry each submission's own
+        _wait(lambda: exp.calls >= 2)  # failed batches stay queued, whole and in order
+        assert p.stats()["queued"] == 21
+        exp.fail = False
+        _wait(lambda: len(exp.spans) == 21)
+        assert [len(b) for b, _ in exp.batches] == [5, 5, 5, 5, 1]
+        assert [s.span_id for s in exp.spans] == [s.span_id for s in submitted]
+        for batch, batch_procs in exp.batches:
+            assert {s.pid for s in batch} <= set(batch_procs)
+        assert p.stats()["exported"] == 21 and p.stats()["queued"] == 0
+        assert not p._lanes[0].chunks
+    finally:
+        p.shutdown(1)
+
+
+def test_a_full_batch_is_sent_at_once_not_after_the_delay() -> None:
+    exp = RecordingExporter()
+    p = ExportPipeline([exp], max_batch=9, max_delay_s=30.0)
+    try:
+        t0 = time.monotonic()
+        for i in range(3):  # the third submission completes a batch: the worker wakes for it
+            p.submit(chain_trace(f"f{i}"), processes())
+        _wait(lambda: len(exp.spans) == 9, 2.0)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        p.shutdown(1)
+
+
+def test_submit_copies_what_it_is_given() -> None:
+    exp = RecordingExporter()
+    p = ExportPipeline([exp], max_batch=3, max_delay_s=0.01)
+    try:
+        spans, procs = chain_trace(), processes()
+        p.submit(spans, procs)
+        spans.clear()  # a caller reusing its list (and mapping) does not change what is exported
+        procs.clear()
+        _wait(lambda: len(exp.spans) == 3)
+        assert set(exp.batches[0][1]) == {101, 202}
+    finally:
+        p.shutdown(1)
+
+
 def test_each_batch_carries_the_processes_of_its_spans_even_after_they_exit() -> None:
     exp = RecordingExporter(fail=True)
     p = ExportPipeline([exp], max_delay_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.05)
@@ -88,7 +141,7 @@ def test_each_batch_carries_the_processes_of_its_spans_even_after_they_exit() ->
         assert set(batch_procs) == {101, 202}
         assert batch_procs[202].service_name == "backend"
         assert p.stats()["queued"] == 0
-        assert p._lanes[0].processes == {}  # released once exported
+        assert not p._lanes[0].chunks  # released (with their processes) once exported
     finally:
         p.shutdown(1)
 
