@@ -358,9 +358,13 @@ class OtlpHttpSpanExporter:
                 self.describe(), ps.rejected_spans, ps.error_message or "(no reason given)",
             )
 
+    def encode_spans(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> bytes:
+        """One ExportTraceServiceRequest; requests concatenate into one (the pipeline joins them)."""
+        return self._encoder.encode(spans, processes)
+
     def export(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> bool:
         try:
-            body = self._encoder.encode(spans, processes)
+            body = self.encode_spans(spans, processes)
         except Exception as e:  # a span the encoder cannot represent must not kill the exporter thread
             self.last_error = f"cannot encode spans: {e!r}"
             self.last_failure_permanent = True

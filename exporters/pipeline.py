@@ -29,9 +29,11 @@ REJECT_LOG_INTERVAL_S = 60.0
 
 _PID = attrgetter("pid")
 
-# A queued submission: its spans and the processes they reference, kept with them until they leave
-# (a process may exit, and the agent forget it, before its spans are exported).
-_Chunk = tuple[list[Span], Mapping[int, ProcessInfo]]
+# A queued submission: its spans (or, for an exporter that encodes, their request bytes), how many
+# spans, and the processes they reference, kept with them until they leave (a process may exit,
+# and the agent forget it, before its spans are exported).
+_Chunk = tuple[list[Span] | bytes, int, Mapping[int, ProcessInfo]]
+_NO_PROCESSES: Mapping[int, ProcessInfo] = {}
 
 
 def _describe(exporter: SpanExporter) -> str:
@@ -41,7 +43,13 @@ def _describe(exporter: SpanExporter) -> str:
 
 class _Lane:
     """One exporter's queue and worker thread. The queue holds whole submissions (one per poll of
-    the capture loop), so the producer does no work per span; the worker cuts batches from them."""
+    the capture loop), so the producer does no work per span; the worker cuts batches from them.
+
+    An exporter with encode_spans(spans, processes) -> bytes and export_bytes(body, n_spans) (the
+    OTLP ones: a request is a concatenation of ResourceSpans fields, so requests concatenate into
+    one) has its submissions encoded as they arrive, while their spans are still in this core's
+    cache; the worker then only joins bytes and sends them, and the spans are freed where they
+    were made."""
 
     def __init__(
         self,
@@ -75,6 +83,11 @@ class _Lane:
         self.outage_since: float | None = None
         self.last_reject_log = float("-inf")
         self.outage_failures = 0
+        self.encode = getattr(exporter, "encode_spans", None)
+        self.send = getattr(exporter, "export_bytes", None)
+        if self.send is None:
+            self.encode = None
+        self.last_encode_log = float("-inf")
         self.thread = threading.Thread(target=self._run, name=f"kspan-export-{self.name}", daemon=True)
 
     # --- producer side (capture loop) ---
@@ -93,7 +106,10 @@ class _Lane:
                 if not accepted:
                     return
                 spans = accepted
-            self.chunks.append((spans, processes))
+            if self.encode is None:
+                self.chunks.append((spans, len(spans), processes))
+            elif not self._encode_into_queue(spans, processes):
+                return
             self.queued = before + len(spans)
             # The worker waits only while the queue is empty or short of a batch: wake it when either
             # changes, not on every submission.
@@ -102,6 +118,25 @@ class _Lane:
                 self.cond.notify()
             elif before < self.max_batch <= self.queued:
                 self.cond.notify()
+
+    def _encode_into_queue(self, spans: list[Span], processes: Mapping[int, ProcessInfo]) -> bool:
+        # In pieces of at most a batch: the worker never splits encoded bytes.
+        assert self.encode is not None
+        step = self.max_batch
+        pieces = [spans] if len(spans) <= step else [spans[i : i + step] for i in range(0, len(spans), step)]
+        try:
+            encoded = [(self.encode(piece, processes), len(piece), _NO_PROCESSES) for piece in pieces]
+        except Exception as e:  # a span the encoder cannot represent: dropped and counted, never raised
+            self.dropped_rejected += len(spans)
+            setattr_safe(self.exporter, "last_error", f"cannot encode spans: {e!r}")
+            now = time.monotonic()
+            if now - self.last_encode_log >= REJECT_LOG_INTERVAL_S:
+                self.last_encode_log = now
+                log.exception("kspan: bug: could not encode %d spans for %s (%d dropped so far)",
+                              len(spans), self.name, self.dropped_rejected)
+            return False
+        self.chunks.extend(encoded)
+        return True
 
     @staticmethod
     def _fit_whole_traces(spans: Sequence[Span], room: int) -> list[Span]:
@@ -119,9 +154,10 @@ class _Lane:
 
     # --- consumer side (worker thread) ---
 
-    def _take_batch(self) -> tuple[list[Span], Mapping[int, ProcessInfo], int] | None:
-        """Wait for a batch worth sending: its spans, their processes and how many chunks it took
-        (for _release). None when stopping with nothing left (or past the deadline)."""
+    def _take_batch(self) -> tuple[list[Span] | bytes, int, Mapping[int, ProcessInfo], int] | None:
+        """Wait for a batch worth sending: its spans (or request bytes), how many spans, their
+        processes and how many chunks it took (for _release). None when stopping with nothing left
+        (or past the deadline)."""
         with self.cond:
             while True:
                 if self.stopping and (not self.queued or time.monotonic() >= self.deadline):
@@ -135,34 +171,43 @@ class _Lane:
                     self.cond.wait(wait)
                 else:
                     self.cond.wait()
-            # Peek, do not pop: on failure the same spans stay at the head of the queue. A chunk that
-            # straddles the batch's end is split in two where it ends.
+            # Peek, do not pop: on failure the same spans stay at the head of the queue.
             chunks = self.chunks
             taken = n = 0
+            if self.encode is not None:
+                while taken < len(chunks) and (not taken or n + chunks[taken][1] <= self.max_batch):
+                    n += chunks[taken][1]
+                    taken += 1
+                if taken == 1:
+                    return chunks[0][0], n, _NO_PROCESSES, 1
+                body = b"".join([chunks[i][0] for i in range(taken)])  # type: ignore[misc]
+                return body, n, _NO_PROCESSES, taken
+            # A chunk that straddles the batch's end is split in two where it ends.
             while n < self.max_batch and taken < len(chunks):
-                spans, procs = chunks[taken]
+                spans, size, procs = chunks[taken]
                 room = self.max_batch - n
-                if len(spans) > room:
-                    chunks[taken] = (spans[room:], procs)
-                    chunks.insert(taken, (spans[:room], procs))
-                    spans = spans[:room]
-                n += len(spans)
+                if size > room:
+                    assert isinstance(spans, list)
+                    chunks[taken] = (spans[room:], size - room, procs)
+                    chunks.insert(taken, (spans[:room], room, procs))
+                    size = room
+                n += size
                 taken += 1
             if taken == 1:
-                return chunks[0][0], chunks[0][1], 1
+                return chunks[0][0], n, chunks[0][2], 1
             batch: list[Span] = []
             merged: dict[int, ProcessInfo] = {}
             for i in range(taken):
-                spans, procs = chunks[i]
-                batch += spans
+                spans, _, procs = chunks[i]
+                batch += spans  # type: ignore[arg-type]
                 merged.update(procs)
-            return batch, merged, taken
+            return batch, n, merged, taken
 
     def _release(self, taken: int) -> None:
         with self.cond:
             popleft = self.chunks.popleft
             for _ in range(min(taken, len(self.chunks))):  # shutdown may have cleared them
-                self.queued -= len(popleft()[0])
+                self.queued -= popleft()[1]
             # oldest_enqueued stays: what remains is no older than it, so at worst it leaves early.
 
     def _sleep(self, seconds: float) -> None:
@@ -183,17 +228,21 @@ class _Lane:
             item = self._take_batch()
             if item is None:
                 return
-            batch, procs, taken = item
+            batch, n, procs, taken = item
             t0 = time.perf_counter()
             try:
-                ok = bool(self.exporter.export(batch, procs))
+                if isinstance(batch, bytes):
+                    assert self.send is not None
+                    ok = bool(self.send(batch, n))
+                else:
+                    ok = bool(self.exporter.export(batch, procs))
             except Exception as e:  # the contract says never raise; a bug must not end exporting
                 log.exception("kspan: bug: %s raised while exporting", self.name)
                 setattr_safe(self.exporter, "last_error", repr(e))
                 ok = False
             self.export_seconds += time.perf_counter() - t0
             if ok:
-                self.exported += len(batch)
+                self.exported += n
                 self.batches += 1
                 self._release(taken)
                 if self.outage_since is not None:
@@ -209,14 +258,14 @@ class _Lane:
             reason = getattr(self.exporter, "last_error", "") or "export failed"
             if getattr(self.exporter, "last_failure_permanent", False):
                 # The endpoint refused these spans for good: retrying would block the queue forever.
-                self.dropped_rejected += len(batch)
+                self.dropped_rejected += n
                 self._release(taken)
                 now = time.monotonic()
                 # Rate-limited: a closed stdout or a misconfigured endpoint rejects every batch.
                 if now - self.last_reject_log >= REJECT_LOG_INTERVAL_S:
                     self.last_reject_log = now
                     log.warning("kspan: %s rejected %d spans, dropped (%d so far): %s",
-                                self.name, len(batch), self.dropped_rejected, reason)
+                                self.name, n, self.dropped_rejected, reason)
                 continue
             if self.outage_since is None:
                 self.outage_since = time.monotonic()

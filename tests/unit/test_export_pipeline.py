@@ -317,3 +317,65 @@ def test_retry_after_from_the_endpoint_is_obeyed() -> None:
         assert gap >= 0.35, gap
     finally:
         p.shutdown(1)
+
+
+def test_otlp_lanes_queue_encoded_requests_that_join_into_one_decodable_request() -> None:
+    """An OTLP exporter's submissions are encoded on arrival; a batch is their requests joined."""
+    with OtlpReceiver() as rx:
+        cfg = load_config({}, endpoint=rx.http_endpoint, protocol="http/protobuf")
+        (exporter,) = build_exporters(cfg)
+        p = ExportPipeline([exporter], max_batch=7, max_delay_s=0.05)
+        try:
+            sent: list[Span] = []
+            for i in range(5):  # 5 x 3 spans into batches of at most 7: whole submissions only
+                trace = chain_trace(f"e{i}")
+                sent += trace
+                p.submit(trace, processes())
+            assert p._lanes[0].encode is not None
+            assert all(isinstance(c[0], bytes) for c in p._lanes[0].chunks)
+            got = rx.wait_for_spans(lambda ss: len(ss) == 15, timeout_s=5)
+            assert p.flush(5)
+        finally:
+            stats = p.shutdown(2)
+        assert sorted(s["span_id"] for s in got) == sorted(s.span_id.hex() for s in sent)
+        assert all(len(req.resource_spans) >= 2 for _, req, _ in rx.trace_requests)
+        sizes = [sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+                 for _, req, _ in rx.trace_requests]
+        assert max(sizes) <= 7 and sum(sizes) == 15 and stats["batches"] == len(sizes)
+        by_id = {s["span_id"]: s for s in got}
+        assert by_id[sent[0].span_id.hex()]["resource"]["service.name"] == "backend"
+        assert stats["exported"] == 15 and stats["dropped"] == 0
+
+
+def test_a_submission_larger_than_a_batch_is_encoded_in_batch_sized_pieces() -> None:
+    with OtlpReceiver() as rx:
+        (exporter,) = build_exporters(load_config({}, endpoint=rx.http_endpoint, protocol="http/protobuf"))
+        p = ExportPipeline([exporter], max_batch=10, max_delay_s=0.05)
+        try:
+            p.submit(many_traces(9), processes())  # 27 spans: pieces of 10, 10, 7
+            assert [c[1] for c in p._lanes[0].chunks] in ([10, 10, 7], [10, 7], [7], [])
+            rx.wait_for_spans(lambda ss: len(ss) == 27, timeout_s=5)
+        finally:
+            stats = p.shutdown(2)
+        assert stats["exported"] == 27 and stats["batches"] == 3
+
+
+def test_spans_the_encoder_cannot_write_are_dropped_and_counted_at_submit(caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    with OtlpReceiver() as rx:
+        (exporter,) = build_exporters(load_config({}, endpoint=rx.http_endpoint, protocol="http/protobuf"))
+        p = ExportPipeline([exporter], max_delay_s=0.05)
+        try:
+            bad = chain_trace("bad")
+            bad[1] = dataclasses.replace(bad[1], start_ns=-1)
+            with caplog.at_level(logging.ERROR, logger="kspan.exporters"):
+                p.submit(bad, processes())  # never raises into the capture loop
+            assert p.stats()["dropped_rejected"] == 3 and p.stats()["submit_errors"] == 0
+            assert "cannot encode spans" in p.stats()["exporters"][0]["last_error"]
+            assert any("could not encode 3 spans" in r.getMessage() for r in caplog.records)
+            p.submit(chain_trace("good"), processes())
+            rx.wait_for_spans(lambda ss: len(ss) == 3, timeout_s=5)
+        finally:
+            stats = p.shutdown(2)
+        assert stats["exported"] == 3 and stats["dropped_rejected"] == 3
