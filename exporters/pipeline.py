@@ -34,6 +34,10 @@ _PID = attrgetter("pid")
 # and the agent forget it, before its spans are exported).
 _Chunk = tuple[list[Span] | bytes, int, Mapping[int, ProcessInfo]]
 _NO_PROCESSES: Mapping[int, ProcessInfo] = {}
+# Submissions of at least this many spans are encoded as they arrive; smaller ones (a lightly loaded
+# poll) wait as spans and are encoded together by the worker: an encoder call costs ~20 us on a
+# cold core whatever its size, more than a few spans' encoding.
+ENCODE_AT_SUBMIT = 32
 
 
 def _describe(exporter: SpanExporter) -> str:
@@ -47,9 +51,9 @@ class _Lane:
 
     An exporter with encode_spans(spans, processes) -> bytes and export_bytes(body, n_spans) (the
     OTLP ones: a request is a concatenation of ResourceSpans fields, so requests concatenate into
-    one) has its submissions encoded as they arrive, while their spans are still in this core's
-    cache; the worker then only joins bytes and sends them, and the spans are freed where they
-    were made."""
+    one) has its large submissions encoded as they arrive, while their spans are still in this
+    core's cache, and the spans are freed where they were made; the worker encodes the small ones
+    together, joins the bytes and sends them. Encoded chunks stay encoded for a retry."""
 
     def __init__(
         self,
@@ -87,6 +91,7 @@ class _Lane:
         self.send = getattr(exporter, "export_bytes", None)
         if self.send is None:
             self.encode = None
+        self.encode_at = min(ENCODE_AT_SUBMIT, self.max_batch)  # so a span chunk never exceeds a batch
         self.last_encode_log = float("-inf")
         self.thread = threading.Thread(target=self._run, name=f"kspan-export-{self.name}", daemon=True)
 
@@ -106,7 +111,7 @@ class _Lane:
                 if not accepted:
                     return
                 spans = accepted
-            if self.encode is None:
+            if self.encode is None or len(spans) < self.encode_at:
                 self.chunks.append((spans, len(spans), processes))
             elif not self._encode_into_queue(spans, processes):
                 return
@@ -127,16 +132,20 @@ class _Lane:
         try:
             encoded = [(self.encode(piece, processes), len(piece), _NO_PROCESSES) for piece in pieces]
         except Exception as e:  # a span the encoder cannot represent: dropped and counted, never raised
-            self.dropped_rejected += len(spans)
-            setattr_safe(self.exporter, "last_error", f"cannot encode spans: {e!r}")
-            now = time.monotonic()
-            if now - self.last_encode_log >= REJECT_LOG_INTERVAL_S:
-                self.last_encode_log = now
-                log.exception("kspan: bug: could not encode %d spans for %s (%d dropped so far)",
-                              len(spans), self.name, self.dropped_rejected)
+            self._encode_failed(len(spans), e)
             return False
         self.chunks.extend(encoded)
         return True
+
+    def _encode_failed(self, n: int, e: Exception) -> None:
+        """Caller holds the lock."""
+        self.dropped_rejected += n
+        setattr_safe(self.exporter, "last_error", f"cannot encode spans: {e!r}")
+        now = time.monotonic()
+        if now - self.last_encode_log >= REJECT_LOG_INTERVAL_S:
+            self.last_encode_log = now
+            log.error("kspan: bug: could not encode %d spans for %s (%d dropped so far)",
+                      n, self.name, self.dropped_rejected, exc_info=e)
 
     @staticmethod
     def _fit_whole_traces(spans: Sequence[Span], room: int) -> list[Span]:
@@ -154,10 +163,9 @@ class _Lane:
 
     # --- consumer side (worker thread) ---
 
-    def _take_batch(self) -> tuple[list[Span] | bytes, int, Mapping[int, ProcessInfo], int] | None:
-        """Wait for a batch worth sending: its spans (or request bytes), how many spans, their
-        processes and how many chunks it took (for _release). None when stopping with nothing left
-        (or past the deadline)."""
+    def _take_batch(self) -> tuple[list[_Chunk], int] | None:
+        """Wait for a batch worth sending: the chunks at the head of the queue that make it, and
+        how many spans. None when stopping with nothing left (or past the deadline)."""
         with self.cond:
             while True:
                 if self.stopping and (not self.queued or time.monotonic() >= self.deadline):
@@ -174,14 +182,11 @@ class _Lane:
             # Peek, do not pop: on failure the same spans stay at the head of the queue.
             chunks = self.chunks
             taken = n = 0
-            if self.encode is not None:
+            if self.encode is not None:  # whole chunks: none is larger than a batch
                 while taken < len(chunks) and (not taken or n + chunks[taken][1] <= self.max_batch):
                     n += chunks[taken][1]
                     taken += 1
-                if taken == 1:
-                    return chunks[0][0], n, _NO_PROCESSES, 1
-                body = b"".join([chunks[i][0] for i in range(taken)])  # type: ignore[misc]
-                return body, n, _NO_PROCESSES, taken
+                return [chunks[i] for i in range(taken)], n
             # A chunk that straddles the batch's end is split in two where it ends.
             while n < self.max_batch and taken < len(chunks):
                 spans, size, procs = chunks[taken]
@@ -193,15 +198,52 @@ class _Lane:
                     size = room
                 n += size
                 taken += 1
-            if taken == 1:
-                return chunks[0][0], n, chunks[0][2], 1
-            batch: list[Span] = []
-            merged: dict[int, ProcessInfo] = {}
-            for i in range(taken):
-                spans, _, procs = chunks[i]
-                batch += spans  # type: ignore[arg-type]
-                merged.update(procs)
-            return batch, n, merged, taken
+            return [chunks[i] for i in range(taken)], n
+
+    @staticmethod
+    def _spans_of(head: list[_Chunk]) -> tuple[list[Span], Mapping[int, ProcessInfo]]:
+        if len(head) == 1:
+            return head[0][0], head[0][2]  # type: ignore[return-value]
+        batch: list[Span] = []
+        merged: dict[int, ProcessInfo] = {}
+        for spans, _, procs in head:
+            batch += spans  # type: ignore[arg-type]
+            merged.update(procs)
+        return batch, merged
+
+    def _encoded(self, head: list[_Chunk]) -> list[_Chunk]:
+        """The head's chunks all encoded: each run of span chunks in one encoder call (outside the
+        lock: the capture loop keeps submitting meanwhile), then put back in the queue in their
+        place, so a retry sends the same bytes. A run the encoder refuses is dropped and counted."""
+        assert self.encode is not None
+        if all(isinstance(c[0], bytes) for c in head):
+            return head
+        out: list[_Chunk] = []
+        failed = 0
+        run: list[_Chunk] = []
+        for chunk in [*head, (b"", 0, _NO_PROCESSES)]:  # a sentinel ends the last run
+            if not isinstance(chunk[0], bytes):
+                run.append(chunk)
+                continue
+            if run:
+                spans, procs = self._spans_of(run)
+                try:
+                    out.append((self.encode(spans, procs), len(spans), _NO_PROCESSES))
+                except Exception as e:  # counted below, like a submission the encoder refused
+                    failed += len(spans)
+                    with self.cond:
+                        self._encode_failed(len(spans), e)
+                run = []
+            if chunk[1]:
+                out.append(chunk)
+        with self.cond:
+            chunks = self.chunks
+            if len(chunks) >= len(head) and all(chunks[i] is c for i, c in enumerate(head)):
+                for _ in head:
+                    chunks.popleft()
+                chunks.extendleft(reversed(out))
+                self.queued -= failed
+        return out
 
     def _release(self, taken: int) -> None:
         with self.cond:
@@ -228,14 +270,19 @@ class _Lane:
             item = self._take_batch()
             if item is None:
                 return
-            batch, n, procs, taken = item
+            head, n = item
             t0 = time.perf_counter()
             try:
-                if isinstance(batch, bytes):
-                    assert self.send is not None
-                    ok = bool(self.send(batch, n))
+                if self.send is not None and self.encode is not None:
+                    head = self._encoded(head)
+                    if not head:
+                        continue  # every span refused by the encoder (counted)
+                    n = sum(c[1] for c in head)
+                    body = head[0][0] if len(head) == 1 else b"".join([c[0] for c in head])  # type: ignore[misc]
+                    ok = bool(self.send(body, n))  # type: ignore[arg-type]
                 else:
-                    ok = bool(self.exporter.export(batch, procs))
+                    spans, procs = self._spans_of(head)
+                    ok = bool(self.exporter.export(spans, procs))
             except Exception as e:  # the contract says never raise; a bug must not end exporting
                 log.exception("kspan: bug: %s raised while exporting", self.name)
                 setattr_safe(self.exporter, "last_error", repr(e))
@@ -244,7 +291,7 @@ class _Lane:
             if ok:
                 self.exported += n
                 self.batches += 1
-                self._release(taken)
+                self._release(len(head))
                 if self.outage_since is not None:
                     log.warning(
                         "kspan: export to %s resumed after %.1f s (%d failed attempts); %d spans still queued",
@@ -259,7 +306,7 @@ class _Lane:
             if getattr(self.exporter, "last_failure_permanent", False):
                 # The endpoint refused these spans for good: retrying would block the queue forever.
                 self.dropped_rejected += n
-                self._release(taken)
+                self._release(len(head))
                 now = time.monotonic()
                 # Rate-limited: a closed stdout or a misconfigured endpoint rejects every batch.
                 if now - self.last_reject_log >= REJECT_LOG_INTERVAL_S:
