@@ -404,3 +404,20 @@ def test_large_batches_arrive_whole(serve) -> None:
     finally:
         exp.shutdown()
     assert len(srv.spans()) == 9000
+
+
+def test_a_configured_path_is_sent_as_ascii_and_framing_headers_stay_the_clients(serve) -> None:
+    srv = serve(lambda i: (ok(), False))
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{srv.endpoint}/tenant/é b/v1/traces?x=1",
+           "OTEL_EXPORTER_OTLP_HEADERS": "Content-Length=5,Connection=close,X-Ok=1"}
+    exp = OtlpHttpSpanExporter(load_config(env, protocol="http/protobuf").traces)
+    try:
+        for i in range(2):
+            assert exp.export(chain_trace(f"p{i}"), processes()), exp.last_error
+    finally:
+        exp.shutdown()
+    (line, headers, body) = srv.requests[0]
+    assert line == "POST /tenant/%C3%A9%20b/v1/traces?x=1 HTTP/1.1"
+    assert int(headers["content-length"]) == len(body) and "connection" not in headers
+    assert headers["x-ok"] == "1"
+    assert srv.connections == 1 and len(srv.spans()) == 6
