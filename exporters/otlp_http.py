@@ -276,7 +276,10 @@ class OtlpHttpSpanExporter:
             headers[k.lower()] = (k, v)
         for framing in ("content-length", "transfer-encoding", "connection"):  # this client's, per request
             headers.pop(framing, None)
-        host_line = headers.pop("host", ("Host", u.netloc.rpartition("@")[2] or host))
+        authority = u.netloc.rpartition("@")[2] or host
+        if not authority.isascii():  # an internationalized host name goes on the wire in IDNA form
+            authority = host.encode("idna").decode() + (f":{u.port}" if u.port else "")
+        host_line = headers.pop("host", ("Host", authority))
         # The request target as ASCII: anything else in the configured path is percent-encoded.
         path = quote(path, safe="!#$%&'()*+,/:;=?@[]~")
         lines = [f"POST {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in (host_line, *headers.values())]

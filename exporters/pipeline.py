@@ -2,9 +2,9 @@
 
 The capture loop must never wait on a collector: submit() only appends to bounded in-memory queues
 (one lane per exporter, each with its own thread, so a collector outage does not stall the console
-or the file; an OTLP lane encodes a large submission first) and counts what does not fit. While an exporter fails, its queued spans are retried
-with capped exponential backoff; when the queue is full, incoming traces are dropped whole and
-counted.
+or the file; an OTLP lane encodes a large submission first) and counts what does not fit. While
+an exporter fails, its queued spans are retried with capped exponential backoff; when the queue is
+full, incoming traces are dropped whole and counted.
 """
 
 from __future__ import annotations
