@@ -112,9 +112,13 @@ class OtlpGrpcSpanExporter:
         self.last_error = ""
         return True
 
+    def encode_spans(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> bytes:
+        """One ExportTraceServiceRequest; requests concatenate into one (the pipeline joins them)."""
+        return self._encoder.encode(spans, processes)
+
     def export(self, spans: Sequence[Span], processes: Mapping[int, ProcessInfo]) -> bool:
         try:
-            body = self._encoder.encode(spans, processes)
+            body = self.encode_spans(spans, processes)
         except Exception as e:
             self.last_error = f"cannot encode spans: {e!r}"
             self.last_failure_permanent = True

@@ -6,12 +6,13 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytest
 
 from correlator.spans import ProcessInfo, Span
 from exporters.config import build_exporters, load_config
-from exporters.pipeline import ExportPipeline
+from exporters.pipeline import ENCODE_AT_SUBMIT, ExportPipeline
 from tests.support.otlp_receiver import OtlpReceiver, unused_port
 from tests.support.sample_spans import chain_trace, many_traces, processes
 
@@ -74,6 +75,59 @@ def test_batches_by_size_and_by_delay() -> None:
     assert exp.shut
 
 
+def test_batches_are_cut_across_submissions_in_order_with_their_processes() -> None:
+    """The queue holds whole submissions; a batch spans several and splits one at its end."""
+    exp = RecordingExporter(fail=True)
+    p = ExportPipeline([exp], max_batch=5, max_delay_s=0.05, backoff_initial_s=0.02, backoff_max_s=0.02)
+    procs = processes()
+    submitted: list[Span] = []
+    try:
+        for i in range(7):  # 7 x 3 spans, each submission naming only its own processes
+            trace = chain_trace(f"c{i}")
+            submitted += trace
+            p.submit(trace, {pid: procs[pid] for pid in (101, 202)})
+            procs = processes()  # fresh objects: a batch must carry each submission's own
+        _wait(lambda: exp.calls >= 2)  # failed batches stay queued, whole and in order
+        assert p.stats()["queued"] == 21
+        exp.fail = False
+        _wait(lambda: len(exp.spans) == 21)
+        assert [len(b) for b, _ in exp.batches] == [5, 5, 5, 5, 1]
+        assert [s.span_id for s in exp.spans] == [s.span_id for s in submitted]
+        for batch, batch_procs in exp.batches:
+            assert {s.pid for s in batch} <= set(batch_procs)
+        assert p.stats()["exported"] == 21 and p.stats()["queued"] == 0
+        assert not p._lanes[0].chunks
+    finally:
+        p.shutdown(1)
+
+
+def test_a_full_batch_is_sent_at_once_not_after_the_delay() -> None:
+    exp = RecordingExporter()
+    p = ExportPipeline([exp], max_batch=9, max_delay_s=30.0)
+    try:
+        t0 = time.monotonic()
+        for i in range(3):  # the third submission completes a batch: the worker wakes for it
+            p.submit(chain_trace(f"f{i}"), processes())
+        _wait(lambda: len(exp.spans) == 9, 2.0)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        p.shutdown(1)
+
+
+def test_submit_copies_what_it_is_given() -> None:
+    exp = RecordingExporter()
+    p = ExportPipeline([exp], max_batch=3, max_delay_s=0.01)
+    try:
+        spans, procs = chain_trace(), processes()
+        p.submit(spans, procs)
+        spans.clear()  # a caller reusing its list (and mapping) does not change what is exported
+        procs.clear()
+        _wait(lambda: len(exp.spans) == 3)
+        assert set(exp.batches[0][1]) == {101, 202}
+    finally:
+        p.shutdown(1)
+
+
 def test_each_batch_carries_the_processes_of_its_spans_even_after_they_exit() -> None:
     exp = RecordingExporter(fail=True)
     p = ExportPipeline([exp], max_delay_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.05)
@@ -88,7 +142,7 @@ def test_each_batch_carries_the_processes_of_its_spans_even_after_they_exit() ->
         assert set(batch_procs) == {101, 202}
         assert batch_procs[202].service_name == "backend"
         assert p.stats()["queued"] == 0
-        assert p._lanes[0].processes == {}  # released once exported
+        assert not p._lanes[0].chunks  # released (with their processes) once exported
     finally:
         p.shutdown(1)
 
@@ -264,3 +318,117 @@ def test_retry_after_from_the_endpoint_is_obeyed() -> None:
         assert gap >= 0.35, gap
     finally:
         p.shutdown(1)
+
+
+def _otlp_pipeline(rx: OtlpReceiver, **kw: Any) -> ExportPipeline:
+    (exporter,) = build_exporters(load_config({}, endpoint=rx.http_endpoint, protocol="http/protobuf"))
+    return ExportPipeline([exporter], **kw)
+
+
+def _request_sizes(rx: OtlpReceiver) -> list[int]:
+    return [sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans) for _, req, _ in rx.trace_requests]
+
+
+def test_otlp_lane_encodes_small_submissions_together_and_joins_requests() -> None:
+    """Submissions smaller than ENCODE_AT_SUBMIT wait as spans; the worker encodes a run of them
+    in one call, and a batch is the requests joined: one decodable request."""
+    with OtlpReceiver() as rx:
+        p = _otlp_pipeline(rx, max_batch=7, max_delay_s=0.05)
+        try:
+            sent: list[Span] = []
+            for i in range(5):  # 5 x 3 spans into batches of at most 7: whole submissions only
+                trace = chain_trace(f"e{i}")
+                sent += trace
+                p.submit(trace, processes())
+            got = rx.wait_for_spans(lambda ss: len(ss) == 15, timeout_s=5)
+            assert p.flush(5)
+        finally:
+            stats = p.shutdown(2)
+        assert sorted(s["span_id"] for s in got) == sorted(s.span_id.hex() for s in sent)
+        sizes = _request_sizes(rx)
+        assert max(sizes) <= 7 and sum(sizes) == 15 and stats["batches"] == len(sizes)
+        by_id = {s["span_id"]: s for s in got}
+        assert by_id[sent[0].span_id.hex()]["resource"]["service.name"] == "backend"
+        assert stats["exported"] == 15 and stats["dropped"] == 0
+
+
+def test_large_submissions_are_encoded_on_arrival_in_batch_sized_pieces() -> None:
+    assert ENCODE_AT_SUBMIT <= 60
+    with OtlpReceiver() as rx:
+        p = _otlp_pipeline(rx, max_batch=25, max_delay_s=0.05)
+        try:
+            p.submit(many_traces(20), processes())  # 60 spans: requests of 25, 25, 10 at once
+            chunks = list(p._lanes[0].chunks)
+            assert all(isinstance(c[0], bytes) for c in chunks)
+            assert [c[1] for c in chunks] in ([25, 25, 10], [25, 10], [10], [])
+            p.submit(chain_trace("small"), processes())  # and a small one joins the last request
+            rx.wait_for_spans(lambda ss: len(ss) == 63, timeout_s=5)
+        finally:
+            stats = p.shutdown(2)
+        assert sorted(_request_sizes(rx)) == [13, 25, 25]
+        assert stats["exported"] == 63 and stats["batches"] == 3
+
+
+def test_a_failed_batch_is_retried_with_the_same_bytes() -> None:
+    """Spans the worker encoded go back into the queue encoded: a retry does not encode again."""
+    port = unused_port()
+    (exporter,) = build_exporters(load_config({}, endpoint=f"http://127.0.0.1:{port}", protocol="http/protobuf"))
+    p = ExportPipeline([exporter], max_batch=50, max_delay_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.05)
+    rx = None
+    try:
+        for i in range(4):
+            p.submit(chain_trace(f"r{i}"), processes())
+        _wait(lambda: p.stats()["export_failures"] >= 1)
+        chunks = list(p._lanes[0].chunks)
+        assert [type(c[0]) for c in chunks] == [bytes] and chunks[0][1] == 12
+        rx = OtlpReceiver(http_port=port).start()
+        rx.wait_for_spans(lambda ss: len(ss) == 12, timeout_s=5)
+        (_, req, _) = rx.trace_requests[0]
+        assert req.SerializeToString() == chunks[0][0]
+    finally:
+        stats = p.shutdown(2)
+        if rx is not None:
+            rx.stop()
+    assert stats["exported"] == 12 and stats["dropped"] == 0
+
+
+def _bad_trace(seed: str) -> list[Span]:
+    import dataclasses
+
+    bad = chain_trace(seed)
+    bad[1] = dataclasses.replace(bad[1], start_ns=-1)  # not a fixed64: the encoder refuses it
+    return bad
+
+
+def test_spans_the_encoder_cannot_write_are_dropped_and_counted_at_submit(caplog: pytest.LogCaptureFixture) -> None:
+    with OtlpReceiver() as rx:
+        p = _otlp_pipeline(rx, max_batch=3, max_delay_s=0.05)  # 3 spans: encoded on arrival
+        try:
+            with caplog.at_level(logging.ERROR, logger="kspan.exporters"):
+                p.submit(_bad_trace("bad"), processes())  # never raises into the capture loop
+            assert p.stats()["dropped_rejected"] == 3 and p.stats()["submit_errors"] == 0
+            assert p.stats()["queued"] == 0
+            assert "cannot encode spans" in p.stats()["exporters"][0]["last_error"]
+            assert any("could not encode 3 spans" in r.getMessage() for r in caplog.records)
+            p.submit(chain_trace("good"), processes())
+            rx.wait_for_spans(lambda ss: len(ss) == 3, timeout_s=5)
+        finally:
+            stats = p.shutdown(2)
+        assert stats["exported"] == 3 and stats["dropped_rejected"] == 3
+
+
+def test_spans_the_encoder_cannot_write_are_dropped_and_counted_by_the_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with OtlpReceiver() as rx:
+        p = _otlp_pipeline(rx, max_batch=100, max_delay_s=0.2)
+        try:
+            with caplog.at_level(logging.ERROR, logger="kspan.exporters"):
+                p.submit(_bad_trace("bad"), processes())  # small: queued as spans
+                p.submit(many_traces(20), processes())  # large: encoded on arrival, sent still
+                _wait(lambda: p.stats()["queued"] == 0)
+            rx.wait_for_spans(lambda ss: len(ss) == 60, timeout_s=5)
+            assert any("could not encode 3 spans" in r.getMessage() for r in caplog.records)
+        finally:
+            stats = p.shutdown(2)
+        assert stats["exported"] == 60 and stats["dropped_rejected"] == 3 and stats["dropped"] == 3
