@@ -142,9 +142,21 @@ class GoAttacher:
         return n
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        ex, self._executor = self._executor, None
+        if ex is None:
+            return
+        # An inspection of a large binary (a Go toolchain's `link`) can take tens of seconds, and
+        # the pool's exit hook would wait for it, holding up the agent's stop: the worker is
+        # killed (its result is no longer wanted; the cache file is written by rename, so none is
+        # left half-written). The pool has no public way to do this before Python 3.14.
+        procs = list((getattr(ex, "_processes", None) or {}).values())
+        ex.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join(1.0)
+            if proc.is_alive():
+                proc.kill()
 
     def on_exec(self, pid: int) -> int:
         """Inspect the executable of `pid`; attach if it is a Go binary seen for the first time.

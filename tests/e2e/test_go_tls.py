@@ -163,3 +163,30 @@ def test_go_versions_tls_server_and_client(traced: Traced, gobin: dict[str, Path
     assert all(e.source == Source.GO and e.tls and e.status == 200 for e in mine), [
         (e.role, e.source, e.status, e.end, e.req_head[:20], e.resp_head[:20]) for e in mine]
     assert {e.pid for e in mine if e.role == Role.SERVER} == {srv.pid}
+
+
+def test_closing_the_attacher_kills_an_inspection_in_progress(traced: Traced, gobin: dict[str, Path],
+                                                              certs: tuple[Path, Path], tmp_path: Path) -> None:
+    """A Go binary never seen before is inspected in a child process (1-2.5 s here); the agent's
+    stop must not wait for it (the pool's exit hook would): close() kills the child at once."""
+    import multiprocessing
+    import shutil
+    import time
+
+    from tracer.uprobes import GoAttacher
+
+    exe = tmp_path / "chain-fresh"
+    shutil.copy(gobin["1.27"], exe)  # a new mtime: no cached inspection
+    cmd, _ = _serve(exe, *certs)
+    with service(cmd) as srv:
+        before = set(multiprocessing.active_children())
+        att = GoAttacher(traced.capture, inspect_in_child=True)
+        assert att.on_exec(srv.pid) == 0  # submitted to the child, nothing attached yet
+        workers = [p for p in multiprocessing.active_children() if p not in before]
+        assert workers, "no inspection child was started"
+        t0 = time.monotonic()
+        att.close()
+        for w in workers:
+            w.join(2.5)
+        assert not any(w.is_alive() for w in workers), [(w, w.exitcode) for w in workers]
+        assert time.monotonic() - t0 < 3.0
