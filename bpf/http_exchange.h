@@ -338,6 +338,8 @@ struct kspan_gate {
     __u32 client_seen;      /* a client request was written to client_conns once: before that, a
                              * server has no local client to look up (kspan_fix_server) */
     __u32 go_seen;          /* bpf/go_http.bpf.c wrote go_client_parent once (kspan_client_decide) */
+    __u32 ctx_out_seen;     /* a context was written to ctx_out once (kspan_ctx_out_seen): before
+                             * that, the sock_ops program has nothing to send on any segment */
 };
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
@@ -358,6 +360,14 @@ static __always_inline void kspan_client_seen(void)
     struct kspan_gate *g = kspan_gate();
     if (g && !g->client_seen)
         g->client_seen = 1;
+}
+
+/* Before a write to ctx_out (set once, like client_seen). */
+static __always_inline void kspan_ctx_out_seen(void)
+{
+    struct kspan_gate *g = kspan_gate();
+    if (g && !g->ctx_out_seen)
+        g->ctx_out_seen = 1;
 }
 
 /* Whether this thread may be inside an SSL call (ssl_active worth a lookup). */
@@ -1505,6 +1515,7 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
         /* the sequence number the request's first byte will take: the option rides exactly the
          * segment that starts the request, and its retransmits */
         c->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+        kspan_ctx_out_seen();
         bpf_map_update_elem(&ctx_out, &k, c, BPF_ANY);
         /* The local server on the other end may read the request (and fix its identity) before
          * this write returns, when the writer is preempted on its way out of the send: it finds
@@ -1560,6 +1571,7 @@ __attribute__((noinline)) int kspan_tls_pre(__u64 sk, __u64 pid_tgid, __u64 plai
         c.flags = (st->ex.flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
         c.ts_ns = bpf_ktime_get_ns();
         c.seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+        kspan_ctx_out_seen();
         bpf_map_update_elem(&ctx_out, &k, &c, BPF_ANY);
         return 1;
     }
@@ -3292,7 +3304,7 @@ static __always_inline int kspan_read_ahead(struct kspan_conn *st, struct kspan_
  * that inlines it costs the verifier a walk of ~250k instructions at load, so only the socket
  * programs inline it (kspan_on_data); the uprobe programs tail-call into the one program of
  * bpf/uprobe_exchange.bpf.c that does (kspan_on_data_tail). */
-static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_args *a)
+static __always_inline void kspan_exchange_body_on(void *ctx, struct kspan_data_args *a, struct kspan_conn *st)
 {
     if (a->pid == kspan_self_pid) {
         if (a->dir == KSPAN_DIR_EGRESS)
@@ -3308,7 +3320,6 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
         return;
     if (a->len == 0)
         return;
-    struct kspan_conn *st = bpf_map_lookup_elem(&conns, &a->conn_id);
     if (st && (a->flags & KSPAN_FLAG_TLS))
         st->tls = 1;  /* plaintext from a TLS probe: the socket path leaves this connection alone */
     if (kspan_network_events && st && a->end_ns - st->rtt_ns >= 1000000000ULL) {
@@ -3459,14 +3470,23 @@ static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_arg
     kspan_begin_request(st, a, m);
 }
 
+/* The state machine for a caller that has not looked the connection up. */
+static __always_inline void kspan_exchange_body(void *ctx, struct kspan_data_args *a)
+{
+    kspan_exchange_body_on(ctx, a, bpf_map_lookup_elem(&conns, &a->conn_id));
+}
+
 /* The state machine inlined: the socket backends. kspan_sock_length is a tracepoint program, and a
  * tail call only reaches a program of the caller's own type, so it cannot use kspan_on_data_tail
  * (kspan_exchange_kp is a kprobe-type program, like the uprobes); the kprobes/fentry backends have
  * a single inlined copy each and gain nothing from a tail call.
  * The copy is kspan_args_copy() written out, on purpose: through the helper the lookup key's
  * lifetime ends at its return, clang gives its stack slot to the state machine's first-bytes
- * buffer, and the verifier's walk of kspan_sock_length doubled (263k -> 506k instructions). */
-static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *arg)
+ * buffer, and the verifier's walk of kspan_sock_length doubled (263k -> 506k instructions).
+ * st is the caller's own lookup of the connection (conns[arg->conn_id], or 0 when it has none):
+ * the socket path looks it up before the state machine for its descriptor and TLS checks, and a
+ * second lookup of the same key cost a hash walk on every transfer. */
+static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *arg, struct kspan_conn *st)
 {
     int zero = 0;
     struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &zero);
@@ -3474,7 +3494,7 @@ static __always_inline void kspan_on_data(void *ctx, struct kspan_data_args *arg
         return;
     __builtin_memcpy(a, arg, sizeof(*a));
     asm volatile("" ::: "memory");
-    kspan_exchange_body(ctx, a);
+    kspan_exchange_body_on(ctx, a, st);
 }
 
 /* The uprobe families (OpenSSL, Go: BPF_PROG_TYPE_KPROBE programs): copy the arguments to the

@@ -405,7 +405,7 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
             bpf_core_read_user(&iovlen, sizeof(iovlen), &um->msg_iovlen) == 0)
             kspan_iov_args(&a, iov, iovlen, 0, ret);
     }
-    kspan_on_data(ctx, &a);
+    kspan_on_data(ctx, &a, st);
     return 0;
 }
 

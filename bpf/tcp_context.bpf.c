@@ -107,6 +107,11 @@ static __always_inline void kspan_hdr_opt_len(struct bpf_sock_ops *skops)
     int sizing = skops->args[0] == BPF_WRITE_HDR_TCP_CURRENT_MSS;
     if (!sizing && (skops->skb_len == 0 || (skops->skb_tcp_flags & KSPAN_TCPHDR_SYN)))
         return;  /* pure ACK, FIN, SYN: the context goes with the request's bytes (no lookup) */
+    /* Until a context is first stored, none can be pending: an untraced client (every client
+     * connection has the write callbacks) costs no ctx_out lookup, twice per send, until then. */
+    struct kspan_gate *g = kspan_gate();
+    if (g && !g->ctx_out_seen)
+        return;
     struct kspan_conn_key k = {};
     if (kspan_skops_key(skops, &k))
         return;

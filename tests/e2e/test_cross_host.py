@@ -91,9 +91,10 @@ def hosts() -> Iterator[tuple[Host, Host]]:
         yield pair
 
 
-def _capture(context_cgroup: str | None = None) -> Any:
+def _capture(context_cgroup: str | None = None, ctx_out_seen: bool = True) -> Any:
     """The real capture path (every object, the sock_ops program attached to a cgroup), tracing
-    only this test process so the socket probes stay quiet."""
+    only this test process so the socket probes stay quiet. ctx_out_seen: open the gate the
+    kernel's ctx_out writers open, since these tests write ctx_out themselves."""
     from tracer.capabilities import probe
     from tracer.capture import Capture, CaptureConfig, CaptureError
 
@@ -105,7 +106,19 @@ def _capture(context_cgroup: str | None = None) -> Any:
     if cap.context_propagation != "tcp":
         cap.close()
         on_load_error(RuntimeError(cap.context_note), "the sock_ops program")
+    if ctx_out_seen:
+        _ctx_out_seen(cap)
     return cap
+
+
+def _ctx_out_seen(cap: Any) -> None:
+    """Open the gate the kernel's ctx_out writers open before their first write (kspan_gate's
+    ctx_out_seen): these tests write ctx_out from user space instead."""
+    off, size = cap.struct_layout("kspan_gate")["ctx_out_seen"]
+    gates, key = cap.map("kspan_gates"), struct.pack("=I", 0)
+    value = bytearray(gates.lookup(key) or bytes(cap.struct_size("kspan_gate")))
+    value[off : off + size] = (1).to_bytes(size, "little")
+    gates.update(key, bytes(value))
 
 
 def _server(host: Host, port: int, *extra: str, bind: str = "") -> subprocess.Popen[bytes]:
@@ -186,6 +199,38 @@ def test_the_context_crosses_the_veth_and_each_keep_alive_request_carries_its_ow
         assert ctx.unpack(ctx_in.lookup(in_key) or b"")["span_id"] == 0x0A0B0C0D0E0F1011
         assert _counter(cap, "context_options_written") == written
         assert _counter(cap, "context_options_no_room") == 0 and _counter(cap, "context_options_malformed") == 0
+    finally:
+        for p in (client, server):
+            if p is not None:
+                stop(p)
+        cap.close()
+
+
+def test_no_segment_carries_a_context_before_the_first_one_is_stored(hosts: tuple[Host, Host]) -> None:
+    """Every client connection gets the option callbacks; until the kernel first stores a context
+    (kspan_gate.ctx_out_seen), they return before looking ctx_out up, so an entry written behind
+    the gate's back is not sent. Once the gate is open, the next request carries it."""
+    a, b = hosts
+    cap = _capture(ctx_out_seen=False)
+    server = client = None
+    try:
+        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
+        server = _server(b, PORT_B)
+        client, lport = _client(a, f"http://{ADDR_B}:{PORT_B}/work")
+        out_key, in_key = conn_key(ADDR_A, lport, ADDR_B, PORT_B), conn_key(ADDR_B, PORT_B, ADDR_A, lport)
+        ctx_out, ctx_in = cap.map("ctx_out"), cap.map("ctx_in")
+        trace_id, span_id = bytes(range(21, 37)), 0x5566778899AABBCC
+        ctx_out.update(out_key, ctx.pack(trace_id, span_id, 1))
+        assert _request(client) == "200"
+        assert ctx_in.lookup(in_key) is None
+        assert ctx.unpack(ctx_out.lookup(out_key) or b"")["state"] == 0, "still pending: never looked at"
+        assert _counter(cap, "context_options_written") == 0
+
+        _ctx_out_seen(cap)
+        assert _request(client) == "200"
+        parsed = ctx.unpack(ctx_in.lookup(in_key) or b"")
+        assert (parsed["trace_id"], parsed["span_id"]) == (trace_id, span_id)
+        assert _counter(cap, "context_options_written") >= 1
     finally:
         for p in (client, server):
             if p is not None:
