@@ -237,6 +237,7 @@ class _Session:
 GC_THRESHOLDS = (20_000, 50, 100)
 # The record type is a little-endian u32: comparing its bytes skips a call per record.
 _PROC_TYPE = records.REC_PROC.to_bytes(4, "little")
+_PID = attrgetter("pid")
 _TCP_TYPE = records.REC_TCP.to_bytes(4, "little")
 
 
@@ -279,8 +280,11 @@ class RecordDispatch:
         for item in decoded:
             t = type(item)
             if t is list:
-                for ex in item:
-                    get(ex.pid)  # read /proc while the process is alive
+                # read /proc while the process is alive: once per process in the run (a run's
+                # records come from a handful of processes; a call per record cost ~500
+                # instructions)
+                for pid in set(map(_PID, item)):
+                    get(pid)
                 feed_batch(item, spans)
             elif t is MetricExchange:
                 get(item.pid)
