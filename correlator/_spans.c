@@ -294,6 +294,15 @@ static PyObject *join_str(PyObject *const *parts, int n) {
     if (out == NULL)
         return NULL;
     Py_ssize_t at = 0;
+    if (maxchar < 256) { /* every part is one byte a character, as the result: plain copies */
+        Py_UCS1 *dst = PyUnicode_1BYTE_DATA(out);
+        for (int i = 0; i < n; i++) {
+            Py_ssize_t k = PyUnicode_GET_LENGTH(parts[i]);
+            memcpy(dst + at, PyUnicode_1BYTE_DATA(parts[i]), (size_t)k);
+            at += k;
+        }
+        return out;
+    }
     for (int i = 0; i < n; i++) {
         Py_ssize_t k = PyUnicode_GET_LENGTH(parts[i]);
         if (PyUnicode_CopyCharacters(out, at, parts[i], 0, k) < 0) {

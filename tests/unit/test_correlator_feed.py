@@ -284,3 +284,16 @@ def test_a_held_child_takes_the_kernels_decision_for_its_parents_trace() -> None
     spans = corr.feed(server)
     assert [s.sampled for s in spans] == [True, True] and spans[1].trace_id == tp_trace
     assert corr.stats.sampled_exchanges == 2 and corr.stats.unsampled_exchanges == 0
+
+
+@pytest.mark.parametrize("segment", ["caf\u00e9", "\u20ac5", "\U0001f600x", "plain"])
+def test_span_names_and_url_full_keep_every_character(segment: str) -> None:
+    """Names and url.full are joined from pieces of any width (1, 2 and 4 bytes a character)."""
+    path = f"/shop/{segment}/items"
+    head = f"GET {path} HTTP/1.1\r\nHost: h\u00f6st:8080\r\n\r\n".encode()  # UTF-8 on the wire
+    client = make_exchange(head, response_bytes(), role=Role.CLIENT, conn_id=0xFFFF_8880_0000_3000)
+    (span,) = _corr().feed(_ids(client, b"\x0c" * 16, 3))
+    assert span.attributes["url.full"] == f"http://h\u00f6st:8080{path}"
+    server = make_exchange(head, response_bytes(), role=Role.SERVER, conn_id=0xFFFF_8880_0000_4000)
+    (span,) = _corr(routes=["/shop/{name}/items"]).feed(_ids(server, b"\x0d" * 16, 4))
+    assert span.name == "GET /shop/{name}/items" and span.attributes["url.path"] == path
