@@ -163,6 +163,10 @@ def test_grpc_unary_streaming_and_errors_both_views(grpc_port: int) -> None:
     for view, conns in v.items():
         assert len(conns) == 1
         ops, counters = decode(conns[0])
+        # In call order: an operation is emitted when its end is seen, and where a read gathered
+        # two messages over a frame header (below) the streaming call's end is found only at
+        # close, after the later calls; the reads' sizes depend on the machine's load.
+        ops.sort(key=lambda op: op.start_ns)
         assert [op.name for op in ops] == [f"{SERVICE}/Unary", f"{SERVICE}/Stream", f"{SERVICE}/Unary",
                                            f"{SERVICE}/Nope", f"{SERVICE}/Unary"], (view, ops)  # fmt: skip
         assert all(op.protocol == "grpc" and op.client == (view == "client") for op in ops)
