@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.ebpf import fail_or_skip, require_ebpf
-from tracer import loader
+from tracer import loader, ringbuf
 from tracer.loader import BPF_NOEXIST, BpfObject, LoaderError, Map, enable_run_stats, file_offset, prog_info
 from tracer.ringbuf import RingBufferReader
 
@@ -378,6 +378,14 @@ def test_ringbuf_drains_are_paced_an_interval_apart_unless_cut_by_their_limit(ob
         reader.wait(200, interval_s=0.05)  # nothing committed: the timeout
         assert 0.2 <= time.monotonic() - t0 < 5.0 and not reader.pending()
         reader.wait(0)  # a zero timeout never sleeps
+        # The interval follows the rate: a fast burst is drained every DRAIN_INTERVAL_S, a quiet
+        # ring every DRAIN_INTERVAL_MAX_S.
+        assert reader.drain(out) == 0 and reader.interval_s == ringbuf.DRAIN_INTERVAL_MAX_S
+        for _ in range(300):  # the test ring holds 341 of its 48-byte records
+            raw_getpid()
+        assert reader.drain(out) == 300
+        assert reader.interval_s == ringbuf.DRAIN_INTERVAL_S
+        assert reader.drain(out) == 0 and reader.interval_s == ringbuf.DRAIN_INTERVAL_MAX_S
     finally:
         reader.close()
 
