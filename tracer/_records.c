@@ -851,6 +851,69 @@ static PyObject *py_decode_batch(PyObject *Py_UNUSED(m), PyObject *const *args, 
  * its space back during a long drain, not only at the end. */
 #define RB_GIVE_BACK 256
 
+/* peek(consumer, producer, page, size, since, rtype) -> (position, found): the committed records
+ * from `since` (or the consumer position, if later) on, walked by their headers only: whether one
+ * is of record type rtype, and the position reached, where the next peek starts. The reader's
+ * wait uses it to cut a pause short for a record that should not wait (a process's exec). */
+static PyObject *py_peek(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t page, size;
+    unsigned long long since;
+    long rtype;
+    if (nargs != 6 || (page = PyLong_AsSsize_t(args[2])) < 0 || (size = PyLong_AsSsize_t(args[3])) < 0 ||
+        ((since = PyLong_AsUnsignedLongLong(args[4])) == (unsigned long long)-1 && PyErr_Occurred()) ||
+        ((rtype = PyLong_AsLong(args[5])) == -1 && PyErr_Occurred())) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "peek(consumer, producer, page, size, since, rtype)");
+        return NULL;
+    }
+    if (size < RB_HEADER || (size & (size - 1)) != 0 || page < 8 || page % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "ring buffer of %zd bytes after a %zd-byte page: not a power of two", size,
+                     page);
+        return NULL;
+    }
+    Py_buffer cv, pv;
+    if (PyObject_GetBuffer(args[0], &cv, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &pv, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&cv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (cv.len < 8 || pv.len < page + 2 * size || ((uintptr_t)cv.buf | (uintptr_t)pv.buf) % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "peek: the mappings are smaller than the ring they should hold");
+        goto done;
+    }
+    const uint8_t *data = (const uint8_t *)pv.buf + page;
+    const uint64_t mask = (uint64_t)size - 1;
+    uint64_t pos = __atomic_load_n((const uint64_t *)cv.buf, __ATOMIC_RELAXED);
+    const uint64_t prod = __atomic_load_n((const uint64_t *)pv.buf, __ATOMIC_ACQUIRE);
+    if (since > pos && since <= prod)
+        pos = since;
+    int found = 0;
+    while (pos < prod && !found) {
+        const uint64_t off = pos & mask;
+        const uint32_t len = __atomic_load_n((const uint32_t *)(data + off), __ATOMIC_ACQUIRE);
+        if (len & RB_BUSY)
+            break;
+        const uint32_t rlen = len & ~(RB_BUSY | RB_DISCARD);
+        const uint64_t step = ((uint64_t)rlen + RB_HEADER + 7) & ~(uint64_t)7;
+        if (step > (uint64_t)size || step > prod - pos)
+            break; /* corrupt: drain() reports it */
+        if (!(len & RB_DISCARD) && rlen >= 4) {
+            uint32_t t;
+            memcpy(&t, data + off + RB_HEADER, 4);
+            found = (long)t == rtype;
+        }
+        pos += step;
+    }
+    result = Py_BuildValue("(KO)", (unsigned long long)pos, found ? Py_True : Py_False);
+done:
+    PyBuffer_Release(&pv);
+    PyBuffer_Release(&cv);
+    return result;
+}
+
 static PyObject *py_drain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t page, size, limit;
@@ -1025,6 +1088,9 @@ static PyMethodDef methods[] = {
      "decode_batch(records, out) -> undecodable: the records decoded into out in stream order (a list per run "
      "of exchanges, a MetricExchange or SegmentRecord per record, proc and tcp records as bytes); returns how "
      "many did not decode (counted, skipped)."},
+    {"peek", (PyCFunction)(void (*)(void))py_peek, METH_FASTCALL,
+     "peek(consumer, producer, page, size, since, rtype) -> (position, found): whether a committed record "
+     "from since on is of type rtype, and the position reached"},
     {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL,
      "drain(consumer, producer, page, size, limit, out, decode) -> (records, undecodable): up to limit "
      "committed records read from a BPF ring buffer's mappings (consumer: its writable first page; producer: "

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from tracer import _records
-from tracer import records as _decoders  # noqa: F401 - sets up tracer/_records.c's decoders
+from tracer import records as _decoders  # sets up tracer/_records.c's decoders
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
@@ -38,6 +38,9 @@ HEADER = 8  # the walk itself is tracer/_records.c's drain()
 DRAIN_INTERVAL_S = 0.05
 DRAIN_INTERVAL_MAX_S = 0.25
 BATCH_RECORDS = 512
+# How often a pause looks for a record that should not wait for the batch: a process's exec, which
+# the agent answers by attaching probes or (--exe) allowing its pid before its first request.
+PEEK_TICK_S = 0.02
 
 
 class RingBufferReader:
@@ -67,6 +70,7 @@ class RingBufferReader:
         self._backlog = False  # the last drain stopped at its limit: more is committed
         self._drained_at = float("-inf")  # time.monotonic() of the last drain
         self._interval = DRAIN_INTERVAL_MAX_S  # until the next drain, for the rate the last one saw
+        self._peeked = 0  # where the last peek for an exec record stopped
 
     def _positions(self) -> tuple[int, int]:
         cons = struct.unpack_from("<Q", self._consumer, 0)[0]
@@ -107,7 +111,8 @@ class RingBufferReader:
     def wait(self, timeout_ms: int, interval_s: float | None = None) -> None:
         """Return when the next drain is due: at once after a drain cut by its limit, else once
         records are committed and `interval_s` has passed since the last drain, or when
-        `timeout_ms` has passed (the kernel does not wake the reader: BPF_RB_NO_WAKEUP)."""
+        `timeout_ms` has passed (the kernel does not wake the reader: BPF_RB_NO_WAKEUP); and
+        within PEEK_TICK_S of a process's exec record."""
         if timeout_ms <= 0 or self._backlog:
             return
         if interval_s is None:
@@ -116,12 +121,19 @@ class RingBufferReader:
         deadline = now + timeout_ms / 1000.0
         due = min(self._drained_at + interval_s, deadline)
         while True:
-            if now < due:
-                time.sleep(due - now)
+            while now < due:
+                time.sleep(min(due - now, PEEK_TICK_S))
                 now = time.monotonic()
+                if now < due and self._exec_pending():
+                    return
             if now >= deadline or self.pending():
                 return
             due = min(now + interval_s, deadline)
+
+    def _exec_pending(self) -> bool:
+        self._peeked, found = _records.peek(self._consumer, self._producer, self._page, self._mask + 1,
+                                            self._peeked, _decoders.REC_PROC)
+        return found
 
     def close(self) -> None:
         if self._closed:

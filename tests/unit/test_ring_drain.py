@@ -214,3 +214,54 @@ def test_the_mappings_must_hold_the_ring() -> None:
         _records.drain(mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE + 2 * 6000), PAGE, 6000, 10, out, True)
     with pytest.raises(BufferError):
         _records.drain(b"\0" * 8, mmap.mmap(-1, PAGE + 8192), PAGE, 4096, 10, out, True)  # not writable
+
+
+def _proc_record() -> bytes:
+    r = records.RawProc()
+    r.type, r.event, r.pid = records.REC_PROC, records.PROC_EXEC, 4242
+    return bytes(r)
+
+
+def test_a_pause_is_cut_short_by_an_exec_record_only() -> None:
+    """The reader batches exchanges for an interval, but a process's exec waits at most a peek
+    tick: the agent attaches to, or allows, the new process before its first request."""
+    import time
+
+    ex = _exchanges()
+    ring = Ring(1 << 16)
+    out: list[Any] = []
+    ring.reader.drain(out)  # the interval counts from here
+    ring.put(ex[0])
+    ring.put(ex[1], busy=True)  # a reserved record stops the peek, as it stops the drain
+    t0 = time.monotonic()
+    ring.reader.wait(300, interval_s=30.0)
+    assert time.monotonic() - t0 >= 0.3  # exchanges: the whole pause (here the timeout)
+    ring.commit(ring.prod - ((len(ex[1]) + 8 + 7) & ~7))
+    ring.put(_proc_record())
+    t0 = time.monotonic()
+    ring.reader.wait(10_000, interval_s=30.0)
+    assert time.monotonic() - t0 < 5.0  # within a peek tick of the exec record
+    assert ring.reader.drain(out) == 3
+    ring.put(ex[2])
+    t0 = time.monotonic()
+    ring.reader.wait(300, interval_s=30.0)  # the exec record was drained: no early return again
+    assert time.monotonic() - t0 >= 0.3
+
+
+def test_peek_walks_headers_only_from_where_it_stopped() -> None:
+    from tracer import _records
+
+    ex = _exchanges()
+    ring = Ring(1 << 16, start=(1 << 40) - 64)  # positions past 2**40 and a wrap early on
+    args = (ring.consumer, ring.producer, ring.PAGE, ring.size)
+    assert _records.peek(*args, 0, records.REC_PROC) == (ring.prod, False)
+    ring.put(ex[0])
+    ring.put(_proc_record(), discard=True)  # discarded: not there
+    pos, found = _records.peek(*args, 0, records.REC_PROC)
+    assert (pos, found) == (ring.prod, False)
+    at = ring.put(_proc_record())
+    ring.put(ex[1])
+    assert _records.peek(*args, pos, records.REC_PROC) == (at + ((len(_proc_record()) + 8 + 7) & ~7), True)
+    assert _records.peek(*args, ring.prod, records.REC_PROC) == (ring.prod, False)
+    with pytest.raises(ValueError):
+        _records.peek(ring.consumer, ring.producer, ring.PAGE, 1000, 0, records.REC_PROC)
