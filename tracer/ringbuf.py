@@ -40,7 +40,7 @@ DRAIN_INTERVAL_MAX_S = 0.25
 BATCH_RECORDS = 512
 # How often a pause looks for a record that should not wait for the batch: a process's exec, which
 # the agent answers by attaching probes or (--exe) allowing its pid before its first request.
-PEEK_TICK_S = 0.02
+PEEK_TICK_S = 0.05
 
 
 class RingBufferReader:
