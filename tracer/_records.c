@@ -851,6 +851,44 @@ static PyObject *py_decode_batch(PyObject *Py_UNUSED(m), PyObject *const *args, 
  * its space back during a long drain, not only at the end. */
 #define RB_GIVE_BACK 256
 
+/* The ring's two mappings as buffers, checked against the ring they should hold (size: a power of
+ * two, after a page of at least 8 bytes): 0, or -1 with an exception and nothing held. */
+static int ring_views(PyObject *const *args, Py_ssize_t page, Py_ssize_t size, int writable, Py_buffer *cv,
+                      Py_buffer *pv, const char *who)
+{
+    if (size < RB_HEADER || (size & (size - 1)) != 0 || page < 8 || page % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "ring buffer of %zd bytes after a %zd-byte page: not a power of two", size,
+                     page);
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[0], cv, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(args[1], pv, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(cv);
+        return -1;
+    }
+    if (cv->len < 8 || pv->len < page + 2 * size || ((uintptr_t)cv->buf | (uintptr_t)pv->buf) % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: the mappings are smaller than the ring they should hold", who);
+        PyBuffer_Release(pv);
+        PyBuffer_Release(cv);
+        return -1;
+    }
+    return 0;
+}
+
+/* The committed record at pos: its header word (BUSY: not yet committed, stop) and the step to
+ * the next one; 0 when its length cannot be (larger than the ring or past the producer). */
+static inline uint64_t ring_step(const uint8_t *data, uint64_t mask, uint64_t size, uint64_t pos, uint64_t prod,
+                                 uint32_t *len)
+{
+    *len = __atomic_load_n((const uint32_t *)(data + (pos & mask)), __ATOMIC_ACQUIRE);
+    if (*len & RB_BUSY)
+        return 0;
+    const uint32_t rlen = *len & ~(RB_BUSY | RB_DISCARD);
+    const uint64_t step = ((uint64_t)rlen + RB_HEADER + 7) & ~(uint64_t)7;
+    return step > size || step > prod - pos ? 0 : step;
+}
+
 /* peek(consumer, producer, page, size, since, rtype) -> (position, found): the committed records
  * from `since` (or the consumer position, if later) on, walked by their headers only: whether one
  * is of record type rtype, and the position reached, where the next peek starts. The reader's
@@ -867,23 +905,9 @@ static PyObject *py_peek(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize
             PyErr_SetString(PyExc_TypeError, "peek(consumer, producer, page, size, since, rtype)");
         return NULL;
     }
-    if (size < RB_HEADER || (size & (size - 1)) != 0 || page < 8 || page % 8 != 0) {
-        PyErr_Format(PyExc_ValueError, "ring buffer of %zd bytes after a %zd-byte page: not a power of two", size,
-                     page);
-        return NULL;
-    }
     Py_buffer cv, pv;
-    if (PyObject_GetBuffer(args[0], &cv, PyBUF_SIMPLE) < 0)
+    if (ring_views(args, page, size, 0, &cv, &pv, "peek") < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &pv, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&cv);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (cv.len < 8 || pv.len < page + 2 * size || ((uintptr_t)cv.buf | (uintptr_t)pv.buf) % 8 != 0) {
-        PyErr_SetString(PyExc_ValueError, "peek: the mappings are smaller than the ring they should hold");
-        goto done;
-    }
     const uint8_t *data = (const uint8_t *)pv.buf + page;
     const uint64_t mask = (uint64_t)size - 1;
     uint64_t pos = __atomic_load_n((const uint64_t *)cv.buf, __ATOMIC_RELAXED);
@@ -892,23 +916,18 @@ static PyObject *py_peek(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize
         pos = since;
     int found = 0;
     while (pos < prod && !found) {
-        const uint64_t off = pos & mask;
-        const uint32_t len = __atomic_load_n((const uint32_t *)(data + off), __ATOMIC_ACQUIRE);
-        if (len & RB_BUSY)
-            break;
-        const uint32_t rlen = len & ~(RB_BUSY | RB_DISCARD);
-        const uint64_t step = ((uint64_t)rlen + RB_HEADER + 7) & ~(uint64_t)7;
-        if (step > (uint64_t)size || step > prod - pos)
-            break; /* corrupt: drain() reports it */
-        if (!(len & RB_DISCARD) && rlen >= 4) {
+        uint32_t len;
+        const uint64_t step = ring_step(data, mask, (uint64_t)size, pos, prod, &len);
+        if (step == 0)
+            break; /* not committed yet; or corrupt, which drain() reports */
+        if (!(len & RB_DISCARD) && (len & ~(RB_BUSY | RB_DISCARD)) >= 4) {
             uint32_t t;
-            memcpy(&t, data + off + RB_HEADER, 4);
+            memcpy(&t, data + (pos & mask) + RB_HEADER, 4);
             found = (long)t == rtype;
         }
         pos += step;
     }
-    result = Py_BuildValue("(KO)", (unsigned long long)pos, found ? Py_True : Py_False);
-done:
+    PyObject *result = Py_BuildValue("(KO)", (unsigned long long)pos, found ? Py_True : Py_False);
     PyBuffer_Release(&pv);
     PyBuffer_Release(&cv);
     return result;
@@ -925,25 +944,12 @@ static PyObject *py_drain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssiz
             PyErr_SetString(PyExc_TypeError, "drain(consumer, producer, page, size, limit, out: list, decode)");
         return NULL;
     }
-    if (size < RB_HEADER || (size & (size - 1)) != 0 || page < 8 || page % 8 != 0) {
-        PyErr_Format(PyExc_ValueError, "ring buffer of %zd bytes after a %zd-byte page: not a power of two", size,
-                     page);
-        return NULL;
-    }
     if (decode && check_ready() < 0)
         return NULL;
     Py_buffer cv, pv;
-    if (PyObject_GetBuffer(args[0], &cv, PyBUF_WRITABLE) < 0)
+    if (ring_views(args, page, size, 1, &cv, &pv, "drain") < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &pv, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&cv);
-        return NULL;
-    }
     PyObject *result = NULL;
-    if (cv.len < 8 || pv.len < page + 2 * size || ((uintptr_t)cv.buf | (uintptr_t)pv.buf) % 8 != 0) {
-        PyErr_SetString(PyExc_ValueError, "drain: the mappings are smaller than the ring they should hold");
-        goto done;
-    }
     uint64_t *consumer = cv.buf;
     const uint64_t *producer = pv.buf;
     const uint8_t *data = (const uint8_t *)pv.buf + page;
@@ -955,12 +961,12 @@ static PyObject *py_drain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssiz
     int failed = 0;
     while (cons < prod && n < limit) {
         const uint64_t off = cons & mask;
-        const uint32_t len = __atomic_load_n((const uint32_t *)(data + off), __ATOMIC_ACQUIRE);
+        uint32_t len;
+        const uint64_t step = ring_step(data, mask, (uint64_t)size, cons, prod, &len);
+        const uint32_t rlen = len & ~(RB_BUSY | RB_DISCARD);
         if (len & RB_BUSY)
             break;
-        const uint32_t rlen = len & ~(RB_BUSY | RB_DISCARD);
-        const uint64_t step = ((uint64_t)rlen + RB_HEADER + 7) & ~(uint64_t)7;
-        if (step > (uint64_t)size || step > prod - cons) {
+        if (step == 0) {
             /* the kernel never commits a record larger than its ring or past its own position */
             PyErr_Format(PyExc_ValueError, "ring buffer record at %llu claims %u bytes: the ring is corrupt",
                          (unsigned long long)cons, (unsigned)rlen);
@@ -987,7 +993,6 @@ static PyObject *py_drain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssiz
     __atomic_store_n(consumer, cons, __ATOMIC_RELEASE);
     if (!failed)
         result = Py_BuildValue("(nn)", n, s.undecodable);
-done:
     PyBuffer_Release(&pv);
     PyBuffer_Release(&cv);
     return result;
