@@ -307,6 +307,14 @@ struct {
     __type(key, __u64);
     __type(value, struct kspan_tuple);
 } tuples SEC(".maps");
+/* A tuple being built, per CPU rather than on the stack: the frames of a call chain share 512
+ * bytes when the kernel gives a program no private stack (kspan_sock_length's frame). */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_tuple);
+} tuple_scratch SEC(".maps");
 
 /* Shared with the TLS/Go uprobes (names are a contract). */
 struct {
@@ -573,24 +581,29 @@ static __always_inline struct kspan_tuple *kspan_tuple_of(__u64 sk)
     struct kspan_tuple *t = bpf_map_lookup_elem(&tuples, &sk);
     if (t)
         return t;
-    struct kspan_tuple nt = {};
+    __u32 zero = 0;
+    struct kspan_tuple *nt = bpf_map_lookup_elem(&tuple_scratch, &zero);
+    if (!nt)
+        return 0;
+    __builtin_memset(nt, 0, sizeof(*nt));
     const struct sock_common *s = (const struct sock_common *)sk;
-    __u16 family = BPF_CORE_READ(s, skc_family);
-    __u16 dport = BPF_CORE_READ(s, skc_dport);
-    __u16 num = BPF_CORE_READ(s, skc_num);
+    /* read into the scratch entry, not into stack temporaries (the same 512 bytes) */
+    bpf_core_read(&nt->family, sizeof(nt->family), &s->skc_family);
+    bpf_core_read(&nt->remote_port, sizeof(nt->remote_port), &s->skc_dport);
+    bpf_core_read(&nt->local_port, sizeof(nt->local_port), &s->skc_num);  /* host order */
+    __u16 family = nt->family;
     if (family == KSPAN_AF_INET) {
-        bpf_core_read(nt.local_addr, 4, &s->skc_rcv_saddr);
-        bpf_core_read(nt.remote_addr, 4, &s->skc_daddr);
+        bpf_core_read(nt->local_addr, 4, &s->skc_rcv_saddr);
+        bpf_core_read(nt->remote_addr, 4, &s->skc_daddr);
     } else if (family == KSPAN_AF_INET6) {
-        bpf_core_read(nt.local_addr, 16, &s->skc_v6_rcv_saddr);
-        bpf_core_read(nt.remote_addr, 16, &s->skc_v6_daddr);
+        bpf_core_read(nt->local_addr, 16, &s->skc_v6_rcv_saddr);
+        bpf_core_read(nt->remote_addr, 16, &s->skc_v6_daddr);
     } else {
         return 0;
     }
-    nt.family = family;
-    nt.local_port = num;                           /* skc_num is host order */
-    nt.remote_port = (dport >> 8) | (dport << 8);  /* skc_dport is network order */
-    bpf_map_update_elem(&tuples, &sk, &nt, BPF_ANY);
+    __u16 dport = nt->remote_port;
+    nt->remote_port = (dport >> 8) | (dport << 8);  /* skc_dport is network order */
+    bpf_map_update_elem(&tuples, &sk, nt, BPF_ANY);
     return bpf_map_lookup_elem(&tuples, &sk);
 }
 
@@ -1307,17 +1320,38 @@ struct {
     __type(value, struct kspan_head_buf);
 } kspan_headbuf SEC(".maps");
 
-/* A client request's evidence (request line and X-Request-ID hashes): from its user buffer at
- * the write's entry, else from the head the state machine holds. */
-static __always_inline void kspan_client_keys(__u64 sk, __u64 buf, __u64 *line, __u64 *rid)
+/* Where kspan_client_keys leaves its two hashes (0: none). */
+struct kspan_keys {
+    __u64 line;
+    __u64 rid;
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_keys);
+} kspan_keys_out SEC(".maps");
+
+/* A client request's evidence (request line and X-Request-ID hashes) into kspan_keys_out: from
+ * its user buffer at the write's entry, else from the head the state machine holds.
+ * Global, so that the scans' bpf_loop contexts (which must be on the stack) are in this frame
+ * alone: inlined, they sat in the frames of kspan_proto_data and the socket program, and the
+ * verifier sums a call chain's frames against 512 bytes when the kernel gives a program no
+ * private stack. */
+__attribute__((noinline)) int kspan_client_keys(__u64 sk, __u64 buf)
 {
+    __u32 z = 0;
+    struct kspan_keys *out = bpf_map_lookup_elem(&kspan_keys_out, &z);
+    if (!out)
+        return 0;
+    out->line = 0;
+    out->rid = 0;
     const char *b = 0;
     __u32 n = 0;
     if (buf) {
-        __u32 z = 0;
         struct kspan_head_buf *hb = bpf_map_lookup_elem(&kspan_headbuf, &z);
         if (!hb)
-            return;
+            return 0;
         /* a short write near the end of its mapping may not have KSPAN_REQ_HEAD readable bytes */
         if (bpf_probe_read_user(hb->b, KSPAN_REQ_HEAD, (const void *)buf) == 0)
             n = KSPAN_REQ_HEAD;
@@ -1327,14 +1361,15 @@ static __always_inline void kspan_client_keys(__u64 sk, __u64 buf, __u64 *line, 
     } else {
         struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
         if (!st)
-            return;
+            return 0;
         n = st->ex.req_head_len;
         b = st->ex.req_head;
     }
     if (!n || !b)
-        return;
-    *line = kspan_line_hash(b, n > KSPAN_LINE_MAX ? KSPAN_LINE_MAX : n);
-    *rid = kspan_rid_hash(b, n);
+        return 0;
+    out->line = kspan_line_hash(b, n > KSPAN_LINE_MAX ? KSPAN_LINE_MAX : n);
+    out->rid = kspan_rid_hash(b, n);
+    return 1;
 }
 
 /* A client request's identity, decided when it starts: at the write's entry where a probe sees
@@ -1391,7 +1426,12 @@ static __always_inline void kspan_client_decide(struct kspan_client_id *id, __u6
             id->parent_pid = pid;
         } else {
             __u64 line = 0, rid = 0;
-            kspan_client_keys(sk, buf, &line, &rid);
+            __u32 z = 0;
+            struct kspan_keys *keys = kspan_client_keys(sk, buf) ? bpf_map_lookup_elem(&kspan_keys_out, &z) : 0;
+            if (keys) {
+                line = keys->line;
+                rid = keys->rid;
+            }
             struct kspan_serving_slot *ev = kspan_evidence(pid_tgid, line, rid);
             if (ev) {
                 id->parent_kind = KSPAN_PARENT_EVIDENCE;

@@ -58,6 +58,15 @@ struct kspan_sys_args {
 
 /* ---- registers path: when each write-family call began ---- */
 
+/* The call's arguments read from the registers at the sock event, per CPU rather than on the
+ * stack (see kspan_sock_xfer: the frames of a call chain share 512 bytes). */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct kspan_sys_args);
+} regs_args SEC(".maps");
+
 /* The only thing the registers cannot tell. Updated in place (a lookup, not an insert, on the hot
  * path); never deleted (LRU). */
 struct kspan_write_start {
@@ -347,17 +356,18 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
         return 0;
     }
     __u64 now = bpf_ktime_get_ns();
-#if defined(__TARGET_ARCH_x86)
-    struct kspan_sys_args regs_args = {};
-#endif
     struct kspan_sys_args *sa = 0;
     if (kspan_regs_path()) {
 #if defined(__TARGET_ARCH_x86)
-        if (!kspan_regs_args(&regs_args, now)) {
+        int zero = 0;
+        sa = bpf_map_lookup_elem(&regs_args, &zero);
+        if (!sa)
+            return 0;
+        __builtin_memset(sa, 0, sizeof(*sa));
+        if (!kspan_regs_args(sa, now)) {
             kspan_count(KSPAN_CNT_NO_SYSCALL_ARGS, 1);
             return 0;
         }
-        sa = &regs_args;
         if (sa->dir == KSPAN_DIR_EGRESS) {
             struct kspan_write_start *w = bpf_map_lookup_elem(&write_start, &id);
             if (w && w->ptr == sa->ptr)
@@ -389,23 +399,31 @@ static __always_inline int kspan_sock_xfer(void *ctx, __u64 sk, __u16 family, __
     if (kspan_tls_socket(id, sk, st))
         return 0;
 
-    struct kspan_data_args a = {};
-    kspan_socket_args(&a, id, sk, dir, ret, sa->start_ns, now);
+    /* The arguments are built in the per-CPU entry the state machine reads, not on the stack:
+     * the verifier sums the frames of a call chain (this program, kspan_proto_data,
+     * kspan_fix_server) against 512 bytes when the kernel gives the program no private stack,
+     * and the two on-stack structs took this frame to 288 bytes (refused: 592). */
+    int zero = 0;
+    struct kspan_data_args *a = bpf_map_lookup_elem(&kspan_args, &zero);
+    if (!a)
+        return 0;
+    __builtin_memset(a, 0, sizeof(*a));
+    kspan_socket_args(a, id, sk, dir, ret, sa->start_ns, now);
     __u32 kind = sa->kind;
     if (kind == KSPAN_IO_BUF) {
-        a.buf = (const char *)(sa->ptr + sa->consumed);
+        a->buf = (const char *)(sa->ptr + sa->consumed);
         sa->consumed += ret;
     } else if (kind == KSPAN_IO_IOV) {
-        kspan_iov_args(&a, sa->ptr, sa->vlen, 0, ret);
+        kspan_iov_args(a, sa->ptr, sa->vlen, 0, ret);
     } else if (kind == KSPAN_IO_MSG) {
         /* struct user_msghdr is user memory, laid out by the syscall ABI */
         struct user_msghdr *um = (struct user_msghdr *)sa->ptr;
         __u64 iov = 0, iovlen = 0;
         if (bpf_core_read_user(&iov, sizeof(iov), &um->msg_iov) == 0 &&
             bpf_core_read_user(&iovlen, sizeof(iovlen), &um->msg_iovlen) == 0)
-            kspan_iov_args(&a, iov, iovlen, 0, ret);
+            kspan_iov_args(a, iov, iovlen, 0, ret);
     }
-    kspan_on_data(ctx, &a, st);
+    kspan_exchange_body_on(ctx, a, st);
     return 0;
 }
 
