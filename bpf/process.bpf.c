@@ -24,9 +24,12 @@ struct {
     __type(value, __u8);
 } allowed_comms SEC(".maps");
 
-static __always_inline void kspan_proc_emit(struct kspan_proc *r)
+/* flags: BPF_RB_NO_WAKEUP, or BPF_RB_FORCE_WAKEUP for the one record the reader must not leave
+ * waiting for its next timed drain (an exec: the agent attaches to, or allows, the new process
+ * before its first request). Every other record in the ring is submitted without a wakeup. */
+static __always_inline void kspan_proc_emit(struct kspan_proc *r, __u64 flags)
 {
-    if (bpf_ringbuf_output(&events, r, sizeof(*r), BPF_RB_NO_WAKEUP) == 0)
+    if (bpf_ringbuf_output(&events, r, sizeof(*r), flags) == 0)
         kspan_count(KSPAN_CNT_PROC_RECORDS, 1);
     else
         kspan_count(KSPAN_CNT_LOST, 1);
@@ -51,7 +54,7 @@ int kspan_proc_exec(struct trace_event_raw_sched_process_exec *ctx)
             kspan_pid_gen_bump();
         }
     }
-    kspan_proc_emit(&r);
+    kspan_proc_emit(&r, BPF_RB_FORCE_WAKEUP);
     return 0;
 }
 
@@ -93,6 +96,6 @@ int kspan_proc_exit(void *ctx)
     r.event = KSPAN_PROC_EXIT;
     r.ts_ns = bpf_ktime_get_ns();
     bpf_get_current_comm(r.comm, sizeof(r.comm));
-    kspan_proc_emit(&r);
+    kspan_proc_emit(&r, BPF_RB_NO_WAKEUP);
     return 0;
 }

@@ -889,50 +889,6 @@ static inline uint64_t ring_step(const uint8_t *data, uint64_t mask, uint64_t si
     return step > size || step > prod - pos ? 0 : step;
 }
 
-/* peek(consumer, producer, page, size, since, rtype) -> (position, found): the committed records
- * from `since` (or the consumer position, if later) on, walked by their headers only: whether one
- * is of record type rtype, and the position reached, where the next peek starts. The reader's
- * wait uses it to cut a pause short for a record that should not wait (a process's exec). */
-static PyObject *py_peek(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_ssize_t page, size;
-    unsigned long long since;
-    long rtype;
-    if (nargs != 6 || (page = PyLong_AsSsize_t(args[2])) < 0 || (size = PyLong_AsSsize_t(args[3])) < 0 ||
-        ((since = PyLong_AsUnsignedLongLong(args[4])) == (unsigned long long)-1 && PyErr_Occurred()) ||
-        ((rtype = PyLong_AsLong(args[5])) == -1 && PyErr_Occurred())) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "peek(consumer, producer, page, size, since, rtype)");
-        return NULL;
-    }
-    Py_buffer cv, pv;
-    if (ring_views(args, page, size, 0, &cv, &pv, "peek") < 0)
-        return NULL;
-    const uint8_t *data = (const uint8_t *)pv.buf + page;
-    const uint64_t mask = (uint64_t)size - 1;
-    uint64_t pos = __atomic_load_n((const uint64_t *)cv.buf, __ATOMIC_RELAXED);
-    const uint64_t prod = __atomic_load_n((const uint64_t *)pv.buf, __ATOMIC_ACQUIRE);
-    if (since > pos && since <= prod)
-        pos = since;
-    int found = 0;
-    while (pos < prod && !found) {
-        uint32_t len;
-        const uint64_t step = ring_step(data, mask, (uint64_t)size, pos, prod, &len);
-        if (step == 0)
-            break; /* not committed yet; or corrupt, which drain() reports */
-        if (!(len & RB_DISCARD) && (len & ~(RB_BUSY | RB_DISCARD)) >= 4) {
-            uint32_t t;
-            memcpy(&t, data + (pos & mask) + RB_HEADER, 4);
-            found = (long)t == rtype;
-        }
-        pos += step;
-    }
-    PyObject *result = Py_BuildValue("(KO)", (unsigned long long)pos, found ? Py_True : Py_False);
-    PyBuffer_Release(&pv);
-    PyBuffer_Release(&cv);
-    return result;
-}
-
 static PyObject *py_drain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t page, size, limit;
@@ -1093,9 +1049,6 @@ static PyMethodDef methods[] = {
      "decode_batch(records, out) -> undecodable: the records decoded into out in stream order (a list per run "
      "of exchanges, a MetricExchange or SegmentRecord per record, proc and tcp records as bytes); returns how "
      "many did not decode (counted, skipped)."},
-    {"peek", (PyCFunction)(void (*)(void))py_peek, METH_FASTCALL,
-     "peek(consumer, producer, page, size, since, rtype) -> (position, found): whether a committed record "
-     "from since on is of type rtype, and the position reached"},
     {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL,
      "drain(consumer, producer, page, size, limit, out, decode) -> (records, undecodable): up to limit "
      "committed records read from a BPF ring buffer's mappings (consumer: its writable first page; producer: "

@@ -5,7 +5,11 @@ costs a fraction of that, which matters when every request yields a record at bo
 over the records is tracer/_records.c's drain(), which also decodes them where they lie (no bytes
 object per record) for the agent.
 The programs submit with BPF_RB_NO_WAKEUP: a wakeup costs about 1.4 us inside the traced process
-at every record, so the reader drains on a short timer instead of waiting to be woken. The timer
+at every record, so the reader drains on a short timer instead of waiting to be woken. The one
+exception is a process's exec record (bpf/process.bpf.c, BPF_RB_FORCE_WAKEUP): the agent must
+attach to, or allow, the new process before its first request, so the reader sleeps in an
+edge-triggered epoll on the ring's descriptor, which only such a wakeup ends early (level-triggered,
+it would return at once whenever any record is waiting). The timer
 paces the drains: after one that emptied the ring the next comes a whole interval later, even if
 records arrived meanwhile, so a poll's batch is an interval's records (a drain costs the agent a
 fixed part, and a small batch after a sleep runs on cold caches: 50 ms instead of 10 ms took the
@@ -22,12 +26,13 @@ header: u32 length with BUSY (not yet committed) and DISCARD bits, u32 page offs
 from __future__ import annotations
 
 import mmap
+import select
 import struct
 import time
 from typing import Any
 
 from tracer import _records
-from tracer import records as _decoders  # sets up tracer/_records.c's decoders
+from tracer import records as _decoders  # noqa: F401  (sets up tracer/_records.c's decoders)
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
@@ -38,9 +43,6 @@ HEADER = 8  # the walk itself is tracer/_records.c's drain()
 DRAIN_INTERVAL_S = 0.05
 DRAIN_INTERVAL_MAX_S = 0.25
 BATCH_RECORDS = 512
-# How often a pause looks for a record that should not wait for the batch: a process's exec, which
-# the agent answers by attaching probes or (--exe) allowing its pid before its first request.
-PEEK_TICK_S = 0.05
 
 
 class RingBufferReader:
@@ -50,18 +52,24 @@ class RingBufferReader:
         page = mmap.PAGESIZE
         self._init(mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0),
                    mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page),
-                   data_size)
+                   data_size, map_fd)
 
     @classmethod
-    def over(cls, consumer: mmap.mmap, producer: mmap.mmap, data_size: int) -> RingBufferReader:
-        """A reader of mappings laid out as the kernel's (the tests build a ring in plain memory)."""
+    def over(cls, consumer: mmap.mmap, producer: mmap.mmap, data_size: int,
+             wake_fd: int | None = None) -> RingBufferReader:
+        """A reader of mappings laid out as the kernel's (the tests build a ring in plain memory;
+        wake_fd, if given, stands for the ring's descriptor: an eventfd the test writes to)."""
         reader = cls.__new__(cls)
-        reader._init(consumer, producer, data_size)
+        reader._init(consumer, producer, data_size, wake_fd)
         return reader
 
-    def _init(self, consumer: mmap.mmap, producer: mmap.mmap, data_size: int) -> None:
+    def _init(self, consumer: mmap.mmap, producer: mmap.mmap, data_size: int, wake_fd: int | None) -> None:
         if data_size <= 0 or data_size & (data_size - 1):
             raise ValueError(f"ring buffer size {data_size} is not a power of two")
+        self._epoll: select.epoll | None = None
+        if wake_fd is not None:
+            self._epoll = select.epoll()
+            self._epoll.register(wake_fd, select.EPOLLIN | select.EPOLLET)
         self._mask = data_size - 1
         self._consumer = consumer
         self._producer = producer
@@ -70,7 +78,6 @@ class RingBufferReader:
         self._backlog = False  # the last drain stopped at its limit: more is committed
         self._drained_at = float("-inf")  # time.monotonic() of the last drain
         self._interval = DRAIN_INTERVAL_MAX_S  # until the next drain, for the rate the last one saw
-        self._peeked = 0  # where the last peek for an exec record stopped
 
     def _positions(self) -> tuple[int, int]:
         cons = struct.unpack_from("<Q", self._consumer, 0)[0]
@@ -111,8 +118,8 @@ class RingBufferReader:
     def wait(self, timeout_ms: int, interval_s: float | None = None) -> None:
         """Return when the next drain is due: at once after a drain cut by its limit, else once
         records are committed and `interval_s` has passed since the last drain, or when
-        `timeout_ms` has passed (the kernel does not wake the reader: BPF_RB_NO_WAKEUP); and
-        within PEEK_TICK_S of a process's exec record."""
+        `timeout_ms` has passed; and as soon as the kernel wakes the reader (a process's exec
+        record, the only one submitted with a wakeup)."""
         if timeout_ms <= 0 or self._backlog:
             return
         if interval_s is None:
@@ -121,23 +128,27 @@ class RingBufferReader:
         deadline = now + timeout_ms / 1000.0
         due = min(self._drained_at + interval_s, deadline)
         while True:
-            while now < due:
-                time.sleep(min(due - now, PEEK_TICK_S))
-                now = time.monotonic()
-                if now < due and self._exec_pending():
-                    return
+            if now < due and self._sleep(due - now):
+                return
+            now = time.monotonic()
+            if now < due:
+                continue  # a signal cut the sleep short
             if now >= deadline or self.pending():
                 return
             due = min(now + interval_s, deadline)
 
-    def _exec_pending(self) -> bool:
-        self._peeked, found = _records.peek(self._consumer, self._producer, self._page, self._mask + 1,
-                                            self._peeked, _decoders.REC_PROC)
-        return found
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; whether the kernel woke the reader meanwhile."""
+        if self._epoll is None:
+            time.sleep(seconds)
+            return False
+        return bool(self._epoll.poll(seconds, 1))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._epoll is not None:
+            self._epoll.close()
         self._producer.close()
         self._consumer.close()

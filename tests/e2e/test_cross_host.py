@@ -10,6 +10,8 @@ real `kspan run` per host, both exporting to one OTLP endpoint.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -162,18 +164,62 @@ def _counter(cap: Any, name: str) -> int:
     return int(cap.counters()[name])
 
 
+@dataclasses.dataclass
+class _Connected:
+    """A capture, B's server and A's client connected to it (and B's sniffer, if asked)."""
+
+    cap: Any
+    ctx: TraceCtx
+    client: subprocess.Popen[bytes]
+    lport: int
+    client_addr: str
+    server_addr: str
+    sniffer: subprocess.Popen[bytes] | None
+
+    @property
+    def out_key(self) -> bytes:
+        """ctx_out's key: the client's end of the connection."""
+        return conn_key(self.client_addr, self.lport, self.server_addr, PORT_B)
+
+    @property
+    def in_key(self) -> bytes:
+        """ctx_in's key: the server's end."""
+        return conn_key(self.server_addr, PORT_B, self.client_addr, self.lport)
+
+    def sniffed(self) -> list[dict[str, Any]]:
+        assert self.sniffer is not None
+        return _sniffed(self.sniffer)
+
+
+@contextlib.contextmanager
+def _connected(hosts: tuple[Host, Host], path: str = "/work", *, server_args: tuple[str, ...] = (),
+               client_args: tuple[str, ...] = (), bind: str = "", target: str = ADDR_B, client_addr: str = ADDR_A,
+               sniff: bool = False, context_cgroup: str | None = None,
+               ctx_out_seen: bool = True) -> Iterator[_Connected]:
+    a, b = hosts
+    cap = _capture(context_cgroup=context_cgroup, ctx_out_seen=ctx_out_seen)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
+        procs.append(_server(b, PORT_B, *server_args, bind=bind))
+        sniffer = _sniffer(b, PORT_B) if sniff else None
+        if sniffer is not None:
+            procs.append(sniffer)
+        client, lport = _client(a, f"http://{target}:{PORT_B}{path}", *client_args)
+        procs.append(client)
+        yield _Connected(cap, ctx, client, lport, client_addr, target.strip("[]"), sniffer)
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        cap.close()
+
+
 # --- the sock_ops program, driven through ctx_out ------------------------------------------------
 
 
 def test_the_context_crosses_the_veth_and_each_keep_alive_request_carries_its_own(hosts: tuple[Host, Host]) -> None:
-    a, b = hosts
-    cap = _capture()
-    server = client = None
-    try:
-        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
-        server = _server(b, PORT_B)
-        client, lport = _client(a, f"http://{ADDR_B}:{PORT_B}/work")
-        out_key, in_key = conn_key(ADDR_A, lport, ADDR_B, PORT_B), conn_key(ADDR_B, PORT_B, ADDR_A, lport)
+    with _connected(hosts) as c:
+        cap, ctx, client, out_key, in_key = c.cap, c.ctx, c.client, c.out_key, c.in_key
         ctx_out, ctx_in = cap.map("ctx_out"), cap.map("ctx_in")
         assert ctx_in.lookup(in_key) is None
 
@@ -199,25 +245,14 @@ def test_the_context_crosses_the_veth_and_each_keep_alive_request_carries_its_ow
         assert ctx.unpack(ctx_in.lookup(in_key) or b"")["span_id"] == 0x0A0B0C0D0E0F1011
         assert _counter(cap, "context_options_written") == written
         assert _counter(cap, "context_options_no_room") == 0 and _counter(cap, "context_options_malformed") == 0
-    finally:
-        for p in (client, server):
-            if p is not None:
-                stop(p)
-        cap.close()
 
 
 def test_no_segment_carries_a_context_before_the_first_one_is_stored(hosts: tuple[Host, Host]) -> None:
     """Every client connection gets the option callbacks; until the kernel first stores a context
     (kspan_gate.ctx_out_seen), they return before looking ctx_out up, so an entry written behind
     the gate's back is not sent. Once the gate is open, the next request carries it."""
-    a, b = hosts
-    cap = _capture(ctx_out_seen=False)
-    server = client = None
-    try:
-        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
-        server = _server(b, PORT_B)
-        client, lport = _client(a, f"http://{ADDR_B}:{PORT_B}/work")
-        out_key, in_key = conn_key(ADDR_A, lport, ADDR_B, PORT_B), conn_key(ADDR_B, PORT_B, ADDR_A, lport)
+    with _connected(hosts, ctx_out_seen=False) as c:
+        cap, ctx, client, out_key, in_key = c.cap, c.ctx, c.client, c.out_key, c.in_key
         ctx_out, ctx_in = cap.map("ctx_out"), cap.map("ctx_in")
         trace_id, span_id = bytes(range(21, 37)), 0x5566778899AABBCC
         ctx_out.update(out_key, ctx.pack(trace_id, span_id, 1))
@@ -231,11 +266,6 @@ def test_no_segment_carries_a_context_before_the_first_one_is_stored(hosts: tupl
         parsed = ctx.unpack(ctx_in.lookup(in_key) or b"")
         assert (parsed["trace_id"], parsed["span_id"]) == (trace_id, span_id)
         assert _counter(cap, "context_options_written") >= 1
-    finally:
-        for p in (client, server):
-            if p is not None:
-                stop(p)
-        cap.close()
 
 
 @pytest.mark.parametrize(("bind", "target", "client_addr"), [
@@ -244,36 +274,19 @@ def test_no_segment_carries_a_context_before_the_first_one_is_stored(hosts: tupl
 ], ids=["ipv6", "dual-stack"])
 def test_ipv6_and_dual_stack_sockets_use_the_same_keys(hosts: tuple[Host, Host], bind: str, target: str,
                                                       client_addr: str) -> None:
-    a, b = hosts
-    cap = _capture()
-    server = client = None
-    try:
-        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
-        server = _server(b, PORT_B, bind=bind)
-        client, lport = _client(a, f"http://{target}:{PORT_B}/work")
-        server_addr = target.strip("[]")
-        cap.map("ctx_out").update(conn_key(client_addr, lport, server_addr, PORT_B), ctx.pack(bytes(range(9, 25)), 99))
-        assert _request(client) == "200"
-        got = cap.map("ctx_in").lookup(conn_key(server_addr, PORT_B, client_addr, lport))
-        assert got is not None and ctx.unpack(got)["span_id"] == 99
-    finally:
-        for p in (client, server):
-            if p is not None:
-                stop(p)
-        cap.close()
+    with _connected(hosts, bind=bind, target=target, client_addr=client_addr) as c:
+        c.cap.map("ctx_out").update(c.out_key, c.ctx.pack(bytes(range(9, 25)), 99))
+        assert _request(c.client) == "200"
+        got = c.cap.map("ctx_in").lookup(c.in_key)
+        assert got is not None and c.ctx.unpack(got)["span_id"] == 99
 
 
 def test_a_retransmit_of_the_first_segment_carries_the_context_again(hosts: tuple[Host, Host]) -> None:
     """B's end of the veth is down while the request goes out: the first transmission is lost, the
     retransmit (the byte is still unacknowledged) carries the option and is what B parses."""
-    a, b = hosts
-    cap = _capture()
-    server = client = None
-    try:
-        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
-        server = _server(b, PORT_B)
-        client, lport = _client(a, f"http://{ADDR_B}:{PORT_B}/work")
-        out_key, in_key = conn_key(ADDR_A, lport, ADDR_B, PORT_B), conn_key(ADDR_B, PORT_B, ADDR_A, lport)
+    _, b = hosts
+    with _connected(hosts) as c:
+        cap, ctx, client, out_key, in_key = c.cap, c.ctx, c.client, c.out_key, c.in_key
         cap.map("ctx_out").update(out_key, ctx.pack(bytes(range(7, 23)), 0x7777))
         b.link("down")
         assert client.stdin is not None
@@ -295,58 +308,34 @@ def test_a_retransmit_of_the_first_segment_carries_the_context_again(hosts: tupl
         # Segments the down link held back may be delivered with the retransmit once it is up:
         # each carries the same context, so B may parse it more than once.
         assert _counter(cap, "context_options_written") >= 2 and _counter(cap, "context_options_parsed") >= 1
-    finally:
-        for p in (client, server):
-            if p is not None:
-                stop(p)
-        cap.close()
 
 
 def test_a_request_larger_than_a_segment_carries_the_context_within_the_mtu(hosts: tuple[Host, Host]) -> None:
     """While a request is pending the kernel sizes its segments with room for the option: a
     256 KiB body in MSS-sized packets (no GSO on the veth) crosses, the first carrying it."""
-    a, b = hosts
-    cap = _capture()
-    server = client = sniffer = None
-    try:
-        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
-        server = _server(b, PORT_B)
-        sniffer = _sniffer(b, PORT_B)
-        client, lport = _client(a, f"http://{ADDR_B}:{PORT_B}/upload", "--body", str(256 * 1024))
-        cap.map("ctx_out").update(conn_key(ADDR_A, lport, ADDR_B, PORT_B), ctx.pack(bytes(range(3, 19)), 0x1234))
-        assert _request(client) == "200"
-        segments = _sniffed(sniffer)
-        sniffer = None
+    with _connected(hosts, "/upload", client_args=("--body", str(256 * 1024)), sniff=True) as c:
+        cap, ctx = c.cap, c.ctx
+        cap.map("ctx_out").update(c.out_key, ctx.pack(bytes(range(3, 19)), 0x1234))
+        assert _request(c.client) == "200"
+        segments = c.sniffed()
         to_b = [s for s in segments if s["dport"] == PORT_B and s["payload"] > 0]
         carrying = [s for s in to_b if any(kind == CTX_OPTION_KIND for kind, _ in s["options"])]
         assert len(to_b) > 100 and len(carrying) == 1
         assert carrying[0]["seq"] == min(s["seq"] for s in to_b), "on the request's first segment"
-        parsed = ctx.unpack(cap.map("ctx_in").lookup(conn_key(ADDR_B, PORT_B, ADDR_A, lport)) or bytes(ctx.size))
+        parsed = ctx.unpack(cap.map("ctx_in").lookup(c.in_key) or bytes(ctx.size))
         assert parsed["span_id"] == 0x1234
-    finally:
-        for p in (sniffer, client, server):
-            if p is not None:
-                stop(p)
-        cap.close()
 
 
 def test_a_receiver_without_kspan_ignores_the_option(hosts: tuple[Host, Host]) -> None:
     """The program covers host A's cgroup only: B's plain Python server gets segments carrying the
     option (seen on B's end of the veth) and answers as always; nothing on B parses it."""
-    a, b = hosts
-    cap = _capture(context_cgroup=str(a.cgroup))
-    server = client = sniffer = None
-    try:
-        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
-        server = _server(b, PORT_B)
-        sniffer = _sniffer(b, PORT_B)
-        client, lport = _client(a, f"http://{ADDR_B}:{PORT_B}/work")
+    with _connected(hosts, sniff=True, context_cgroup=str(hosts[0].cgroup)) as c:
+        cap = c.cap
         trace_id, span_id = bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"), 0x00F067AA0BA902B7
-        cap.map("ctx_out").update(conn_key(ADDR_A, lport, ADDR_B, PORT_B), ctx.pack(trace_id, span_id, 1))
-        assert _request(client) == "200"
-        assert _request(client) == "200", "the connection goes on working after the option"
-        segments = _sniffed(sniffer)
-        sniffer = None
+        cap.map("ctx_out").update(c.out_key, c.ctx.pack(trace_id, span_id, 1))
+        assert _request(c.client) == "200"
+        assert _request(c.client) == "200", "the connection goes on working after the option"
+        segments = c.sniffed()
         to_b = [s for s in segments if s["dport"] == PORT_B and s["payload"] > 0]
         carrying = [s for s in to_b if any(kind == CTX_OPTION_KIND for kind, _ in s["options"])]
         assert len(to_b) >= 2 and len(carrying) == 1, segments
@@ -355,38 +344,23 @@ def test_a_receiver_without_kspan_ignores_the_option(hosts: tuple[Host, Host]) -
         assert data == "01" + trace_id.hex() + f"{span_id:016x}"
         # beside the timestamps, within the 40 bytes
         assert [kind for kind, _ in carrying[0]["options"]] == [8, CTX_OPTION_KIND]
-        assert cap.map("ctx_in").lookup(conn_key(ADDR_B, PORT_B, ADDR_A, lport)) is None
+        assert cap.map("ctx_in").lookup(c.in_key) is None
         assert _counter(cap, "context_options_parsed") == 0 and _counter(cap, "context_options_written") >= 1
-    finally:
-        for p in (sniffer, client, server):
-            if p is not None:
-                stop(p)
-        cap.close()
 
 
 def test_a_segment_without_room_for_the_option_is_counted_and_the_request_succeeds(
         hosts: tuple[Host, Host]) -> None:
     """TCP MD5 signatures (18 bytes) beside the timestamps leave no room for 27 bytes."""
-    a, b = hosts
-    cap = _capture()
-    server = client = None
-    try:
-        ctx = TraceCtx(cap.struct_layout("kspan_trace_ctx"), cap.struct_size("kspan_trace_ctx"))
-        server = _server(b, PORT_B, "--md5", "kspan-test-key", "--md5-peer", ADDR_A)
-        client, lport = _client(a, f"http://{ADDR_B}:{PORT_B}/work", "--md5", "kspan-test-key")
-        key = conn_key(ADDR_A, lport, ADDR_B, PORT_B)
+    with _connected(hosts, server_args=("--md5", "kspan-test-key", "--md5-peer", ADDR_A),
+                    client_args=("--md5", "kspan-test-key")) as c:
+        cap, ctx, client, key = c.cap, c.ctx, c.client, c.out_key
         cap.map("ctx_out").update(key, ctx.pack(bytes(range(1, 17)), 42))
         assert _request(client) == "200"
         assert _counter(cap, "context_options_no_room") == 1
         assert ctx.unpack(cap.map("ctx_out").lookup(key) or b"")["state"] == 2, "given up, not retried"
         assert _request(client) == "200"
         assert _counter(cap, "context_options_no_room") == 1 and _counter(cap, "context_options_written") == 0
-        assert cap.map("ctx_in").lookup(conn_key(ADDR_B, PORT_B, ADDR_A, lport)) is None
-    finally:
-        for p in (client, server):
-            if p is not None:
-                stop(p)
-        cap.close()
+        assert cap.map("ctx_in").lookup(c.in_key) is None
 
 
 # --- the real agent ---------------------------------------------------------------------------

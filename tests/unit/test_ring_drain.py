@@ -222,46 +222,36 @@ def _proc_record() -> bytes:
     return bytes(r)
 
 
-def test_a_pause_is_cut_short_by_an_exec_record_only() -> None:
-    """The reader batches exchanges for an interval, but a process's exec waits at most a peek
-    tick: the agent attaches to, or allows, the new process before its first request."""
+def test_a_pause_ends_early_only_when_the_kernel_wakes_the_reader() -> None:
+    """The reader batches records for an interval; only a wakeup (the kernel's, for an exec
+    record: BPF_RB_FORCE_WAKEUP) ends a pause early. An eventfd stands for the ring's descriptor,
+    watched edge-triggered as the agent watches the ring's: records waiting in the ring do not end
+    the pause, and one wakeup ends one pause. The live kernel's wakeup is tests/e2e/
+    test_hardening.py's server started after the agent (traced from its first request)."""
+    import os
     import time
 
     ex = _exchanges()
-    ring = Ring(1 << 16)
-    out: list[Any] = []
-    ring.reader.drain(out)  # the interval counts from here
-    ring.put(ex[0])
-    ring.put(ex[1], busy=True)  # a reserved record stops the peek, as it stops the drain
-    t0 = time.monotonic()
-    ring.reader.wait(300, interval_s=30.0)
-    assert time.monotonic() - t0 >= 0.3  # exchanges: the whole pause (here the timeout)
-    ring.commit(ring.prod - ((len(ex[1]) + 8 + 7) & ~7))
-    ring.put(_proc_record())
-    t0 = time.monotonic()
-    ring.reader.wait(10_000, interval_s=30.0)
-    assert time.monotonic() - t0 < 5.0  # within a peek tick of the exec record
-    assert ring.reader.drain(out) == 3
-    ring.put(ex[2])
-    t0 = time.monotonic()
-    ring.reader.wait(300, interval_s=30.0)  # the exec record was drained: no early return again
-    assert time.monotonic() - t0 >= 0.3
-
-
-def test_peek_walks_headers_only_from_where_it_stopped() -> None:
-    from tracer import _records
-
-    ex = _exchanges()
-    ring = Ring(1 << 16, start=(1 << 40) - 64)  # positions past 2**40 and a wrap early on
-    args = (ring.consumer, ring.producer, ring.PAGE, ring.size)
-    assert _records.peek(*args, 0, records.REC_PROC) == (ring.prod, False)
-    ring.put(ex[0])
-    ring.put(_proc_record(), discard=True)  # discarded: not there
-    pos, found = _records.peek(*args, 0, records.REC_PROC)
-    assert (pos, found) == (ring.prod, False)
-    at = ring.put(_proc_record())
-    ring.put(ex[1])
-    assert _records.peek(*args, pos, records.REC_PROC) == (at + ((len(_proc_record()) + 8 + 7) & ~7), True)
-    assert _records.peek(*args, ring.prod, records.REC_PROC) == (ring.prod, False)
-    with pytest.raises(ValueError):
-        _records.peek(ring.consumer, ring.producer, ring.PAGE, 1000, 0, records.REC_PROC)
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    base = Ring(1 << 16)
+    ring_reader = type(base.reader).over(base.consumer, base.producer, base.size, wake_fd=wake)
+    try:
+        out: list[Any] = []
+        ring_reader.drain(out)  # the interval counts from here
+        base.put(ex[0])
+        t0 = time.monotonic()
+        ring_reader.wait(300, interval_s=30.0)
+        assert time.monotonic() - t0 >= 0.3  # a committed record alone: the whole pause (the timeout)
+        base.put(_proc_record())
+        os.eventfd_write(wake, 1)  # the kernel's wakeup for the exec record
+        t0 = time.monotonic()
+        ring_reader.wait(10_000, interval_s=30.0)
+        assert time.monotonic() - t0 < 5.0
+        assert ring_reader.drain(out) == 2
+        base.put(ex[1])
+        t0 = time.monotonic()
+        ring_reader.wait(300, interval_s=30.0)  # that wakeup was used: no early return again
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        ring_reader.close()
+        os.close(wake)
