@@ -355,7 +355,8 @@ def test_globals_tracepoint_ringbuf_and_percpu(obj: BpfObject) -> None:
 def test_ringbuf_drains_are_paced_an_interval_apart_unless_cut_by_their_limit(obj: BpfObject) -> None:
     """A drain that emptied the ring is followed by the next one an interval later even when
     records are committed meanwhile (a poll's batch is an interval's records); one cut by its
-    limit is followed at once; an empty ring waits out its timeout."""
+    limit is followed at once; an empty ring waits out its timeout; a record the kernel submits
+    with a wakeup (BPF_RB_FORCE_WAKEUP, as kspan's exec records) ends a pause at once."""
     obj.load()
     records = obj.map("records")
     reader = RingBufferReader(records.fd, records.max_entries)
@@ -378,6 +379,18 @@ def test_ringbuf_drains_are_paced_an_interval_apart_unless_cut_by_their_limit(ob
         reader.wait(200, interval_s=0.05)  # nothing committed: the timeout
         assert 0.2 <= time.monotonic() - t0 < 5.0 and not reader.pending()
         reader.wait(0)  # a zero timeout never sleeps
+        for _ in range(3):  # records 5 to 7: no wakeup, the pause is kept
+            raw_getpid()
+        t0 = time.monotonic()
+        reader.wait(300, interval_s=30.0)
+        assert time.monotonic() - t0 >= 0.3
+        raw_getpid()  # record 8 is submitted with a wakeup (as an exec record is): the pause ends
+        t0 = time.monotonic()
+        reader.wait(10_000, interval_s=30.0)
+        assert time.monotonic() - t0 < 5.0
+        reader.wait(300, interval_s=30.0)  # one wakeup ends one pause
+        assert time.monotonic() - t0 >= 0.3
+        assert reader.drain(out) == 4
         # The interval follows the rate: a fast burst is drained every DRAIN_INTERVAL_S, a quiet
         # ring every DRAIN_INTERVAL_MAX_S.
         assert reader.drain(out) == 0 and reader.interval_s == ringbuf.DRAIN_INTERVAL_MAX_S

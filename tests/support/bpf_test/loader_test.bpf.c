@@ -88,7 +88,9 @@ int loader_getpid(struct trace_event_raw_sys_enter *ctx)
 	rec.small_value = small_value;
 	rec.tiny_value = tiny_value;
 	rec.flag_on = flag_on;
-	bpf_ringbuf_output(&records, &rec, sizeof(rec), 0);
+	/* as kspan's programs submit: without a wakeup, but for one record (here the 8th) that must
+	 * wake the reader (kspan's exec records) */
+	bpf_ringbuf_output(&records, &rec, sizeof(rec), rec.count == 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	return 0;
 }
 
