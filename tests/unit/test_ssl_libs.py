@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,31 @@ def test_defined_symbols_of_real_libraries(tmp_path: Path) -> None:
     junk = tmp_path / "libssl.so.3"
     junk.write_bytes(b"not an ELF file")
     assert ssl_libs.defined_ssl_symbols(str(junk)) == []
+
+
+def _built(tmp_path: Path, name: str, functions: list[str]) -> str:
+    """An executable (gcc, not stripped) defining `functions`, each called so none is dropped."""
+    src = tmp_path / f"{name}.c"
+    body = "".join(f"int {fn}(int x) {{ return x + {i}; }}\n" for i, fn in enumerate(functions))
+    calls = " + ".join(f"{fn}(argc)" for fn in functions)
+    src.write_text(body + f"int main(int argc, char **argv) {{ (void)argv; return {calls}; }}\n")
+    exe = tmp_path / name
+    subprocess.run(["gcc", "-O0", "-o", str(exe), str(src)], check=True, capture_output=True)
+    return str(exe)
+
+
+def test_defined_symbols_of_a_statically_linked_copy_are_found_by_their_exact_names(tmp_path: Path) -> None:
+    """An executable with OpenSSL's functions inside (here: functions of those names) defines
+    them; one whose names only end the same way does not, although its string table holds
+    "SSL_write\\0" (a symbol may name the tail of a longer string: only exact names count)."""
+    filler = [f"filler_{i}" for i in range(3_000)]  # a large .symtab, scanned by struct
+    exe = _built(tmp_path, "static_ssl", ["SSL_write", "SSL_read", "SSL_write_ex", *filler])
+    assert ssl_libs.defined_ssl_symbols(exe) == ["SSL_read", "SSL_write", "SSL_write_ex"]
+    assert ssl_libs.SslAttacher._statically_linked(exe)
+    lookalike = _built(tmp_path, "lookalike", ["not_SSL_write", "not_SSL_read"])
+    assert b"SSL_write\0" in Path(lookalike).read_bytes()
+    assert ssl_libs.defined_ssl_symbols(lookalike) == []
+    assert not ssl_libs.SslAttacher._statically_linked(lookalike)
 
 
 def _fake_proc(root: Path, pid: int, maps: str, files: dict[str, str]) -> None:
