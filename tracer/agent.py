@@ -28,7 +28,6 @@ from correlator.spans import ProcessInfo, Span
 from tracer import records
 from tracer.processes import ProcessTable
 from tracer.recording import RecordingMeta, RecordingWriter, read_recording
-from tracer.ringbuf import DRAIN_INTERVAL_MAX_S
 
 log = logging.getLogger("kspan")
 
@@ -239,7 +238,9 @@ GC_THRESHOLDS = (20_000, 50, 100)
 # The record type is a little-endian u32: comparing its bytes skips a call per record.
 _PROC_TYPE = records.REC_PROC.to_bytes(4, "little")
 _PID = attrgetter("pid")
-_POLL_TIMEOUT_MS = int(DRAIN_INTERVAL_MAX_S * 1000)
+# The loop's housekeeping tick (the sweep, rescans of new processes, hold timeouts, the stop flag):
+# shorter than the reader's longest drain interval, and it does not make a drain due.
+_POLL_TIMEOUT_MS = 250
 _TCP_TYPE = records.REC_TCP.to_bytes(4, "little")
 
 
@@ -485,7 +486,6 @@ class Agent:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
-            # at most the reader's longest drain interval: a quiet ring is read that often
             polled = self._poll(ses, _POLL_TIMEOUT_MS)
             if now >= next_sweep:
                 swept = capture.sweep(time.monotonic_ns())

@@ -654,8 +654,9 @@ class Capture:
         """Every record available now (waiting up to timeout_ms for the first), as bytes."""
         if self._objs is None or self._reader is None:
             return []
-        self._reader.wait(timeout_ms)
         batch: list[bytes] = []
+        if not self._reader.wait(timeout_ms):
+            return batch
         self._reader.drain(batch, POLL_BATCH)
         self._note_execs(batch)
         return batch
@@ -666,7 +667,8 @@ class Capture:
         how many records did not decode."""
         if self._objs is None or self._reader is None:
             return 0
-        self._reader.wait(timeout_ms)
+        if not self._reader.wait(timeout_ms):
+            return 0
         start = len(out)
         _, undecodable = self._reader.drain_decoded(out, POLL_BATCH)
         self._note_execs(out[start:])

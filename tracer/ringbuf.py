@@ -13,10 +13,11 @@ it would return at once whenever any record is waiting). The timer
 paces the drains: after one that emptied the ring the next comes a whole interval later, even if
 records arrived meanwhile, so a poll's batch is an interval's records (a drain costs the agent a
 fixed part, and a small batch after a sleep runs on cold caches: 50 ms instead of 10 ms took the
-agent's CPU per request at 1,000 req/s from about 40 to about 15 us here, 250 ms to about 11).
-The interval adapts to the rate: about BATCH_RECORDS records a drain, between DRAIN_INTERVAL_S
-(busy: the ring's headroom) and DRAIN_INTERVAL_MAX_S (quiet: a record's wait before the agent
-sees it). Only a drain cut by its limit is followed at once.
+agent's CPU per request at 1,000 req/s from about 40 to about 15 us here, 250 ms to about 11,
+and 1 s about 10% less again). The interval adapts to the rate: about BATCH_RECORDS records a
+drain, between DRAIN_INTERVAL_S (busy: the ring's headroom) and DRAIN_INTERVAL_MAX_S (quiet: a
+record's wait before the agent sees it, within the OpenTelemetry SDK's own 5 s batch delay).
+Only a drain cut by its limit is followed at once.
 Layout (kernel/bpf/ringbuf.c, stable since 5.8): page 0 is
 the consumer position (we write it), page 1 the producer position, then the data area mapped
 twice in a row so a record that wraps around reads as one slice. Each record has an 8-byte
@@ -38,11 +39,11 @@ BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER = 8  # the walk itself is tracer/_records.c's drain()
 # How often the reader drains: the latency a record can wait before the agent sees it (spans are
-# exported in batches up to a second apart anyway), and the agent's only wake-ups when idle. At
-# 20,000 req/s with both ends traced, 50 ms is 2,000 records of the 17,000 the default ring holds.
+# exported in batches up to a second apart anyway). At 20,000 req/s with both ends traced, 50 ms
+# is 2,000 records of the 17,000 the default ring holds.
 DRAIN_INTERVAL_S = 0.05
-DRAIN_INTERVAL_MAX_S = 0.25
-BATCH_RECORDS = 512
+DRAIN_INTERVAL_MAX_S = 1.0
+BATCH_RECORDS = 768  # under tracer/capture.py's POLL_BATCH (1,024), a drain's limit
 
 
 class RingBufferReader:
@@ -115,27 +116,32 @@ class RingBufferReader:
         cons, prod = self._positions()
         return cons < prod
 
-    def wait(self, timeout_ms: int, interval_s: float | None = None) -> None:
-        """Return when the next drain is due: at once after a drain cut by its limit, else once
-        records are committed and `interval_s` has passed since the last drain, or when
-        `timeout_ms` has passed; and as soon as the kernel wakes the reader (a process's exec
-        record, the only one submitted with a wakeup)."""
+    def wait(self, timeout_ms: int, interval_s: float | None = None) -> bool:
+        """Wait until the next drain is due, at most `timeout_ms`; whether it is. Due: at once after
+        a drain cut by its limit (or with a zero timeout), once records are committed and
+        `interval_s` has passed since the last drain, and as soon as the kernel wakes the reader
+        (a process's exec record, the only one submitted with a wakeup). The timeout is the
+        caller's own housekeeping tick, shorter than the interval at low rates: it does not make
+        a drain due."""
         if timeout_ms <= 0 or self._backlog:
-            return
+            return True
         if interval_s is None:
             interval_s = self._interval
         now = time.monotonic()
         deadline = now + timeout_ms / 1000.0
-        due = min(self._drained_at + interval_s, deadline)
+        due = self._drained_at + interval_s
         while True:
-            if now < due and self._sleep(due - now):
-                return
+            wake_at = min(due, deadline)
+            if now < wake_at and self._sleep(wake_at - now):
+                return True
             now = time.monotonic()
-            if now < due:
+            if now < wake_at:
                 continue  # a signal cut the sleep short
-            if now >= deadline or self.pending():
-                return
-            due = min(now + interval_s, deadline)
+            if now >= due and self.pending():
+                return True
+            if now >= deadline:
+                return False
+            due = now + interval_s  # nothing committed yet: a whole interval's records, not one
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds`; whether the kernel woke the reader meanwhile."""
