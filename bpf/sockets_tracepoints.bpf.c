@@ -104,30 +104,32 @@ static __always_inline __u64 kspan_fd_sock(__u64 id, __u32 fd)
 }
 
 /* A write-family call's entry: where its first bytes are, and a request's identity if they
- * start one (kspan_pre_request), before its segments leave. */
-static __always_inline void kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u8 kind)
+ * start one (kspan_pre_request), before its segments leave. Returns 1 when the bytes start a
+ * response: the write's start time is then not needed (user space reads a response's start only
+ * as "a response was seen"; its end is the sock event's). */
+static __always_inline int kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u8 kind)
 {
     __u64 buf = ptr;
     if (kind == KSPAN_IO_NOBUF)
-        return;
+        return 0;
     if (kind == KSPAN_IO_MSG) {
         struct user_msghdr *um = (struct user_msghdr *)ptr;
         if (bpf_core_read_user(&ptr, sizeof(ptr), &um->msg_iov) != 0)
-            return;
+            return 0;
         kind = KSPAN_IO_IOV;
     }
     if (kind == KSPAN_IO_IOV && bpf_probe_read_user(&buf, sizeof(buf), (const void *)ptr) != 0)
-        return;  /* the first iovec's base */
+        return 0;  /* the first iovec's base */
     __u64 w = 0;
     if (buf && bpf_probe_read_user(&w, 8, (const void *)buf) == 0) {
         if (kspan_method(w, 8)) {
             kspan_pre_request_at(id, kspan_fd_sock(id, fd), buf);  /* its first bytes were read just above */
-            return;
+            return 0;
         }
         /* a status line: no identity to publish, and neither TLS ciphertext nor another
          * protocol's request (the checks below) starts so */
         if (kspan_is_response(w, 8))
-            return;
+            return 1;
     }
     /* not plaintext HTTP: maybe a TLS record of a request (an OpenSSL call in progress on this
      * thread, or a connection the TLS probes already know) */
@@ -139,14 +141,15 @@ static __always_inline void kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u
     if (sc)
         plain = (__u64)sc->buf;
     else if (!sk)
-        return;
+        return 0;
     else if (kspan_seg_pre(sk, id))
-        return;  /* a client's write on a protocol connection (Redis, PostgreSQL, ...) */
+        return 0;  /* a client's write on a protocol connection (Redis, PostgreSQL, ...) */
     if (!sk)
         sk = kspan_fd_sock(id, fd);
     if (!sk || (!plain && !bpf_map_lookup_elem(&tls_conns, &sk)))
-        return;
+        return 0;
     kspan_tls_pre(sk, id, plain);
+    return 0;
 }
 
 static __always_inline int kspan_note_write(__u64 fd, __u64 ptr, __u8 kind)
@@ -157,7 +160,8 @@ static __always_inline int kspan_note_write(__u64 fd, __u64 ptr, __u8 kind)
     __u32 pid = id >> 32;
     if (kspan_pid_skipped(pid))
         return 0;
-    kspan_write_entry(id, fd, ptr, kind);
+    if (kspan_write_entry(id, fd, ptr, kind))
+        return 0;
     __u64 now = bpf_ktime_get_ns();
     struct kspan_write_start *w = bpf_map_lookup_elem(&write_start, &id);
     if (w) {
