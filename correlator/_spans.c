@@ -168,7 +168,7 @@ static PyObject *k_method, *k_method_original, *k_scheme, *k_path, *k_route, *k_
     *k_status_code, *k_error_type, *k_req_body, *k_resp_body;
 static PyObject *c_timeouts, *c_evicted, *c_pipelined_splits, *c_truncated_heads, *c_unparsed_responses,
     *c_responses_incomplete, *c_closed_no_response, *c_no_response;
-static PyObject *a_kind, *a_pid, *a_kernel_ids, *s_none;
+static PyObject *a_kernel_ids, *s_none;
 static PyObject *s_empty, *s_https, *s_http_name, *s_mapped_prefix, *b_empty, *b_head, *b_connect, *i_zero,
     *i_minus_one, *i_80, *i_443, *s_scheme_sep, *s_lbracket, *s_rbracket, *s_colon, *s_qmark, *s_space;
 
@@ -186,7 +186,7 @@ static struct {
     {&c_timeouts, "timeouts"}, {&c_evicted, "evicted"}, {&c_pipelined_splits, "pipelined_splits"},
     {&c_truncated_heads, "truncated_heads"}, {&c_unparsed_responses, "unparsed_responses"},
     {&c_responses_incomplete, "responses_incomplete"}, {&c_closed_no_response, "closed_no_response"},
-    {&c_no_response, "no_response"}, {&a_kind, "kind"}, {&a_pid, "pid"},
+    {&c_no_response, "no_response"},
     {&s_empty, ""}, {&s_none, "none"}, {&a_kernel_ids, "kernel_ids"}, {&s_https, "https"}, {&s_http_name, "HTTP"},
     {&s_mapped_prefix, "::ffff:"},
     {&s_scheme_sep, "://"}, {&s_lbracket, "["}, {&s_rbracket, "]"}, {&s_colon, ":"}, {&s_qmark, "?"}, {&s_space, " "},
@@ -734,10 +734,16 @@ static int mem_touch(Memory *m, PyObject *at) {
         PyErr_SetString(PyExc_TypeError, "a time must be an int");
         return -1;
     }
-    if (_PyLong_Sign(at) < 0)
+    /* The signed conversion is CPython's fast one (the unsigned one goes through a byte array):
+     * only times from 2**63 take the unsigned one. */
+    int ov;
+    long long s = PyLong_AsLongLongAndOverflow(at, &ov);
+    if (s == -1 && PyErr_Occurred())
+        return -1;
+    if (ov < 0 || (!ov && s < 0))
         return 0;
-    unsigned long long t = PyLong_AsUnsignedLongLong(at);
-    if (t == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long t = (unsigned long long)s;
+    if (ov && (t = PyLong_AsUnsignedLongLong(at)) == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
     if (t > m->now)
         m->now = t;
@@ -1177,6 +1183,22 @@ typedef struct {
     int server;
 } Ctx;
 
+static PyObject *field(PyObject *o, PyTypeObject *t, const Slot *slots, int i);
+
+/* start + offset and end + offset in C when all three are plain ints and the sums fit: 1, or 0
+ * when Python's arithmetic must do it (-1: error). The decoder's ints would otherwise cost two
+ * PyNumber_Add and a rich comparison per span. */
+static int wall_times(PyObject *start, PyObject *end, PyObject *offset, long long *s, long long *e) {
+    if (!PyLong_CheckExact(start) || !PyLong_CheckExact(end) || !PyLong_CheckExact(offset))
+        return 0;
+    int o1, o2, o3;
+    long long a = PyLong_AsLongLongAndOverflow(start, &o1), b = PyLong_AsLongLongAndOverflow(end, &o2),
+              off = PyLong_AsLongLongAndOverflow(offset, &o3);
+    if (PyErr_Occurred())
+        return -1;
+    return !o1 && !o2 && !o3 && !__builtin_add_overflow(a, off, s) && !__builtin_add_overflow(b, off, e);
+}
+
 /* One request's span (index in the exchange's requests, resp its response or None). New ref. */
 static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t index, PyObject *resp) {
     PyObject *ex = c->ex, *end = c->end;
@@ -1423,11 +1445,23 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
     PyObject *rs, *pid;
     GET(rs, ex, ex_slots, X_REQ_START_NS);
     GET(pid, ex, ex_slots, X_PID);
-    if ((start = PyNumber_Add(rs, self->offset)) == NULL || (end_w = PyNumber_Add(c->end_ns, self->offset)) == NULL)
+    int ends_later;
+    long long start_c, end_c;
+    r = wall_times(rs, c->end_ns, self->offset, &start_c, &end_c);
+    if (r < 0)
         goto fail;
-    int ends_later = PyObject_RichCompareBool(end_w, start, Py_GT);
-    if (ends_later < 0)
-        goto fail;
+    if (r) {
+        if ((start = PyLong_FromLongLong(start_c)) == NULL)
+            goto fail;
+        if ((ends_later = end_c > start_c) && (end_w = PyLong_FromLongLong(end_c)) == NULL)
+            goto fail;
+    } else {
+        if ((start = PyNumber_Add(rs, self->offset)) == NULL ||
+            (end_w = PyNumber_Add(c->end_ns, self->offset)) == NULL)
+            goto fail;
+        if ((ends_later = PyObject_RichCompareBool(end_w, start, Py_GT)) < 0)
+            goto fail;
+    }
     PyObject *msg = s_empty;
     if (terr != NULL && status == M.error) {
         if ((msg = PyDict_GetItemWithError(M.status_messages, terr)) == NULL) {
@@ -1442,14 +1476,14 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
         PyObject *parent;
         GET(parent, ex, ex_slots, X_PARENT);
         if (parent != Py_None) {
-            if ((pkind = PyObject_GetAttr(parent, a_kind)) == NULL)
+            if ((pkind = field(parent, M.hint_t, hint_slots, H_KIND)) == NULL)
                 goto fail;
             r = eq(pkind, M.peer_kind);
             Py_DECREF(pkind);
             if (r < 0)
                 goto fail;
             if (r) {
-                if ((ppid = PyObject_GetAttr(parent, a_pid)) == NULL)
+                if ((ppid = field(parent, M.hint_t, hint_slots, H_PID)) == NULL)
                     goto fail;
                 peer_pid = ppid;
             }
@@ -1967,11 +2001,31 @@ static PyObject *remember(Feeder *self, uint64_t a, uint64_t b, PyObject *conn, 
 /* Python's max() of the four times: the latest the record saw. Borrowed. */
 static PyObject *end_of(PyObject *ex) {
     static const int order[4] = {X_RESP_END_NS, X_RESP_START_NS, X_REQ_END_NS, X_REQ_START_NS};
-    PyObject *best = NULL;
+    PyObject *vs[4], *best = NULL;
+    long long ns[4];
+    int exact = 1;
     for (int i = 0; i < 4; i++) {
-        PyObject *v = get_slot(ex, ex_slots, order[i]);
-        if (v == NULL)
+        if ((vs[i] = get_slot(ex, ex_slots, order[i])) == NULL)
             return NULL;
+        if (exact && PyLong_CheckExact(vs[i])) {
+            int ov;
+            if ((ns[i] = PyLong_AsLongLongAndOverflow(vs[i], &ov)) == -1 && PyErr_Occurred())
+                return NULL;
+            exact = !ov;
+        } else
+            exact = 0;
+    }
+    /* The decoder's times are plain ints that fit in C: compared in C, the first of equals kept
+     * as max() keeps it; anything else as Python compares it. */
+    if (exact) {
+        int at = 0;
+        for (int i = 1; i < 4; i++)
+            if (ns[i] > ns[at])
+                at = i;
+        return vs[at];
+    }
+    for (int i = 0; i < 4; i++) {
+        PyObject *v = vs[i];
         if (best == NULL)
             best = v;
         else {
