@@ -194,8 +194,39 @@ static struct {
 
 /* ---- small helpers ----------------------------------------------------------------------- */
 
-/* o <op> c for an int o (any object: the comparison is Python's when o is not a plain int). */
-static int cmp_long(PyObject *o, long c, int op) {
+/* A plain int of one digit (status codes, ports, sizes, small counts): its value read in place,
+ * without a call. 1 when o is one (*v set), else 0. */
+static inline int compact_long(PyObject *o, long *v) {
+    if (!PyLong_CheckExact(o))
+        return 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject *)o))
+        return 0;
+    *v = (long)PyUnstable_Long_CompactValue((PyLongObject *)o);
+#else
+    Py_ssize_t n = Py_SIZE(o);
+    if (n < -1 || n > 1)
+        return 0;
+    *v = (long)n * (long)((PyLongObject *)o)->ob_digit[0];
+#endif
+    return 1;
+}
+
+/* o <op> c for an int o (any object: the comparison is Python's when o is not a plain int).
+ * Inline: op is a constant at every call, and most values are one-digit ints. */
+static inline int cmp_long(PyObject *o, long c, int op) {
+    long cv;
+    if (compact_long(o, &cv)) {
+        int s = (cv > c) - (cv < c);
+        switch (op) {
+        case Py_LT: return s < 0;
+        case Py_LE: return s <= 0;
+        case Py_EQ: return s == 0;
+        case Py_NE: return s != 0;
+        case Py_GT: return s > 0;
+        default: return s >= 0;
+        }
+    }
     if (PyLong_CheckExact(o)) {
         int ov;
         long v = PyLong_AsLongAndOverflow(o, &ov);
