@@ -252,6 +252,18 @@ static inline int cmp_long(PyObject *o, long c, int op) {
 
 static int eq(PyObject *a, PyObject *b) { return PyObject_RichCompareBool(a, b, Py_EQ); }
 
+/* a == b where b is a member of an IntEnum (Role, EndReason, ParentKind): the decoder hands over
+ * members, and two members of one enum are equal only when they are the same one (equal values
+ * make an alias, the same object), so no rich comparison is needed then. Anything else compares
+ * as Python compares it. */
+static inline int eq_member(PyObject *a, PyObject *b) {
+    if (a == b)
+        return 1;
+    if (Py_IS_TYPE(a, Py_TYPE(b)))
+        return 0;
+    return eq(a, b);
+}
+
 static int bump(PyObject *stats, PyObject *name, Py_ssize_t by) {
     PyObject *v = PyObject_GetAttr(stats, name);
     if (v == NULL)
@@ -439,7 +451,7 @@ static int aborted_err(PyObject *end, PyObject **err) {
  * when the response is known to be incomplete; a timeout or eviction, unless it is known to be
  * complete (cut is then 0). */
 static int cut_short(PyObject *stats, PyObject *end, int incomplete, int cut, PyObject **err) {
-    int closed = eq(end, M.closed);
+    int closed = eq_member(end, M.closed);
     if (closed < 0)
         return -1;
     if (closed) {
@@ -1352,7 +1364,7 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
             if ((started = PyObject_IsTrue(resp_start)) < 0)
                 goto fail;
             if (!started) {
-                if (aborted_err(end, &terr) < 0 || (r = eq(end, M.closed)) < 0)
+                if (aborted_err(end, &terr) < 0 || (r = eq_member(end, M.closed)) < 0)
                     goto fail;
                 if (r) {
                     if (bump(self->stats, c_closed_no_response, 1) < 0)
@@ -1509,7 +1521,7 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
         if (parent != Py_None) {
             if ((pkind = field(parent, M.hint_t, hint_slots, H_KIND)) == NULL)
                 goto fail;
-            r = eq(pkind, M.peer_kind);
+            r = eq_member(pkind, M.peer_kind);
             Py_DECREF(pkind);
             if (r < 0)
                 goto fail;
@@ -1590,18 +1602,18 @@ static PyObject *spans_impl(Asm *self, PyObject *ex, PyObject *parsed, PyObject 
             goto fail;
         }
     GET(role, ex, ex_slots, X_ROLE);
-    if ((c.server = eq(role, M.role_server)) < 0)
+    if ((c.server = eq_member(role, M.role_server)) < 0)
         goto fail;
     GET(c.tls, ex, ex_slots, X_TLS);
     GET(end, ex, ex_slots, X_END);
     c.end = end;
-    if ((r = eq(end, M.timeout)) < 0)
+    if ((r = eq_member(end, M.timeout)) < 0)
         goto fail;
     if (r) {
         if (bump(self->stats, c_timeouts, 1) < 0)
             goto fail;
     } else {
-        if ((r = eq(end, M.evicted)) < 0 || (r && bump(self->stats, c_evicted, 1) < 0))
+        if ((r = eq_member(end, M.evicted)) < 0 || (r && bump(self->stats, c_evicted, 1) < 0))
             goto fail;
     }
     GET(resp_head, ex, ex_slots, X_RESP_HEAD);
@@ -2184,7 +2196,7 @@ static PyObject *identified(Feeder *self, PyObject *ex) {
             }
         }
     }
-    if (kind != NULL && (r = eq(kind, M.peer_kind)) != 0) {
+    if (kind != NULL && (r = eq_member(kind, M.peer_kind)) != 0) {
         /* The server end of a local connection usually ends first: its client span, when it
          * comes, learns which process answered it (metrics name the edge by it). */
         PyObject *pid, *pc, *ps;
@@ -2210,7 +2222,7 @@ static PyObject *identified(Feeder *self, PyObject *ex) {
     } else if (self->peers.n) {
         GET(role, ex, ex_slots, X_ROLE);
         long long peer = 0;
-        if ((r = eq(role, M.role_client)) < 0)
+        if ((r = eq_member(role, M.role_client)) < 0)
             goto fail;
         if (r && t_pop(&self->peers, a, b, &peer) && peer) {
             PyObject *pp = PyLong_FromLongLong(peer);
@@ -2426,6 +2438,23 @@ static PyObject *setup(PyObject *mod, PyObject *args, PyObject *kw) {
     Py_XSETREF(all_names, PyTuple_Pack(2, req_names, parsed_names));
     if (all_names == NULL)
         return NULL;
+    /* eq_member's premise: these are members of an Enum (one object per value). */
+    PyObject *enum_mod = PyImport_ImportModule("enum");
+    PyObject *enum_t = enum_mod ? PyObject_GetAttrString(enum_mod, "Enum") : NULL;
+    Py_XDECREF(enum_mod);
+    if (enum_t == NULL)
+        return NULL;
+    PyObject *members[] = {o[4], o[5], o[6], o[7], o[8], o[20]}; /* roles, PEER, CLOSED, TIMEOUT, EVICTED */
+    for (size_t i = 0; i < sizeof members / sizeof members[0]; i++) {
+        int is = PyObject_IsInstance(members[i], enum_t);
+        if (is <= 0) {
+            Py_DECREF(enum_t);
+            if (is == 0)
+                PyErr_Format(PyExc_TypeError, "%R is not an enum member", members[i]);
+            return NULL;
+        }
+    }
+    Py_DECREF(enum_t);
     PyObject **dst[] = {&M.kind_server, &M.kind_client, &M.unset, &M.error, &M.role_server, &M.peer_kind, &M.closed,
                         &M.timeout, &M.evicted, &M.aborted_err, &M.err_incomplete, &M.status_messages,
                         &M.overflow_route, &M.other_method, &M.source_attr, &M.framing_complete,
