@@ -383,7 +383,20 @@ static PyObject *url_full(PyObject *scheme, PyObject *host, PyObject *port, PyOb
     if (colon >= 0)
         parts[n++] = s_rbracket;
     if (other) {
-        if ((port_s = PyObject_Str(port)) == NULL)
+        /* str() of a plain int goes through CPython's general base conversion: a port's digits
+         * written here are the same string. */
+        long pv;
+        if (compact_long(port, &pv) && pv >= 0) {
+            char digits[24];
+            int at = (int)sizeof digits;
+            do {
+                digits[--at] = (char)('0' + pv % 10);
+                pv /= 10;
+            } while (pv);
+            port_s = PyUnicode_DecodeASCII(digits + at, (Py_ssize_t)sizeof digits - at, NULL);
+        } else
+            port_s = PyObject_Str(port);
+        if (port_s == NULL)
             return NULL;
         parts[n++] = s_colon;
         parts[n++] = port_s;
