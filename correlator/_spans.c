@@ -304,7 +304,10 @@ static PyObject *unmapped(PyObject *addr) {
     if (need_str(addr, "address") == NULL)
         return NULL;
     Py_ssize_t n = PyUnicode_GET_LENGTH(addr);
-    if (n >= 7 && PyUnicode_Tailmatch(addr, s_mapped_prefix, 0, 7, -1) == 1) {
+    /* An ASCII address (every one the decoder writes) is its bytes: compared in place. */
+    int mapped = n >= 7 && (PyUnicode_IS_COMPACT_ASCII(addr) ? memcmp(PyUnicode_DATA(addr), "::ffff:", 7) == 0
+                                                           : PyUnicode_Tailmatch(addr, s_mapped_prefix, 0, 7, -1) == 1);
+    if (mapped) {
         Py_ssize_t dot = PyUnicode_FindChar(addr, '.', 0, n, 1);
         if (dot == -2)
             return NULL;
