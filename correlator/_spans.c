@@ -1480,8 +1480,10 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
                 goto fail;
             if (r && c->n == 1) {
                 PyObject *rb;
+                long rbv, hev;
                 GET(rb, ex, ex_slots, X_RESP_BYTES);
-                got = PyNumber_Subtract(rb, he);
+                got = compact_long(rb, &rbv) && compact_long(he, &hev) ? PyLong_FromLong(rbv - hev)
+                                                                       : PyNumber_Subtract(rb, he);
             } else
                 got = Py_NewRef(i_minus_one);
             if (got == NULL)
@@ -1489,7 +1491,12 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
             int have = cmp_long(got, 0, Py_GE);
             if (have >= 0 && cl != Py_None) {
                 PyObject *size = cl;
-                if (have && (have = PyObject_RichCompareBool(got, cl, Py_LT)) > 0)
+                long gv, clv;
+                if (have && compact_long(got, &gv) && compact_long(cl, &clv))
+                    have = gv < clv;
+                else if (have)
+                    have = PyObject_RichCompareBool(got, cl, Py_LT);
+                if (have > 0)
                     size = got; /* min(content_length, got): the first of equals */
                 if (have >= 0)
                     have = set_item(a, k_resp_body, size) < 0 ? -1 : 0;
