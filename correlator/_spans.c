@@ -168,7 +168,7 @@ static PyObject *k_method, *k_method_original, *k_scheme, *k_path, *k_route, *k_
     *k_status_code, *k_error_type, *k_req_body, *k_resp_body;
 static PyObject *c_timeouts, *c_evicted, *c_pipelined_splits, *c_truncated_heads, *c_unparsed_responses,
     *c_responses_incomplete, *c_closed_no_response, *c_no_response;
-static PyObject *a_kind, *a_pid, *a_kernel_ids, *s_none;
+static PyObject *a_kernel_ids, *s_none;
 static PyObject *s_empty, *s_https, *s_http_name, *s_mapped_prefix, *b_empty, *b_head, *b_connect, *i_zero,
     *i_minus_one, *i_80, *i_443, *s_scheme_sep, *s_lbracket, *s_rbracket, *s_colon, *s_qmark, *s_space;
 
@@ -186,7 +186,7 @@ static struct {
     {&c_timeouts, "timeouts"}, {&c_evicted, "evicted"}, {&c_pipelined_splits, "pipelined_splits"},
     {&c_truncated_heads, "truncated_heads"}, {&c_unparsed_responses, "unparsed_responses"},
     {&c_responses_incomplete, "responses_incomplete"}, {&c_closed_no_response, "closed_no_response"},
-    {&c_no_response, "no_response"}, {&a_kind, "kind"}, {&a_pid, "pid"},
+    {&c_no_response, "no_response"},
     {&s_empty, ""}, {&s_none, "none"}, {&a_kernel_ids, "kernel_ids"}, {&s_https, "https"}, {&s_http_name, "HTTP"},
     {&s_mapped_prefix, "::ffff:"},
     {&s_scheme_sep, "://"}, {&s_lbracket, "["}, {&s_rbracket, "]"}, {&s_colon, ":"}, {&s_qmark, "?"}, {&s_space, " "},
@@ -194,8 +194,39 @@ static struct {
 
 /* ---- small helpers ----------------------------------------------------------------------- */
 
-/* o <op> c for an int o (any object: the comparison is Python's when o is not a plain int). */
-static int cmp_long(PyObject *o, long c, int op) {
+/* A plain int of one digit (status codes, ports, sizes, small counts): its value read in place,
+ * without a call. 1 when o is one (*v set), else 0. */
+static inline int compact_long(PyObject *o, long *v) {
+    if (!PyLong_CheckExact(o))
+        return 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject *)o))
+        return 0;
+    *v = (long)PyUnstable_Long_CompactValue((PyLongObject *)o);
+#else
+    Py_ssize_t n = Py_SIZE(o);
+    if (n < -1 || n > 1)
+        return 0;
+    *v = (long)n * (long)((PyLongObject *)o)->ob_digit[0];
+#endif
+    return 1;
+}
+
+/* o <op> c for an int o (any object: the comparison is Python's when o is not a plain int).
+ * Inline: op is a constant at every call, and most values are one-digit ints. */
+static inline int cmp_long(PyObject *o, long c, int op) {
+    long cv;
+    if (compact_long(o, &cv)) {
+        int s = (cv > c) - (cv < c);
+        switch (op) {
+        case Py_LT: return s < 0;
+        case Py_LE: return s <= 0;
+        case Py_EQ: return s == 0;
+        case Py_NE: return s != 0;
+        case Py_GT: return s > 0;
+        default: return s >= 0;
+        }
+    }
     if (PyLong_CheckExact(o)) {
         int ov;
         long v = PyLong_AsLongAndOverflow(o, &ov);
@@ -220,6 +251,18 @@ static int cmp_long(PyObject *o, long c, int op) {
 }
 
 static int eq(PyObject *a, PyObject *b) { return PyObject_RichCompareBool(a, b, Py_EQ); }
+
+/* a == b where b is a member of an IntEnum (Role, EndReason, ParentKind): the decoder hands over
+ * members, and two members of one enum are equal only when they are the same one (equal values
+ * make an alias, the same object), so no rich comparison is needed then. Anything else compares
+ * as Python compares it. */
+static inline int eq_member(PyObject *a, PyObject *b) {
+    if (a == b)
+        return 1;
+    if (Py_IS_TYPE(a, Py_TYPE(b)))
+        return 0;
+    return eq(a, b);
+}
 
 static int bump(PyObject *stats, PyObject *name, Py_ssize_t by) {
     PyObject *v = PyObject_GetAttr(stats, name);
@@ -261,7 +304,10 @@ static PyObject *unmapped(PyObject *addr) {
     if (need_str(addr, "address") == NULL)
         return NULL;
     Py_ssize_t n = PyUnicode_GET_LENGTH(addr);
-    if (n >= 7 && PyUnicode_Tailmatch(addr, s_mapped_prefix, 0, 7, -1) == 1) {
+    /* An ASCII address (every one the decoder writes) is its bytes: compared in place. */
+    int mapped = n >= 7 && (PyUnicode_IS_COMPACT_ASCII(addr) ? memcmp(PyUnicode_DATA(addr), "::ffff:", 7) == 0
+                                                           : PyUnicode_Tailmatch(addr, s_mapped_prefix, 0, 7, -1) == 1);
+    if (mapped) {
         Py_ssize_t dot = PyUnicode_FindChar(addr, '.', 0, n, 1);
         if (dot == -2)
             return NULL;
@@ -340,7 +386,20 @@ static PyObject *url_full(PyObject *scheme, PyObject *host, PyObject *port, PyOb
     if (colon >= 0)
         parts[n++] = s_rbracket;
     if (other) {
-        if ((port_s = PyObject_Str(port)) == NULL)
+        /* str() of a plain int goes through CPython's general base conversion: a port's digits
+         * written here are the same string. */
+        long pv;
+        if (compact_long(port, &pv) && pv >= 0) {
+            char digits[24];
+            int at = (int)sizeof digits;
+            do {
+                digits[--at] = (char)('0' + pv % 10);
+                pv /= 10;
+            } while (pv);
+            port_s = PyUnicode_DecodeASCII(digits + at, (Py_ssize_t)sizeof digits - at, NULL);
+        } else
+            port_s = PyObject_Str(port);
+        if (port_s == NULL)
             return NULL;
         parts[n++] = s_colon;
         parts[n++] = port_s;
@@ -408,7 +467,7 @@ static int aborted_err(PyObject *end, PyObject **err) {
  * when the response is known to be incomplete; a timeout or eviction, unless it is known to be
  * complete (cut is then 0). */
 static int cut_short(PyObject *stats, PyObject *end, int incomplete, int cut, PyObject **err) {
-    int closed = eq(end, M.closed);
+    int closed = eq_member(end, M.closed);
     if (closed < 0)
         return -1;
     if (closed) {
@@ -734,10 +793,16 @@ static int mem_touch(Memory *m, PyObject *at) {
         PyErr_SetString(PyExc_TypeError, "a time must be an int");
         return -1;
     }
-    if (_PyLong_Sign(at) < 0)
+    /* The signed conversion is CPython's fast one (the unsigned one goes through a byte array):
+     * only times from 2**63 take the unsigned one. */
+    int ov;
+    long long s = PyLong_AsLongLongAndOverflow(at, &ov);
+    if (s == -1 && PyErr_Occurred())
+        return -1;
+    if (ov < 0 || (!ov && s < 0))
         return 0;
-    unsigned long long t = PyLong_AsUnsignedLongLong(at);
-    if (t == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long t = (unsigned long long)s;
+    if (ov && (t = PyLong_AsUnsignedLongLong(at)) == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
     if (t > m->now)
         m->now = t;
@@ -1177,6 +1242,22 @@ typedef struct {
     int server;
 } Ctx;
 
+static PyObject *field(PyObject *o, PyTypeObject *t, const Slot *slots, int i);
+
+/* start + offset and end + offset in C when all three are plain ints and the sums fit: 1, or 0
+ * when Python's arithmetic must do it (-1: error). The decoder's ints would otherwise cost two
+ * PyNumber_Add and a rich comparison per span. */
+static int wall_times(PyObject *start, PyObject *end, PyObject *offset, long long *s, long long *e) {
+    if (!PyLong_CheckExact(start) || !PyLong_CheckExact(end) || !PyLong_CheckExact(offset))
+        return 0;
+    int o1, o2, o3;
+    long long a = PyLong_AsLongLongAndOverflow(start, &o1), b = PyLong_AsLongLongAndOverflow(end, &o2),
+              off = PyLong_AsLongLongAndOverflow(offset, &o3);
+    if (PyErr_Occurred())
+        return -1;
+    return !o1 && !o2 && !o3 && !__builtin_add_overflow(a, off, s) && !__builtin_add_overflow(b, off, e);
+}
+
 /* One request's span (index in the exchange's requests, resp its response or None). New ref. */
 static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t index, PyObject *resp) {
     PyObject *ex = c->ex, *end = c->end;
@@ -1299,7 +1380,7 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
             if ((started = PyObject_IsTrue(resp_start)) < 0)
                 goto fail;
             if (!started) {
-                if (aborted_err(end, &terr) < 0 || (r = eq(end, M.closed)) < 0)
+                if (aborted_err(end, &terr) < 0 || (r = eq_member(end, M.closed)) < 0)
                     goto fail;
                 if (r) {
                     if (bump(self->stats, c_closed_no_response, 1) < 0)
@@ -1399,8 +1480,10 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
                 goto fail;
             if (r && c->n == 1) {
                 PyObject *rb;
+                long rbv, hev;
                 GET(rb, ex, ex_slots, X_RESP_BYTES);
-                got = PyNumber_Subtract(rb, he);
+                got = compact_long(rb, &rbv) && compact_long(he, &hev) ? PyLong_FromLong(rbv - hev)
+                                                                       : PyNumber_Subtract(rb, he);
             } else
                 got = Py_NewRef(i_minus_one);
             if (got == NULL)
@@ -1408,7 +1491,12 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
             int have = cmp_long(got, 0, Py_GE);
             if (have >= 0 && cl != Py_None) {
                 PyObject *size = cl;
-                if (have && (have = PyObject_RichCompareBool(got, cl, Py_LT)) > 0)
+                long gv, clv;
+                if (have && compact_long(got, &gv) && compact_long(cl, &clv))
+                    have = gv < clv;
+                else if (have)
+                    have = PyObject_RichCompareBool(got, cl, Py_LT);
+                if (have > 0)
                     size = got; /* min(content_length, got): the first of equals */
                 if (have >= 0)
                     have = set_item(a, k_resp_body, size) < 0 ? -1 : 0;
@@ -1423,11 +1511,23 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
     PyObject *rs, *pid;
     GET(rs, ex, ex_slots, X_REQ_START_NS);
     GET(pid, ex, ex_slots, X_PID);
-    if ((start = PyNumber_Add(rs, self->offset)) == NULL || (end_w = PyNumber_Add(c->end_ns, self->offset)) == NULL)
+    int ends_later;
+    long long start_c, end_c;
+    r = wall_times(rs, c->end_ns, self->offset, &start_c, &end_c);
+    if (r < 0)
         goto fail;
-    int ends_later = PyObject_RichCompareBool(end_w, start, Py_GT);
-    if (ends_later < 0)
-        goto fail;
+    if (r) {
+        if ((start = PyLong_FromLongLong(start_c)) == NULL)
+            goto fail;
+        if ((ends_later = end_c > start_c) && (end_w = PyLong_FromLongLong(end_c)) == NULL)
+            goto fail;
+    } else {
+        if ((start = PyNumber_Add(rs, self->offset)) == NULL ||
+            (end_w = PyNumber_Add(c->end_ns, self->offset)) == NULL)
+            goto fail;
+        if ((ends_later = PyObject_RichCompareBool(end_w, start, Py_GT)) < 0)
+            goto fail;
+    }
     PyObject *msg = s_empty;
     if (terr != NULL && status == M.error) {
         if ((msg = PyDict_GetItemWithError(M.status_messages, terr)) == NULL) {
@@ -1442,14 +1542,14 @@ static PyObject *one_span(Asm *self, const Ctx *c, PyObject *req, Py_ssize_t ind
         PyObject *parent;
         GET(parent, ex, ex_slots, X_PARENT);
         if (parent != Py_None) {
-            if ((pkind = PyObject_GetAttr(parent, a_kind)) == NULL)
+            if ((pkind = field(parent, M.hint_t, hint_slots, H_KIND)) == NULL)
                 goto fail;
-            r = eq(pkind, M.peer_kind);
+            r = eq_member(pkind, M.peer_kind);
             Py_DECREF(pkind);
             if (r < 0)
                 goto fail;
             if (r) {
-                if ((ppid = PyObject_GetAttr(parent, a_pid)) == NULL)
+                if ((ppid = field(parent, M.hint_t, hint_slots, H_PID)) == NULL)
                     goto fail;
                 peer_pid = ppid;
             }
@@ -1525,18 +1625,18 @@ static PyObject *spans_impl(Asm *self, PyObject *ex, PyObject *parsed, PyObject 
             goto fail;
         }
     GET(role, ex, ex_slots, X_ROLE);
-    if ((c.server = eq(role, M.role_server)) < 0)
+    if ((c.server = eq_member(role, M.role_server)) < 0)
         goto fail;
     GET(c.tls, ex, ex_slots, X_TLS);
     GET(end, ex, ex_slots, X_END);
     c.end = end;
-    if ((r = eq(end, M.timeout)) < 0)
+    if ((r = eq_member(end, M.timeout)) < 0)
         goto fail;
     if (r) {
         if (bump(self->stats, c_timeouts, 1) < 0)
             goto fail;
     } else {
-        if ((r = eq(end, M.evicted)) < 0 || (r && bump(self->stats, c_evicted, 1) < 0))
+        if ((r = eq_member(end, M.evicted)) < 0 || (r && bump(self->stats, c_evicted, 1) < 0))
             goto fail;
     }
     GET(resp_head, ex, ex_slots, X_RESP_HEAD);
@@ -1967,11 +2067,31 @@ static PyObject *remember(Feeder *self, uint64_t a, uint64_t b, PyObject *conn, 
 /* Python's max() of the four times: the latest the record saw. Borrowed. */
 static PyObject *end_of(PyObject *ex) {
     static const int order[4] = {X_RESP_END_NS, X_RESP_START_NS, X_REQ_END_NS, X_REQ_START_NS};
-    PyObject *best = NULL;
+    PyObject *vs[4], *best = NULL;
+    long long ns[4];
+    int exact = 1;
     for (int i = 0; i < 4; i++) {
-        PyObject *v = get_slot(ex, ex_slots, order[i]);
-        if (v == NULL)
+        if ((vs[i] = get_slot(ex, ex_slots, order[i])) == NULL)
             return NULL;
+        if (exact && PyLong_CheckExact(vs[i])) {
+            int ov;
+            if ((ns[i] = PyLong_AsLongLongAndOverflow(vs[i], &ov)) == -1 && PyErr_Occurred())
+                return NULL;
+            exact = !ov;
+        } else
+            exact = 0;
+    }
+    /* The decoder's times are plain ints that fit in C: compared in C, the first of equals kept
+     * as max() keeps it; anything else as Python compares it. */
+    if (exact) {
+        int at = 0;
+        for (int i = 1; i < 4; i++)
+            if (ns[i] > ns[at])
+                at = i;
+        return vs[at];
+    }
+    for (int i = 0; i < 4; i++) {
+        PyObject *v = vs[i];
         if (best == NULL)
             best = v;
         else {
@@ -2099,7 +2219,7 @@ static PyObject *identified(Feeder *self, PyObject *ex) {
             }
         }
     }
-    if (kind != NULL && (r = eq(kind, M.peer_kind)) != 0) {
+    if (kind != NULL && (r = eq_member(kind, M.peer_kind)) != 0) {
         /* The server end of a local connection usually ends first: its client span, when it
          * comes, learns which process answered it (metrics name the edge by it). */
         PyObject *pid, *pc, *ps;
@@ -2125,7 +2245,7 @@ static PyObject *identified(Feeder *self, PyObject *ex) {
     } else if (self->peers.n) {
         GET(role, ex, ex_slots, X_ROLE);
         long long peer = 0;
-        if ((r = eq(role, M.role_client)) < 0)
+        if ((r = eq_member(role, M.role_client)) < 0)
             goto fail;
         if (r && t_pop(&self->peers, a, b, &peer) && peer) {
             PyObject *pp = PyLong_FromLongLong(peer);
@@ -2341,6 +2461,23 @@ static PyObject *setup(PyObject *mod, PyObject *args, PyObject *kw) {
     Py_XSETREF(all_names, PyTuple_Pack(2, req_names, parsed_names));
     if (all_names == NULL)
         return NULL;
+    /* eq_member's premise: these are members of an Enum (one object per value). */
+    PyObject *enum_mod = PyImport_ImportModule("enum");
+    PyObject *enum_t = enum_mod ? PyObject_GetAttrString(enum_mod, "Enum") : NULL;
+    Py_XDECREF(enum_mod);
+    if (enum_t == NULL)
+        return NULL;
+    PyObject *members[] = {o[4], o[5], o[6], o[7], o[8], o[20]}; /* roles, PEER, CLOSED, TIMEOUT, EVICTED */
+    for (size_t i = 0; i < sizeof members / sizeof members[0]; i++) {
+        int is = PyObject_IsInstance(members[i], enum_t);
+        if (is <= 0) {
+            Py_DECREF(enum_t);
+            if (is == 0)
+                PyErr_Format(PyExc_TypeError, "%R is not an enum member", members[i]);
+            return NULL;
+        }
+    }
+    Py_DECREF(enum_t);
     PyObject **dst[] = {&M.kind_server, &M.kind_client, &M.unset, &M.error, &M.role_server, &M.peer_kind, &M.closed,
                         &M.timeout, &M.evicted, &M.aborted_err, &M.err_incomplete, &M.status_messages,
                         &M.overflow_route, &M.other_method, &M.source_attr, &M.framing_complete,

@@ -769,8 +769,24 @@ static int server_half(Ctx *c, PyObject *service, PyObject *seconds, int failed,
     return rc < 0 ? -1 : bound_pending(c);
 }
 
-static int same(PyObject *a, PyObject *b) {
-    return a == b ? 1 : PyObject_RichCompareBool(a, b, Py_EQ);
+/* a == b. member: b is an enum member (SpanKind, StatusCode), and another object of its type is
+   another member, which never equals it (equal values make an alias, the same object): no rich
+   comparison then. */
+static int same(PyObject *a, PyObject *b, int member) {
+    if (a == b) return 1;
+    if (member && Py_IS_TYPE(a, Py_TYPE(b))) return 0;
+    return PyObject_RichCompareBool(a, b, Py_EQ);
+}
+
+static PyObject *enum_type; /* enum.Enum */
+
+/* 1 when SERVER, CLIENT and ERROR of record_spans' consts are enum members, 0 if not, -1 on error. */
+static int enum_members(PyObject *consts) {
+    for (Py_ssize_t i = 0; i < 3; i++) {
+        int is = PyObject_IsInstance(PyTuple_GET_ITEM(consts, i), enum_type);
+        if (is <= 0) return is;
+    }
+    return 1;
 }
 
 /* ---- spans ------------------------------------------------------------------------------ */
@@ -853,7 +869,7 @@ static int check_series(PyObject *e) {
 }
 
 /* One span; svc and e are the record's own references, released by the caller. */
-static int one_span(Ctx *c, PyObject *span, PyObject **f, PyObject *consts) {
+static int one_span(Ctx *c, PyObject *span, PyObject **f, PyObject *consts, int members) {
     PyObject *k_server = PyTuple_GET_ITEM(consts, 0), *k_client = PyTuple_GET_ITEM(consts, 1);
     PyObject *k_error = PyTuple_GET_ITEM(consts, 2), *unknown = PyTuple_GET_ITEM(consts, 3);
     PyObject *a = f[F_ATTRIBUTES];
@@ -868,7 +884,7 @@ static int one_span(Ctx *c, PyObject *span, PyObject **f, PyObject *consts) {
     int rc = -1;
     if ((seconds = span_seconds(f[F_START_NS], f[F_END_NS])) == NULL) goto done;
     double secs = PyFloat_AS_DOUBLE(seconds);
-    int is_server = same(f[F_KIND], k_server);
+    int is_server = same(f[F_KIND], k_server, members);
     if (is_server < 0) goto done;
     int other = PyDict_Contains(a, k_db_system);
     if (other == 0) other = PyDict_Contains(a, k_rpc_system);
@@ -902,8 +918,8 @@ static int one_span(Ctx *c, PyObject *span, PyObject **f, PyObject *consts) {
             if (r < 0) goto done;
         }
     }
-    int failed = same(f[F_STATUS], k_error);
-    int client = same(f[F_KIND], k_client);
+    int failed = same(f[F_STATUS], k_error, members);
+    int client = same(f[F_KIND], k_client, members);
     if (failed < 0 || client < 0) goto done;
     if (se->database != NULL && se->database != Py_None) {
         rc = client ? edge(c, service, se->database, c_database, failed, NULL, seconds) : 0;
@@ -934,6 +950,8 @@ static PyObject *record_spans(PyObject *mod, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "record_spans: consts must be (SERVER, CLIENT, ERROR, UNKNOWN_SERVICE)");
         return NULL;
     }
+    int members = enum_members(consts);
+    if (members < 0) return NULL;
     PyObject *seq = PySequence_Fast(args[1], "record_spans: spans must be a sequence");
     if (seq == NULL) return NULL;
     Ctx c;
@@ -948,7 +966,7 @@ static PyObject *record_spans(PyObject *mod, PyObject *const *args, Py_ssize_t n
         PyObject *span = PySequence_Fast_GET_ITEM(seq, i);
         Py_INCREF(span);
         rc = layout_read(&l, span, f);
-        if (rc == 0) rc = one_span(&c, span, f, consts);
+        if (rc == 0) rc = one_span(&c, span, f, consts, members);
         fields_clear(f, F_SN);
         Py_DECREF(span);
     }
@@ -1104,6 +1122,13 @@ static int intern_all(void) {
 
 PyMODINIT_FUNC PyInit__metrics(void) {
     if (intern_all() < 0) return NULL;
+    if (enum_type == NULL) {
+        PyObject *em = PyImport_ImportModule("enum");
+        if (em == NULL) return NULL;
+        enum_type = PyObject_GetAttrString(em, "Enum");
+        Py_DECREF(em);
+        if (enum_type == NULL) return NULL;
+    }
     PyTypeObject *types[] = {&HistType, &CounterType, &SeriesType, &EdgeType};
     const char *names[] = {"Hist", "Counter", "Series", "Edge"};
     for (int i = 0; i < 4; i++)

@@ -191,11 +191,35 @@ static int put_bytes_field(Buf *b, uint32_t tag, PyObject *v, const char *what) 
     return put_len_field(b, tag, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
 }
 
+/* An int of one digit (span kinds and statuses, ports, status codes, sizes): its value read in
+   place, without a PyLong_AsLongLongAndOverflow call (which reads the same digits, of any int
+   subclass: SpanKind, StatusCode). 1 when v is one (*out set), else 0. */
+static inline int compact_value(PyObject *v, long long *out) {
+    if (!PyLong_Check(v))
+        return 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject *)v))
+        return 0;
+    *out = (long long)PyUnstable_Long_CompactValue((PyLongObject *)v);
+#else
+    Py_ssize_t n = Py_SIZE(v);
+    if (n < -1 || n > 1)
+        return 0;
+    *out = (long long)n * (long long)((PyLongObject *)v)->ob_digit[0];
+#endif
+    return 1;
+}
+
 /* An enum field (open enums are int32 on the wire): negative values are ten-byte varints. */
 static int enum_value(PyObject *v, const char *what, int32_t *out) {
     if (!PyLong_Check(v)) {
         PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what, Py_TYPE(v)->tp_name);
         return -1;
+    }
+    long long c;
+    if (compact_value(v, &c)) {
+        *out = (int32_t)c; /* one digit: well inside int32 */
+        return 0;
     }
     int overflow;
     long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
@@ -251,9 +275,12 @@ static int put_attribute(Buf *b, PyObject *key, PyObject *value) {
         head[1] = value == Py_True;
         head_n = 2;
     } else if (PyLong_Check(value)) {
-        int overflow;
-        long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
-        if (x == -1 && PyErr_Occurred()) goto done;
+        int overflow = 0;
+        long long x;
+        if (!compact_value(value, &x)) {
+            x = PyLong_AsLongLongAndOverflow(value, &overflow);
+            if (x == -1 && PyErr_Occurred()) goto done;
+        }
         if (overflow) {
             str = PyObject_Str(value);
             if (str == NULL) goto done;
