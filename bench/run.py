@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cpu_times() -> tuple[int, int]:
+    """(steal, all) jiffies of the machine since boot (/proc/stat's cpu line): on a VM, the share
+    of CPU the hypervisor gave to others while the bench ran says how far its figures are from
+    another run's."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     try:
@@ -424,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     b = Bench(args, kspan, base + ".log")
     started = time.monotonic()
+    steal0, all0 = cpu_times()
     try:
         b.sink = Sink(base + ".log")
         errors: dict[str, str] = {}
@@ -470,6 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             b.sink.stop()
         stop_all()
     results["elapsed_s"] = time.monotonic() - started
+    steal1, all1 = cpu_times()
+    results["machine"]["steal_pct"] = 100 * (steal1 - steal0) / (all1 - all0) if all1 > all0 else None
     results["startup"] = b.startup
     results["idle_cpu_pct"] = b.idle_cpu_pct
     results["first_exec_cpu_s"] = b.first_exec_cpu_s
@@ -482,8 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["targets"] = report.evaluate_targets(results)
 
     m = results["machine"]
+    steal = "" if m.get("steal_pct") is None else f", CPU stolen by the hypervisor {m['steal_pct']:.1f}%"
     print(f"\nkspan bench: {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, {m['date']}, "
-          f"load average at start {m['loadavg_at_start'][0]:.2f}, {results['elapsed_s']:.0f} s")
+          f"load average at start {m['loadavg_at_start'][0]:.2f}{steal}, {results['elapsed_s']:.0f} s")
     print(report.render(results))
     report.write_json(results, base + ".json")
     report.write_chart(results, base + ".png")
@@ -509,7 +525,9 @@ def latest_markdown(r: dict[str, Any]) -> str:
     return (
         "# Latest `make bench`\n\n"
         f"Measured {m['date']} on {m['nproc']} cores ({m['cpu']}, {m['memory_gb']} GiB), Linux {m['kernel']}, "
-        f"kspan commit `{m['commit']}`; load average {m['loadavg_at_start'][0]:.2f} at the start. "
+        f"kspan commit `{m['commit']}`; load average {m['loadavg_at_start'][0]:.2f} at the start"
+        + ("" if m.get("steal_pct") is None else f"; {m['steal_pct']:.1f}% of the CPU time stolen by the hypervisor")
+        + ". "
         "Agent, servers, load generators and the span sink all share the machine. "
         "See [README](README.md) for what each figure means.\n\n"
         "![latest bench chart](LATEST.png)\n\n"

@@ -222,6 +222,27 @@ def _proc_record() -> bytes:
     return bytes(r)
 
 
+def test_a_burst_ends_a_long_interval_at_the_next_tick() -> None:
+    """After a quiet spell the interval is long (DRAIN_INTERVAL_MAX_S); a burst that fills a
+    quarter of the ring is drained at the caller's next tick, before the ring could overflow."""
+    import time
+
+    ex = _exchanges()
+    ring = Ring(1 << 16)
+    out: list[Any] = []
+    ring.reader.drain(out)
+    ring.put(ex[0])
+    t0 = time.monotonic()
+    assert ring.reader.wait(200, interval_s=30.0) is False  # one record: the tick passes, no drain
+    assert time.monotonic() - t0 >= 0.2
+    while ring.prod - ring.consumed <= ring.size // 4:
+        ring.put(ex[1])
+    t0 = time.monotonic()
+    assert ring.reader.wait(200, interval_s=30.0) is True
+    assert time.monotonic() - t0 < 5.0
+    assert ring.reader.drain(out) > 1
+
+
 def test_a_pause_ends_early_only_when_the_kernel_wakes_the_reader() -> None:
     """The reader batches records for an interval; only a wakeup (the kernel's, for an exec
     record: BPF_RB_FORCE_WAKEUP) ends a pause early. An eventfd stands for the ring's descriptor,
