@@ -212,20 +212,25 @@ static inline int compact_long(PyObject *o, long *v) {
     return 1;
 }
 
+/* Whether a comparison whose sign is s (-1, 0, 1) satisfies Python's rich comparison op. */
+static inline int sign_holds(int s, int op) {
+    switch (op) {
+    case Py_LT: return s < 0;
+    case Py_LE: return s <= 0;
+    case Py_EQ: return s == 0;
+    case Py_NE: return s != 0;
+    case Py_GT: return s > 0;
+    default: return s >= 0;
+    }
+}
+
 /* o <op> c for an int o (any object: the comparison is Python's when o is not a plain int).
  * Inline: op is a constant at every call, and most values are one-digit ints. */
 static inline int cmp_long(PyObject *o, long c, int op) {
     long cv;
     if (compact_long(o, &cv)) {
         int s = (cv > c) - (cv < c);
-        switch (op) {
-        case Py_LT: return s < 0;
-        case Py_LE: return s <= 0;
-        case Py_EQ: return s == 0;
-        case Py_NE: return s != 0;
-        case Py_GT: return s > 0;
-        default: return s >= 0;
-        }
+        return sign_holds(s, op);
     }
     if (PyLong_CheckExact(o)) {
         int ov;
@@ -233,14 +238,7 @@ static inline int cmp_long(PyObject *o, long c, int op) {
         if (v == -1 && PyErr_Occurred())
             return -1;
         int s = ov ? ov : (v > c) - (v < c);
-        switch (op) {
-        case Py_LT: return s < 0;
-        case Py_LE: return s <= 0;
-        case Py_EQ: return s == 0;
-        case Py_NE: return s != 0;
-        case Py_GT: return s > 0;
-        default: return s >= 0;
-        }
+        return sign_holds(s, op);
     }
     PyObject *k = PyLong_FromLong(c);
     if (k == NULL)
