@@ -1320,7 +1320,7 @@ struct {
     __type(value, struct kspan_head_buf);
 } kspan_headbuf SEC(".maps");
 
-/* Where kspan_client_keys leaves its two hashes (0: none). */
+/* Where kspan_client_keys leaves its two hashes, when it returns 1 (a hash of 0: none). */
 struct kspan_keys {
     __u64 line;
     __u64 rid;
@@ -1344,8 +1344,6 @@ __attribute__((noinline)) int kspan_client_keys(__u64 sk, __u64 buf)
     struct kspan_keys *out = bpf_map_lookup_elem(&kspan_keys_out, &z);
     if (!out)
         return 0;
-    out->line = 0;
-    out->rid = 0;
     const char *b = 0;
     __u32 n = 0;
     if (buf) {

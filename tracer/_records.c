@@ -851,24 +851,24 @@ static PyObject *py_decode_batch(PyObject *Py_UNUSED(m), PyObject *const *args, 
  * its space back during a long drain, not only at the end. */
 #define RB_GIVE_BACK 256
 
-/* The ring's two mappings as buffers, checked against the ring they should hold (size: a power of
- * two, after a page of at least 8 bytes): 0, or -1 with an exception and nothing held. */
-static int ring_views(PyObject *const *args, Py_ssize_t page, Py_ssize_t size, int writable, Py_buffer *cv,
-                      Py_buffer *pv, const char *who)
+/* The ring's two mappings as buffers (the consumer page writable: drain() gives space back),
+ * checked against the ring they should hold (size: a power of two, after a page of at least 8
+ * bytes): 0, or -1 with an exception and nothing held. */
+static int ring_views(PyObject *const *args, Py_ssize_t page, Py_ssize_t size, Py_buffer *cv, Py_buffer *pv)
 {
     if (size < RB_HEADER || (size & (size - 1)) != 0 || page < 8 || page % 8 != 0) {
         PyErr_Format(PyExc_ValueError, "ring buffer of %zd bytes after a %zd-byte page: not a power of two", size,
                      page);
         return -1;
     }
-    if (PyObject_GetBuffer(args[0], cv, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(args[0], cv, PyBUF_WRITABLE) < 0)
         return -1;
     if (PyObject_GetBuffer(args[1], pv, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(cv);
         return -1;
     }
     if (cv->len < 8 || pv->len < page + 2 * size || ((uintptr_t)cv->buf | (uintptr_t)pv->buf) % 8 != 0) {
-        PyErr_Format(PyExc_ValueError, "%s: the mappings are smaller than the ring they should hold", who);
+        PyErr_SetString(PyExc_ValueError, "drain: the mappings are smaller than the ring they should hold");
         PyBuffer_Release(pv);
         PyBuffer_Release(cv);
         return -1;
@@ -903,7 +903,7 @@ static PyObject *py_drain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssiz
     if (decode && check_ready() < 0)
         return NULL;
     Py_buffer cv, pv;
-    if (ring_views(args, page, size, 1, &cv, &pv, "drain") < 0)
+    if (ring_views(args, page, size, &cv, &pv) < 0)
         return NULL;
     PyObject *result = NULL;
     uint64_t *consumer = cv.buf;

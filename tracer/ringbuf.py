@@ -116,13 +116,6 @@ class RingBufferReader:
         cons, prod = self._positions()
         return cons < prod
 
-    def _filling(self) -> bool:
-        """A quarter of the ring holds records: checked at each of the caller's ticks, so a burst
-        after a quiet spell (a drain interval of up to DRAIN_INTERVAL_MAX_S) is drained within a
-        tick, as when the interval was a tick long."""
-        cons, prod = self._positions()
-        return prod - cons > (self._mask + 1) // 4
-
     def wait(self, timeout_ms: int, interval_s: float | None = None) -> bool:
         """Wait until the next drain is due, at most `timeout_ms`; whether it is. Due: at once after
         a drain cut by its limit (or with a zero timeout), once records are committed and
@@ -144,10 +137,13 @@ class RingBufferReader:
             now = time.monotonic()
             if now < wake_at:
                 continue  # a signal cut the sleep short
-            if now >= due and self.pending():
+            cons, prod = self._positions()
+            if now >= due and cons < prod:
                 return True
-            if self._filling():
-                return True  # a burst after a quiet spell: the ring would fill before the interval ends
+            # A quarter of the ring holds records: a burst after a quiet spell (an interval of up
+            # to DRAIN_INTERVAL_MAX_S) is drained at the caller's next tick, before it overflows.
+            if prod - cons > (self._mask + 1) // 4:
+                return True
             if now >= deadline:
                 return False
             due = now + interval_s  # nothing committed yet: a whole interval's records, not one
