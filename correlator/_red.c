@@ -192,6 +192,7 @@ typedef struct {
     PyObject *routes;         /* (base, route, from the heuristic) -> Head */
     PyObject *facts;          /* (Head, status, end, responded[, peer address, port]) -> (attrs, failed) */
     PyObject *addrs4, *addrs6; /* raw address -> text */
+    PyObject *last_error;      /* str, or NULL before metric_batch skipped a record */
     Py_ssize_t memo_size;
     int auto_routes;
     Py_ssize_t records;  /* metric records fed */
@@ -199,7 +200,7 @@ typedef struct {
 } Path;
 
 #define PATH_OBJECTS(X) X(derive) X(admit) X(route_template) X(match) X(heads) X(shapes) X(routes) X(facts) \
-    X(addrs4) X(addrs6)
+    X(addrs4) X(addrs6) X(last_error)
 #define P_VISIT(f) Py_VISIT(self->f);
 #define P_CLEAR(f) Py_CLEAR(self->f);
 
@@ -704,8 +705,60 @@ done:
     return out;
 }
 
+/* metric_batch(mxs, out) -> errors: a run of records, each one's RedFacts appended to out. A record
+ * that raises an Exception is counted and skipped, the rest go on (bad input never stops the
+ * agent); errors and last_error say what the caller counts. One call per run: the Python call per
+ * record cost about as much as the record's own path. */
+static PyObject *path_metric_batch(Path *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "metric_batch(mxs: list, out: list)");
+        return NULL;
+    }
+    PyObject *mxs = args[0], *out = args[1];
+    Py_ssize_t errors = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(mxs); i++) {
+        PyObject *f = path_metric(self, PyList_GET_ITEM(mxs, i));
+        if (f == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                return NULL;
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            /* as correlator.py's f"{type(e).__name__}: {e}" */
+            PyObject *name = PyType_GetName((PyTypeObject *)type);
+            PyObject *msg = name ? PyUnicode_FromFormat("%U: %S", name, value ? value : Py_None) : NULL;
+            Py_XDECREF(name);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            if (msg == NULL)
+                return NULL;
+            Py_XSETREF(self->last_error, msg);
+            errors++;
+            continue;
+        }
+        int r = f == Py_None ? 0 : PyList_Append(out, f);
+        Py_DECREF(f);
+        if (r < 0)
+            return NULL;
+    }
+    return PyLong_FromSsize_t(errors);
+}
+
+static PyObject *path_last_error(Path *self, void *closure) {
+    return Py_NewRef(self->last_error ? self->last_error : s_empty);
+}
+
+static PyGetSetDef path_getset[] = {
+    {"last_error", (getter)path_last_error, NULL, "'Type: message' of the last record metric_batch skipped", NULL},
+    {NULL},
+};
+
 static PyMethodDef path_methods[] = {
     {"metric", (PyCFunction)path_metric, METH_O, "metric(mx) -> RedFacts, or None when its head is not HTTP/1.x"},
+    {"metric_batch", (PyCFunction)(void (*)(void))path_metric_batch, METH_FASTCALL,
+     "metric_batch(mxs, out) -> errors: each record's RedFacts appended to out (none when its head is not "
+     "HTTP/1.x); a record that raises is counted in the result and skipped (last_error says why)"},
     {NULL},
 };
 
@@ -728,6 +781,7 @@ static PyTypeObject Path_Type = {
     .tp_dealloc = (destructor)path_dealloc,
     .tp_methods = path_methods,
     .tp_members = path_members,
+    .tp_getset = path_getset,
 };
 
 /* ---- module ------------------------------------------------------------------------------ */

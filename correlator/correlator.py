@@ -197,6 +197,14 @@ class Correlator:
             self.last_error = f"{type(e).__name__}: {e}"
             return None
 
+    def metric_batch(self, mxs: list[MetricExchange], facts_out: list[red.RedFacts]) -> None:
+        """metric() over a run of consecutive metric records, their facts appended to facts_out
+        (one call per run: correlator/_red.c counts a record that raises and goes on)."""
+        errors = self._metrics.metric_batch(mxs, facts_out)
+        if errors:
+            self._c.internal_errors += errors
+            self.last_error = self._metrics.last_error
+
     def _metric_head(self, head: bytes, server: bool, tls: bool) -> tuple[red.HeadPart, str | None] | None:
         """A metric record's head part from the full parse, for correlator/_red.c to memoise (by
         the exact head, and by the head without its target): the RED head part as the span

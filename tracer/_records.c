@@ -734,14 +734,17 @@ static PyObject *py_decode_segment(PyObject *Py_UNUSED(m), PyObject *data)
 /* A poll's records, decoded where they lie: straight from the ring buffer's mapping (drain) or
  * from bytes (decode_batch: the agent's timeout sweep, recordings). Either way the output is what
  * tracer/agent.py's RecordDispatch feeds, in stream order: a list per run of consecutive exchange
- * records (one Correlator.feed_batch call), a MetricExchange or SegmentRecord per record (metric()
- * and segment() share state with the span path, so they keep their place between runs), and the
- * raw bytes of proc and tcp records (the agent's exec/exit hooks; the network metrics). A record
- * that does not decode (short, foreign, an unknown type) is counted, never appended. */
+ * records (one Correlator.feed_batch call) and one per run of consecutive metric records (one
+ * Correlator.metric_batch call: a call per unsampled record cost more than the record's own
+ * path), a SegmentRecord per record (metric and segment records share state with the span path,
+ * so every run and record keeps its place), and the raw bytes of proc and tcp records (the
+ * agent's exec/exit hooks; the network metrics). A record that does not decode (short, foreign,
+ * an unknown type) is counted, never appended. */
 
 typedef struct {
     PyObject *out;  /* list */
-    PyObject *run;  /* borrowed: the open run of exchanges, out's last item; NULL when none */
+    PyObject *run;  /* borrowed: the open run (out's last item), of exchanges or metric records */
+    uint32_t run_type; /* KSPAN_REC_EXCHANGE or KSPAN_REC_METRIC: what run holds */
     Py_ssize_t undecodable;
 } sink;
 
@@ -765,10 +768,11 @@ static int sink_record(sink *s, const uint8_t *p, Py_ssize_t n, PyObject *raw)
     PyObject *o;
     switch (t) {
     case KSPAN_REC_EXCHANGE:
-        o = exchange_from(&in, -1);
+    case KSPAN_REC_METRIC:
+        o = t == KSPAN_REC_EXCHANGE ? exchange_from(&in, -1) : metric_from(&in, -1);
         if (o == NULL)
             return sink_bad(s);
-        if (s->run == NULL) {
+        if (s->run == NULL || s->run_type != t) {
             PyObject *run = PyList_New(0);
             if (run == NULL || PyList_Append(s->out, run) < 0) {
                 Py_XDECREF(run);
@@ -777,13 +781,11 @@ static int sink_record(sink *s, const uint8_t *p, Py_ssize_t n, PyObject *raw)
             }
             Py_DECREF(run); /* out holds it */
             s->run = run;
+            s->run_type = t;
         }
         int r = PyList_Append(s->run, o);
         Py_DECREF(o);
         return r;
-    case KSPAN_REC_METRIC:
-        o = metric_from(&in, -1);
-        break;
     case KSPAN_REC_SEGMENT:
         o = segment_from(&in, -1);
         break;
@@ -816,7 +818,7 @@ static PyObject *py_decode_batch(PyObject *Py_UNUSED(m), PyObject *const *args, 
     PyObject *it = PyObject_GetIter(args[0]);
     if (it == NULL)
         return NULL;
-    sink s = {.out = args[1], .run = NULL, .undecodable = 0};
+    sink s = {.out = args[1], .run = NULL, .run_type = 0, .undecodable = 0};
     PyObject *rec;
     while ((rec = PyIter_Next(it)) != NULL) {
         input in;
@@ -912,7 +914,7 @@ static PyObject *py_drain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssiz
     const uint64_t mask = (uint64_t)size - 1;
     uint64_t cons = __atomic_load_n(consumer, __ATOMIC_RELAXED); /* only we write it */
     const uint64_t prod = __atomic_load_n(producer, __ATOMIC_ACQUIRE);
-    sink s = {.out = args[5], .run = NULL, .undecodable = 0};
+    sink s = {.out = args[5], .run = NULL, .run_type = 0, .undecodable = 0};
     Py_ssize_t n = 0, consumed = 0;
     int failed = 0;
     while (cons < prod && n < limit) {
@@ -1047,7 +1049,8 @@ static PyMethodDef methods[] = {
      "Raises ValueError on a short or foreign record."},
     {"decode_batch", (PyCFunction)(void (*)(void))py_decode_batch, METH_FASTCALL,
      "decode_batch(records, out) -> undecodable: the records decoded into out in stream order (a list per run "
-     "of exchanges, a MetricExchange or SegmentRecord per record, proc and tcp records as bytes); returns how "
+     "of exchanges and one per run of metric records, a SegmentRecord per record, proc and tcp records as "
+     "bytes); returns how "
      "many did not decode (counted, skipped)."},
     {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL,
      "drain(consumer, producer, page, size, limit, out, decode) -> (records, undecodable): up to limit "

@@ -248,10 +248,10 @@ class RecordDispatch:
     """Exchange, metric, segment and TCP records into the correlator, a poll's batch at a time: the
     agent's per-record hot path (bench/hotpath.py measures exactly this). The records come decoded
     by tracer/_records.c (straight from the ring buffer's mapping, or from bytes: decode()) in
-    stream order: a list per run of consecutive exchange records, which goes to the correlator in
-    one call; a metric or segment record each (metric() takes the span path's route cap and
-    segment() runs between exchanges as the stream orders them, so they keep their place); proc and
-    tcp records as bytes."""
+    stream order: a list per run of consecutive exchange records and one per run of metric records,
+    each run one correlator call; a segment record each (metric records take the span path's route
+    cap and segment() runs between exchanges as the stream orders them, so every run keeps its
+    place); proc and tcp records as bytes."""
 
     def __init__(self, correlator: Correlator, processes: ProcessTable) -> None:
         self.correlator = correlator
@@ -279,7 +279,7 @@ class RecordDispatch:
                      tcp: list[TcpEvent]) -> None:
         """Decoded records (see the class) into the correlator; proc records are the agent's."""
         correlator, get = self.correlator, self.processes.get
-        feed_batch = correlator.feed_batch
+        feed_batch, metric_batch = correlator.feed_batch, correlator.metric_batch
         for item in decoded:
             t = type(item)
             if t is list:
@@ -288,12 +288,10 @@ class RecordDispatch:
                 # instructions)
                 for pid in set(map(_PID, item)):
                     get(pid)
-                feed_batch(item, spans)
-            elif t is MetricExchange:
-                get(item.pid)
-                f = correlator.metric(item)
-                if f is not None:
-                    facts.append(f)
+                if type(item[0]) is MetricExchange:
+                    metric_batch(item, facts)
+                else:
+                    feed_batch(item, spans)
             elif t is SegmentRecord:
                 get(item.seg.pid)
                 spans.extend(correlator.segment(item))

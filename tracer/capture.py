@@ -663,8 +663,8 @@ class Capture:
 
     def poll_decoded(self, timeout_ms: int, out: list[Any]) -> int:
         """poll(), decoded straight from the ring's memory into `out` (tracer/_records.c's drain:
-        runs of exchanges, metric and segment records, proc and tcp records as bytes); returns
-        how many records did not decode."""
+        runs of exchanges and of metric records, segment records, proc and tcp records as
+        bytes); returns how many records did not decode."""
         if self._objs is None or self._reader is None:
             return 0
         if not self._reader.wait(timeout_ms):

@@ -71,6 +71,25 @@ def test_route_and_not_http() -> None:
     assert st.metric_records == 2 and st.metric_unparsed == 1
 
 
+def test_a_run_of_metric_records_gives_each_records_facts_and_counts_the_one_that_raises() -> None:
+    """metric_batch (the agent's call per run of metric records) is metric() record by record: the
+    same facts in order, none for a head that is not HTTP/1.x, and a record that raises counted
+    as an internal error (last_error says why) while the rest of the run goes on."""
+    exs = [ex for _, ex in CASES]
+    mxs = [_metric(ex) for ex in exs]
+    one = Correlator(WallClock(0), CorrelatorConfig(routes=["/users/{id}"]))
+    want = [one.metric(mx) for mx in mxs]
+    bad = mxs[0]._replace(req_head="not bytes")
+    not_http = _metric(make_exchange(b"\x16\x03\x01 not http", response_bytes(200)))
+    run = Correlator(WallClock(0), CorrelatorConfig(routes=["/users/{id}"]))
+    got: list = []
+    run.metric_batch([*mxs[:3], bad, not_http, *mxs[3:]], got)
+    assert got == [f for f in want if f is not None] and len(got) == len(mxs)
+    st = run.stats
+    assert st.internal_errors == 1 and run.last_error == "TypeError: req_head must be bytes"
+    assert st.metric_records == len(mxs) + 2 and st.metric_unparsed == 1
+
+
 def _hist(agg: MetricsAggregator, name: str) -> dict[tuple, int]:
     out: dict[tuple, int] = {}
     for rm in agg.collect().resource_metrics:

@@ -36,7 +36,8 @@ def _flat(decoded: list[Any]) -> list[Any]:
     out: list[Any] = []
     for item in decoded:
         if type(item) is list:
-            out.extend(("exchange", dataclasses.astuple(ex)) for ex in item)
+            out.extend(("metric", mx) if isinstance(mx, MetricExchange) else ("exchange", dataclasses.astuple(mx))
+                       for mx in item)
         elif isinstance(item, SegmentRecord):
             out.append(dataclasses.astuple(item))
         else:
@@ -111,23 +112,32 @@ def test_the_raw_path_gives_the_records_bytes_exactly() -> None:
     assert got == recs
 
 
-def test_runs_of_exchanges_are_grouped_and_everything_else_keeps_its_place() -> None:
+def test_runs_of_exchanges_and_of_metric_records_are_grouped_and_everything_else_keeps_its_place() -> None:
     src = hotpath.load(FIXTURES["python_chain_ids"]).records
     by_kind: dict[int, list[bytes]] = {}
     for r in src:
         by_kind.setdefault(records.record_type(r), []).append(r)
     ex, mx, tcp, proc = (by_kind[k] for k in (records.REC_EXCHANGE, records.REC_METRIC, records.REC_TCP,
                                                records.REC_PROC))
-    stream = [ex[0], ex[1], mx[0], ex[2], b"\x63\0\0\0" + bytes(40), ex[3], tcp[0], proc[0], ex[4], ex[5], ex[6]]
+    stream = [ex[0], ex[1], mx[0], ex[2], b"\x63\0\0\0" + bytes(40), ex[3], tcp[0], proc[0], ex[4], ex[5], ex[6],
+              mx[1], mx[2], b"\x63\0\0\0" + bytes(40), mx[3], ex[7], mx[4]]
     ring = Ring(1 << 16)
     for r in stream:
         ring.put(r)
     out: list[Any] = []
-    assert ring.reader.drain_decoded(out) == (len(stream), 1)
-    shape = [("run", len(x)) if type(x) is list else type(x).__name__ for x in out]
-    # the foreign record is counted and does not end the run it is in
-    assert shape == [("run", 2), "MetricExchange", ("run", 2), "bytes", "bytes", ("run", 3)]
-    assert isinstance(out[1], MetricExchange) and out[3] == tcp[0] and out[4] == proc[0]
+    assert ring.reader.drain_decoded(out) == (len(stream), 2)
+
+    def kind(run: list[Any]) -> str:
+        kinds = {type(x).__name__ for x in run}
+        assert len(kinds) == 1  # a run holds one kind of record
+        return kinds.pop()
+
+    shape = [(kind(x), len(x)) if type(x) is list else type(x).__name__ for x in out]
+    # a foreign record is counted and does not end the run it is in
+    assert shape == [("Exchange", 2), ("MetricExchange", 1), ("Exchange", 2), "bytes", "bytes", ("Exchange", 3),
+                     ("MetricExchange", 3), ("Exchange", 1), ("MetricExchange", 1)]
+    assert out[3] == tcp[0] and out[4] == proc[0]
+    assert out[6] == [records.decode_metric(r) for r in (mx[1], mx[2], mx[3])]
 
 
 def test_a_record_not_yet_committed_stops_the_drain_until_it_is() -> None:
@@ -176,7 +186,7 @@ def test_short_and_foreign_records_are_counted_and_skipped() -> None:
         ring.put(r)
     out: list[Any] = []
     assert ring.reader.drain_decoded(out) == (len(bad) + 2, len(bad))
-    assert len(out) == 2 and len(out[0]) == 1 and isinstance(out[1], MetricExchange)
+    assert len(out) == 2 and len(out[0]) == 1 and out[1] == [records.decode_metric(mx)]
 
 
 def test_the_limit_leaves_the_rest_for_the_next_drain() -> None:
