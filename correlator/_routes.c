@@ -3,14 +3,19 @@
  *
  * Every server request without a --route template comes through route_template, from the span
  * path (correlator/_spans.c) and the metric-record path (correlator/_red.c) alike. What it costs
- * per request: one pass over the path, a dict lookup per segment that is not a decimal number
- * (a segment's template is memoised), and one join when a segment changed (else the path itself
- * is the route). The classification below runs once per distinct segment, on any str: the
- * patterns are ASCII, except that a digit (str.isdigit) is any Unicode digit, as in Python.
+ * per request: one pass over the path, a probe of the segment memo per segment that is neither
+ * empty nor a decimal number (a table looked up by the segment's characters: no object is made
+ * for it), and one new str when a segment changed (else the path itself is the route). For an
+ * ASCII path, the common case, that str is copied together from the path and the templates;
+ * any other path's is joined from str pieces. The classification below runs once per distinct
+ * segment, on any str: the patterns are ASCII, except that a digit (str.isdigit) is any Unicode
+ * digit, as in Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <stdint.h>
+#include <string.h>
 
 #define RANDOM_MIN_LEN 16
 #define LONGEST_LITERAL 40 /* longer is text (a long slug, a search term, a head the capture cut) */
@@ -19,7 +24,7 @@
 #define DEFAULT_MAX_ROUTES 100
 #define DEFAULT_MAX_SERVICES 1024 /* listening addresses remembered (~10 MB at most); least recently used go first */
 
-static PyObject *s_id, *s_overflow, *s_slash, *s_dot, *s_id_dot, *segments_memo;
+static PyObject *s_id, *s_overflow, *s_slash, *s_dot, *s_id_dot, *s_empty;
 
 /* ---- one segment ------------------------------------------------------------------------- */
 
@@ -204,41 +209,166 @@ static PyObject *template_of(PyObject *seg) {
     return Py_NewRef(identifier(&s) ? s_id : seg);
 }
 
-/* ---- a path ------------------------------------------------------------------------------ */
+/* ---- the memo ---------------------------------------------------------------------------- */
 
-/* Characters [a, b) of path are all ASCII digits (str.isdecimal() and str.isascii()). */
-static int decimal(int kind, const void *data, Py_ssize_t a, Py_ssize_t b) {
-    if (a == b)
+/* A segment's template, remembered by content for SEGMENT_MEMO distinct segments at most (then
+ * all forgotten at once). Open addressing: the table is looked up by a segment's characters in
+ * the path, so a hit creates no object (a str key would need the substring, and its siphash). */
+#define MEMO_BITS 14
+#define MEMO_SLOTS (1 << MEMO_BITS)
+_Static_assert(MEMO_SLOTS >= 2 * SEGMENT_MEMO, "the table stays at most half full: probe runs stay short");
+
+typedef struct {
+    uint64_t hash;
+    PyObject *seg;  /* the segment (canonical str); NULL: an empty slot */
+    PyObject *tmpl; /* its template; NULL: the segment stays */
+} Slot;
+
+static Slot memo[MEMO_SLOTS];
+static Py_ssize_t memo_used;
+
+/* FNV-1a over code points, so that a segment hashes the same whatever the kind of the path it is
+ * read from (the one memo serves ASCII and other paths). */
+#define FNV_BASIS 0xcbf29ce484222325ULL
+#define FNV_PRIME 0x100000001b3ULL
+
+/* FNV's low bits mix poorly: the slot comes from the high bits of a multiplied hash. */
+static inline size_t slot_of(uint64_t h) { return (size_t)(((h ^ (h >> 29)) * 0x9e3779b97f4a7c15ULL) >> (64 - MEMO_BITS)); }
+
+/* seg holds the same characters as [a, a + n) of data. Keys are canonical, so a key of another
+ * kind than the path's can still be equal (a Latin-1 segment of a UCS-2 path). */
+static inline int same(PyObject *seg, int kind, const void *data, Py_ssize_t a, Py_ssize_t n) {
+    if (PyUnicode_GET_LENGTH(seg) != n)
         return 0;
-    for (Py_ssize_t i = a; i < b; i++)
-        if (!is_ascii_digit(PyUnicode_READ(kind, data, i)))
+    int k = PyUnicode_KIND(seg);
+    const void *d = PyUnicode_DATA(seg);
+    if (k == kind)
+        return memcmp(d, (const char *)data + a * kind, (size_t)(n * kind)) == 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyUnicode_READ(k, d, i) != PyUnicode_READ(kind, data, a + i))
             return 0;
     return 1;
 }
 
-/* The memoised template of one segment (a new reference; seg itself when it stays). Decimal
- * numbers, the most common id, never reach the memo. */
-static PyObject *segment(PyObject *seg) {
-    PyObject *t = PyDict_GetItemWithError(segments_memo, seg);
-    if (t != NULL)
-        return Py_NewRef(t == Py_None ? seg : t);
-    if (PyErr_Occurred() || (t = template_of(seg)) == NULL)
-        return NULL;
-    if (PyDict_GET_SIZE(segments_memo) >= SEGMENT_MEMO)
-        PyDict_Clear(segments_memo);
-    /* None: the segment stays (what is stored is then not a second copy of it) */
-    if (PyDict_SetItem(segments_memo, seg, t == seg ? Py_None : t) < 0) {
-        Py_DECREF(t);
-        return NULL;
+/* The slot holding [a, a + n) of data, or the empty one where it belongs (there always is one:
+ * the table is never more than half full). */
+static inline Slot *probe(uint64_t h, int kind, const void *data, Py_ssize_t a, Py_ssize_t n) {
+    for (size_t i = slot_of(h);; i = (i + 1) & (MEMO_SLOTS - 1)) {
+        Slot *s = &memo[i];
+        if (s->seg == NULL || (s->hash == h && same(s->seg, kind, data, a, n)))
+            return s;
     }
-    return t;
 }
 
-static PyObject *route_template(PyObject *mod, PyObject *path) {
-    if (!PyUnicode_Check(path)) {
-        PyErr_Format(PyExc_TypeError, "route_template() takes a str, not %.100s", Py_TYPE(path)->tp_name);
+static void forget_all(void) {
+    for (size_t i = 0; i < MEMO_SLOTS; i++) {
+        Py_CLEAR(memo[i].seg);
+        Py_CLEAR(memo[i].tmpl);
+    }
+    memo_used = 0;
+}
+
+/* The memo's slot for characters [a, b) of path (h their hash), filled on a miss; NULL on error.
+ * Valid until the next miss (which can forget all): callers take their references at once. */
+static Slot *memo_slot(PyObject *path, int kind, const void *data, Py_ssize_t a, Py_ssize_t b, uint64_t h) {
+    Slot *s = probe(h, kind, data, a, b - a);
+    if (s->seg != NULL)
+        return s;
+    PyObject *seg = PyUnicode_Substring(path, a, b), *t;
+    if (seg == NULL)
+        return NULL;
+    if ((t = template_of(seg)) == NULL) {
+        Py_DECREF(seg);
         return NULL;
     }
+    if (memo_used >= SEGMENT_MEMO) {
+        forget_all();
+        s = &memo[slot_of(h)];
+    }
+    if (t == seg) {
+        Py_DECREF(t);
+        t = NULL;
+    }
+    *s = (Slot){h, seg, t}; /* the slot takes both references */
+    memo_used++;
+    return s;
+}
+
+/* ---- a path ------------------------------------------------------------------------------ */
+
+/* An ASCII path (the common case): its route is ASCII too (a segment's template is made of its
+ * own characters and "{id}"), built once from the path's bytes and the templates, with no object
+ * per segment. */
+static PyObject *ascii_route(PyObject *path) {
+    const Py_UCS1 *p = PyUnicode_1BYTE_DATA(path);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(path), total = 0;
+    struct {
+        Py_ssize_t a, n;
+        PyObject *t; /* a reference to the template; NULL: characters [a, a + n) of the path stay */
+    } pieces[MAX_SEGMENTS + 2];
+    PyObject *out = NULL;
+    int np = 0, changed = 0;
+    for (Py_ssize_t a = 0;;) {
+        if (np == MAX_SEGMENTS + 1) {
+            /* deeper: the first segments and one {id} for the rest */
+            pieces[np].a = pieces[np].n = 0;
+            pieces[np++].t = Py_NewRef(s_id);
+            total += PyUnicode_GET_LENGTH(s_id);
+            changed = 1;
+            break;
+        }
+        uint64_t h = FNV_BASIS;
+        unsigned decimal = 1;
+        Py_ssize_t b = a;
+        for (; b < n && p[b] != '/'; b++) {
+            decimal &= (unsigned)(p[b] - '0') < 10;
+            h = (h ^ p[b]) * FNV_PRIME;
+        }
+        PyObject *t = NULL;
+        if (b == a)
+            ; /* an empty segment stays */
+        else if (decimal)
+            t = Py_NewRef(s_id);
+        else {
+            Slot *s = memo_slot(path, PyUnicode_1BYTE_KIND, p, a, b, h);
+            if (s == NULL)
+                goto done;
+            t = Py_XNewRef(s->tmpl);
+        }
+        assert(t == NULL || PyUnicode_IS_ASCII(t));
+        pieces[np].a = a;
+        pieces[np].n = b - a;
+        pieces[np++].t = t;
+        changed |= t != NULL;
+        total += t ? PyUnicode_GET_LENGTH(t) : b - a;
+        if (b == n)
+            break;
+        a = b + 1;
+    }
+    if (!changed) {
+        out = Py_NewRef(path);
+        goto done;
+    }
+    if ((out = PyUnicode_New(total + np - 1, 127)) == NULL)
+        goto done;
+    Py_UCS1 *o = PyUnicode_1BYTE_DATA(out);
+    for (int i = 0; i < np; i++) {
+        if (i)
+            *o++ = '/';
+        PyObject *t = pieces[i].t;
+        Py_ssize_t len = t ? PyUnicode_GET_LENGTH(t) : pieces[i].n;
+        memcpy(o, t ? PyUnicode_1BYTE_DATA(t) : p + pieces[i].a, (size_t)len);
+        o += len;
+    }
+done:
+    for (int i = 0; i < np; i++)
+        Py_XDECREF(pieces[i].t);
+    return out;
+}
+
+/* Any other path: joined from str pieces, which gives the canonical (narrowest) kind for the
+ * route, narrower than the path's when its widest characters were in segments that became {id}. */
+static PyObject *general_route(PyObject *path) {
     int kind = PyUnicode_KIND(path);
     const void *data = PyUnicode_DATA(path);
     Py_ssize_t n = PyUnicode_GET_LENGTH(path);
@@ -246,27 +376,29 @@ static PyObject *route_template(PyObject *mod, PyObject *path) {
     int np = 0, changed = 0;
     for (Py_ssize_t a = 0;;) {
         if (np == MAX_SEGMENTS + 1) {
-            /* deeper: the first segments and one {id} for the rest */
             pieces[np++] = Py_NewRef(s_id);
             changed = 1;
             break;
         }
+        uint64_t h = FNV_BASIS;
+        unsigned decimal = 1;
         Py_ssize_t b = a;
-        while (b < n && PyUnicode_READ(kind, data, b) != '/')
-            b++;
+        for (Py_UCS4 c; b < n && (c = PyUnicode_READ(kind, data, b)) != '/'; b++) {
+            decimal &= c - '0' < 10;
+            h = (h ^ c) * FNV_PRIME;
+        }
         PyObject *piece;
-        if (decimal(kind, data, a, b)) {
+        if (b == a)
+            piece = Py_NewRef(s_empty);
+        else if (decimal) {
             piece = Py_NewRef(s_id);
             changed = 1;
         } else {
-            PyObject *seg = PyUnicode_Substring(path, a, b);
-            if (seg == NULL)
+            Slot *s = memo_slot(path, kind, data, a, b, h);
+            if (s == NULL)
                 goto done;
-            piece = segment(seg);
-            changed |= piece != seg;
-            Py_DECREF(seg);
-            if (piece == NULL)
-                goto done;
+            piece = Py_NewRef(s->tmpl ? s->tmpl : s->seg); /* the key: the segment's characters */
+            changed |= s->tmpl != NULL;
         }
         pieces[np++] = piece;
         if (b == n)
@@ -289,6 +421,16 @@ done:
     for (int i = 0; i < np; i++)
         Py_DECREF(pieces[i]);
     return out;
+}
+
+static PyObject *route_template(PyObject *mod, PyObject *path) {
+    if (!PyUnicode_Check(path)) {
+        PyErr_Format(PyExc_TypeError, "route_template() takes a str, not %.100s", Py_TYPE(path)->tp_name);
+        return NULL;
+    }
+    if (PyUnicode_READY(path) < 0)
+        return NULL;
+    return PyUnicode_IS_ASCII(path) ? ascii_route(path) : general_route(path);
 }
 
 static PyObject *segment_template(PyObject *mod, PyObject *seg) {
@@ -536,7 +678,7 @@ PyMODINIT_FUNC PyInit__routes(void) {
     if ((s_id = PyUnicode_InternFromString("{id}")) == NULL ||
         (s_overflow = PyUnicode_InternFromString("/{overflow}")) == NULL ||
         (s_slash = PyUnicode_InternFromString("/")) == NULL || (s_dot = PyUnicode_InternFromString(".")) == NULL ||
-        (s_id_dot = PyUnicode_InternFromString("{id}.")) == NULL || (segments_memo = PyDict_New()) == NULL ||
+        (s_id_dot = PyUnicode_InternFromString("{id}.")) == NULL || (s_empty = PyUnicode_InternFromString("")) == NULL ||
         PyModule_AddObjectRef(m, "ID", s_id) < 0 || PyModule_AddObjectRef(m, "OVERFLOW_ROUTE", s_overflow) < 0 ||
         PyModule_AddIntConstant(m, "DEFAULT_MAX_ROUTES", DEFAULT_MAX_ROUTES) < 0 ||
         PyModule_AddIntConstant(m, "DEFAULT_MAX_SERVICES", DEFAULT_MAX_SERVICES) < 0 ||
