@@ -242,8 +242,16 @@ static inline int same(PyObject *seg, int kind, const void *data, Py_ssize_t a, 
         return 0;
     int k = PyUnicode_KIND(seg);
     const void *d = PyUnicode_DATA(seg);
-    if (k == kind)
-        return memcmp(d, (const char *)data + a * kind, (size_t)(n * kind)) == 0;
+    if (k == kind) {
+        const char *x = d, *y = (const char *)data + a * kind;
+        size_t len = (size_t)(n * kind);
+        if (len > 16) /* segments are mostly short words: a call to memcmp costs more than they do */
+            return memcmp(x, y, len) == 0;
+        for (size_t i = 0; i < len; i++)
+            if (x[i] != y[i])
+                return 0;
+        return 1;
+    }
     for (Py_ssize_t i = 0; i < n; i++)
         if (PyUnicode_READ(k, d, i) != PyUnicode_READ(kind, data, a + i))
             return 0;
@@ -268,12 +276,10 @@ static void forget_all(void) {
     memo_used = 0;
 }
 
-/* The memo's slot for characters [a, b) of path (h their hash), filled on a miss; NULL on error.
- * Valid until the next miss (which can forget all): callers take their references at once. */
-static Slot *memo_slot(PyObject *path, int kind, const void *data, Py_ssize_t a, Py_ssize_t b, uint64_t h) {
-    Slot *s = probe(h, kind, data, a, b - a);
-    if (s->seg != NULL)
-        return s;
+/* Fills s, the empty slot probe found for characters [a, b) of path (h their hash): the slot
+ * then holding them, NULL on error. Valid until the next miss (which can forget all): callers
+ * take their references at once. Out of line: a hit, the common case, is only the probe. */
+static Slot *memo_miss(PyObject *path, Slot *s, Py_ssize_t a, Py_ssize_t b, uint64_t h) {
     PyObject *seg = PyUnicode_Substring(path, a, b), *t;
     if (seg == NULL)
         return NULL;
@@ -297,72 +303,79 @@ static Slot *memo_slot(PyObject *path, int kind, const void *data, Py_ssize_t a,
 /* ---- a path ------------------------------------------------------------------------------ */
 
 /* An ASCII path (the common case): its route is ASCII too (a segment's template is made of its
- * own characters and "{id}"), built once from the path's bytes and the templates, with no object
+ * own characters and "{id}"), copied once from the path's bytes and the templates, with no object
  * per segment. */
 static PyObject *ascii_route(PyObject *path) {
     const Py_UCS1 *p = PyUnicode_1BYTE_DATA(path);
-    Py_ssize_t n = PyUnicode_GET_LENGTH(path), total = 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(path), total = n;
     struct {
-        Py_ssize_t a, n;
-        PyObject *t; /* a reference to the template; NULL: characters [a, a + n) of the path stay */
-    } pieces[MAX_SEGMENTS + 2];
+        Py_ssize_t a, b;
+        PyObject *t; /* a reference to the template replacing characters [a, b) of the path */
+    } rep[MAX_SEGMENTS + 2];
     PyObject *out = NULL;
-    int np = 0, changed = 0;
-    for (Py_ssize_t a = 0;;) {
+    int nr = 0;
+    for (Py_ssize_t a = 0, np = 0;; np++) {
         if (np == MAX_SEGMENTS + 1) {
             /* deeper: the first segments and one {id} for the rest */
-            pieces[np].a = pieces[np].n = 0;
-            pieces[np++].t = Py_NewRef(s_id);
-            total += PyUnicode_GET_LENGTH(s_id);
-            changed = 1;
+            rep[nr].a = a;
+            rep[nr].b = n;
+            rep[nr++].t = Py_NewRef(s_id);
+            total += PyUnicode_GET_LENGTH(s_id) - (n - a);
             break;
         }
-        uint64_t h = FNV_BASIS;
-        unsigned decimal = 1;
         Py_ssize_t b = a;
-        for (; b < n && p[b] != '/'; b++) {
-            decimal &= (unsigned)(p[b] - '0') < 10;
-            h = (h ^ p[b]) * FNV_PRIME;
-        }
         PyObject *t = NULL;
-        if (b == a)
-            ; /* an empty segment stays */
-        else if (decimal)
-            t = Py_NewRef(s_id);
-        else {
-            Slot *s = memo_slot(path, PyUnicode_1BYTE_KIND, p, a, b, h);
-            if (s == NULL)
-                goto done;
-            t = Py_XNewRef(s->tmpl);
+        if (b < n && is_ascii_digit(p[b])) {
+            do
+                b++;
+            while (b < n && is_ascii_digit(p[b]));
+            if (b == n || p[b] == '/')
+                t = Py_NewRef(s_id);
+            else
+                b = a; /* not a decimal number after all: hashed from its start */
         }
-        assert(t == NULL || PyUnicode_IS_ASCII(t));
-        pieces[np].a = a;
-        pieces[np].n = b - a;
-        pieces[np++].t = t;
-        changed |= t != NULL;
-        total += t ? PyUnicode_GET_LENGTH(t) : b - a;
+        if (t == NULL) {
+            uint64_t h = FNV_BASIS;
+            for (; b < n && p[b] != '/'; b++)
+                h = (h ^ p[b]) * FNV_PRIME;
+            if (b > a) { /* an empty segment stays */
+                Slot *s = probe(h, PyUnicode_1BYTE_KIND, p, a, b - a);
+                if (s->seg == NULL && (s = memo_miss(path, s, a, b, h)) == NULL)
+                    goto done;
+                t = Py_XNewRef(s->tmpl);
+            }
+        }
+        if (t != NULL) {
+            assert(PyUnicode_IS_ASCII(t));
+            rep[nr].a = a;
+            rep[nr].b = b;
+            rep[nr++].t = t;
+            total += PyUnicode_GET_LENGTH(t) - (b - a);
+        }
         if (b == n)
             break;
         a = b + 1;
     }
-    if (!changed) {
+    if (nr == 0) {
         out = Py_NewRef(path);
         goto done;
     }
-    if ((out = PyUnicode_New(total + np - 1, 127)) == NULL)
+    if ((out = PyUnicode_New(total, 127)) == NULL)
         goto done;
     Py_UCS1 *o = PyUnicode_1BYTE_DATA(out);
-    for (int i = 0; i < np; i++) {
-        if (i)
-            *o++ = '/';
-        PyObject *t = pieces[i].t;
-        Py_ssize_t len = t ? PyUnicode_GET_LENGTH(t) : pieces[i].n;
-        memcpy(o, t ? PyUnicode_1BYTE_DATA(t) : p + pieces[i].a, (size_t)len);
+    Py_ssize_t from = 0;
+    for (int i = 0; i < nr; i++) {
+        Py_ssize_t len = PyUnicode_GET_LENGTH(rep[i].t);
+        memcpy(o, p + from, (size_t)(rep[i].a - from));
+        o += rep[i].a - from;
+        memcpy(o, PyUnicode_1BYTE_DATA(rep[i].t), (size_t)len);
         o += len;
+        from = rep[i].b;
     }
+    memcpy(o, p + from, (size_t)(n - from));
 done:
-    for (int i = 0; i < np; i++)
-        Py_XDECREF(pieces[i].t);
+    for (int i = 0; i < nr; i++)
+        Py_DECREF(rep[i].t);
     return out;
 }
 
@@ -394,8 +407,8 @@ static PyObject *general_route(PyObject *path) {
             piece = Py_NewRef(s_id);
             changed = 1;
         } else {
-            Slot *s = memo_slot(path, kind, data, a, b, h);
-            if (s == NULL)
+            Slot *s = probe(h, kind, data, a, b - a);
+            if (s->seg == NULL && (s = memo_miss(path, s, a, b, h)) == NULL)
                 goto done;
             piece = Py_NewRef(s->tmpl ? s->tmpl : s->seg); /* the key: the segment's characters */
             changed |= s->tmpl != NULL;
