@@ -3,14 +3,19 @@
  *
  * Every server request without a --route template comes through route_template, from the span
  * path (correlator/_spans.c) and the metric-record path (correlator/_red.c) alike. What it costs
- * per request: one pass over the path, a dict lookup per segment that is not a decimal number
- * (a segment's template is memoised), and one join when a segment changed (else the path itself
- * is the route). The classification below runs once per distinct segment, on any str: the
- * patterns are ASCII, except that a digit (str.isdigit) is any Unicode digit, as in Python.
+ * per request: one pass over the path, a probe of the segment memo per segment that is neither
+ * empty nor a decimal number (a table looked up by the segment's characters: no object is made
+ * for it), and one new str when a segment changed (else the path itself is the route). For an
+ * ASCII path, the common case, that str is copied together from the path and the templates;
+ * any other path's is joined from str pieces. The classification below runs once per distinct
+ * segment, on any str: the patterns are ASCII, except that a digit (str.isdigit) is any Unicode
+ * digit, as in Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <stdint.h>
+#include <string.h>
 
 #define RANDOM_MIN_LEN 16
 #define LONGEST_LITERAL 40 /* longer is text (a long slug, a search term, a head the capture cut) */
@@ -19,7 +24,7 @@
 #define DEFAULT_MAX_ROUTES 100
 #define DEFAULT_MAX_SERVICES 1024 /* listening addresses remembered (~10 MB at most); least recently used go first */
 
-static PyObject *s_id, *s_overflow, *s_slash, *s_dot, *s_id_dot, *segments_memo;
+static PyObject *s_id, *s_overflow, *s_slash, *s_dot, *s_id_dot, *s_empty;
 
 /* ---- one segment ------------------------------------------------------------------------- */
 
@@ -204,41 +209,179 @@ static PyObject *template_of(PyObject *seg) {
     return Py_NewRef(identifier(&s) ? s_id : seg);
 }
 
-/* ---- a path ------------------------------------------------------------------------------ */
+/* ---- the memo ---------------------------------------------------------------------------- */
 
-/* Characters [a, b) of path are all ASCII digits (str.isdecimal() and str.isascii()). */
-static int decimal(int kind, const void *data, Py_ssize_t a, Py_ssize_t b) {
-    if (a == b)
+/* A segment's template, remembered by content for SEGMENT_MEMO distinct segments at most (then
+ * all forgotten at once). Open addressing: the table is looked up by a segment's characters in
+ * the path, so a hit creates no object (a str key would need the substring, and its siphash). */
+#define MEMO_BITS 14
+#define MEMO_SLOTS (1 << MEMO_BITS)
+_Static_assert(MEMO_SLOTS >= 2 * SEGMENT_MEMO, "the table stays at most half full: probe runs stay short");
+
+typedef struct {
+    uint64_t hash;
+    PyObject *seg;  /* the segment (canonical str); NULL: an empty slot */
+    PyObject *tmpl; /* its template; NULL: the segment stays */
+} Slot;
+
+static Slot memo[MEMO_SLOTS];
+static Py_ssize_t memo_used;
+
+/* FNV-1a over code points, so that a segment hashes the same whatever the kind of the path it is
+ * read from (the one memo serves ASCII and other paths). */
+#define FNV_BASIS 0xcbf29ce484222325ULL
+#define FNV_PRIME 0x100000001b3ULL
+
+/* FNV's low bits mix poorly: the slot comes from the high bits of a multiplied hash. */
+static inline size_t slot_of(uint64_t h) { return (size_t)(((h ^ (h >> 29)) * 0x9e3779b97f4a7c15ULL) >> (64 - MEMO_BITS)); }
+
+/* seg holds the same characters as [a, a + n) of data. Keys are canonical, so a key of another
+ * kind than the path's can still be equal (a Latin-1 segment of a UCS-2 path). */
+static inline int same(PyObject *seg, int kind, const void *data, Py_ssize_t a, Py_ssize_t n) {
+    if (PyUnicode_GET_LENGTH(seg) != n)
         return 0;
-    for (Py_ssize_t i = a; i < b; i++)
-        if (!is_ascii_digit(PyUnicode_READ(kind, data, i)))
+    int k = PyUnicode_KIND(seg);
+    const void *d = PyUnicode_DATA(seg);
+    if (k == kind) {
+        const char *x = d, *y = (const char *)data + a * kind;
+        size_t len = (size_t)(n * kind);
+        if (len > 16) /* segments are mostly short words: a call to memcmp costs more than they do */
+            return memcmp(x, y, len) == 0;
+        for (size_t i = 0; i < len; i++)
+            if (x[i] != y[i])
+                return 0;
+        return 1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyUnicode_READ(k, d, i) != PyUnicode_READ(kind, data, a + i))
             return 0;
     return 1;
 }
 
-/* The memoised template of one segment (a new reference; seg itself when it stays). Decimal
- * numbers, the most common id, never reach the memo. */
-static PyObject *segment(PyObject *seg) {
-    PyObject *t = PyDict_GetItemWithError(segments_memo, seg);
-    if (t != NULL)
-        return Py_NewRef(t == Py_None ? seg : t);
-    if (PyErr_Occurred() || (t = template_of(seg)) == NULL)
-        return NULL;
-    if (PyDict_GET_SIZE(segments_memo) >= SEGMENT_MEMO)
-        PyDict_Clear(segments_memo);
-    /* None: the segment stays (what is stored is then not a second copy of it) */
-    if (PyDict_SetItem(segments_memo, seg, t == seg ? Py_None : t) < 0) {
-        Py_DECREF(t);
-        return NULL;
+/* The slot holding [a, a + n) of data, or the empty one where it belongs (there always is one:
+ * the table is never more than half full). */
+static inline Slot *probe(uint64_t h, int kind, const void *data, Py_ssize_t a, Py_ssize_t n) {
+    for (size_t i = slot_of(h);; i = (i + 1) & (MEMO_SLOTS - 1)) {
+        Slot *s = &memo[i];
+        if (s->seg == NULL || (s->hash == h && same(s->seg, kind, data, a, n)))
+            return s;
     }
-    return t;
 }
 
-static PyObject *route_template(PyObject *mod, PyObject *path) {
-    if (!PyUnicode_Check(path)) {
-        PyErr_Format(PyExc_TypeError, "route_template() takes a str, not %.100s", Py_TYPE(path)->tp_name);
+static void forget_all(void) {
+    for (size_t i = 0; i < MEMO_SLOTS; i++) {
+        Py_CLEAR(memo[i].seg);
+        Py_CLEAR(memo[i].tmpl);
+    }
+    memo_used = 0;
+}
+
+/* Fills s, the empty slot probe found for characters [a, b) of path (h their hash): the slot
+ * then holding them, NULL on error. Valid until the next miss (which can forget all): callers
+ * take their references at once. Out of line: a hit, the common case, is only the probe. */
+static Slot *memo_miss(PyObject *path, Slot *s, Py_ssize_t a, Py_ssize_t b, uint64_t h) {
+    PyObject *seg = PyUnicode_Substring(path, a, b), *t;
+    if (seg == NULL)
+        return NULL;
+    if ((t = template_of(seg)) == NULL) {
+        Py_DECREF(seg);
         return NULL;
     }
+    if (memo_used >= SEGMENT_MEMO) {
+        forget_all();
+        s = &memo[slot_of(h)];
+    }
+    if (t == seg) {
+        Py_DECREF(t);
+        t = NULL;
+    }
+    *s = (Slot){h, seg, t}; /* the slot takes both references */
+    memo_used++;
+    return s;
+}
+
+/* ---- a path ------------------------------------------------------------------------------ */
+
+/* An ASCII path (the common case): its route is ASCII too (a segment's template is made of its
+ * own characters and "{id}"), copied once from the path's bytes and the templates, with no object
+ * per segment. */
+static PyObject *ascii_route(PyObject *path) {
+    const Py_UCS1 *p = PyUnicode_1BYTE_DATA(path);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(path), total = n;
+    struct {
+        Py_ssize_t a, b;
+        PyObject *t; /* a reference to the template replacing characters [a, b) of the path */
+    } rep[MAX_SEGMENTS + 2];
+    PyObject *out = NULL;
+    int nr = 0;
+    for (Py_ssize_t a = 0, np = 0;; np++) {
+        if (np == MAX_SEGMENTS + 1) {
+            /* deeper: the first segments and one {id} for the rest */
+            rep[nr].a = a;
+            rep[nr].b = n;
+            rep[nr++].t = Py_NewRef(s_id);
+            total += PyUnicode_GET_LENGTH(s_id) - (n - a);
+            break;
+        }
+        Py_ssize_t b = a;
+        PyObject *t = NULL;
+        if (b < n && is_ascii_digit(p[b])) {
+            do
+                b++;
+            while (b < n && is_ascii_digit(p[b]));
+            if (b == n || p[b] == '/')
+                t = Py_NewRef(s_id);
+            else
+                b = a; /* not a decimal number after all: hashed from its start */
+        }
+        if (t == NULL) {
+            uint64_t h = FNV_BASIS;
+            for (; b < n && p[b] != '/'; b++)
+                h = (h ^ p[b]) * FNV_PRIME;
+            if (b > a) { /* an empty segment stays */
+                Slot *s = probe(h, PyUnicode_1BYTE_KIND, p, a, b - a);
+                if (s->seg == NULL && (s = memo_miss(path, s, a, b, h)) == NULL)
+                    goto done;
+                t = Py_XNewRef(s->tmpl);
+            }
+        }
+        if (t != NULL) {
+            assert(PyUnicode_IS_ASCII(t));
+            rep[nr].a = a;
+            rep[nr].b = b;
+            rep[nr++].t = t;
+            total += PyUnicode_GET_LENGTH(t) - (b - a);
+        }
+        if (b == n)
+            break;
+        a = b + 1;
+    }
+    if (nr == 0) {
+        out = Py_NewRef(path);
+        goto done;
+    }
+    if ((out = PyUnicode_New(total, 127)) == NULL)
+        goto done;
+    Py_UCS1 *o = PyUnicode_1BYTE_DATA(out);
+    Py_ssize_t from = 0;
+    for (int i = 0; i < nr; i++) {
+        Py_ssize_t len = PyUnicode_GET_LENGTH(rep[i].t);
+        memcpy(o, p + from, (size_t)(rep[i].a - from));
+        o += rep[i].a - from;
+        memcpy(o, PyUnicode_1BYTE_DATA(rep[i].t), (size_t)len);
+        o += len;
+        from = rep[i].b;
+    }
+    memcpy(o, p + from, (size_t)(n - from));
+done:
+    for (int i = 0; i < nr; i++)
+        Py_DECREF(rep[i].t);
+    return out;
+}
+
+/* Any other path: joined from str pieces, which gives the canonical (narrowest) kind for the
+ * route, narrower than the path's when its widest characters were in segments that became {id}. */
+static PyObject *general_route(PyObject *path) {
     int kind = PyUnicode_KIND(path);
     const void *data = PyUnicode_DATA(path);
     Py_ssize_t n = PyUnicode_GET_LENGTH(path);
@@ -246,27 +389,29 @@ static PyObject *route_template(PyObject *mod, PyObject *path) {
     int np = 0, changed = 0;
     for (Py_ssize_t a = 0;;) {
         if (np == MAX_SEGMENTS + 1) {
-            /* deeper: the first segments and one {id} for the rest */
             pieces[np++] = Py_NewRef(s_id);
             changed = 1;
             break;
         }
+        uint64_t h = FNV_BASIS;
+        unsigned decimal = 1;
         Py_ssize_t b = a;
-        while (b < n && PyUnicode_READ(kind, data, b) != '/')
-            b++;
+        for (Py_UCS4 c; b < n && (c = PyUnicode_READ(kind, data, b)) != '/'; b++) {
+            decimal &= c - '0' < 10;
+            h = (h ^ c) * FNV_PRIME;
+        }
         PyObject *piece;
-        if (decimal(kind, data, a, b)) {
+        if (b == a)
+            piece = Py_NewRef(s_empty);
+        else if (decimal) {
             piece = Py_NewRef(s_id);
             changed = 1;
         } else {
-            PyObject *seg = PyUnicode_Substring(path, a, b);
-            if (seg == NULL)
+            Slot *s = probe(h, kind, data, a, b - a);
+            if (s->seg == NULL && (s = memo_miss(path, s, a, b, h)) == NULL)
                 goto done;
-            piece = segment(seg);
-            changed |= piece != seg;
-            Py_DECREF(seg);
-            if (piece == NULL)
-                goto done;
+            piece = Py_NewRef(s->tmpl ? s->tmpl : s->seg); /* the key: the segment's characters */
+            changed |= s->tmpl != NULL;
         }
         pieces[np++] = piece;
         if (b == n)
@@ -289,6 +434,16 @@ done:
     for (int i = 0; i < np; i++)
         Py_DECREF(pieces[i]);
     return out;
+}
+
+static PyObject *route_template(PyObject *mod, PyObject *path) {
+    if (!PyUnicode_Check(path)) {
+        PyErr_Format(PyExc_TypeError, "route_template() takes a str, not %.100s", Py_TYPE(path)->tp_name);
+        return NULL;
+    }
+    if (PyUnicode_READY(path) < 0)
+        return NULL;
+    return PyUnicode_IS_ASCII(path) ? ascii_route(path) : general_route(path);
 }
 
 static PyObject *segment_template(PyObject *mod, PyObject *seg) {
@@ -536,7 +691,7 @@ PyMODINIT_FUNC PyInit__routes(void) {
     if ((s_id = PyUnicode_InternFromString("{id}")) == NULL ||
         (s_overflow = PyUnicode_InternFromString("/{overflow}")) == NULL ||
         (s_slash = PyUnicode_InternFromString("/")) == NULL || (s_dot = PyUnicode_InternFromString(".")) == NULL ||
-        (s_id_dot = PyUnicode_InternFromString("{id}.")) == NULL || (segments_memo = PyDict_New()) == NULL ||
+        (s_id_dot = PyUnicode_InternFromString("{id}.")) == NULL || (s_empty = PyUnicode_InternFromString("")) == NULL ||
         PyModule_AddObjectRef(m, "ID", s_id) < 0 || PyModule_AddObjectRef(m, "OVERFLOW_ROUTE", s_overflow) < 0 ||
         PyModule_AddIntConstant(m, "DEFAULT_MAX_ROUTES", DEFAULT_MAX_ROUTES) < 0 ||
         PyModule_AddIntConstant(m, "DEFAULT_MAX_SERVICES", DEFAULT_MAX_SERVICES) < 0 ||

@@ -10,7 +10,7 @@ from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metr
 
 from correlator.clock import WallClock
 from correlator.correlator import Correlator, CorrelatorConfig
-from correlator.routes import ID, OVERFLOW_ROUTE, RouteCap, is_identifier, route_template
+from correlator.routes import ID, MAX_SEGMENTS, OVERFLOW_ROUTE, RouteCap, is_identifier, route_template
 from correlator.spans import ProcessInfo, Span, SpanKind
 from exporters.metrics import MetricsAggregator
 from tests.support.exchanges import make_exchange, request_bytes, response_bytes
@@ -286,3 +286,59 @@ def test_cap_returns_the_route_it_was_given_and_refreshes_a_service_it_sees() ->
         cap.admit(["unhashable"], "/x")
     with pytest.raises(TypeError):
         route_template(b"/bytes")  # type: ignore[arg-type]
+
+
+# The memo and the ASCII fast path against the unmemoised segment_template ---------------------
+
+
+def _reference(path: str) -> str:
+    """route_template by its definition: each segment's template, the decimal ones {id}."""
+    from correlator.routes import MAX_SEGMENTS, segment_template
+
+    segs = path.split("/")
+    route = [ID if s.isascii() and s.isdecimal() else segment_template(s) for s in segs[: MAX_SEGMENTS + 1]]
+    return "/".join(route + [ID] * (len(segs) > MAX_SEGMENTS + 1))
+
+
+# few characters, so that segments repeat (memo hits) and collide in the memo's table
+ASCII_SEGMENT = st.one_of(
+    SEGMENT,
+    st.text(alphabet="ab1.-", max_size=12),
+    st.text(alphabet="0123456789", min_size=1, max_size=20),
+    st.sampled_from(["x.png", "a.3f9a8b7c.js", "photo.1700000000.jpg", "r-2024-01-15.pdf", "{id}", "{id}.js"]),
+)
+
+WIDE_SEGMENT = st.one_of(ASCII_SEGMENT, st.text(alphabet="aé1.-搜\U0001d7d8\x00", max_size=12))
+
+
+@given(st.lists(st.one_of(ASCII_SEGMENT, st.just("")), max_size=70).map("/".join))
+def test_ascii_paths_match_the_definition(path: str) -> None:
+    assert route_template(path) == _reference(path)
+
+
+@given(st.lists(WIDE_SEGMENT, max_size=70).map("/".join))
+def test_any_paths_match_the_definition(path: str) -> None:
+    route = route_template(path)
+    assert route == _reference(path)
+    assert route_template(route) == route
+
+
+@given(st.lists(ASCII_SEGMENT, max_size=MAX_SEGMENTS - 2).map(lambda segs: "/" + "/".join(segs)),
+       st.sampled_from(["é", "搜", "\U0001f600"]))
+def test_a_non_ascii_segment_changes_only_itself(path: str, word: str) -> None:
+    # the same path through the general (non-ASCII) path: a word stays, whatever its alphabet
+    route = route_template(path)
+    assert route_template(path + "/" + word) == route + "/" + word
+    assert route_template(word + path) == word + route
+
+
+def test_the_memo_can_start_over_within_one_path() -> None:
+    from correlator.routes import SEGMENT_MEMO
+
+    # 63 new segments a path (not a divisor of SEGMENT_MEMO): the memo fills up in the middle of
+    # most paths, after templates held only by the memo were taken for the path's route.
+    for i in range(SEGMENT_MEMO // 63 + 3):
+        segs = [f"r{i}-{k:05d}.png" for k in range(63)]
+        want = "/" + "/".join(["{id}.png"] * 63)
+        assert route_template("/" + "/".join(segs)) == want
+        assert route_template("/" + "/".join(segs[::-1]) + "/é") == want + "/é"
