@@ -391,6 +391,29 @@ static int all_zero(const uint8_t *p, size_t n)
 #define U(x) PyLong_FromUnsignedLongLong((unsigned long long)(x))
 #define B(x) Py_NewRef((x) ? Py_True : Py_False)
 
+/* Pids, tids and ports repeat from record to record (a poll's records come from a handful of
+ * processes and keep-alive connections): one int object per value seen lately, not one per field
+ * of every record (an allocation and a free each, about 100 instructions, and memory the next
+ * records' caches then lose). Direct-mapped; ints are immutable, so sharing one is safe. */
+#define REPEAT_SLOTS 256
+static PyObject *repeat_ints[REPEAT_SLOTS];
+static uint32_t repeat_keys[REPEAT_SLOTS];
+
+static PyObject *R(uint32_t v)
+{
+    if (v <= 256)
+        return PyLong_FromUnsignedLong(v); /* CPython's own small-int singletons */
+    const size_t i = (v ^ (v >> 8) ^ (v >> 16)) & (REPEAT_SLOTS - 1);
+    if (repeat_ints[i] != NULL && repeat_keys[i] == v)
+        return Py_NewRef(repeat_ints[i]);
+    PyObject *o = PyLong_FromUnsignedLong(v);
+    if (o == NULL)
+        return NULL;
+    Py_XSETREF(repeat_ints[i], Py_NewRef(o));
+    repeat_keys[i] = v;
+    return o;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 
 static PyObject *py_record_type(PyObject *Py_UNUSED(m), PyObject *data)
@@ -454,15 +477,15 @@ static PyObject *exchange_from(const input *in, int legacy)
     if (h.parent_kind) {
         PyObject *idv[2] = {U(h.parent_conn_id), U(h.parent_req_start_ns)};
         PyObject *hintv[3] = {
-            Py_NewRef(parent_kinds[h.parent_kind]), U(h.parent_pid), build_slotted(&exchange_id_cls, idv),
+            Py_NewRef(parent_kinds[h.parent_kind]), R(h.parent_pid), build_slotted(&exchange_id_cls, idv),
         };
         parent = build_slotted(&parent_hint_cls, hintv);
     } else {
         parent = Py_NewRef(Py_None);
     }
     PyObject *v[N_EXCHANGE] = {
-        U(h.pid), U(h.tid), Py_NewRef(roles[h.role]), Py_NewRef(ends[h.end_reason]), Py_NewRef(sources[h.source]),
-        B(h.flags & KSPAN_FLAG_TLS), U(h.conn_id), U(family), local, U(local_port), remote, U(remote_port),
+        R(h.pid), R(h.tid), Py_NewRef(roles[h.role]), Py_NewRef(ends[h.end_reason]), Py_NewRef(sources[h.source]),
+        B(h.flags & KSPAN_FLAG_TLS), U(h.conn_id), U(family), local, R(local_port), remote, R(remote_port),
         U(h.req_start_ns), U(h.req_end_ns), U(h.resp_start_ns), U(h.resp_end_ns), U(h.req_bytes), U(h.resp_bytes),
         U(h.status), parent,
         /* the heads are raw buffers with a length, not NUL-terminated strings */
@@ -520,12 +543,12 @@ static PyObject *metric_from(const input *in, int Py_UNUSED(legacy))
     if (t == NULL)
         return NULL;
     PyObject *v[N_METRIC] = {
-        U(h.pid), U(h.role), U(h.end_reason), B(h.flags & KSPAN_FLAG_TLS), U(h.status), B(h.resp_start_ns != 0),
+        R(h.pid), U(h.role), U(h.end_reason), B(h.flags & KSPAN_FLAG_TLS), U(h.status), B(h.resp_start_ns != 0),
         U(h.req_start_ns), U(end), U(known ? h.family : 0),
         /* raw until a metric needs the text */
-        PyBytes_FromStringAndSize((const char *)h.local_addr, 16), U(known ? h.local_port : 0),
-        PyBytes_FromStringAndSize((const char *)h.remote_addr, 16), U(known ? h.remote_port : 0),
-        U(h.parent_kind), U(h.parent_pid),
+        PyBytes_FromStringAndSize((const char *)h.local_addr, 16), R(known ? h.local_port : 0),
+        PyBytes_FromStringAndSize((const char *)h.remote_addr, 16), R(known ? h.remote_port : 0),
+        U(h.parent_kind), R(h.parent_pid),
         /* without kernel ids unknown: the service graph then pairs nothing */
         ids ? id_bytes(h.span_id) : Py_NewRef(empty_bytes), ids ? id_bytes(h.parent_span_id) : Py_NewRef(empty_bytes),
         head_bytes(in, REQ_AT, h.req_head_len, KSPAN_METRIC_HEAD),
@@ -714,7 +737,7 @@ static PyObject *segment_from(const input *in, int Py_UNUSED(legacy))
     PyObject *v[N_SEGMENT_RECORD] = {
         segment_obj(&h, h.len, data, pos), U(h.proto), B(h.role == KSPAN_ROLE_CLIENT),
         B(h.seg_flags & KSPAN_SEG_CLOSED), U(h.seq), B(h.seg_flags & KSPAN_SEG_START), B(h.flags & KSPAN_FLAG_TLS),
-        U(family), local, U(known ? h.local_port : 0), remote, U(known ? h.remote_port : 0),
+        U(family), local, R(known ? h.local_port : 0), remote, R(known ? h.remote_port : 0),
         U(client_write ? h.parent_kind : 0),
         (client_write || peer) && has_trace ? PyBytes_FromStringAndSize((const char *)h.trace_id, 16)
                                             : Py_NewRef(empty_bytes),

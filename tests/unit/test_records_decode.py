@@ -419,6 +419,27 @@ def test_addresses_beyond_the_memo() -> None:
             assert (ex.local_addr, ex.remote_addr) == (_text(family, a), _text(family, b))
 
 
+def test_pids_and_ports_beyond_the_memo() -> None:
+    """The decoder shares the int objects of pids, tids and ports it saw lately (a bounded memo):
+    values that fall on the same memo entry, alternating, and many more than it holds, each
+    decoded twice, all come out right."""
+    r = RawExchange(type=records.REC_EXCHANGE, role=1, end_reason=1, flags=records.FLAG_TUPLE_KNOWN,
+                    family=socket.AF_INET)
+    base = bytearray(bytes(r))
+    fields = (RawExchange.pid, RawExchange.tid, RawExchange.local_port, RawExchange.remote_port)
+    values = [257 + i for i in range(2048)] + [257 + 256 * i for i in range(256)] + [0, 1, 256, 0xFFFF_FFFF]
+    for i, v in enumerate(values + values[::-1]):
+        want = [v, v ^ 0x5555, v & 0xFFFF, (v + i) & 0xFFFF]
+        for f, w in zip(fields, want, strict=True):
+            struct.pack_into("<I" if f.size == 4 else "<H", base, f.offset, w)
+        for _ in range(2):
+            ex = records.decode_exchange(bytes(base))
+            assert [ex.pid, ex.tid, ex.local_port, ex.remote_port] == want
+            mx = records.decode_metric(records.REC_METRIC.to_bytes(4, "little")
+                                       + bytes(base[4:]))
+            assert (mx.pid, mx.local_port, mx.remote_port) == (want[0], want[2], want[3])
+
+
 def test_record_type() -> None:
     assert records.record_type(b"") == 0 and records.record_type(b"\1\0\0") == 0
     assert records.record_type(b"\5\0\0\0rest") == 5 and records.record_type(b"\xff\xff\xff\xff") == 0xFFFF_FFFF
