@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wrk-s", type=float, default=5.0, help="seconds per wrk run")
     p.add_argument("--wrk-connections", type=int, default=16)
     p.add_argument("--rates", type=_rates, default=[1000, 5000, 10000], help="fixed rates for the cost phase")
+    p.add_argument("--cost-ends", choices=["both", "server"], default="both",
+                   help="ends the cost phase traces: both (the server by pid, goload by name: two exchanges "
+                        "per request, as the targets are stated) or the server alone")
     p.add_argument("--window-s", type=float, default=10.0, help="seconds per fixed-rate cost window")
     p.add_argument("--exec-delay-s", type=float, default=3.0,
                    help="goload waits this long before sending, so the agent's inspection of the new process "
@@ -232,11 +235,15 @@ class Bench:
         assert self.sink is not None
         srv, addr = self.go_server()
         out: list[dict[str, Any]] = []
+        ends = 2 if a.cost_ends == "both" else 1
         try:
             # A trickle of new connections while the agent starts, to time the first exported span.
             trickle = start_goload(addr, "startup", 200, 60, conns=4, close_each=True, log_path=self.log)
             try:
-                agent = self.launch_agent(["--pid", str(srv.pid)])
+                # Both ends: the targets are per exchange with both ends traced, each request
+                # being a client exchange in goload and a server exchange in the Go server.
+                targets = ["--pid", str(srv.pid)] + (["--exe", "goload"] if ends == 2 else [])
+                agent = self.launch_agent(targets)
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
                     first = self.sink.phase("startup")["first_span_unix_ns"]
@@ -279,17 +286,21 @@ class Bench:
                     load = run_goload(addr, phase, rate, a.window_s, a.conns, self.log, a.exec_delay_s, window_start)
                     k0, s0 = mark["k0"], mark["s0"]
                     answered = load["ok"] + load["non_2xx"]
-                    ph = self.sink.wait_phase(phase, answered, a.quiet_s, 60)
+                    exchanges = answered * ends
+                    ph = self.sink.wait_phase(phase, answered, a.quiet_s, 60, clients=answered if ends == 2 else 0)
                     k1, s1, b1 = agent.kernel_counters(), agent.sample(), agent.bpf_run_time()
                     b0 = mark["b0"]
-                    progs = _top_programs(mark["p0"], programs_by_name(agent.pid), answered)
+                    progs = _top_programs(mark["p0"], programs_by_name(agent.pid), exchanges)
                     if s0 is None or s1 is None:
                         raise RuntimeError("kspan exited during the cost phase: " + agent.proc.output("err")[-2000:])
                     cpu = s1.cpu_s - s0.cpu_s
                     entry = {
                         "rate": rate, "achieved_rps": load["achieved_rps"], "requests": answered,
-                        "server_spans": ph["server"], "window_s": s1.monotonic_s - s0.monotonic_s, "cpu_s": cpu,
+                        "ends": ends, "exchanges": exchanges,
+                        "server_spans": ph["server"], "client_spans": ph["client"],
+                        "window_s": s1.monotonic_s - s0.monotonic_s, "cpu_s": cpu,
                         "cpu_us_per_request": report.cpu_us_per_request(cpu, answered),
+                        "cpu_us_per_exchange": report.cpu_us_per_request(cpu, exchanges),
                         "cpu_pct": 100 * cpu / (s1.monotonic_s - s0.monotonic_s),
                         "rss_mb": (s1.rss_kb or 0) / 1024, "hwm_mb": (s1.hwm_kb or 0) / 1024,
                         "rss_anon_mb": (s1.anon_kb or 0) / 1024, "rss_file_mb": (s1.file_kb or 0) / 1024,
@@ -304,12 +315,14 @@ class Bench:
                         "bpf_programs": progs,
                         "bpf_us_per_request": None if b0 is None or b1 is None or not answered
                         else (b1[1] - b0[1]) / 1000 / answered,
+                        "bpf_us_per_exchange": None if b0 is None or b1 is None or not exchanges
+                        else (b1[1] - b0[1]) / 1000 / exchanges,
                     }
                     out.append(entry)
-                    self.say(f"cost at {rate:,} req/s: {entry['cpu_us_per_request'] or 0:.1f} us/request, "
+                    self.say(f"cost at {rate:,} req/s: {entry['cpu_us_per_exchange'] or 0:.1f} us/exchange, "
                              f"{entry['cpu_pct']:.0f}% CPU, RSS {entry['rss_mb']:.0f} MB "
                              f"({entry['rss_anon_mb']:.0f} anon, {entry['rss_file_mb']:.0f} file), "
-                             f"{ph['server']:,}/{answered:,} spans")
+                             f"{ph['server']:,} server and {ph['client']:,} client spans of {answered:,} requests")
             finally:
                 self.stop_agent(agent)
         finally:
@@ -318,6 +331,7 @@ class Bench:
             ph = self.sink.phase(entry["phase"])
             entry["spans_in_window"] = entry["server_spans"]
             entry["server_spans"] = ph["server"]
+            entry["client_spans"] = ph["client"]
             entry["outcome"] = report.step_outcome(entry["load"], ph)
         return out
 
@@ -381,16 +395,17 @@ class Bench:
         }
 
 
-def _top_programs(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], requests: int,
+def _top_programs(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], exchanges: int,
                   n: int = 8) -> list[dict[str, Any]]:
-    """The BPF programs that took the most kernel time over a window: runs, ns per run, us per request."""
+    """The BPF programs that took the most kernel time over a window: runs, ns per run, us per
+    exchange (`exchanges`: the traced exchanges of the window)."""
     rows = []
     for name, (runs, ns) in after.items():
         r0, n0 = before.get(name, (0, 0))
         if ns - n0 > 0:
             rows.append({"program": name, "runs": runs - r0, "ns_per_run": (ns - n0) / max(1, runs - r0),
-                         "us_per_request": (ns - n0) / 1000 / max(1, requests)})
-    return sorted(rows, key=lambda r: -r["us_per_request"])[:n]
+                         "us_per_exchange": (ns - n0) / 1000 / max(1, exchanges)})
+    return sorted(rows, key=lambda r: -r["us_per_exchange"])[:n]
 
 
 def _kdelta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:

@@ -30,17 +30,21 @@ class Sink:
             "server": 0, "client": 0, "unique_server": 0, "duplicate_server": 0, "first_span_unix_ns": 0,
         }
 
-    def wait_phase(self, name: str, expected: int, quiet_s: float = 6.0, max_s: float = 60.0) -> dict[str, Any]:
-        """Wait until the phase has `expected` server spans, or its count has not moved for
-        `quiet_s` (longer than an export batch interval), or `max_s` passed; return its counters."""
+    def wait_phase(self, name: str, expected: int, quiet_s: float = 6.0, max_s: float = 60.0,
+                   clients: int = 0) -> dict[str, Any]:
+        """Wait until the phase has `expected` server spans and `clients` client spans, or its
+        counts have not moved for `quiet_s` (longer than an export batch interval), or `max_s`
+        passed; return its counters."""
         start = time.monotonic()
         last, last_change = -1, start
         while True:
             ph = self.phase(name)
             now = time.monotonic()
-            if ph["server"] != last:
-                last, last_change = ph["server"], now
-            if ph["server"] >= expected or now - last_change >= quiet_s or now - start >= max_s:
+            seen = ph["server"] + ph["client"]
+            if seen != last:
+                last, last_change = seen, now
+            done = ph["server"] >= expected and ph["client"] >= clients
+            if done or now - last_change >= quiet_s or now - start >= max_s:
                 return ph
             time.sleep(0.2)
 

@@ -200,6 +200,31 @@ def test_cost_without_spans_is_not_a_pass() -> None:
     assert "50.0% of requests became spans" in row["measured"]
 
 
+def test_both_ends_cost_is_per_exchange_and_needs_both_ends_spans() -> None:
+    r = _results(0.95, 12.0, 0, 120.0, [1.0], bpf_us=2.4)
+    # Both ends traced: 100,000 requests are 200,000 exchanges, so 12 us a request is 6 an exchange.
+    r["cost"][0].update({"ends": 2, "exchanges": 200_000, "client_spans": 100_000,
+                         "cpu_us_per_exchange": 6.0, "bpf_us_per_exchange": 1.2})
+    rows = {t["target"]: t for t in report.evaluate_targets(r)}
+    cpu = rows["agent CPU per traced exchange at 10,000 req/s (both ends traced)"]
+    assert (cpu["status"], cpu["measured"]) == (report.PASS, "6.0 us")
+    probe = rows["probe time inside the traced processes per exchange (worst rate)"]
+    assert (probe["status"], probe["measured"]) == (report.PASS, "1.20 us")
+    text = report.render(r)
+    assert "both ends traced" in text and "100,000 + 100,000" in text
+    # The client end's spans count too: half of them missing is not a pass.
+    r["cost"][0]["client_spans"] = 50_000
+    cpu = next(t for t in report.evaluate_targets(r) if t["target"].startswith("agent CPU"))
+    assert cpu["status"] == report.MISS and "50.0% of requests became spans" in cpu["measured"]
+
+
+def test_throughput_without_spans_is_not_a_pass() -> None:
+    r = _results(0.95, 2.0, 0, 120.0, [1.0])
+    r["overhead"]["go"]["summary"]["span_coverage"] = 0.98
+    row = next(t for t in report.evaluate_targets(r) if t["target"] == "traced/untraced throughput, go")
+    assert row["status"] == report.MISS and row["measured"] == "0.950, and only 98.0% of requests became spans"
+
+
 def test_targets_not_measured_without_the_agent() -> None:
     rows = report.evaluate_targets({"overhead": {}, "startup": {"ready_s": []}, "memory": {}})
     assert {t["status"] for t in rows} == {report.NOT_MEASURED}
