@@ -637,6 +637,21 @@ static __always_inline void kspan_conn_key_of_ex(struct kspan_conn_key *k, struc
                         st->ex.remote_port, reversed);
 }
 
+/* Whether a key's remote end is a loopback address (127.0.0.0/8 or ::1; the key holds IPv4 as
+ * ::ffff:a.b.c.d). Both ends of such a connection are on this host, where the server's request
+ * finds its client in client_conns: a TCP option would tell the receiver nothing it does not
+ * know, and would cost a hash-map update per request and an option on its segments. */
+static __always_inline int kspan_key_loopback(const struct kspan_conn_key *k)
+{
+    __u64 hi, lo;
+    __builtin_memcpy(&hi, k->remote_addr, 8);
+    __builtin_memcpy(&lo, k->remote_addr + 8, 8);
+    if (hi)
+        return 0;
+    /* little-endian words: bytes 10-11 0xff and byte 12 127 (::ffff:127.x.y.z), or byte 15 1 */
+    return (lo & 0xffffffffffULL) == 0x7fffff0000ULL || lo == 1ULL << 56;
+}
+
 /* The agent's own sends: remember the local end, so the receiving end (a collector on this host)
  * is not traced either: that would be spans about receiving spans. */
 static __always_inline void kspan_note_self(__u64 sk)
@@ -1546,15 +1561,18 @@ __attribute__((noinline)) int kspan_client_pre(__u64 sk, __u64 pid_tgid, __u64 b
         struct kspan_conn_key k = {};
         kspan_conn_key_of(&k, tu, 0);
         struct kspan_trace_ctx *c = &x->c;
+        int local = kspan_key_loopback(&k);
         __builtin_memcpy(c->trace_id, id->trace_id, 16);
         c->span_id = id->span_id;
         c->flags = (id->flags & KSPAN_FLAG_SAMPLED) ? 1 : 0;
         c->ts_ns = bpf_ktime_get_ns();
         /* the sequence number the request's first byte will take: the option rides exactly the
          * segment that starts the request, and its retransmits */
-        c->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-        kspan_ctx_out_seen();
-        bpf_map_update_elem(&ctx_out, &k, c, BPF_ANY);
+        if (!local) {
+            c->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+            kspan_ctx_out_seen();
+            bpf_map_update_elem(&ctx_out, &k, c, BPF_ANY);
+        }
         /* The local server on the other end may read the request (and fix its identity) before
          * this write returns, when the writer is preempted on its way out of the send: it finds
          * the client here already. The state machine rewrites the entry when the request begins. */
@@ -1600,6 +1618,8 @@ __attribute__((noinline)) int kspan_tls_pre(__u64 sk, __u64 pid_tgid, __u64 plai
         st->ex.pid == (pid_tgid >> 32) && (st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN)) {
         struct kspan_conn_key k = {};
         kspan_conn_key_of_ex(&k, st, 0);
+        if (kspan_key_loopback(&k))
+            return 0;  /* its server is on this host: it pairs through client_conns */
         struct kspan_trace_ctx *cur = bpf_map_lookup_elem(&ctx_out, &k);
         if (cur && cur->span_id == st->ex.span_id)
             return 0;  /* published by an earlier write of the same request */

@@ -531,6 +531,40 @@ def test_two_agents_on_two_hosts_make_one_trace(tmp_path: Path, hosts: tuple[Hos
     assert len({s["trace_id"] for s in clients_a}) == N_REQUESTS, "each keep-alive request is its own trace"
 
 
+def test_a_call_on_loopback_is_paired_in_the_kernel_and_carries_no_option(tmp_path: Path,
+                                                                          hosts: tuple[Host, Host]) -> None:
+    """Both ends of a loopback connection are on this host: the server span finds its client in the
+    kernel (source `peer`), so the client's request publishes no context for the TCP option and no
+    segment carries one. The same agent's calls across the veth still do (the tests above)."""
+    a, _ = hosts
+    progs = {n: str(program_copy(tmp_path, n)) for n in ("client_a", "svc_a")}
+    svc = a.popen([PY, progs["svc_a"], "serve", "--host", "127.0.0.1", "--port", str(PORT_A)], stdout=subprocess.PIPE)
+    client = None
+    try:
+        assert read_line(svc).startswith("listening")
+        client = a.popen([PY, progs["client_a"], "client", f"http://127.0.0.1:{PORT_A}/loop"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        with OtlpReceiver() as rx, \
+                running_agent(_agent_args(rx, a, [client.pid, svc.pid]), tmp_path, env=_host_env(a)) as agent:
+            assert "cross-host trace context: TCP option kind 25" in agent.stderr, agent.stderr
+            assert [_request(client) for _ in range(N_REQUESTS)] == ["200"] * N_REQUESTS
+            spans = _wait_chain(rx, {("client_a", CLIENT): N_REQUESTS, ("svc_a", SERVER): N_REQUESTS}, [agent])
+        assert agent.returncode == 0, agent.stderr
+    finally:
+        for p in (client, svc):
+            if p is not None:
+                stop(p)
+    clients, servers = _by(spans, "client_a", CLIENT), _by(spans, "svc_a", SERVER)
+    assert len(clients) == len(servers) == N_REQUESTS
+    for c, srv in zip(clients, servers, strict=True):
+        assert srv["trace_id"] == c["trace_id"] and srv["parent_span_id"] == c["span_id"]
+        assert srv["attributes"]["kspan.parent.source"] == "peer"
+    summary = next(line for line in agent.stderr.splitlines() if line.startswith("kspan: stopped; "))
+    counts = dict(kv.split("=", 1) for kv in summary.removeprefix("kspan: stopped; ").split(", "))
+    assert int(counts.get("context_options_written", 0)) == 0, summary
+    assert int(counts.get("context_options_parsed", 0)) == 0, summary
+
+
 def test_with_kspan_only_on_host_a_requests_succeed_and_b_spans_are_absent(
         tmp_path: Path, hosts: tuple[Host, Host]) -> None:
     a, b = hosts
