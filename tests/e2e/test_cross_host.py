@@ -531,18 +531,19 @@ def test_two_agents_on_two_hosts_make_one_trace(tmp_path: Path, hosts: tuple[Hos
     assert len({s["trace_id"] for s in clients_a}) == N_REQUESTS, "each keep-alive request is its own trace"
 
 
-def test_a_call_on_loopback_is_paired_in_the_kernel_and_carries_no_option(tmp_path: Path,
-                                                                          hosts: tuple[Host, Host]) -> None:
+@pytest.mark.parametrize(("bind", "target"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")], ids=["ipv4", "ipv6"])
+def test_a_call_on_loopback_is_paired_in_the_kernel_and_carries_no_option(tmp_path: Path, hosts: tuple[Host, Host],
+                                                                          bind: str, target: str) -> None:
     """Both ends of a loopback connection are on this host: the server span finds its client in the
     kernel (source `peer`), so the client's request publishes no context for the TCP option and no
     segment carries one. The same agent's calls across the veth still do (the tests above)."""
     a, _ = hosts
     progs = {n: str(program_copy(tmp_path, n)) for n in ("client_a", "svc_a")}
-    svc = a.popen([PY, progs["svc_a"], "serve", "--host", "127.0.0.1", "--port", str(PORT_A)], stdout=subprocess.PIPE)
+    svc = a.popen([PY, progs["svc_a"], "serve", "--host", bind, "--port", str(PORT_A)], stdout=subprocess.PIPE)
     client = None
     try:
         assert read_line(svc).startswith("listening")
-        client = a.popen([PY, progs["client_a"], "client", f"http://127.0.0.1:{PORT_A}/loop"],
+        client = a.popen([PY, progs["client_a"], "client", f"http://{target}:{PORT_A}/loop"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         with OtlpReceiver() as rx, \
                 running_agent(_agent_args(rx, a, [client.pid, svc.pid]), tmp_path, env=_host_env(a)) as agent:
