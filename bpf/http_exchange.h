@@ -2417,21 +2417,19 @@ struct {
     __type(value, struct kspan_seg_ctx);
 } kspan_seg_ctx_zero SEC(".maps"); /* never written: a new connection's empty slots */
 
-static __always_inline void kspan_seg_ctx_note(struct kspan_conn *st, __u32 seq, struct kspan_client_id *id)
+/* The client's write at sequence seq carries identity id: noted under the connection's key k (the
+ * client's end first), where the server end's read looks (kspan_seg_peer). */
+static __always_inline void kspan_seg_ctx_note_key(struct kspan_conn_key *k, __u32 seq, struct kspan_client_id *id)
 {
-    if (!(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) || (st->ex.flags & KSPAN_FLAG_TLS))
-        return;
-    struct kspan_conn_key k = {};
-    kspan_conn_key_of_ex(&k, st, 0);
-    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, &k);
+    struct kspan_seg_ctx *c = bpf_map_lookup_elem(&seg_ctx, k);
     if (!c) {
         /* the empty value from a map, not the stack (see kspan_pre_scratch) */
         __u32 zk = 0;
         struct kspan_seg_ctx *z = bpf_map_lookup_elem(&kspan_seg_ctx_zero, &zk);
         if (!z)
             return;
-        bpf_map_update_elem(&seg_ctx, &k, z, BPF_NOEXIST);
-        c = bpf_map_lookup_elem(&seg_ctx, &k);
+        bpf_map_update_elem(&seg_ctx, k, z, BPF_NOEXIST);
+        c = bpf_map_lookup_elem(&seg_ctx, k);
         if (!c)
             return;
     }
@@ -2448,6 +2446,15 @@ static __always_inline void kspan_seg_ctx_note(struct kspan_conn *st, __u32 seq,
     c->seq[i] = seq;
     c->flags[i] = 1 | (id->flags & KSPAN_FLAG_SAMPLED);
     __builtin_memcpy(c->trace_id[i], id->trace_id, 16);
+}
+
+static __always_inline void kspan_seg_ctx_note(struct kspan_conn *st, __u32 seq, struct kspan_client_id *id)
+{
+    if (!(st->ex.flags & KSPAN_FLAG_TUPLE_KNOWN) || (st->ex.flags & KSPAN_FLAG_TLS))
+        return;
+    struct kspan_conn_key k = {};
+    kspan_conn_key_of_ex(&k, st, 0);
+    kspan_seg_ctx_note_key(&k, seq, id);
 }
 
 /* A client's write on a protocol connection is starting: decide its trace now and publish it
@@ -2468,6 +2475,30 @@ __attribute__((noinline)) int kspan_seg_pre(__u64 sk, __u64 pid_tgid)
     st = bpf_map_lookup_elem(&conns, &sk);
     if (st)
         kspan_seg_ctx_note(st, id->seq, id);
+    return 1;
+}
+
+/* The same for the first write on a connection that no transfer has shown yet (no state), when
+ * its bytes open a client protocol (a Redis command): on loopback the server end may read and
+ * answer it before the write returns (the woken server preempts the writer), so waiting for the
+ * write's sock event would leave that first call's server span without its parent. */
+__attribute__((noinline)) int kspan_seg_first(__u64 sk, __u64 pid_tgid)
+{
+    if (!sk || bpf_map_lookup_elem(&conns, &sk) || bpf_map_lookup_elem(&tls_conns, &sk))
+        return 0;
+    struct kspan_tuple *tu = kspan_tuple_of(sk);
+    if (!tu)
+        return 0;
+    struct kspan_conn_key k = {};
+    kspan_conn_key_of(&k, tu, 0);
+    struct kspan_pre_scratch *x = kspan_pre_scratch();
+    if (!x)
+        return 0;
+    struct kspan_client_id *id = &x->id;
+    kspan_client_decide(id, sk, pid_tgid, 0, 0);
+    id->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
+    kspan_seg_ctx_note_key(&k, id->seq, id);
     return 1;
 }
 
@@ -3140,8 +3171,9 @@ __attribute__((noinline)) int kspan_proto_data(__u64 conn_id, int closed)
             seg->parent_span_id = id->parent_span_id;
             seg->flags |= id->flags & (KSPAN_FLAG_SAMPLED | KSPAN_FLAG_AMBIGUOUS);
         } else if (st->ex.role == KSPAN_ROLE_SERVER && plain_tcp) {
-            /* a reply looks again, up to what the server has read: a client's first write is
-             * published only at its exit, which a server on another CPU may read before */
+            /* a reply looks again, up to what the server has read: a client's write that was
+             * not published at its entry (kspan_seg_pre, kspan_seg_first) is published at its
+             * exit, which a server on another CPU may read before */
             if (a->dir == KSPAN_DIR_EGRESS)
                 end_seq = BPF_CORE_READ((struct tcp_sock *)conn_id, copied_seq);
             kspan_seg_peer(seg, st, end_seq);

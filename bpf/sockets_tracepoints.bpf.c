@@ -138,11 +138,16 @@ static __always_inline int kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u8
     __u64 sk = known ? *known : 0;
     struct kspan_ssl_call *sc = kspan_ssl_calls_maybe() ? bpf_map_lookup_elem(&ssl_active, &id) : 0;
     __u64 plain = 0;
-    if (sc)
+    __u8 role = 0;
+    if (sc) {
         plain = (__u64)sc->buf;
-    else if (!sk)
+    } else if (!sk) {
+        /* a new connection's first write (no transfer filled fd_sk yet): a client protocol's
+         * opening bytes publish its context now, as kspan_seg_pre does for the later ones */
+        if (kspan_proto_first(w, 8, KSPAN_DIR_EGRESS, &role) && role == KSPAN_ROLE_CLIENT)
+            kspan_seg_first(kspan_fd_sock(id, fd), id);
         return 0;
-    else if (kspan_seg_pre(sk, id))
+    } else if (kspan_seg_pre(sk, id))
         return 0;  /* a client's write on a protocol connection (Redis, PostgreSQL, ...) */
     if (!sk)
         sk = kspan_fd_sock(id, fd);

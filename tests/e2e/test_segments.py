@@ -264,7 +264,7 @@ def test_both_ends_of_a_local_connection_place_each_byte_alike(segs: Segments) -
         port = srv.getsockname()[1]
         c = socket.create_connection(("127.0.0.1", port))
         s, _ = srv.accept()
-        c.sendall(cmds[0])  # opens the protocol: its trace is decided at the write's exit
+        c.sendall(cmds[0])  # opens the protocol: its trace is decided at the write's entry too
         assert s.recv(100) == cmds[0]
         c.sendall(cmds[1])  # two writes before the server reads: each its own trace (a root)
         c.sendall(cmds[2])
@@ -292,12 +292,46 @@ def test_both_ends_of_a_local_connection_place_each_byte_alike(segs: Segments) -
         assert r.peer and r.ctx_seq == latest.seg.pos and r.trace_id == latest.trace_id, (r, latest)
         assert r.ctx_end == end
     # the server's reply is placed on its own stream, which the client reads alike, and looks
-    # again up to what the server had read (a client's first write is published at its exit)
+    # again up to what the server had read (for a first write not recognised at its entry)
     reply = next(r for r in mine if not r.client and r.seg.egress)
     got_reply = next(r for r in mine if r.client and not r.seg.egress and not r.closed)
     assert reply.seq_known and got_reply.seg.pos == reply.seg.pos
     read_to = (reads[-1].seg.pos + reads[-1].seg.length) & mask
     assert reply.peer and reply.ctx_end == read_to and reply.trace_id == writes[-1].trace_id
+
+
+def test_a_connections_first_write_is_tied_to_the_server_before_it_returns(segs: Segments) -> None:
+    """On loopback the server may read (and answer) a connection's first command while the
+    client's write is still in the kernel: the woken server preempts the writer. A first write
+    whose bytes open a client protocol publishes its trace at the write's entry, so a read made
+    while the write is blocked (a large command through small socket buffers) is already tied to
+    it."""
+    value = b"x" * (4 << 20)
+    first = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$" + str(len(value)).encode() + b"\r\n" + value + b"\r\n"
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # inherited by the accepted socket
+        port = srv.getsockname()[1]
+        c = socket.create_connection(("127.0.0.1", port))
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        s, _ = srv.accept()
+        writer = threading.Thread(target=c.sendall, args=(first,), daemon=True)
+        writer.start()
+        time.sleep(0.3)
+        assert writer.is_alive(), "the write should still be blocked in the kernel"
+        got = s.recv(65536)  # read while the client's write has not returned
+        while len(got) < len(first):
+            got += s.recv(1 << 20)
+        writer.join(10)
+        s.sendall(b"+OK\r\n")
+        c.recv(100)
+        c.close()
+        s.close()
+    mine = _of(segs.wait(lambda recs: sum(r.closed for r in _of(recs, port)) >= 2), port)
+    write = next(r for r in mine if r.client and r.seg.egress and not r.closed)
+    reads = [r for r in mine if not r.client and not r.seg.egress and not r.closed]
+    assert reads and reads[0].seg.pos == write.seg.pos
+    assert reads[0].peer, "the first read was made before the write returned: tied at the write's entry"
+    assert reads[0].ctx_seq == write.seg.pos and reads[0].trace_id == write.trace_id
 
 
 def test_only_a_connections_first_bytes_open_it_from_its_start(segs: Segments) -> None:
