@@ -143,10 +143,16 @@ static __always_inline void kspan_tcp_call_save(struct sock *sk, struct msghdr *
         if (c.kind == KSPAN_KP_UBUF || c.kind == KSPAN_KP_IOV)
             kspan_pre_request(id, c.sk, buf);
         struct kspan_ssl_call *sc = kspan_ssl_calls_maybe() ? bpf_map_lookup_elem(&ssl_active, &id) : 0;
+        __u64 w = 0;
+        __u8 role = 0;
         if (sc || bpf_map_lookup_elem(&tls_conns, &c.sk))
             kspan_tls_pre(c.sk, id, sc ? (__u64)sc->buf : 0);
-        else
-            kspan_seg_pre(c.sk, id);  /* a client's write on a protocol connection */
+        else if (kspan_seg_pre(c.sk, id))
+            ;  /* a client's write on a protocol connection */
+        else if (buf && (c.kind == KSPAN_KP_UBUF || c.kind == KSPAN_KP_IOV) &&
+                 bpf_probe_read_user(&w, 8, (const void *)buf) == 0 &&
+                 kspan_proto_first(w, 8, KSPAN_DIR_EGRESS, &role) && role == KSPAN_ROLE_CLIENT)
+            kspan_seg_first(c.sk, id);  /* its first write, before any transfer made a state */
     }
 }
 
