@@ -2457,6 +2457,20 @@ static __always_inline void kspan_seg_ctx_note(struct kspan_conn *st, __u32 seq,
     kspan_seg_ctx_note_key(&k, seq, id);
 }
 
+/* A client's protocol write starting on socket sk: its trace decided now, with the sequence
+ * number its first byte takes, and kept in client_pre for the write's sock event; or 0. */
+static __always_inline struct kspan_client_id *kspan_seg_decide(__u64 sk, __u64 pid_tgid)
+{
+    struct kspan_pre_scratch *x = kspan_pre_scratch();
+    if (!x)
+        return 0;
+    struct kspan_client_id *id = &x->id;
+    kspan_client_decide(id, sk, pid_tgid, 0, 0);
+    id->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
+    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
+    return id;
+}
+
 /* A client's write on a protocol connection is starting: decide its trace now and publish it
  * with the sequence number its first byte takes, before a local server can read it (on loopback
  * the server may read the bytes before this write returns). Global: verified once. */
@@ -2465,13 +2479,9 @@ __attribute__((noinline)) int kspan_seg_pre(__u64 sk, __u64 pid_tgid)
     struct kspan_conn *st = bpf_map_lookup_elem(&conns, &sk);
     if (!st || st->phase != KSPAN_PH_PROTO || st->ex.role != KSPAN_ROLE_CLIENT || (st->ex.flags & KSPAN_FLAG_TLS))
         return 0;
-    struct kspan_pre_scratch *x = kspan_pre_scratch();
-    if (!x)
+    struct kspan_client_id *id = kspan_seg_decide(sk, pid_tgid);
+    if (!id)
         return 0;
-    struct kspan_client_id *id = &x->id;
-    kspan_client_decide(id, sk, pid_tgid, 0, 0);
-    id->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
     st = bpf_map_lookup_elem(&conns, &sk);
     if (st)
         kspan_seg_ctx_note(st, id->seq, id);
@@ -2491,13 +2501,9 @@ __attribute__((noinline)) int kspan_seg_first(__u64 sk, __u64 pid_tgid)
         return 0;
     struct kspan_conn_key k = {};
     kspan_conn_key_of(&k, tu, 0);
-    struct kspan_pre_scratch *x = kspan_pre_scratch();
-    if (!x)
+    struct kspan_client_id *id = kspan_seg_decide(sk, pid_tgid);
+    if (!id)
         return 0;
-    struct kspan_client_id *id = &x->id;
-    kspan_client_decide(id, sk, pid_tgid, 0, 0);
-    id->seq = BPF_CORE_READ((struct tcp_sock *)sk, write_seq);
-    bpf_map_update_elem(&client_pre, &sk, id, BPF_ANY);
     kspan_seg_ctx_note_key(&k, id->seq, id);
     return 1;
 }
