@@ -77,7 +77,8 @@ def span_coverage(cost: dict[str, Any]) -> float | None:
     shares = [ratio(cost.get("server_spans"), requests)]
     if cost.get("ends") == 2:
         shares.append(ratio(cost.get("client_spans"), requests))
-    return None if any(x is None for x in shares) else min(x for x in shares if x is not None)
+    known = [x for x in shares if x is not None]
+    return min(known) if len(known) == len(shares) else None
 
 
 def step_outcome(load: dict[str, Any], phase: dict[str, Any]) -> dict[str, Any]:

@@ -1598,15 +1598,6 @@ static __always_inline void kspan_pre_request_at(__u64 pid_tgid, __u64 sk, __u64
     kspan_client_pre(sk, pid_tgid, buf);
 }
 
-/* The same when the caller has not read the first bytes yet: only if they start a request. */
-static __always_inline void kspan_pre_request(__u64 pid_tgid, __u64 sk, __u64 buf)
-{
-    __u64 w = 0;
-    if (!sk || !buf || bpf_probe_read_user(&w, 8, (const void *)buf) != 0 || !kspan_method(w, 8))
-        return;
-    kspan_pre_request_at(pid_tgid, sk, buf);
-}
-
 /* A socket write is starting on a TLS connection (ciphertext: its bytes say nothing). Publish the
  * context of the client request it carries before its segments leave: a TLS probe that began the
  * request at the TLS write's entry fixed its identity already; otherwise the plaintext buffer of
@@ -2655,6 +2646,15 @@ static __always_inline __u8 kspan_proto_first(__u64 w, __u32 n, __u8 dir, __u8 *
         return KSPAN_PROTO_MYSQL;
     }
     return 0;
+}
+
+/* Whether a write's first 8 bytes open a protocol its writer is the client of (a Redis command,
+ * a PostgreSQL startup, the HTTP/2 preface): its trace is then published before the bytes leave
+ * (kspan_seg_first), as for a protocol connection's later writes. */
+static __always_inline int kspan_opens_client_proto(__u64 w)
+{
+    __u8 role = 0;
+    return kspan_proto_first(w, 8, KSPAN_DIR_EGRESS, &role) && role == KSPAN_ROLE_CLIENT;
 }
 
 /* A connection picked up after its start: the well-known server port is a hint. */

@@ -104,7 +104,7 @@ static __always_inline __u64 kspan_fd_sock(__u64 id, __u32 fd)
 }
 
 /* A write-family call's entry: where its first bytes are, and a request's identity if they
- * start one (kspan_pre_request), before its segments leave. Returns 1 when the bytes start a
+ * start one (kspan_pre_request_at), before its segments leave. Returns 1 when the bytes start a
  * response: the write's start time is then not needed (user space reads a response's start only
  * as "a response was seen"; its end is the sock event's). */
 static __always_inline int kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u8 kind)
@@ -138,13 +138,12 @@ static __always_inline int kspan_write_entry(__u64 id, __u64 fd, __u64 ptr, __u8
     __u64 sk = known ? *known : 0;
     struct kspan_ssl_call *sc = kspan_ssl_calls_maybe() ? bpf_map_lookup_elem(&ssl_active, &id) : 0;
     __u64 plain = 0;
-    __u8 role = 0;
     if (sc) {
         plain = (__u64)sc->buf;
     } else if (!sk) {
         /* a new connection's first write (no transfer filled fd_sk yet): a client protocol's
          * opening bytes publish its context now, as kspan_seg_pre does for the later ones */
-        if (kspan_proto_first(w, 8, KSPAN_DIR_EGRESS, &role) && role == KSPAN_ROLE_CLIENT)
+        if (kspan_opens_client_proto(w))
             kspan_seg_first(kspan_fd_sock(id, fd), id);
         return 0;
     } else if (kspan_seg_pre(sk, id))

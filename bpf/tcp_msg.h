@@ -134,24 +134,22 @@ static __always_inline void kspan_tcp_call_save(struct sock *sk, struct msghdr *
     __u64 id = bpf_get_current_pid_tgid();
     bpf_map_update_elem(&tcp_calls, &id, &c, BPF_ANY);
     if (dir == KSPAN_DIR_EGRESS) {
-        /* a request's identity before its segments leave (see kspan_pre_request) */
+        /* a request's identity before its segments leave (see kspan_pre_request_at); the first
+         * bytes, read once, also say whether a first write opens a client protocol */
         __u64 buf = c.ptr;
         if (c.kind == KSPAN_KP_IOV && bpf_probe_read_user(&buf, sizeof(buf), (const void *)c.ptr) != 0)
             buf = 0;
         if (c.kind == KSPAN_KP_IOV && buf)
             buf += c.skip;
-        if (c.kind == KSPAN_KP_UBUF || c.kind == KSPAN_KP_IOV)
-            kspan_pre_request(id, c.sk, buf);
-        struct kspan_ssl_call *sc = kspan_ssl_calls_maybe() ? bpf_map_lookup_elem(&ssl_active, &id) : 0;
         __u64 w = 0;
-        __u8 role = 0;
+        int have_w = (c.kind == KSPAN_KP_UBUF || c.kind == KSPAN_KP_IOV) && buf &&
+                     bpf_probe_read_user(&w, 8, (const void *)buf) == 0;
+        if (have_w && kspan_method(w, 8))
+            kspan_pre_request_at(id, c.sk, buf);
+        struct kspan_ssl_call *sc = kspan_ssl_calls_maybe() ? bpf_map_lookup_elem(&ssl_active, &id) : 0;
         if (sc || bpf_map_lookup_elem(&tls_conns, &c.sk))
             kspan_tls_pre(c.sk, id, sc ? (__u64)sc->buf : 0);
-        else if (kspan_seg_pre(c.sk, id))
-            ;  /* a client's write on a protocol connection */
-        else if (buf && (c.kind == KSPAN_KP_UBUF || c.kind == KSPAN_KP_IOV) &&
-                 bpf_probe_read_user(&w, 8, (const void *)buf) == 0 &&
-                 kspan_proto_first(w, 8, KSPAN_DIR_EGRESS, &role) && role == KSPAN_ROLE_CLIENT)
+        else if (!kspan_seg_pre(c.sk, id) && have_w && kspan_opens_client_proto(w))
             kspan_seg_first(c.sk, id);  /* its first write, before any transfer made a state */
     }
 }
